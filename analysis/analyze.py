@@ -1,0 +1,191 @@
+"""analyze(): run calibration data through a model and measure every module in every format.
+
+The loop is the algorithm of the README: hook the candidate Linears, run the calibration
+batches once (statistics stream into each hook), then round each weight through
+bitsandbytes per format and read its weight and output error off the statistics. Partial
+statistics are flushed to ``<out>/partial/`` every few minutes and whenever the pass is
+interrupted, so ``resume=True`` continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import signal
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .formats import NF4, format_to_dict
+from .measure import measure_module
+from .memory import non_module_bytes
+from .modules import list_modules, not_quantizable_reason, output_embedding_name
+from .probe import InputProbe
+from .table import SensitivityTable, TableMismatch
+
+PARTIAL_DIR = "partial"
+
+
+def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
+            model_fingerprint: str | None = None, batch_size: int = 4, out_dir: str | Path | None = None,
+            resume: bool = False, checkpoint_seconds: float = 300.0, progress: bool = True) -> SensitivityTable:
+    """Measure weight and output error of every candidate module for each format.
+
+    ``calibration`` is a :class:`~analysis.calibration.CalibrationSet` (or anything with
+    ``batches(batch_size)``, ``num_batches(batch_size)`` and ``meta``). With ``out_dir`` the
+    table is saved there; ``resume`` continues from ``out_dir/partial`` after an interruption.
+    """
+    formats = list(formats)
+    infos = list_modules(model)
+    lm_head = output_embedding_name(model)
+    reasons = {i.name: _reason(model, i, lm_head, formats) for i in infos}
+    candidates = [i.name for i in infos if reasons[i.name] is None]
+    fingerprint = model_fingerprint or _structure_fingerprint(model)
+    run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
+                "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size, "candidates": candidates}
+
+    probe = InputProbe(model, candidates)
+    partial = Path(out_dir) / PARTIAL_DIR if out_dir else None
+    if resume:
+        _resume(probe, partial, run_meta)
+    _run_calibration(model, calibration, probe, batch_size, partial, run_meta, checkpoint_seconds, progress,
+                     full_logits=lm_head in candidates)
+
+    rows = []
+    weights = dict(model.named_parameters(remove_duplicate=False))
+    for info in tqdm(infos, desc="measure modules", disable=not progress, leave=False):
+        stats = probe.stats_for(info.name) if info.name in probe.owner else None
+        rows.extend(measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name]))
+    table = SensitivityTable(pd.DataFrame(rows), _table_meta(model, model_id, fingerprint, calibration, formats, infos))
+    if out_dir:
+        table.save(out_dir)
+        if partial and partial.exists():
+            for f in partial.iterdir():
+                f.unlink()
+            partial.rmdir()
+    return table
+
+
+def _reason(model, info, lm_head, formats) -> str | None:
+    reason = not_quantizable_reason(info, formats)
+    if reason is None and info.name == lm_head and _is_tied(model):
+        reason = "lm_head is tied to the input embeddings: transformers keeps it 16-bit"
+    return reason
+
+
+def _is_tied(model) -> bool:
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+def _run_calibration(model, calibration, probe, batch_size, partial, run_meta, checkpoint_seconds, progress,
+                     full_logits):
+    """The one pass over the calibration batches, flushing partial statistics as it goes."""
+    extra = _forward_options(model, full_logits)
+    device = next(model.parameters()).device
+    total = calibration.num_batches(batch_size)
+    last_flush = time.monotonic()
+    try:
+        with probe.attached(), torch.inference_mode(), _sigterm_as_interrupt():
+            bar = tqdm(total=total, initial=probe.batches_done, desc="calibration batches", disable=not progress)
+            for index, batch in enumerate(calibration.batches(batch_size)):
+                if index < probe.batches_done:
+                    continue
+                probe.start_batch()
+                model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, **extra)
+                probe.batches_done = index + 1
+                bar.update(1)
+                if partial and time.monotonic() - last_flush > checkpoint_seconds:
+                    probe.save(partial, run_meta)
+                    last_flush = time.monotonic()
+            bar.close()
+    except BaseException as err:
+        if partial and probe.batches_done:
+            probe.save(partial, run_meta)
+            note = (f"quantplan: calibration pass stopped after {probe.batches_done}/{total} batches "
+                    f"({type(err).__name__}); partial statistics saved in {partial}. "
+                    f"Re-run the same command with --resume to continue.")
+            print(note)
+            if isinstance(err, KeyboardInterrupt):
+                raise KeyboardInterrupt(note) from err
+        raise
+
+
+def _resume(probe, partial, run_meta) -> None:
+    if partial is None or not (partial / "state.json").is_file():
+        raise FileNotFoundError(
+            f"--resume found no partial results in {partial}: run without --resume to start afresh"
+        )
+    state = probe.load(partial)
+    for key in ("model_fingerprint", "calibration", "formats", "batch_size", "candidates"):
+        if state.get(key) != run_meta[key]:
+            raise TableMismatch(
+                f"the partial results in {partial} were made with another {key.replace('_', ' ')}: "
+                f"run with the same arguments as before, or without --resume to start afresh"
+            )
+    print(f"quantplan: resuming after {probe.batches_done} calibration batches")
+
+
+def _forward_options(model, full_logits: bool) -> dict:
+    params = inspect.signature(model.forward).parameters
+    options = {}
+    if "use_cache" in params:
+        options["use_cache"] = False
+    if "logits_to_keep" in params and not full_logits:
+        options["logits_to_keep"] = 1  # lm_head is not measured: skip its large matmul
+    return options
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """Treat SIGTERM like Ctrl-C during the pass so partial results get flushed."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _table_meta(model, model_id, fingerprint, calibration, formats, infos) -> dict:
+    import bitsandbytes
+    import transformers
+
+    other = non_module_bytes(model, [i.name for i in infos if i.is_linear])
+    dtype = next(model.parameters()).dtype
+    return {
+        "model_id": model_id or getattr(model.config, "name_or_path", "") or type(model).__name__,
+        "model_fingerprint": fingerprint,
+        "model_class": type(model).__name__,
+        "model_type": getattr(model.config, "model_type", ""),
+        "dtype": str(dtype).removeprefix("torch."),
+        "calibration": calibration.meta,
+        "calibration_fingerprint": calibration.meta["fingerprint"],
+        "formats": [format_to_dict(f) for f in formats],
+        "other_bytes": other["storage"],
+        "other_footprint_bytes": other["footprint"],
+        "tied_lm_head": _is_tied(model),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "bitsandbytes": bitsandbytes.__version__},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _structure_fingerprint(model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(f"{name}:{tuple(p.shape)}".encode())
+        digest.update(p.detach().flatten()[:64].float().numpy().tobytes())
+    return "structure:" + digest.hexdigest()[:16]

