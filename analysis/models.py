@@ -89,7 +89,6 @@ def load_processor(source: ModelSource):
 
 def _auto_class(config):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:

@@ -1,0 +1,150 @@
+"""export(): write a dynamic-bnb-4bit checkpoint that plain ``from_pretrained`` loads.
+
+The model is loaded through transformers with ``BitsAndBytesConfig(load_in_4bit=True, ...,
+llm_int8_skip_modules=plan.skip_modules)``; tokenizer/processor, generation config, the plan
+and a model card are written beside it. Everything goes to a temporary folder next to the
+target, is reloaded from there with plain ``from_pretrained`` and checked (every planned
+module a plain Linear, every other quantizable one a ``Linear4bit``), and only then renamed
+into place: a crash or a failed check never leaves a half checkpoint at ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from analysis.models import ModelSource, load_processor
+
+from .modelcard import write_model_card
+from .plan_types import KEEP, Plan
+
+
+class ExportError(RuntimeError):
+    """The exported checkpoint does not realise the plan."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    footprint_bytes: int  # model.get_memory_footprint() after reload
+    checkpoint_bytes: int  # tensor bytes in the saved safetensors files
+    kept: int
+    quantized: int
+
+
+def bnb_config(plan: Plan, compute_dtype: torch.dtype = torch.bfloat16):
+    """The transformers BitsAndBytesConfig that realises ``plan``."""
+    from transformers import BitsAndBytesConfig
+
+    non_4bit = sorted({c for c in plan.choices.values() if c not in (KEEP, plan.quant.get("name"))})
+    if non_4bit:
+        raise ExportError(
+            f"the plan uses {non_4bit} for some modules, but a bitsandbytes checkpoint holds one 4-bit format "
+            f"plus 16-bit: plan with --tiers {plan.quant.get('name', 'nf4')} to export"
+        )
+    if plan.quant.get("blocksize", 64) != 64:
+        raise ExportError("transformers' BitsAndBytesConfig always uses blocksize 64: analyze with --blocksize 64")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=plan.quant.get("name", "nf4"),
+        bnb_4bit_use_double_quant=bool(plan.quant.get("double_quant", True)),
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=list(plan.skip_modules),
+    )
+
+
+def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: bool = False,
+           compute_dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> ExportResult:
+    """Quantize ``source`` as ``plan`` says and save it to ``out_dir`` (atomically, verified)."""
+    out_dir = Path(out_dir).resolve()
+    plan.check_model(source.fingerprint)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists: pass --overwrite to replace it, or choose another --out")
+    config = bnb_config(plan, compute_dtype)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        model = _load_quantized(source.path, config, compute_dtype, device)
+        check_module_types(model, plan)
+        model.save_pretrained(staging)
+        load_processor(source).save_pretrained(staging)
+        del model
+        gc.collect()
+        plan.save(staging / "quantplan_plan.json")
+        reloaded = _load_plain(staging, device)
+        check_module_types(reloaded, plan)
+        result = ExportResult(out_dir, int(reloaded.get_memory_footprint()), checkpoint_tensor_bytes(staging),
+                              len(plan.kept), len(plan.choices) - len(plan.kept))
+        del reloaded
+        write_model_card(staging / "README.md", source, plan, result)
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return result
+
+
+def check_module_types(model: nn.Module, plan: Plan) -> None:
+    """Every planned 16-bit module a plain Linear, every planned 4-bit one a bitsandbytes Linear4bit."""
+    import bitsandbytes as bnb
+
+    modules = dict(model.named_modules())
+    missing = [n for n in plan.choices if n not in modules]
+    if missing:
+        raise ExportError(f"the loaded model has no module named {missing[:3]}: the plan was made for another "
+                          "module tree (re-run analyze on this model)")
+    wrong = []
+    for name, choice in plan.choices.items():
+        is_4bit = isinstance(modules[name], bnb.nn.Linear4bit)
+        if (choice == KEEP) == is_4bit:
+            wrong.append(f"{name} is {type(modules[name]).__name__}, planned {choice}")
+    if wrong:
+        raise ExportError("the checkpoint does not follow the plan: " + "; ".join(wrong[:5]))
+
+
+def checkpoint_tensor_bytes(folder: Path) -> int:
+    """Bytes of all tensors stored in a folder's safetensors files."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                sl = handle.get_slice(key)
+                shape, dtype = sl.get_shape(), sl.get_dtype()
+                count = 1
+                for d in shape:
+                    count *= d
+                total += count * _DTYPE_BYTES.get(dtype, 1)
+    return total
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+def _load_quantized(path, config, compute_dtype, device):
+    from analysis.models import load_model, resolve_source
+
+    return load_model(resolve_source(str(path)), dtype=compute_dtype, device=device, quantization_config=config)
+
+
+def _load_plain(path, device):
+    from analysis.models import load_model, resolve_source
+
+    return load_model(resolve_source(str(path)), dtype="auto", device=device)
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        out_dir.rename(trash / "old")
+        staging.rename(out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        staging.rename(out_dir)

@@ -1,0 +1,73 @@
+"""The exported checkpoint's README.md: what was kept 16-bit and why, sizes, how to load it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .budget import format_bytes
+
+
+def write_model_card(path: Path, source, plan, result) -> None:
+    """Write a Hugging Face model card for a dynamic-bnb-4bit export."""
+    predicted = plan.predicted
+    kept_rows = "\n".join(f"| `{n}` | {plan.reasons.get(n, '')} |" for n in plan.kept)
+    fmt = plan.quant.get("name", "nf4")
+    footprint_gap = result.footprint_bytes / predicted["footprint_bytes"] - 1 if predicted["footprint_bytes"] else 0
+    text = f"""---
+base_model: {source.model_id}
+library_name: transformers
+tags:
+- bitsandbytes
+- 4-bit
+- {fmt}
+- dynamic-bnb-4bit
+- quantplan
+---
+
+# {source.short_name} — dynamic bnb 4-bit ({fmt}, {len(plan.kept)} modules kept 16-bit)
+
+Made by [quantplan](https://github.com/) from `{source.model_id}`: every Linear is
+bitsandbytes {fmt.upper()} (double quant: {plan.quant.get('double_quant', True)}) except the
+{len(plan.kept)} modules below, which stay 16-bit. They were chosen by measuring each module's
+output error on calibration data and solving exactly for the least predicted error within the
+budget `{plan.budget['spec']}` ({format_bytes(plan.budget['bytes'])}); objective: `{plan.objective}`.
+
+## Size
+
+| | bytes |
+|---|---|
+| predicted checkpoint size | {format_bytes(predicted['bytes'])} |
+| actual checkpoint tensors | {format_bytes(result.checkpoint_bytes)} |
+| predicted `get_memory_footprint()` | {format_bytes(predicted['footprint_bytes'])} |
+| actual `get_memory_footprint()` | {format_bytes(result.footprint_bytes)} ({footprint_gap:+.2%}) |
+| all-4-bit model | {format_bytes(predicted['bytes_all_4bit'])} |
+| 16-bit model | {format_bytes(predicted['bytes_16bit'])} |
+
+Predicted summed error: {predicted['error']:.4g} (all-4-bit: {predicted['error_all_4bit']:.4g}).
+
+## Load
+
+```python
+from transformers import AutoModelForCausalLM  # or the model's own Auto class
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", device_map="auto")
+```
+
+The quantization config (with the skip list) is stored in `config.json`; to quantize the
+original model the same way yourself:
+
+```python
+{plan.bnb_config_code().strip()}
+```
+
+## Modules kept in 16-bit
+
+| module | reason |
+|---|---|
+{kept_rows}
+
+Full per-module choices and reasons: `quantplan_plan.json`.
+"""
+    if source.model_id.endswith("SmolLM2-135M-Instruct") and source.fingerprint.startswith("gguf:"):
+        text += ("\n**Note:** this offline demo model was de-quantized from a Q4_1 GGUF file, so its "
+                 "'16-bit' baseline is already coarse.\n")
+    path.write_text(text)

@@ -1,0 +1,35 @@
+"""The planner's objective: how a measured table row becomes an error score to minimise.
+
+- ``output`` (default): the module's relative output error ‖X(W−Ŵ)ᵀ‖²/‖XWᵀ‖² on the
+  calibration data: what the module's consumers actually see.
+- ``weight``: squared relative weight error ‖W−Ŵ‖²/‖W‖² (no data needed; same units).
+- ``combined``: the mean of both, each first divided by its average over the table so
+  neither dominates by scale.
+
+Modules the calibration data never reached (output error NaN) fall back to their weight
+score, so they are still ranked rather than silently treated as harmless.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+OBJECTIVES = ("output", "weight", "combined")
+
+
+def scores(rows: pd.DataFrame, objective: str, table=None) -> pd.Series:
+    """Error score per module (index: name) for one format's rows."""
+    weight = rows["weight_rel_error"] ** 2
+    output = rows["output_rel_error"].fillna(weight)
+    if objective == "output":
+        score = output
+    elif objective == "weight":
+        score = weight
+    else:
+        score = 0.5 * (output / _mean(output) + weight / _mean(weight))
+    return score.fillna(0.0).clip(lower=0.0)
+
+
+def _mean(series: pd.Series) -> float:
+    value = float(series.mean())
+    return value if value > 0 else 1.0

@@ -1,0 +1,107 @@
+"""The main job, as functions: analyze (or reuse a table) -> plan -> pareto -> export -> summary.
+
+``quantplan run`` and ``quantplan analyze`` are thin wrappers around these; notebooks call
+them directly.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+from analysis import analyze, load_calibration, load_model, load_processor, parse_formats, resolve_source
+from analysis.models import ModelSource, dtype_from_name
+from analysis.summary import summarize
+from analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
+
+from .budget import format_bytes
+from .export import export
+from .pareto import pareto_curve
+from .plan import plan
+
+
+@dataclass
+class AnalyzeOptions:
+    """What ``analyze`` needs besides the model: calibration and formats."""
+
+    calib: str | None = None
+    samples: int = 32
+    seq_len: int = 256
+    seed: int = 0
+    formats: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    device: str = "cpu"
+    dtype: str = "bf16"
+    batch_size: int = 4
+    resume: bool = False
+    progress: bool = True
+
+
+def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOptions, *,
+                  reuse: bool = False) -> SensitivityTable:
+    """Measure a model (or reuse the matching table already in ``out_dir``)."""
+    from transformers import AutoConfig
+
+    formats = parse_formats(options.formats, options.blocksize, options.double_quant)
+    dtype = dtype_from_name(options.dtype)
+    tokenizer = _tokenizer(load_processor(source))
+    text_config = AutoConfig.from_pretrained(source.path).get_text_config()
+    calibration = load_calibration(tokenizer, options.calib, options.samples, options.seq_len, options.seed,
+                                   getattr(text_config, "max_position_embeddings", None))
+    out_dir = Path(out_dir)
+    if reuse and (out_dir / TABLE_FILE).is_file() and (out_dir / META_FILE).is_file():
+        table = SensitivityTable.load(out_dir)
+        try:
+            table.check_matches(source.fingerprint, calibration.fingerprint, [f.name for f in formats])
+            print(f"quantplan: reusing the matching sensitivity table in {out_dir}")
+            return table
+        except TableMismatch as err:
+            print(f"quantplan: not reusing {out_dir / TABLE_FILE}: {err}")
+    model = load_model(source, dtype=dtype, device=options.device)
+    table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
+                    batch_size=options.batch_size, out_dir=out_dir, resume=options.resume,
+                    progress=options.progress)
+    del model
+    gc.collect()
+    print(summarize(table))
+    return table
+
+
+def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path | None = None,
+        options: AnalyzeOptions | None = None, overwrite: bool = False, **plan_options) -> dict:
+    """analyze -> plan -> pareto.csv -> export to ``out_dir/checkpoint``; returns the paths written."""
+    options = options or AnalyzeOptions()
+    source = resolve_source(model_spec)
+    out_dir = Path(out_dir or f"./{source.short_name}-dynamic-bnb-4bit")
+    checkpoint = out_dir / "checkpoint"
+    if checkpoint.exists() and not overwrite:
+        raise FileExistsError(f"{checkpoint} already exists: pass --overwrite to replace it, or choose another --out")
+    table = analyze_model(source, out_dir, options, reuse=True)
+    chosen = plan(table, budget, **plan_options)
+    chosen.save(out_dir / "plan.json")
+    pareto_curve(table, **plan_options).to_csv(out_dir / "pareto.csv", index=False)
+    print(plan_summary(chosen))
+    result = export(source, chosen, checkpoint, overwrite=overwrite, device=options.device,
+                    compute_dtype=dtype_from_name(options.dtype if options.dtype != "fp32" else "bf16"))
+    gap = result.footprint_bytes / chosen.predicted["footprint_bytes"] - 1
+    print(f"quantplan: wrote {checkpoint} — get_memory_footprint() {format_bytes(result.footprint_bytes)} "
+          f"(predicted {format_bytes(chosen.predicted['footprint_bytes'])}, {gap:+.2%}); "
+          f"checkpoint tensors {format_bytes(result.checkpoint_bytes)}; "
+          f"{result.kept} modules 16-bit, {result.quantized} 4-bit")
+    return {"out": out_dir, "table": out_dir / TABLE_FILE, "plan": out_dir / "plan.json",
+            "pareto": out_dir / "pareto.csv", "checkpoint": checkpoint, "export": result, "plan_obj": chosen}
+
+
+def plan_summary(p) -> str:
+    """A few lines describing a plan."""
+    pr = p.predicted
+    return (f"plan: budget {p.budget['spec']} = {format_bytes(p.budget['bytes'])}; predicted "
+            f"{format_bytes(pr['bytes'])} ({pr['over_all_4bit']:+.1%} over all-4-bit {format_bytes(pr['bytes_all_4bit'])}, "
+            f"16-bit {format_bytes(pr['bytes_16bit'])}); {len(p.kept)} modules kept 16-bit; predicted error "
+            f"{pr['error']:.4g} vs all-4-bit {pr['error_all_4bit']:.4g}")
+
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
