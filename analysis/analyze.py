@@ -97,7 +97,7 @@ def _run_calibration(model, calibration, probe, batch_size, partial, run_meta, c
                     continue
                 probe.start_batch()
                 model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, **extra)
-                probe.batches_done = index + 1
+                probe.commit_batch()
                 bar.update(1)
                 if partial and time.monotonic() - last_flush > checkpoint_seconds:
                     probe.save(partial, run_meta)

@@ -123,7 +123,13 @@ def _load_source(source: str):
             )
         kind = builder.pop()
         extra = {"sample_by": "paragraph"} if kind == "text" else {}
-        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", **extra)
+        try:
+            return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", **extra)
+        except Exception as err:  # datasets reports empty or malformed files in many ways
+            raise ValueError(
+                f"calibration source {source!r} holds no text that datasets can read ({err}): "
+                "pass non-empty .txt/.json/.jsonl/.csv/.parquet files with a 'text' column"
+            ) from None
     name, _, split = source.partition("@")
     name, _, config = name.partition(":")
     try:

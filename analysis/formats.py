@@ -66,7 +66,11 @@ class FourBit:
         return restored, _tensor_bytes(packed) + state_bytes
 
     def storage_bytes(self, shape: tuple[int, ...]) -> int:
-        """Checkpoint bytes without quantizing: packed nibbles + absmax (+ nested state) + metadata."""
+        """Checkpoint bytes without quantizing: packed nibbles + absmax (+ nested state) + metadata.
+
+        Exact but for the JSON metadata, whose nested offset prints with a data-dependent number
+        of digits (a few bytes); ``roundtrip`` reports the exact figure.
+        """
         numel = math.prod(shape)
         blocks = math.ceil(numel / self.blocksize)
         packed = math.ceil(numel / 2)
@@ -162,5 +166,5 @@ def _quant_state_json_bytes(fmt: FourBit, shape: tuple[int, ...]) -> int:
     """Length of the json blob bitsandbytes stores beside a 4-bit weight (its exact layout)."""
     blob = {"quant_type": fmt.quant_type, "blocksize": fmt.blocksize, "dtype": "bfloat16", "shape": list(shape)}
     if fmt.double_quant:
-        blob.update({"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.0})
+        blob.update({"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.123456789012345})
     return len(json.dumps(blob).encode())

@@ -44,7 +44,8 @@ def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | N
     return rows
 
 
-ERROR_COLUMNS = ("weight_rel_error", "weight_max_abs_error", "output_rel_error", "output_max_abs_error")
+ERROR_COLUMNS = ("weight_rel_error", "weight_max_abs_error", "output_rel_error", "output_mse",
+                 "output_max_abs_error")
 
 
 def identity_columns(info: ModuleInfo, reason: str | None) -> dict:
@@ -101,7 +102,7 @@ def _output_energy(w: torch.Tensor, stats: InputStats) -> float:
 def _quadratic(m: torch.Tensor, gram: torch.Tensor) -> float:
     """tr(M·G·Mᵀ) = Σ (M·G) ∘ M, in float64 for a stable small ratio."""
     m64 = m.double()
-    return float(((m64 @ gram.to(m64.device)) * m64).sum())
+    return float(((m64 @ gram.to(m64.device, torch.float64)) * m64).sum())
 
 
 def _error_columns(w: torch.Tensor, delta: torch.Tensor, stats: InputStats | None, reference: float) -> dict:
@@ -111,10 +112,11 @@ def _error_columns(w: torch.Tensor, delta: torch.Tensor, stats: InputStats | Non
         "weight_max_abs_error": delta.abs().max().item(),
     }
     if stats is None or stats.tokens == 0:
-        columns.update(output_rel_error=float("nan"), output_max_abs_error=float("nan"))
+        columns.update(output_rel_error=float("nan"), output_mse=float("nan"), output_max_abs_error=float("nan"))
         return columns
     error = _quadratic(delta, stats.gram)
     columns["output_rel_error"] = error / reference if reference > 0 else (0.0 if error == 0 else math.inf)
+    columns["output_mse"] = error / (stats.tokens * delta.shape[0])
     sample = stats.sample.to(delta.device) if stats.sample is not None else None
     columns["output_max_abs_error"] = (sample @ delta.T).abs().max().item() if sample is not None else float("nan")
     return columns

@@ -24,28 +24,59 @@ from torch import nn
 
 @dataclass
 class InputStats:
-    """Streaming statistics of one input tensor (shared by all Linears fed that tensor)."""
+    """Streaming statistics of one input tensor (shared by all Linears fed that tensor).
 
-    gram: torch.Tensor  # [in, in] float64: Σ xᵀx over finite tokens
+    A batch first accumulates into ``pending``; :meth:`commit` folds it into the totals once the
+    whole batch has run, so an interruption midway never leaves a half-counted batch behind.
+    """
+
+    gram: torch.Tensor  # [in, in] float32: Σ xᵀx over finite tokens
     channel_absmax: torch.Tensor  # [in] float32
     sample: torch.Tensor | None = None  # [<=sample_rows, in] float32, from the first batch
     tokens: int = 0
     nonfinite_tokens: int = 0
+    pending: dict | None = None
 
     def update(self, x: torch.Tensor, sample_rows: int) -> None:
         rows = x.reshape(-1, x.shape[-1])
         finite = torch.isfinite(rows).all(dim=1)
+        nonfinite = 0
         if not bool(finite.all()):
-            self.nonfinite_tokens += int((~finite).sum())
+            nonfinite = int((~finite).sum())
             rows = rows[finite]
         rows = rows.float()
-        self.gram += (rows.T @ rows).double()
+        if self.pending is None:
+            self.pending = {"gram": torch.zeros_like(self.gram), "absmax": torch.zeros_like(self.channel_absmax),
+                            "tokens": 0, "nonfinite": 0, "sample": None}
+        p = self.pending
+        p["gram"].addmm_(rows.T, rows)
         if len(rows):
-            self.channel_absmax = torch.maximum(self.channel_absmax, rows.abs().amax(dim=0).to(self.channel_absmax))
-        self.tokens += len(rows)
-        if self.sample is None and len(rows):
+            torch.maximum(p["absmax"], rows.abs().amax(dim=0), out=p["absmax"])
+        p["tokens"] += len(rows)
+        p["nonfinite"] += nonfinite
+        if self.sample is None and p["sample"] is None and len(rows):
             step = max(1, len(rows) // sample_rows)
-            self.sample = rows[::step][:sample_rows].detach().cpu().clone()
+            p["sample"] = rows[::step][:sample_rows].detach().cpu().clone()
+
+    def commit(self) -> None:
+        """Fold the finished batch into the totals."""
+        p = self.pending
+        if p is None or (p["tokens"] == 0 and p["nonfinite"] == 0):
+            return
+        self.gram += p["gram"]
+        torch.maximum(self.channel_absmax, p["absmax"], out=self.channel_absmax)
+        self.tokens += p["tokens"]
+        self.nonfinite_tokens += p["nonfinite"]
+        if self.sample is None:
+            self.sample = p["sample"]
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop a batch that did not finish."""
+        if self.pending is not None:
+            self.pending["gram"].zero_()
+            self.pending["absmax"].zero_()
+            self.pending.update(tokens=0, nonfinite=0, sample=None)
 
 
 @dataclass
@@ -78,8 +109,16 @@ class InputProbe:
                 h.remove()
 
     def start_batch(self) -> None:
-        """Forget the tensors seen in the previous batch (sharing is decided per tensor identity)."""
+        """Forget the tensors seen in the previous batch and anything a broken batch left pending."""
         self._seen.clear()
+        for s in self.stats.values():
+            s.discard()
+
+    def commit_batch(self) -> None:
+        """The batch ran to the end: fold its statistics into the totals."""
+        for s in self.stats.values():
+            s.commit()
+        self.batches_done += 1
 
     def _hook(self, name: str):
         def hook(module, args):
@@ -100,7 +139,7 @@ class InputProbe:
             if name not in self.stats:
                 width = x.shape[-1]
                 self.stats[name] = InputStats(
-                    torch.zeros(width, width, dtype=torch.float64, device=x.device),
+                    torch.zeros(width, width, dtype=torch.float32, device=x.device),
                     torch.zeros(width, dtype=torch.float32, device=x.device),
                 )
             self.stats[name].update(x.detach(), self.sample_rows)
@@ -116,6 +155,8 @@ class InputProbe:
         tensors = {}
         counts = {}
         for owner, s in self.stats.items():
+            if s.tokens == 0 and s.nonfinite_tokens == 0:
+                continue
             tensors[f"{owner}::gram"] = s.gram.cpu().contiguous()
             tensors[f"{owner}::absmax"] = s.channel_absmax.cpu().contiguous()
             if s.sample is not None:

@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from analysis.calibration import CalibrationSet
 
 
 def tiny_llama(layers: int = 2, hidden: int = 64, intermediate: int = 128, vocab: int = 256,
                tie: bool = False, seed: int = 0) -> LlamaForCausalLM:
+    """A random-init Llama small enough to analyze in well under a second."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    return model
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def word_tokenizer(vocab: int = 256) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over words w0..w{vocab-1} (unknown words -> w3)."""
+    table = {f"w{i}": i for i in range(vocab)}
+    tokenizer = Tokenizer(models.WordLevel(table, unk_token="w3"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="w2", unk_token="w3", pad_token="w0",
+                                   bos_token="w1")
+
+
+def save_tiny(folder: Path, **kwargs) -> Path:
+    """Save a tiny Llama plus tokenizer as a from_pretrained folder."""
+    vocab = kwargs.get("vocab", 256)
+    tiny_llama(**kwargs).save_pretrained(folder)
+    word_tokenizer(vocab).save_pretrained(folder)
+    return folder
+
+
+def random_calibration(samples: int = 8, seq_len: int = 32, vocab: int = 256, seed: int = 0) -> CalibrationSet:
+    """Random token windows (ids >= 3, so no special tokens)."""
+    ids = torch.randint(3, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
+    return CalibrationSet(ids, f"random-{seed}", seed)

@@ -1,0 +1,213 @@
+"""How much does analyze() cost compared with simply running the calibration tokens through the model?
+
+On the offline default model (SmolLM2-135M, bf16, CPU) this times, over the very same
+calibration batches:
+
+* ``forward``: a plain forward pass (``torch.inference_mode()``, the forward keyword arguments
+  analyze() itself passes: ``use_cache=False, logits_to_keep=1``), no hooks;
+* ``analyze(...)`` with one format (nf4) and with three (nf4, fp4, int8), split into the
+  calibration pass (``_run_calibration``: forward + streaming Gram-matrix hooks) and the
+  per-module measurement phase (``measure_module``: bitsandbytes round trip + error from the
+  Gram matrix), both timed by wrapping the library's functions at run time (the library is
+  not modified).
+
+Every timing is the best of ``--repeats`` runs after one warm-up run. Results go to
+``benchmarks/results/probe_cost.json``; targets are reported, not asserted:
+analysis <= 2.0x the plain forward for one format, and each extra format <= +10 %.
+
+    python benchmarks/probe_cost.py [--samples 16] [--seq-len 256] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_info  # noqa: E402
+
+from analysis import analyze, load_calibration, load_model, load_processor, parse_formats, resolve_source  # noqa: E402
+
+# ``analysis.analyze`` is shadowed by the function of that name in the package namespace.
+analyze_module = importlib.import_module("analysis.analyze")
+
+RESULTS = Path(__file__).resolve().parent / "results" / "probe_cost.json"
+TARGET_ONE_FORMAT = 2.0
+TARGET_PER_EXTRA_FORMAT = 0.10
+FORMAT_SETS = ("nf4", "nf4,fp4,int8")
+
+
+def forward_options(model) -> dict:
+    """The keyword arguments analyze() passes to the model's forward (lm_head not measured)."""
+    return analyze_module._forward_options(model, full_logits=False)
+
+
+def plain_forward(model, calibration, batch_size: int, options: dict) -> float:
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in calibration.batches(batch_size):
+            model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, **options)
+    return time.perf_counter() - start
+
+
+@contextmanager
+def instrumented():
+    """Wrap analyze's calibration pass and per-module measurement with timers (restored on exit)."""
+    times = {"calibration": 0.0, "measure": 0.0, "modules_measured": 0}
+    run_calibration, measure_module = analyze_module._run_calibration, analyze_module.measure_module
+
+    def timed_calibration(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return run_calibration(*args, **kwargs)
+        finally:
+            times["calibration"] += time.perf_counter() - start
+
+    def timed_measure(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return measure_module(*args, **kwargs)
+        finally:
+            times["measure"] += time.perf_counter() - start
+            times["modules_measured"] += 1
+
+    analyze_module._run_calibration, analyze_module.measure_module = timed_calibration, timed_measure
+    try:
+        yield times
+    finally:
+        analyze_module._run_calibration, analyze_module.measure_module = run_calibration, measure_module
+
+
+def analyze_once(model, calibration, formats, batch_size: int, fingerprint: str) -> dict:
+    with instrumented() as times:
+        start = time.perf_counter()
+        table = analyze(model, calibration, formats, model_fingerprint=fingerprint, batch_size=batch_size,
+                        progress=False)
+        total = time.perf_counter() - start
+    return {"total": total, "calibration": times["calibration"], "measure": times["measure"],
+            "other": total - times["calibration"] - times["measure"],
+            "modules_measured": times["modules_measured"], "rows": len(table.df) if hasattr(table, "df") else None}
+
+
+def best(runs: list[dict], key: str = "total") -> dict:
+    return min(runs, key=lambda r: r[key])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4, help="as analyze()'s default")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (best is kept)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPUs)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(threads)
+    wall = time.perf_counter()
+
+    source = resolve_source(None)
+    model = load_model(source)
+    tokenizer = load_processor(source)
+    calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
+    options = forward_options(model)
+    print(f"model {source.model_id} ({next(model.parameters()).dtype}), {calibration.tokens} tokens "
+          f"({args.samples} x {args.seq_len}), batch {args.batch_size}, {threads} threads, forward kwargs {options}",
+          flush=True)
+
+    # warm-up: one forward and one analyze with every format (bitsandbytes kernels, allocator)
+    plain_forward(model, calibration, args.batch_size, options)
+    analyze_once(model, calibration, parse_formats("nf4,fp4,int8"), args.batch_size, source.fingerprint)
+
+    # interleave the measurements so slow drift of the machine affects them alike
+    forward_runs: list[float] = []
+    analyze_runs: dict[str, list[dict]] = {spec: [] for spec in FORMAT_SETS}
+    for repeat in range(args.repeats):
+        forward_runs.append(plain_forward(model, calibration, args.batch_size, options))
+        for spec in FORMAT_SETS:
+            analyze_runs[spec].append(analyze_once(model, calibration, parse_formats(spec), args.batch_size,
+                                                   source.fingerprint))
+        print(f"repeat {repeat + 1}/{args.repeats}: forward {forward_runs[-1]:.2f}s, "
+              + ", ".join(f"analyze[{s}] {analyze_runs[s][-1]['total']:.2f}s" for s in FORMAT_SETS), flush=True)
+
+    forward = min(forward_runs)
+    results = {}
+    for spec in FORMAT_SETS:
+        runs = analyze_runs[spec]
+        b = best(runs)
+        results[spec] = {
+            "formats": spec.split(","),
+            "best": b,
+            "best_calibration_s": min(r["calibration"] for r in runs),
+            "best_measure_s": min(r["measure"] for r in runs),
+            "runs": runs,
+            "ratio_total": b["total"] / forward,
+            "ratio_calibration_pass": min(r["calibration"] for r in runs) / forward,
+        }
+    one, three = results["nf4"], results["nf4,fp4,int8"]
+    extra_formats = len(three["formats"]) - len(one["formats"])
+    per_extra_s = (three["best"]["total"] - one["best"]["total"]) / extra_formats
+    per_extra_measure_s = (three["best_measure_s"] - one["best_measure_s"]) / extra_formats
+    summary = {
+        "forward_s": forward,
+        "ratio_1_format": one["ratio_total"],
+        "ratio_3_formats": three["ratio_total"],
+        "hook_overhead_ratio": one["best_calibration_s"] / forward,  # calibration pass / plain forward
+        "per_extra_format_s": per_extra_s,
+        "per_extra_format_vs_1_format_analysis": per_extra_s / one["best"]["total"],
+        "per_extra_format_vs_forward": per_extra_s / forward,
+        "per_extra_format_measure_s": per_extra_measure_s,
+        "target_ratio_1_format": TARGET_ONE_FORMAT,
+        "target_per_extra_format": TARGET_PER_EXTRA_FORMAT,
+        "meets_ratio_target": one["ratio_total"] <= TARGET_ONE_FORMAT,
+        "meets_per_extra_format_target": per_extra_s / one["best"]["total"] <= TARGET_PER_EXTRA_FORMAT,
+    }
+    report = {
+        "benchmark": "probe_cost",
+        "machine": machine_info(threads),
+        "model": {"id": source.model_id, "fingerprint": source.fingerprint,
+                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                  "params": sum(p.numel() for p in model.parameters())},
+        "calibration": {**calibration.meta, "batch_size": args.batch_size},
+        "forward_kwargs": options,
+        "repeats": args.repeats,
+        "forward_runs_s": forward_runs,
+        "analyze": results,
+        "summary": summary,
+        "wall_s": time.perf_counter() - wall,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+    print()
+    print(f"{'run':<26}{'total s':>9}{'calib s':>9}{'measure s':>11}{'other s':>9}{'x forward':>11}")
+    print(f"{'plain forward':<26}{forward:>9.2f}{'':>9}{'':>11}{'':>9}{1.0:>11.2f}")
+    for spec in FORMAT_SETS:
+        r = results[spec]
+        b = r["best"]
+        print(f"{'analyze ' + spec:<26}{b['total']:>9.2f}{b['calibration']:>9.2f}{b['measure']:>11.2f}"
+              f"{b['other']:>9.2f}{r['ratio_total']:>11.2f}")
+    print()
+    print(f"calibration pass (forward + hooks) / plain forward: {summary['hook_overhead_ratio']:.2f}x")
+    print(f"analysis / forward, 1 format:  {summary['ratio_1_format']:.2f}x  (target <= {TARGET_ONE_FORMAT:.1f}x: "
+          f"{'met' if summary['meets_ratio_target'] else 'MISSED'})")
+    print(f"analysis / forward, 3 formats: {summary['ratio_3_formats']:.2f}x")
+    print(f"per extra format: +{per_extra_s:.2f}s = +{100 * summary['per_extra_format_vs_1_format_analysis']:.1f}% "
+          f"of the 1-format analysis (+{summary['per_extra_format_vs_forward']:.2f}x forward; target <= "
+          f"+{100 * TARGET_PER_EXTRA_FORMAT:.0f}%: {'met' if summary['meets_per_extra_format_target'] else 'MISSED'})")
+    print(f"wrote {args.out} (wall {report['wall_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

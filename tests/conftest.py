@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny saved models (fast) and the offline SmolLM2 (slow, marked)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+warnings.filterwarnings("ignore", message=".*kernels.*")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny Llama (untied lm_head) with a word-level tokenizer."""
+    from tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tiny_dir):
+    from analysis import resolve_source
+
+    return resolve_source(str(tiny_dir))
+
+
+@pytest.fixture(scope="session")
+def smol_source():
+    """The offline default model (converted once to a cached bf16 folder)."""
+    from analysis import resolve_source
+
+    return resolve_source(None)
+
+
+@pytest.fixture(scope="session")
+def smol_model(smol_source):
+    from analysis import load_model
+
+    return load_model(smol_source)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_source):
+    from analysis import load_processor
+
+    return load_processor(smol_source)

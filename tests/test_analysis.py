@@ -1,0 +1,154 @@
+"""analysis/: the measurement is right (equals a real Linear4bit swap), finds planted faults, lists everything."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from tiny import random_calibration, tiny_llama
+
+from analysis import FP4, INT8, NF4, analyze
+from analysis.spikes import find_spikes
+
+
+def swapped_output_error(model, name, calibration, compute_dtype=torch.float32) -> float:
+    """‖Y4 − Y‖²/‖Y‖² with Y4 from a real bitsandbytes Linear4bit fed the module's captured inputs."""
+    module = model.get_submodule(name)
+    captured = []
+    handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach().clone()))
+    with torch.no_grad():
+        for batch in calibration.batches(4):
+            model(**batch, use_cache=False)
+    handle.remove()
+    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])
+    weight = module.weight.detach()
+    swapped = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=compute_dtype,
+                                quant_type="nf4", compress_statistics=True)
+    swapped.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4",
+                                       compress_statistics=True, blocksize=64)
+    swapped = swapped.to("cpu")
+    with torch.no_grad():
+        reference = x.float() @ weight.float().T
+        quantized = swapped(x.to(compute_dtype)).float()
+    return float(((quantized - reference) ** 2).sum() / (reference**2).sum())
+
+
+def test_output_error_equals_real_linear4bit_swap():
+    model = tiny_llama()
+    calibration = random_calibration()
+    table = analyze(model, calibration, [NF4], progress=False)
+    rows = table.for_format("nf4").set_index("name")
+    for name in ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"]:
+        exact = swapped_output_error(model, name, calibration, torch.float32)
+        in_bf16 = swapped_output_error(model, name, calibration, torch.bfloat16)
+        measured = rows.loc[name, "output_rel_error"]
+        # fp32 swap: same arithmetic up to float rounding; bf16 swap adds output rounding noise.
+        assert measured == pytest.approx(exact, rel=1e-3), name
+        assert measured == pytest.approx(in_bf16, rel=0.05), name
+
+
+def test_all_formats_measured_with_exact_bytes():
+    model = tiny_llama()
+    table = analyze(model, random_calibration(), [NF4, FP4, INT8], progress=False)
+    assert table.formats == ["nf4", "fp4", "int8"]
+    linear = table.df[table.df["quantizable"]]
+    assert linear[["weight_rel_error", "output_rel_error", "output_mse", "output_max_abs_error"]].notna().all().all()
+    by_format = linear.groupby("format")["weight_rel_error"].mean()
+    assert by_format["int8"] < by_format["nf4"] < by_format["fp4"]  # known ordering of the formats' resolution
+    nf4 = linear[linear["format"] == "nf4"]
+    for _, row in nf4.iterrows():
+        # exact bytes come from bitsandbytes' own state; the shape-only estimate differs only by
+        # the printed digits of the nested offset in the JSON metadata
+        assert abs(row["bytes"] - NF4.storage_bytes((row["out_features"], row["in_features"]))) <= 8
+        assert row["footprint_bytes"] == row["params"] // 2
+
+
+def test_identity_columns_and_non_linear_modules_listed():
+    model = tiny_llama(layers=3)
+    rows = analyze(model, random_calibration(), [NF4], progress=False).for_format("nf4").set_index("name")
+    assert rows.loc["model.layers.2.mlp.down_proj", "layer"] == 2
+    assert rows.loc["model.layers.2.mlp.down_proj", "module_type"] == "down_proj"
+    assert rows.loc["lm_head", "group"] == "lm_head"
+    assert rows.loc["model.embed_tokens", "kind"] == "Embedding"
+    assert not rows.loc["model.embed_tokens", "quantizable"]
+    assert "not a Linear" in rows.loc["model.embed_tokens", "reason"]
+    assert rows.loc["model.layers.0.self_attn.k_proj", "out_features"] == 32  # 2 kv heads x 16
+
+
+def test_blocksize_misfit_listed_not_dropped():
+    model = tiny_llama(hidden=48, intermediate=99)  # 48*99 elements: not divisible by 64
+    table = analyze(model, random_calibration(), [NF4, INT8], progress=False)
+    rows = table.df.set_index(["name", "format"])
+    assert not rows.loc[("model.layers.0.mlp.up_proj", "nf4"), "supported"]
+    assert "not divisible by the nf4 blocksize" in rows.loc[("model.layers.0.mlp.up_proj", "nf4"), "unsupported_reason"]
+    assert rows.loc[("model.layers.0.mlp.up_proj", "int8"), "supported"]  # int8 has no block constraint
+
+
+def test_planted_weight_outlier_tops_weight_error():
+    model = tiny_llama()
+    target = model.model.layers[1].self_attn.o_proj
+    with torch.no_grad():
+        # a 20-sigma element in every other 64-element block: the block's absmax scale grows ~8x, so its
+        # other values fall between NF4's coarse codes (the way real outliers hurt blockwise 4-bit)
+        target.weight.view(-1)[::128] = target.weight.float().std() * 20
+    rows = analyze(model, random_calibration(), [NF4], progress=False).for_format("nf4")
+    top = rows.sort_values("weight_rel_error", ascending=False).iloc[0]
+    assert top["name"] == "model.layers.1.self_attn.o_proj"
+    assert rows.set_index("name").loc[top["name"], "weight_absmax_over_std"] == rows["weight_absmax_over_std"].max()
+
+
+def test_planted_activation_outlier_channel_spikes_its_consumer():
+    """An outlier input channel whose weight column is tiny (the LLM.int8 pattern): output unchanged in
+    16-bit, but 4-bit rounds that column away, so the consumer's output error spikes."""
+    model = tiny_llama(layers=6)
+    channel, scale = 11, 200.0
+    layer = model.model.layers[3]
+    with torch.no_grad():
+        layer.post_attention_layernorm.weight[channel] *= scale
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            proj.weight[:, channel] /= scale
+    rows = analyze(model, random_calibration(), [NF4], progress=False).for_format("nf4")
+    by_name = rows.set_index("name")
+    consumer = "model.layers.3.mlp.up_proj"
+    assert by_name.loc[consumer, "input_outlier_channels"] >= 1
+    assert by_name.loc[consumer, "input_outlier_ratio"] > 50
+    ups = rows[rows["module_type"] == "up_proj"]
+    assert ups.sort_values("output_rel_error").iloc[-1]["name"] == consumer
+    assert consumer in set(find_spikes(rows)["name"])
+
+
+def test_nonfinite_activations_flagged_and_run_continues():
+    model = tiny_llama()
+
+    def poison(module, args, output):
+        output = output.clone()
+        output[0, 3, :] = float("nan")
+        return output
+
+    handle = model.model.layers[1].self_attn.o_proj.register_forward_hook(poison)
+    table = analyze(model, random_calibration(), [NF4], progress=False)
+    handle.remove()
+    rows = table.for_format("nf4").set_index("name")
+    assert rows.loc["model.layers.1.mlp.gate_proj", "nonfinite_tokens"] > 0
+    assert rows.loc["model.layers.0.mlp.gate_proj", "nonfinite_tokens"] == 0
+    assert rows.loc["model.layers.1.mlp.gate_proj", "output_rel_error"] == pytest.approx(
+        rows.loc["model.layers.1.mlp.gate_proj", "output_rel_error"])  # finite, not NaN
+    assert rows[rows["quantizable"]]["output_rel_error"].notna().all()
+
+
+def test_shared_inputs_share_one_gram():
+    model = tiny_llama()
+    from analysis.modules import list_modules
+    from analysis.probe import InputProbe
+
+    names = [i.name for i in list_modules(model) if i.is_linear]
+    probe = InputProbe(model, names)
+    with probe.attached(), torch.no_grad():
+        for batch in random_calibration().batches(4):
+            probe.start_batch()
+            model(**batch, use_cache=False)
+    owner = probe.owner
+    assert owner["model.layers.0.self_attn.k_proj"] == owner["model.layers.0.self_attn.q_proj"]
+    assert owner["model.layers.0.mlp.up_proj"] == owner["model.layers.0.mlp.gate_proj"]
+    assert owner["model.layers.0.mlp.gate_proj"] != owner["model.layers.0.self_attn.q_proj"]
+    assert owner["model.layers.0.self_attn.o_proj"] == "model.layers.0.self_attn.o_proj"
