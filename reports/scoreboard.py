@@ -1,0 +1,124 @@
+"""The fidelity scoreboard: one row per variant, saved as ``scoreboard.csv``, shown in llama.cpp's style.
+
+Rows: 16-bit, all-INT8 (bitsandbytes 8-bit), all-4-bit, then for each dynamic plan the plan
+and the heuristic baselines at its bytes (random: the mean of its seeds). The Markdown
+table follows llama.cpp's ``llama-perplexity`` scoreboards (value ± standard error).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from planner.budget import format_bytes
+
+from .tables import markdown_table
+
+COLUMNS = {
+    "variant": "row name: 16-bit, all-INT8, all-NF4, dynamic <budget>, <heuristic> @ <budget>",
+    "kind": "reference | uniform | dynamic | heuristic",
+    "plan": "budget spec of the dynamic plan the row belongs to (empty for the references)",
+    "measured_with": "bitsandbytes (a real quantized load) | simulated (bitsandbytes round trip in a 16-bit model) | 16-bit",
+    "kept_16bit": "Linear modules kept 16-bit",
+    "bytes": "predicted checkpoint bytes of the weights (the planner's unit; equal-bytes comparisons use it)",
+    "footprint_bytes": "model.get_memory_footprint(): measured for bitsandbytes loads, predicted for simulated rows",
+    "mean_kld": "mean KL divergence from 16-bit over held-out tokens (nats)",
+    "mean_kld_se": "standard error of mean_kld",
+    "p99_kld": "99th percentile of the per-token KL divergence",
+    "same_top_pct": "% of held-out tokens whose most likely next token equals 16-bit's",
+    "same_top_se": "standard error of same_top_pct",
+    "ppl": "perplexity on the held-out text",
+    "ppl_se": "standard error of ppl",
+    "tokens": "held-out tokens measured",
+    "note": "anything to know about the row (failures, seeds)",
+}
+METRICS = ("mean_kld", "mean_kld_se", "p99_kld", "same_top_pct", "same_top_se", "ppl", "ppl_se")
+
+
+def scoreboard_frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows as a DataFrame with the documented columns; random seeds folded into one mean row."""
+    merged = []
+    for row in rows:
+        if row.get("seed") is None:
+            merged.append(row)
+        elif not any(m.get("_group") == (row["plan"], row["variant"]) for m in merged):
+            seeds = [r for r in rows if r.get("seed") is not None and (r["plan"], r["variant"]) ==
+                     (row["plan"], row["variant"])]
+            merged.append(_mean_of_seeds(seeds))
+    frame = pd.DataFrame(merged)
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = np.nan if column in METRICS else ""
+    return frame[list(COLUMNS)]
+
+
+def _mean_of_seeds(seeds: list[dict]) -> dict:
+    row = dict(seeds[0])
+    row["_group"] = (row["plan"], row["variant"])
+    row["variant"] = f"{row['variant']} (mean of {len(seeds)} seeds)"
+    for key in (*METRICS, "bytes", "footprint_bytes", "kept_16bit"):
+        row[key] = float(np.mean([s[key] for s in seeds]))
+    for key in ("bytes", "footprint_bytes", "kept_16bit"):
+        row[key] = int(round(row[key]))
+    each = ", ".join(f"seed {s['seed']}: {s['mean_kld']:.4f}" for s in seeds)
+    row["note"] = f"mean KLD per seed: {each}"
+    return row
+
+
+def to_markdown(board: pd.DataFrame) -> str:
+    """The scoreboard as a Markdown table in llama.cpp's style."""
+    reference_ppl = board.loc[board["kind"] == "reference", "ppl"]
+    base = float(reference_ppl.iloc[0]) if len(reference_ppl) else np.nan
+    shown = pd.DataFrame({
+        "Variant": board["variant"],
+        "Kept 16-bit": board["kept_16bit"],
+        "Size": [format_bytes(b) for b in board["bytes"]],
+        "Footprint": [format_bytes(b) + ("" if m.startswith(("bitsandbytes", "16-bit")) else " (pred.)")
+                      for b, m in zip(board["footprint_bytes"], board["measured_with"], strict=True)],
+        "PPL": [_pm(v, e, 4) for v, e in zip(board["ppl"], board["ppl_se"], strict=True)],
+        "ΔPPL": [_num(v - base, 4, signed=True) for v in board["ppl"]],
+        "Mean KLD": [_pm(v, e, 5) for v, e in zip(board["mean_kld"], board["mean_kld_se"], strict=True)],
+        "99% KLD": [_num(v, 5) for v in board["p99_kld"]],
+        "Same top": [_pm(v, e, 2, "%") for v, e in zip(board["same_top_pct"], board["same_top_se"], strict=True)],
+        "Measured with": board["measured_with"],
+    })
+    return markdown_table(shown, align={c: "right" for c in shown.columns[1:-1]})
+
+
+def verdicts(board: pd.DataFrame) -> list[str]:
+    """For each dynamic plan: does it beat every heuristic baseline at equal bytes (lower mean KLD)?"""
+    lines = []
+    for _, dyn in board[board["kind"] == "dynamic"].iterrows():
+        rivals = board[(board["kind"] == "heuristic") & (board["plan"] == dyn["plan"])]
+        if rivals.empty or not np.isfinite(dyn["mean_kld"]):
+            continue
+        beaten = rivals[rivals["mean_kld"] <= dyn["mean_kld"]]
+        best = rivals.loc[rivals["mean_kld"].idxmin()]
+        if beaten.empty:
+            gap = best["mean_kld"] - dyn["mean_kld"]
+            close = gap < 2 * np.hypot(dyn["mean_kld_se"], best["mean_kld_se"])
+            lines.append(
+                f"{dyn['variant']} wins: mean KLD {dyn['mean_kld']:.5f} vs the best heuristic at equal bytes, "
+                f"{best['variant']}, {best['mean_kld']:.5f}"
+                + (" (within 2 standard errors: not a clear win)." if close else ".")
+            )
+        else:
+            names = ", ".join(f"{r['variant']} ({r['mean_kld']:.5f})" for _, r in beaten.iterrows())
+            lines.append(f"{dyn['variant']} does NOT win: at equal bytes {names} reach a mean KLD no higher "
+                         f"than the plan's {dyn['mean_kld']:.5f}. The probe's scores are not the best guide "
+                         "on this model; prefer the better heuristic or re-analyze with more calibration data.")
+    return lines
+
+
+def _num(value, digits: int, signed: bool = False) -> str:
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _pm(value, error, digits: int, unit: str = "") -> str:
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    if error is None or not np.isfinite(error) or error == 0:
+        return f"{value:.{digits}f}{unit}"
+    return f"{value:.{digits}f} ± {error:.{digits}f}{unit}"

@@ -1,0 +1,56 @@
+"""Simulated quantization: swap a 16-bit model's weights for bitsandbytes' round trip, then restore.
+
+On CPU a bitsandbytes ``Linear4bit`` de-quantizes its weight to the compute dtype and runs a
+plain matmul, so a 16-bit model whose weight is replaced by ``dequantize_4bit(quantize_4bit(W))``
+computes (up to summation order) what the quantized model computes. That lets the comparison
+measure many variants (heuristic baselines, one module at a time) from one loaded model,
+without a bitsandbytes load per variant. The report states how closely the simulation
+tracks a real bitsandbytes load (the all-4-bit check).
+
+Quantizing is the slow half (≈10 s for SmolLM2's 210 Linears on 2 cores), de-quantizing is
+fast, so :class:`QuantCache` keeps the packed 4-bit weights (a quarter of the 16-bit size)
+and de-quantizes on each swap.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from analysis.formats import FourBit
+
+
+class QuantCache:
+    """Packed 4-bit weights of a model's Linears in one format, quantized once on first use."""
+
+    def __init__(self, model: nn.Module, fmt: FourBit):
+        self.model = model
+        self.format = fmt
+        self.modules = dict(model.named_modules())
+        self._packed: dict[str, tuple] = {}
+
+    def restored(self, name: str) -> torch.Tensor:
+        """The weight of ``name`` as bitsandbytes would restore it (16-bit, same dtype)."""
+        import bitsandbytes.functional as bnbf
+
+        weight = self.modules[name].weight
+        if name not in self._packed:
+            self._packed[name] = self.format.quantize(weight.data)
+        packed, state = self._packed[name]
+        return bnbf.dequantize_4bit(packed, state).to(weight.dtype).view_as(weight)
+
+    @contextmanager
+    def quantized(self, names):
+        """Within the block, the modules in ``names`` compute with their round-tripped weights."""
+        originals = {}
+        try:
+            for name in names:
+                module = self.modules[name]
+                originals[name] = module.weight.data
+                module.weight.data = self.restored(name)
+            yield self.model
+        finally:
+            for name, data in originals.items():
+                self.modules[name].weight.data = data

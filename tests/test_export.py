@@ -1,0 +1,149 @@
+"""planner/: skip lists under transformers' own matcher, and the export round trip (tiny model)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from tiny import random_calibration, save_tiny
+from transformers import AutoModelForCausalLM
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from analysis import NF4, TableMismatch, analyze, load_model, resolve_source
+from planner import ExportError, export, plan
+from planner.cli import main
+from planner.pipeline import AnalyzeOptions, run
+from planner.skiplist import SkipListError, build_skip_list, verify_skip_list
+
+
+def test_skip_list_hits_exactly_the_planned_modules():
+    kept = ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj", "lm_head"]
+    quantized = ["model.layers.10.mlp.down_proj", "model.layers.11.self_attn.q_proj",
+                 "model.layers.1.mlp.up_proj", "model.layers.21.mlp.down_proj"]
+    entries = build_skip_list(kept, quantized)
+    assert entries == ["lm_head", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    for name in kept:
+        assert not should_convert_module(name, entries)
+    for name in quantized:
+        assert should_convert_module(name, entries)
+
+
+def test_prefix_entry_would_catch_other_layers():
+    # a dotted prefix is legal in transformers 5, and the boundary keeps layer 10 out...
+    assert should_convert_module("model.layers.10.mlp.down_proj", ["model.layers.1.mlp"])
+    # ...but a plain suffix collision is real: such names get an anchored entry instead
+    kept, quantized = ["model.layers.0.fc1"], ["vision_model.model.layers.0.fc1"]
+    entries = build_skip_list(kept, quantized)
+    assert entries == [r"^model\.layers\.0\.fc1$"]
+    assert not should_convert_module("model.layers.0.fc1", entries)
+    assert should_convert_module("vision_model.model.layers.0.fc1", entries)
+
+
+def test_verify_refuses_a_list_that_catches_too_much():
+    with pytest.raises(SkipListError, match="would keep"):
+        verify_skip_list(["model.layers.1"], ["model.layers.1.mlp.up_proj"],
+                         ["model.layers.1.self_attn.q_proj"])
+
+
+@pytest.fixture(scope="module")
+def tiny12(tmp_path_factory):
+    """A 12-layer tiny model: layer 1 vs layers 10/11 is where loose skip lists go wrong."""
+    folder = save_tiny(tmp_path_factory.mktemp("tiny12"), layers=12)
+    source = resolve_source(str(folder))
+    table = analyze(load_model(source), random_calibration(), [NF4], progress=False,
+                    model_fingerprint=source.fingerprint, model_id=str(folder))
+    return source, table
+
+
+def test_export_reload_follows_plan_under_transformers(tiny12, tmp_path):
+    source, table = tiny12
+    p = plan(table, "+15%", keep=["model.layers.1.mlp.down_proj"])
+    result = export(source, p, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu")
+    modules = dict(reloaded.named_modules())
+    assert type(modules["model.layers.1.mlp.down_proj"]) is torch.nn.Linear
+    assert type(modules["model.layers.10.mlp.down_proj"]).__name__ == "Linear4bit"
+    assert type(modules["lm_head"]) is torch.nn.Linear
+    assert result.footprint_bytes == reloaded.get_memory_footprint()
+    assert result.footprint_bytes == pytest.approx(p.predicted["footprint_bytes"], rel=0.01)
+    assert result.checkpoint_bytes == pytest.approx(p.predicted["bytes"], rel=0.01)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "model.layers.1.mlp.down_proj" in card and "pinned: --keep" in card
+    out = reloaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_export_refuses_existing_dir_and_foreign_plan(tiny12, tmp_path):
+    source, table = tiny12
+    p = plan(table, "+10%")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(source, p, tmp_path / "taken")
+    p.model_fingerprint = "local:someone-else"
+    with pytest.raises(TableMismatch, match="another model"):
+        export(source, p, tmp_path / "fresh")
+
+
+def test_export_of_an_int8_plan_is_refused(tiny12, tmp_path):
+    source, _ = tiny12
+    from analysis import INT8
+
+    table = analyze(load_model(source), random_calibration(), [NF4, INT8], progress=False,
+                    model_fingerprint=source.fingerprint)
+    p = plan(table, "+60%", tiers=["nf4", "int8"])
+    assert "int8" in p.choices.values()
+    with pytest.raises(ExportError, match="--tiers nf4"):
+        export(source, p, tmp_path / "out")
+
+
+def test_interrupted_export_leaves_nothing(tiny12, tmp_path, monkeypatch):
+    source, table = tiny12
+    p = plan(table, "+10%")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(importlib.import_module("planner.export"), "write_model_card", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export(source, p, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no staging folder
+
+
+def test_overwrite_replaces_atomically(tiny12, tmp_path):
+    source, table = tiny12
+    export(source, plan(table, "+10%"), tmp_path / "out")
+    result = export(source, plan(table, "+30%"), tmp_path / "out", overwrite=True)
+    assert result.kept > 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_run_main_job_on_tiny_model(tiny_dir, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(" ".join(f"w{(i * 13 + j) % 250 + 3}" for j in range(40)) for i in range(60)))
+    options = AnalyzeOptions(calib=str(calib), samples=8, seq_len=32, progress=False)
+    out = run(str(tiny_dir), "+20%", tmp_path / "job", options)
+    for key in ("table", "plan", "pareto", "checkpoint"):
+        assert out[key].exists()
+    assert (tmp_path / "job" / "sensitivity.json").exists()
+    # the second run reuses the table (no new analysis) and refuses to clobber the checkpoint
+    with pytest.raises(FileExistsError):
+        run(str(tiny_dir), "+20%", tmp_path / "job", options)
+    again = run(str(tiny_dir), "+40%", tmp_path / "job", options, overwrite=True)
+    assert again["plan_obj"].table_hash == out["plan_obj"].table_hash
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(tiny12, tmp_path, capsys):
+    source, table = tiny12
+    table.save(tmp_path)
+    assert main(["plan", "--table", str(tmp_path), "--budget", "lots"]) == 2
+    assert "cannot read budget 'lots'" in capsys.readouterr().err
+    assert main(["plan", "--table", str(tmp_path), "--budget", "10kB"]) == 2
+    assert "below this model's minimum" in capsys.readouterr().err
+    assert main(["plan", "--table", str(tmp_path), "--keep", "nothing.like.this"]) == 2
+    assert "matches no module" in capsys.readouterr().err
+    assert main(["plan", "--table", str(tmp_path / "missing")]) == 2
+    assert main(["plan", "--table", str(tmp_path), "--budget", "+25%"]) == 0
+    assert (tmp_path / "plan.json").exists() and (tmp_path / "pareto.csv").exists()
+    assert main(["export", str(source.path), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path)]) == 2
+    assert "already exists" in capsys.readouterr().err

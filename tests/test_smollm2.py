@@ -1,0 +1,59 @@
+"""The real offline model, SmolLM2-135M-Instruct (slow: ~1-2 min in all)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_analysis import swapped_output_error
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from analysis import NF4, analyze, load_calibration
+from planner.pipeline import AnalyzeOptions, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol_calibration(smol_tokenizer):
+    return load_calibration(smol_tokenizer, None, samples=4, seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def smol_table(smol_model, smol_calibration, smol_source):
+    return analyze(smol_model, smol_calibration, [NF4], progress=False, model_fingerprint=smol_source.fingerprint)
+
+
+def test_smollm2_all_210_linears_measured(smol_table):
+    rows = smol_table.for_format("nf4")
+    linear = rows[rows["kind"] == "Linear"]
+    assert linear["quantizable"].sum() == 210
+    assert "tied to the input embeddings" in linear.set_index("name").loc["lm_head", "reason"]
+    measured = linear[linear["quantizable"]]
+    assert measured.notna().all().all()
+    assert (measured["tokens"] == 4 * 128).all()
+    assert set(measured["layer"]) == set(range(30))
+
+
+def test_smollm2_output_error_equals_linear4bit_swap(smol_model, smol_table, smol_calibration):
+    rows = smol_table.for_format("nf4").set_index("name")
+    for name in ["model.layers.0.mlp.down_proj", "model.layers.12.self_attn.v_proj"]:
+        exact = swapped_output_error(smol_model, name, smol_calibration, torch.float32)
+        assert rows.loc[name, "output_rel_error"] == pytest.approx(exact, rel=1e-3), name
+
+
+def test_smollm2_run_reload_generate(smol_source, tmp_path):
+    options = AnalyzeOptions(samples=8, seq_len=128, progress=False)
+    out = run(None, "+10%", tmp_path / "smol", options)
+    plan = out["plan_obj"]
+    assert plan.predicted["bytes"] <= plan.budget["bytes"]
+    model = AutoModelForCausalLM.from_pretrained(out["checkpoint"], device_map="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(out["checkpoint"])
+    assert model.get_memory_footprint() == pytest.approx(plan.predicted["footprint_bytes"], rel=0.01)
+    kept = dict(model.named_modules())
+    assert all(type(kept[n]) is torch.nn.Linear for n in plan.kept)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    print("SmolLM2 dynamic +10%:", answer)
+    assert len(answer.strip()) > 0
