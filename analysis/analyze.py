@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .fisher import GradientProbe, loss_backward
 from .formats import NF4, format_to_dict
 from .measure import measure_module
 from .memory import non_module_bytes
@@ -32,12 +33,15 @@ PARTIAL_DIR = "partial"
 
 def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
             model_fingerprint: str | None = None, batch_size: int = 4, out_dir: str | Path | None = None,
-            resume: bool = False, checkpoint_seconds: float = 300.0, progress: bool = True) -> SensitivityTable:
+            resume: bool = False, checkpoint_seconds: float = 300.0, progress: bool = True,
+            fisher: bool = False) -> SensitivityTable:
     """Measure weight and output error of every candidate module for each format.
 
     ``calibration`` is a :class:`~analysis.calibration.CalibrationSet` (or anything with
     ``batches(batch_size)``, ``num_batches(batch_size)`` and ``meta``). With ``out_dir`` the
     table is saved there; ``resume`` continues from ``out_dir/partial`` after an interruption.
+    ``fisher`` adds a backward pass of the next-token loss per batch and fills
+    ``output_fisher_error`` (see :mod:`analysis.fisher`).
     """
     formats = list(formats)
     infos = list_modules(model)
@@ -46,21 +50,25 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     candidates = [i.name for i in infos if reasons[i.name] is None]
     fingerprint = model_fingerprint or _structure_fingerprint(model)
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
-                "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size, "candidates": candidates}
+                "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size, "candidates": candidates,
+                "fisher": fisher}
 
     probe = InputProbe(model, candidates)
+    grads = GradientProbe(model, candidates) if fisher else None
     partial = Path(out_dir) / PARTIAL_DIR if out_dir else None
     if resume:
-        _resume(probe, partial, run_meta)
-    _run_calibration(model, calibration, probe, batch_size, partial, run_meta, checkpoint_seconds, progress,
+        _resume(probe, grads, partial, run_meta)
+    _run_calibration(model, calibration, probe, grads, batch_size, partial, run_meta, checkpoint_seconds, progress,
                      full_logits=lm_head in candidates)
 
     rows = []
     weights = dict(model.named_parameters(remove_duplicate=False))
     for info in tqdm(infos, desc="measure modules", disable=not progress, leave=False):
         stats = probe.stats_for(info.name) if info.name in probe.owner else None
-        rows.extend(measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name]))
-    table = SensitivityTable(pd.DataFrame(rows), _table_meta(model, model_id, fingerprint, calibration, formats, infos))
+        grad_sq = grads.mean_squared_gradient(info.name) if grads else None
+        rows.extend(measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name], grad_sq))
+    meta = _table_meta(model, model_id, fingerprint, calibration, formats, infos, fisher)
+    table = SensitivityTable(pd.DataFrame(rows), meta)
     if out_dir:
         table.save(out_dir)
         if partial and partial.exists():
@@ -82,30 +90,37 @@ def _is_tied(model) -> bool:
     return head is not None and embed is not None and head.weight is embed.weight
 
 
-def _run_calibration(model, calibration, probe, batch_size, partial, run_meta, checkpoint_seconds, progress,
+def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_meta, checkpoint_seconds, progress,
                      full_logits):
     """The one pass over the calibration batches, flushing partial statistics as it goes."""
     extra = _forward_options(model, full_logits)
     device = next(model.parameters()).device
     total = calibration.num_batches(batch_size)
     last_flush = time.monotonic()
+    grad_context = grads.attached() if grads else nullcontext()
+    no_grad = nullcontext() if grads else torch.inference_mode()
     try:
-        with probe.attached(), torch.inference_mode(), _sigterm_as_interrupt():
+        with probe.attached(), grad_context, no_grad, _sigterm_as_interrupt():
             bar = tqdm(total=total, initial=probe.batches_done, desc="calibration batches", disable=not progress)
             for index, batch in enumerate(calibration.batches(batch_size)):
                 if index < probe.batches_done:
                     continue
                 probe.start_batch()
-                model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, **extra)
+                if grads:
+                    grads.start_batch()
+                    loss_backward(model, batch, device)
+                    grads.commit_batch()
+                else:
+                    model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, **extra)
                 probe.commit_batch()
                 bar.update(1)
                 if partial and time.monotonic() - last_flush > checkpoint_seconds:
-                    probe.save(partial, run_meta)
+                    probe.save(partial, run_meta, grads.state() if grads else None)
                     last_flush = time.monotonic()
             bar.close()
     except BaseException as err:
         if partial and probe.batches_done:
-            probe.save(partial, run_meta)
+            probe.save(partial, run_meta, grads.state() if grads else None)
             note = (f"quantplan: calibration pass stopped after {probe.batches_done}/{total} batches "
                     f"({type(err).__name__}); partial statistics saved in {partial}. "
                     f"Re-run the same command with --resume to continue.")
@@ -115,13 +130,15 @@ def _run_calibration(model, calibration, probe, batch_size, partial, run_meta, c
         raise
 
 
-def _resume(probe, partial, run_meta) -> None:
+def _resume(probe, grads, partial, run_meta) -> None:
     if partial is None or not (partial / "state.json").is_file():
         raise FileNotFoundError(
             f"--resume found no partial results in {partial}: run without --resume to start afresh"
         )
-    state = probe.load(partial)
-    for key in ("model_fingerprint", "calibration", "formats", "batch_size", "candidates"):
+    state, tensors = probe.load(partial)
+    if grads:
+        grads.load_state(tensors)
+    for key in ("model_fingerprint", "calibration", "formats", "batch_size", "candidates", "fisher"):
         if state.get(key) != run_meta[key]:
             raise TableMismatch(
                 f"the partial results in {partial} were made with another {key.replace('_', ' ')}: "
@@ -157,7 +174,7 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _table_meta(model, model_id, fingerprint, calibration, formats, infos) -> dict:
+def _table_meta(model, model_id, fingerprint, calibration, formats, infos, fisher) -> dict:
     import bitsandbytes
     import transformers
 
@@ -172,6 +189,7 @@ def _table_meta(model, model_id, fingerprint, calibration, formats, infos) -> di
         "calibration": calibration.meta,
         "calibration_fingerprint": calibration.meta["fingerprint"],
         "formats": [format_to_dict(f) for f in formats],
+        "fisher": fisher,
         "other_bytes": other["storage"],
         "other_footprint_bytes": other["footprint"],
         "tied_lm_head": _is_tied(model),

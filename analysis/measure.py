@@ -19,7 +19,7 @@ OUTLIER_FACTOR = 10.0
 
 
 def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | None, formats,
-                   reason: str | None) -> list[dict]:
+                   reason: str | None, grad_sq: torch.Tensor | None = None) -> list[dict]:
     """Rows (one per format) for one module: identity, bytes, weight error, output error."""
     base = identity_columns(info, reason)
     base.update(weight_outlier_columns(weight))
@@ -36,7 +36,7 @@ def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | N
             restored, nbytes = fmt.roundtrip(weight.detach())
             delta = w - restored.float()
             row.update(bytes=nbytes, footprint_bytes=fmt.footprint_bytes(info.shape))
-            row.update(_error_columns(w, delta, stats, reference))
+            row.update(_error_columns(w, delta, stats, reference, grad_sq))
         else:
             row.update(bytes=info.params * BYTES_16BIT, footprint_bytes=info.params * BYTES_16BIT)
             row.update({c: float("nan") for c in ERROR_COLUMNS})
@@ -45,7 +45,7 @@ def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | N
 
 
 ERROR_COLUMNS = ("weight_rel_error", "weight_max_abs_error", "output_rel_error", "output_mse",
-                 "output_max_abs_error")
+                 "output_max_abs_error", "output_fisher_error")
 
 
 def identity_columns(info: ModuleInfo, reason: str | None) -> dict:
@@ -101,20 +101,29 @@ def _output_energy(w: torch.Tensor, stats: InputStats) -> float:
 
 def _quadratic(m: torch.Tensor, gram: torch.Tensor) -> float:
     """tr(M·G·Mᵀ) = Σ (M·G) ∘ M, in float64 for a stable small ratio."""
+    return float(_per_output(m, gram).sum())
+
+
+def _per_output(m: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """diag(M·G·Mᵀ): each output channel's summed squared response."""
     m64 = m.double()
-    return float(((m64 @ gram.to(m64.device, torch.float64)) * m64).sum())
+    return ((m64 @ gram.to(m64.device, torch.float64)) * m64).sum(dim=1)
 
 
-def _error_columns(w: torch.Tensor, delta: torch.Tensor, stats: InputStats | None, reference: float) -> dict:
+def _error_columns(w: torch.Tensor, delta: torch.Tensor, stats: InputStats | None, reference: float,
+                   grad_sq: torch.Tensor | None) -> dict:
     norm = w.norm().item()
     columns = {
         "weight_rel_error": delta.norm().item() / norm if norm > 0 else float("nan"),
         "weight_max_abs_error": delta.abs().max().item(),
     }
     if stats is None or stats.tokens == 0:
-        columns.update(output_rel_error=float("nan"), output_mse=float("nan"), output_max_abs_error=float("nan"))
+        columns.update({c: float("nan") for c in ERROR_COLUMNS[2:]})
         return columns
-    error = _quadratic(delta, stats.gram)
+    per_output = _per_output(delta, stats.gram)
+    error = float(per_output.sum())
+    columns["output_fisher_error"] = (
+        float((per_output * grad_sq.to(per_output)).sum()) if grad_sq is not None else float("nan"))
     columns["output_rel_error"] = error / reference if reference > 0 else (0.0 if error == 0 else math.inf)
     columns["output_mse"] = error / (stats.tokens * delta.shape[0])
     sample = stats.sample.to(delta.device) if stats.sample is not None else None

@@ -149,10 +149,10 @@ class InputProbe:
 
     # -- partial results: flushed on interruption, read back by --resume -------------------
 
-    def save(self, folder: Path, meta: dict) -> None:
+    def save(self, folder: Path, meta: dict, extra: dict | None = None) -> None:
         """Write accumulated state (safetensors) and metadata (json), atomically per file."""
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {}
+        tensors = dict(extra or {})
         counts = {}
         for owner, s in self.stats.items():
             if s.tokens == 0 and s.nonfinite_tokens == 0:
@@ -166,8 +166,8 @@ class InputProbe:
         _atomic_write(folder / "state.safetensors", lambda p: save_file(tensors, str(p)))
         _atomic_write(folder / "state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
 
-    def load(self, folder: Path) -> dict:
-        """Restore state written by :meth:`save`; returns its metadata."""
+    def load(self, folder: Path) -> tuple[dict, dict]:
+        """Restore state written by :meth:`save`; returns its metadata and all saved tensors."""
         state = json.loads((folder / "state.json").read_text())
         tensors = load_file(str(folder / "state.safetensors"))
         self.owner = dict(state["owner"])
@@ -181,7 +181,7 @@ class InputProbe:
                 tokens,
                 nonfinite,
             )
-        return state
+        return state, tensors
 
 
 def _atomic_write(path: Path, write) -> None:

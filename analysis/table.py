@@ -36,6 +36,8 @@ COLUMNS = {
     "weight_max_abs_error": "max |W−Ŵ|",
     "output_rel_error": "‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² over all calibration tokens (exact, from the input Gram matrix)",
     "output_mse": "‖X(W−Ŵ)ᵀ‖² / (tokens·out_features): absolute output error, grows with activation size",
+    "output_fisher_error": "Σ_o mean_t(∂L/∂y_o)² · Σ_t Δy_o²: Fisher-weighted output error in next-token-loss "
+                           "units (only with fisher=True / --fisher; NaN otherwise)",
     "output_max_abs_error": "max |X(W−Ŵ)ᵀ| over a sample of up to 256 input rows from the first batch",
     "weight_absmax_over_std": "max|w| / std(w): weight outliers",
     "weight_kurtosis": "E[(w−μ)⁴]/σ⁴ (3 for a Gaussian): heavy-tailed weights",
@@ -132,4 +134,5 @@ class SensitivityTable:
 
 
 _PER_FORMAT = {"format", "bits", "supported", "unsupported_reason", "bytes", "footprint_bytes", "weight_rel_error",
-               "weight_max_abs_error", "output_rel_error", "output_mse", "output_max_abs_error"}
+               "weight_max_abs_error", "output_rel_error", "output_mse", "output_max_abs_error",
+               "output_fisher_error"}

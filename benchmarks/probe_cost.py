@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
 
 from analysis import analyze, load_calibration, load_model, load_processor, parse_formats, resolve_source  # noqa: E402
+from analysis.formats import FourBit, Int8  # noqa: E402
 
 # ``analysis.analyze`` is shadowed by the function of that name in the package namespace.
 analyze_module = importlib.import_module("analysis.analyze")
+measure_mod = importlib.import_module("analysis.measure")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "probe_cost.json"
 TARGET_ONE_FORMAT = 2.0
@@ -59,43 +62,59 @@ def plain_forward(model, calibration, batch_size: int, options: dict) -> float:
     return time.perf_counter() - start
 
 
+# (owner, attribute, key): functions wrapped with timers while analyze() runs. The measure-phase
+# parts are disjoint: bitsandbytes round trip, tr(M G M^T) from the Gram matrix (reference and
+# error), weight outlier statistics, input statistics; what is left of measure_module is "rest".
+_TIMED = [
+    (analyze_module, "_run_calibration", "calibration"),
+    (analyze_module, "measure_module", "measure"),
+    (FourBit, "roundtrip", "measure.bnb_roundtrip"),
+    (Int8, "roundtrip", "measure.bnb_roundtrip"),
+    (measure_mod, "_quadratic", "measure.gram_quadratic"),
+    (measure_mod, "weight_outlier_columns", "measure.weight_stats"),
+    (measure_mod, "input_columns", "measure.input_stats"),
+]
+
+
 @contextmanager
 def instrumented():
-    """Wrap analyze's calibration pass and per-module measurement with timers (restored on exit)."""
-    times = {"calibration": 0.0, "measure": 0.0, "modules_measured": 0}
-    run_calibration, measure_module = analyze_module._run_calibration, analyze_module.measure_module
+    """Wrap analyze's calibration pass and measurement parts with timers (restored on exit)."""
+    times = defaultdict(float)
+    calls = defaultdict(int)
+    originals = [(owner, attr, owner.__dict__[attr]) for owner, attr, _ in _TIMED]
 
-    def timed_calibration(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return run_calibration(*args, **kwargs)
-        finally:
-            times["calibration"] += time.perf_counter() - start
+    def wrap(fn, key):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                times[key] += time.perf_counter() - start
+                calls[key] += 1
+        return timed
 
-    def timed_measure(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return measure_module(*args, **kwargs)
-        finally:
-            times["measure"] += time.perf_counter() - start
-            times["modules_measured"] += 1
-
-    analyze_module._run_calibration, analyze_module.measure_module = timed_calibration, timed_measure
+    for (owner, attr, key), (_, _, fn) in zip(_TIMED, originals, strict=True):
+        setattr(owner, attr, wrap(fn, key))
     try:
-        yield times
+        yield times, calls
     finally:
-        analyze_module._run_calibration, analyze_module.measure_module = run_calibration, measure_module
+        for owner, attr, fn in originals:
+            setattr(owner, attr, fn)
 
 
 def analyze_once(model, calibration, formats, batch_size: int, fingerprint: str) -> dict:
-    with instrumented() as times:
+    load_before = os.getloadavg()[0]
+    with instrumented() as (times, calls):
         start = time.perf_counter()
         table = analyze(model, calibration, formats, model_fingerprint=fingerprint, batch_size=batch_size,
                         progress=False)
         total = time.perf_counter() - start
+    parts = {k.removeprefix("measure."): v for k, v in times.items() if k.startswith("measure.")}
+    parts["rest"] = times["measure"] - sum(parts.values())
     return {"total": total, "calibration": times["calibration"], "measure": times["measure"],
-            "other": total - times["calibration"] - times["measure"],
-            "modules_measured": times["modules_measured"], "rows": len(table.df) if hasattr(table, "df") else None}
+            "other": total - times["calibration"] - times["measure"], "measure_parts": parts,
+            "modules_measured": calls["measure"], "roundtrips": calls["measure.bnb_roundtrip"],
+            "rows": len(table.df), "loadavg_1min_before": load_before}
 
 
 def best(runs: list[dict], key: str = "total") -> dict:
@@ -111,6 +130,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPUs)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if os.getloadavg()[0] > 0.5:
+        print(f"note: 1-minute load average is {os.getloadavg()[0]:.1f} before starting: other processes "
+              f"compete for the CPUs and will inflate the timings", flush=True)
 
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(threads)
@@ -125,9 +147,12 @@ def main(argv=None) -> int:
           f"({args.samples} x {args.seq_len}), batch {args.batch_size}, {threads} threads, forward kwargs {options}",
           flush=True)
 
-    # warm-up: one forward and one analyze with every format (bitsandbytes kernels, allocator)
+    # warm-up: one forward and one analyze (bitsandbytes import and kernels, allocator); int8's
+    # first call is warmed on one small weight instead of a whole second analyze
     plain_forward(model, calibration, args.batch_size, options)
-    analyze_once(model, calibration, parse_formats("nf4,fp4,int8"), args.batch_size, source.fingerprint)
+    analyze_once(model, calibration, parse_formats("nf4"), args.batch_size, source.fingerprint)
+    Int8().roundtrip(torch.randn(64, 64, dtype=torch.bfloat16))
+    FourBit("fp4").roundtrip(torch.randn(64, 64, dtype=torch.bfloat16))
 
     # interleave the measurements so slow drift of the machine affects them alike
     forward_runs: list[float] = []
@@ -184,6 +209,7 @@ def main(argv=None) -> int:
         "forward_runs_s": forward_runs,
         "analyze": results,
         "summary": summary,
+        "loadavg_at_end": os.getloadavg(),
         "wall_s": time.perf_counter() - wall,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +223,12 @@ def main(argv=None) -> int:
         b = r["best"]
         print(f"{'analyze ' + spec:<26}{b['total']:>9.2f}{b['calibration']:>9.2f}{b['measure']:>11.2f}"
               f"{b['other']:>9.2f}{r['ratio_total']:>11.2f}")
+    print()
+    parts = list(one["best"]["measure_parts"])
+    print(f"{'measure phase, s':<26}" + "".join(f"{p:>16}" for p in parts))
+    for spec in FORMAT_SETS:
+        b = results[spec]["best"]
+        print(f"{'analyze ' + spec:<26}" + "".join(f"{b['measure_parts'][p]:>16.2f}" for p in parts))
     print()
     print(f"calibration pass (forward + hooks) / plain forward: {summary['hook_overhead_ratio']:.2f}x")
     print(f"analysis / forward, 1 format:  {summary['ratio_1_format']:.2f}x  (target <= {TARGET_ONE_FORMAT:.1f}x: "

@@ -82,7 +82,7 @@ def _analyze_options(args):
     return AnalyzeOptions(calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                           formats=args.formats, blocksize=args.blocksize, double_quant=not args.no_double_quant,
                           device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                          resume=args.resume, progress=not args.quiet)
+                          resume=args.resume, progress=not args.quiet, fisher=args.fisher)
 
 
 def _plan_options(args) -> dict:
@@ -144,12 +144,14 @@ def _analyze_args(p):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype to analyze in")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--resume", action="store_true", help="continue an interrupted analysis in --out")
+    p.add_argument("--fisher", action="store_true",
+                   help="also backpropagate the next-token loss for Fisher-weighted scores (~3x the forward cost)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _plan_args(p):
     p.add_argument("--budget", default="+10%", help="1.8GB, 1700MiB, +10%% (over all-4-bit) or 0.45x (of 16-bit)")
-    p.add_argument("--objective", default="output", choices=["output", "weight", "combined"])
+    p.add_argument("--objective", default="output", choices=["output", "weight", "combined", "fisher"])
     p.add_argument("--tiers", help="formats the plan may use besides 16-bit (default: the table's 4-bit format)")
     p.add_argument("--keep", action="append", default=[], metavar="PATTERN", help="always keep 16-bit")
     p.add_argument("--quantize", action="append", default=[], metavar="PATTERN", help="never keep 16-bit")

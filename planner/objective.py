@@ -5,6 +5,9 @@
 - ``weight``: squared relative weight error ‖W−Ŵ‖²/‖W‖² (no data needed; same units).
 - ``combined``: the mean of both, each first divided by its average over the table so
   neither dominates by scale.
+- ``fisher``: the Fisher-weighted output error Σ_o mean(∂L/∂y_o)²·Σ_t Δy_o², in next-token
+  loss units, so module scores add up to an estimate of the loss increase (needs a table
+  analyzed with ``--fisher``).
 
 Modules the calibration data never reached (output error NaN) fall back to their weight
 score, so they are still ranked rather than silently treated as harmless.
@@ -14,14 +17,18 @@ from __future__ import annotations
 
 import pandas as pd
 
-OBJECTIVES = ("output", "weight", "combined")
+OBJECTIVES = ("output", "weight", "combined", "fisher")
 
 
 def scores(rows: pd.DataFrame, objective: str, table=None) -> pd.Series:
     """Error score per module (index: name) for one format's rows."""
     weight = rows["weight_rel_error"] ** 2
     output = rows["output_rel_error"].fillna(weight)
-    if objective == "output":
+    if objective == "fisher":
+        if "output_fisher_error" not in rows or rows["output_fisher_error"].isna().all():
+            raise ValueError("objective 'fisher' needs a table analyzed with --fisher (fisher=True): re-run analyze")
+        score = rows["output_fisher_error"].fillna(weight * _mean(rows["output_fisher_error"]) / _mean(weight))
+    elif objective == "output":
         score = output
     elif objective == "weight":
         score = weight

@@ -37,6 +37,7 @@ class AnalyzeOptions:
     batch_size: int = 4
     resume: bool = False
     progress: bool = True
+    fisher: bool = False
 
 
 def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOptions, *,
@@ -55,6 +56,8 @@ def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOpti
         table = SensitivityTable.load(out_dir)
         try:
             table.check_matches(source.fingerprint, calibration.fingerprint, [f.name for f in formats])
+            if options.fisher and not table.meta.get("fisher"):
+                raise TableMismatch("the saved table has no Fisher scores")
             print(f"quantplan: reusing the matching sensitivity table in {out_dir}")
             return table
         except TableMismatch as err:
@@ -62,7 +65,7 @@ def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOpti
     model = load_model(source, dtype=dtype, device=options.device)
     table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
                     batch_size=options.batch_size, out_dir=out_dir, resume=options.resume,
-                    progress=options.progress)
+                    progress=options.progress, fisher=options.fisher)
     del model
     gc.collect()
     print(summarize(table))

@@ -67,6 +67,15 @@ def _mean_of_seeds(seeds: list[dict]) -> dict:
 
 def to_markdown(board: pd.DataFrame) -> str:
     """The scoreboard as a Markdown table in llama.cpp's style."""
+    shown = display_frame(board)
+    return markdown_table(shown, align={c: "right" for c in DISPLAY_NUMERIC})
+
+
+DISPLAY_NUMERIC = ("Kept 16-bit", "Size", "Footprint", "PPL", "ΔPPL", "Mean KLD", "99% KLD", "Same top")
+
+
+def display_frame(board: pd.DataFrame) -> pd.DataFrame:
+    """The scoreboard as formatted strings (value ± standard error), one row per variant."""
     reference_ppl = board.loc[board["kind"] == "reference", "ppl"]
     base = float(reference_ppl.iloc[0]) if len(reference_ppl) else np.nan
     shown = pd.DataFrame({
@@ -77,12 +86,14 @@ def to_markdown(board: pd.DataFrame) -> str:
                       for b, m in zip(board["footprint_bytes"], board["measured_with"], strict=True)],
         "PPL": [_pm(v, e, 4) for v, e in zip(board["ppl"], board["ppl_se"], strict=True)],
         "ΔPPL": [_num(v - base, 4, signed=True) for v in board["ppl"]],
-        "Mean KLD": [_pm(v, e, 5) for v, e in zip(board["mean_kld"], board["mean_kld_se"], strict=True)],
-        "99% KLD": [_num(v, 5) for v in board["p99_kld"]],
+        "Mean KLD": [_pm(v, e, 6) for v, e in zip(board["mean_kld"], board["mean_kld_se"], strict=True)],
+        "99% KLD": [_num(v, 6) for v in board["p99_kld"]],
         "Same top": [_pm(v, e, 2, "%") for v, e in zip(board["same_top_pct"], board["same_top_se"], strict=True)],
         "Measured with": board["measured_with"],
     })
-    return markdown_table(shown, align={c: "right" for c in shown.columns[1:-1]})
+    if board["note"].astype(str).str.len().any():
+        shown["Note"] = board["note"].values
+    return shown
 
 
 def verdicts(board: pd.DataFrame) -> list[str]:
@@ -98,14 +109,14 @@ def verdicts(board: pd.DataFrame) -> list[str]:
             gap = best["mean_kld"] - dyn["mean_kld"]
             close = gap < 2 * np.hypot(dyn["mean_kld_se"], best["mean_kld_se"])
             lines.append(
-                f"{dyn['variant']} wins: mean KLD {dyn['mean_kld']:.5f} vs the best heuristic at equal bytes, "
-                f"{best['variant']}, {best['mean_kld']:.5f}"
+                f"{dyn['variant']} wins: mean KLD {dyn['mean_kld']:.6f} vs the best heuristic at equal bytes, "
+                f"{best['variant']}, {best['mean_kld']:.6f}"
                 + (" (within 2 standard errors: not a clear win)." if close else ".")
             )
         else:
-            names = ", ".join(f"{r['variant']} ({r['mean_kld']:.5f})" for _, r in beaten.iterrows())
+            names = ", ".join(f"{r['variant']} ({r['mean_kld']:.6f})" for _, r in beaten.iterrows())
             lines.append(f"{dyn['variant']} does NOT win: at equal bytes {names} reach a mean KLD no higher "
-                         f"than the plan's {dyn['mean_kld']:.5f}. The probe's scores are not the best guide "
+                         f"than the plan's {dyn['mean_kld']:.6f}. The probe's scores are not the best guide "
                          "on this model; prefer the better heuristic or re-analyze with more calibration data.")
     return lines
 

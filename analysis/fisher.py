@@ -1,0 +1,108 @@
+"""Backward hooks that stream the squared next-token-loss gradient at each Linear's output.
+
+With g = ∂L/∂y at a module's output, the Fisher-weighted output error of a rounded weight is
+Σ_t Σ_o g_{t,o}² Δy_{t,o}², a second-order estimate of how much the next-token loss grows
+(the HAWQ / ModelOpt family). Assuming the gradient's size and the error are independent
+across tokens it factorises into Σ_o f_o · d_o with f_o = mean_t g_{t,o}² (kept here, one
+number per output channel) and d_o = (ΔW·G·ΔWᵀ)_oo from the input Gram matrix. Unlike the
+relative output error it is in loss units, so module scores add up.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class GradientProbe:
+    """Accumulates Σ_t g_{t,o}² per output channel of the named Linears over finished batches."""
+
+    model: nn.Module
+    names: list[str]
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._pending: dict[str, tuple[torch.Tensor, int]] = {}
+
+    @contextmanager
+    def attached(self):
+        """Register full backward hooks for the duration of the block."""
+        modules = dict(self.model.named_modules())
+        handles = [modules[n].register_full_backward_hook(self._hook(n)) for n in self.names]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, name: str):
+        def hook(module, grad_input, grad_output):
+            g = grad_output[0]
+            if g is None:
+                return
+            rows = g.detach().reshape(-1, g.shape[-1]).float()
+            rows = rows[torch.isfinite(rows).all(dim=1)]
+            squared = rows.pow(2).sum(dim=0)
+            previous = self._pending.get(name)
+            self._pending[name] = (squared + previous[0], len(rows) + previous[1]) if previous else (squared, len(rows))
+
+        return hook
+
+    def start_batch(self) -> None:
+        self._pending.clear()
+
+    def commit_batch(self) -> None:
+        """The backward pass finished: fold the batch into the totals."""
+        for name, (squared, count) in self._pending.items():
+            self.sums[name] = self.sums[name] + squared if name in self.sums else squared
+            self.tokens[name] = self.tokens.get(name, 0) + count
+        self._pending.clear()
+
+    def mean_squared_gradient(self, name: str) -> torch.Tensor | None:
+        """f_o = mean over tokens of g_{t,o}² (None if the module never got a gradient)."""
+        if name not in self.sums or not self.tokens.get(name):
+            return None
+        return self.sums[name] / self.tokens[name]
+
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors to save with the partial results (sums, and token counts as 1-element tensors)."""
+        out = {f"{n}::gradsq": s.cpu().contiguous() for n, s in self.sums.items()}
+        out.update({f"{n}::gradtokens": torch.tensor([t]) for n, t in self.tokens.items()})
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state`."""
+        for key, value in tensors.items():
+            name, _, kind = key.rpartition("::")
+            if kind == "gradsq":
+                self.sums[name] = value
+            elif kind == "gradtokens":
+                self.tokens[name] = int(value[0])
+
+
+def loss_backward(model, batch: dict, device) -> None:
+    """Next-token loss on the batch itself, backpropagated to every activation (weights stay frozen)."""
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    embeddings = model.get_input_embeddings()
+
+    def needs_grad(module, args, output):
+        return output.requires_grad_()
+
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    handle = embeddings.register_forward_hook(needs_grad)
+    try:
+        with torch.enable_grad():
+            output = model(**inputs, labels=inputs["input_ids"], use_cache=False)
+            output.loss.backward()
+    finally:
+        handle.remove()
+        for p in frozen:
+            p.requires_grad_(True)

@@ -1,0 +1,232 @@
+"""compare(): measure 16-bit, all-INT8, all-4-bit, each dynamic plan and its heuristic baselines on held-out text.
+
+The loop, in the order it runs:
+
+1. load the 16-bit model; cache its logits on the held-out windows (the reference) and its
+   greedy generations;
+2. in that same model, simulate (bitsandbytes round trip, :mod:`reports.simulate`) the
+   all-4-bit model once as a check on the simulation, each heuristic baseline at each plan's
+   bytes, and each of the top-K + random-K modules alone (predicted vs measured);
+3. load all-INT8, all-4-bit and each dynamic plan for real through transformers'
+   ``BitsAndBytesConfig`` (no checkpoint on disk needed) and measure fidelity, footprint and
+   generations. A variant that fails to load or run gets a row that says why.
+
+The held-out text must not be the calibration text the plan was measured on.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from analysis import load_calibration, load_model, load_processor, resolve_source
+from analysis.formats import FourBit, format_from_dict
+from analysis.models import ModelSource, dtype_from_name
+from analysis.table import SensitivityTable, TableMismatch
+from planner.export import bnb_config
+from planner.plan_types import Plan
+from planner.skiplist import build_skip_list
+
+from .agreement import predicted_vs_measured
+from .baselines import KeepSet, all_4bit, all_int8_bytes, baseline_keep_sets, plan_keep_set, sixteen_bit
+from .fidelity import Fidelity, Reference, measure
+from .generations import PROMPTS, generate
+from .result import Comparison
+from .scoreboard import scoreboard_frame
+from .simulate import QuantCache
+
+
+@dataclass
+class CompareOptions:
+    """What to measure and on how much held-out text (defaults sized for SmolLM2 on a 2-core CPU)."""
+
+    heldout: str = "heldout"  # the shipped held-out text, or any calibration source (file, hub dataset)
+    samples: int = 8
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 4
+    prompts: tuple[str, ...] = PROMPTS
+    max_new_tokens: int = 32
+    top_k: int = 8  # predicted vs measured: the most sensitive modules by the plan's score ...
+    random_k: int = 8  # ... plus this many others at random
+    agreement_samples: int = 2  # held-out windows for each single-module measurement
+    seeds: tuple[int, ...] = (0, 1, 2)  # random baseline
+    baselines: bool = True
+    device: str = "cpu"
+    dtype: str = "bf16"
+    progress: bool = True
+
+
+def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None = None, *,
+            table: SensitivityTable | str | Path | None = None, options: CompareOptions | None = None) -> Comparison:
+    """Measure every variant; with ``out_dir`` write scoreboard.csv/.md, generations, agreement there."""
+    options = options or CompareOptions()
+    source = model if isinstance(model, ModelSource) else resolve_source(model)
+    if not plans:
+        raise ValueError("compare needs at least one plan: pass --plan plan.json")
+    if table is None:  # plan.json is written beside its sensitivity table by `plan` and `run`
+        table = next((_folder(p) for p in plans if not isinstance(p, Plan)), None)
+    plans = [p if isinstance(p, Plan) else Plan.load(p) for p in plans]
+    table = _table_for(table, plans)
+    for p in plans:
+        p.check_model(source.fingerprint)
+    fmt = format_from_dict(plans[0].quant) if plans[0].quant else FourBit(plans[0].tiers[0])
+    dtype = dtype_from_name(options.dtype)
+    processor = load_processor(source)
+    heldout = _heldout(source, processor, table, options)
+    say = print if options.progress else (lambda *a, **k: None)
+
+    rows, generations, meta = [], {}, {"model_id": source.model_id, "model_fingerprint": source.fingerprint,
+                                       "heldout": heldout.meta, "calibration": table.meta.get("calibration", {}),
+                                       "format": fmt.name, "plans": [p.budget for p in plans],
+                                       "options": vars(options)}
+    say(f"quantplan compare: {heldout.tokens} held-out tokens ({heldout.meta['samples']} x "
+        f"{heldout.meta['seq_len']}), {len(plans)} plan(s)")
+    model16 = load_model(source, dtype=dtype, device=options.device)
+    reference = Reference(model16, heldout.input_ids, options.batch_size)
+    rows.append(_row(sixteen_bit(table, fmt.name), reference.fidelity_of_self(), "16-bit",
+                     int(model16.get_memory_footprint())))
+    generations["16-bit"] = generate(model16, processor, options.prompts, options.max_new_tokens)
+    say(f"  16-bit: perplexity {rows[-1]['ppl']:.3f}")
+
+    cache = QuantCache(model16, fmt)
+    uniform = all_4bit(table, fmt.name)
+    with cache.quantized(uniform.quantized) as simulated:
+        meta["simulation_check"] = {"variant": uniform.label, "simulated_mean_kld": measure(simulated, reference).summary()["mean_kld"]}
+    if options.baselines:
+        for p in plans:
+            for keep in baseline_keep_sets(table, p, options.seeds):
+                with cache.quantized(keep.quantized) as simulated:
+                    rows.append(_row(keep, measure(simulated, reference), "simulated"))
+                say(f"  {keep.label}{'' if keep.seed is None else f' seed {keep.seed}'}: "
+                    f"mean KLD {rows[-1]['mean_kld']:.5f}")
+    small = Reference(model16, heldout.input_ids[: options.agreement_samples], options.batch_size)
+    agreement, stats = predicted_vs_measured(table, plans[0], cache, small, options.top_k, options.random_k,
+                                             options.seed)
+    meta["agreement"] = stats
+    say(f"  predicted vs measured: {stats['verdict']}")
+    del model16, cache, small
+    gc.collect()
+
+    int8_bytes, int8_footprint = all_int8_bytes(table)
+    int8 = KeepSet("all-INT8 (bnb 8-bit)", "uniform", frozenset(), frozenset(), int8_bytes, int8_footprint)
+    quantized = [(int8, _int8_config()), (uniform, _uniform_config(uniform, fmt, dtype))]
+    quantized += [(plan_keep_set(table, p), bnb_config(p, dtype)) for p in plans]
+    for keep, config in quantized:
+        row, answers = _measure_bnb(source, keep, config, reference, processor, options)
+        rows.append(row)
+        generations[keep.label] = answers
+        if keep is uniform:
+            meta["simulation_check"]["bitsandbytes_mean_kld"] = row["mean_kld"]
+        say(f"  {keep.label}: mean KLD {row['mean_kld']:.5f}, footprint {row['footprint_bytes']}")
+
+    board = scoreboard_frame(_ordered(rows))
+    comparison = Comparison(board, generations, agreement, meta)
+    if out_dir is not None:
+        comparison.save(out_dir)
+    return comparison
+
+
+def _measure_bnb(source, keep: KeepSet, config, reference, processor, options) -> tuple[dict, dict]:
+    """Load one variant through bitsandbytes and measure it; a failure becomes a row that says so."""
+    model = None
+    try:
+        with _quiet_int8_cast():
+            model = load_model(source, dtype=dtype_from_name(options.dtype), device=options.device,
+                               quantization_config=config)
+            fidelity = measure(model, reference)
+            answers = generate(model, processor, options.prompts, options.max_new_tokens)
+        return _row(keep, fidelity, "bitsandbytes", int(model.get_memory_footprint())), answers
+    except Exception as err:  # e.g. bitsandbytes 8-bit without a CPU kernel: report it, do not crash
+        note = f"bitsandbytes failed on {options.device}: {type(err).__name__}: {str(err)[:200]}"
+        row = _row(keep, None, "bitsandbytes", keep.footprint_bytes)
+        row["note"] = note
+        return row, {p: "(not run: variant failed)" for p in options.prompts}
+    finally:
+        del model
+        gc.collect()
+
+
+@contextmanager
+def _quiet_int8_cast():
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast ... to float16" on every bf16 forward."""
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _row(keep: KeepSet, fidelity: Fidelity | None, measured_with: str, footprint: int | None = None) -> dict:
+    row = {"variant": keep.label, "kind": keep.kind, "plan": keep.plan, "seed": keep.seed,
+           "measured_with": "simulated (bitsandbytes round trip)" if measured_with == "simulated" else measured_with,
+           "kept_16bit": _count_kept(keep), "bytes": keep.bytes,
+           "footprint_bytes": footprint if footprint is not None else keep.footprint_bytes, "note": ""}
+    if fidelity is not None:
+        row.update(fidelity.summary())
+    return row
+
+
+def _count_kept(keep: KeepSet) -> int:
+    if keep.label.startswith("all-INT8"):
+        return 1  # lm_head, as transformers keeps it
+    return len(keep.kept)
+
+
+def _ordered(rows: list[dict]) -> list[dict]:
+    rank = {"reference": 0, "uniform": 1, "dynamic": 2, "heuristic": 3}
+    plans = list(dict.fromkeys(r["plan"] for r in rows if r["plan"]))
+    return sorted(rows, key=lambda r: (plans.index(r["plan"]) + 1 if r["plan"] else 0, rank[r["kind"]]))
+
+
+def _int8_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _uniform_config(keep: KeepSet, fmt: FourBit, dtype: torch.dtype):
+    """Plain bitsandbytes 4-bit; the skip list names lm_head and modules bitsandbytes cannot hold."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=fmt.quant_type,
+                              bnb_4bit_use_double_quant=fmt.double_quant, bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=build_skip_list(sorted(keep.kept), sorted(keep.quantized)))
+
+
+def _table_for(table, plans: list[Plan]) -> SensitivityTable:
+    if not isinstance(table, SensitivityTable):
+        folder = table
+        if folder is None:
+            raise FileNotFoundError("compare needs the sensitivity table the plans came from: pass --table DIR")
+        table = SensitivityTable.load(folder)
+    stale = [p.budget["spec"] for p in plans if p.table_hash and p.table_hash != table.content_hash]
+    if stale:
+        raise TableMismatch(f"the plan(s) {stale} were made from another sensitivity table (hash differs): "
+                            "pass the --table they were planned from")
+    return table
+
+
+def _folder(plan_path) -> Path:
+    path = Path(plan_path)
+    return path if path.is_dir() else path.parent
+
+
+def _heldout(source, processor, table: SensitivityTable, options: CompareOptions):
+    from transformers import AutoConfig
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    positions = getattr(AutoConfig.from_pretrained(source.path).get_text_config(), "max_position_embeddings", None)
+    heldout = load_calibration(tokenizer, options.heldout, options.samples, options.seq_len, options.seed, positions)
+    calibration = table.meta.get("calibration", {})
+    if heldout.source == calibration.get("source", "default") or heldout.fingerprint == calibration.get("fingerprint"):
+        raise ValueError(f"the held-out text {heldout.source!r} is the calibration text the plan was measured on: "
+                         "pass a disjoint --heldout source (the default, 'heldout', is the shipped held-out file)")
+    return heldout
