@@ -152,3 +152,28 @@ def test_shared_inputs_share_one_gram():
     assert owner["model.layers.0.mlp.up_proj"] == owner["model.layers.0.mlp.gate_proj"]
     assert owner["model.layers.0.mlp.gate_proj"] != owner["model.layers.0.self_attn.q_proj"]
     assert owner["model.layers.0.self_attn.o_proj"] == "model.layers.0.self_attn.o_proj"
+
+
+def test_fisher_error_matches_its_definition():
+    """output_fisher_error = Σ_o mean_t(g_{t,o}²) · Σ_t Δy_{t,o}², checked with captured inputs and gradients."""
+    from analysis.fisher import loss_backward
+
+    model = tiny_llama()
+    calibration = random_calibration(samples=4)
+    table = analyze(model, calibration, [NF4], progress=False, fisher=True, batch_size=2)
+    name = "model.layers.1.mlp.down_proj"
+    module = model.get_submodule(name)
+    inputs, grads = [], []
+    h1 = module.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().float().reshape(-1, a[0].shape[-1])))
+    h2 = module.register_full_backward_hook(lambda m, gi, go: grads.append(go[0].detach().float().reshape(-1, go[0].shape[-1])))
+    for batch in calibration.batches(2):
+        loss_backward(model, batch, "cpu")
+    h1.remove()
+    h2.remove()
+    x, g = torch.cat(inputs), torch.cat(grads)
+    restored, _ = NF4.roundtrip(module.weight.detach())
+    dy = x.double() @ (module.weight.detach().double() - restored.double()).T
+    expected = float(((g.double() ** 2).mean(dim=0) * (dy**2).sum(dim=0)).sum())
+    measured = table.for_format("nf4").set_index("name").loc[name, "output_fisher_error"]
+    assert measured == pytest.approx(expected, rel=1e-3)
+    assert all(p.requires_grad for p in model.parameters())  # weights unfrozen again afterwards
