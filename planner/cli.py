@@ -88,7 +88,7 @@ def _analyze_options(args):
 def _plan_options(args) -> dict:
     tiers = [t.strip() for t in args.tiers.split(",")] if args.tiers else None
     return {"objective": args.objective, "tiers": tiers, "keep": args.keep, "quantize": args.quantize,
-            "vllm_safe": args.vllm_safe}
+            "vllm_safe": args.vllm_safe, "whole_blocks": args.whole_blocks}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -156,6 +156,7 @@ def _plan_args(p):
     p.add_argument("--keep", action="append", default=[], metavar="PATTERN", help="always keep 16-bit")
     p.add_argument("--quantize", action="append", default=[], metavar="PATTERN", help="never keep 16-bit")
     p.add_argument("--vllm-safe", action="store_true", help="q/k/v and gate/up share a format (vLLM fuses them)")
+    p.add_argument("--whole-blocks", action="store_true", help="all Linears of a block share a format")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,13 @@ def test_vllm_safe_keeps_fused_sets_together(table):
     assert free.predicted["error"] <= p.predicted["error"]  # constraints never help the objective
 
 
+def test_whole_blocks_share_one_format(table):
+    p = plan(table, "+40%", whole_blocks=True)
+    for layer in range(4):
+        assert len({c for n, c in p.choices.items() if n.startswith(f"model.layers.{layer}.")}) == 1
+    assert any(c == "16bit" for n, c in p.choices.items() if n.startswith("model.layers."))
+
+
 def test_int8_tier_planned_and_reported(table):
     p = plan(table, "+30%", tiers=["nf4", "int8"])
     assert "int8" in set(p.choices.values())
