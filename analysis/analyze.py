@@ -108,7 +108,7 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
                 probe.start_batch()
                 if grads:
                     grads.start_batch()
-                    loss_backward(model, batch, device)
+                    loss_backward(model, batch, device, seed=index)
                     grads.commit_batch()
                 else:
                     model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, **extra)

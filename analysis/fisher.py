@@ -86,8 +86,14 @@ class GradientProbe:
                 self.tokens[name] = int(value[0])
 
 
-def loss_backward(model, batch: dict, device) -> None:
-    """Next-token loss on the batch itself, backpropagated to every activation (weights stay frozen)."""
+def loss_backward(model, batch: dict, device, labels: str = "sampled", seed: int = 0) -> None:
+    """Next-token loss backpropagated to every activation (weights stay frozen).
+
+    ``labels="sampled"`` draws each position's target from the model's own next-token
+    distribution (seeded), which makes E[g²] the true Fisher of the model's output distribution:
+    the curvature of the KL divergence a quantized model is judged by. ``labels="data"`` uses
+    the text's actual next tokens (the empirical Fisher).
+    """
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     embeddings = model.get_input_embeddings()
 
@@ -100,9 +106,22 @@ def loss_backward(model, batch: dict, device) -> None:
     handle = embeddings.register_forward_hook(needs_grad)
     try:
         with torch.enable_grad():
-            output = model(**inputs, labels=inputs["input_ids"], use_cache=False)
-            output.loss.backward()
+            logits = model(**inputs, use_cache=False).logits.float()
+            _next_token_loss(logits, inputs["input_ids"], labels, seed).backward()
     finally:
         handle.remove()
         for p in frozen:
             p.requires_grad_(True)
+
+
+def _next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, labels: str, seed: int) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    if labels == "data":
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), input_ids[:, 1:].reshape(-1))
+    if labels != "sampled":
+        raise ValueError(f"unknown Fisher labels {labels!r}: use 'sampled' or 'data'")
+    flat = logits.reshape(-1, vocab)
+    with torch.no_grad():
+        generator = torch.Generator(device=flat.device).manual_seed(seed)
+        target = torch.multinomial(flat.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return torch.nn.functional.cross_entropy(flat, target)

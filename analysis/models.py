@@ -76,14 +76,24 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.bfloat16, device:
 
 def load_processor(source: ModelSource):
     """The tokenizer, or the processor for models that take images."""
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    from .vision import is_vision_language
 
     try:
         processor = AutoProcessor.from_pretrained(source.path)
         if hasattr(processor, "image_processor"):
             return processor
-    except (OSError, ValueError, TypeError, KeyError):
-        pass
+    except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as err:
+        # a text model falls back to its tokenizer; a VLM without its processor cannot calibrate
+        if is_vision_language(AutoConfig.from_pretrained(source.path)):
+            first = (str(err).strip().splitlines() or [""])[0]
+            hint = ("transformers 5 builds a processor's video half too and needs torchvision for it even for "
+                    "images only (huggingface/transformers#48558): install the torchvision build matching your torch"
+                    if importlib.util.find_spec("torchvision") is None else
+                    "the folder must hold the model's processor files (preprocessor_config.json, tokenizer)")
+            raise RuntimeError(f"cannot load the processor of this vision-language model "
+                               f"({type(err).__name__}: {first}); {hint}") from err
     return AutoTokenizer.from_pretrained(source.path)
 
 

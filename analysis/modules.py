@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -19,6 +19,7 @@ _PROJECTOR = re.compile(r"(multi_modal_projector|mm_projector|merger|connector|\
 _VISION = re.compile(r"(visual|vision_tower|vision_model|vision_encoder|image_encoder|vision)")
 _CROSS = re.compile(r"cross_attn|cross_attention|crossattention")
 _LAYER = re.compile(r"\.(?:layers|layer|blocks|block|h|resblocks)\.(\d+)(?:\.|$)")
+_STACK = re.compile(r"^(.*\.(?:layers|layer|blocks|block|h|resblocks))\.\d+(?:\.|$)")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def list_modules(model: nn.Module) -> list[ModuleInfo]:
                 is_linear=is_linear,
             )
         )
-    return infos
+    return _number_stacks(infos)
 
 
 def output_embedding_name(model: nn.Module) -> str | None:
@@ -99,6 +100,31 @@ def layer_index(name: str) -> int:
     """The block index in a dotted name (``model.layers.7.mlp.up_proj`` -> 7), -1 if none."""
     found = _LAYER.findall("." + name)
     return int(found[-1]) if found else -1
+
+
+def _number_stacks(infos: list[ModuleInfo]) -> list[ModuleInfo]:
+    """Continue the block numbering across the stacks of one group, in module-tree order.
+
+    Mllama's vision tower runs ``transformer.layers.0..31`` and then
+    ``global_transformer.layers.0..7``: the global blocks become layers 32..39, so a tower's
+    layer index names one block and per-tower plots do not stack two blocks on one x.
+    """
+    sizes: dict[tuple[str, str], int] = {}
+    for info in infos:
+        stack = _STACK.match("." + info.name)
+        if stack and info.layer >= 0:
+            key = (info.group, stack.group(1))
+            sizes[key] = max(sizes.get(key, 0), info.layer + 1)
+    offsets, running = {}, {}
+    for (group, stack), size in sizes.items():
+        offsets[(group, stack)] = running.get(group, 0)
+        running[group] = running.get(group, 0) + size
+    out = []
+    for info in infos:
+        stack = _STACK.match("." + info.name)
+        offset = offsets.get((info.group, stack.group(1)), 0) if stack and info.layer >= 0 else 0
+        out.append(replace(info, layer=info.layer + offset) if offset else info)
+    return out
 
 
 def not_quantizable_reason(info: ModuleInfo, formats) -> str | None:

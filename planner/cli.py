@@ -43,12 +43,14 @@ def _plan(args) -> int:
     from .pareto import pareto_curve
     from .pipeline import plan_summary
     from .plan import plan
+    from .priors import rule_priors
 
     table = SensitivityTable.load(args.table)
     out = Path(args.out or args.table)
-    chosen = plan(table, args.budget, **_plan_options(args))
+    options = {**_plan_options(args), "priors": rule_priors(table, args.priors)}
+    chosen = plan(table, args.budget, **options)
     chosen.save(out / "plan.json")
-    pareto_curve(table, **_plan_options(args)).to_csv(out / "pareto.csv", index=False)
+    pareto_curve(table, **options).to_csv(out / "pareto.csv", index=False)
     print(plan_summary(chosen))
     print(f"quantplan: wrote {out / 'plan.json'} and {out / 'pareto.csv'}\n\n{chosen.bnb_config_code()}")
     return 0
@@ -72,7 +74,8 @@ def _export(args) -> int:
 def _run(args) -> int:
     from .pipeline import run
 
-    run(args.model, args.budget, args.out, _analyze_options(args), overwrite=args.overwrite, **_plan_options(args))
+    run(args.model, args.budget, args.out, _analyze_options(args), overwrite=args.overwrite, priors=args.priors,
+        **_plan_options(args))
     return 0
 
 
@@ -82,7 +85,8 @@ def _analyze_options(args):
     return AnalyzeOptions(calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                           formats=args.formats, blocksize=args.blocksize, double_quant=not args.no_double_quant,
                           device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                          resume=args.resume, progress=not args.quiet, fisher=args.fisher)
+                          resume=args.resume, progress=not args.quiet, fisher=args.fisher,
+                          images=args.images, prompt=args.prompt, text_only=args.text_only)
 
 
 def _plan_options(args) -> dict:
@@ -144,6 +148,11 @@ def _analyze_args(p):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype to analyze in")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--resume", action="store_true", help="continue an interrupted analysis in --out")
+    p.add_argument("--images", metavar="DIR",
+                   help="images for a vision-language model: a folder, a file, or 'default' (the shipped photos)")
+    p.add_argument("--prompt", help="prompt for every image in --images (default: the folder's prompts.json, "
+                                    "else 'Describe this image.')")
+    p.add_argument("--text-only", action="store_true", help="calibrate a VLM's language model on text only")
     p.add_argument("--fisher", action="store_true",
                    help="also backpropagate the next-token loss for Fisher-weighted scores (~3x the forward cost)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -157,6 +166,9 @@ def _plan_args(p):
     p.add_argument("--quantize", action="append", default=[], metavar="PATTERN", help="never keep 16-bit")
     p.add_argument("--vllm-safe", action="store_true", help="q/k/v and gate/up share a format (vLLM fuses them)")
     p.add_argument("--whole-blocks", action="store_true", help="all Linears of a block share a format")
+    p.add_argument("--priors", default="all",
+                   help="rules that keep modules 16-bit unmeasured: all | none | projector,mllama_cross_attn_o_proj")
+    p.add_argument("--no-priors", dest="priors", action="store_const", const="none", help="same as --priors none")
 
 
 if __name__ == "__main__":

@@ -10,15 +10,17 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis import analyze, load_calibration, load_model, load_processor, parse_formats, resolve_source
+from analysis import analyze, load_model, load_processor, parse_formats, resolve_source
 from analysis.models import ModelSource, dtype_from_name
 from analysis.summary import summarize
 from analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
+from analysis.vision import calibration_for_model
 
 from .budget import format_bytes
 from .export import export
 from .pareto import pareto_curve
 from .plan import plan
+from .priors import kept_summary, rule_priors
 
 
 @dataclass
@@ -38,6 +40,9 @@ class AnalyzeOptions:
     resume: bool = False
     progress: bool = True
     fisher: bool = False
+    images: str | None = None  # vision-language models: folder, file, or "default" (shipped photos)
+    prompt: str | None = None
+    text_only: bool = False
 
 
 def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOptions, *,
@@ -47,10 +52,10 @@ def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOpti
 
     formats = parse_formats(options.formats, options.blocksize, options.double_quant)
     dtype = dtype_from_name(options.dtype)
-    tokenizer = _tokenizer(load_processor(source))
-    text_config = AutoConfig.from_pretrained(source.path).get_text_config()
-    calibration = load_calibration(tokenizer, options.calib, options.samples, options.seq_len, options.seed,
-                                   getattr(text_config, "max_position_embeddings", None))
+    calibration = calibration_for_model(
+        AutoConfig.from_pretrained(source.path), load_processor(source), images=options.images,
+        prompt=options.prompt, text_only=options.text_only, calib=options.calib, samples=options.samples,
+        seq_len=options.seq_len, seed=options.seed)
     out_dir = Path(out_dir)
     if reuse and (out_dir / TABLE_FILE).is_file() and (out_dir / META_FILE).is_file():
         table = SensitivityTable.load(out_dir)
@@ -73,8 +78,13 @@ def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOpti
 
 
 def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path | None = None,
-        options: AnalyzeOptions | None = None, overwrite: bool = False, **plan_options) -> dict:
-    """analyze -> plan -> pareto.csv -> export to ``out_dir/checkpoint``; returns the paths written."""
+        options: AnalyzeOptions | None = None, overwrite: bool = False, priors: str = "all",
+        **plan_options) -> dict:
+    """analyze -> plan -> pareto.csv -> export to ``out_dir/checkpoint``; returns the paths written.
+
+    ``priors`` names the rules that keep modules 16-bit without measuring (see
+    :mod:`planner.priors`: ``all``, ``none`` or a comma list).
+    """
     options = options or AnalyzeOptions()
     source = resolve_source(model_spec)
     out_dir = Path(out_dir or f"./{source.short_name}-dynamic-bnb-4bit")
@@ -82,10 +92,12 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     if checkpoint.exists() and not overwrite:
         raise FileExistsError(f"{checkpoint} already exists: pass --overwrite to replace it, or choose another --out")
     table = analyze_model(source, out_dir, options, reuse=True)
+    plan_options = {**plan_options, "priors": rule_priors(table, priors)}
     chosen = plan(table, budget, **plan_options)
     chosen.save(out_dir / "plan.json")
     pareto_curve(table, **plan_options).to_csv(out_dir / "pareto.csv", index=False)
     print(plan_summary(chosen))
+    print(kept_summary(chosen))
     result = export(source, chosen, checkpoint, overwrite=overwrite, device=options.device,
                     compute_dtype=dtype_from_name(options.dtype if options.dtype != "fp32" else "bf16"))
     gap = result.footprint_bytes / chosen.predicted["footprint_bytes"] - 1
@@ -105,6 +117,3 @@ def plan_summary(p) -> str:
             f"16-bit {format_bytes(pr['bytes_16bit'])}); {len(p.kept)} modules kept 16-bit; predicted error "
             f"{pr['error']:.4g} vs all-4-bit {pr['error_all_4bit']:.4g}")
 
-
-def _tokenizer(processor):
-    return getattr(processor, "tokenizer", processor)

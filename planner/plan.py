@@ -25,9 +25,13 @@ from .solver import Option, solve
 
 
 def plan(table: SensitivityTable, budget="+10%", *, objective: str = "output", tiers: list[str] | None = None,
-         keep: list[str] = (), quantize: list[str] = (), vllm_safe: bool = False,
-         keep_lm_head: bool = True) -> Plan:
-    """The minimum-error choice of formats within ``budget`` (see :mod:`planner.budget`)."""
+         keep: list[str] = (), quantize: list[str] = (), vllm_safe: bool = False, whole_blocks: bool = False,
+         keep_lm_head: bool = True, priors: dict[str, str] | None = None) -> Plan:
+    """The minimum-error choice of formats within ``budget`` (see :mod:`planner.budget`).
+
+    ``priors`` (``{module: reason}``, see :mod:`planner.priors`) pins modules 16-bit by rule; the
+    plan reports them as ``prior: ...``. A ``quantize`` pattern overrides a prior.
+    """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
     tiers = list(tiers or [_four_bit_formats(table)[0]])
@@ -37,6 +41,10 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "output", t
     pinned_quant = match_patterns(quantize, model.index, "--quantize")
     if both := sorted(set(pinned_keep) & set(pinned_quant)):
         raise ValueError(f"{both[:3]} matched by both --keep and --quantize: make the patterns disjoint")
+    priors = dict(priors or {})
+    if unknown := sorted(set(priors) - set(model.index)):
+        raise ValueError(f"priors name {unknown[:3]}, which are not Linear modules of this table: "
+                         "make the priors from this table (planner.priors.rule_priors)")
 
     reasons, fixed = {}, {}
     for name, row in model.iterrows():
@@ -44,9 +52,12 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "output", t
             fixed[name], reasons[name] = KEEP, f"not quantizable: {row['reason']}"
         elif name in pinned_keep:
             fixed[name], reasons[name] = KEEP, f"pinned: --keep {pinned_keep[name]}"
+        elif name in priors and name not in pinned_quant:
+            reason = priors[name]
+            fixed[name], reasons[name] = KEEP, reason if reason.startswith("prior:") else f"prior: {reason}"
         elif row["group"] == "lm_head" and keep_lm_head and name not in pinned_quant:
             fixed[name], reasons[name] = KEEP, "lm_head: kept 16-bit as transformers does by default"
-    items, members = _items(model, tiers, fixed, pinned_quant, vllm_safe)
+    items, members = _items(model, tiers, fixed, pinned_quant, vllm_safe, whole_blocks)
 
     bytes_fixed = sum(model.loc[n, "bytes_16bit"] for n in fixed)
     other = int(table.meta.get("other_bytes", 0))
@@ -58,8 +69,8 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "output", t
     if capacity < floor:
         raise BudgetError(
             f"budget {parsed.spec} = {format_bytes(capacity)} is below this model's minimum of "
-            f"{format_bytes(floor)} ({floor} bytes: every quantizable module in its smallest format, pins and "
-            f"non-quantizable modules 16-bit): raise the budget to at least that"
+            f"{format_bytes(floor)} ({floor} bytes: every quantizable module in its smallest format, pins, priors "
+            f"and non-quantizable modules 16-bit): raise the budget to at least that"
         )
     if capacity >= ceiling:
         warnings.warn(f"budget {parsed.spec} = {format_bytes(capacity)} reaches the 16-bit size "
@@ -74,7 +85,7 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "output", t
             if name not in reasons:
                 reasons[name] = _measured_reason(model.loc[name], label, pinned_quant.get(name), item)
     return _assemble(table, model, choices, reasons, parsed.spec, capacity, objective, tiers, all_4bit,
-                     ceiling, vllm_safe)
+                     ceiling, vllm_safe or whole_blocks)
 
 
 def _candidates(table: SensitivityTable, tiers: list[str], objective: str) -> pd.DataFrame:
@@ -93,10 +104,10 @@ def _candidates(table: SensitivityTable, tiers: list[str], objective: str) -> pd
     return base
 
 
-def _items(model, tiers, fixed, pinned_quant, vllm_safe):
+def _items(model, tiers, fixed, pinned_quant, vllm_safe, whole_blocks):
     """Solver items (option lists) and, for each, the module names it decides together."""
     free = [n for n in model.index if n not in fixed]
-    groups = fused_groups(free) if vllm_safe else [[n] for n in free]
+    groups = fused_groups(free, whole_blocks) if vllm_safe or whole_blocks else [[n] for n in free]
     items, members = [], []
     for names in groups:
         options = []
@@ -125,7 +136,7 @@ def _four_bit_formats(table) -> list[str]:
 
 
 def _measured_reason(row, label, pin, item) -> str:
-    shared = f" (shares its format with {len(item) - 1} fused module(s))" if len(item) > 1 else ""
+    shared = f" (decided with {len(item) - 1} other module(s) of its fused set/block)" if len(item) > 1 else ""
     if pin:
         return f"pinned: --quantize {pin}{shared}"
     if label == KEEP:

@@ -166,8 +166,8 @@ def test_fisher_error_matches_its_definition():
     inputs, grads = [], []
     h1 = module.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().float().reshape(-1, a[0].shape[-1])))
     h2 = module.register_full_backward_hook(lambda m, gi, go: grads.append(go[0].detach().float().reshape(-1, go[0].shape[-1])))
-    for batch in calibration.batches(2):
-        loss_backward(model, batch, "cpu")
+    for index, batch in enumerate(calibration.batches(2)):
+        loss_backward(model, batch, "cpu", seed=index)  # the same seeded sampled labels analyze uses
     h1.remove()
     h2.remove()
     x, g = torch.cat(inputs), torch.cat(grads)

@@ -46,3 +46,18 @@ def test_tiny_tokenizer_reads_english(tmp_path):
     folder = save_tiny_model(tmp_path / "tiny")
     ids = AutoTokenizer.from_pretrained(folder)("It is not what you say, it is what you do.")["input_ids"]
     assert len(ids) >= 10 and sum(i == SPECIALS["<unk>"] for i in ids) < len(ids) // 2
+
+
+def tiny_job(folder: Path, budgets=("+10%", "+33%")):
+    """A saved tiny model, its sensitivity table (in ``folder/out``) and plans at ``budgets``."""
+    from analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source
+    from planner import plan
+
+    source = resolve_source(str(save_tiny_model(folder / "model")))
+    calibration = load_calibration(load_processor(source), samples=8, seq_len=64)
+    table = analyze(load_model(source), calibration, [NF4], model_id=source.model_id,
+                    model_fingerprint=source.fingerprint, out_dir=folder / "out", progress=False)
+    plans = [plan(table, b) for b in budgets]
+    for p in plans:
+        p.save(folder / "out" / f"plan{p.budget['spec'].strip('+%')}.json")
+    return source, table, plans

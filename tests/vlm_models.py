@@ -44,12 +44,18 @@ def save_tiny_vlm(arch: str, folder: Path, seed: int = 0) -> Path:
 
 
 def _qwen2_vl(version: str = "2"):
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen2VLProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = word_tokenizer(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.additional_special_tokens}
+    special = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    tokenizer = word_tokenizer(special)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
     text = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
@@ -64,8 +70,8 @@ def _qwen2_vl(version: str = "2"):
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens))
     images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
                                       temporal_patch_size=2)
-    processor = Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer,
-                                 chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
+    processor = _processor_class(Qwen2VLProcessor)(image_processor=images, tokenizer=tokenizer,
+                                                   chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
     return model, processor
 
 
@@ -111,8 +117,13 @@ def _llava():
 
 
 def _llava_pixtral():
-    """Pixtral-12B layout: LLaVA with a Pixtral vision tower (2D RoPE, variable image sizes)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, PixtralProcessor
+    """Pixtral-12B layout: LLaVA with a Pixtral vision tower (2D RoPE, variable image sizes).
+
+    transformers declares PixtralProcessor to need torchvision, which quantplan's tests do not
+    install; the tiny model gets a LlavaProcessor over the Pixtral image processor instead: the
+    same pixel_values, image_sizes and [IMG] tokens, minus the [IMG_BREAK]/[IMG_END] row markers.
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
     tokenizer = word_tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]"])
@@ -122,16 +133,22 @@ def _llava_pixtral():
                          vision_feature_layer=-1, vision_feature_select_strategy="full")
     model = LlavaForConditionalGeneration(config)
     images = PixtralImageProcessorPil(size={"longest_edge": 56}, patch_size=14)
-    processor = PixtralProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14, spatial_merge_size=1,
-                                 image_token="[IMG]", image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]",
-                                 chat_template=chat_template("[IMG]"))
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="full", image_token="[IMG]",
+                               chat_template=chat_template("[IMG]"))
     return model, processor
 
 
 def _idefics3(smolvlm: bool = False):
     """Idefics3 / SmolVLM: SigLIP tower, pixel-shuffle connector, Llama text model, image splitting."""
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, SmolVLMConfig,
-                              SmolVLMForConditionalGeneration, SmolVLMProcessor)
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMProcessor,
+    )
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
@@ -148,8 +165,9 @@ def _idefics3(smolvlm: bool = False):
     images = image_class(size={"longest_edge": 112}, max_image_size={"longest_edge": 56}, do_image_splitting=True)
     image_seq_len = (56 // 14) ** 2 // 2**2
     if smolvlm:
-        processor = SmolVLMProcessor(image_processor=images, tokenizer=tokenizer, video_processor=None,
-                                     image_seq_len=image_seq_len, chat_template=chat_template("<image>"))
+        processor = _processor_class(SmolVLMProcessor)(image_processor=images, tokenizer=tokenizer,
+                                                       image_seq_len=image_seq_len,
+                                                       chat_template=chat_template("<image>"))
     else:
         processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=image_seq_len,
                                       chat_template=chat_template("<image>"))
@@ -160,8 +178,96 @@ def _smolvlm():
     return _idefics3(smolvlm=True)
 
 
+def save_smollm2_llava(folder: Path, smol_path: str) -> Path:
+    """LLaVA composed from the trained SmolLM2-135M-Instruct and a tiny random CLIP tower.
+
+    A structural stand-in, not a VLM anyone trained: the text half (30 layers, hidden 576) is
+    real, so quantization meets real activation outliers there; the vision tower and projector
+    are random, so image answers mean nothing. ``<image>`` is added to SmolLM2's tokenizer.
+    """
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(0)
+    text = AutoModelForCausalLM.from_pretrained(smol_path, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(smol_path)
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    config = LlavaConfig(text_config=text.config.to_dict(), image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_config=dict(VISION, model_type="clip_vision_model", projection_dim=HIDDEN),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         tie_word_embeddings=text.config.tie_word_embeddings)
+    model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    model.generation_config = text.generation_config
+    images = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+                "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+                "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+                "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", image_token="<image>",
+                               num_additional_image_tokens=1, chat_template=template)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 BUILDERS = {"qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "mllama": _mllama, "llava": _llava,
             "llava_pixtral": _llava_pixtral, "idefics3": _idefics3, "smolvlm": _smolvlm}
+
+
+# -- processors without their video half -------------------------------------------------------
+
+
+def _processor_class(base):
+    """The image-only twin of ``base``: the same processor without its video half.
+
+    transformers 5 builds every processor attribute, the video processor included, and refuses
+    without torchvision even for images only (huggingface/transformers#48558); the torchvision
+    wheels on PyPI are CUDA builds that do not load beside CPU torch. The twin drops the
+    ``video_processor`` argument and nothing else, and is registered with AutoProcessor so
+    plain ``AutoProcessor.from_pretrained`` (and quantplan) loads the saved folder. It is used
+    with or without torchvision, so the tests do not depend on what is installed.
+    """
+    return IMAGE_ONLY[base.__name__]
+
+
+def _image_only_processors() -> dict:
+    from transformers import (
+        AutoProcessor,
+        Qwen2_5_VLConfig,
+        Qwen2VLConfig,
+        Qwen2VLProcessor,
+        SmolVLMConfig,
+        SmolVLMProcessor,
+    )
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
+        def __init__(self, image_processor, tokenizer, image_seq_len: int = 169, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, image_seq_len, chat_template=chat_template, **kwargs)
+            from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+            self.video_processor = SmolVLMVideoProcessor()  # only read for its defaults by apply_chat_template
+
+    AutoProcessor.register(Qwen2VLConfig, ImageOnlyQwen2VLProcessor, exist_ok=True)
+    AutoProcessor.register(Qwen2_5_VLConfig, ImageOnlyQwen2VLProcessor, exist_ok=True)
+    AutoProcessor.register(SmolVLMConfig, ImageOnlySmolVLMProcessor, exist_ok=True)
+    return {"Qwen2VLProcessor": ImageOnlyQwen2VLProcessor, "SmolVLMProcessor": ImageOnlySmolVLMProcessor}
+
+
+IMAGE_ONLY = _image_only_processors()
 
 
 # -- tokenizer and chat template ---------------------------------------------------------------
