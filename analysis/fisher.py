@@ -95,6 +95,9 @@ def loss_backward(model, batch: dict, device, labels: str = "sampled", seed: int
     the text's actual next tokens (the empirical Fisher).
     """
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for value in inputs.values():  # pixel values: let gradients reach the vision tower and projector
+        if torch.is_tensor(value) and value.is_floating_point():
+            value.requires_grad_()
     embeddings = model.get_input_embeddings()
 
     def needs_grad(module, args, output):

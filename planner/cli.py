@@ -85,7 +85,7 @@ def _analyze_options(args):
     return AnalyzeOptions(calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                           formats=args.formats, blocksize=args.blocksize, double_quant=not args.no_double_quant,
                           device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                          resume=args.resume, progress=not args.quiet, fisher=args.fisher,
+                          resume=args.resume, progress=not args.quiet, fisher=not args.no_fisher,
                           images=args.images, prompt=args.prompt, text_only=args.text_only)
 
 
@@ -153,14 +153,16 @@ def _analyze_args(p):
     p.add_argument("--prompt", help="prompt for every image in --images (default: the folder's prompts.json, "
                                     "else 'Describe this image.')")
     p.add_argument("--text-only", action="store_true", help="calibrate a VLM's language model on text only")
-    p.add_argument("--fisher", action="store_true",
-                   help="also backpropagate the next-token loss for Fisher-weighted scores (~3x the forward cost)")
+    p.add_argument("--no-fisher", action="store_true",
+                   help="skip the backward pass of the next-token loss (Fisher-weighted scores, ~2x the forward "
+                        "cost): faster, but plans fall back to the weaker output-error objective")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _plan_args(p):
     p.add_argument("--budget", default="+10%", help="1.8GB, 1700MiB, +10%% (over all-4-bit) or 0.45x (of 16-bit)")
-    p.add_argument("--objective", default="output", choices=["output", "weight", "combined", "fisher"])
+    p.add_argument("--objective", default="auto", choices=["auto", "output", "weight", "combined", "fisher"],
+                   help="what the plan minimises; auto = fisher when the table has it, else output")
     p.add_argument("--tiers", help="formats the plan may use besides 16-bit (default: the table's 4-bit format)")
     p.add_argument("--keep", action="append", default=[], metavar="PATTERN", help="always keep 16-bit")
     p.add_argument("--quantize", action="append", default=[], metavar="PATTERN", help="never keep 16-bit")

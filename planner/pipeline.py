@@ -39,7 +39,7 @@ class AnalyzeOptions:
     batch_size: int = 4
     resume: bool = False
     progress: bool = True
-    fisher: bool = False
+    fisher: bool = True
     images: str | None = None  # vision-language models: folder, file, or "default" (shipped photos)
     prompt: str | None = None
     text_only: bool = False

@@ -24,7 +24,7 @@ from .skiplist import build_skip_list
 from .solver import Option, solve
 
 
-def plan(table: SensitivityTable, budget="+10%", *, objective: str = "output", tiers: list[str] | None = None,
+def plan(table: SensitivityTable, budget="+10%", *, objective: str = "auto", tiers: list[str] | None = None,
          keep: list[str] = (), quantize: list[str] = (), vllm_safe: bool = False, whole_blocks: bool = False,
          keep_lm_head: bool = True, priors: dict[str, str] | None = None) -> Plan:
     """The minimum-error choice of formats within ``budget`` (see :mod:`planner.budget`).
@@ -32,8 +32,10 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "output", t
     ``priors`` (``{module: reason}``, see :mod:`planner.priors`) pins modules 16-bit by rule; the
     plan reports them as ``prior: ...``. A ``quantize`` pattern overrides a prior.
     """
+    if objective == "auto":  # the measured winner on held-out data when the table has it (planner.objective)
+        objective = "fisher" if table.meta.get("fisher") else "output"
     if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        raise ValueError(f"unknown objective {objective!r}: choose one of auto, {', '.join(OBJECTIVES)}")
     tiers = list(tiers or [_four_bit_formats(table)[0]])
     table.check_matches(formats=tiers)
     model = _candidates(table, tiers, objective)

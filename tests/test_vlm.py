@@ -174,3 +174,16 @@ def test_real_size_module_trees_on_the_meta_device(arch, groups):
     found = {g: (sum(i.group == g for i in linear), min(i.layer for i in linear if i.group == g),
                  max(i.layer for i in linear if i.group == g)) for g in {i.group for i in linear}}
     assert found == groups
+
+
+@pytest.mark.parametrize("arch", ["llava", "mllama"])
+def test_fisher_reaches_the_vision_tower(arch, tmp_path):
+    """Gradients flow back through pixel values, so vision and projector modules get Fisher scores too."""
+    source = resolve_source(str(save_tiny_vlm(arch, tmp_path / "model")))
+    model = load_model(source)
+    calibration = calibration_for_model(model.config, load_processor(source), images="default", samples=2)
+    rows = analyze(model, calibration, [NF4], progress=False, fisher=True).for_format("nf4")
+    measured = rows[rows["quantizable"] & (rows["tokens"] > 0)]
+    for group in ("vision_tower", "projector", "language_model"):
+        part = measured[measured["group"] == group]
+        assert len(part) and part["output_fisher_error"].notna().all(), group
