@@ -10,6 +10,12 @@
   solve is broken down into its phases (dominance filter, Lagrangian bound, greedy incumbent,
   reduction, core MILP) by wrapping the solver module's functions at run time (the library is
   not modified), with the core size. ``greedy`` is timed too and its error compared.
+* Reference: ``two_stage_dp``, a prototype of a faster exact core solver (same Lagrangian
+  reduction; a Pareto dynamic programme instead of HiGHS, run twice: first on the 64 items
+  nearest the LP break to get a near-optimal incumbent, then on the core that incumbent
+  leaves). It is timed beside ``solve`` and its optimum compared with ``solve``'s: a positive
+  "solve - DP" error means ``solve`` stopped short of the optimum (HiGHS' default absolute
+  gap, 1e-6, which ``scipy.optimize.milp`` does not expose).
 * Exactness: ``--instances`` (default 400) small random instances (1-7 items, 1-4 options,
   ties and dominated options on purpose, some infeasible) solved by ``solve`` and by brute
   force; any difference in optimal error or feasibility is a mismatch.
@@ -45,6 +51,7 @@ solver_module = importlib.import_module("planner.solver")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "solver.json"
 TARGET_SECONDS = 1.0
+SLOW_SECONDS = 5.0  # a solve slower than this is timed once, not best of --repeats
 
 # (out_features, in_features) of one decoder layer's Linears: q, k, v, o, gate, up, down
 LLAMA_70B = [(8192, 8192), (1024, 8192), (1024, 8192), (8192, 8192), (28672, 8192), (28672, 8192), (8192, 28672)]
@@ -111,6 +118,102 @@ def brute_force(items, capacity) -> float | None:
     return best
 
 
+# -- reference: the suggested replacement for the core MILP ---------------------------------------
+
+def _pareto_dp(opts, choices, room, lam, upper):
+    """Exact min-error choice for a few items by dynamic programming over (cost, error) states.
+
+    States are kept Pareto-optimal (no state both dearer and worse than another) and dropped
+    when even the Lagrangian bound of the items still to come (multiplier ``lam``) cannot
+    bring them under ``upper``, the error of a known solution. Returns picks or None when no
+    state beats ``upper``.
+    """
+    n = len(opts)
+    if n == 0:
+        return [] if room >= 0 else None
+    reduced = [min(opts[i][j].error + lam * opts[i][j].cost for j in choices[i]) for i in range(n)]
+    cheapest = [min(opts[i][j].cost for j in choices[i]) for i in range(n)]
+    bound_rest = np.r_[np.cumsum(reduced[::-1])[::-1], 0.0]
+    cost_rest = np.r_[np.cumsum(cheapest[::-1])[::-1], 0.0]
+    limit = upper + 1e-9 * max(1.0, abs(upper))
+    cost, error, back = np.zeros(1), np.zeros(1), []
+    for k in range(n):
+        js = choices[k]
+        c = np.concatenate([cost + opts[k][j].cost for j in js])
+        e = np.concatenate([error + opts[k][j].error for j in js])
+        parent, pick = np.tile(np.arange(len(cost)), len(js)), np.repeat(js, len(cost))
+        ok = (c + cost_rest[k + 1] <= room) & (e + bound_rest[k + 1] - lam * (room - c) <= limit)
+        c, e, parent, pick = c[ok], e[ok], parent[ok], pick[ok]
+        order = np.lexsort((e, c))
+        c, e, parent, pick = c[order], e[order], parent[order], pick[order]
+        pareto = e < np.minimum.accumulate(np.r_[np.inf, e[:-1]])
+        cost, error = c[pareto], e[pareto]
+        back.append((parent[pareto], pick[pareto]))
+        if not len(cost):
+            return None
+    state, picks = int(np.argmin(error)), [0] * n
+    for k in range(n - 1, -1, -1):
+        parent, pick = back[k]
+        picks[k], state = int(pick[state]), int(parent[state])
+    return picks
+
+
+def two_stage_dp(items, capacity, first_core: int = 64) -> tuple[tuple[int, ...], float, int]:
+    """Exact solve with the core MILP replaced by a two-stage Pareto DP (a prototype, for comparison).
+
+    Same Lagrangian bound and greedy incumbent as ``planner.solver.solve``. Stage 1 solves the
+    ``first_core`` items with the smallest reduced-cost gap exactly, the rest at their
+    Lagrangian choice: a near-optimal incumbent. Stage 2 reduces with that incumbent (a much
+    smaller core than with greedy's) and solves the core exactly by DP. Returns picks, error
+    and the stage-2 core size.
+    """
+    s = solver_module
+    kept = [s._undominated(opts) for opts in items]
+    lam, lower = s._lagrangian_bound(items, kept, capacity)
+    incumbent = greedy(items, capacity, kept)
+
+    def reduce(upper):
+        choices, gaps = [], []
+        for i, opts in enumerate(kept):
+            rc = {j: items[i][j].error + lam * items[i][j].cost for j in opts}
+            base = min(rc.values())
+            choices.append([j for j in opts if lower + rc[j] - base <= upper + 1e-9 * max(1.0, abs(upper))])
+            gaps.append(sorted(rc.values())[1] - base if len(opts) > 1 else math.inf)
+        return choices, gaps
+
+    def total(picks):
+        return float(sum(items[i][p].error for i, p in enumerate(picks)))
+
+    choices, gaps = reduce(incumbent.error)
+    best = list(incumbent.picks)
+    lam_pick = [min(opts, key=lambda j, i=i: (items[i][j].error + lam * items[i][j].cost, items[i][j].cost))
+                for i, opts in enumerate(kept)]
+    small = sorted((i for i in range(len(items)) if len(choices[i]) > 1), key=lambda i: gaps[i])[:first_core]
+    in_small = set(small)
+    room = capacity - sum(items[i][lam_pick[i]].cost for i in range(len(items)) if i not in in_small)
+    picks = _pareto_dp([items[i] for i in small], [choices[i] for i in small], room, lam, incumbent.error)
+    if picks is not None:
+        candidate = list(lam_pick)
+        for i, j in zip(small, picks, strict=True):
+            candidate[i] = j
+        if total(candidate) < total(best):
+            best = candidate
+    upper = total(best)
+    choices, gaps = reduce(upper)
+    core = sorted((i for i in range(len(items)) if len(choices[i]) > 1), key=lambda i: -gaps[i])
+    in_core = set(core)
+    fixed = [choices[i][0] for i in range(len(items))]
+    room = capacity - sum(items[i][fixed[i]].cost for i in range(len(items)) if i not in in_core)
+    picks = _pareto_dp([items[i] for i in core], [choices[i] for i in core], room, lam, upper)
+    if picks is not None:
+        candidate = fixed
+        for i, j in zip(core, picks, strict=True):
+            candidate[i] = j
+        if total(candidate) < upper:
+            best = candidate
+    return tuple(best), total(best), len(core)
+
+
 # -- instrumentation --------------------------------------------------------------------------------
 
 PHASES = ("_undominated", "_lagrangian_bound", "greedy", "_milp")
@@ -175,21 +278,29 @@ def scale_benchmark(items, info, repeats: int) -> list[dict]:
                ("midpoint", (floor + ceiling) // 2)]
     rows = []
     for label, capacity in budgets:
+        # one instrumented run for the phase breakdown (the wrappers cost a few ms); when it is
+        # fast, the quoted figure is the best of `repeats` uninstrumented runs, else that one run
+        solution, first, best_phases = timed_solve(items, capacity)
+        best_phases["instrumented_total_s"] = first
         times = []
-        for _ in range(repeats):  # uninstrumented: the figure to quote
+        if first < SLOW_SECONDS:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                solution = solve(items, capacity)
+                times.append(time.perf_counter() - start)
+        best_total = min(times) if times else first
+        dp_times = []
+        for _ in range(max(1, repeats if first < SLOW_SECONDS else 1)):
             start = time.perf_counter()
-            solution = solve(items, capacity)
-            times.append(time.perf_counter() - start)
-        best_total = min(times)
-        # one instrumented run for the phase breakdown (wrappers add a little overhead)
-        _, instrumented_total, best_phases = timed_solve(items, capacity)
-        best_phases["instrumented_total_s"] = instrumented_total
+            dp_picks, dp_error, dp_core = two_stage_dp(items, capacity)
+            dp_times.append(time.perf_counter() - start)
+        dp_cost = sum(items[i][p].cost for i, p in enumerate(dp_picks))
         greedy_times = []
         for _ in range(repeats):
             start = time.perf_counter()
             approx = greedy(items, capacity)
             greedy_times.append(time.perf_counter() - start)
-        assert solution.cost <= capacity and approx.cost <= capacity
+        assert solution.cost <= capacity and approx.cost <= capacity and dp_cost <= capacity
         gap = (approx.error - solution.error) / solution.error if solution.error > 0 else 0.0
         rows.append({
             "budget": label, "capacity_bytes": capacity, "capacity_over_floor": capacity / floor - 1,
@@ -200,9 +311,15 @@ def scale_benchmark(items, info, repeats: int) -> list[dict]:
             "picks": {f: sum(1 for i, p in enumerate(solution.picks) if items[i][p].label == f)
                       for f in info["formats"]},
             "meets_target": best_total < TARGET_SECONDS,
+            "two_stage_dp": {"s_best": min(dp_times), "s_runs": dp_times, "error": dp_error, "cost": dp_cost,
+                             "core_items": dp_core,
+                             "solve_minus_dp_error": solution.error - dp_error,
+                             "solve_minus_dp_rel": (solution.error - dp_error) / dp_error if dp_error else 0.0},
         })
-        print(f"  {label:<9} solve {best_total:.3f}s (core {best_phases['core_items']} items), "
-              f"greedy {min(greedy_times):.3f}s, greedy excess error {100 * gap:.4f}%", flush=True)
+        print(f"  {label:<9} solve {best_total:.3f}s (core {best_phases['core_items']} items, MILP "
+              f"{best_phases['core_milp_s']:.3f}s), greedy {min(greedy_times):.3f}s (error +{gap:.2e} rel.), "
+              f"two-stage DP {min(dp_times):.3f}s (core {dp_core}; solve - DP error {solution.error - dp_error:.2e})",
+              flush=True)
     return rows
 
 
@@ -219,7 +336,7 @@ def full_milp_check(items, capacity) -> dict:
 
 def exactness(instances: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    mismatches, infeasible, with_milp, examples = 0, 0, 0, []
+    mismatches, dp_mismatches, infeasible, with_milp, examples = 0, 0, 0, 0, []
     start = time.perf_counter()
     for k in range(instances):
         items, capacity = random_small(rng)
@@ -234,12 +351,18 @@ def exactness(instances: int, seed: int) -> dict:
         except Infeasible:
             ok = expected is None
             infeasible += 1
+        if expected is not None:
+            dp_picks, dp_error, _ = two_stage_dp(items, capacity)
+            dp_ok = (sum(items[i][p].cost for i, p in enumerate(dp_picks)) <= capacity
+                     and abs(dp_error - expected) <= 1e-9 * max(1.0, abs(expected)))
+            dp_mismatches += not dp_ok
         if not ok:
             mismatches += 1
             if len(examples) < 5:
                 examples.append({"instance": k, "capacity": capacity, "expected": expected,
                                  "items": [[(o.cost, o.error) for o in opts] for opts in items]})
-    return {"instances": instances, "seed": seed, "mismatches": mismatches, "infeasible_instances": infeasible,
+    return {"instances": instances, "seed": seed, "mismatches": mismatches, "two_stage_dp_mismatches": dp_mismatches,
+            "infeasible_instances": infeasible,
             "instances_reaching_milp": with_milp, "seconds": time.perf_counter() - start,
             "mismatch_examples": examples}
 
@@ -275,7 +398,8 @@ def main(argv=None) -> int:
               f"{'same optimum' if full['matches_solve'] else 'DIFFERENT optimum'}", flush=True)
 
     check = exactness(args.instances, args.seed + 1)
-    print(f"  exactness: {check['mismatches']} mismatches in {check['instances']} brute-forced instances", flush=True)
+    print(f"  exactness: {check['mismatches']} mismatches in {check['instances']} brute-forced instances "
+          f"(two-stage DP: {check['two_stage_dp_mismatches']})", flush=True)
 
     report = {
         "benchmark": "solver",
@@ -295,16 +419,19 @@ def main(argv=None) -> int:
 
     print()
     head = (f"{'budget':<9}{'solve s':>9}{'domin.':>8}{'lagr.':>8}{'greedy':>8}{'reduce':>8}{'MILP':>8}"
-            f"{'core':>6}{'greedy s':>10}{'greedy +err':>13}")
+            f"{'core':>6}{'greedy s':>10}{'greedy +rel':>13}{'DP s':>8}{'DP core':>9}{'solve-DP err':>14}")
     print(head)
     for r in scale:
         p = r["phases"]
         print(f"{r['budget']:<9}{r['solve_s_best']:>9.3f}{p['dominance_filter_s']:>8.3f}{p['lagrangian_bound_s']:>8.3f}"
               f"{p['greedy_incumbent_s']:>8.3f}{p['reduction_and_rest_s']:>8.3f}{p['core_milp_s']:>8.3f}"
-              f"{p['core_items']:>6}{r['greedy_s_best']:>10.3f}{100 * r['greedy_excess_error']:>12.4f}%")
+              f"{p['core_items']:>6}{r['greedy_s_best']:>10.3f}{r['greedy_excess_error']:>13.2e}"
+              f"{r['two_stage_dp']['s_best']:>8.3f}{r['two_stage_dp']['core_items']:>9}"
+              f"{r['two_stage_dp']['solve_minus_dp_error']:>14.2e}")
     print(f"target < {TARGET_SECONDS:.0f}s for {args.modules} modules: "
           f"{'met at every budget' if report['meets_target_all_budgets'] else 'MISSED at some budget'}")
-    print(f"exactness: {check['mismatches']} / {check['instances']} mismatches against brute force")
+    print(f"exactness: {check['mismatches']} / {check['instances']} mismatches against brute force "
+          f"(two-stage DP: {check['two_stage_dp_mismatches']})")
     print(f"wrote {args.out} (wall {report['wall_s']:.0f}s)")
     return 0
 

@@ -14,9 +14,10 @@ plan's predicted bytes (greedy fill, so a module too big to fit is passed over, 
 - ``weight error``: largest relative weight error first (what a data-free tool can see);
 - ``random``: a random order, one per seed (the scoreboard shows the mean of the seeds).
 
-Modules the dynamic plan could not choose (not quantizable, lm_head, ``--keep`` pins) are
-kept in every baseline, and ``--quantize`` pins are quantized, so all spend bytes under the
-same constraints.
+Modules the dynamic plan did not choose by measurement (not quantizable, lm_head, ``--keep``
+pins, rule priors such as the VLM projector) are kept in every baseline, and ``--quantize``
+pins are quantized, so all spend bytes under the same constraints and differ only in the
+modules they pick.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from analysis.formats import INT8
 from analysis.table import SensitivityTable
 from planner.plan_types import KEEP, Plan
 
-FIXED_REASONS = ("not quantizable", "lm_head", "pinned: --keep")
+FIXED_REASONS = ("not quantizable", "lm_head", "pinned: --keep", "prior:")
 HEURISTICS = ("first+last layers", "weight error", "random")
 
 
@@ -81,18 +82,21 @@ def all_4bit(table: SensitivityTable, fmt: str) -> KeepSet:
     return sized(frame, table, f"all-{fmt.upper()}", "uniform", frame.index[frame["group"] == "lm_head"])
 
 
-def all_int8_bytes(table: SensitivityTable) -> tuple[int, int]:
-    """(checkpoint, footprint) bytes of bitsandbytes 8-bit on every Linear but lm_head."""
+def all_int8(table: SensitivityTable) -> KeepSet:
+    """bitsandbytes 8-bit on every Linear but lm_head (transformers' default), with its bytes."""
     modules = table.modules()
     linear = modules[modules["kind"] == "Linear"]
     size, footprint = int(table.meta.get("other_bytes", 0)), int(table.meta.get("other_footprint_bytes", 0))
+    kept, quantized = set(), set()
     for _, row in linear.iterrows():
         shape = (int(row["out_features"]), int(row["in_features"]))
         if row["group"] == "lm_head":
+            kept.add(row["name"])
             size, footprint = size + int(row["bytes_16bit"]), footprint + int(row["bytes_16bit"])
         else:
+            quantized.add(row["name"])
             size, footprint = size + INT8.storage_bytes(shape), footprint + INT8.footprint_bytes(shape)
-    return size, footprint
+    return KeepSet("all-INT8 (bnb 8-bit)", "uniform", frozenset(kept), frozenset(quantized), size, footprint)
 
 
 def plan_keep_set(table: SensitivityTable, plan: Plan) -> KeepSet:

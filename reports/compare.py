@@ -5,8 +5,9 @@ The loop, in the order it runs:
 1. load the 16-bit model; cache its logits on the held-out windows (the reference) and its
    greedy generations;
 2. in that same model, simulate (bitsandbytes round trip, :mod:`reports.simulate`) the
-   all-4-bit model once as a check on the simulation, each heuristic baseline at each plan's
-   bytes, and each of the top-K + random-K modules alone (predicted vs measured);
+   all-4-bit model (a check on the simulation) and each plan (so that plans and heuristics
+   are judged like for like), each heuristic baseline at each plan's bytes, and each of the
+   top-K + random-K modules alone (predicted vs measured);
 3. load all-INT8, all-4-bit and each dynamic plan for real through transformers'
    ``BitsAndBytesConfig`` (no checkpoint on disk needed) and measure fidelity, footprint and
    generations. A variant that fails to load or run gets a row that says why.
@@ -33,7 +34,7 @@ from planner.plan_types import Plan
 from planner.skiplist import build_skip_list
 
 from .agreement import predicted_vs_measured
-from .baselines import KeepSet, all_4bit, all_int8_bytes, baseline_keep_sets, plan_keep_set, sixteen_bit
+from .baselines import KeepSet, all_4bit, all_int8, baseline_keep_sets, plan_keep_set, sixteen_bit
 from .fidelity import Fidelity, Reference, measure
 from .generations import PROMPTS, generate
 from .result import Comparison
@@ -80,53 +81,52 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
     processor = load_processor(source)
     heldout = _heldout(source, processor, table, options)
     say = print if options.progress else (lambda *a, **k: None)
-
-    rows, generations, meta = [], {}, {"model_id": source.model_id, "model_fingerprint": source.fingerprint,
-                                       "heldout": heldout.meta, "calibration": table.meta.get("calibration", {}),
-                                       "format": fmt.name, "plans": [p.budget for p in plans],
-                                       "options": vars(options)}
     say(f"quantplan compare: {heldout.tokens} held-out tokens ({heldout.meta['samples']} x "
         f"{heldout.meta['seq_len']}), {len(plans)} plan(s)")
+    meta = {"model_id": source.model_id, "model_fingerprint": source.fingerprint, "heldout": heldout.meta,
+            "calibration": table.meta.get("calibration", {}), "format": fmt.name,
+            "plans": [p.budget for p in plans], "options": vars(options)}
+
+    # 1. the 16-bit reference, 2. everything simulated in the same 16-bit model
     model16 = load_model(source, dtype=dtype, device=options.device)
     reference = Reference(model16, heldout.input_ids, options.batch_size)
-    rows.append(_row(sixteen_bit(table, fmt.name), reference.fidelity_of_self(), "16-bit",
-                     int(model16.get_memory_footprint())))
-    generations["16-bit"] = generate(model16, processor, options.prompts, options.max_new_tokens)
-    say(f"  16-bit: perplexity {rows[-1]['ppl']:.3f}")
-
+    rows = [_row(sixteen_bit(table, fmt.name), reference.fidelity_of_self(), "16-bit",
+                 int(model16.get_memory_footprint()))]
+    generations = {"16-bit": generate(model16, processor, options.prompts, options.max_new_tokens)}
+    say(f"  16-bit: perplexity {rows[0]['ppl']:.3f}")
     cache = QuantCache(model16, fmt)
     uniform = all_4bit(table, fmt.name)
-    with cache.quantized(uniform.quantized) as simulated:
-        meta["simulation_check"] = {"variant": uniform.label, "simulated_mean_kld": measure(simulated, reference).summary()["mean_kld"]}
+    dynamic = [plan_keep_set(table, p) for p in plans]
+    simulated_kld = {}  # label -> mean KLD simulated: like-for-like with the heuristic rows
+    for keep in [uniform, *dynamic] if options.baselines else [uniform]:
+        with cache.quantized(keep.quantized) as simulated:
+            simulated_kld[keep.label] = float(measure(simulated, reference).kld.mean())
+    meta["simulation_check"] = {"variant": uniform.label, "simulated_mean_kld": simulated_kld[uniform.label]}
     if options.baselines:
-        for p in plans:
-            for keep in baseline_keep_sets(table, p, options.seeds):
-                with cache.quantized(keep.quantized) as simulated:
-                    rows.append(_row(keep, measure(simulated, reference), "simulated"))
-                say(f"  {keep.label}{'' if keep.seed is None else f' seed {keep.seed}'}: "
-                    f"mean KLD {rows[-1]['mean_kld']:.5f}")
+        for keep in (k for p in plans for k in baseline_keep_sets(table, p, options.seeds)):
+            with cache.quantized(keep.quantized) as simulated:
+                rows.append(_row(keep, measure(simulated, reference), "simulated"))
+            say(f"  {keep.label}{'' if keep.seed is None else f' seed {keep.seed}'}: mean KLD {rows[-1]['mean_kld']:.6f}")
     small = Reference(model16, heldout.input_ids[: options.agreement_samples], options.batch_size)
-    agreement, stats = predicted_vs_measured(table, plans[0], cache, small, options.top_k, options.random_k,
-                                             options.seed)
-    meta["agreement"] = stats
-    say(f"  predicted vs measured: {stats['verdict']}")
+    agreement, meta["agreement"] = predicted_vs_measured(table, plans[0], cache, small, options.top_k,
+                                                         options.random_k, options.seed)
+    say(f"  predicted vs measured: {meta['agreement']['verdict']}")
     del model16, cache, small
     gc.collect()
 
-    int8_bytes, int8_footprint = all_int8_bytes(table)
-    int8 = KeepSet("all-INT8 (bnb 8-bit)", "uniform", frozenset(), frozenset(), int8_bytes, int8_footprint)
-    quantized = [(int8, _int8_config()), (uniform, _uniform_config(uniform, fmt, dtype))]
-    quantized += [(plan_keep_set(table, p), bnb_config(p, dtype)) for p in plans]
+    # 3. real bitsandbytes loads, one at a time
+    quantized = [(all_int8(table), _int8_config()), (uniform, _uniform_config(uniform, fmt, dtype))]
+    quantized += [(keep, bnb_config(p, dtype)) for keep, p in zip(dynamic, plans, strict=True)]
     for keep, config in quantized:
-        row, answers = _measure_bnb(source, keep, config, reference, processor, options)
+        row, generations[keep.label] = _measure_bnb(source, keep, config, reference, processor, options)
+        row["simulated_mean_kld"] = simulated_kld.get(keep.label, float("nan"))
         rows.append(row)
-        generations[keep.label] = answers
         if keep is uniform:
-            meta["simulation_check"]["bitsandbytes_mean_kld"] = row["mean_kld"]
-        say(f"  {keep.label}: mean KLD {row['mean_kld']:.5f}, footprint {row['footprint_bytes']}")
+            meta["simulation_check"]["bitsandbytes_mean_kld"] = row.get("mean_kld", float("nan"))
+        say(f"  {keep.label}: mean KLD {row.get('mean_kld', float('nan')):.6f}, "
+            f"footprint {row['footprint_bytes']:,} bytes {row['note']}")
 
-    board = scoreboard_frame(_ordered(rows))
-    comparison = Comparison(board, generations, agreement, meta)
+    comparison = Comparison(scoreboard_frame(_ordered(rows)), generations, agreement, meta)
     if out_dir is not None:
         comparison.save(out_dir)
     return comparison
@@ -167,17 +167,13 @@ def _quiet_int8_cast():
 def _row(keep: KeepSet, fidelity: Fidelity | None, measured_with: str, footprint: int | None = None) -> dict:
     row = {"variant": keep.label, "kind": keep.kind, "plan": keep.plan, "seed": keep.seed,
            "measured_with": "simulated (bitsandbytes round trip)" if measured_with == "simulated" else measured_with,
-           "kept_16bit": _count_kept(keep), "bytes": keep.bytes,
+           "kept_16bit": len(keep.kept), "bytes": keep.bytes,
            "footprint_bytes": footprint if footprint is not None else keep.footprint_bytes, "note": ""}
     if fidelity is not None:
         row.update(fidelity.summary())
+        if measured_with == "simulated":
+            row["simulated_mean_kld"] = row["mean_kld"]
     return row
-
-
-def _count_kept(keep: KeepSet) -> int:
-    if keep.label.startswith("all-INT8"):
-        return 1  # lm_head, as transformers keeps it
-    return len(keep.kept)
 
 
 def _ordered(rows: list[dict]) -> list[dict]:

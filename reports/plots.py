@@ -16,6 +16,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from analysis.spikes import SPIKE_Z, find_spikes
 
@@ -28,7 +29,7 @@ def plot_layer_errors(table, fmt: str | None = None, column: str = "output_rel_e
     """``column`` per layer, one line per module type, one panel per group; spikes ringed and labelled."""
     rows = _block_rows(table, fmt)
     groups = _groups(rows)
-    fig = Figure(figsize=(max(6.0, 4.8 * len(groups)), 4.2), layout="constrained")
+    fig = Figure(figsize=(max(7.0, 4.8 * len(groups) + 1.4), 4.2), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     spikes = find_spikes(rows, column)
     for ax, group in zip(axes, groups, strict=True):
@@ -45,9 +46,11 @@ def plot_layer_errors(table, fmt: str | None = None, column: str = "output_rel_e
         ax.set_yscale("log")
         ax.set_title(TITLES.get(group, group))
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(_label(column, _fmt(table, fmt)))
-    axes[-1].legend(fontsize=7, loc="best", ncols=2)
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside right upper")
     fig.suptitle(f"Output error per layer ({_fmt(table, fmt)})")
     return fig
 
@@ -86,6 +89,7 @@ def plot_input_outliers(table) -> Figure:
             for name, series in _shared_inputs(part, column).items():
                 ax.plot(series.index, series.values, marker=".", lw=1.2, label=name)
             ax.set_yscale("log")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             if col == 0:
                 ax.set_ylabel(label)

@@ -68,8 +68,12 @@ def report_blocks(table: SensitivityTable, plans: list[Plan], comparison: Compar
                ("p", "Fidelity to the 16-bit model on held-out text, in the style of llama.cpp's "
                      "`llama-perplexity` (value ± standard error over tokens). KLD in nats; Size is the predicted "
                      "checkpoint size of the weights; Footprint is `get_memory_footprint()` (measured for "
-                     "bitsandbytes loads, predicted for simulated rows). Heuristic baselines spend the same bytes "
-                     "as their dynamic plan (greedy fill, never more). Full numbers: `scoreboard.csv`."),
+                     "bitsandbytes loads, predicted for simulated rows). *bitsandbytes* rows were loaded through "
+                     "`BitsAndBytesConfig`; *simulated* rows replace the weights of the 16-bit model by bitsandbytes' "
+                     "own quantize/de-quantize round trip (what its CPU kernels compute). *Simulated KLD* is that "
+                     "simulation's mean KLD, also for all-4-bit and the plans, so that the verdicts below compare "
+                     "plans and heuristics like for like. Heuristic baselines spend the same bytes as their "
+                     "dynamic plan (greedy fill, never more). Full numbers: `scoreboard.csv`."),
                ("table", display_frame(board), DISPLAY_NUMERIC),
                ("list", comparison.verdicts or ["No heuristic baselines were measured."])]
     check = meta.get("simulation_check", {})
@@ -93,7 +97,7 @@ def _agreement_blocks(comparison: Comparison) -> list[tuple]:
     if frame.empty:
         return [("h2", "Predicted vs measured"), ("p", "Not measured.")]
     frame["predicted"] = frame["predicted"].map(lambda v: f"{v:.4g}")
-    frame["measured_kld"] = frame["measured_kld"].map(lambda v: f"{v:.6f}")
+    frame["measured_kld"] = frame["measured_kld"].map(lambda v: f"{v:.4g}")
     return [("h2", "Predicted vs measured"),
             ("p", f"The {stats.get('modules')} modules below (the top by the planner's `{stats.get('objective')}` "
                   f"score, plus a random sample of the other {stats.get('candidates', 0) - (frame['selected'] == 'top').sum()}) "
@@ -199,7 +203,9 @@ def _pareto_for(table: SensitivityTable, plans: list[Plan]) -> pd.DataFrame:
     from planner.pareto import pareto_curve
 
     first = plans[0]
-    return pareto_curve(table, objective=first.objective, tiers=first.tiers, vllm_safe=first.vllm_safe)
+    priors = {n: r for n, r in first.reasons.items() if r.startswith("prior:")}
+    return pareto_curve(table, objective=first.objective, tiers=first.tiers, vllm_safe=first.vllm_safe,
+                        priors=priors)
 
 
 _CSS = """

@@ -63,6 +63,11 @@ def test_footprints_are_measured_for_bitsandbytes_rows(job):
 def test_simulation_tracks_bitsandbytes(job):
     check = job["comparison"].meta["simulation_check"]
     assert check["simulated_mean_kld"] == pytest.approx(check["bitsandbytes_mean_kld"], rel=0.1)
+    board = job["comparison"].scoreboard.set_index("variant")
+    for variant in ("all-NF4", "dynamic +10%", "dynamic +33%"):  # simulated too, for like-for-like verdicts
+        assert board.loc[variant, "simulated_mean_kld"] == pytest.approx(board.loc[variant, "mean_kld"], rel=0.1)
+    heuristics = board[board["kind"] == "heuristic"]
+    assert (heuristics["simulated_mean_kld"] == heuristics["mean_kld"]).all()
 
 
 def test_predicted_vs_measured(job):
@@ -85,7 +90,7 @@ def test_files_written_and_reload(job):
     for name in FILES:
         assert (out / name).is_file(), name
     markdown = (out / "scoreboard.md").read_text()
-    assert "| Variant | Kept 16-bit | Size | Footprint | PPL | ΔPPL | Mean KLD | 99% KLD | Same top |" in markdown
+    assert "| Variant | Kept 16-bit | Size | Footprint | PPL | ΔPPL | Mean KLD | 99% KLD | Simulated KLD | Same top |" in markdown
     assert re.search(r"dynamic \+10% (wins|does NOT win)", markdown)
     again = job["comparison"]
     assert list(again.scoreboard["variant"]) == list(pd.read_csv(out / "scoreboard.csv")["variant"])

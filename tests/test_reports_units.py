@@ -129,6 +129,14 @@ def test_verdict_on_a_win_and_a_close_call():
     assert "not a clear win" in close
 
 
+def test_verdict_compares_like_for_like():
+    board = _board(0.050, [0.049])  # bitsandbytes-measured plan vs a simulated heuristic: looks like a loss
+    board.loc[board["kind"] == "dynamic", "simulated_mean_kld"] = 0.045
+    board.loc[board["kind"] == "heuristic", "simulated_mean_kld"] = 0.049
+    (line,) = verdicts(board)
+    assert line.startswith("dynamic +10% wins: mean KLD 0.045000") and "both simulated" in line
+
+
 def test_random_seeds_fold_into_their_mean():
     rows = [{"variant": "random @ +10%", "kind": "heuristic", "plan": "+10%", "seed": s, "mean_kld": k,
              "bytes": 100 + s, "footprint_bytes": 90, "kept_16bit": 3, "ppl": 10.0}
@@ -172,7 +180,7 @@ def test_compare_cli_arguments_map_to_options(monkeypatch, tmp_path):
     cli.add_compare_parser(parser.add_subparsers())
     args = parser.parse_args(["compare", "some/model", "--plan", str(tmp_path / "plan.json"), "--plan", "b.json",
                               "--out", "o", "--heldout-samples", "3", "--top-k", "2", "--no-baselines",
-                              "--prompt", "Hi", "--quiet"])
+                              "--gen-prompt", "Hi", "--quiet"])
     assert args.handler(args) == 0
     model, table, plans, out = seen["args"]
     options = seen["kwargs"]["options"]

@@ -1,0 +1,47 @@
+"""compare_and_report(): the comparison and the report in one call, as ``quantplan compare`` and ``run`` use them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.models import ModelSource
+from analysis.table import SensitivityTable
+from planner.plan_types import Plan
+
+from .compare import CompareOptions, compare
+from .report import write_report
+
+
+def compare_and_report(model: str | ModelSource | None, table: SensitivityTable | str | Path | None, plans,
+                       out_dir: str | Path, *, pareto: pd.DataFrame | str | Path | None = None,
+                       options: CompareOptions | None = None, **option_overrides) -> dict[str, Path]:
+    """Measure the variants (:func:`~reports.compare.compare`) and write the report into ``out_dir``.
+
+    ``plans`` are Plan objects or plan.json paths; ``table`` a SensitivityTable or its folder
+    (None: the folder of the first plan path). ``pareto`` is a DataFrame, a ``pareto.csv``
+    path (ignored when missing) or None (computed from the table). ``option_overrides`` set
+    fields of :class:`CompareOptions` (e.g. ``device="cuda"``, ``samples=16``).
+    """
+    options = options or CompareOptions()
+    for key, value in option_overrides.items():
+        if not hasattr(options, key):
+            raise TypeError(f"unknown compare option {key!r}")
+        setattr(options, key, value)
+    if table is None:
+        first = next((Path(p) for p in plans if not isinstance(p, Plan)), None)
+        table = (first if first is not None and first.is_dir() else first.parent) if first is not None else None
+    if not isinstance(table, SensitivityTable):
+        if table is None:
+            raise FileNotFoundError("compare needs the sensitivity table the plans came from: pass --table DIR")
+        table = SensitivityTable.load(table)
+    plans = [p if isinstance(p, Plan) else Plan.load(p) for p in plans]
+    comparison = compare(model, plans, out_dir, table=table, options=options)
+    if isinstance(pareto, str | Path):
+        pareto = pd.read_csv(pareto) if Path(pareto).is_file() else None
+    paths = write_report(out_dir, table, plans, comparison, pareto)
+    if options.progress:
+        print(comparison.scoreboard_markdown())
+        print(f"quantplan: wrote {paths['html']}, {paths['md']} and {Path(out_dir) / 'scoreboard.csv'}")
+    return {"scoreboard": Path(out_dir) / "scoreboard.csv", **paths}
