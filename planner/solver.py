@@ -1,18 +1,14 @@
 """Exact multiple-choice knapsack: pick one option per item, minimise error, bytes within budget.
 
 Each item (a module, or a group of modules that must share a format) has options (4-bit,
-8-bit, 16-bit, ...) with a byte cost and a predicted error. The problem is solved as a 0/1
-integer program by HiGHS (through ``scipy.optimize.milp``) with a zero optimality gap, after
-dropping options that another option of the same item dominates (no cheaper and no better).
-The byte constraint is re-checked in exact integers afterwards. ``greedy`` is the
-error-saved-per-byte heuristic the exact solver is compared with.
+8-bit, 16-bit, ...) with a byte cost and a predicted error. ``solve`` finds the optimum by
+Lagrangian reduction plus dynamic programming over the few items left undecided (see its
+docstring); ``greedy`` is the error-saved-per-byte heuristic it is compared with.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from contextlib import contextmanager
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,13 +32,18 @@ class Infeasible(ValueError):
     """Even the cheapest option of every item exceeds the capacity."""
 
 
-def solve(items: list[list[Option]], capacity: int) -> Solution:
+def solve(items: list[list[Option]], capacity: int, first_core: int = 64) -> Solution:
     """Exact minimum-error choice of one option per item with total cost <= capacity.
 
-    Lagrangian reduction first: the LP relaxation (convex hull greedy) gives a lower bound and
-    a multiplier; any option whose reduced cost lifts the bound above the best known integer
-    solution cannot be in a better one and is dropped. The few items left with a choice (the
-    core) go to HiGHS with a zero gap. The result is optimal, not approximately so.
+    1. Lagrangian reduction: the LP relaxation (convex-hull greedy) gives a lower bound and a
+       multiplier λ; an option whose reduced cost lifts the bound above a known solution's
+       error cannot be in a better solution and is dropped.
+    2. A better known solution: the ``first_core`` undecided items closest to the LP break
+       point are solved exactly (the rest at their Lagrangian choice), then step 1 is
+       repeated with it, which leaves far fewer undecided items.
+    3. The remaining core is solved exactly by dynamic programming over Pareto-optimal
+       (bytes, error) states, pruned by the same Lagrangian bound.
+    Integers throughout for bytes, so the budget holds exactly; the result is optimal.
     """
     if not items:
         return Solution((), 0, 0.0)
@@ -51,26 +52,84 @@ def solve(items: list[list[Option]], capacity: int) -> Solution:
         raise Infeasible(f"needs at least {cheapest} bytes, budget is {capacity}")
     kept = [_undominated(opts) for opts in items]
     lam, lower = _lagrangian_bound(items, kept, capacity)
-    incumbent = greedy(items, capacity, kept)
-    tolerance = 1e-9 * max(1.0, abs(incumbent.error))
-    core_options = []
+    best = list(greedy(items, capacity, kept).picks)
+    choices, gaps = _reduce(items, kept, lam, lower, _error(items, best))
+    lagrangian = [min(opts, key=lambda j, i=i: (items[i][j].error + lam * items[i][j].cost, items[i][j].cost))
+                  for i, opts in enumerate(kept)]
+    near = sorted((i for i in range(len(items)) if len(choices[i]) > 1), key=lambda i: gaps[i])[:first_core]
+    best = _improve(items, choices, near, lagrangian, capacity, lam, best)
+    choices, gaps = _reduce(items, kept, lam, lower, _error(items, best))
+    core = [i for i in range(len(items)) if len(choices[i]) > 1]
+    fixed = [c[0] for c in choices]
+    best = _improve(items, choices, core, fixed, capacity, lam, best)
+    return _solution(items, best)
+
+
+def _reduce(items, kept, lam, lower, upper):
+    """Options that could still beat ``upper``, and each item's gap to its second-best reduced cost."""
+    limit = upper + 1e-9 * max(1.0, abs(upper))
+    choices, gaps = [], []
     for i, opts in enumerate(kept):
-        base = min(items[i][j].error + lam * items[i][j].cost for j in opts)
-        core_options.append([j for j in opts
-                             if lower + items[i][j].error + lam * items[i][j].cost - base <= incumbent.error + tolerance])
-    fixed = {i: opts[0] for i, opts in enumerate(core_options) if len(opts) == 1}
-    core = [i for i in range(len(items)) if i not in fixed]
-    if not core:
-        best = _solution(items, [fixed[i] for i in range(len(items))])
-        return best if best.cost <= capacity and best.error <= incumbent.error else incumbent
-    room = capacity - sum(items[i][j].cost for i, j in fixed.items())
-    core_min = sum(min(items[i][j].cost for j in core_options[i]) for i in core)
-    if core_min > room:
-        return incumbent
-    picks = dict(fixed)
-    picks.update(zip(core, _milp([items[i] for i in core], [core_options[i] for i in core], room), strict=True))
-    best = _solution(items, [picks[i] for i in range(len(items))])
-    return best if best.cost <= capacity and best.error < incumbent.error else incumbent
+        reduced = {j: items[i][j].error + lam * items[i][j].cost for j in opts}
+        base = min(reduced.values())
+        choices.append([j for j in opts if lower + reduced[j] - base <= limit])
+        gaps.append(sorted(reduced.values())[1] - base if len(opts) > 1 else math.inf)
+    return choices, gaps
+
+
+def _improve(items, choices, free, fixed_picks, capacity, lam, best):
+    """Solve the ``free`` items exactly with the others at ``fixed_picks``; keep it if it beats ``best``."""
+    in_free = set(free)
+    room = capacity - sum(items[i][fixed_picks[i]].cost for i in range(len(items)) if i not in in_free)
+    picks = _pareto_dp([items[i] for i in free], [choices[i] for i in free], room, lam, _error(items, best))
+    if picks is None:
+        return best
+    candidate = list(fixed_picks)
+    for i, j in zip(free, picks, strict=True):
+        candidate[i] = j
+    fits = sum(items[i][p].cost for i, p in enumerate(candidate)) <= capacity
+    return candidate if fits and _error(items, candidate) < _error(items, best) else best
+
+
+def _pareto_dp(opts, choices, room, lam, upper):
+    """Exact min-error choice for a few items by dynamic programming over (cost, error) states.
+
+    States stay Pareto-optimal (none both dearer and worse than another) and are dropped when
+    even the Lagrangian bound of the items still to come cannot bring them under ``upper``,
+    the error of a known solution. Returns the picks, or None when no state beats ``upper``.
+    """
+    n = len(opts)
+    if n == 0:
+        return [] if room >= 0 else None
+    reduced = [min(opts[i][j].error + lam * opts[i][j].cost for j in choices[i]) for i in range(n)]
+    cheapest = [min(opts[i][j].cost for j in choices[i]) for i in range(n)]
+    bound_rest = np.r_[np.cumsum(reduced[::-1])[::-1], 0.0]
+    cost_rest = np.r_[np.cumsum(cheapest[::-1])[::-1], 0]
+    limit = upper + 1e-9 * max(1.0, abs(upper))
+    cost, error, back = np.zeros(1, dtype=np.int64), np.zeros(1), []
+    for k in range(n):
+        js = choices[k]
+        c = np.concatenate([cost + opts[k][j].cost for j in js])
+        e = np.concatenate([error + opts[k][j].error for j in js])
+        parent, pick = np.tile(np.arange(len(cost)), len(js)), np.repeat(js, len(cost))
+        ok = (c + cost_rest[k + 1] <= room) & (e + bound_rest[k + 1] - lam * (room - c) <= limit)
+        c, e, parent, pick = c[ok], e[ok], parent[ok], pick[ok]
+        order = np.lexsort((e, c))
+        c, e, parent, pick = c[order], e[order], parent[order], pick[order]
+        pareto = e < np.minimum.accumulate(np.r_[np.inf, e[:-1]])
+        cost, error = c[pareto], e[pareto]
+        back.append((parent[pareto], pick[pareto]))
+        if not len(cost):
+            return None
+    state, picks = int(np.argmin(error)), [0] * n
+    for k in range(n - 1, -1, -1):
+        parent, pick = back[k]
+        picks[k], state = int(pick[state]), int(parent[state])
+    return picks
+
+
+def _error(items, picks) -> float:
+    return float(sum(items[i][p].error for i, p in enumerate(picks)))
 
 
 def greedy(items: list[list[Option]], capacity: int, kept: list[list[int]] | None = None) -> Solution:
@@ -146,48 +205,6 @@ def _undominated(opts: list[Option]) -> list[int]:
             kept.append(j)
             best_error = opts[j].error
     return kept
-
-
-def _milp(items, kept, capacity) -> list[int]:
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import csr_array
-
-    columns = [(i, j) for i in range(len(items)) for j in kept[i]]
-    cost = np.array([items[i][j].cost for i, j in columns], dtype=float)
-    error = np.array([items[i][j].error for i, j in columns], dtype=float)
-    rows = np.array([i for i, _ in columns])
-    one_each = csr_array((np.ones(len(columns)), (rows, np.arange(len(columns)))), shape=(len(items), len(columns)))
-    scale = max(cost.max(), 1.0)
-    constraints = [
-        LinearConstraint(one_each, 1, 1),
-        LinearConstraint(cost[None, :] / scale, -np.inf, capacity / scale),
-    ]
-    with _quiet_stdout():  # some HiGHS builds print debug lines straight to fd 1
-        result = milp(error, constraints=constraints, integrality=np.ones(len(columns)), bounds=Bounds(0, 1),
-                      options={"mip_rel_gap": 0.0, "presolve": True})
-    if result.x is None:
-        raise Infeasible(f"no choice fits in {capacity} bytes ({result.message})")
-    picks = [0] * len(items)
-    for (i, j), x in zip(columns, result.x, strict=True):
-        if x > 0.5:
-            picks[i] = j
-    if sum(items[i][p].cost for i, p in enumerate(picks)) > capacity:  # solver tolerance: tighten, re-solve
-        excess = sum(items[i][p].cost for i, p in enumerate(picks)) - capacity
-        return _milp(items, kept, capacity - excess)
-    return picks
-
-
-@contextmanager
-def _quiet_stdout():
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _solution(items, picks) -> Solution:
