@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from analysis.models import DEFAULT_MODEL
+from reports.cli import add_compare_args, add_compare_parser
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError)
 
@@ -72,10 +73,13 @@ def _export(args) -> int:
 
 
 def _run(args) -> int:
+    from reports.cli import options_from_args
+
     from .pipeline import run
 
+    compare = None if args.no_compare else options_from_args(args)
     run(args.model, args.budget, args.out, _analyze_options(args), overwrite=args.overwrite, priors=args.priors,
-        **_plan_options(args))
+        compare=compare, **_plan_options(args))
     return 0
 
 
@@ -120,12 +124,16 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     export.set_defaults(handler=_export)
 
-    run = sub.add_parser("run", help="analyze -> plan -> export (the main job)")
+    add_compare_parser(sub)
+
+    run = sub.add_parser("run", help="analyze -> plan -> export -> compare + report (the main job)")
     _model_arg(run)
     _analyze_args(run)
     _plan_args(run)
+    add_compare_args(run)
     run.add_argument("--out", help="output folder (default ./<model-name>-dynamic-bnb-4bit)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    run.add_argument("--no-compare", action="store_true", help="skip the fidelity scoreboard and report")
     run.set_defaults(handler=_run)
     return parser
 

@@ -79,11 +79,13 @@ def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOpti
 
 def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path | None = None,
         options: AnalyzeOptions | None = None, overwrite: bool = False, priors: str = "all",
-        **plan_options) -> dict:
-    """analyze -> plan -> pareto.csv -> export to ``out_dir/checkpoint``; returns the paths written.
+        compare=None, **plan_options) -> dict:
+    """analyze -> plan -> pareto.csv -> export to ``out_dir/checkpoint`` (-> compare + report); returns paths.
 
     ``priors`` names the rules that keep modules 16-bit without measuring (see
-    :mod:`planner.priors`: ``all``, ``none`` or a comma list).
+    :mod:`planner.priors`: ``all``, ``none`` or a comma list). ``compare`` (a
+    :class:`reports.compare.CompareOptions`) also measures the fidelity scoreboard and writes
+    ``report.html``/``report.md`` into ``out_dir``.
     """
     options = options or AnalyzeOptions()
     source = resolve_source(model_spec)
@@ -105,7 +107,12 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
           f"(predicted {format_bytes(chosen.predicted['footprint_bytes'])}, {gap:+.2%}); "
           f"checkpoint tensors {format_bytes(result.checkpoint_bytes)}; "
           f"{result.kept} modules 16-bit, {result.quantized} 4-bit")
-    return {"out": out_dir, "table": out_dir / TABLE_FILE, "plan": out_dir / "plan.json",
+    reports = {}
+    if compare is not None:
+        from reports.run import compare_and_report
+
+        reports = compare_and_report(source, table, [chosen], out_dir, pareto=out_dir / "pareto.csv", options=compare)
+    return {**reports, "out": out_dir, "table": out_dir / TABLE_FILE, "plan": out_dir / "plan.json",
             "pareto": out_dir / "pareto.csv", "checkpoint": checkpoint, "export": result, "plan_obj": chosen}
 
 

@@ -147,3 +147,20 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny12, tmp_path, capsys):
     assert (tmp_path / "plan.json").exists() and (tmp_path / "pareto.csv").exists()
     assert main(["export", str(source.path), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_run_writes_checkpoint_and_report(tiny_dir, tmp_path):
+    def corpus(path, offset):
+        path.write_text("\n\n".join(" ".join(f"w{(i * 17 + j + offset) % 250 + 3}" for j in range(40))
+                                    for i in range(60)))
+        return str(path)
+
+    calib, heldout = corpus(tmp_path / "calib.txt", 0), corpus(tmp_path / "heldout.txt", 101)
+    out = tmp_path / "job"
+    code = main(["run", str(tiny_dir), "--calib", calib, "--samples", "8", "--seq-len", "32", "--quiet",
+                 "--heldout", heldout, "--heldout-samples", "2", "--heldout-seq-len", "32", "--top-k", "2",
+                 "--random-k", "2", "--max-new-tokens", "4", "--out", str(out)])
+    assert code == 0
+    for name in ("sensitivity.parquet", "plan.json", "pareto.csv", "checkpoint/config.json", "scoreboard.csv",
+                 "report.html", "report.md"):
+        assert (out / name).exists(), name
