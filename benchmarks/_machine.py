@@ -35,6 +35,7 @@ def machine_info(threads: int | None = None) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "loadavg_1_5_15min": os.getloadavg(),  # other load inflates wall-clock timings
         "versions": {p: _version(p) for p in ("torch", "transformers", "bitsandbytes", "numpy", "scipy", "highspy")},
     }
     if threads is not None:
