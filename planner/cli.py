@@ -41,18 +41,10 @@ def _analyze(args) -> int:
 def _plan(args) -> int:
     from analysis.table import SensitivityTable
 
-    from .pareto import pareto_curve
-    from .pipeline import plan_summary
-    from .plan import plan
-    from .priors import rule_priors
+    from .pipeline import plan_and_save
 
-    table = SensitivityTable.load(args.table)
     out = Path(args.out or args.table)
-    options = {**_plan_options(args), "priors": rule_priors(table, args.priors)}
-    chosen = plan(table, args.budget, **options)
-    chosen.save(out / "plan.json")
-    pareto_curve(table, **options).to_csv(out / "pareto.csv", index=False)
-    print(plan_summary(chosen))
+    chosen = plan_and_save(SensitivityTable.load(args.table), args.budget, out, args.priors, **_plan_options(args))
     print(f"quantplan: wrote {out / 'plan.json'} and {out / 'pareto.csv'}\n\n{chosen.bnb_config_code()}")
     return 0
 

@@ -94,12 +94,7 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     if checkpoint.exists() and not overwrite:
         raise FileExistsError(f"{checkpoint} already exists: pass --overwrite to replace it, or choose another --out")
     table = analyze_model(source, out_dir, options, reuse=True)
-    plan_options = {**plan_options, "priors": rule_priors(table, priors)}
-    chosen = plan(table, budget, **plan_options)
-    chosen.save(out_dir / "plan.json")
-    pareto_curve(table, **plan_options).to_csv(out_dir / "pareto.csv", index=False)
-    print(plan_summary(chosen))
-    print(kept_summary(chosen))
+    chosen = plan_and_save(table, budget, out_dir, priors, **plan_options)
     result = export(source, chosen, checkpoint, overwrite=overwrite, device=options.device,
                     compute_dtype=dtype_from_name(options.dtype if options.dtype != "fp32" else "bf16"))
     gap = result.footprint_bytes / chosen.predicted["footprint_bytes"] - 1
@@ -114,6 +109,18 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
         reports = compare_and_report(source, table, [chosen], out_dir, pareto=out_dir / "pareto.csv", options=compare)
     return {**reports, "out": out_dir, "table": out_dir / TABLE_FILE, "plan": out_dir / "plan.json",
             "pareto": out_dir / "pareto.csv", "checkpoint": checkpoint, "export": result, "plan_obj": chosen}
+
+
+def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, priors: str = "all", **plan_options):
+    """Plan under ``budget`` (with the rule priors), write plan.json and pareto.csv, print a summary."""
+    out_dir = Path(out_dir)
+    plan_options = {**plan_options, "priors": rule_priors(table, priors)}
+    chosen = plan(table, budget, **plan_options)
+    chosen.save(out_dir / "plan.json")
+    pareto_curve(table, **plan_options).to_csv(out_dir / "pareto.csv", index=False)
+    print(plan_summary(chosen))
+    print(kept_summary(chosen))
+    return chosen
 
 
 def plan_summary(p) -> str:
