@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 from analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
+from analysis.simulate import QuantCache  # noqa: E402
 from planner import plan  # noqa: E402
-from reports.baselines import baseline_keep_sets  # noqa: E402
+from planner.baselines import baseline_keep_sets  # noqa: E402
 from reports.fidelity import Reference, measure  # noqa: E402
-from reports.simulate import QuantCache  # noqa: E402
 
 OBJECTIVES = ("output", "weight", "combined", "fisher")
 BUDGETS = ("+10%", "+33%")
