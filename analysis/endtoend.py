@@ -69,7 +69,8 @@ class RestoreGains:
     """Result of :func:`restore_gains` (gains in nats per token, first order)."""
 
     kld: float  # mean KL of the model with the quantized modules, measured in the same pass
-    gains: dict[str, float] = field(default_factory=dict)  # module -> first-order KL decrease if restored
+    gains: dict[str, float] = field(default_factory=dict)  # module -> first-order KL decrease if restored (NaN:
+    # no gradient reached it)
     context_error: dict[str, float] = field(default_factory=dict)  # module -> ‖(W−Ŵ)x̂‖² / ‖Wx̂‖²
 
 
@@ -84,9 +85,10 @@ def restore_gains(model, reference: KLReference, cache, quantized, *, context_er
     """
     quantized = list(quantized)
     gains = {n: torch.zeros((), dtype=torch.float64) for n in quantized}
+    reached: set[str] = set()
     errors = {n: torch.zeros(2, dtype=torch.float64) for n in quantized} if context_error else {}
     device, total = _device(model), 0.0
-    with cache.quantized(quantized), _weights_require_grad(model, cache, quantized, gains), \
+    with cache.quantized(quantized), _weights_require_grad(model, cache, quantized, gains, reached), \
             _context_error_hooks(cache, errors), torch.enable_grad():
         for batch, logits16 in tqdm(zip(reference.batches(), reference.logits, strict=True), total=reference.count,
                                     desc="quantized-context gradients", disable=not progress, leave=False):
@@ -95,14 +97,15 @@ def restore_gains(model, reference: KLReference, cache, quantized, *, context_er
             total += float(kl.detach())
     return RestoreGains(
         kld=total / max(reference.tokens, 1),
-        gains={n: float(g) for n, g in gains.items()},
+        gains={n: float(g) if n in reached else float("nan") for n, g in gains.items()},
         context_error={n: float(e[0] / e[1]) if e[1] > 0 else float("nan") for n, e in errors.items()},
     )
 
 
 @contextmanager
-def _weights_require_grad(model, cache, names, gains):
-    """Only the named weights get gradients; each is folded into its gain and freed on arrival."""
+def _weights_require_grad(model, cache, names, gains, reached):
+    """Only the named weights get gradients; each is folded into its gain and freed on arrival
+    (a module no gradient reached keeps no gain: NaN, not a misleading zero)."""
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -110,7 +113,7 @@ def _weights_require_grad(model, cache, names, gains):
     for name in names:
         weight = cache.modules[name].weight
         weight.requires_grad_(True)
-        handles.append(weight.register_post_accumulate_grad_hook(_fold_gradient(cache, name, gains)))
+        handles.append(weight.register_post_accumulate_grad_hook(_fold_gradient(cache, name, gains, reached)))
     try:
         yield
     finally:
@@ -124,8 +127,9 @@ def _weights_require_grad(model, cache, names, gains):
             p.requires_grad_(True)
 
 
-def _fold_gradient(cache, name, gains):
+def _fold_gradient(cache, name, gains, reached):
     def hook(weight):
+        reached.add(name)
         with torch.no_grad():
             delta = cache.original(name).float() - weight.detach().float()  # W − Ŵ: the step back to 16-bit
             gains[name] -= (weight.grad.float() * delta).sum(dtype=torch.float64).cpu()

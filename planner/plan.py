@@ -45,7 +45,8 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "auto", tie
     model = _candidates(table, tiers, objective)
     if scores:
         column = f"score:{tiers[0]}"
-        model[column] = [max(float(scores[n]), 0.0) if n in scores else model.loc[n, column] for n in model.index]
+        model[column] = [max(float(scores[n]), 0.0) if n in scores and scores[n] == scores[n] else model.loc[n, column]
+                         for n in model.index]  # a NaN score (never measured) keeps the objective's score
     decided = dict(decided or {})
     pinned_keep = match_patterns(keep, model.index, "--keep")
     pinned_quant = match_patterns(quantize, model.index, "--quantize")
