@@ -60,20 +60,37 @@ def main() -> None:
     parser.add_argument("--refine", type=int, default=4, help="rounds of the refined row (0: skip)")
     parser.add_argument("--single-module", action="store_true", help="also the N-forward single-module scores")
     parser.add_argument("--single-windows", type=int, default=4, help="calibration windows for --single-module")
+    parser.add_argument("--no-cost", action="store_true",
+                        help="analyze once (Fisher + context) without timing the three analysis modes")
+    parser.add_argument("--cost-only", action="store_true", help="only time the analysis modes against a forward")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan_quality.json"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     source = resolve_source(None)
     model, tokenizer = load_model(source), load_processor(source)
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
     forward = _forward_cost(model, calibration)
     cost, tables = {}, {}
-    for mode, flags in {"output": {}, "fisher": {"fisher": True}, "fisher+context": {"fisher": True, "context": True}}.items():
+    modes = {"output": {}, "fisher": {"fisher": True}, "fisher+context": {"fisher": True, "context": True}}
+    for mode, flags in modes.items():
+        if args.no_cost and mode != "fisher+context":
+            continue
         tables[mode], cost[mode] = _timed(lambda f=flags: analyze(model, calibration, [NF4], progress=False,
                                                                   model_fingerprint=source.fingerprint, **f))
         print(f"analysis {mode}: {cost[mode]['cpu_s']:.1f} s CPU = {cost[mode]['cpu_s'] / forward['cpu_s']:.2f}x "
               f"a forward ({forward['cpu_s']:.1f} s CPU)", flush=True)
+    if args.cost_only:
+        summary = {"model": source.model_id, "calibration_tokens": calibration.tokens, "forward": forward,
+                   "probe_cost": {mode: c["cpu_s"] / forward["cpu_s"] for mode, c in cost.items()},
+                   "analysis": cost, "machine": _machine()}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=1))
+        return
     table = tables["fisher+context"]
+    tables.setdefault("fisher", table)  # the same Fisher columns; auto picks fisher from a table without context
 
     heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
     reference = Reference(model, heldout.input_ids)
@@ -103,7 +120,8 @@ def main() -> None:
             started = time.process_time()
             refined = refine(table, budget, model, calibration, rounds=args.refine, **shared)
             add(budget, f"refined ({args.refine} rounds)", refined, time.process_time() - started)
-        shipped = verify(tables["fisher"], plan(tables["fisher"], budget), model, calibration, **shared)
+        shipped = verify(tables["fisher"], plan(tables["fisher"], budget, objective="fisher"), model, calibration,
+                         **shared)
         add(budget, f"shipped (auto + verify: {shipped.checks['verification']['chosen']})", shipped)
         for keep in baseline_keep_sets(table, plan(table, budget, objective="fisher")):
             label = keep.label.split(" @ ")[0] + (f" (seed {keep.seed})" if keep.seed is not None else "")
@@ -112,7 +130,8 @@ def main() -> None:
     summary = {
         "model": source.model_id, "calibration_tokens": calibration.tokens, "heldout_tokens": heldout.tokens,
         "all_nf4_kld": all_nf4, "forward": forward,
-        "probe_cost": {mode: c["cpu_s"] / forward["cpu_s"] for mode, c in cost.items()}, "analysis": cost,
+        "probe_cost": {mode: c["cpu_s"] / forward["cpu_s"] for mode, c in cost.items()} if not args.no_cost else {},
+        "analysis": cost,
         "single_module_windows": args.single_windows if single else None,
         "rows": results, "machine": _machine(),
     }
@@ -131,8 +150,11 @@ def _single_module_scores(model, calibration, table, cache, args) -> dict[str, d
         everything = calibration_kld(model, reference)
     restore, alone = {}, {}
     for index, name in enumerate(names):
-        with cache.quantized([n for n in names if n != name]):
+        weight = cache.modules[name].weight
+        with cache.quantized(names):  # all-NF4, then this one module back to 16-bit
+            rounded, weight.data = weight.data, cache.original(name)
             restore[name] = everything - calibration_kld(model, reference)
+            weight.data = rounded
         with cache.quantized([name]):
             alone[name] = calibration_kld(model, reference)
         if index % 20 == 0:
