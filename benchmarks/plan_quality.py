@@ -42,6 +42,7 @@ from analysis import NF4, analyze, load_calibration, load_model, load_processor,
 from analysis.calibration import CalibrationSet  # noqa: E402
 from analysis.endtoend import KLReference, calibration_kld  # noqa: E402
 from analysis.simulate import QuantCache  # noqa: E402
+from analysis.table import SensitivityTable  # noqa: E402
 from planner import plan  # noqa: E402
 from planner.baselines import baseline_keep_sets  # noqa: E402
 from planner.refine import refine  # noqa: E402
@@ -64,6 +65,8 @@ def main() -> None:
                         help="analyze once (Fisher + context) without timing the three analysis modes")
     parser.add_argument("--cost-only", action="store_true", help="only time the analysis modes against a forward")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
+    parser.add_argument("--table", help="folder to reuse the Fisher+context table from (analyzed and saved there "
+                                        "if missing)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan_quality.json"))
     args = parser.parse_args()
     if args.threads:
@@ -78,6 +81,11 @@ def main() -> None:
     for mode, flags in modes.items():
         if args.no_cost and mode != "fisher+context":
             continue
+        if args.table and mode == "fisher+context" and (Path(args.table) / "sensitivity.json").is_file():
+            tables[mode] = SensitivityTable.load(args.table)
+            continue
+        if args.table and mode == "fisher+context":
+            flags = {**flags, "out_dir": args.table}
         tables[mode], cost[mode] = _timed(lambda f=flags: analyze(model, calibration, [NF4], progress=False,
                                                                   model_fingerprint=source.fingerprint, **f))
         print(f"analysis {mode}: {cost[mode]['cpu_s']:.1f} s CPU = {cost[mode]['cpu_s'] / forward['cpu_s']:.2f}x "
@@ -146,15 +154,15 @@ def _single_module_scores(model, calibration, table, cache, args) -> dict[str, d
     reference = KLReference(model, subset)
     rows = table.for_format("nf4")
     names = list(rows.loc[rows["quantizable"] & (rows["group"] != "lm_head"), "name"])
-    with cache.quantized(names):
-        everything = calibration_kld(model, reference)
     restore, alone = {}, {}
-    for index, name in enumerate(names):
-        weight = cache.modules[name].weight
-        with cache.quantized(names):  # all-NF4, then this one module back to 16-bit
+    with cache.quantized(names):  # all-NF4; each module in turn back to 16-bit
+        everything = calibration_kld(model, reference)
+        for name in names:
+            weight = cache.modules[name].weight
             rounded, weight.data = weight.data, cache.original(name)
             restore[name] = everything - calibration_kld(model, reference)
             weight.data = rounded
+    for index, name in enumerate(names):
         with cache.quantized([name]):
             alone[name] = calibration_kld(model, reference)
         if index % 20 == 0:
