@@ -82,7 +82,8 @@ def _analyze_options(args):
                           formats=args.formats, blocksize=args.blocksize, double_quant=not args.no_double_quant,
                           device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                           resume=args.resume, progress=not args.quiet, fisher=not args.no_fisher,
-                          images=args.images, prompt=args.prompt, text_only=args.text_only)
+                          images=args.images, prompt=args.prompt, text_only=args.text_only,
+                          max_memory=args.max_memory)
 
 
 def _plan_options(args) -> dict:
@@ -156,6 +157,9 @@ def _analyze_args(p):
     p.add_argument("--no-fisher", action="store_true",
                    help="skip the backward pass of the next-token loss (Fisher-weighted scores, ~2x the forward "
                         "cost): faster, but plans fall back to the weaker output-error objective")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="analyze a decoder LLM too large for memory one block at a time from its safetensors "
+                        "files, holding about SIZE (2GB, 1500MiB); no Fisher scores (plans use output error)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -43,6 +43,7 @@ class AnalyzeOptions:
     images: str | None = None  # vision-language models: folder, file, or "default" (shipped photos)
     prompt: str | None = None
     text_only: bool = False
+    max_memory: str | None = None  # stream the model block by block under this cap (analysis.streaming)
 
 
 def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOptions, *,
@@ -57,24 +58,42 @@ def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOpti
         prompt=options.prompt, text_only=options.text_only, calib=options.calib, samples=options.samples,
         seq_len=options.seq_len, seed=options.seed)
     out_dir = Path(out_dir)
+    fisher = options.fisher and not options.max_memory
+    if options.fisher and options.max_memory:
+        print("quantplan: --max-memory streams the model one block at a time, without the backward pass that "
+              "Fisher scores need: the table has output errors, and plans use them")
     if reuse and (out_dir / TABLE_FILE).is_file() and (out_dir / META_FILE).is_file():
         table = SensitivityTable.load(out_dir)
         try:
             table.check_matches(source.fingerprint, calibration.fingerprint, [f.name for f in formats])
-            if options.fisher and not table.meta.get("fisher"):
+            if fisher and not table.meta.get("fisher"):
                 raise TableMismatch("the saved table has no Fisher scores")
             print(f"quantplan: reusing the matching sensitivity table in {out_dir}")
             return table
         except TableMismatch as err:
             print(f"quantplan: not reusing {out_dir / TABLE_FILE}: {err}")
-    model = load_model(source, dtype=dtype, device=options.device)
-    table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
-                    batch_size=options.batch_size, out_dir=out_dir, resume=options.resume,
-                    progress=options.progress, fisher=options.fisher)
-    del model
-    gc.collect()
+    if options.max_memory:
+        table = _analyze_streaming(source, calibration, formats, dtype, out_dir, options)
+    else:
+        model = load_model(source, dtype=dtype, device=options.device)
+        table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
+                        batch_size=options.batch_size, out_dir=out_dir, resume=options.resume,
+                        progress=options.progress, fisher=fisher)
+        del model
+        gc.collect()
     print(summarize(table))
     return table
+
+
+def _analyze_streaming(source, calibration, formats, dtype, out_dir, options) -> SensitivityTable:
+    from analysis.streaming import analyze_streaming
+
+    if options.device != "cpu":
+        raise ValueError("--max-memory streams blocks through the CPU: drop --device, or drop --max-memory")
+    return analyze_streaming(source.path, calibration, formats, max_memory=options.max_memory, dtype=dtype,
+                             model_id=source.model_id, model_fingerprint=source.fingerprint,
+                             batch_size=options.batch_size, out_dir=out_dir, resume=options.resume,
+                             progress=options.progress)
 
 
 def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path | None = None,
