@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import Shard
 from .fisher import GradientProbe, loss_backward
 from .formats import NF4, format_to_dict
 from .measure import measure_module
@@ -41,7 +42,8 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     ``batches(batch_size)``, ``num_batches(batch_size)`` and ``meta``). With ``out_dir`` the
     table is saved there; ``resume`` continues from ``out_dir/partial`` after an interruption.
     ``fisher`` adds a backward pass of the next-token loss per batch and fills
-    ``output_fisher_error`` (see :mod:`analysis.fisher`).
+    ``output_fisher_error`` (see :mod:`analysis.fisher`). Under torchrun / accelerate launch
+    the batches are shared by the processes and rank 0 writes the table (:mod:`analysis.distributed`).
     """
     formats = list(formats)
     infos = list_modules(model)
@@ -55,26 +57,28 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
 
     probe = InputProbe(model, candidates)
     grads = GradientProbe(model, candidates) if fisher else None
-    partial = Path(out_dir) / PARTIAL_DIR if out_dir else None
+    shard = Shard.current()
+    partial = shard.partial_folder(out_dir)
     if resume:
         _resume(probe, grads, partial, run_meta)
-    _run_calibration(model, calibration, probe, grads, batch_size, partial, run_meta, checkpoint_seconds, progress,
-                     full_logits=lm_head in candidates)
+    _run_calibration(model, shard.calibration(calibration), probe, grads, batch_size, partial, run_meta,
+                     checkpoint_seconds, progress, full_logits=lm_head in candidates)
+    shard.reduce(probe, grads)
 
-    rows = []
+    measured = {}
     weights = dict(model.named_parameters(remove_duplicate=False))
-    for info in tqdm(infos, desc="measure modules", disable=not progress, leave=False):
+    for position, info in tqdm(shard.mine(infos), desc="measure modules", disable=not progress, leave=False):
         stats = probe.stats_for(info.name) if info.name in probe.owner else None
         grad_sq = grads.mean_squared_gradient(info.name) if grads else None
-        rows.extend(measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name], grad_sq))
+        measured[position] = measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name],
+                                            grad_sq)
+    rows = [row for module_rows in shard.gather(measured) for row in module_rows]
     meta = _table_meta(model, model_id, fingerprint, calibration, formats, infos, fisher)
     table = SensitivityTable(pd.DataFrame(rows), meta)
     if out_dir:
-        table.save(out_dir)
-        if partial and partial.exists():
-            for f in partial.iterdir():
-                f.unlink()
-            partial.rmdir()
+        if shard.rank == 0:
+            table.save(out_dir)
+        shard.remove_partial(partial)
     return table
 
 
@@ -102,8 +106,8 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
     try:
         with probe.attached(), grad_context, no_grad, _sigterm_as_interrupt():
             bar = tqdm(total=total, initial=probe.batches_done, desc="calibration batches", disable=not progress)
-            for index, batch in enumerate(calibration.batches(batch_size)):
-                if index < probe.batches_done:
+            for position, (index, batch) in enumerate(_numbered_batches(calibration, batch_size)):
+                if position < probe.batches_done:
                     continue
                 probe.start_batch()
                 if grads:
@@ -128,6 +132,13 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
             if isinstance(err, KeyboardInterrupt):
                 raise KeyboardInterrupt(note) from err
         raise
+
+
+def _numbered_batches(calibration, batch_size):
+    """(batch index in the whole set, batch): a process's share keeps the global index (Fisher seeds)."""
+    if hasattr(calibration, "numbered_batches"):
+        return calibration.numbered_batches(batch_size)
+    return enumerate(calibration.batches(batch_size))
 
 
 def _resume(probe, grads, partial, run_meta) -> None:

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .analyze import PARTIAL_DIR, _reason, _table_meta
+from .distributed import Shard
 from .formats import NF4, format_to_dict
 from .measure import measure_module
 from .models import resolve_source
@@ -66,6 +67,9 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
         raise StreamingUnsupported(
             "Fisher scores need a backward pass through the whole model, which streaming analysis does not run: "
             "pass --no-fisher (fisher=False) with --max-memory; plans then use the output-error objective")
+    if Shard.current().world > 1:
+        raise StreamingUnsupported("streaming analysis runs in one process: launch it without torchrun, or drop "
+                                   "--max-memory to share the calibration batches between processes")
     formats = list(formats)
     model = skeleton(path, dtype)
     weights = DiskWeights(path, model)

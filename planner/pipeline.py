@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis import analyze, load_model, load_processor, parse_formats, resolve_source
+from analysis.distributed import init_from_environment, is_main_process
 from analysis.models import ModelSource, dtype_from_name
 from analysis.summary import summarize
 from analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
@@ -75,6 +76,7 @@ def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOpti
     if options.max_memory:
         table = _analyze_streaming(source, calibration, formats, dtype, out_dir, options)
     else:
+        init_from_environment(options.device)  # torchrun / accelerate launch: share the batches
         model = load_model(source, dtype=dtype, device=options.device)
         table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
                         batch_size=options.batch_size, out_dir=out_dir, resume=options.resume,
@@ -113,6 +115,8 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     if checkpoint.exists() and not overwrite:
         raise FileExistsError(f"{checkpoint} already exists: pass --overwrite to replace it, or choose another --out")
     table = analyze_model(source, out_dir, options, reuse=True)
+    if not is_main_process():
+        return {"out": out_dir, "table": out_dir / TABLE_FILE}  # rank 0 plans, exports and reports
     chosen = plan_and_save(table, budget, out_dir, priors, **plan_options)
     result = export(source, chosen, checkpoint, overwrite=overwrite, device=options.device,
                     compute_dtype=dtype_from_name(options.dtype if options.dtype != "fp32" else "bf16"))
