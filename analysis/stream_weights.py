@@ -36,6 +36,23 @@ def parse_size(spec: str | int | float) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
+def release_freed_blocks() -> None:
+    """Make glibc give every freed block of 1 MiB or more back to the OS at once.
+
+    glibc raises its mmap threshold after large frees (up to 32 MiB), so a stage's tensors
+    would later come from the heap, which fragments and only grows: peak RSS crept up ~15 MB
+    per block on the streaming benchmark. A fixed threshold keeps it flat. No-op elsewhere.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def skeleton(path: str | Path, dtype: torch.dtype) -> nn.Module:
     """The causal LM of ``path`` with every parameter on the meta device (buffers stay real)."""
     from accelerate import init_empty_weights

@@ -38,7 +38,15 @@ from .models import resolve_source
 from .modules import list_modules, output_embedding_name
 from .probe import InputProbe
 from .stream_store import StreamCheckpoint, read_batch, write_batch
-from .stream_weights import DiskWeights, StreamingUnsupported, parse_size, skeleton, stage_need, unload
+from .stream_weights import (
+    DiskWeights,
+    StreamingUnsupported,
+    parse_size,
+    release_freed_blocks,
+    skeleton,
+    stage_need,
+    unload,
+)
 from .table import SensitivityTable
 
 
@@ -71,6 +79,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
         raise StreamingUnsupported("streaming analysis runs in one process: launch it without torchrun, or drop "
                                    "--max-memory to share the calibration batches between processes")
     formats = list(formats)
+    release_freed_blocks()
     model = skeleton(path, dtype)
     weights = DiskWeights(path, model)
     infos = list_modules(model)
