@@ -139,6 +139,12 @@ def stage_bytes(model: nn.Module, names: list[str]) -> int:
     return sum(params[n].numel() * params[n].element_size() for n in names)
 
 
+#: memory the process keeps once the first block has run, beyond the imports and the estimate
+#: below (math libraries' work buffers, allocator state): ~120-150 MB, flat over 12-64 blocks on
+#: the streaming benchmark (benchmarks/streaming.py)
+RUNTIME_BYTES = 160 * 10**6
+
+
 def stage_need(model: nn.Module, param_names: list[str], linears: list[str], batch_tokens: int,
                batch_size: int) -> dict:
     """Estimated resident bytes while one stage runs and is measured (weights + statistics + work space).
@@ -146,7 +152,8 @@ def stage_need(model: nn.Module, param_names: list[str], linears: list[str], bat
     Statistics: one float32 Gram matrix (plus absmax and a 256-row sample) per hooked Linear,
     counted without sharing, so the estimate errs high. Work space: the larger of the
     measurement (about five float32 copies of the largest weight) and one batch's activations
-    (in and out of the block, the attention scores, the MLP's intermediate width, the logits).
+    (in and out of the block, the attention scores, the MLP's intermediate width, the logits),
+    plus :data:`RUNTIME_BYTES`. Python and the libraries themselves (~0.5 GB) are not counted.
     """
     config = model.config
     modules = dict(model.named_modules())
@@ -161,5 +168,5 @@ def stage_need(model: nn.Module, param_names: list[str], linears: list[str], bat
     if any(s[0] == getattr(config, "vocab_size", -1) for s in shapes):
         activations += batch_tokens * config.vocab_size * 4 * 2
     weights = stage_bytes(model, param_names)
-    return {"weights": weights, "statistics": stats, "work": max(measure, activations),
-            "total": weights + stats + max(measure, activations)}
+    work = max(measure, activations) + RUNTIME_BYTES
+    return {"weights": weights, "statistics": stats, "work": work, "total": weights + stats + work}
