@@ -108,18 +108,22 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
         finally:
             unload(model, stage.params)
         store.commit(index, rows[index], outputs)
-    by_name: dict[str, list[dict]] = {}
-    for stage_rows in rows.values():
-        for row in stage_rows:
-            by_name.setdefault(row["name"], []).append(row)
-    ordered = [row for info in infos for row in by_name[info.name]]
-    table = SensitivityTable(pd.DataFrame(ordered), meta)
+    table = SensitivityTable(pd.DataFrame(_in_module_order(rows, infos)), meta)
     if out_dir:
         table.save(out_dir)
     store.remove()
     if scratch:
         scratch.cleanup()
     return table
+
+
+def _in_module_order(rows: dict[int, list[dict]], infos) -> list[dict]:
+    """All stages' rows in module-tree order, as analyze() lists them."""
+    by_name: dict[str, list[dict]] = {}
+    for stage_rows in rows.values():
+        for row in stage_rows:
+            by_name.setdefault(row["name"], []).append(row)
+    return [row for info in infos for row in by_name[info.name]]
 
 
 def _stages(model, infos, lm_head) -> list[Stage]:

@@ -41,6 +41,22 @@ def test_streamed_table_equals_in_memory_table(tmp_path, tie):
     assert not (tmp_path / "out" / "partial").exists()
 
 
+def test_streamed_qwen2_equals_in_memory_table(tmp_path):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "qwen2")
+    source = resolve_source(str(tmp_path / "qwen2"))
+    calibration = random_calibration(samples=6)
+    expected = analyze(load_model(source), calibration, [NF4], model_fingerprint=source.fingerprint, progress=False)
+    streamed = analyze_streaming(tmp_path / "qwen2", calibration, [NF4], progress=False)
+    pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-6)
+
+
 def test_cap_too_small_and_fisher_refused_with_the_fix(tmp_path):
     folder = save_tiny(tmp_path / "model")
     with pytest.raises(StreamingUnsupported, match=r"--max-memory .* or more"):
