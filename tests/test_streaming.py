@@ -156,3 +156,13 @@ def _words(tmp_path: Path) -> Path:
     path = tmp_path / "words.txt"
     path.write_text("\n\n".join(" ".join(f"w{(7 * i + j) % 250 + 4}" for j in range(40)) for i in range(20)))
     return path
+
+
+def test_run_with_max_memory_plans_and_exports_from_the_streamed_table(tmp_path):
+    from planner.pipeline import AnalyzeOptions, run
+
+    folder = save_tiny(tmp_path / "model")
+    options = AnalyzeOptions(calib=str(_words(tmp_path)), samples=4, seq_len=32, progress=False, max_memory="1GB")
+    out = run(str(folder), "+20%", tmp_path / "job", options)
+    assert out["checkpoint"].is_dir() and out["plan"].is_file()
+    assert json.loads(out["plan"].read_text())["objective"] == "output"  # auto falls back: no Fisher when streamed
