@@ -21,21 +21,24 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import Shard
+from .endtoend import KLReference, restore_gains
 from .fisher import GradientProbe, loss_backward
 from .formats import NF4, format_to_dict
 from .measure import measure_module
 from .memory import non_module_bytes
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
 from .probe import InputProbe
+from .simulate import QuantCache
 from .table import SensitivityTable, TableMismatch
 
 PARTIAL_DIR = "partial"
+CONTEXT_COLUMNS = ("restore_gain", "context_output_rel_error")
 
 
 def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
             model_fingerprint: str | None = None, batch_size: int = 4, out_dir: str | Path | None = None,
             resume: bool = False, checkpoint_seconds: float = 300.0, progress: bool = True,
-            fisher: bool = False) -> SensitivityTable:
+            fisher: bool = False, context: bool = False) -> SensitivityTable:
     """Measure weight and output error of every candidate module for each format.
 
     ``calibration`` is a :class:`~analysis.calibration.CalibrationSet` (or anything with
@@ -44,6 +47,9 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     ``fisher`` adds a backward pass of the next-token loss per batch and fills
     ``output_fisher_error`` (see :mod:`analysis.fisher`). Under torchrun / accelerate launch
     the batches are shared by the processes and rank 0 writes the table (:mod:`analysis.distributed`).
+    ``context`` adds a forward and backward pass of the all-4-bit model (first 4-bit format)
+    against the 16-bit logits and fills ``restore_gain`` and ``context_output_rel_error`` for
+    that format (see :mod:`analysis.endtoend`).
     """
     formats = list(formats)
     infos = list_modules(model)
@@ -73,13 +79,34 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
         measured[position] = measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name],
                                             grad_sq)
     rows = [row for module_rows in shard.gather(measured) for row in module_rows]
+    for row in rows:
+        row.update({c: float("nan") for c in CONTEXT_COLUMNS})
     meta = _table_meta(model, model_id, fingerprint, calibration, formats, infos, fisher)
+    if context:
+        if partial:  # the calibration pass is done: a resume after a failure below skips it
+            probe.save(partial, run_meta, grads.state() if grads else None)
+        meta["context"] = _quantized_context(model, calibration, formats, rows, lm_head, batch_size, progress)
     table = SensitivityTable(pd.DataFrame(rows), meta)
     if out_dir:
         if shard.rank == 0:
             table.save(out_dir)
         shard.remove_partial(partial)
     return table
+
+
+def _quantized_context(model, calibration, formats, rows, lm_head, batch_size, progress) -> dict:
+    """Fill the quantized-context columns of the first 4-bit format's rows; return what was measured."""
+    fmt = next((f for f in formats if f.bits == 4), None)
+    if fmt is None:
+        raise ValueError("the quantized-context pass needs a 4-bit format: add nf4 to --formats, or drop --context")
+    names = [r["name"] for r in rows if r["format"] == fmt.name and r["supported"] and r["name"] != lm_head]
+    reference = KLReference(model, calibration, batch_size, progress=progress)
+    result = restore_gains(model, reference, QuantCache(model, fmt), names, context_error=True, progress=progress)
+    for row in rows:
+        if row["format"] == fmt.name and row["name"] in result.gains:
+            row["restore_gain"] = result.gains[row["name"]]
+            row["context_output_rel_error"] = result.context_error[row["name"]]
+    return {"format": fmt.name, "all_4bit_kld": result.kld, "tokens": reference.tokens}
 
 
 def _reason(model, info, lm_head, formats) -> str | None:

@@ -31,9 +31,13 @@ class GradientProbe:
 
     @contextmanager
     def attached(self):
-        """Register full backward hooks for the duration of the block."""
+        """Hook the named modules' outputs for the duration of the block.
+
+        A forward hook registers a gradient hook on each output tensor: cheaper than
+        ``register_full_backward_hook``, which wraps every input and output in an extra autograd node.
+        """
         modules = dict(self.model.named_modules())
-        handles = [modules[n].register_full_backward_hook(self._hook(n)) for n in self.names]
+        handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
         try:
             yield self
         finally:
@@ -41,15 +45,16 @@ class GradientProbe:
                 h.remove()
 
     def _hook(self, name: str):
-        def hook(module, grad_input, grad_output):
-            g = grad_output[0]
-            if g is None:
-                return
+        def on_gradient(g):
             rows = g.detach().reshape(-1, g.shape[-1]).float()
             rows = rows[torch.isfinite(rows).all(dim=1)]
             squared = rows.pow(2).sum(dim=0)
             previous = self._pending.get(name)
             self._pending[name] = (squared + previous[0], len(rows) + previous[1]) if previous else (squared, len(rows))
+
+        def hook(module, args, output):
+            if torch.is_tensor(output) and output.requires_grad:
+                output.register_hook(on_gradient)
 
         return hook
 

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .analyze import PARTIAL_DIR, _reason, _table_meta
+from .analyze import CONTEXT_COLUMNS, PARTIAL_DIR, _reason, _table_meta
 from .distributed import Shard
 from .formats import NF4, format_to_dict
 from .measure import measure_module
@@ -209,6 +209,8 @@ def _measure_stage(model, stage: Stage, infos, probe: InputProbe, formats, reaso
         if info.name in stage.linears:
             stats = probe.stats_for(info.name) if info.name in probe.owner else None
             rows.extend(measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name]))
+    for row in rows:  # the quantized-context pass runs the whole model: not available here
+        row.update({c: float("nan") for c in CONTEXT_COLUMNS})
     return rows
 
 

@@ -38,6 +38,11 @@ COLUMNS = {
     "output_mse": "‖X(W−Ŵ)ᵀ‖² / (tokens·out_features): absolute output error, grows with activation size",
     "output_fisher_error": "Σ_o mean_t(∂L/∂y_o)² · Σ_t Δy_o²: Fisher-weighted output error in next-token-loss "
                            "units (only with fisher=True / --fisher; NaN otherwise)",
+    "restore_gain": "first-order decrease of the mean next-token KL divergence (nats/token) from 16-bit if this "
+                    "module alone went back to 16-bit in the all-4-bit model (quantized context; only with "
+                    "context=True / --context, first 4-bit format; NaN otherwise)",
+    "context_output_rel_error": "‖(W−Ŵ)x̂‖² / ‖Wx̂‖² with x̂ the inputs of the all-4-bit model (upstream rounding "
+                                "included; only with --context)",
     "output_max_abs_error": "max |X(W−Ŵ)ᵀ| over a sample of up to 256 input rows from the first batch",
     "weight_absmax_over_std": "max|w| / std(w): weight outliers",
     "weight_kurtosis": "E[(w−μ)⁴]/σ⁴ (3 for a Gaussian): heavy-tailed weights",

@@ -1,14 +1,23 @@
 """Plan quality on SmolLM2-135M: how much of the all-NF4 KL gap each way of choosing 16-bit modules closes.
 
-For each budget (+10 %, +33 % over all-NF4) and each score (the planner's objectives, plus the
-heuristic baselines at the same bytes), the chosen modules stay 16-bit and every other Linear
-is NF4 (simulated: bitsandbytes' round-tripped weights, which is what Linear4bit computes on
-CPU). Mean next-token KL divergence vs the 16-bit model is measured on held-out text disjoint
-from the calibration text; recovery = share of the all-NF4 KL closed. Also reported: the probe
-cost (analysis time with and without the Fisher backward pass / a plain forward over the same
-calibration tokens).
+For each budget (+10 %, +33 % over all-NF4) and each way of scoring modules, the chosen modules
+stay 16-bit and every other Linear is NF4 (simulated: bitsandbytes' round-tripped weights, which
+is what Linear4bit computes on CPU). Mean next-token KL divergence vs the 16-bit model is
+measured on held-out text disjoint from the calibration text; recovery = share of the all-NF4
+KL closed. Rows:
 
-    python benchmarks/plan_quality.py [--samples 32] [--seq-len 256] [--heldout 16]
+- the planner's objectives (exact knapsack on the table's scores): output, weight, combined,
+  fisher (16-bit context), restore (quantized context, ``--context``);
+- ``refined``: ``--refine 4`` rounds of measured KL gradients (opt-in, its own cost);
+- ``shipped``: what ``quantplan run`` writes by default (objective auto + the verification);
+- heuristics at the same bytes: first+last layers, weight error, random (3 seeds);
+- with ``--single-module``: the issue's N-forward scores, each module's exact calibration KL
+  effect (restore it alone into all-NF4 / quantize it alone), on ``--single-windows`` windows.
+
+Cost: analysis time / one plain forward over the same calibration tokens, CPU time of the
+process (robust to other jobs on a shared machine), for each analysis mode.
+
+    python benchmarks/plan_quality.py [--samples 32] [--seq-len 256] [--heldout 16] [--single-module]
 
 Writes benchmarks/results/plan_quality.json and prints a Markdown table.
 """
@@ -30,12 +39,16 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 from analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
+from analysis.calibration import CalibrationSet  # noqa: E402
+from analysis.endtoend import KLReference, calibration_kld  # noqa: E402
+from analysis.simulate import QuantCache  # noqa: E402
 from planner import plan  # noqa: E402
-from reports.baselines import baseline_keep_sets  # noqa: E402
+from planner.baselines import baseline_keep_sets  # noqa: E402
+from planner.refine import refine  # noqa: E402
+from planner.verify import verify  # noqa: E402
 from reports.fidelity import Reference, measure  # noqa: E402
-from reports.simulate import QuantCache  # noqa: E402
 
-OBJECTIVES = ("output", "weight", "combined", "fisher")
+OBJECTIVES = ("output", "weight", "combined", "fisher", "restore")
 BUDGETS = ("+10%", "+33%")
 
 
@@ -44,48 +57,82 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=16, help="held-out windows of --seq-len tokens")
+    parser.add_argument("--refine", type=int, default=4, help="rounds of the refined row (0: skip)")
+    parser.add_argument("--single-module", action="store_true", help="also the N-forward single-module scores")
+    parser.add_argument("--single-windows", type=int, default=4, help="calibration windows for --single-module")
+    parser.add_argument("--no-cost", action="store_true",
+                        help="analyze once (Fisher + context) without timing the three analysis modes")
+    parser.add_argument("--cost-only", action="store_true", help="only time the analysis modes against a forward")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan_quality.json"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     source = resolve_source(None)
     model, tokenizer = load_model(source), load_processor(source)
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
-    forward = _forward_seconds(model, calibration)
-    started = time.perf_counter()
-    plain = analyze(model, calibration, [NF4], progress=False, model_fingerprint=source.fingerprint)
-    plain_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    table = analyze(model, calibration, [NF4], progress=False, model_fingerprint=source.fingerprint, fisher=True)
-    fisher_seconds = time.perf_counter() - started
-    assert np.allclose(plain.df["output_rel_error"].fillna(0), table.df["output_rel_error"].fillna(0))
+    forward = _forward_cost(model, calibration)
+    cost, tables = {}, {}
+    modes = {"output": {}, "fisher": {"fisher": True}, "fisher+context": {"fisher": True, "context": True}}
+    for mode, flags in modes.items():
+        if args.no_cost and mode != "fisher+context":
+            continue
+        tables[mode], cost[mode] = _timed(lambda f=flags: analyze(model, calibration, [NF4], progress=False,
+                                                                  model_fingerprint=source.fingerprint, **f))
+        print(f"analysis {mode}: {cost[mode]['cpu_s']:.1f} s CPU = {cost[mode]['cpu_s'] / forward['cpu_s']:.2f}x "
+              f"a forward ({forward['cpu_s']:.1f} s CPU)", flush=True)
+    if args.cost_only:
+        summary = {"model": source.model_id, "calibration_tokens": calibration.tokens, "forward": forward,
+                   "probe_cost": {mode: c["cpu_s"] / forward["cpu_s"] for mode, c in cost.items()},
+                   "analysis": cost, "machine": _machine()}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=1))
+        return
+    table = tables["fisher+context"]
+    tables.setdefault("fisher", table)  # the same Fisher columns; auto picks fisher from a table without context
 
     heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
     reference = Reference(model, heldout.input_ids)
     cache = QuantCache(model, NF4)
-    rows = table.for_format("nf4")
-    candidates = list(rows.loc[rows["quantizable"], "name"])
+    rows_nf4 = table.for_format("nf4")
+    candidates = set(rows_nf4.loc[rows_nf4["quantizable"], "name"])
 
     def kld(kept) -> float:
-        with cache.quantized([n for n in candidates if n not in kept]):
+        with cache.quantized(sorted(candidates - set(kept))):
             return measure(model, reference).summary()["mean_kld"]
 
-    all_nf4 = kld(set())
+    all_nf4 = kld({n for n in candidates if n.endswith("lm_head")})
+    shared = {"reference": KLReference(model, calibration), "cache": cache, "progress": False}
+    single = _single_module_scores(model, calibration, table, cache, args) if args.single_module else {}
     results = []
+
+    def add(budget, label, p, seconds=None):
+        results.append(_row(budget, label, p.kept, kld(set(p.kept)), all_nf4, p.predicted["bytes"], seconds))
+        print(_line(results[-1]), flush=True)
+
     for budget in BUDGETS:
         for objective in OBJECTIVES:
-            p = plan(table, budget, objective=objective)
-            results.append(_row(budget, f"planner: {objective}", p.kept, kld(set(p.kept)), all_nf4,
-                                p.predicted["bytes"]))
-            print(_line(results[-1]), flush=True)
-        reference_plan = plan(table, budget, objective="fisher")
-        for keep in baseline_keep_sets(table, reference_plan):
-            results.append(_row(budget, keep.label.split(" @ ")[0] + (f" (seed {keep.seed})" if keep.seed is not None else ""),
-                                keep.kept, kld(set(keep.kept)), all_nf4, keep.bytes))
+            add(budget, f"planner: {objective}", plan(table, budget, objective=objective))
+        for label, gains in single.items():
+            add(budget, label, plan(table, budget, scores=gains))
+        if args.refine:
+            started = time.process_time()
+            refined = refine(table, budget, model, calibration, rounds=args.refine, **shared)
+            add(budget, f"refined ({args.refine} rounds)", refined, time.process_time() - started)
+        shipped = verify(tables["fisher"], plan(tables["fisher"], budget, objective="fisher"), model, calibration,
+                         **shared)
+        add(budget, f"shipped (auto + verify: {shipped.checks['verification']['chosen']})", shipped)
+        for keep in baseline_keep_sets(table, plan(table, budget, objective="fisher")):
+            label = keep.label.split(" @ ")[0] + (f" (seed {keep.seed})" if keep.seed is not None else "")
+            results.append(_row(budget, label, keep.kept, kld(set(keep.kept)), all_nf4, keep.bytes))
             print(_line(results[-1]), flush=True)
     summary = {
         "model": source.model_id, "calibration_tokens": calibration.tokens, "heldout_tokens": heldout.tokens,
-        "all_nf4_kld": all_nf4, "forward_seconds": forward,
-        "probe_cost": {"output_only": plain_seconds / forward, "with_fisher": fisher_seconds / forward},
+        "all_nf4_kld": all_nf4, "forward": forward,
+        "probe_cost": {mode: c["cpu_s"] / forward["cpu_s"] for mode, c in cost.items()} if not args.no_cost else {},
+        "analysis": cost,
+        "single_module_windows": args.single_windows if single else None,
         "rows": results, "machine": _machine(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -93,23 +140,47 @@ def main() -> None:
     print(markdown(summary))
 
 
-def _row(budget, label, kept, value, all_nf4, size) -> dict:
-    return {"budget": budget, "score": label, "kept": len(kept), "kld": value,
-            "recovery": (all_nf4 - value) / all_nf4, "bytes": int(size)}
+def _single_module_scores(model, calibration, table, cache, args) -> dict[str, dict[str, float]]:
+    """Exact calibration-KL effect of each module alone: restored into all-NF4, and quantized alone (N forwards)."""
+    subset = CalibrationSet(calibration.input_ids[: args.single_windows], calibration.source, calibration.seed)
+    reference = KLReference(model, subset)
+    rows = table.for_format("nf4")
+    names = list(rows.loc[rows["quantizable"] & (rows["group"] != "lm_head"), "name"])
+    with cache.quantized(names):
+        everything = calibration_kld(model, reference)
+    restore, alone = {}, {}
+    for index, name in enumerate(names):
+        weight = cache.modules[name].weight
+        with cache.quantized(names):  # all-NF4, then this one module back to 16-bit
+            rounded, weight.data = weight.data, cache.original(name)
+            restore[name] = everything - calibration_kld(model, reference)
+            weight.data = rounded
+        with cache.quantized([name]):
+            alone[name] = calibration_kld(model, reference)
+        if index % 20 == 0:
+            print(f"single-module scores: {index + 1}/{len(names)}", flush=True)
+    return {"restore one into all-NF4 (N forwards)": restore, "quantize one alone (N forwards)": alone}
+
+
+def _row(budget, label, kept, value, all_nf4, size, seconds=None) -> dict:
+    row = {"budget": budget, "score": label, "kept": len(kept), "kld": value,
+           "recovery": (all_nf4 - value) / all_nf4, "bytes": int(size)}
+    if seconds is not None:
+        row["cpu_seconds"] = seconds
+    return row
 
 
 def _line(row) -> str:
-    return f"{row['budget']:>5} {row['score']:<28} kept {row['kept']:>3}  KLD {row['kld']:.4f}  recovery {row['recovery']:.0%}"
+    return f"{row['budget']:>5} {row['score']:<44} kept {row['kept']:>3}  KLD {row['kld']:.4f}  recovery {row['recovery']:.0%}"
 
 
 def markdown(summary: dict) -> str:
     """The results as a Markdown table (random seeds averaged)."""
-    lines = [f"all-NF4 KLD {summary['all_nf4_kld']:.4f}; probe cost {summary['probe_cost']['output_only']:.2f}x "
-             f"(output error) / {summary['probe_cost']['with_fisher']:.2f}x (with Fisher) one forward pass",
+    cost = ", ".join(f"{mode} {ratio:.2f}x" for mode, ratio in summary["probe_cost"].items())
+    lines = [f"all-NF4 KLD {summary['all_nf4_kld']:.4f}; analysis cost (CPU time / one forward): {cost}",
              "", "| budget | score | kept | KLD | recovery |", "|---|---|---|---|---|"]
-    rows = summary["rows"]
     for budget in BUDGETS:
-        part = [r for r in rows if r["budget"] == budget]
+        part = [r for r in summary["rows"] if r["budget"] == budget]
         randoms = [r for r in part if r["score"].startswith("random")]
         for r in part:
             if not r["score"].startswith("random"):
@@ -121,14 +192,22 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _forward_seconds(model, calibration, batch_size: int = 4) -> float:
-    best = float("inf")
+def _timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
+def _forward_cost(model, calibration, batch_size: int = 4) -> dict:
+    """Best of two plain forward passes over the calibration tokens (logits of the last position only)."""
+    best = None
     for _ in range(2):
-        started = time.perf_counter()
-        with torch.inference_mode():
-            for batch in calibration.batches(batch_size):
-                model(**batch, use_cache=False, logits_to_keep=1)
-        best = min(best, time.perf_counter() - started)
+        def run():
+            with torch.inference_mode():
+                for batch in calibration.batches(batch_size):
+                    model(**batch, use_cache=False, logits_to_keep=1)
+        _, cost = _timed(run)
+        best = cost if best is None or cost["cpu_s"] < best["cpu_s"] else best
     return best
 
 
@@ -139,7 +218,8 @@ def _machine() -> dict:
     import bitsandbytes
     import transformers
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "torch": torch.__version__,
             "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
             "date": time.strftime("%Y-%m-%d")}
 

@@ -71,7 +71,8 @@ def _run(args) -> int:
 
     compare = None if args.no_compare else options_from_args(args)
     run(args.model, args.budget, args.out, _analyze_options(args), overwrite=args.overwrite, priors=args.priors,
-        compare=compare, **_plan_options(args))
+        compare=compare, refine=args.refine, verify=not args.no_verify, max_batches=args.end_to_end_batches,
+        **_plan_options(args))
     return 0
 
 
@@ -83,7 +84,7 @@ def _analyze_options(args):
                           device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                           resume=args.resume, progress=not args.quiet, fisher=not args.no_fisher,
                           images=args.images, prompt=args.prompt, text_only=args.text_only,
-                          max_memory=args.max_memory)
+                          max_memory=args.max_memory, context=args.context)
 
 
 def _plan_options(args) -> dict:
@@ -127,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default ./<model-name>-dynamic-bnb-4bit)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
     run.add_argument("--no-compare", action="store_true", help="skip the fidelity scoreboard and report")
+    run.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
+                     help="re-plan on measured KL gradients in ROUNDS rounds (each one forward+backward pass over "
+                          "the calibration batches; default 0: off)")
+    run.add_argument("--no-verify", action="store_true",
+                     help="skip the check that the plan's calibration KL beats all-4-bit (and the fallback)")
+    run.add_argument("--end-to-end-batches", type=int, default=None, metavar="N",
+                     help="calibration batches used by --refine and the verification (default: all)")
     run.set_defaults(handler=_run)
     return parser
 
@@ -160,12 +168,15 @@ def _analyze_args(p):
     p.add_argument("--max-memory", metavar="SIZE",
                    help="analyze a decoder LLM too large for memory one block at a time from its safetensors "
                         "files, holding about SIZE (2GB, 1500MiB); no Fisher scores (plans use output error)")
+    p.add_argument("--context", action="store_true",
+                   help="also measure each module in the all-4-bit model (quantized context: restore_gain, "
+                        "context_output_rel_error; one more forward+backward pass; enables --objective restore)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _plan_args(p):
     p.add_argument("--budget", default="+10%", help="1.8GB, 1700MiB, +10%% (over all-4-bit) or 0.45x (of 16-bit)")
-    p.add_argument("--objective", default="auto", choices=["auto", "output", "weight", "combined", "fisher"],
+    p.add_argument("--objective", default="auto", choices=["auto", "output", "weight", "combined", "fisher", "restore"],
                    help="what the plan minimises; auto = fisher when the table has it, else output")
     p.add_argument("--tiers", help="formats the plan may use besides 16-bit (default: the table's 4-bit format)")
     p.add_argument("--keep", action="append", default=[], metavar="PATTERN", help="always keep 16-bit")

@@ -7,6 +7,20 @@ from pathlib import Path
 from .budget import format_bytes
 
 
+def _checks_text(plan) -> str:
+    """The end-to-end refinement and verification, when they ran (planner.refine, planner.verify)."""
+    lines = []
+    if refinement := plan.checks.get("refinement"):
+        lines.append(f"Refined in {refinement['rounds']} rounds of measured KL gradients on "
+                     f"{refinement['tokens']} calibration tokens.")
+    if verification := plan.checks.get("verification"):
+        kld = verification["calibration_kld"]
+        measured = ", ".join(f"{label} {value:.4f}" for label, value in kld.items())
+        lines.append(f"Checked on {verification['tokens']} calibration tokens (mean KL divergence from 16-bit, "
+                     f"nats/token: {measured}); shipped: {verification['chosen']}.")
+    return "\n" + "\n\n".join(lines) + "\n" if lines else ""
+
+
 def write_model_card(path: Path, source, plan, result) -> None:
     """Write a Hugging Face model card for a dynamic-bnb-4bit export."""
     predicted = plan.predicted
@@ -44,7 +58,7 @@ budget `{plan.budget['spec']}` ({format_bytes(plan.budget['bytes'])}); objective
 | 16-bit model | {format_bytes(predicted['bytes_16bit'])} |
 
 Predicted summed error: {predicted['error']:.4g} (all-4-bit: {predicted['error_all_4bit']:.4g}).
-
+{_checks_text(plan)}
 ## Load
 
 ```python

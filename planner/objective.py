@@ -8,6 +8,10 @@
 - ``fisher``: the Fisher-weighted output error Σ_o mean(∂L/∂y_o)²·Σ_t Δy_o², in next-token
   loss units, so module scores add up to an estimate of the loss increase (needs a table
   analyzed with ``--fisher``).
+- ``restore``: the quantized-context score, the first-order decrease of the model's KL
+  divergence from 16-bit if the module alone went back to 16-bit in the all-4-bit model
+  (``restore_gain``, needs a table analyzed with ``--context``): upstream and downstream
+  rounding included.
 
 ``auto`` (the default) is ``fisher`` when the table has Fisher scores, else ``output``: on
 SmolLM2-135M (held-out text, mean KL vs 16-bit, share of the all-NF4 KL closed at +10 %
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-OBJECTIVES = ("output", "weight", "combined", "fisher")
+OBJECTIVES = ("output", "weight", "combined", "fisher", "restore")
 
 
 def scores(rows: pd.DataFrame, objective: str, table=None) -> pd.Series:
@@ -33,6 +37,11 @@ def scores(rows: pd.DataFrame, objective: str, table=None) -> pd.Series:
         if "output_fisher_error" not in rows or rows["output_fisher_error"].isna().all():
             raise ValueError("objective 'fisher' needs a table analyzed with --fisher (fisher=True): re-run analyze")
         score = rows["output_fisher_error"].fillna(weight * _mean(rows["output_fisher_error"]) / _mean(weight))
+    elif objective == "restore":
+        if "restore_gain" not in rows or rows["restore_gain"].isna().all():
+            raise ValueError("objective 'restore' needs a table analyzed with --context (context=True): re-run analyze")
+        gain = rows["restore_gain"].clip(lower=0.0)
+        score = gain.fillna(weight * _mean(gain) / _mean(weight))
     elif objective == "output":
         score = output
     elif objective == "weight":

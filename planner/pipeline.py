@@ -45,19 +45,68 @@ class AnalyzeOptions:
     prompt: str | None = None
     text_only: bool = False
     max_memory: str | None = None  # stream the model block by block under this cap (analysis.streaming)
+    context: bool = False  # quantized-context pass: restore_gain, context_output_rel_error (objective "restore")
+
+
+def calibration_of(source: ModelSource, options: AnalyzeOptions):
+    """The calibration set ``options`` describe for this model (text, or images + prompts for a VLM)."""
+    from transformers import AutoConfig
+
+    return calibration_for_model(
+        AutoConfig.from_pretrained(source.path), load_processor(source), images=options.images,
+        prompt=options.prompt, text_only=options.text_only, calib=options.calib, samples=options.samples,
+        seq_len=options.seq_len, seed=options.seed)
+
+
+@dataclass
+class EndToEnd:
+    """Planning steps that run the model (``quantplan run``): refinement rounds and the verification.
+
+    ``refine`` rounds of measured KL gradients (:mod:`planner.refine`, opt-in), then the
+    never-worse-than-all-4-bit check (:mod:`planner.verify`, on by default), both on the first
+    ``max_batches`` calibration batches (default: all of them).
+    """
+
+    source: ModelSource
+    options: AnalyzeOptions
+    refine: int = 0
+    verify: bool = True
+    max_batches: int | None = None
+
+    def plan(self, table: SensitivityTable, budget, **plan_options):
+        """plan() (or refine()) then verify(), sharing one model, one 16-bit reference and one 4-bit cache."""
+        if not (self.refine or self.verify):
+            return plan(table, budget, **plan_options)
+        from analysis.endtoend import KLReference
+        from analysis.formats import format_from_dict
+        from analysis.simulate import QuantCache
+
+        from .refine import refine
+        from .verify import verify
+
+        chosen = plan(table, budget, **plan_options)  # fails fast on a bad budget before loading the model
+        model = load_model(self.source, dtype=dtype_from_name(self.options.dtype), device=self.options.device)
+        calibration = calibration_of(self.source, self.options)
+        reference = KLReference(model, calibration, self.options.batch_size, self.max_batches,
+                                progress=self.options.progress)
+        cache = QuantCache(model, format_from_dict(chosen.quant))
+        shared = {"reference": reference, "cache": cache, "progress": self.options.progress}
+        if self.refine:
+            chosen = refine(table, budget, model, calibration, rounds=self.refine, **shared, **plan_options)
+        if self.verify:
+            chosen = verify(table, chosen, model, calibration, **shared)
+        del model, reference, cache
+        gc.collect()
+        return chosen
 
 
 def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOptions, *,
                   reuse: bool = False) -> SensitivityTable:
     """Measure a model (or reuse the matching table already in ``out_dir``)."""
-    from transformers import AutoConfig
 
     formats = parse_formats(options.formats, options.blocksize, options.double_quant)
     dtype = dtype_from_name(options.dtype)
-    calibration = calibration_for_model(
-        AutoConfig.from_pretrained(source.path), load_processor(source), images=options.images,
-        prompt=options.prompt, text_only=options.text_only, calib=options.calib, samples=options.samples,
-        seq_len=options.seq_len, seed=options.seed)
+    calibration = calibration_of(source, options)
     out_dir = Path(out_dir)
     fisher = options.fisher and not options.max_memory
     if options.fisher and options.max_memory:
@@ -69,6 +118,8 @@ def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOpti
             table.check_matches(source.fingerprint, calibration.fingerprint, [f.name for f in formats])
             if fisher and not table.meta.get("fisher"):
                 raise TableMismatch("the saved table has no Fisher scores")
+            if options.context and not table.meta.get("context"):
+                raise TableMismatch("the saved table has no quantized-context scores")
             print(f"quantplan: reusing the matching sensitivity table in {out_dir}")
             return table
         except TableMismatch as err:
@@ -80,7 +131,7 @@ def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOpti
         model = load_model(source, dtype=dtype, device=options.device)
         table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
                         batch_size=options.batch_size, out_dir=out_dir, resume=options.resume,
-                        progress=options.progress, fisher=fisher)
+                        progress=options.progress, fisher=fisher, context=options.context)
         del model
         gc.collect()
     print(summarize(table))
@@ -92,6 +143,8 @@ def _analyze_streaming(source, calibration, formats, dtype, out_dir, options) ->
 
     if options.device != "cpu":
         raise ValueError("--max-memory streams blocks through the CPU: drop --device, or drop --max-memory")
+    if options.context:
+        raise ValueError("--context runs the whole all-4-bit model, which --max-memory avoids: drop one of them")
     return analyze_streaming(source.path, calibration, formats, max_memory=options.max_memory, dtype=dtype,
                              model_id=source.model_id, model_fingerprint=source.fingerprint,
                              batch_size=options.batch_size, out_dir=out_dir, resume=options.resume,
@@ -100,13 +153,15 @@ def _analyze_streaming(source, calibration, formats, dtype, out_dir, options) ->
 
 def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path | None = None,
         options: AnalyzeOptions | None = None, overwrite: bool = False, priors: str = "all",
-        compare=None, **plan_options) -> dict:
+        compare=None, refine: int = 0, verify: bool = True, max_batches: int | None = None,
+        **plan_options) -> dict:
     """analyze -> plan -> pareto.csv -> export to ``out_dir/checkpoint`` (-> compare + report); returns paths.
 
     ``priors`` names the rules that keep modules 16-bit without measuring (see
     :mod:`planner.priors`: ``all``, ``none`` or a comma list). ``compare`` (a
     :class:`reports.compare.CompareOptions`) also measures the fidelity scoreboard and writes
-    ``report.html``/``report.md`` into ``out_dir``.
+    ``report.html``/``report.md`` into ``out_dir``. ``refine``/``verify``/``max_batches``: see
+    :class:`EndToEnd`.
     """
     options = options or AnalyzeOptions()
     source = resolve_source(model_spec)
@@ -117,7 +172,8 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     table = analyze_model(source, out_dir, options, reuse=True)
     if not is_main_process():
         return {"out": out_dir, "table": out_dir / TABLE_FILE}  # rank 0 plans, exports and reports
-    chosen = plan_and_save(table, budget, out_dir, priors, **plan_options)
+    end_to_end = EndToEnd(source, options, refine, verify, max_batches)
+    chosen = plan_and_save(table, budget, out_dir, priors, end_to_end=end_to_end, **plan_options)
     result = export(source, chosen, checkpoint, overwrite=overwrite, device=options.device,
                     compute_dtype=dtype_from_name(options.dtype if options.dtype != "fp32" else "bf16"))
     gap = result.footprint_bytes / chosen.predicted["footprint_bytes"] - 1
@@ -134,11 +190,13 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
             "pareto": out_dir / "pareto.csv", "checkpoint": checkpoint, "export": result, "plan_obj": chosen}
 
 
-def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, priors: str = "all", **plan_options):
-    """Plan under ``budget`` (with the rule priors), write plan.json and pareto.csv, print a summary."""
+def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, priors: str = "all",
+                  end_to_end: EndToEnd | None = None, **plan_options):
+    """Plan under ``budget`` (with the rule priors; refined and verified by ``end_to_end`` if given),
+    write plan.json and pareto.csv, print a summary."""
     out_dir = Path(out_dir)
     plan_options = {**plan_options, "priors": rule_priors(table, priors)}
-    chosen = plan(table, budget, **plan_options)
+    chosen = end_to_end.plan(table, budget, **plan_options) if end_to_end else plan(table, budget, **plan_options)
     chosen.save(out_dir / "plan.json")
     pareto_curve(table, **plan_options).to_csv(out_dir / "pareto.csv", index=False)
     print(plan_summary(chosen))

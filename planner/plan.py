@@ -26,11 +26,15 @@ from .solver import Option, solve
 
 def plan(table: SensitivityTable, budget="+10%", *, objective: str = "auto", tiers: list[str] | None = None,
          keep: list[str] = (), quantize: list[str] = (), vllm_safe: bool = False, whole_blocks: bool = False,
-         keep_lm_head: bool = True, priors: dict[str, str] | None = None) -> Plan:
+         keep_lm_head: bool = True, priors: dict[str, str] | None = None,
+         scores: dict[str, float] | None = None, decided: dict[str, str] | None = None) -> Plan:
     """The minimum-error choice of formats within ``budget`` (see :mod:`planner.budget`).
 
     ``priors`` (``{module: reason}``, see :mod:`planner.priors`) pins modules 16-bit by rule; the
     plan reports them as ``prior: ...``. A ``quantize`` pattern overrides a prior.
+    ``scores`` replaces the objective's score of the first tier for the modules it names, and
+    ``decided`` keeps modules 16-bit with the given reason: the end-to-end refinement
+    (:mod:`planner.refine`) plans with them.
     """
     if objective == "auto":  # the measured winner on held-out data when the table has it (planner.objective)
         objective = "fisher" if table.meta.get("fisher") else "output"
@@ -39,6 +43,11 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "auto", tie
     tiers = list(tiers or [_four_bit_formats(table)[0]])
     table.check_matches(formats=tiers)
     model = _candidates(table, tiers, objective)
+    if scores:
+        column = f"score:{tiers[0]}"
+        model[column] = [max(float(scores[n]), 0.0) if n in scores and scores[n] == scores[n] else model.loc[n, column]
+                         for n in model.index]  # a NaN score (never measured) keeps the objective's score
+    decided = dict(decided or {})
     pinned_keep = match_patterns(keep, model.index, "--keep")
     pinned_quant = match_patterns(quantize, model.index, "--quantize")
     if both := sorted(set(pinned_keep) & set(pinned_quant)):
@@ -52,6 +61,8 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "auto", tie
     for name, row in model.iterrows():
         if not row["quantizable"]:
             fixed[name], reasons[name] = KEEP, f"not quantizable: {row['reason']}"
+        elif name in decided:
+            fixed[name], reasons[name] = KEEP, decided[name]
         elif name in pinned_keep:
             fixed[name], reasons[name] = KEEP, f"pinned: --keep {pinned_keep[name]}"
         elif name in priors and name not in pinned_quant:
@@ -88,6 +99,27 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "auto", tie
                 reasons[name] = _measured_reason(model.loc[name], label, pinned_quant.get(name), item)
     return _assemble(table, model, choices, reasons, parsed.spec, capacity, objective, tiers, all_4bit,
                      ceiling, vllm_safe or whole_blocks)
+
+
+def replan_keeping(table: SensitivityTable, base: Plan, kept, reason: str) -> Plan:
+    """``base`` with exactly ``kept`` (plus its non-quantizable modules) in 16-bit, every other module in
+    its first tier; used when an end-to-end check replaces a plan by a measured alternative."""
+    tier = base.tiers[0]
+    model = _candidates(table, base.tiers, base.objective)
+    kept = set(kept)
+    choices, reasons = {}, {}
+    for name, row in model.iterrows():
+        fixed = base.reasons.get(name, "").startswith("not quantizable") or not row[f"supported:{tier}"]
+        if fixed or name in kept:
+            choices[name] = KEEP
+            reasons[name] = base.reasons[name] if fixed or base.choices.get(name) == KEEP else reason
+        else:
+            choices[name] = tier
+            reasons[name] = base.reasons[name] if base.choices.get(name) == tier else reason
+    other = int(table.meta.get("other_bytes", 0))
+    return _assemble(table, model, choices, reasons, base.budget["spec"], base.budget["bytes"], base.objective,
+                     base.tiers, _all_4bit_bytes(model, tier, other), other + int(model["bytes_16bit"].sum()),
+                     base.vllm_safe)
 
 
 def _candidates(table: SensitivityTable, tiers: list[str], objective: str) -> pd.DataFrame:

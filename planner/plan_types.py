@@ -29,6 +29,7 @@ class Plan:
     model_fingerprint: str
     quant: dict = field(default_factory=dict)  # the 4-bit format: name, blocksize, double_quant
     vllm_safe: bool = False
+    checks: dict = field(default_factory=dict)  # end-to-end refinement and verification, when run
 
     @property
     def kept(self) -> list[str]:

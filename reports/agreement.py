@@ -3,7 +3,7 @@
 The planner ranks modules by a score measured one Linear at a time (by default the relative
 output error on calibration data). Here the top-K modules by that score plus a random sample
 of the others are each quantized *alone* in the 16-bit model (bitsandbytes' round trip, see
-:mod:`reports.simulate`), and the model's mean KL divergence from 16-bit on held-out text is
+:mod:`analysis.simulate`), and the model's mean KL divergence from 16-bit on held-out text is
 measured. The Spearman rank correlation between score and measured KLD says whether the
 probe can be trusted on this model: near 1, the planner's ranking is the model's; near 0 or
 negative, the plan is no better informed than a guess.
@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.simulate import QuantCache
 from planner.objective import scores
 from planner.plan_types import Plan
 
 from .fidelity import Reference, measure
-from .simulate import QuantCache
 
 AGREEMENT_COLUMNS = {
     "name": "module quantized alone",

@@ -4,7 +4,7 @@ The loop, in the order it runs:
 
 1. load the 16-bit model; cache its logits on the held-out windows (the reference) and its
    greedy generations;
-2. in that same model, simulate (bitsandbytes round trip, :mod:`reports.simulate`) the
+2. in that same model, simulate (bitsandbytes round trip, :mod:`analysis.simulate`) the
    all-4-bit model (a check on the simulation) and each plan (so that plans and heuristics
    are judged like for like), each heuristic baseline at each plan's bytes, and each of the
    top-K + random-K modules alone (predicted vs measured);
@@ -28,18 +28,18 @@ import torch
 from analysis import load_calibration, load_model, load_processor, resolve_source
 from analysis.formats import FourBit, format_from_dict
 from analysis.models import ModelSource, dtype_from_name
+from analysis.simulate import QuantCache
 from analysis.table import SensitivityTable, TableMismatch
+from planner.baselines import KeepSet, all_4bit, all_int8, baseline_keep_sets, plan_keep_set, sixteen_bit
 from planner.export import bnb_config
 from planner.plan_types import Plan
 from planner.skiplist import build_skip_list
 
 from .agreement import predicted_vs_measured
-from .baselines import KeepSet, all_4bit, all_int8, baseline_keep_sets, plan_keep_set, sixteen_bit
 from .fidelity import Fidelity, Reference, measure
 from .generations import PROMPTS, generate
 from .result import Comparison
 from .scoreboard import scoreboard_frame
-from .simulate import QuantCache
 
 
 @dataclass

@@ -31,6 +31,7 @@ COLUMNS = {
     "ppl_se": "standard error of ppl",
     "simulated_mean_kld": "mean KLD with the weights round-tripped in the 16-bit model (the heuristic rows' "
                           "method; the verdict compares plans and heuristics on it, like for like)",
+    "recovery_pct": "% of the all-4-bit row's mean KLD this row closes: 100·(1 − mean_kld / all-4-bit mean_kld)",
     "tokens": "held-out tokens measured",
     "note": "anything to know about the row (failures, seeds)",
 }
@@ -48,10 +49,19 @@ def scoreboard_frame(rows: list[dict]) -> pd.DataFrame:
                      (row["plan"], row["variant"])]
             merged.append(_mean_of_seeds(seeds))
     frame = pd.DataFrame(merged)
+    frame["recovery_pct"] = _recovery(frame)
     for column in COLUMNS:
         if column not in frame:
             frame[column] = np.nan if column in METRICS else ""
     return frame[list(COLUMNS)]
+
+
+def _recovery(frame: pd.DataFrame) -> pd.Series:
+    """Share of the all-4-bit KL gap each row closes (NaN without an all-4-bit row)."""
+    four = frame[(frame["kind"] == "uniform") & ~frame["variant"].str.contains("INT8")] if "kind" in frame else frame[:0]
+    if four.empty or not np.isfinite(four["mean_kld"].iloc[0]) or four["mean_kld"].iloc[0] <= 0:
+        return pd.Series(np.nan, index=frame.index)
+    return 100 * (1 - frame["mean_kld"] / four["mean_kld"].iloc[0])
 
 
 def _mean_of_seeds(seeds: list[dict]) -> dict:
@@ -73,7 +83,8 @@ def to_markdown(board: pd.DataFrame) -> str:
     return markdown_table(shown, align={c: "right" for c in DISPLAY_NUMERIC})
 
 
-DISPLAY_NUMERIC = ("Kept 16-bit", "Size", "Footprint", "PPL", "ΔPPL", "Mean KLD", "99% KLD", "Simulated KLD", "Same top")
+DISPLAY_NUMERIC = ("Kept 16-bit", "Size", "Footprint", "PPL", "ΔPPL", "Mean KLD", "99% KLD", "Simulated KLD", "Recovery",
+                   "Same top")
 
 
 def display_frame(board: pd.DataFrame) -> pd.DataFrame:
@@ -91,6 +102,7 @@ def display_frame(board: pd.DataFrame) -> pd.DataFrame:
         "Mean KLD": [_pm(v, e, 6) for v, e in zip(board["mean_kld"], board["mean_kld_se"], strict=True)],
         "99% KLD": [_num(v, 6) for v in board["p99_kld"]],
         "Simulated KLD": [_num(v, 6) for v in board["simulated_mean_kld"]],
+        "Recovery": [_num(v, 1) + "%" if np.isfinite(v) else "n/a" for v in board["recovery_pct"]],
         "Same top": [_pm(v, e, 2, "%") for v, e in zip(board["same_top_pct"], board["same_top_se"], strict=True)],
         "Measured with": [m.split(" (")[0] for m in board["measured_with"]],
     })

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -125,6 +126,9 @@ def test_run_main_job_on_tiny_model(tiny_dir, tmp_path):
     out = run(str(tiny_dir), "+20%", tmp_path / "job", options)
     for key in ("table", "plan", "pareto", "checkpoint"):
         assert out[key].exists()
+    verification = json.loads(out["plan"].read_text())["checks"]["verification"]  # on by default
+    assert verification["chosen"] == "plan" and verification["tokens"] == 8 * 32
+    assert "Checked on 256 calibration tokens" in (out["checkpoint"] / "README.md").read_text()
     assert (tmp_path / "job" / "sensitivity.json").exists()
     # the second run reuses the table (no new analysis) and refuses to clobber the checkpoint
     with pytest.raises(FileExistsError):
@@ -159,8 +163,12 @@ def test_cli_run_writes_checkpoint_and_report(tiny_dir, tmp_path):
     out = tmp_path / "job"
     code = main(["run", str(tiny_dir), "--calib", calib, "--samples", "8", "--seq-len", "32", "--quiet",
                  "--heldout", heldout, "--heldout-samples", "2", "--heldout-seq-len", "32", "--top-k", "2",
-                 "--random-k", "2", "--max-new-tokens", "4", "--out", str(out)])
+                 "--random-k", "2", "--max-new-tokens", "4", "--out", str(out), "--context", "--objective", "restore",
+                 "--refine", "2", "--end-to-end-batches", "1"])
     assert code == 0
+    checks = json.loads((out / "plan.json").read_text())["checks"]
+    assert checks["refinement"]["rounds"] == 2 and checks["refinement"]["tokens"] == 4 * 32  # one batch of 4
+    assert checks["verification"]["tokens"] == 4 * 32
     for name in ("sensitivity.parquet", "plan.json", "pareto.csv", "checkpoint/config.json", "scoreboard.csv",
                  "report.html", "report.md"):
         assert (out / name).exists(), name

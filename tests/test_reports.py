@@ -41,6 +41,10 @@ def test_scoreboard_has_every_row(job):
     assert (rest["mean_kld"] > 0).all() and (rest["p99_kld"] >= rest["mean_kld"]).all()
     assert np.isfinite(board["ppl"]).all() and (board["tokens"] == 4 * 64).all()
     assert set(board.columns) >= {"mean_kld", "p99_kld", "same_top_pct", "ppl", "footprint_bytes", "bytes"}
+    by = board.set_index("variant")
+    assert by.loc["16-bit", "recovery_pct"] == 100 and by.loc["all-NF4", "recovery_pct"] == 0
+    expected = 100 * (1 - by.loc["dynamic +10%", "mean_kld"] / by.loc["all-NF4", "mean_kld"])
+    assert by.loc["dynamic +10%", "recovery_pct"] == pytest.approx(expected)
 
 
 def test_baselines_spend_no_more_than_their_plan(job):
@@ -90,7 +94,8 @@ def test_files_written_and_reload(job):
     for name in FILES:
         assert (out / name).is_file(), name
     markdown = (out / "scoreboard.md").read_text()
-    assert "| Variant | Kept 16-bit | Size | Footprint | PPL | ΔPPL | Mean KLD | 99% KLD | Simulated KLD | Same top |" in markdown
+    assert ("| Variant | Kept 16-bit | Size | Footprint | PPL | ΔPPL | Mean KLD | 99% KLD | Simulated KLD | Recovery | "
+            "Same top |") in markdown
     assert re.search(r"dynamic \+10% (wins|does NOT win)", markdown)
     again = job["comparison"]
     assert list(again.scoreboard["variant"]) == list(pd.read_csv(out / "scoreboard.csv")["variant"])

@@ -12,11 +12,11 @@ import torch
 from test_reports_fixtures import tiny_job
 
 from analysis import NF4, load_model
+from analysis.simulate import QuantCache
+from planner.baselines import all_4bit, baseline_keep_sets, edge_order, linear_frame, plan_keep_set
 from reports import plots
-from reports.baselines import all_4bit, baseline_keep_sets, edge_order, linear_frame, plan_keep_set
 from reports.fidelity import Fidelity, Reference, measure
 from reports.scoreboard import scoreboard_frame, to_markdown, verdicts
-from reports.simulate import QuantCache
 from reports.tables import html_table, markdown_table
 
 
@@ -190,8 +190,8 @@ def test_compare_cli_arguments_map_to_options(monkeypatch, tmp_path):
 
 
 def test_a_variant_that_fails_to_load_becomes_a_row(tiny, monkeypatch):
+    from planner.baselines import KeepSet
     from reports import compare as compare_module
-    from reports.baselines import KeepSet
     from reports.compare import CompareOptions
 
     source, _, _ = tiny

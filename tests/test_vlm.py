@@ -187,3 +187,29 @@ def test_fisher_reaches_the_vision_tower(arch, tmp_path):
     for group in ("vision_tower", "projector", "language_model"):
         part = measured[measured["group"] == group]
         assert len(part) and part["output_fisher_error"].notna().all(), group
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "mllama"])
+def test_quantized_context_and_verification_run_with_images(arch, tmp_path):
+    """The end-to-end probes take image batches: every tower's modules get a restore gain, and the
+    verification measures the plan against all-4-bit on the image calibration data."""
+    from analysis.endtoend import KLReference
+    from analysis.simulate import QuantCache
+    from planner.verify import verify
+
+    source = resolve_source(str(save_tiny_vlm(arch, tmp_path / "model")))
+    model = load_model(source)
+    for name, param in model.named_parameters():  # Mllama's cross-attention gates start at 0 (tanh(0) = 0 cuts
+        if "cross_attn" in name and name.endswith("_gate"):  # the vision path); trained models have them open
+            param.data.fill_(1.0)
+    calibration = calibration_for_model(model.config, load_processor(source), images="default", samples=2)
+    table = analyze(model, calibration, [NF4], model_fingerprint=source.fingerprint, progress=False, context=True)
+    rows = table.for_format("nf4")
+    measured = rows[rows["quantizable"] & (rows["group"] != "lm_head")]
+    reached = measured["restore_gain"].notna() & (measured["restore_gain"] != 0)
+    assert reached.groupby(measured["group"]).all().all(), measured.loc[~reached, "name"].tolist()
+    assert measured["context_output_rel_error"].notna().all()
+    shared = {"reference": KLReference(model, calibration, 1), "cache": QuantCache(model, NF4), "progress": False}
+    checked = verify(table, plan(table, "+50%", objective="restore"), model, calibration, **shared)
+    record = checked.checks["verification"]
+    assert record["tokens"] > 0 and record["calibration_kld"]["all-NF4"] > 0

@@ -30,6 +30,11 @@ class QuantCache:
         self.format = fmt
         self.modules = dict(model.named_modules())
         self._packed: dict[str, tuple] = {}
+        self._originals: dict[str, torch.Tensor] = {}  # 16-bit weights swapped out inside `quantized`
+
+    def original(self, name: str) -> torch.Tensor:
+        """The 16-bit weight of ``name``, also while it is swapped for its round trip."""
+        return self._originals.get(name, self.modules[name].weight.data)
 
     def restored(self, name: str) -> torch.Tensor:
         """The weight of ``name`` as bitsandbytes would restore it (16-bit, same dtype)."""
@@ -37,20 +42,23 @@ class QuantCache:
 
         weight = self.modules[name].weight
         if name not in self._packed:
-            self._packed[name] = self.format.quantize(weight.data)
+            self._packed[name] = self.format.quantize(self.original(name))
         packed, state = self._packed[name]
         return bnbf.dequantize_4bit(packed, state).to(weight.dtype).view_as(weight)
 
     @contextmanager
     def quantized(self, names):
         """Within the block, the modules in ``names`` compute with their round-tripped weights."""
-        originals = {}
+        swapped = []
         try:
             for name in names:
-                module = self.modules[name]
-                originals[name] = module.weight.data
-                module.weight.data = self.restored(name)
+                if name in self._originals:
+                    raise RuntimeError(f"{name} is already quantized: QuantCache.quantized blocks do not nest")
+                restored = self.restored(name)
+                self._originals[name] = self.modules[name].weight.data
+                swapped.append(name)
+                self.modules[name].weight.data = restored
             yield self.model
         finally:
-            for name, data in originals.items():
-                self.modules[name].weight.data = data
+            for name in swapped:
+                self.modules[name].weight.data = self._originals.pop(name)

@@ -1,0 +1,63 @@
+"""refine(): re-plan on measured end-to-end KL gradients, a few rounds, with the compute bounded by the caller.
+
+The table's scores are measured once, each module against an otherwise fixed model. Refinement
+measures instead, in the model as the plan would leave it, how much restoring each still-quantized
+module would lower the KL divergence from 16-bit on calibration data
+(:func:`analysis.endtoend.restore_gains`, one forward and backward pass over the calibration
+batches per round), and spends the budget in ``rounds`` equal steps: round r plans with those
+gains as scores within r/rounds of the bytes the budget allows beyond the fixed modules, keeping
+the choices of earlier rounds. Modules restored early change the gains of the rest (interactions
+and propagation are re-measured). Cost: ``rounds`` forward+backward passes over at most
+``max_batches`` calibration batches, plus the 16-bit logits once.
+"""
+
+from __future__ import annotations
+
+from analysis.endtoend import KLReference, restore_gains
+from analysis.formats import format_from_dict
+from analysis.simulate import QuantCache
+
+from .plan import plan
+from .plan_types import KEEP, Plan
+
+
+def refine(table, budget, model, calibration, *, rounds: int = 4, batch_size: int = 4,
+           max_batches: int | None = None, reference: KLReference | None = None, cache: QuantCache | None = None,
+           progress: bool = True, **plan_options) -> Plan:
+    """The plan for ``budget`` chosen by ``rounds`` rounds of measured restore gains (see module docstring)."""
+    if rounds < 1:
+        raise ValueError(f"--refine {rounds}: give a number of rounds of at least 1 (0 turns refinement off)")
+    first = plan(table, budget, **plan_options)
+    if len(first.tiers) > 1:
+        raise ValueError("refinement plans 16-bit vs one 4-bit format: drop --tiers or --refine")
+    tier = first.tiers[0]
+    reference = reference or KLReference(model, calibration, batch_size, max_batches, progress=progress)
+    cache = cache or QuantCache(model, format_from_dict(first.quant))
+    bytes_16bit, bytes_tier = _bytes(table, tier)
+    measured = {n for n in first.kept if first.reasons[n].startswith("measured")}
+    floor = first.predicted["bytes"] - sum(bytes_16bit[n] - bytes_tier[n] for n in measured)
+    room = first.budget["bytes"] - floor
+    free = [n for n, c in first.choices.items() if c != KEEP or n in measured]
+    decided, history, current = {}, [], first
+    for r in range(1, rounds + 1):
+        quantized = [n for n in free if n not in decided]
+        result = restore_gains(model, reference, cache, quantized, progress=progress)
+        history.append({"round": r, "kept_before": len(decided), "kld_before": result.kld})
+        if progress:
+            print(f"quantplan: refinement round {r}/{rounds}: calibration KL {result.kld:.4f} with "
+                  f"{len(decided)} module(s) restored so far")
+        limit = floor + room * r // rounds if r < rounds else first.budget["bytes"]
+        current = plan(table, int(limit), scores=result.gains, decided=decided, **plan_options)
+        for name in current.kept:
+            if name not in decided and current.reasons[name].startswith("measured"):
+                decided[name] = (f"refined: kept in round {r}/{rounds} (measured KL gain "
+                                 f"{result.gains.get(name, float('nan')):.3g} nats/token in the quantized context)")
+    current.budget = dict(first.budget)
+    current.checks["refinement"] = {"rounds": rounds, "tokens": reference.tokens, "history": history,
+                                    "objective_before": first.objective}
+    return current
+
+
+def _bytes(table, tier):
+    rows = table.for_format(tier).set_index("name")
+    return rows["bytes_16bit"].astype(int).to_dict(), rows["bytes"].astype(int).to_dict()

@@ -1,0 +1,63 @@
+"""verify(): never worse than nothing. Measure the plan's KL divergence from 16-bit on calibration data and
+fall back to the best measured alternative when the plan does not beat plain all-4-bit.
+
+Scores predict; this checks. In the 16-bit model, with bitsandbytes' round trip swapped in
+(:class:`analysis.simulate.QuantCache`), the mean next-token KL divergence on the calibration
+batches is measured for all-4-bit (what a plain ``BitsAndBytesConfig`` load gives), the plan,
+and the heuristic alternatives at the plan's bytes (first+last layers, largest weight error;
+:mod:`planner.baselines`). If the plan's KL is not below all-4-bit's, the planner says so and
+returns the alternative with the lowest KL below all-4-bit's, or all-4-bit itself. The
+measurements go into ``plan.checks["verification"]`` (``plan.json``). Cost: one forward pass
+per variant over at most ``max_batches`` calibration batches, plus the 16-bit logits.
+"""
+
+from __future__ import annotations
+
+from analysis.endtoend import KLReference, calibration_kld
+from analysis.formats import format_from_dict
+from analysis.simulate import QuantCache
+
+from .baselines import all_4bit, baseline_keep_sets, plan_keep_set
+from .plan import replan_keeping
+from .plan_types import Plan
+
+PLAN = "plan"
+
+
+def verify(table, chosen: Plan, model, calibration, *, batch_size: int = 4, max_batches: int | None = None,
+           reference: KLReference | None = None, cache: QuantCache | None = None, progress: bool = True) -> Plan:
+    """``chosen`` with its verification recorded, or the best measured alternative (see module docstring)."""
+    reference = reference or KLReference(model, calibration, batch_size, max_batches, progress=progress)
+    cache = cache or QuantCache(model, format_from_dict(chosen.quant))
+    tier = chosen.tiers[0]
+    nothing = all_4bit(table, tier)
+    variants = {nothing.label: nothing, PLAN: plan_keep_set(table, chosen)}
+    if len(chosen.tiers) == 1 and not chosen.vllm_safe:  # the heuristics know neither tiers nor fused groups
+        variants.update({k.label: k for k in baseline_keep_sets(table, chosen, seeds=())})
+    kld = {}
+    for label, keep in variants.items():
+        with cache.quantized(keep.quantized & set(cache.modules)):
+            kld[label] = calibration_kld(model, reference)
+    winner = choose(kld, PLAN, nothing.label)
+    record = {"calibration_kld": kld, "tokens": reference.tokens, "all_4bit": nothing.label, "chosen": winner}
+    if winner == PLAN:
+        chosen.checks["verification"] = record
+        if progress:
+            print(f"quantplan: verified on calibration data: the plan's KL {kld[PLAN]:.4f} < all-4-bit "
+                  f"{kld[nothing.label]:.4f} nats/token")
+        return chosen
+    print(f"quantplan: the plan's calibration KL {kld[PLAN]:.4f} is not below all-4-bit's {kld[nothing.label]:.4f} "
+          f"nats/token: falling back to {winner} ({kld[winner]:.4f}). Try more or other calibration data "
+          f"(--calib), --refine, or another --objective.")
+    fallback = replan_keeping(table, chosen, variants[winner].kept,
+                              f"fallback: {winner} (measured calibration KL {kld[winner]:.4g} vs plan {kld[PLAN]:.4g})")
+    fallback.checks = {**chosen.checks, "verification": record}
+    return fallback
+
+
+def choose(kld: dict[str, float], plan_label: str, all_4bit_label: str) -> str:
+    """The plan if its KL is below all-4-bit's, else the lowest-KL variant below all-4-bit's, else all-4-bit."""
+    if kld[plan_label] < kld[all_4bit_label]:
+        return plan_label
+    better = {label: v for label, v in kld.items() if label != plan_label and v < kld[all_4bit_label]}
+    return min(better, key=better.get) if better else all_4bit_label

@@ -1,0 +1,70 @@
+"""End-to-end probes: KL to the 16-bit model, quantized-context gains and output error (analysis.endtoend)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import random_calibration, tiny_llama
+
+from analysis import NF4, analyze
+from analysis.endtoend import KLReference, calibration_kld, restore_gains
+from analysis.simulate import QuantCache
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llama(layers=2, hidden=128, intermediate=256).float()
+    calibration = random_calibration(samples=4, seq_len=32)
+    reference = KLReference(model, calibration, batch_size=2)
+    cache = QuantCache(model, NF4)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    return model, calibration, reference, cache, names
+
+
+def test_kld_is_zero_in_16bit_and_positive_quantized(setup):
+    model, _, reference, cache, names = setup
+    assert calibration_kld(model, reference) == pytest.approx(0.0, abs=1e-6)
+    with cache.quantized(names):
+        quantized = calibration_kld(model, reference)
+    assert quantized > 1e-4
+    assert calibration_kld(model, reference) == pytest.approx(0.0, abs=1e-6)  # weights restored afterwards
+    assert restore_gains(model, reference, cache, names).kld == pytest.approx(quantized, rel=1e-4)
+
+
+def test_gain_is_the_directional_derivative_of_the_kl(setup):
+    """KL(Ŵ + ε(W−Ŵ) for one module) − KL(Ŵ) ≈ −ε · gain: the gain is a real first-order estimate."""
+    model, _, reference, cache, names = setup
+    result = restore_gains(model, reference, cache, names)
+    ranked = sorted(names, key=lambda n: -abs(result.gains[n]))
+    eps = 0.05
+    for name in ranked[:3]:
+        with cache.quantized(names):
+            base = calibration_kld(model, reference)
+            weight = cache.modules[name].weight
+            rounded = weight.data.clone()
+            weight.data = rounded + eps * (cache.original(name) - rounded)
+            moved = calibration_kld(model, reference)
+            weight.data = rounded
+        assert (base - moved) / eps == pytest.approx(result.gains[name], rel=0.1, abs=1e-5)
+    assert sum(result.gains.values()) > 0  # restoring helps overall
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is None  # nothing left behind
+    assert not any(p.grad is not None for p in model.parameters())
+
+
+def test_context_error_sees_upstream_rounding(setup):
+    """Layer 0's inputs do not depend on any Linear: its context error equals the 16-bit output error;
+    the last layer's inputs carry every upstream rounding, so there the two differ."""
+    model, calibration, reference, cache, names = setup
+    table = analyze(model, calibration, [NF4], batch_size=2, progress=False)
+    local = table.for_format("nf4").set_index("name")["output_rel_error"]
+    context = restore_gains(model, reference, cache, names, context_error=True).context_error
+    first = "model.layers.0.self_attn.q_proj"
+    assert context[first] == pytest.approx(local[first], rel=1e-3)
+    last = "model.layers.1.mlp.down_proj"
+    assert context[last] != pytest.approx(local[last], rel=1e-3)
+
+
+def test_max_batches_bounds_the_reference(setup):
+    model, calibration, *_ = setup
+    reference = KLReference(model, calibration, batch_size=2, max_batches=1)
+    assert reference.count == 1 and len(reference.logits) == 1 and reference.tokens == 2 * 32

@@ -1,0 +1,89 @@
+"""End-to-end planning: the quantized-context table columns, refinement rounds and the never-worse check."""
+
+from __future__ import annotations
+
+import pytest
+from tiny import random_calibration, tiny_llama
+
+from analysis import NF4, analyze
+from analysis.endtoend import KLReference, calibration_kld
+from analysis.simulate import QuantCache
+from planner import KEEP, plan
+from planner.baselines import all_4bit, plan_keep_set
+from planner.refine import refine
+from planner.verify import choose, verify
+
+
+@pytest.fixture(scope="module")
+def job():
+    model = tiny_llama(layers=4, hidden=128, intermediate=256)
+    calibration = random_calibration(samples=8, seq_len=32)
+    table = analyze(model, calibration, [NF4], batch_size=4, progress=False, fisher=True, context=True)
+    shared = {"reference": KLReference(model, calibration, 4), "cache": QuantCache(model, NF4), "progress": False}
+    return model, calibration, table, shared
+
+
+def kld_of(table, chosen, model, shared) -> float:
+    keep = plan_keep_set(table, chosen)
+    with shared["cache"].quantized(keep.quantized):
+        return calibration_kld(model, shared["reference"])
+
+
+def test_context_columns_filled_for_the_4bit_format(job):
+    _, _, table, _ = job
+    rows = table.for_format("nf4").set_index("name")
+    measured = rows[rows["quantizable"] & (rows["group"] != "lm_head")]
+    assert measured["restore_gain"].notna().all() and measured["context_output_rel_error"].gt(0).all()
+    assert rows.loc["lm_head", "restore_gain"] != rows.loc["lm_head", "restore_gain"]  # NaN: kept 16-bit
+    assert table.meta["context"]["all_4bit_kld"] > 0
+    p = plan(table, "+30%", objective="restore")
+    assert p.objective == "restore" and len(p.kept) > 1
+
+
+def test_restore_objective_needs_a_context_table(job):
+    model, calibration, _, _ = job
+    plain = analyze(model, calibration, [NF4], batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="--context"):
+        plan(plain, "+30%", objective="restore")
+
+
+def test_refine_spends_the_budget_in_rounds_and_beats_all_4bit(job):
+    model, calibration, table, shared = job
+    refined = refine(table, "+30%", model, calibration, rounds=2, **shared)
+    base = plan(table, "+30%")
+    assert refined.predicted["bytes"] <= refined.budget["bytes"] == base.budget["bytes"]
+    assert refined.budget["spec"] == "+30%"
+    history = refined.checks["refinement"]["history"]
+    assert [h["round"] for h in history] == [1, 2] and history[1]["kld_before"] < history[0]["kld_before"]
+    assert any(r.startswith("refined: kept in round 1/2") for r in refined.reasons.values())
+    assert kld_of(table, refined, model, shared) < kld_of(table, plan(table, "+0%"), model, shared)
+    with pytest.raises(ValueError, match="at least 1"):
+        refine(table, "+30%", model, calibration, rounds=0, **shared)
+
+
+def test_verify_keeps_a_plan_that_beats_all_4bit(job):
+    model, calibration, table, shared = job
+    chosen = plan(table, "+30%")
+    checked = verify(table, chosen, model, calibration, **shared)
+    record = checked.checks["verification"]
+    assert checked is chosen and record["chosen"] == "plan"
+    assert record["calibration_kld"]["plan"] < record["calibration_kld"]["all-NF4"]
+    assert {"first+last layers @ +30%", "weight error @ +30%"} <= set(record["calibration_kld"])
+
+
+def test_verify_falls_back_when_the_plan_is_not_better(job, capsys):
+    """A plan that keeps nothing extra measures exactly all-4-bit's KL: not below it, so the planner says so."""
+    model, calibration, table, shared = job
+    chosen = plan(table, "+0%")
+    checked = verify(table, chosen, model, calibration, **shared)
+    assert "is not below all-4-bit's" in capsys.readouterr().out
+    record = checked.checks["verification"]
+    assert record["chosen"] == "all-NF4"
+    assert set(checked.kept) == set(all_4bit(table, "nf4").kept)
+    assert all(c in (KEEP, "nf4") for c in checked.choices.values())
+
+
+def test_choose_never_worse_than_all_4bit():
+    assert choose({"plan": 0.1, "all": 0.2, "edges": 0.05}, "plan", "all") == "plan"
+    assert choose({"plan": 0.3, "all": 0.2, "edges": 0.15, "weight": 0.18}, "plan", "all") == "edges"
+    assert choose({"plan": 0.2, "all": 0.2, "edges": 0.25}, "plan", "all") == "all"
