@@ -22,3 +22,5 @@ lint:
 bench: install
 	$(PY) benchmarks/probe_cost.py
 	$(PY) benchmarks/solver.py
+	$(PY) benchmarks/streaming.py
+	$(PY) benchmarks/export_time.py

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import Shard
 from .endtoend import KLReference, restore_gains
 from .fisher import GradientProbe, loss_backward
 from .formats import NF4, format_to_dict
@@ -44,9 +45,11 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     ``batches(batch_size)``, ``num_batches(batch_size)`` and ``meta``). With ``out_dir`` the
     table is saved there; ``resume`` continues from ``out_dir/partial`` after an interruption.
     ``fisher`` adds a backward pass of the next-token loss per batch and fills
-    ``output_fisher_error`` (see :mod:`analysis.fisher`). ``context`` adds a forward and backward
-    pass of the all-4-bit model (first 4-bit format) against the 16-bit logits and fills
-    ``restore_gain`` and ``context_output_rel_error`` for that format (see :mod:`analysis.endtoend`).
+    ``output_fisher_error`` (see :mod:`analysis.fisher`). Under torchrun / accelerate launch
+    the batches are shared by the processes and rank 0 writes the table (:mod:`analysis.distributed`).
+    ``context`` adds a forward and backward pass of the all-4-bit model (first 4-bit format)
+    against the 16-bit logits and fills ``restore_gain`` and ``context_output_rel_error`` for
+    that format (see :mod:`analysis.endtoend`).
     """
     formats = list(formats)
     infos = list_modules(model)
@@ -60,18 +63,22 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
 
     probe = InputProbe(model, candidates)
     grads = GradientProbe(model, candidates) if fisher else None
-    partial = Path(out_dir) / PARTIAL_DIR if out_dir else None
+    shard = Shard.current()
+    partial = shard.partial_folder(out_dir)
     if resume:
         _resume(probe, grads, partial, run_meta)
-    _run_calibration(model, calibration, probe, grads, batch_size, partial, run_meta, checkpoint_seconds, progress,
-                     full_logits=lm_head in candidates)
+    _run_calibration(model, shard.calibration(calibration), probe, grads, batch_size, partial, run_meta,
+                     checkpoint_seconds, progress, full_logits=lm_head in candidates)
+    shard.reduce(probe, grads)
 
-    rows = []
+    measured = {}
     weights = dict(model.named_parameters(remove_duplicate=False))
-    for info in tqdm(infos, desc="measure modules", disable=not progress, leave=False):
+    for position, info in tqdm(shard.mine(infos), desc="measure modules", disable=not progress, leave=False):
         stats = probe.stats_for(info.name) if info.name in probe.owner else None
         grad_sq = grads.mean_squared_gradient(info.name) if grads else None
-        rows.extend(measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name], grad_sq))
+        measured[position] = measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name],
+                                            grad_sq)
+    rows = [row for module_rows in shard.gather(measured) for row in module_rows]
     for row in rows:
         row.update({c: float("nan") for c in CONTEXT_COLUMNS})
     meta = _table_meta(model, model_id, fingerprint, calibration, formats, infos, fisher)
@@ -81,11 +88,9 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
         meta["context"] = _quantized_context(model, calibration, formats, rows, lm_head, batch_size, progress)
     table = SensitivityTable(pd.DataFrame(rows), meta)
     if out_dir:
-        table.save(out_dir)
-        if partial and partial.exists():
-            for f in partial.iterdir():
-                f.unlink()
-            partial.rmdir()
+        if shard.rank == 0:
+            table.save(out_dir)
+        shard.remove_partial(partial)
     return table
 
 
@@ -128,8 +133,8 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
     try:
         with probe.attached(), grad_context, no_grad, _sigterm_as_interrupt():
             bar = tqdm(total=total, initial=probe.batches_done, desc="calibration batches", disable=not progress)
-            for index, batch in enumerate(calibration.batches(batch_size)):
-                if index < probe.batches_done:
+            for position, (index, batch) in enumerate(_numbered_batches(calibration, batch_size)):
+                if position < probe.batches_done:
                     continue
                 probe.start_batch()
                 if grads:
@@ -154,6 +159,13 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
             if isinstance(err, KeyboardInterrupt):
                 raise KeyboardInterrupt(note) from err
         raise
+
+
+def _numbered_batches(calibration, batch_size):
+    """(batch index in the whole set, batch): a process's share keeps the global index (Fisher seeds)."""
+    if hasattr(calibration, "numbered_batches"):
+        return calibration.numbered_batches(batch_size)
+    return enumerate(calibration.batches(batch_size))
 
 
 def _resume(probe, grads, partial, run_meta) -> None:

@@ -162,14 +162,21 @@ class InputProbe:
             if s.sample is not None:
                 tensors[f"{owner}::sample"] = s.sample.contiguous()
             counts[owner] = [s.tokens, s.nonfinite_tokens]
-        state = {**meta, "batches_done": self.batches_done, "owner": self.owner, "counts": counts}
-        _atomic_write(folder / "state.safetensors", lambda p: save_file(tensors, str(p)))
+        # the tensors go to a file named after the batch count and state.json, replaced last, names
+        # it: a process killed between the two writes (SIGKILL) leaves the previous pair intact
+        tensor_file = f"state-{self.batches_done:06d}.safetensors"
+        state = {**meta, "batches_done": self.batches_done, "owner": self.owner, "counts": counts,
+                 "tensors": tensor_file}
+        _atomic_write(folder / tensor_file, lambda p: save_file(tensors, str(p)))
         _atomic_write(folder / "state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
+        for old in folder.glob("state-*.safetensors"):
+            if old.name != tensor_file:
+                old.unlink()
 
     def load(self, folder: Path) -> tuple[dict, dict]:
         """Restore state written by :meth:`save`; returns its metadata and all saved tensors."""
         state = json.loads((folder / "state.json").read_text())
-        tensors = load_file(str(folder / "state.safetensors"))
+        tensors = load_file(str(folder / state.get("tensors", "state.safetensors")))
         self.owner = dict(state["owner"])
         self.batches_done = int(state["batches_done"])
         self.stats = {}

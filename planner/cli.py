@@ -83,7 +83,8 @@ def _analyze_options(args):
                           formats=args.formats, blocksize=args.blocksize, double_quant=not args.no_double_quant,
                           device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                           resume=args.resume, progress=not args.quiet, fisher=not args.no_fisher,
-                          images=args.images, prompt=args.prompt, text_only=args.text_only, context=args.context)
+                          images=args.images, prompt=args.prompt, text_only=args.text_only,
+                          max_memory=args.max_memory, context=args.context)
 
 
 def _plan_options(args) -> dict:
@@ -164,6 +165,9 @@ def _analyze_args(p):
     p.add_argument("--no-fisher", action="store_true",
                    help="skip the backward pass of the next-token loss (Fisher-weighted scores, ~2x the forward "
                         "cost): faster, but plans fall back to the weaker output-error objective")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="analyze a decoder LLM too large for memory one block at a time from its safetensors "
+                        "files, holding about SIZE (2GB, 1500MiB); no Fisher scores (plans use output error)")
     p.add_argument("--context", action="store_true",
                    help="also measure each module in the all-4-bit model (quantized context: restore_gain, "
                         "context_output_rel_error; one more forward+backward pass; enables --objective restore)")

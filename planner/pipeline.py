@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis import analyze, load_model, load_processor, parse_formats, resolve_source
+from analysis.distributed import init_from_environment, is_main_process
 from analysis.models import ModelSource, dtype_from_name
 from analysis.summary import summarize
 from analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
@@ -43,6 +44,7 @@ class AnalyzeOptions:
     images: str | None = None  # vision-language models: folder, file, or "default" (shipped photos)
     prompt: str | None = None
     text_only: bool = False
+    max_memory: str | None = None  # stream the model block by block under this cap (analysis.streaming)
     context: bool = False  # quantized-context pass: restore_gain, context_output_rel_error (objective "restore")
 
 
@@ -106,11 +108,15 @@ def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOpti
     dtype = dtype_from_name(options.dtype)
     calibration = calibration_of(source, options)
     out_dir = Path(out_dir)
+    fisher = options.fisher and not options.max_memory
+    if options.fisher and options.max_memory:
+        print("quantplan: --max-memory streams the model one block at a time, without the backward pass that "
+              "Fisher scores need: the table has output errors, and plans use them")
     if reuse and (out_dir / TABLE_FILE).is_file() and (out_dir / META_FILE).is_file():
         table = SensitivityTable.load(out_dir)
         try:
             table.check_matches(source.fingerprint, calibration.fingerprint, [f.name for f in formats])
-            if options.fisher and not table.meta.get("fisher"):
+            if fisher and not table.meta.get("fisher"):
                 raise TableMismatch("the saved table has no Fisher scores")
             if options.context and not table.meta.get("context"):
                 raise TableMismatch("the saved table has no quantized-context scores")
@@ -118,14 +124,31 @@ def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOpti
             return table
         except TableMismatch as err:
             print(f"quantplan: not reusing {out_dir / TABLE_FILE}: {err}")
-    model = load_model(source, dtype=dtype, device=options.device)
-    table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
-                    batch_size=options.batch_size, out_dir=out_dir, resume=options.resume,
-                    progress=options.progress, fisher=options.fisher, context=options.context)
-    del model
-    gc.collect()
+    if options.max_memory:
+        table = _analyze_streaming(source, calibration, formats, dtype, out_dir, options)
+    else:
+        init_from_environment(options.device)  # torchrun / accelerate launch: share the batches
+        model = load_model(source, dtype=dtype, device=options.device)
+        table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
+                        batch_size=options.batch_size, out_dir=out_dir, resume=options.resume,
+                        progress=options.progress, fisher=fisher, context=options.context)
+        del model
+        gc.collect()
     print(summarize(table))
     return table
+
+
+def _analyze_streaming(source, calibration, formats, dtype, out_dir, options) -> SensitivityTable:
+    from analysis.streaming import analyze_streaming
+
+    if options.device != "cpu":
+        raise ValueError("--max-memory streams blocks through the CPU: drop --device, or drop --max-memory")
+    if options.context:
+        raise ValueError("--context runs the whole all-4-bit model, which --max-memory avoids: drop one of them")
+    return analyze_streaming(source.path, calibration, formats, max_memory=options.max_memory, dtype=dtype,
+                             model_id=source.model_id, model_fingerprint=source.fingerprint,
+                             batch_size=options.batch_size, out_dir=out_dir, resume=options.resume,
+                             progress=options.progress)
 
 
 def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path | None = None,
@@ -147,6 +170,8 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     if checkpoint.exists() and not overwrite:
         raise FileExistsError(f"{checkpoint} already exists: pass --overwrite to replace it, or choose another --out")
     table = analyze_model(source, out_dir, options, reuse=True)
+    if not is_main_process():
+        return {"out": out_dir, "table": out_dir / TABLE_FILE}  # rank 0 plans, exports and reports
     end_to_end = EndToEnd(source, options, refine, verify, max_batches)
     chosen = plan_and_save(table, budget, out_dir, priors, end_to_end=end_to_end, **plan_options)
     result = export(source, chosen, checkpoint, overwrite=overwrite, device=options.device,

@@ -1,0 +1,142 @@
+"""Several processes (torchrun / accelerate launch): shard the calibration batches, reduce the statistics.
+
+Every process holds the whole model. Rank r runs calibration batches r, r+W, r+2W, ... (W
+processes); before measuring, the probe statistics are reduced across processes: Gram sums,
+token counts and Fisher gradient sums are added, channel max |x| takes the maximum, and the
+sampled input rows come from rank 0, which ran the first batch, as a single process does.
+Each process then measures every W-th module and rank 0 gathers the rows and writes the
+table, so the result equals the single-process table up to the order of float32 additions.
+Fisher targets are seeded by the global batch index, so they are the same batches' targets.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_environment(device: str = "cpu") -> None:
+    """Join the process group a launcher (torchrun, accelerate launch) describes in the environment."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("gloo" if device == "cpu" else "nccl")
+
+
+def is_main_process() -> bool:
+    return Shard.current().rank == 0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among the analysis processes (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Shard:
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    def calibration(self, calibration):
+        """This process's share of the calibration batches (the set itself when alone)."""
+        if self.world == 1:
+            return calibration
+        return ShardedCalibration(calibration, self.rank, self.world)
+
+    def partial_folder(self, out_dir) -> Path | None:
+        """Where this process flushes partial statistics: ``partial/`` alone, ``partial/rank-R-of-W`` else."""
+        from .analyze import PARTIAL_DIR
+
+        if out_dir is None:
+            return None
+        folder = Path(out_dir) / PARTIAL_DIR
+        return folder if self.world == 1 else folder / f"rank-{self.rank}-of-{self.world}"
+
+    def remove_partial(self, folder: Path | None) -> None:
+        """Delete this process's partial statistics once the table is written."""
+        if folder is not None and folder.exists():
+            shutil.rmtree(folder)
+        if self.world > 1:
+            dist.barrier()
+            if self.rank == 0 and folder is not None and folder.parent.exists() and not any(folder.parent.iterdir()):
+                folder.parent.rmdir()
+
+    def reduce(self, probe, grads) -> None:
+        """Combine every process's statistics so each holds the totals over all batches."""
+        if self.world == 1:
+            return
+        owners = sorted(probe.stats)
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, (owners, dict(probe.owner), sorted(grads.sums) if grads else []))
+        if any(other != everyone[0] for other in everyone):
+            raise RuntimeError("the analysis processes saw different modules: every process must load the same "
+                               "model and calibration set")
+        for owner in owners:
+            stats = probe.stats[owner]
+            dist.all_reduce(stats.gram, op=dist.ReduceOp.SUM)
+            dist.all_reduce(stats.channel_absmax, op=dist.ReduceOp.MAX)
+            counts = torch.tensor([stats.tokens, stats.nonfinite_tokens], dtype=torch.int64)
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            stats.tokens, stats.nonfinite_tokens = int(counts[0]), int(counts[1])
+        samples = [{owner: probe.stats[owner].sample for owner in owners}]
+        dist.broadcast_object_list(samples, src=0)
+        for owner in owners:
+            probe.stats[owner].sample = samples[0][owner]
+        if grads:
+            _reduce_gradients(grads)
+
+    def mine(self, items: list) -> list[tuple[int, object]]:
+        """(position, item) pairs this process measures: every W-th one."""
+        return [(i, item) for i, item in enumerate(items) if i % self.world == self.rank]
+
+    def gather(self, measured: dict[int, list[dict]]) -> list[list[dict]]:
+        """Every process's measured rows, in item order (on every rank)."""
+        if self.world == 1:
+            return [measured[i] for i in sorted(measured)]
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, measured)
+        merged = {i: rows for part in everyone for i, rows in part.items()}
+        return [merged[i] for i in sorted(merged)]
+
+
+def _reduce_gradients(grads) -> None:
+    for name in sorted(grads.sums):
+        dist.all_reduce(grads.sums[name], op=dist.ReduceOp.SUM)
+        count = torch.tensor([grads.tokens.get(name, 0)], dtype=torch.int64)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        grads.tokens[name] = int(count[0])
+
+
+class ShardedCalibration:
+    """Batches r, r+W, r+2W, ... of a calibration set; its identity (``meta``) stays the whole set's."""
+
+    def __init__(self, calibration, rank: int, world: int):
+        self.inner, self.rank, self.world = calibration, rank, world
+
+    @property
+    def meta(self) -> dict:
+        return self.inner.meta
+
+    def num_batches(self, batch_size: int) -> int:
+        total = self.inner.num_batches(batch_size)
+        if total < self.world:
+            raise ValueError(f"{total} calibration batches cannot be shared by {self.world} processes: pass more "
+                             f"--samples, a smaller --batch-size, or fewer processes")
+        return len(range(self.rank, total, self.world))
+
+    def numbered_batches(self, batch_size: int):
+        """(global batch index, batch) for this process's batches."""
+        self.num_batches(batch_size)
+        for index, batch in enumerate(self.inner.batches(batch_size)):
+            if index % self.world == self.rank:
+                yield index, batch
+
+    def batches(self, batch_size: int):
+        for _, batch in self.numbered_batches(batch_size):
+            yield batch

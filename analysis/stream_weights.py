@@ -1,0 +1,172 @@
+"""Weights for streaming analysis: a meta-device skeleton, filled one stage at a time from disk.
+
+The model is built with accelerate's ``init_empty_weights`` (parameters on the meta device,
+no memory), so module names, shapes, groups and byte counts are known before any weight is
+read. A stage's parameters are then read from the memory-mapped safetensors files
+(``safe_open``), cast to the analysis dtype exactly as ``from_pretrained(dtype=...)`` does,
+and put back on the meta device once the stage is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class StreamingUnsupported(ValueError):
+    """The model or request cannot be analyzed block by block."""
+
+
+def parse_size(spec: str | int | float) -> int:
+    """Bytes for ``2GB`` / ``1500MiB`` / ``123456`` (GB decimal, GiB binary, as budgets are written)."""
+    if isinstance(spec, int | float):
+        return int(spec)
+    m = _SIZE.match(str(spec))
+    if not m:
+        raise ValueError(f"cannot read memory size {spec!r}: write e.g. 2GB, 1500MiB or a byte count")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def release_freed_blocks() -> None:
+    """Make glibc give every freed block of 1 MiB or more back to the OS at once.
+
+    glibc raises its mmap threshold after large frees (up to 32 MiB), so a stage's tensors
+    would later come from the heap, which fragments and only grows: peak RSS crept up ~15 MB
+    per block on the streaming benchmark. A fixed threshold keeps it flat. No-op elsewhere.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def skeleton(path: str | Path, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of ``path`` with every parameter on the meta device (buffers stay real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # from_pretrained ties an lm_head to the embedding; from_config leaves it apart
+    model.config.name_or_path = str(path)
+    return model.eval()
+
+
+class DiskWeights:
+    """Tensor name -> safetensors file of a ``save_pretrained`` folder, read on demand.
+
+    Tied parameters (an lm_head sharing the embedding) are saved once; the aliases are taken
+    from the skeleton before any stage replaces a parameter and breaks the tie.
+    """
+
+    def __init__(self, path: str | Path, model: nn.Module):
+        self.aliases = _tied_aliases(model)
+        folder = Path(path)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            mapping = json.loads(index.read_text())["weight_map"]
+            self.files = {name: folder / file for name, file in mapping.items()}
+        elif (folder / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(folder / "model.safetensors", "pt") as f:
+                self.files = {name: folder / "model.safetensors" for name in f.keys()}
+        else:
+            raise StreamingUnsupported(
+                f"streaming analysis reads safetensors weights, and {folder} has none: re-save the model with "
+                f"save_pretrained(..., safe_serialization=True), or run without --max-memory"
+            )
+
+    def load(self, model: nn.Module, names: list[str], dtype: torch.dtype) -> None:
+        """Materialize the named parameters on the CPU from disk (tied ones from their source)."""
+        from safetensors import safe_open
+
+        keys = {name: self._key(name) for name in names}
+        by_file: dict[Path, list[str]] = {}
+        for name, key in keys.items():
+            by_file.setdefault(self.files[key], []).append(name)
+        for file, group in by_file.items():
+            with safe_open(file, "pt") as f:
+                for name in group:
+                    tensor = f.get_tensor(keys[name])
+                    _set_param(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+
+    def _key(self, name: str) -> str:
+        for key in [name, *self.aliases.get(name, [])]:
+            if key in self.files:
+                return key
+        raise StreamingUnsupported(f"weight {name} is not in the checkpoint's safetensors files")
+
+
+def unload(model: nn.Module, names: list[str]) -> None:
+    """Put the named parameters back on the meta device, freeing their memory."""
+    for name in names:
+        module_name, _, leaf = name.rpartition(".")
+        current = model.get_submodule(module_name)._parameters[leaf]
+        _set_param(model, name, torch.empty(current.shape, dtype=current.dtype, device="meta"))
+
+
+def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Every parameter name -> the other names of the same (tied) parameter."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {n: [m for m in names if m != n] for names in groups.values() for n in names}
+
+
+def stage_bytes(model: nn.Module, names: list[str]) -> int:
+    """Bytes the named parameters take once materialized."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return sum(params[n].numel() * params[n].element_size() for n in names)
+
+
+#: memory the process keeps once the first block has run, beyond the imports and the estimate
+#: below (math libraries' work buffers, allocator state): ~120-150 MB, flat over 12-64 blocks on
+#: the streaming benchmark (benchmarks/streaming.py)
+RUNTIME_BYTES = 160 * 10**6
+
+
+def stage_need(model: nn.Module, param_names: list[str], linears: list[str], batch_tokens: int,
+               batch_size: int) -> dict:
+    """Estimated resident bytes while one stage runs and is measured (weights + statistics + work space).
+
+    Statistics: one float32 Gram matrix (plus absmax and a 256-row sample) per hooked Linear,
+    counted without sharing, so the estimate errs high. Work space: the larger of the
+    measurement (about five float32 copies of the largest weight) and one batch's activations
+    (in and out of the block, the attention scores, the MLP's intermediate width, the logits),
+    plus :data:`RUNTIME_BYTES`. Python and the libraries themselves (~0.5 GB) are not counted.
+    """
+    config = model.config
+    modules = dict(model.named_modules())
+    shapes = [modules[n].weight.shape for n in linears]
+    stats = sum(s[1] * s[1] * 4 + s[1] * 4 * 257 for s in shapes)
+    measure = max((s[0] * s[1] * 4 * 5 for s in shapes), default=0)
+    hidden = getattr(config, "hidden_size", 0)
+    widths = hidden * 8 + getattr(config, "intermediate_size", 0) * 4
+    heads = getattr(config, "num_attention_heads", 1)
+    seq = math.ceil(batch_tokens / max(batch_size, 1))
+    activations = batch_tokens * widths * 4 + batch_size * heads * seq * seq * 4
+    if any(s[0] == getattr(config, "vocab_size", -1) for s in shapes):
+        activations += batch_tokens * config.vocab_size * 4 * 2
+    weights = stage_bytes(model, param_names)
+    work = max(measure, activations) + RUNTIME_BYTES
+    return {"weights": weights, "statistics": stats, "work": work, "total": weights + stats + work}

@@ -1,0 +1,54 @@
+"""In-memory analyze(): a run killed with SIGKILL after a flush resumes to the uninterrupted table."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from tiny import random_calibration, tiny_llama
+
+from analysis import NF4, analyze
+
+REPO = Path(__file__).resolve().parents[1]
+
+_CHILD = textwrap.dedent("""
+    import sys, time
+    from analysis import NF4, analyze
+    from tiny import random_calibration, tiny_llama
+
+    model = tiny_llama()
+    model.model.layers[0].register_forward_hook(lambda *args: time.sleep(0.3))  # slow enough to kill midway
+    analyze(model, random_calibration(samples=16), [NF4], batch_size=2, out_dir=sys.argv[1], checkpoint_seconds=0,
+            progress=False)
+""")
+
+
+@pytest.mark.slow  # a fresh Python process: ~10 s
+def test_sigkill_after_a_flush_then_resume_gives_the_same_table(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path)], env=env)
+    state = tmp_path / "partial" / "state.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["batches_done"] >= 3:
+            break
+        time.sleep(0.02)
+    assert child.poll() is None, "the run ended before it could be killed"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    done = json.loads(state.read_text())["batches_done"]
+    assert 3 <= done < 8
+
+    calibration = random_calibration(samples=16)
+    resumed = analyze(tiny_llama(), calibration, [NF4], batch_size=2, out_dir=tmp_path, resume=True, progress=False)
+    expected = analyze(tiny_llama(), calibration, [NF4], batch_size=2, progress=False)
+    pd.testing.assert_frame_equal(resumed.df, expected.df, rtol=1e-6)
+    assert not (tmp_path / "partial").exists()
