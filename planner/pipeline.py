@@ -172,6 +172,12 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     table = analyze_model(source, out_dir, options, reuse=True)
     if not is_main_process():
         return {"out": out_dir, "table": out_dir / TABLE_FILE}  # rank 0 plans, exports and reports
+    if options.max_memory and refine:
+        raise ValueError("--refine runs the whole model, which --max-memory avoids: drop one of them")
+    if options.max_memory and verify:
+        print("quantplan: --max-memory: skipping the end-to-end check (it runs the whole 16-bit model); "
+              "the plan is not verified against all-4-bit")
+        verify = False
     end_to_end = EndToEnd(source, options, refine, verify, max_batches)
     chosen = plan_and_save(table, budget, out_dir, priors, end_to_end=end_to_end, **plan_options)
     result = export(source, chosen, checkpoint, overwrite=overwrite, device=options.device,

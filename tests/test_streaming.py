@@ -165,4 +165,8 @@ def test_run_with_max_memory_plans_and_exports_from_the_streamed_table(tmp_path)
     options = AnalyzeOptions(calib=str(_words(tmp_path)), samples=4, seq_len=32, progress=False, max_memory="1GB")
     out = run(str(folder), "+20%", tmp_path / "job", options)
     assert out["checkpoint"].is_dir() and out["plan"].is_file()
-    assert json.loads(out["plan"].read_text())["objective"] == "output"  # auto falls back: no Fisher when streamed
+    saved = json.loads(out["plan"].read_text())
+    assert saved["objective"] == "output"  # auto falls back: no Fisher when streamed
+    assert "verification" not in saved["checks"]  # the whole-model check is skipped under --max-memory
+    with pytest.raises(ValueError, match="--refine"):
+        run(str(folder), "+20%", tmp_path / "job", options, overwrite=True, refine=2)
