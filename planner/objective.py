@@ -13,10 +13,12 @@
   (``restore_gain``, needs a table analyzed with ``--context``): upstream and downstream
   rounding included.
 
-``auto`` (the default) is ``fisher`` when the table has Fisher scores, else ``output``: on
-SmolLM2-135M (held-out text, mean KL vs 16-bit, share of the all-NF4 KL closed at +10 %
-bytes) output error recovers 25 %, weight error 24 %, combined 26 %, Fisher 41-43 %
-(``benchmarks/plan_quality.py``).
+``auto`` (the default) is ``fisher`` when the table has Fisher scores, else ``output``. On
+SmolLM2-135M (held-out text, mean KL vs 16-bit, share of the all-NF4 KL closed at +10 % / +33 %
+bytes; ``benchmarks/plan_quality.py``): output error 25 % / 36 %, weight error 24 % / 34 %,
+combined 26 % / 35 %, Fisher 43 % / 65 %, restore (quantized context) 45 % / 64 %. Restore is
+no better overall and its extra pass doubles the analysis cost (13.6x vs 6.8x a forward), so
+``auto`` stays on Fisher; ``restore`` is there when asked for (``--context``).
 
 Modules the calibration data never reached (output error NaN) fall back to their weight
 score, so they are still ranked rather than silently treated as harmless.
