@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tiny import random_calibration, tiny_llama
 
-from analysis import NF4, analyze
+from analysis import INT8, NF4, analyze
 from analysis.endtoend import KLReference, calibration_kld
 from analysis.simulate import QuantCache
 from planner import KEEP, plan
@@ -87,3 +87,11 @@ def test_choose_never_worse_than_all_4bit():
     assert choose({"plan": 0.1, "all": 0.2, "edges": 0.05}, "plan", "all") == "plan"
     assert choose({"plan": 0.3, "all": 0.2, "edges": 0.15, "weight": 0.18}, "plan", "all") == "edges"
     assert choose({"plan": 0.2, "all": 0.2, "edges": 0.25}, "plan", "all") == "all"
+
+
+def test_verify_skips_a_multi_tier_plan(job, capsys):
+    model, calibration, _, shared = job
+    table = analyze(model, calibration, [NF4, INT8], batch_size=4, progress=False)
+    chosen = plan(table, "+30%", tiers=["nf4", "int8"])
+    assert verify(table, chosen, model, calibration, **shared) is chosen
+    assert "skipped for a multi-tier plan" in capsys.readouterr().out and "verification" not in chosen.checks
