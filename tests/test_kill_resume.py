@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from killing import run_and_kill
 from tiny import random_calibration, tiny_llama
 
 from analysis import NF4, analyze
-
-REPO = Path(__file__).resolve().parents[1]
 
 _CHILD = textwrap.dedent("""
     import sys, time
@@ -33,18 +25,7 @@ _CHILD = textwrap.dedent("""
 
 @pytest.mark.slow  # a fresh Python process: ~10 s
 def test_sigkill_after_a_flush_then_resume_gives_the_same_table(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path)], env=env)
-    state = tmp_path / "partial" / "state.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and child.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["batches_done"] >= 3:
-            break
-        time.sleep(0.02)
-    assert child.poll() is None, "the run ended before it could be killed"
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    done = json.loads(state.read_text())["batches_done"]
+    done = run_and_kill(_CHILD, [str(tmp_path)], tmp_path / "partial" / "state.json", "batches_done", 3)
     assert 3 <= done < 8
 
     calibration = random_calibration(samples=16)

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from killing import CHILD_ENV, run_and_kill
 from tiny import random_calibration, save_tiny
 
 from analysis import INT8, NF4, TableMismatch, analyze, load_model, resolve_source
 from analysis.stream_weights import StreamingUnsupported, parse_size
 from analysis.streaming import analyze_streaming
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _same_meta(a: dict, b: dict) -> None:
@@ -111,21 +107,11 @@ _CHILD = textwrap.dedent("""
 def test_sigkill_midway_then_resume_gives_the_same_table(tmp_path):
     folder = save_tiny(tmp_path / "model", layers=4)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(folder), str(out), "fresh"], env=env)
-    state = out / "partial" / "state.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and child.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["stages_done"] >= 3:  # embeddings + 2 blocks
-            break
-        time.sleep(0.02)
-    assert child.poll() is None, "the run ended before it could be killed"
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    done = json.loads(state.read_text())["stages_done"]
+    done = run_and_kill(_CHILD, [str(folder), str(out), "fresh"], out / "partial" / "state.json", "stages_done",
+                        3)  # embeddings + 2 blocks
     assert 3 <= done < 6 and not (out / "sensitivity.parquet").exists()
 
-    resumed = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(out), "resume"], env=env,
+    resumed = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(out), "resume"], env=CHILD_ENV,
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert f"after {done} stages" in resumed.stdout
