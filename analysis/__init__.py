@@ -3,15 +3,31 @@
 Data flows one way: model -> probes -> :class:`SensitivityTable`. Nothing here decides.
 """
 
-from .analyze import analyze
-from .calibration import CalibrationSet, load_calibration, load_texts, pack_calibration
-from .formats import FP4, INT8, NF4, FourBit, Int8, parse_formats
-from .models import DEFAULT_MODEL, ModelSource, load_model, load_processor, resolve_source
-from .table import SensitivityTable, TableMismatch
+if __name__ != "quantplan.analysis":  # the folder is a room of the quantplan package, not a package of its own
+    raise ImportError(f"{__name__} is not importable on its own: use `import quantplan.analysis` "
+                      "(`pip install .` installs the quantplan package)")
 
-__all__ = [
-    "analyze", "CalibrationSet", "load_calibration", "load_texts", "pack_calibration",
-    "FP4", "INT8", "NF4", "FourBit", "Int8", "parse_formats",
-    "DEFAULT_MODEL", "ModelSource", "load_model", "load_processor", "resolve_source",
-    "SensitivityTable", "TableMismatch",
-]
+from quantplan.common.lazy import lazy_package
+
+_PUBLIC = {
+    "analyze": "quantplan.analysis.analyze",
+    "CalibrationSet": "quantplan.analysis.calibration",
+    "load_calibration": "quantplan.analysis.calibration",
+    "load_texts": "quantplan.analysis.calibration",
+    "pack_calibration": "quantplan.analysis.calibration",
+    "FP4": "quantplan.analysis.formats",
+    "INT8": "quantplan.analysis.formats",
+    "NF4": "quantplan.analysis.formats",
+    "FourBit": "quantplan.analysis.formats",
+    "Int8": "quantplan.analysis.formats",
+    "parse_formats": "quantplan.analysis.formats",
+    "DEFAULT_MODEL": "quantplan.analysis.models",
+    "ModelSource": "quantplan.analysis.models",
+    "load_model": "quantplan.analysis.models",
+    "load_processor": "quantplan.analysis.models",
+    "resolve_source": "quantplan.analysis.models",
+    "SensitivityTable": "quantplan.analysis.table",
+    "TableMismatch": "quantplan.analysis.table",
+}
+
+lazy_package(__name__, _PUBLIC)

@@ -17,9 +17,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from quantplan.analysis.formats import FourBit
 from torch import nn
-
-from analysis.formats import FourBit
 
 
 class QuantCache:

@@ -38,11 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
+from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
+from quantplan.planner import plan  # noqa: E402
 
-from analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
-from planner import plan  # noqa: E402
-
-export_module = importlib.import_module("planner.export")
+export_module = importlib.import_module("quantplan.planner.export")
 RESULTS = Path(__file__).resolve().parent / "results" / "export_time.json"
 TARGET = 1.2
 

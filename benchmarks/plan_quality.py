@@ -38,16 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
-from analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
-from analysis.calibration import CalibrationSet  # noqa: E402
-from analysis.endtoend import KLReference, calibration_kld  # noqa: E402
-from analysis.simulate import QuantCache  # noqa: E402
-from analysis.table import SensitivityTable  # noqa: E402
-from planner import plan  # noqa: E402
-from planner.baselines import baseline_keep_sets  # noqa: E402
-from planner.refine import refine  # noqa: E402
-from planner.verify import verify  # noqa: E402
-from reports.fidelity import Reference, measure  # noqa: E402
+from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
+from quantplan.analysis.calibration import CalibrationSet  # noqa: E402
+from quantplan.analysis.endtoend import KLReference, calibration_kld  # noqa: E402
+from quantplan.analysis.simulate import QuantCache  # noqa: E402
+from quantplan.analysis.table import SensitivityTable  # noqa: E402
+from quantplan.planner import plan  # noqa: E402
+from quantplan.planner.baselines import baseline_keep_sets  # noqa: E402
+from quantplan.planner.refine import refine  # noqa: E402
+from quantplan.planner.verify import verify  # noqa: E402
+from quantplan.reports.fidelity import Reference, measure  # noqa: E402
 
 OBJECTIVES = ("output", "weight", "combined", "fisher", "restore")
 BUDGETS = ("+10%", "+33%")

@@ -35,13 +35,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
-
-from analysis import analyze, load_calibration, load_model, load_processor, parse_formats, resolve_source  # noqa: E402
-from analysis.formats import FourBit, Int8  # noqa: E402
+from quantplan.analysis import (  # noqa: E402
+    analyze,
+    load_calibration,
+    load_model,
+    load_processor,
+    parse_formats,
+    resolve_source,
+)
+from quantplan.analysis.formats import FourBit, Int8  # noqa: E402
 
 # ``analysis.analyze`` is shadowed by the function of that name in the package namespace.
-analyze_module = importlib.import_module("analysis.analyze")
-measure_mod = importlib.import_module("analysis.measure")
+analyze_module = importlib.import_module("quantplan.analysis.analyze")
+measure_mod = importlib.import_module("quantplan.analysis.measure")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "probe_cost.json"
 TARGET_ONE_FORMAT = 2.0

@@ -38,11 +38,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
+from quantplan.analysis.formats import FP4, INT8, NF4  # noqa: E402
+from quantplan.planner.solver import Infeasible, Option, greedy, solve  # noqa: E402
 
-from analysis.formats import FP4, INT8, NF4  # noqa: E402
-from planner.solver import Infeasible, Option, greedy, solve  # noqa: E402
-
-solver_module = importlib.import_module("planner.solver")
+solver_module = importlib.import_module("quantplan.planner.solver")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "solver.json"
 TARGET_SECONDS = 1.0
@@ -303,7 +302,7 @@ def main(argv=None) -> int:
     print(f"  exactness: {exact['mismatches']} mismatches in {exact['instances']} brute-forced instances")
 
     report = {
-        "benchmark": "solver", "solver": "planner.solver.solve: Lagrangian reduction + two-stage Pareto DP",
+        "benchmark": "solver", "solver": "quantplan.planner.solver.solve: Lagrangian reduction + two-stage Pareto DP",
         "machine": machine_info(), "instance": info, "repeats": args.repeats,
         "first_call_s": cold, "first_call_cpu_s": cold_cpu, "budgets": scale, "full_milp_checks": checks,
         "exactness": exact, "target_seconds": TARGET_SECONDS,

@@ -94,12 +94,11 @@ def child_build(folder: str, layers: str) -> dict:
 def child_analyze(folder: str, max_memory: str, samples: str, seq_len: str, batch_size: str) -> dict:
     """Analyze ``folder`` by streaming; report time, per-block times and memory."""
     import torch
-
-    from analysis import NF4
-    from analysis.calibration import CalibrationSet
-    from analysis.stream_store import StreamCheckpoint
-    from analysis.stream_weights import skeleton, stage_bytes
-    from analysis.streaming import analyze_streaming
+    from quantplan.analysis import NF4
+    from quantplan.analysis.calibration import CalibrationSet
+    from quantplan.analysis.stream_store import StreamCheckpoint
+    from quantplan.analysis.stream_weights import skeleton, stage_bytes
+    from quantplan.analysis.streaming import analyze_streaming
 
     torch.set_num_threads(1)
     ids = torch.randint(3, SHAPE["vocab_size"], (int(samples), int(seq_len)), generator=torch.Generator().manual_seed(0))

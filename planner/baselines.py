@@ -26,10 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-
-from analysis.formats import INT8
-from analysis.table import SensitivityTable
-from planner.plan_types import KEEP, Plan
+from quantplan.analysis.formats import INT8
+from quantplan.analysis.table import SensitivityTable
+from quantplan.planner.plan_types import KEEP, Plan
 
 FIXED_REASONS = ("not quantizable", "lm_head", "pinned: --keep", "prior:")
 HEURISTICS = ("first+last layers", "weight error", "random")

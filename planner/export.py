@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from quantplan.analysis.models import ModelSource, load_processor
 from torch import nn
-
-from analysis.models import ModelSource, load_processor
 
 from .modelcard import write_model_card
 from .plan_types import KEEP, Plan
@@ -129,13 +128,13 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I1
 
 
 def _load_quantized(path, config, compute_dtype, device):
-    from analysis.models import load_model, resolve_source
+    from quantplan.analysis.models import load_model, resolve_source
 
     return load_model(resolve_source(str(path)), dtype=compute_dtype, device=device, quantization_config=config)
 
 
 def _load_plain(path, device):
-    from analysis.models import load_model, resolve_source
+    from quantplan.analysis.models import load_model, resolve_source
 
     return load_model(resolve_source(str(path)), dtype="auto", device=device)
 

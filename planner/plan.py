@@ -12,8 +12,7 @@ from __future__ import annotations
 import warnings
 
 import pandas as pd
-
-from analysis.table import SensitivityTable
+from quantplan.analysis.table import SensitivityTable
 
 from .budget import BudgetError, format_bytes, parse_budget
 from .groups import fused_groups

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from analysis.table import TableMismatch
+from quantplan.analysis.table import TableMismatch
 
 #: the format label of a module kept in 16-bit
 KEEP = "16bit"

@@ -17,7 +17,7 @@ reports.
 
 from __future__ import annotations
 
-from analysis.table import SensitivityTable
+from quantplan.analysis.table import SensitivityTable
 
 from .plan_types import Plan
 

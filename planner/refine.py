@@ -13,9 +13,9 @@ and propagation are re-measured). Cost: ``rounds`` forward+backward passes over 
 
 from __future__ import annotations
 
-from analysis.endtoend import KLReference, restore_gains
-from analysis.formats import format_from_dict
-from analysis.simulate import QuantCache
+from quantplan.analysis.endtoend import KLReference, restore_gains
+from quantplan.analysis.formats import format_from_dict
+from quantplan.analysis.simulate import QuantCache
 
 from .plan import plan
 from .plan_types import KEEP, Plan

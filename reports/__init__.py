@@ -6,18 +6,23 @@ Data flows one way: model + plans + sensitivity table -> :func:`reports.compare.
 ``reports.compare.compare``, so the module name is not shadowed.)
 """
 
-from .compare import CompareOptions
-from .plots import (
-           plot_input_outliers,
-           plot_layer_errors,
-           plot_pareto,
-           plot_weight_heatmap,
-           save_figure,
-           spike_table,
-)
-from .report import write_report
-from .result import Comparison
-from .run import compare_and_report
+if __name__ != "quantplan.reports":  # the folder is a room of the quantplan package, not a package of its own
+    raise ImportError(f"{__name__} is not importable on its own: use `import quantplan.reports` "
+                      "(`pip install .` installs the quantplan package)")
 
-__all__ = ["CompareOptions", "Comparison", "write_report", "compare_and_report", "plot_input_outliers",
-           "plot_layer_errors", "plot_pareto", "plot_weight_heatmap", "save_figure", "spike_table"]
+from quantplan.common.lazy import lazy_package
+
+_PUBLIC = {
+    "CompareOptions": "quantplan.reports.compare",
+    "plot_input_outliers": "quantplan.reports.plots",
+    "plot_layer_errors": "quantplan.reports.plots",
+    "plot_pareto": "quantplan.reports.plots",
+    "plot_weight_heatmap": "quantplan.reports.plots",
+    "save_figure": "quantplan.reports.plots",
+    "spike_table": "quantplan.reports.plots",
+    "write_report": "quantplan.reports.report",
+    "Comparison": "quantplan.reports.result",
+    "compare_and_report": "quantplan.reports.run",
+}
+
+lazy_package(__name__, _PUBLIC)

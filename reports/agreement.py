@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-
-from analysis.simulate import QuantCache
-from planner.objective import scores
-from planner.plan_types import Plan
+from quantplan.analysis.simulate import QuantCache
+from quantplan.planner.objective import scores
+from quantplan.planner.plan_types import Plan
 
 from .fidelity import Reference, measure
 

@@ -24,16 +24,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from analysis import load_calibration, load_model, load_processor, resolve_source
-from analysis.formats import FourBit, format_from_dict
-from analysis.models import ModelSource, dtype_from_name
-from analysis.simulate import QuantCache
-from analysis.table import SensitivityTable, TableMismatch
-from planner.baselines import KeepSet, all_4bit, all_int8, baseline_keep_sets, plan_keep_set, sixteen_bit
-from planner.export import bnb_config
-from planner.plan_types import Plan
-from planner.skiplist import build_skip_list
+from quantplan.analysis import load_calibration, load_model, load_processor, resolve_source
+from quantplan.analysis.formats import FourBit, format_from_dict
+from quantplan.analysis.models import ModelSource, dtype_from_name
+from quantplan.analysis.simulate import QuantCache
+from quantplan.analysis.table import SensitivityTable, TableMismatch
+from quantplan.planner.baselines import (
+    KeepSet,
+    all_4bit,
+    all_int8,
+    baseline_keep_sets,
+    plan_keep_set,
+    sixteen_bit,
+)
+from quantplan.planner.export import bnb_config
+from quantplan.planner.plan_types import Plan
+from quantplan.planner.skiplist import build_skip_list
 
 from .agreement import predicted_vs_measured
 from .fidelity import Fidelity, Reference, measure

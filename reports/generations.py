@@ -9,8 +9,7 @@ cell instead of stopping the comparison.
 from __future__ import annotations
 
 import torch
-
-from analysis.calibration import DATA_DIR
+from quantplan.analysis.calibration import DATA_DIR
 
 PROMPTS = (
     "What is the capital of France?",

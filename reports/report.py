@@ -14,11 +14,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
-
-from analysis.spikes import SPIKE_Z
-from analysis.table import SensitivityTable
-from planner.budget import format_bytes
-from planner.plan_types import Plan
+from quantplan.analysis.spikes import SPIKE_Z
+from quantplan.analysis.table import SensitivityTable
+from quantplan.planner.budget import format_bytes
+from quantplan.planner.plan_types import Plan
 
 from . import plots
 from .result import Comparison
@@ -200,7 +199,7 @@ def _inline(text: str) -> str:
 
 
 def _pareto_for(table: SensitivityTable, plans: list[Plan]) -> pd.DataFrame:
-    from planner.pareto import pareto_curve
+    from quantplan.planner.pareto import pareto_curve
 
     first = plans[0]
     priors = {n: r for n, r in first.reasons.items() if r.startswith("prior:")}

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-
-from analysis.models import ModelSource
-from analysis.table import SensitivityTable
-from planner.plan_types import Plan
+from quantplan.analysis.models import ModelSource
+from quantplan.analysis.table import SensitivityTable
+from quantplan.planner.plan_types import Plan
 
 from .compare import CompareOptions, compare
 from .report import write_report

@@ -21,7 +21,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_source(tiny_dir):
-    from analysis import resolve_source
+    from quantplan.analysis import resolve_source
 
     return resolve_source(str(tiny_dir))
 
@@ -29,20 +29,20 @@ def tiny_source(tiny_dir):
 @pytest.fixture(scope="session")
 def smol_source():
     """The offline default model (converted once to a cached bf16 folder)."""
-    from analysis import resolve_source
+    from quantplan.analysis import resolve_source
 
     return resolve_source(None)
 
 
 @pytest.fixture(scope="session")
 def smol_model(smol_source):
-    from analysis import load_model
+    from quantplan.analysis import load_model
 
     return load_model(smol_source)
 
 
 @pytest.fixture(scope="session")
 def smol_tokenizer(smol_source):
-    from analysis import load_processor
+    from quantplan.analysis import load_processor
 
     return load_processor(smol_source)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
+from quantplan.analysis import FP4, INT8, NF4, analyze
+from quantplan.analysis.spikes import find_spikes
 from tiny import random_calibration, tiny_llama
-
-from analysis import FP4, INT8, NF4, analyze
-from analysis.spikes import find_spikes
 
 
 def swapped_output_error(model, name, calibration, compute_dtype=torch.float32) -> float:
@@ -138,8 +137,8 @@ def test_nonfinite_activations_flagged_and_run_continues():
 
 def test_shared_inputs_share_one_gram():
     model = tiny_llama()
-    from analysis.modules import list_modules
-    from analysis.probe import InputProbe
+    from quantplan.analysis.modules import list_modules
+    from quantplan.analysis.probe import InputProbe
 
     names = [i.name for i in list_modules(model) if i.is_linear]
     probe = InputProbe(model, names)
@@ -156,7 +155,7 @@ def test_shared_inputs_share_one_gram():
 
 def test_fisher_error_matches_its_definition():
     """output_fisher_error = Σ_o mean_t(g_{t,o}²) · Σ_t Δy_{t,o}², checked with captured inputs and gradients."""
-    from analysis.fisher import loss_backward
+    from quantplan.analysis.fisher import loss_backward
 
     model = tiny_llama()
     calibration = random_calibration(samples=4)

@@ -7,9 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from tiny import random_calibration, tiny_llama, word_tokenizer
-
-from analysis import (
+from quantplan.analysis import (
     NF4,
     SensitivityTable,
     TableMismatch,
@@ -18,7 +16,8 @@ from analysis import (
     parse_formats,
     resolve_source,
 )
-from analysis.calibration import load_texts, pack_calibration
+from quantplan.analysis.calibration import load_texts, pack_calibration
+from tiny import random_calibration, tiny_llama, word_tokenizer
 
 
 def test_unknown_model_names_the_fix(tmp_path):

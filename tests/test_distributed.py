@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from quantplan.analysis import INT8, NF4, SensitivityTable, analyze
 from tiny import random_calibration, tiny_llama
-
-from analysis import INT8, NF4, SensitivityTable, analyze
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,8 +19,8 @@ _WORKER = textwrap.dedent("""
     import sys
     import torch
     import torch.distributed as dist
-    from analysis import INT8, NF4, analyze
-    from analysis.distributed import init_from_environment
+    from quantplan.analysis import INT8, NF4, analyze
+    from quantplan.analysis.distributed import init_from_environment
     from tiny import random_calibration, tiny_llama
 
     torch.set_num_threads(1)

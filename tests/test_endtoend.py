@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quantplan.analysis import NF4, analyze
+from quantplan.analysis.endtoend import KLReference, calibration_kld, restore_gains
+from quantplan.analysis.simulate import QuantCache
 from tiny import random_calibration, tiny_llama
-
-from analysis import NF4, analyze
-from analysis.endtoend import KLReference, calibration_kld, restore_gains
-from analysis.simulate import QuantCache
 
 
 @pytest.fixture(scope="module")

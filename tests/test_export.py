@@ -7,15 +7,15 @@ import json
 
 import pytest
 import torch
+from quantplan.analysis import NF4, TableMismatch, analyze, load_model, resolve_source
+from quantplan.planner import ExportError, export, plan
+from quantplan.planner.skiplist import SkipListError, build_skip_list, verify_skip_list
 from tiny import random_calibration, save_tiny
 from transformers import AutoModelForCausalLM
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from analysis import NF4, TableMismatch, analyze, load_model, resolve_source
-from planner import ExportError, export, plan
-from planner.cli import main
-from planner.pipeline import AnalyzeOptions, run
-from planner.skiplist import SkipListError, build_skip_list, verify_skip_list
+from quantplan.cli import main
+from quantplan.pipeline import AnalyzeOptions, run
 
 
 def test_skip_list_hits_exactly_the_planned_modules():
@@ -88,7 +88,7 @@ def test_export_refuses_existing_dir_and_foreign_plan(tiny12, tmp_path):
 
 def test_export_of_an_int8_plan_is_refused(tiny12, tmp_path):
     source, _ = tiny12
-    from analysis import INT8
+    from quantplan.analysis import INT8
 
     table = analyze(load_model(source), random_calibration(), [NF4, INT8], progress=False,
                     model_fingerprint=source.fingerprint)
@@ -105,7 +105,7 @@ def test_interrupted_export_leaves_nothing(tiny12, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(importlib.import_module("planner.export"), "write_model_card", crash)
+    monkeypatch.setattr(importlib.import_module("quantplan.planner.export"), "write_model_card", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         export(source, p, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # no checkpoint, no staging folder

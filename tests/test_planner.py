@@ -6,13 +6,12 @@ import itertools
 import random
 
 import pytest
+from quantplan.analysis import INT8, NF4, analyze
+from quantplan.planner import BudgetError, parse_budget, plan
+from quantplan.planner.pareto import pareto_curve
+from quantplan.planner.pins import PatternError
+from quantplan.planner.solver import Infeasible, Option, greedy, solve
 from tiny import random_calibration, tiny_llama
-
-from analysis import INT8, NF4, analyze
-from planner import BudgetError, parse_budget, plan
-from planner.pareto import pareto_curve
-from planner.pins import PatternError
-from planner.solver import Infeasible, Option, greedy, solve
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from quantplan.analysis import INT8, NF4, analyze
+from quantplan.analysis.endtoend import KLReference, calibration_kld
+from quantplan.analysis.simulate import QuantCache
+from quantplan.planner import KEEP, plan
+from quantplan.planner.baselines import all_4bit, plan_keep_set
+from quantplan.planner.refine import refine
+from quantplan.planner.verify import choose, verify
 from tiny import random_calibration, tiny_llama
-
-from analysis import INT8, NF4, analyze
-from analysis.endtoend import KLReference, calibration_kld
-from analysis.simulate import QuantCache
-from planner import KEEP, plan
-from planner.baselines import all_4bit, plan_keep_set
-from planner.refine import refine
-from planner.verify import choose, verify
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ import collections
 import re
 from pathlib import Path
 
+from quantplan.analysis.calibration import DEFAULT_TEXT, HELDOUT_TEXT
 from tiny import tiny_llama
-
-from analysis.calibration import DEFAULT_TEXT, HELDOUT_TEXT
 
 SPECIALS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
 
@@ -50,8 +49,8 @@ def test_tiny_tokenizer_reads_english(tmp_path):
 
 def tiny_job(folder: Path, budgets=("+10%", "+33%")):
     """A saved tiny model, its sensitivity table (in ``folder/out``) and plans at ``budgets``."""
-    from analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source
-    from planner import plan
+    from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source
+    from quantplan.planner import plan
 
     source = resolve_source(str(save_tiny_model(folder / "model")))
     calibration = load_calibration(load_processor(source), samples=8, seq_len=64)

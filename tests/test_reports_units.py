@@ -9,15 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from quantplan.analysis import NF4, load_model
+from quantplan.analysis.simulate import QuantCache
+from quantplan.planner.baselines import all_4bit, baseline_keep_sets, edge_order, linear_frame, plan_keep_set
+from quantplan.reports import plots
+from quantplan.reports.fidelity import Fidelity, Reference, measure
+from quantplan.reports.scoreboard import scoreboard_frame, to_markdown, verdicts
+from quantplan.reports.tables import html_table, markdown_table
 from test_reports_fixtures import tiny_job
-
-from analysis import NF4, load_model
-from analysis.simulate import QuantCache
-from planner.baselines import all_4bit, baseline_keep_sets, edge_order, linear_frame, plan_keep_set
-from reports import plots
-from reports.fidelity import Fidelity, Reference, measure
-from reports.scoreboard import scoreboard_frame, to_markdown, verdicts
-from reports.tables import html_table, markdown_table
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +171,10 @@ def test_plots_return_figures_and_mark_a_planted_spike(tiny, tmp_path):
 
 
 def test_compare_cli_arguments_map_to_options(monkeypatch, tmp_path):
-    from reports import cli
+    from quantplan import compare_cli as cli
 
     seen = {}
-    monkeypatch.setattr("reports.run.compare_and_report", lambda *a, **k: seen.update(args=a, kwargs=k))
+    monkeypatch.setattr("quantplan.reports.run.compare_and_report", lambda *a, **k: seen.update(args=a, kwargs=k))
     parser = argparse.ArgumentParser()
     cli.add_compare_parser(parser.add_subparsers())
     args = parser.parse_args(["compare", "some/model", "--plan", str(tmp_path / "plan.json"), "--plan", "b.json",
@@ -190,9 +189,9 @@ def test_compare_cli_arguments_map_to_options(monkeypatch, tmp_path):
 
 
 def test_a_variant_that_fails_to_load_becomes_a_row(tiny, monkeypatch):
-    from planner.baselines import KeepSet
-    from reports import compare as compare_module
-    from reports.compare import CompareOptions
+    from quantplan.planner.baselines import KeepSet
+    from quantplan.reports import compare as compare_module
+    from quantplan.reports.compare import CompareOptions
 
     source, _, _ = tiny
 
@@ -209,8 +208,8 @@ def test_a_variant_that_fails_to_load_becomes_a_row(tiny, monkeypatch):
 
 
 def test_heldout_text_must_not_be_the_calibration_text(tiny):
-    from analysis import load_processor
-    from reports.compare import CompareOptions, _heldout
+    from quantplan.analysis import load_processor
+    from quantplan.reports.compare import CompareOptions, _heldout
 
     source, table, _ = tiny
     with pytest.raises(ValueError, match="disjoint"):

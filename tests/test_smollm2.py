@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quantplan.analysis import NF4, analyze, load_calibration
 from test_analysis import swapped_output_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from analysis import NF4, analyze, load_calibration
-from planner.pipeline import AnalyzeOptions, run
+from quantplan.pipeline import AnalyzeOptions, run
 
 pytestmark = pytest.mark.slow
 

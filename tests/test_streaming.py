@@ -11,11 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from killing import CHILD_ENV, run_and_kill
+from quantplan.analysis import INT8, NF4, TableMismatch, analyze, load_model, resolve_source
+from quantplan.analysis.stream_weights import StreamingUnsupported, parse_size
+from quantplan.analysis.streaming import analyze_streaming
 from tiny import random_calibration, save_tiny
-
-from analysis import INT8, NF4, TableMismatch, analyze, load_model, resolve_source
-from analysis.stream_weights import StreamingUnsupported, parse_size
-from analysis.streaming import analyze_streaming
 
 
 def _same_meta(a: dict, b: dict) -> None:
@@ -63,7 +62,7 @@ def test_cap_too_small_and_fisher_refused_with_the_fix(tmp_path):
 
 
 def test_resume_refuses_another_calibration(tmp_path, monkeypatch):
-    from analysis import stream_store
+    from quantplan.analysis import stream_store
 
     folder = save_tiny(tmp_path / "model")
     out = tmp_path / "out"
@@ -87,8 +86,8 @@ def test_resume_refuses_another_calibration(tmp_path, monkeypatch):
 
 _CHILD = textwrap.dedent("""
     import sys, time
-    from analysis import NF4
-    from analysis import stream_store, streaming
+    from quantplan.analysis import NF4
+    from quantplan.analysis import stream_store, streaming
     from tiny import random_calibration
 
     commit = stream_store.StreamCheckpoint.commit
@@ -115,21 +114,21 @@ def test_sigkill_midway_then_resume_gives_the_same_table(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert f"after {done} stages" in resumed.stdout
-    from analysis import SensitivityTable
+    from quantplan.analysis import SensitivityTable
 
     expected = analyze_streaming(folder, random_calibration(samples=6), [NF4], batch_size=2, progress=False)
     pd.testing.assert_frame_equal(SensitivityTable.load(out).df, expected.df, rtol=1e-9)
 
 
 def test_cli_analyze_with_max_memory(tmp_path, capsys):
-    from planner.cli import main
+    from quantplan.cli import main
 
     folder = save_tiny(tmp_path / "model")
     out = tmp_path / "table"
     assert main(["analyze", str(folder), "--max-memory", "1GB", "--samples", "4", "--seq-len", "32",
                  "--calib", str(_words(tmp_path)), "--out", str(out), "--quiet"]) == 0
     assert "Fisher" in capsys.readouterr().out
-    from analysis import SensitivityTable
+    from quantplan.analysis import SensitivityTable
 
     table = SensitivityTable.load(out)
     assert not table.meta["fisher"] and table.df["output_rel_error"].notna().any()
@@ -145,7 +144,7 @@ def _words(tmp_path: Path) -> Path:
 
 
 def test_run_with_max_memory_plans_and_exports_from_the_streamed_table(tmp_path):
-    from planner.pipeline import AnalyzeOptions, run
+    from quantplan.pipeline import AnalyzeOptions, run
 
     folder = save_tiny(tmp_path / "model")
     options = AnalyzeOptions(calib=str(_words(tmp_path)), samples=4, seq_len=32, progress=False, max_memory="1GB")

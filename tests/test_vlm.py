@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quantplan.analysis import NF4, analyze, load_model, load_processor, resolve_source
+from quantplan.analysis.vision import calibration_for_model, process_pair
+from quantplan.planner import export, plan
+from quantplan.planner.priors import kept_by, rule_priors
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from vlm_models import save_tiny_vlm
-
-from analysis import NF4, analyze, load_model, load_processor, resolve_source
-from analysis.vision import calibration_for_model, process_pair
-from planner import export, plan
-from planner.priors import kept_by, rule_priors
 
 #: per architecture: Linear count per group, one live module name per group, a checkpoint key prefix
 ARCHITECTURES = {
@@ -90,8 +89,7 @@ def test_plan_export_reload_generate(analyzed, tmp_path):
         assert (type(modules[name]).__name__ == "Linear4bit") == (choice != "16bit"), name
     reloaded = AutoProcessor.from_pretrained(tmp_path / "out")
     from PIL import Image
-
-    from analysis.vision import SHIPPED_IMAGES
+    from quantplan.analysis.vision import SHIPPED_IMAGES
 
     inputs = process_pair(reloaded, Image.open(SHIPPED_IMAGES / "chelsea.jpg").convert("RGB"),
                           "What animal is in this picture?")
@@ -163,8 +161,7 @@ def test_odd_vision_dims_are_kept_16bit_not_a_crash(tmp_path):
 def test_real_size_module_trees_on_the_meta_device(arch, groups):
     """transformers' default (real-size) configs, built weightless: groups, counts and layer ranges."""
     import transformers
-
-    from analysis.modules import list_modules
+    from quantplan.analysis.modules import list_modules
 
     config_class, model_class = {"mllama": ("MllamaConfig", "MllamaForConditionalGeneration"),
                                  "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration")}[arch]
@@ -193,9 +190,9 @@ def test_fisher_reaches_the_vision_tower(arch, tmp_path):
 def test_quantized_context_and_verification_run_with_images(arch, tmp_path):
     """The end-to-end probes take image batches: every tower's modules get a restore gain, and the
     verification measures the plan against all-4-bit on the image calibration data."""
-    from analysis.endtoend import KLReference
-    from analysis.simulate import QuantCache
-    from planner.verify import verify
+    from quantplan.analysis.endtoend import KLReference
+    from quantplan.analysis.simulate import QuantCache
+    from quantplan.planner.verify import verify
 
     source = resolve_source(str(save_tiny_vlm(arch, tmp_path / "model")))
     model = load_model(source)

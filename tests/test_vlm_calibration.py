@@ -1,4 +1,4 @@
-"""analysis.vision: image + prompt calibration (sources, determinism, batching, errors)."""
+"""quantplan.analysis.vision: image + prompt calibration (sources, determinism, batching, errors)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,16 @@ import json
 import shutil
 
 import pytest
-from transformers import AutoConfig
-from vlm_models import save_tiny_vlm
-
-from analysis import NF4, analyze, load_model, load_processor, resolve_source
-from analysis.vision import (
+from quantplan.analysis import NF4, analyze, load_model, load_processor, resolve_source
+from quantplan.analysis.vision import (
     DEFAULT_PROMPT,
     SHIPPED_IMAGES,
     ImagesRequired,
     calibration_for_model,
     load_image_calibration,
 )
+from transformers import AutoConfig
+from vlm_models import save_tiny_vlm
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from analysis.models import DEFAULT_MODEL
-from reports.cli import add_compare_args, add_compare_parser
+from quantplan.analysis.models import DEFAULT_MODEL
+from quantplan.compare_cli import add_compare_args, add_compare_parser
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError)
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _analyze(args) -> int:
-    from analysis import resolve_source
+    from quantplan.analysis import resolve_source
 
     from .pipeline import analyze_model
 
@@ -39,7 +39,7 @@ def _analyze(args) -> int:
 
 
 def _plan(args) -> int:
-    from analysis.table import SensitivityTable
+    from quantplan.analysis.table import SensitivityTable
 
     from .pipeline import plan_and_save
 
@@ -50,12 +50,11 @@ def _plan(args) -> int:
 
 
 def _export(args) -> int:
-    from analysis import resolve_source
-    from analysis.models import dtype_from_name
-
-    from .budget import format_bytes
-    from .export import export
-    from .plan_types import Plan
+    from quantplan.analysis import resolve_source
+    from quantplan.analysis.models import dtype_from_name
+    from quantplan.planner.budget import format_bytes
+    from quantplan.planner.export import export
+    from quantplan.planner.plan_types import Plan
 
     result = export(resolve_source(args.model), Plan.load(args.plan), args.out, overwrite=args.overwrite,
                     compute_dtype=dtype_from_name(args.compute_dtype), device=args.device)
@@ -65,7 +64,7 @@ def _export(args) -> int:
 
 
 def _run(args) -> int:
-    from reports.cli import options_from_args
+    from quantplan.compare_cli import options_from_args
 
     from .pipeline import run
 

@@ -10,18 +10,17 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis import analyze, load_model, load_processor, parse_formats, resolve_source
-from analysis.distributed import init_from_environment, is_main_process
-from analysis.models import ModelSource, dtype_from_name
-from analysis.summary import summarize
-from analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
-from analysis.vision import calibration_for_model
-
-from .budget import format_bytes
-from .export import export
-from .pareto import pareto_curve
-from .plan import plan
-from .priors import kept_summary, rule_priors
+from quantplan.analysis import analyze, load_model, load_processor, parse_formats, resolve_source
+from quantplan.analysis.distributed import init_from_environment, is_main_process
+from quantplan.analysis.models import ModelSource, dtype_from_name
+from quantplan.analysis.summary import summarize
+from quantplan.analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
+from quantplan.analysis.vision import calibration_for_model
+from quantplan.planner.budget import format_bytes
+from quantplan.planner.export import export
+from quantplan.planner.pareto import pareto_curve
+from quantplan.planner.plan import plan
+from quantplan.planner.priors import kept_summary, rule_priors
 
 
 @dataclass
@@ -77,12 +76,11 @@ class EndToEnd:
         """plan() (or refine()) then verify(), sharing one model, one 16-bit reference and one 4-bit cache."""
         if not (self.refine or self.verify):
             return plan(table, budget, **plan_options)
-        from analysis.endtoend import KLReference
-        from analysis.formats import format_from_dict
-        from analysis.simulate import QuantCache
-
-        from .refine import refine
-        from .verify import verify
+        from quantplan.analysis.endtoend import KLReference
+        from quantplan.analysis.formats import format_from_dict
+        from quantplan.analysis.simulate import QuantCache
+        from quantplan.planner.refine import refine
+        from quantplan.planner.verify import verify
 
         chosen = plan(table, budget, **plan_options)  # fails fast on a bad budget before loading the model
         model = load_model(self.source, dtype=dtype_from_name(self.options.dtype), device=self.options.device)
@@ -139,7 +137,7 @@ def analyze_model(source: ModelSource, out_dir: str | Path, options: AnalyzeOpti
 
 
 def _analyze_streaming(source, calibration, formats, dtype, out_dir, options) -> SensitivityTable:
-    from analysis.streaming import analyze_streaming
+    from quantplan.analysis.streaming import analyze_streaming
 
     if options.device != "cpu":
         raise ValueError("--max-memory streams blocks through the CPU: drop --device, or drop --max-memory")
@@ -189,7 +187,7 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
           f"{result.kept} modules 16-bit, {result.quantized} 4-bit")
     reports = {}
     if compare is not None:
-        from reports.run import compare_and_report
+        from quantplan.reports.run import compare_and_report
 
         reports = compare_and_report(source, table, [chosen], out_dir, pareto=out_dir / "pareto.csv", options=compare)
     return {**reports, "out": out_dir, "table": out_dir / TABLE_FILE, "plan": out_dir / "plan.json",

@@ -1,17 +1,16 @@
-"""``quantplan compare``: its arguments and handler, for ``planner.cli`` to mount with one call.
+"""``quantplan compare``: its arguments and handler, for ``quantplan.cli`` to mount with one call.
 
 ``add_compare_parser(subparsers)`` adds the sub-command; errors are the user errors
-``planner.cli.main`` already reports in one line (ValueError, FileNotFoundError, ...).
+``quantplan.cli.main`` already reports in one line (ValueError, FileNotFoundError, ...).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from analysis.models import DEFAULT_MODEL
-
-from .compare import CompareOptions
-from .generations import PROMPTS
+from quantplan.analysis.models import DEFAULT_MODEL
+from quantplan.reports.compare import CompareOptions
+from quantplan.reports.generations import PROMPTS
 
 
 def add_compare_parser(subparsers):
@@ -62,7 +61,7 @@ def options_from_args(args) -> CompareOptions:
 
 def run_compare(args) -> int:
     """Handler of ``quantplan compare``."""
-    from .run import compare_and_report
+    from quantplan.reports.run import compare_and_report
 
     first = Path(args.plan[0])
     folder = first if first.is_dir() else first.parent

@@ -1,0 +1,1 @@
+"""Leaf helpers every room may use (sizes, atomic writes, moving batches); they import no room."""
