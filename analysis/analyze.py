@@ -152,12 +152,15 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
     except BaseException as err:
         if partial and probe.batches_done:
             probe.save(partial, run_meta, grads.state() if grads else None)
-            note = (f"quantplan: calibration pass stopped after {probe.batches_done}/{total} batches "
-                    f"({type(err).__name__}); partial statistics saved in {partial}. "
-                    f"Re-run the same command with --resume to continue.")
-            print(note)
-            if isinstance(err, KeyboardInterrupt):
-                raise KeyboardInterrupt(note) from err
+            note = (f"calibration pass stopped after {probe.batches_done}/{total} batches; partial statistics "
+                    f"saved in {partial}: re-run the same command with --resume to continue")
+        else:
+            note = (f"calibration pass stopped after {probe.batches_done}/{total} batches; nothing was saved "
+                    "(no batch had finished): re-run the same command to start again")
+        if isinstance(err, KeyboardInterrupt):  # the caller prints it once (quantplan.cli)
+            raise KeyboardInterrupt(note) from err
+        if partial and probe.batches_done:
+            print(f"quantplan: {note} ({type(err).__name__})")
         raise
 
 

@@ -68,7 +68,7 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.bfloat16, device:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source.path)
-    model_class = _auto_class(config)
+    model_class = auto_class(config)
     model = model_class.from_pretrained(source.path, dtype=dtype, device_map=device, **kwargs)
     model.eval()
     return model
@@ -97,7 +97,8 @@ def load_processor(source: ModelSource):
     return AutoTokenizer.from_pretrained(source.path)
 
 
-def _auto_class(config):
+def auto_class(config):
+    """transformers' auto class for this config: image-text-to-text for VLMs, else causal LM."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 

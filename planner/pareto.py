@@ -8,22 +8,23 @@ import numpy as np
 import pandas as pd
 
 from .budget import BudgetError
-from .plan import plan
+from .config import PlanConfig
 from .plan_types import KEEP
 
 
-def pareto_curve(table, points: int = 21, **plan_options) -> pd.DataFrame:
+def pareto_curve(table, points: int = 21, config: PlanConfig | None = None) -> pd.DataFrame:
     """One exact plan per budget step; columns: budget_bytes, bytes, footprint_bytes, error, kept, over_all_4bit."""
+    config = config or PlanConfig()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        widest = plan(table, budget=2**62, **plan_options)
+        widest = config.plan(table, 2**62)
     low, high = widest.predicted["bytes_all_4bit"], widest.predicted["bytes_16bit"]
     rows = []
     for budget in np.linspace(low, high, points).astype(np.int64):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                p = plan(table, budget=int(budget), **plan_options)
+                p = config.plan(table, int(budget))
         except BudgetError:
             continue  # below the floor that pins impose
         rows.append({

@@ -86,7 +86,8 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "auto", tie
         )
     if capacity >= ceiling:
         warnings.warn(f"budget {parsed.spec} = {format_bytes(capacity)} reaches the 16-bit size "
-                      f"{format_bytes(ceiling)}: every module stays 16-bit", stacklevel=2)
+                      f"{format_bytes(ceiling)}: every module stays 16-bit, so the export is a plain 16-bit checkpoint "
+                      "(no 4-bit module)", stacklevel=2)
 
     solution = solve(items, capacity - other - bytes_fixed)
     choices = dict(fixed)

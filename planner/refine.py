@@ -17,17 +17,18 @@ from quantplan.analysis.endtoend import KLReference, restore_gains
 from quantplan.analysis.formats import format_from_dict
 from quantplan.analysis.simulate import QuantCache
 
-from .plan import plan
+from .config import PlanConfig
 from .plan_types import KEEP, Plan
 
 
-def refine(table, budget, model, calibration, *, rounds: int = 4, batch_size: int = 4,
-           max_batches: int | None = None, reference: KLReference | None = None, cache: QuantCache | None = None,
-           progress: bool = True, **plan_options) -> Plan:
+def refine(table, budget, model, calibration, *, config: PlanConfig | None = None, rounds: int = 4,
+           batch_size: int = 4, max_batches: int | None = None, reference: KLReference | None = None,
+           cache: QuantCache | None = None, progress: bool = True) -> Plan:
     """The plan for ``budget`` chosen by ``rounds`` rounds of measured restore gains (see module docstring)."""
     if rounds < 1:
         raise ValueError(f"--refine {rounds}: give a number of rounds of at least 1 (0 turns refinement off)")
-    first = plan(table, budget, **plan_options)
+    config = config or PlanConfig()
+    first = config.plan(table, budget)
     if len(first.tiers) > 1:
         raise ValueError("refinement plans 16-bit vs one 4-bit format: drop --tiers or --refine")
     tier = first.tiers[0]
@@ -47,7 +48,7 @@ def refine(table, budget, model, calibration, *, rounds: int = 4, batch_size: in
             print(f"quantplan: refinement round {r}/{rounds}: calibration KL {result.kld:.4f} with "
                   f"{len(decided)} module(s) restored so far")
         limit = floor + room * r // rounds if r < rounds else first.budget["bytes"]
-        current = plan(table, int(limit), scores=result.gains, decided=decided, **plan_options)
+        current = config.plan(table, int(limit), scores=result.gains, decided=decided)
         for name in current.kept:
             if name not in decided and current.reasons[name].startswith("measured"):
                 decided[name] = (f"refined: kept in round {r}/{rounds} (measured KL gain "

@@ -28,6 +28,7 @@ from quantplan.common.lazy import lazy_package
 _PUBLIC = {
     # analysis: measure
     "analyze": "quantplan.analysis.analyze",
+    "AnalyzeConfig": "quantplan.analysis.config",
     "SensitivityTable": "quantplan.analysis.table",
     "TableMismatch": "quantplan.analysis.table",
     "CalibrationSet": "quantplan.analysis.calibration",
@@ -44,6 +45,7 @@ _PUBLIC = {
     "summarize": "quantplan.analysis.summary",
     # planner: decide and write
     "plan": "quantplan.planner.plan",
+    "PlanConfig": "quantplan.planner.config",
     "Plan": "quantplan.planner.plan_types",
     "Budget": "quantplan.planner.budget",
     "BudgetError": "quantplan.planner.budget",
@@ -53,13 +55,13 @@ _PUBLIC = {
     "ExportResult": "quantplan.planner.export",
     # reports: read and show
     "compare": "quantplan.reports.compare",
-    "CompareOptions": "quantplan.reports.compare",
+    "CompareConfig": "quantplan.reports.compare",
     "Comparison": "quantplan.reports.result",
     "write_report": "quantplan.reports.report",
     "compare_and_report": "quantplan.reports.run",
     # the application layer
     "run": "quantplan.pipeline",
-    "AnalyzeOptions": "quantplan.pipeline",
+    "EndToEnd": "quantplan.endtoend",
     "plan_summary": "quantplan.pipeline",
 }
 

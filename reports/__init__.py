@@ -13,7 +13,7 @@ if __name__ != "quantplan.reports":  # the folder is a room of the quantplan pac
 from quantplan.common.lazy import lazy_package
 
 _PUBLIC = {
-    "CompareOptions": "quantplan.reports.compare",
+    "CompareConfig": "quantplan.reports.compare",
     "plot_input_outliers": "quantplan.reports.plots",
     "plot_layer_errors": "quantplan.reports.plots",
     "plot_pareto": "quantplan.reports.plots",

@@ -48,8 +48,8 @@ from .result import Comparison
 from .scoreboard import scoreboard_frame
 
 
-@dataclass
-class CompareOptions:
+@dataclass(frozen=True)
+class CompareConfig:
     """What to measure and on how much held-out text (defaults sized for SmolLM2 on a 2-core CPU)."""
 
     heldout: str = "heldout"  # the shipped held-out text, or any calibration source (file, hub dataset)
@@ -70,9 +70,9 @@ class CompareOptions:
 
 
 def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None = None, *,
-            table: SensitivityTable | str | Path | None = None, options: CompareOptions | None = None) -> Comparison:
+            table: SensitivityTable | str | Path | None = None, options: CompareConfig | None = None) -> Comparison:
     """Measure every variant; with ``out_dir`` write scoreboard.csv/.md, generations, agreement there."""
-    options = options or CompareOptions()
+    options = options or CompareConfig()
     source = model if isinstance(model, ModelSource) else resolve_source(model)
     if not plans:
         raise ValueError("compare needs at least one plan: pass --plan plan.json")
@@ -221,7 +221,7 @@ def _folder(plan_path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _heldout(source, processor, table: SensitivityTable, options: CompareOptions):
+def _heldout(source, processor, table: SensitivityTable, options: CompareConfig):
     from transformers import AutoConfig
 
     tokenizer = getattr(processor, "tokenizer", processor)

@@ -199,12 +199,14 @@ def _inline(text: str) -> str:
 
 
 def _pareto_for(table: SensitivityTable, plans: list[Plan]) -> pd.DataFrame:
+    from quantplan.planner.config import PlanConfig
     from quantplan.planner.pareto import pareto_curve
 
     first = plans[0]
-    priors = {n: r for n, r in first.reasons.items() if r.startswith("prior:")}
-    return pareto_curve(table, objective=first.objective, tiers=first.tiers, vllm_safe=first.vllm_safe,
-                        priors=priors)
+    priors = tuple(n for n, r in first.reasons.items() if r.startswith("prior:"))  # kept by rule: fixed 16-bit
+    config = PlanConfig(objective=first.objective, tiers=tuple(first.tiers), vllm_safe=first.vllm_safe,
+                        keep=priors, priors="none")
+    return pareto_curve(table, config=config)
 
 
 _CSS = """

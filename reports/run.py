@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -9,25 +10,21 @@ from quantplan.analysis.models import ModelSource
 from quantplan.analysis.table import SensitivityTable
 from quantplan.planner.plan_types import Plan
 
-from .compare import CompareOptions, compare
+from .compare import CompareConfig, compare
 from .report import write_report
 
 
 def compare_and_report(model: str | ModelSource | None, table: SensitivityTable | str | Path | None, plans,
                        out_dir: str | Path, *, pareto: pd.DataFrame | str | Path | None = None,
-                       options: CompareOptions | None = None, **option_overrides) -> dict[str, Path]:
+                       options: CompareConfig | None = None, **option_overrides) -> dict[str, Path]:
     """Measure the variants (:func:`~reports.compare.compare`) and write the report into ``out_dir``.
 
     ``plans`` are Plan objects or plan.json paths; ``table`` a SensitivityTable or its folder
     (None: the folder of the first plan path). ``pareto`` is a DataFrame, a ``pareto.csv``
     path (ignored when missing) or None (computed from the table). ``option_overrides`` set
-    fields of :class:`CompareOptions` (e.g. ``device="cuda"``, ``samples=16``).
+    fields of :class:`CompareConfig` (e.g. ``device="cuda"``, ``samples=16``).
     """
-    options = options or CompareOptions()
-    for key, value in option_overrides.items():
-        if not hasattr(options, key):
-            raise TypeError(f"unknown compare option {key!r}")
-        setattr(options, key, value)
+    options = replace(options or CompareConfig(), **option_overrides)
     if table is None:
         first = next((Path(p) for p in plans if not isinstance(p, Plan)), None)
         table = (first if first is not None and first.is_dir() else first.parent) if first is not None else None

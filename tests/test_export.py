@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from quantplan.cli import main
-from quantplan.pipeline import AnalyzeOptions, run
+from quantplan import AnalyzeConfig, run
 
 
 def test_skip_list_hits_exactly_the_planned_modules():
@@ -122,7 +122,7 @@ def test_overwrite_replaces_atomically(tiny12, tmp_path):
 def test_run_main_job_on_tiny_model(tiny_dir, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(" ".join(f"w{(i * 13 + j) % 250 + 3}" for j in range(40)) for i in range(60)))
-    options = AnalyzeOptions(calib=str(calib), samples=8, seq_len=32, progress=False)
+    options = AnalyzeConfig(calib=str(calib), samples=8, seq_len=32, progress=False)
     out = run(str(tiny_dir), "+20%", tmp_path / "job", options)
     for key in ("table", "plan", "pareto", "checkpoint"):
         assert out[key].exists()

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
-from quantplan.reports.compare import CompareOptions
+from quantplan.reports.compare import CompareConfig
 from quantplan.reports.result import FILES, Comparison
 from quantplan.reports.run import compare_and_report
 from test_reports_fixtures import tiny_job
@@ -22,7 +22,7 @@ QUICK = dict(samples=4, seq_len=64, top_k=3, random_k=3, max_new_tokens=6, progr
 def job(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reports")
     source, table, plans = tiny_job(folder)
-    paths = compare_and_report(source, table, plans, folder / "cmp", options=CompareOptions(**QUICK))
+    paths = compare_and_report(source, table, plans, folder / "cmp", options=CompareConfig(**QUICK))
     return {"folder": folder, "source": source, "table": table, "plans": plans, "paths": paths,
             "comparison": Comparison.load(folder / "cmp")}
 

@@ -191,7 +191,7 @@ def test_compare_cli_arguments_map_to_options(monkeypatch, tmp_path):
 def test_a_variant_that_fails_to_load_becomes_a_row(tiny, monkeypatch):
     from quantplan.planner.baselines import KeepSet
     from quantplan.reports import compare as compare_module
-    from quantplan.reports.compare import CompareOptions
+    from quantplan.reports.compare import CompareConfig
 
     source, _, _ = tiny
 
@@ -200,7 +200,7 @@ def test_a_variant_that_fails_to_load_becomes_a_row(tiny, monkeypatch):
 
     monkeypatch.setattr(compare_module, "load_model", no_int8)
     keep = KeepSet("all-INT8 (bnb 8-bit)", "uniform", frozenset(), frozenset(), 1000, 900)
-    row, answers = compare_module._measure_bnb(source, keep, None, None, None, CompareOptions(prompts=("Hi",)))
+    row, answers = compare_module._measure_bnb(source, keep, None, None, None, CompareConfig(prompts=("Hi",)))
     assert "bitsandbytes failed on cpu: RuntimeError: no 8-bit kernel" in row["note"]
     assert "mean_kld" not in row and answers == {"Hi": "(not run: variant failed)"}
     board = scoreboard_frame([row])
@@ -209,9 +209,9 @@ def test_a_variant_that_fails_to_load_becomes_a_row(tiny, monkeypatch):
 
 def test_heldout_text_must_not_be_the_calibration_text(tiny):
     from quantplan.analysis import load_processor
-    from quantplan.reports.compare import CompareOptions, _heldout
+    from quantplan.reports.compare import CompareConfig, _heldout
 
     source, table, _ = tiny
     with pytest.raises(ValueError, match="disjoint"):
-        _heldout(source, load_processor(source), table, CompareOptions(heldout="default"))
-    assert _heldout(source, load_processor(source), table, CompareOptions(samples=2, seq_len=16)).source == "heldout"
+        _heldout(source, load_processor(source), table, CompareConfig(heldout="default"))
+    assert _heldout(source, load_processor(source), table, CompareConfig(samples=2, seq_len=16)).source == "heldout"

@@ -8,7 +8,7 @@ from quantplan.analysis import NF4, analyze, load_calibration
 from test_analysis import swapped_output_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quantplan.pipeline import AnalyzeOptions, run
+from quantplan import AnalyzeConfig, run
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_smollm2_output_error_equals_linear4bit_swap(smol_model, smol_table, smo
 
 
 def test_smollm2_run_reload_generate(smol_source, tmp_path):
-    options = AnalyzeOptions(samples=8, seq_len=128, progress=False)
+    options = AnalyzeConfig(samples=8, seq_len=128, progress=False)
     out = run(None, "+10%", tmp_path / "smol", options)
     plan = out["plan_obj"]
     assert plan.predicted["bytes"] <= plan.budget["bytes"]

@@ -144,14 +144,14 @@ def _words(tmp_path: Path) -> Path:
 
 
 def test_run_with_max_memory_plans_and_exports_from_the_streamed_table(tmp_path):
-    from quantplan.pipeline import AnalyzeOptions, run
+    from quantplan import AnalyzeConfig, EndToEnd, run
 
     folder = save_tiny(tmp_path / "model")
-    options = AnalyzeOptions(calib=str(_words(tmp_path)), samples=4, seq_len=32, progress=False, max_memory="1GB")
+    options = AnalyzeConfig(calib=str(_words(tmp_path)), samples=4, seq_len=32, progress=False, max_memory="1GB")
     out = run(str(folder), "+20%", tmp_path / "job", options)
     assert out["checkpoint"].is_dir() and out["plan"].is_file()
     saved = json.loads(out["plan"].read_text())
     assert saved["objective"] == "output"  # auto falls back: no Fisher when streamed
     assert "verification" not in saved["checks"]  # the whole-model check is skipped under --max-memory
     with pytest.raises(ValueError, match="--refine"):
-        run(str(folder), "+20%", tmp_path / "job", options, overwrite=True, refine=2)
+        run(str(folder), "+20%", tmp_path / "job", options, overwrite=True, end_to_end=EndToEnd(refine=2))
