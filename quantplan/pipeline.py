@@ -76,8 +76,8 @@ class EndToEnd:
         """plan() (or refine()) then verify(), sharing one model, one 16-bit reference and one 4-bit cache."""
         if not (self.refine or self.verify):
             return plan(table, budget, **plan_options)
-        from quantplan.analysis.endtoend import KLReference
         from quantplan.analysis.formats import format_from_dict
+        from quantplan.analysis.reference import KLReference
         from quantplan.analysis.simulate import QuantCache
         from quantplan.planner.refine import refine
         from quantplan.planner.verify import verify
