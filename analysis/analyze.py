@@ -20,14 +20,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from quantplan.common.batches import batch_to, model_device
+
 from .distributed import Shard
-from .endtoend import KLReference, restore_gains
+from .endtoend import restore_gains
 from .fisher import GradientProbe, loss_backward
 from .formats import NF4, format_to_dict
 from .measure import measure_module
 from .memory import non_module_bytes
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
 from .probe import InputProbe
+from .reference import KLReference
 from .simulate import QuantCache
 from .table import SensitivityTable, TableMismatch
 
@@ -125,7 +128,7 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
                      full_logits):
     """The one pass over the calibration batches, flushing partial statistics as it goes."""
     extra = _forward_options(model, full_logits)
-    device = next(model.parameters()).device
+    device = model_device(model)
     total = calibration.num_batches(batch_size)
     last_flush = time.monotonic()
     grad_context = grads.attached() if grads else nullcontext()
@@ -142,7 +145,7 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
                     loss_backward(model, batch, device, seed=index)
                     grads.commit_batch()
                 else:
-                    model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, **extra)
+                    model(**batch_to(batch, device), **extra)
                 probe.commit_batch()
                 bar.update(1)
                 if partial and time.monotonic() - last_flush > checkpoint_seconds:

@@ -1,10 +1,11 @@
 """End-to-end probes: how far the quantized model's next-token distribution drifts from 16-bit, and which
 module's rounding drives that drift in the context of all the others.
 
-:class:`KLReference` keeps the 16-bit model's logits on the calibration batches. Against it:
+The 16-bit model's logits on the calibration batches are a
+:class:`~analysis.reference.KLReference`; :func:`~analysis.reference.calibration_kld` measures
+the mean next-token KL divergence of the model as it is now (for instance with some weights
+swapped for bitsandbytes' round trip by :class:`~analysis.simulate.QuantCache`). Against it:
 
-- :func:`calibration_kld` measures the mean next-token KL divergence of the model as it is now
-  (for instance with some weights swapped for bitsandbytes' round trip by :class:`~analysis.simulate.QuantCache`);
 - :func:`restore_gains` runs one forward and backward pass of that KL per batch with the named
   modules quantized, and gives every quantized module i the first-order decrease of the KL if
   it alone went back to 16-bit: ``gain_i = −⟨∂KL/∂W_i, W_i − Ŵ_i⟩``. Measured with every module
@@ -17,9 +18,8 @@ module's rounding drives that drift in the context of all the others.
 
 Along the straight path from 16-bit to all-quantized the KL grows about quadratically, so the
 gains of all modules add up to about twice the KL (a module's gain counts its interactions with
-every other module); they rank modules, the KL itself is measured by :func:`calibration_kld`.
-Memory: the 16-bit logits are kept in the model's dtype on the CPU (2 bytes x vocabulary per
-token: 800 MB for SmolLM2's 8192 default calibration tokens); ``max_batches`` bounds it.
+every other module); they rank modules, the KL itself is measured by
+:func:`~analysis.reference.calibration_kld`.
 """
 
 from __future__ import annotations
@@ -30,38 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-
-class KLReference:
-    """The 16-bit model's next-token logits on the first ``max_batches`` calibration batches."""
-
-    def __init__(self, model, calibration, batch_size: int = 4, max_batches: int | None = None,
-                 progress: bool = False):
-        total = calibration.num_batches(batch_size)
-        self.count = total if max_batches is None else min(total, max_batches)
-        self.calibration, self.batch_size = calibration, batch_size
-        device = _device(model)
-        self.logits = []
-        with torch.inference_mode():
-            for batch in tqdm(self.batches(), total=self.count, desc="16-bit logits", disable=not progress,
-                              leave=False):
-                self.logits.append(_forward(model, batch, device).logits.detach().to("cpu"))
-        self.tokens = sum(int(_mask(b, logits).sum()) for b, logits in zip(self.batches(), self.logits, strict=True))
-
-    def batches(self):
-        """The calibration batches this reference covers, in order."""
-        for index, batch in enumerate(self.calibration.batches(self.batch_size)):
-            if index >= self.count:
-                return
-            yield batch
-
-
-def calibration_kld(model, reference: KLReference) -> float:
-    """Mean next-token KL divergence (nats per token) of ``model`` as it is now from the 16-bit logits."""
-    device, total = _device(model), 0.0
-    with torch.inference_mode():
-        for batch, logits16 in zip(reference.batches(), reference.logits, strict=True):
-            total += float(_kl_sum(logits16, _forward(model, batch, device).logits, batch))
-    return total / max(reference.tokens, 1)
+from .reference import KLReference, forward_logits, kl_sum
 
 
 @dataclass
@@ -87,12 +56,12 @@ def restore_gains(model, reference: KLReference, cache, quantized, *, context_er
     gains = {n: torch.zeros((), dtype=torch.float64) for n in quantized}
     reached: set[str] = set()
     errors = {n: torch.zeros(2, dtype=torch.float64) for n in quantized} if context_error else {}
-    device, total = _device(model), 0.0
+    total = 0.0
     with cache.quantized(quantized), _weights_require_grad(model, cache, quantized, gains, reached), \
             _context_error_hooks(cache, errors), torch.enable_grad():
-        for batch, logits16 in tqdm(zip(reference.batches(), reference.logits, strict=True), total=reference.count,
-                                    desc="quantized-context gradients", disable=not progress, leave=False):
-            kl = _kl_sum(logits16, _forward(model, batch, device).logits, batch)
+        for batch, logits16 in tqdm(reference.pairs(), total=reference.count, desc="quantized-context gradients",
+                                    disable=not progress, leave=False):
+            kl = kl_sum(logits16, forward_logits(model, batch), batch)
             (kl / reference.tokens).backward()
             total += float(kl.detach())
     return RestoreGains(
@@ -159,27 +128,3 @@ def _context_error_hooks(cache, errors):
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _kl_sum(logits16: torch.Tensor, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Σ over (unmasked) positions of KL(P_16 ‖ Q), in float32; padded vocabularies compare the shared part."""
-    vocab = min(logits16.shape[-1], logits.shape[-1])
-    logp = torch.log_softmax(logits16[..., :vocab].to(logits.device).float(), dim=-1)
-    logq = torch.log_softmax(logits[..., :vocab].float(), dim=-1)
-    per_token = (logp.exp() * (logp - logq)).sum(-1)
-    return (per_token * _mask(batch, per_token).to(per_token)).sum()
-
-
-def _mask(batch: dict, like: torch.Tensor) -> torch.Tensor:
-    mask = batch.get("attention_mask")
-    shape = like.shape[:2]
-    return mask.to(like.device).reshape(shape) if mask is not None else torch.ones(shape, device=like.device)
-
-
-def _forward(model, batch: dict, device):
-    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    return model(**inputs, use_cache=False)
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device

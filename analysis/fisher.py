@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from quantplan.common.batches import batch_to
+
 
 @dataclass
 class GradientProbe:
@@ -99,7 +101,7 @@ def loss_backward(model, batch: dict, device, labels: str = "sampled", seed: int
     the curvature of the KL divergence a quantized model is judged by. ``labels="data"`` uses
     the text's actual next tokens (the empirical Fisher).
     """
-    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    inputs = batch_to(batch, device)
     for value in inputs.values():  # pixel values: let gradients reach the vision tower and projector
         if torch.is_tensor(value) and value.is_floating_point():
             value.requires_grad_()

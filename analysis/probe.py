@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from quantplan.common.files import atomic_write_text, staged_file
+
 
 @dataclass
 class InputStats:
@@ -167,8 +169,9 @@ class InputProbe:
         tensor_file = f"state-{self.batches_done:06d}.safetensors"
         state = {**meta, "batches_done": self.batches_done, "owner": self.owner, "counts": counts,
                  "tensors": tensor_file}
-        _atomic_write(folder / tensor_file, lambda p: save_file(tensors, str(p)))
-        _atomic_write(folder / "state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
+        with staged_file(folder / tensor_file) as tmp:
+            save_file(tensors, str(tmp))
+        atomic_write_text(folder / "state.json", json.dumps(state, indent=1))
         for old in folder.glob("state-*.safetensors"):
             if old.name != tensor_file:
                 old.unlink()
@@ -189,9 +192,3 @@ class InputProbe:
                 nonfinite,
             )
         return state, tensors
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from quantplan.common.files import atomic_write_text, staged_file
+
 from .stream_weights import StreamingUnsupported
 from .table import TableMismatch
 
@@ -73,14 +75,14 @@ class StreamCheckpoint:
 
     def commit(self, stage: int, rows: list[dict], outputs: Path | None) -> None:
         """Stage ``stage`` finished: save its rows and outputs, then mark it done, then drop its input."""
-        _atomic(self.folder / f"rows-{stage:04d}.json", lambda p: p.write_text(json.dumps(rows, default=_plain)))
+        atomic_write_text(self.folder / f"rows-{stage:04d}.json", json.dumps(rows, default=_plain))
         if outputs is not None:
             target = self.hidden(stage + 1)
             if target.exists():  # left by a run killed between this rename and the state update
                 shutil.rmtree(target)
             os.replace(outputs, target)
         state = {**self.run_meta, "stages_done": stage + 1}
-        _atomic(self.folder / "state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
+        atomic_write_text(self.folder / "state.json", json.dumps(state, indent=1))
         if self.hidden(stage).exists():
             shutil.rmtree(self.hidden(stage))
 
@@ -106,8 +108,8 @@ def write_batch(folder: Path, index: int, hidden: torch.Tensor, kwargs: dict) ->
             raise StreamingUnsupported(
                 f"the decoder layers take {key}={type(value).__name__}, which streaming analysis cannot carry "
                 f"from block to block: run without --max-memory")
-    _atomic(folder / f"{index:05d}.safetensors",
-            lambda p: save_file(tensors, str(p), metadata={"kwargs": json.dumps(spec)}))
+    with staged_file(folder / f"{index:05d}.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"kwargs": json.dumps(spec)})
 
 
 def read_batch(folder: Path, index: int) -> tuple[torch.Tensor, dict]:
@@ -134,9 +136,3 @@ def _plain(value):
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"cannot write {type(value).__name__} into a checkpoint row")
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)

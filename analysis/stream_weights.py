@@ -11,29 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
 
 class StreamingUnsupported(ValueError):
     """The model or request cannot be analyzed block by block."""
-
-
-def parse_size(spec: str | int | float) -> int:
-    """Bytes for ``2GB`` / ``1500MiB`` / ``123456`` (GB decimal, GiB binary, as budgets are written)."""
-    if isinstance(spec, int | float):
-        return int(spec)
-    m = _SIZE.match(str(spec))
-    if not m:
-        raise ValueError(f"cannot read memory size {spec!r}: write e.g. 2GB, 1500MiB or a byte count")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
 def release_freed_blocks() -> None:

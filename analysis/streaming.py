@@ -30,6 +30,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from quantplan.common.sizes import parse_size
+
 from .analyze import CONTEXT_COLUMNS, PARTIAL_DIR, _reason, _table_meta
 from .distributed import Shard
 from .formats import NF4, format_to_dict
@@ -41,7 +43,6 @@ from .stream_store import StreamCheckpoint, read_batch, write_batch
 from .stream_weights import (
     DiskWeights,
     StreamingUnsupported,
-    parse_size,
     release_freed_blocks,
     skeleton,
     stage_need,

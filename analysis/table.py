@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from quantplan.common.files import atomic_write_text, staged_file
+
 COLUMNS = {
     "name": "full module name in the live module tree (model.named_modules())",
     "group": "language_model | vision_tower | projector | cross_attention | lm_head",
@@ -98,11 +100,10 @@ class SensitivityTable:
         """Write sensitivity.parquet + sensitivity.json into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (TABLE_FILE + ".tmp")
-        self.df.to_parquet(tmp, index=False)
-        tmp.replace(folder / TABLE_FILE)
+        with staged_file(folder / TABLE_FILE) as tmp:
+            self.df.to_parquet(tmp, index=False)
         doc = {"meta": self.meta, "columns": COLUMNS, "content_hash": self.content_hash}
-        (folder / META_FILE).write_text(json.dumps(doc, indent=1, default=str))
+        atomic_write_text(folder / META_FILE, json.dumps(doc, indent=1, default=str))
         return folder / TABLE_FILE
 
     @classmethod

@@ -40,14 +40,14 @@ warnings.filterwarnings("ignore")
 
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
 from quantplan.analysis.calibration import CalibrationSet  # noqa: E402
-from quantplan.analysis.endtoend import KLReference, calibration_kld  # noqa: E402
+from quantplan.analysis.reference import KLReference, calibration_kld  # noqa: E402
 from quantplan.analysis.simulate import QuantCache  # noqa: E402
 from quantplan.analysis.table import SensitivityTable  # noqa: E402
 from quantplan.planner import plan  # noqa: E402
 from quantplan.planner.baselines import baseline_keep_sets  # noqa: E402
 from quantplan.planner.refine import refine  # noqa: E402
 from quantplan.planner.verify import verify  # noqa: E402
-from quantplan.reports.fidelity import Reference, measure  # noqa: E402
+from quantplan.reports.fidelity import heldout_reference, measure  # noqa: E402
 
 OBJECTIVES = ("output", "weight", "combined", "fisher", "restore")
 BUDGETS = ("+10%", "+33%")
@@ -101,7 +101,7 @@ def main() -> None:
     tables.setdefault("fisher", table)  # the same Fisher columns; auto picks fisher from a table without context
 
     heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
-    reference = Reference(model, heldout.input_ids)
+    reference = heldout_reference(model, heldout.input_ids)
     cache = QuantCache(model, NF4)
     rows_nf4 = table.for_format("nf4")
     candidates = set(rows_nf4.loc[rows_nf4["quantizable"], "name"])

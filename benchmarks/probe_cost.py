@@ -44,6 +44,7 @@ from quantplan.analysis import (  # noqa: E402
     resolve_source,
 )
 from quantplan.analysis.formats import FourBit, Int8  # noqa: E402
+from quantplan.common.batches import batch_to  # noqa: E402
 
 # ``analysis.analyze`` is shadowed by the function of that name in the package namespace.
 analyze_module = importlib.import_module("quantplan.analysis.analyze")
@@ -65,7 +66,7 @@ def plain_forward(model, calibration, batch_size: int, options: dict) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for batch in calibration.batches(batch_size):
-            model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, **options)
+            model(**batch_to(batch, device), **options)
     return {"total": time.perf_counter() - start, "cpu": time.process_time() - cpu,
             "loadavg_1min_before": os.getloadavg()[0]}
 

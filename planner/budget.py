@@ -10,9 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_ABSOLUTE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+from quantplan.common.sizes import read_size
+
 _RELATIVE = re.compile(r"^\s*\+\s*([0-9]*\.?[0-9]+)\s*%\s*$")
 _FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*x\s*$", re.IGNORECASE)
 
@@ -47,8 +46,8 @@ def parse_budget(spec: str | int | float) -> Budget:
         return Budget(text, "over_4bit", float(m.group(1)))
     if m := _FRACTION.match(text):
         return Budget(text, "of_16bit", float(m.group(1)))
-    if m := _ABSOLUTE.match(text):
-        return Budget(text, "absolute", float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    if (size := read_size(text)) is not None:
+        return Budget(text, "absolute", size)
     raise BudgetError(
         f"cannot read budget {text!r}: write an absolute size (1.8GB, 1700MiB), a share over "
         f"all-4-bit (+10%), or a fraction of the 16-bit size (0.45x)"

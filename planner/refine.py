@@ -13,8 +13,9 @@ and propagation are re-measured). Cost: ``rounds`` forward+backward passes over 
 
 from __future__ import annotations
 
-from quantplan.analysis.endtoend import KLReference, restore_gains
+from quantplan.analysis.endtoend import restore_gains
 from quantplan.analysis.formats import format_from_dict
+from quantplan.analysis.reference import KLReference
 from quantplan.analysis.simulate import QuantCache
 
 from .config import PlanConfig

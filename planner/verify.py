@@ -13,8 +13,8 @@ per variant over at most ``max_batches`` calibration batches, plus the 16-bit lo
 
 from __future__ import annotations
 
-from quantplan.analysis.endtoend import KLReference, calibration_kld
 from quantplan.analysis.formats import format_from_dict
+from quantplan.analysis.reference import KLReference, calibration_kld
 from quantplan.analysis.simulate import QuantCache
 
 from .baselines import all_4bit, baseline_keep_sets, plan_keep_set

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from quantplan.analysis.reference import KLReference
 from quantplan.analysis.simulate import QuantCache
 from quantplan.planner.objective import scores
 from quantplan.planner.plan_types import Plan
 
-from .fidelity import Reference, measure
+from .fidelity import measure
 
 AGREEMENT_COLUMNS = {
     "name": "module quantized alone",
@@ -28,7 +29,7 @@ AGREEMENT_COLUMNS = {
 }
 
 
-def predicted_vs_measured(table, plan: Plan, cache: QuantCache, reference: Reference, top_k: int = 8,
+def predicted_vs_measured(table, plan: Plan, cache: QuantCache, reference: KLReference, top_k: int = 8,
                           random_k: int = 8, seed: int = 0, progress=None) -> tuple[pd.DataFrame, dict]:
     """Measured KLD for the top-K + random-K modules, and the Spearman correlation with the score."""
     from scipy.stats import spearmanr
@@ -49,7 +50,7 @@ def predicted_vs_measured(table, plan: Plan, cache: QuantCache, reference: Refer
             progress(name)
     frame = pd.DataFrame(rows, columns=list(AGREEMENT_COLUMNS))
     stats = {"modules": len(frame), "candidates": len(candidates), "objective": plan.objective,
-             "tokens": int(reference.input_ids.numel()), "spearman": float("nan"), "p_value": float("nan")}
+             "tokens": reference.tokens, "spearman": float("nan"), "p_value": float("nan")}
     if len(frame) >= 3 and frame["predicted"].nunique() > 1 and frame["measured_kld"].nunique() > 1:
         result = spearmanr(frame["predicted"], frame["measured_kld"])
         stats.update(spearman=float(result.statistic), p_value=float(result.pvalue))

@@ -42,7 +42,7 @@ from quantplan.planner.plan_types import Plan
 from quantplan.planner.skiplist import build_skip_list
 
 from .agreement import predicted_vs_measured
-from .fidelity import Fidelity, Reference, measure
+from .fidelity import Fidelity, fidelity_of_self, heldout_reference, measure
 from .generations import PROMPTS, generate
 from .result import Comparison
 from .scoreboard import scoreboard_frame
@@ -95,8 +95,8 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
 
     # 1. the 16-bit reference, 2. everything simulated in the same 16-bit model
     model16 = load_model(source, dtype=dtype, device=options.device)
-    reference = Reference(model16, heldout.input_ids, options.batch_size)
-    rows = [_row(sixteen_bit(table, fmt.name), reference.fidelity_of_self(), "16-bit",
+    reference = heldout_reference(model16, heldout.input_ids, options.batch_size)
+    rows = [_row(sixteen_bit(table, fmt.name), fidelity_of_self(reference), "16-bit",
                  int(model16.get_memory_footprint()))]
     generations = {"16-bit": generate(model16, processor, options.prompts, options.max_new_tokens)}
     say(f"  16-bit: perplexity {rows[0]['ppl']:.3f}")
@@ -113,7 +113,7 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
             with cache.quantized(keep.quantized) as simulated:
                 rows.append(_row(keep, measure(simulated, reference), "simulated"))
             say(f"  {keep.label}{'' if keep.seed is None else f' seed {keep.seed}'}: mean KLD {rows[-1]['mean_kld']:.6f}")
-    small = Reference(model16, heldout.input_ids[: options.agreement_samples], options.batch_size)
+    small = heldout_reference(model16, heldout.input_ids[: options.agreement_samples], options.batch_size)
     agreement, meta["agreement"] = predicted_vs_measured(table, plans[0], cache, small, options.top_k,
                                                          options.random_k, options.seed)
     say(f"  predicted vs measured: {meta['agreement']['verdict']}")

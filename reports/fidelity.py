@@ -1,9 +1,9 @@
 """Fidelity of a variant to the 16-bit model on held-out text: KL divergence, top-token agreement, perplexity.
 
-The 16-bit model's logits are computed once per held-out batch and kept in the model's own
-dtype (bf16 logits cost 2 bytes x vocab per token: 400 MB for 4096 SmolLM2 tokens); each
-variant is then run batch by batch and compared in float32, so at most one batch of full
-log-softmaxes is alive at a time.
+The 16-bit model's logits on the held-out windows are a :class:`~analysis.reference.KLReference`
+(computed once per batch, kept in the model's dtype: 400 MB for 4096 SmolLM2 tokens); each
+variant is then run batch by batch and compared with them in float32 by
+:func:`~analysis.reference.compare_tokens`, so at most one batch of full log-softmaxes is alive.
 
 Per token t, with P the 16-bit and Q the variant's next-token distribution:
 KLD_t = Σ_v P(v) (log P(v) − log Q(v)) (nats); "same top" is argmax P = argmax Q;
@@ -13,12 +13,14 @@ Error bars are standard errors over tokens, as llama.cpp's ``llama-perplexity`` 
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from quantplan.analysis.calibration import CalibrationSet
+from quantplan.analysis.reference import KLReference, compare_tokens, forward_logits
 
 
 @dataclass
@@ -46,50 +48,28 @@ class Fidelity:
         }
 
 
-class Reference:
-    """The 16-bit model's logits on held-out windows, cached per batch."""
-
-    def __init__(self, model, input_ids: torch.Tensor, batch_size: int = 4):
-        self.input_ids = input_ids
-        self.batch_size = batch_size
-        self.logits = [logits_of(model, batch) for batch in self.batches()]
-
-    def batches(self):
-        for start in range(0, len(self.input_ids), self.batch_size):
-            yield self.input_ids[start : start + self.batch_size]
-
-    def fidelity_of_self(self) -> Fidelity:
-        """The 16-bit row: KLD 0 by definition, its own perplexity."""
-        return _compare(self, lambda batch, index: self.logits[index])
+def heldout_reference(model, input_ids: torch.Tensor, batch_size: int = 4) -> KLReference:
+    """The 16-bit logits of ``model`` on held-out windows (``[samples, seq_len]`` token ids), cached per batch."""
+    return KLReference(model, CalibrationSet(input_ids, "heldout", 0), batch_size)
 
 
-def measure(model, reference: Reference) -> Fidelity:
+def measure(model, reference: KLReference) -> Fidelity:
     """Run ``model`` on the reference's windows and compare with the cached 16-bit logits."""
-    return _compare(reference, lambda batch, index: logits_of(model, batch))
+    return _collect(reference, lambda batch, logits16: forward_logits(model, batch))
 
 
-def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Full-sequence logits (CPU, model dtype) of one batch, without a KV cache."""
-    device = next(model.parameters()).device
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+def fidelity_of_self(reference: KLReference) -> Fidelity:
+    """The 16-bit row: KLD 0 by definition, its own perplexity."""
+    return _collect(reference, lambda batch, logits16: logits16)
+
+
+def _collect(reference: KLReference, variant_logits) -> Fidelity:
+    parts = []
     with torch.inference_mode():
-        out = model(input_ids=input_ids.to(device), **extra)
-    return out.logits.detach().to("cpu")
+        for batch, logits16 in reference.pairs():
+            parts.append(compare_tokens(logits16, variant_logits(batch, logits16), batch["input_ids"]))
 
+    def joined(field: str) -> np.ndarray:
+        return np.concatenate([getattr(p, field).flatten().cpu().numpy() for p in parts])
 
-def _compare(reference: Reference, variant_logits) -> Fidelity:
-    klds, same, nlls = [], [], []
-    for index, batch in enumerate(reference.batches()):
-        with torch.inference_mode():
-            logp = torch.log_softmax(reference.logits[index].float(), dim=-1)
-            logq = torch.log_softmax(variant_logits(batch, index).float(), dim=-1)
-            vocab = min(logp.shape[-1], logq.shape[-1])  # padded vocabularies: compare the shared part
-            logp, logq = logp[..., :vocab], logq[..., :vocab]
-            kld = (logp.exp() * (logp - logq)).sum(-1)
-            klds.append(kld.flatten().numpy())
-            same.append((logp.argmax(-1) == logq.argmax(-1)).flatten().numpy())
-            targets = batch[:, 1:].unsqueeze(-1)
-            nlls.append((-logq[:, :-1].gather(-1, targets)).flatten().numpy())
-            del logp, logq
-    return Fidelity(np.concatenate(klds).astype(np.float64), np.concatenate(same),
-                    np.concatenate(nlls).astype(np.float64))
+    return Fidelity(joined("kld").astype(np.float64), joined("same_top"), joined("nll").astype(np.float64))

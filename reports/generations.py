@@ -9,7 +9,9 @@ cell instead of stopping the comparison.
 from __future__ import annotations
 
 import torch
+
 from quantplan.analysis.calibration import DATA_DIR
+from quantplan.common.batches import batch_to, model_device
 
 PROMPTS = (
     "What is the capital of France?",
@@ -71,8 +73,7 @@ def _chat(tokenizer, prompt: str) -> str:
 
 
 def _greedy(model, batch, max_new_tokens, pad_token_id):
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = batch_to(batch, model_device(model))
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              pad_token_id=pad_token_id, temperature=None, top_p=None, top_k=None)

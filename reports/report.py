@@ -19,6 +19,8 @@ from quantplan.analysis.table import SensitivityTable
 from quantplan.planner.budget import format_bytes
 from quantplan.planner.plan_types import Plan
 
+from quantplan.common.files import atomic_write_text
+
 from . import plots
 from .result import Comparison
 from .scoreboard import DISPLAY_NUMERIC, display_frame
@@ -42,8 +44,8 @@ def write_report(out_dir: str | Path, table: SensitivityTable, plans: list[Plan]
     }
     saved = {name: plots.save_figure(fig, out_dir, name) for name, fig in figures.items()}
     blocks = report_blocks(table, plans, comparison)
-    (out_dir / "report.md").write_text(to_markdown(blocks))
-    (out_dir / "report.html").write_text(to_html(blocks, {n: p["png"] for n, p in saved.items()}))
+    atomic_write_text(out_dir / "report.md", to_markdown(blocks))
+    atomic_write_text(out_dir / "report.html", to_html(blocks, {n: p["png"] for n, p in saved.items()}))
     return {"md": out_dir / "report.md", "html": out_dir / "report.html",
             **{f"{n}.{k}": v for n, p in saved.items() for k, v in p.items()}}
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from quantplan.common.files import atomic_write_text, staged_file
+
 from .agreement import AGREEMENT_COLUMNS
 from .scoreboard import COLUMNS, to_markdown, verdicts
 from .tables import markdown_table
@@ -53,15 +55,17 @@ class Comparison:
         """Write the files listed in :data:`FILES` into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.scoreboard.to_csv(folder / "scoreboard.csv", index=False)
-        (folder / "scoreboard.md").write_text(self.scoreboard_markdown())
         long = [{"variant": v, "prompt": p, "text": t} for v, answers in self.generations.items() for p, t in answers.items()]
-        pd.DataFrame(long, columns=["variant", "prompt", "text"]).to_csv(folder / "generations.csv", index=False)
-        (folder / "generations.md").write_text(markdown_table(self.generations_frame()) + "\n")
-        self.agreement.to_csv(folder / "agreement.csv", index=False)
+        frames = {"scoreboard.csv": self.scoreboard, "agreement.csv": self.agreement,
+                  "generations.csv": pd.DataFrame(long, columns=["variant", "prompt", "text"])}
+        for name, frame in frames.items():
+            with staged_file(folder / name) as tmp:
+                frame.to_csv(tmp, index=False)
+        atomic_write_text(folder / "scoreboard.md", self.scoreboard_markdown())
+        atomic_write_text(folder / "generations.md", markdown_table(self.generations_frame()) + "\n")
         doc = {"meta": self.meta, "verdicts": self.verdicts, "scoreboard_columns": COLUMNS,
                "agreement_columns": AGREEMENT_COLUMNS}
-        (folder / "comparison.json").write_text(json.dumps(doc, indent=1, default=str))
+        atomic_write_text(folder / "comparison.json", json.dumps(doc, indent=1, default=str))
         return folder / "scoreboard.csv"
 
     @classmethod

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from quantplan.analysis import NF4, analyze
-from quantplan.analysis.endtoend import KLReference, calibration_kld, restore_gains
+from quantplan.analysis.endtoend import restore_gains
+from quantplan.analysis.reference import KLReference, calibration_kld
 from quantplan.analysis.simulate import QuantCache
 from tiny import random_calibration, tiny_llama
 

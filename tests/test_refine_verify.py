@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from quantplan.analysis import INT8, NF4, analyze
-from quantplan.analysis.endtoend import KLReference, calibration_kld
+from quantplan.analysis.reference import KLReference, calibration_kld
 from quantplan.analysis.simulate import QuantCache
 from quantplan.planner import KEEP, plan
 from quantplan.planner.baselines import all_4bit, plan_keep_set

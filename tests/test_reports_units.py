@@ -13,7 +13,7 @@ from quantplan.analysis import NF4, load_model
 from quantplan.analysis.simulate import QuantCache
 from quantplan.planner.baselines import all_4bit, baseline_keep_sets, edge_order, linear_frame, plan_keep_set
 from quantplan.reports import plots
-from quantplan.reports.fidelity import Fidelity, Reference, measure
+from quantplan.reports.fidelity import Fidelity, fidelity_of_self, heldout_reference, measure
 from quantplan.reports.scoreboard import scoreboard_frame, to_markdown, verdicts
 from quantplan.reports.tables import html_table, markdown_table
 from test_reports_fixtures import tiny_job
@@ -39,14 +39,14 @@ def test_kld_matches_torch_definition():
         def forward(self, input_ids):
             return type("Out", (), {"logits": self.logits[: len(input_ids)]})()
 
-    reference = Reference(Fixed(ref_logits), ids, batch_size=2)
+    reference = heldout_reference(Fixed(ref_logits), ids, batch_size=2)
     result = measure(Fixed(var_logits), reference)
     p, q = torch.log_softmax(ref_logits, -1), torch.log_softmax(var_logits, -1)
     expected = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)
     np.testing.assert_allclose(result.kld, expected.flatten().numpy(), rtol=1e-5, atol=1e-7)
     nll = -q[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).mean()
     assert result.summary()["ppl"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
-    assert reference.fidelity_of_self().summary()["mean_kld"] == 0
+    assert fidelity_of_self(reference).summary()["mean_kld"] == 0
 
 
 def test_fidelity_summary_error_bars():

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 from killing import CHILD_ENV, run_and_kill
 from quantplan.analysis import INT8, NF4, TableMismatch, analyze, load_model, resolve_source
-from quantplan.analysis.stream_weights import StreamingUnsupported, parse_size
+from quantplan.analysis.stream_weights import StreamingUnsupported
 from quantplan.analysis.streaming import analyze_streaming
+from quantplan.common.sizes import parse_size
 from tiny import random_calibration, save_tiny
 
 

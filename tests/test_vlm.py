@@ -190,7 +190,7 @@ def test_fisher_reaches_the_vision_tower(arch, tmp_path):
 def test_quantized_context_and_verification_run_with_images(arch, tmp_path):
     """The end-to-end probes take image batches: every tower's modules get a restore gain, and the
     verification measures the plan against all-4-bit on the image calibration data."""
-    from quantplan.analysis.endtoend import KLReference
+    from quantplan.analysis.reference import KLReference
     from quantplan.analysis.simulate import QuantCache
     from quantplan.planner.verify import verify
 
