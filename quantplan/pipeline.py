@@ -180,9 +180,9 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     chosen = plan_and_save(table, budget, out_dir, priors, end_to_end=end_to_end, **plan_options)
     result = export(source, chosen, checkpoint, overwrite=overwrite, device=options.device,
                     compute_dtype=dtype_from_name(options.dtype if options.dtype != "fp32" else "bf16"))
-    gap = result.footprint_bytes / chosen.predicted["footprint_bytes"] - 1
+    gap = result.footprint_bytes / chosen.predicted.footprint_bytes - 1
     print(f"quantplan: wrote {checkpoint} — get_memory_footprint() {format_bytes(result.footprint_bytes)} "
-          f"(predicted {format_bytes(chosen.predicted['footprint_bytes'])}, {gap:+.2%}); "
+          f"(predicted {format_bytes(chosen.predicted.footprint_bytes)}, {gap:+.2%}); "
           f"checkpoint tensors {format_bytes(result.checkpoint_bytes)}; "
           f"{result.kept} modules 16-bit, {result.quantized} 4-bit")
     reports = {}
@@ -211,8 +211,8 @@ def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, priors: 
 def plan_summary(p) -> str:
     """A few lines describing a plan."""
     pr = p.predicted
-    return (f"plan: budget {p.budget['spec']} = {format_bytes(p.budget['bytes'])}; predicted "
-            f"{format_bytes(pr['bytes'])} ({pr['over_all_4bit']:+.1%} over all-4-bit {format_bytes(pr['bytes_all_4bit'])}, "
-            f"16-bit {format_bytes(pr['bytes_16bit'])}); {len(p.kept)} modules kept 16-bit; predicted error "
-            f"{pr['error']:.4g} vs all-4-bit {pr['error_all_4bit']:.4g}")
+    return (f"plan: budget {p.budget.spec} = {format_bytes(p.budget.bytes)}; predicted "
+            f"{format_bytes(pr.bytes)} ({pr.over_all_4bit:+.1%} over all-4-bit {format_bytes(pr.bytes_all_4bit)}, "
+            f"16-bit {format_bytes(pr.bytes_16bit)}); {len(p.kept)} modules kept 16-bit; predicted error "
+            f"{pr.error:.4g} vs all-4-bit {pr.error_all_4bit:.4g}")
 

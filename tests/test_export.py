@@ -67,8 +67,8 @@ def test_export_reload_follows_plan_under_transformers(tiny12, tmp_path):
     assert type(modules["model.layers.10.mlp.down_proj"]).__name__ == "Linear4bit"
     assert type(modules["lm_head"]) is torch.nn.Linear
     assert result.footprint_bytes == reloaded.get_memory_footprint()
-    assert result.footprint_bytes == pytest.approx(p.predicted["footprint_bytes"], rel=0.01)
-    assert result.checkpoint_bytes == pytest.approx(p.predicted["bytes"], rel=0.01)
+    assert result.footprint_bytes == pytest.approx(p.predicted.footprint_bytes, rel=0.01)
+    assert result.checkpoint_bytes == pytest.approx(p.predicted.bytes, rel=0.01)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "model.layers.1.mlp.down_proj" in card and "pinned: --keep" in card
     out = reloaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
