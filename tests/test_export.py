@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from quantplan.analysis import NF4, TableMismatch, analyze, load_model, resolve_source
-from quantplan.planner import ExportError, export, plan
+from quantplan.planner import ExportError, Plan, export, plan
 from quantplan.planner.skiplist import SkipListError, build_skip_list, verify_skip_list
 from tiny import random_calibration, save_tiny
 from transformers import AutoModelForCausalLM
@@ -73,6 +73,21 @@ def test_export_reload_follows_plan_under_transformers(tiny12, tmp_path):
     assert "model.layers.1.mlp.down_proj" in card and "pinned: --keep" in card
     out = reloaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def test_version_1_plan_json_exports_the_same(tiny12, tmp_path):
+    from test_plan_types import v1_plan_json, v1_reasons
+
+    source, table = tiny12
+    p = plan(table, "+30%", keep=["model.layers.1.mlp.down_proj"], quantize=["model.layers.0.mlp.down_proj"])
+    (tmp_path / "plan.json").write_text(json.dumps(v1_plan_json(p, v1_reasons(p))))
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded.choices == p.choices and loaded.skip_modules == p.skip_modules
+    result = export(source, loaded, tmp_path / "out")  # reloads and checks every module's type itself
+    assert result.kept == len(p.kept) and result.checkpoint_bytes == pytest.approx(p.predicted.bytes, rel=0.01)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "pinned: --keep model.layers.1.mlp.down_proj" in card and "shipped: plan" in card
+    assert json.loads((tmp_path / "out" / "quantplan_plan.json").read_text())["version"] == 2
 
 
 def test_export_refuses_existing_dir_and_foreign_plan(tiny12, tmp_path):
