@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 
@@ -96,9 +97,9 @@ def test_export_refuses_existing_dir_and_foreign_plan(tiny12, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):
         export(source, p, tmp_path / "taken")
-    p.model_fingerprint = "local:someone-else"
+    foreign = dataclasses.replace(p, model_fingerprint="local:someone-else")  # plans are frozen
     with pytest.raises(TableMismatch, match="another model"):
-        export(source, p, tmp_path / "fresh")
+        export(source, foreign, tmp_path / "fresh")
 
 
 def test_export_of_an_int8_plan_is_refused(tiny12, tmp_path):
