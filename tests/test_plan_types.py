@@ -51,7 +51,7 @@ def v1_plan_json(p: Plan, reasons: dict[str, str]) -> dict:
 def v1_reasons(p: Plan) -> dict[str, str]:
     """The plan's reasons as version 1 wrote them, spelled out by hand for the kinds it pins."""
     text = {}
-    for name, reason in p.reasons.items():
+    for name in p.reasons:
         if name == "lm_head":
             text[name] = "lm_head: kept 16-bit as transformers does by default"
         elif name == "model.layers.1.mlp.down_proj":
