@@ -116,7 +116,7 @@ def main() -> None:
     results = []
 
     def add(budget, label, p, seconds=None):
-        results.append(_row(budget, label, p.kept, kld(set(p.kept)), all_nf4, p.predicted["bytes"], seconds))
+        results.append(_row(budget, label, p.kept, kld(set(p.kept)), all_nf4, p.predicted.bytes, seconds))
         print(_line(results[-1]), flush=True)
 
     for budget in BUDGETS:
@@ -130,7 +130,7 @@ def main() -> None:
             add(budget, f"refined ({args.refine} rounds)", refined, time.process_time() - started)
         shipped = verify(tables["fisher"], plan(tables["fisher"], budget, objective="fisher"), model, calibration,
                          **shared)
-        add(budget, f"shipped (auto + verify: {shipped.checks['verification']['chosen']})", shipped)
+        add(budget, f"shipped (auto + verify: {shipped.checks.verification.chosen})", shipped)
         for keep in baseline_keep_sets(table, plan(table, budget, objective="fisher")):
             label = keep.label.split(" @ ")[0] + (f" (seed {keep.seed})" if keep.seed is not None else "")
             results.append(_row(budget, label, keep.kept, kld(set(keep.kept)), all_nf4, keep.bytes))

@@ -2,8 +2,7 @@
 
 A variant is a :class:`KeepSet`: the Linear modules kept 16-bit (everything else quantizable
 is quantized in the plan's 4-bit format) plus its predicted checkpoint and footprint bytes,
-counted exactly as the planner counts them (the table's ``bytes``/``bytes_16bit`` columns plus
-the model's other bytes).
+counted by the planner's own byte model (:mod:`planner.memory_model`).
 
 Heuristic baselines spend the same bytes as a dynamic plan, chosen without measuring
 outputs. Each takes modules in its own order and keeps every one that still fits in the
@@ -28,9 +27,10 @@ import numpy as np
 import pandas as pd
 from quantplan.analysis.formats import INT8
 from quantplan.analysis.table import SensitivityTable
+from quantplan.planner.memory_model import ByteModel
 from quantplan.planner.plan_types import KEEP, Plan
+from quantplan.planner.reasons import FIXED_KINDS, ReasonKind
 
-FIXED_REASONS = ("not quantizable", "lm_head", "pinned: --keep", "prior:")
 HEURISTICS = ("first+last layers", "weight error", "random")
 
 
@@ -50,35 +50,35 @@ class KeepSet:
 
 def linear_frame(table: SensitivityTable, fmt: str) -> pd.DataFrame:
     """One row per Linear (index: name): identity, 16-bit and ``fmt`` bytes, errors, ``supported``."""
+    model = ByteModel(table, [fmt])
     rows = table.for_format(fmt)
     rows = rows[rows["kind"] == "Linear"].set_index("name")
-    frame = rows[["group", "layer", "module_type", "bytes_16bit", "bytes", "footprint_bytes",
-                  "weight_rel_error", "output_rel_error"]].copy()
-    frame["supported"] = rows["supported"] & rows["quantizable"]
-    return frame
+    frame = model.frame[["group", "bytes_16bit"]]
+    frame = frame.assign(bytes=model.frame[f"bytes:{fmt}"], footprint_bytes=model.frame[f"footprint:{fmt}"],
+                         supported=model.frame[f"supported:{fmt}"])
+    return frame.join(rows[["layer", "module_type", "weight_rel_error", "output_rel_error"]])
 
 
-def sized(frame: pd.DataFrame, table: SensitivityTable, label: str, kind: str, kept, plan: str = "",
-          seed: int | None = None) -> KeepSet:
-    """A KeepSet for ``kept`` (every other supported Linear quantized), with its bytes."""
-    kept = frozenset(kept) | frozenset(frame.index[~frame["supported"]])
-    is_kept = frame.index.isin(list(kept))
-    size = int(table.meta.get("other_bytes", 0)) + int(
-        np.where(is_kept, frame["bytes_16bit"], frame["bytes"]).sum())
-    footprint = int(table.meta.get("other_footprint_bytes", 0)) + int(
-        np.where(is_kept, frame["bytes_16bit"], frame["footprint_bytes"]).sum())
-    return KeepSet(label, kind, kept, frozenset(frame.index[~is_kept]), size, footprint, plan, seed)
+def sized(model: ByteModel, label: str, kind: str, kept, plan: str = "", seed: int | None = None) -> KeepSet:
+    """A KeepSet for ``kept`` (every other supported Linear quantized in the model's tier), with its bytes."""
+    tier = model.tiers[0]
+    supported = model.frame[f"supported:{tier}"]
+    kept = frozenset(kept) | frozenset(model.frame.index[~supported])
+    choices = {name: KEEP if name in kept else tier for name in model.frame.index}
+    size = model.size(choices)
+    quantized = frozenset(n for n, c in choices.items() if c != KEEP)
+    return KeepSet(label, kind, kept, quantized, size.bytes, size.footprint_bytes, plan, seed)
 
 
 def sixteen_bit(table: SensitivityTable, fmt: str) -> KeepSet:
-    frame = linear_frame(table, fmt)
-    return sized(frame, table, "16-bit", "reference", frame.index)
+    model = ByteModel(table, [fmt])
+    return sized(model, "16-bit", "reference", model.frame.index)
 
 
 def all_4bit(table: SensitivityTable, fmt: str) -> KeepSet:
     """Every supported Linear in ``fmt`` except lm_head (transformers' default)."""
-    frame = linear_frame(table, fmt)
-    return sized(frame, table, f"all-{fmt.upper()}", "uniform", frame.index[frame["group"] == "lm_head"])
+    model = ByteModel(table, [fmt])
+    return sized(model, f"all-{fmt.upper()}", "uniform", model.frame.index[~model.all_4bit_mask(fmt)])
 
 
 def all_int8(table: SensitivityTable) -> KeepSet:
@@ -100,21 +100,22 @@ def all_int8(table: SensitivityTable) -> KeepSet:
 
 def plan_keep_set(table: SensitivityTable, plan: Plan) -> KeepSet:
     """The dynamic plan as a KeepSet."""
-    frame = linear_frame(table, plan.tiers[0])
     kept = [n for n, c in plan.choices.items() if c == KEEP]
-    return sized(frame, table, f"dynamic {plan.budget['spec']}", "dynamic", kept, plan=plan.budget["spec"])
+    return sized(ByteModel(table, plan.tiers[:1]), f"dynamic {plan.budget.spec}", "dynamic", kept,
+                 plan=plan.budget.spec)
 
 
 def baseline_keep_sets(table: SensitivityTable, plan: Plan, seeds=(0, 1, 2)) -> list[KeepSet]:
     """The heuristic baselines at the bytes of ``plan`` (see module docstring)."""
     fmt = plan.tiers[0]
     frame = linear_frame(table, fmt)
-    fixed = {n for n, r in plan.reasons.items() if r.startswith(FIXED_REASONS)} | set(frame.index[~frame["supported"]])
-    forced = {n for n, r in plan.reasons.items() if r.startswith("pinned: --quantize")}
+    model = ByteModel(table, [fmt])
+    fixed = {n for n, r in plan.reasons.items() if r.kind in FIXED_KINDS} | set(frame.index[~frame["supported"]])
+    forced = {n for n, r in plan.reasons.items() if r.kind is ReasonKind.PINNED_QUANTIZE}
     free = frame[~frame.index.isin(list(fixed | forced))]
-    capacity = plan.predicted["bytes"]
-    start = sized(frame, table, "", "", fixed).bytes
-    spec = plan.budget["spec"]
+    capacity = plan.predicted.bytes
+    start = sized(model, "", "", fixed).bytes
+    spec = plan.budget.spec
     orders = [("first+last layers", None, edge_order(free)),
               ("weight error", None, list(free.sort_values("weight_rel_error", ascending=False).index))]
     for seed in seeds:
@@ -122,7 +123,7 @@ def baseline_keep_sets(table: SensitivityTable, plan: Plan, seeds=(0, 1, 2)) -> 
     sets = []
     for label, seed, order in orders:
         kept = greedy_fill(free, order, capacity - start)
-        sets.append(sized(frame, table, f"{label} @ {spec}", "heuristic", fixed | kept, spec, seed))
+        sets.append(sized(model, f"{label} @ {spec}", "heuristic", fixed | kept, spec, seed))
     return sets
 
 

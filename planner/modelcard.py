@@ -10,23 +10,23 @@ from .budget import format_bytes
 def _checks_text(plan) -> str:
     """The end-to-end refinement and verification, when they ran (planner.refine, planner.verify)."""
     lines = []
-    if refinement := plan.checks.get("refinement"):
-        lines.append(f"Refined in {refinement['rounds']} rounds of measured KL gradients on "
-                     f"{refinement['tokens']} calibration tokens.")
-    if verification := plan.checks.get("verification"):
-        kld = verification["calibration_kld"]
+    if refinement := plan.checks.refinement:
+        lines.append(f"Refined in {refinement.rounds} rounds of measured KL gradients on "
+                     f"{refinement.tokens} calibration tokens.")
+    if verification := plan.checks.verification:
+        kld = verification.calibration_kld
         measured = ", ".join(f"{label} {value:.4f}" for label, value in kld.items())
-        lines.append(f"Checked on {verification['tokens']} calibration tokens (mean KL divergence from 16-bit, "
-                     f"nats/token: {measured}); shipped: {verification['chosen']}.")
+        lines.append(f"Checked on {verification.tokens} calibration tokens (mean KL divergence from 16-bit, "
+                     f"nats/token: {measured}); shipped: {verification.chosen}.")
     return "\n" + "\n\n".join(lines) + "\n" if lines else ""
 
 
 def write_model_card(path: Path, source, plan, result) -> None:
     """Write a Hugging Face model card for a dynamic-bnb-4bit export."""
     predicted = plan.predicted
-    kept_rows = "\n".join(f"| `{n}` | {plan.reasons.get(n, '')} |" for n in plan.kept)
+    kept_rows = "\n".join(f"| `{n}` | {plan.reasons[n].text} |" for n in plan.kept)
     fmt = plan.quant.get("name", "nf4")
-    footprint_gap = result.footprint_bytes / predicted["footprint_bytes"] - 1 if predicted["footprint_bytes"] else 0
+    footprint_gap = result.footprint_bytes / predicted.footprint_bytes - 1 if predicted.footprint_bytes else 0
     text = f"""---
 base_model: {source.model_id}
 library_name: transformers
@@ -44,20 +44,20 @@ Made by [quantplan](https://github.com/) from `{source.model_id}`: every Linear 
 bitsandbytes {fmt.upper()} (double quant: {plan.quant.get('double_quant', True)}) except the
 {len(plan.kept)} modules below, which stay 16-bit. They were chosen by measuring each module's
 output error on calibration data and solving exactly for the least predicted error within the
-budget `{plan.budget['spec']}` ({format_bytes(plan.budget['bytes'])}); objective: `{plan.objective}`.
+budget `{plan.budget.spec}` ({format_bytes(plan.budget.bytes)}); objective: `{plan.objective}`.
 
 ## Size
 
 | | bytes |
 |---|---|
-| predicted checkpoint size | {format_bytes(predicted['bytes'])} |
+| predicted checkpoint size | {format_bytes(predicted.bytes)} |
 | actual checkpoint tensors | {format_bytes(result.checkpoint_bytes)} |
-| predicted `get_memory_footprint()` | {format_bytes(predicted['footprint_bytes'])} |
+| predicted `get_memory_footprint()` | {format_bytes(predicted.footprint_bytes)} |
 | actual `get_memory_footprint()` | {format_bytes(result.footprint_bytes)} ({footprint_gap:+.2%}) |
-| all-4-bit model | {format_bytes(predicted['bytes_all_4bit'])} |
-| 16-bit model | {format_bytes(predicted['bytes_16bit'])} |
+| all-4-bit model | {format_bytes(predicted.bytes_all_4bit)} |
+| 16-bit model | {format_bytes(predicted.bytes_16bit)} |
 
-Predicted summed error: {predicted['error']:.4g} (all-4-bit: {predicted['error_all_4bit']:.4g}).
+Predicted summed error: {predicted.error:.4g} (all-4-bit: {predicted.error_all_4bit:.4g}).
 {_checks_text(plan)}
 ## Load
 

@@ -18,7 +18,7 @@ def pareto_curve(table, points: int = 21, config: PlanConfig | None = None) -> p
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         widest = config.plan(table, 2**62)
-    low, high = widest.predicted["bytes_all_4bit"], widest.predicted["bytes_16bit"]
+    low, high = widest.predicted.bytes_all_4bit, widest.predicted.bytes_16bit
     rows = []
     for budget in np.linspace(low, high, points).astype(np.int64):
         try:
@@ -29,10 +29,10 @@ def pareto_curve(table, points: int = 21, config: PlanConfig | None = None) -> p
             continue  # below the floor that pins impose
         rows.append({
             "budget_bytes": int(budget),
-            "bytes": p.predicted["bytes"],
-            "footprint_bytes": p.predicted["footprint_bytes"],
-            "error": p.predicted["error"],
+            "bytes": p.predicted.bytes,
+            "footprint_bytes": p.predicted.footprint_bytes,
+            "error": p.predicted.error,
             "kept": sum(1 for c in p.choices.values() if c == KEEP),
-            "over_all_4bit": p.predicted["over_all_4bit"],
+            "over_all_4bit": p.predicted.over_all_4bit,
         })
     return pd.DataFrame(rows)

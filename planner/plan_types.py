@@ -1,4 +1,10 @@
-"""Plan: the planner's result, saved as ``plan.json`` and read back by ``export``."""
+"""Plan: the planner's result, saved as ``plan.json`` and read back by ``export``.
+
+A plan and its parts are frozen values: the budget it was made for (:class:`PlanBudget`), what it
+should cost (:class:`Prediction`), and the end-to-end checks run on it (:class:`Checks`), which
+``dataclasses.replace`` attaches. ``plan.json`` is format version 2 (reasons as kind + detail +
+text); version-1 files (free-text reasons) are read too.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +14,102 @@ from pathlib import Path
 
 from quantplan.analysis.table import TableMismatch
 
+from .reasons import Reason
+
 #: the format label of a module kept in 16-bit
 KEEP = "16bit"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
-@dataclass
+@dataclass(frozen=True)
+class PlanBudget:
+    """The budget as the user wrote it and the bytes it resolved to for this model."""
+
+    spec: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the plan should weigh and cost, next to all-4-bit and 16-bit (from the table)."""
+
+    bytes: int  # predicted checkpoint bytes
+    footprint_bytes: int  # predicted get_memory_footprint()
+    error: float  # summed objective of the quantized modules
+    bytes_all_4bit: int
+    error_all_4bit: float
+    bytes_16bit: int
+    over_all_4bit: float  # bytes / bytes_all_4bit - 1
+
+
+@dataclass(frozen=True)
+class RefinementRound:
+    """One round of :func:`planner.refine.refine`: modules restored before it and the KL it measured."""
+
+    round: int
+    kept_before: int
+    kld_before: float
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """The end-to-end refinement that chose the plan (planner.refine)."""
+
+    rounds: int
+    tokens: int
+    history: tuple[RefinementRound, ...]
+    objective_before: str
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The end-to-end check of the plan against all-4-bit and the heuristics (planner.verify)."""
+
+    calibration_kld: dict[str, float]  # variant label -> mean KL from 16-bit, nats/token
+    tokens: int
+    all_4bit: str  # the label of the all-4-bit variant
+    chosen: str  # the label of the variant shipped
+
+
+@dataclass(frozen=True)
+class Checks:
+    """The end-to-end checks run on a plan; None where one did not run."""
+
+    refinement: Refinement | None = None
+    verification: Verification | None = None
+
+    def to_dict(self) -> dict:
+        return {name: asdict(value) for name, value in (("refinement", self.refinement),
+                                                        ("verification", self.verification)) if value is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Checks:
+        refinement = data.get("refinement")
+        if refinement is not None:
+            refinement = Refinement(**{**refinement, "history": tuple(RefinementRound(**h)
+                                                                      for h in refinement["history"])})
+        verification = data.get("verification")
+        return cls(refinement, Verification(**verification) if verification is not None else None)
+
+
+@dataclass(frozen=True)
 class Plan:
     """Per-module format choices, the skip list that realises them, and what they should cost."""
 
     choices: dict[str, str]  # module -> "16bit" | "nf4" | "fp4" | "int8"
-    reasons: dict[str, str]  # module -> why (measured / pinned / not quantizable / lm_head)
+    reasons: dict[str, Reason]  # module -> why (planner.reasons)
     skip_modules: list[str]  # llm_int8_skip_modules, full names
-    budget: dict  # {"spec": "+10%", "bytes": ...}
+    budget: PlanBudget
     objective: str
     tiers: list[str]
-    predicted: dict  # bytes, footprint_bytes, error, bytes_all_4bit, error_all_4bit, bytes_16bit, over_all_4bit
+    predicted: Prediction
     table_hash: str
     model_id: str
     model_fingerprint: str
     quant: dict = field(default_factory=dict)  # the 4-bit format: name, blocksize, double_quant
     vllm_safe: bool = False
-    checks: dict = field(default_factory=dict)  # end-to-end refinement and verification, when run
+    checks: Checks = Checks()  # end-to-end refinement and verification, when run
 
     @property
     def kept(self) -> list[str]:
@@ -49,7 +129,29 @@ class Plan:
         )
 
     def to_dict(self) -> dict:
-        return {"version": PLAN_VERSION, **asdict(self), "bnb_config": self.bnb_config_code()}
+        """The plan.json form (format version 2)."""
+        return {"version": PLAN_VERSION, "choices": dict(self.choices),
+                "reasons": {n: r.to_dict() for n, r in self.reasons.items()},
+                "skip_modules": list(self.skip_modules), "budget": asdict(self.budget), "objective": self.objective,
+                "tiers": list(self.tiers), "predicted": asdict(self.predicted), "table_hash": self.table_hash,
+                "model_id": self.model_id, "model_fingerprint": self.model_fingerprint, "quant": dict(self.quant),
+                "vllm_safe": self.vllm_safe, "checks": self.checks.to_dict(), "bnb_config": self.bnb_config_code()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        """Read :meth:`to_dict`'s form, or a version-1 plan.json (free-text reasons, read by their prefixes)."""
+        version = data.get("version")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"a plan of format version {version}, expected one of {READABLE_VERSIONS}: "
+                             "plan again with this quantplan")
+        read_reason = Reason.from_text if version == 1 else Reason.from_dict
+        return cls(
+            choices=dict(data["choices"]), reasons={n: read_reason(r) for n, r in data["reasons"].items()},
+            skip_modules=list(data["skip_modules"]), budget=PlanBudget(**data["budget"]),
+            objective=data["objective"], tiers=list(data["tiers"]), predicted=Prediction(**data["predicted"]),
+            table_hash=data["table_hash"], model_id=data["model_id"], model_fingerprint=data["model_fingerprint"],
+            quant=dict(data.get("quant", {})), vllm_safe=bool(data.get("vllm_safe", False)),
+            checks=Checks.from_dict(data.get("checks", {})))
 
     def save(self, path: str | Path) -> Path:
         """Write plan.json (atomically)."""
@@ -62,18 +164,16 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        """Read a plan.json written by :meth:`save`."""
+        """Read a plan.json written by :meth:`save` (or by a quantplan that wrote format version 1)."""
         path = Path(path)
         if path.is_dir():
             path = path / "plan.json"
         if not path.is_file():
             raise FileNotFoundError(f"no plan at {path}: run `quantplan plan` (or `quantplan run`) first")
-        data = json.loads(path.read_text())
-        if data.get("version") != PLAN_VERSION:
-            raise ValueError(f"{path} is a plan of format version {data.get('version')}, expected {PLAN_VERSION}")
-        data.pop("version")
-        data.pop("bnb_config", None)
-        return cls(**data)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"cannot read the plan {path}: {err}") from None
 
     def check_model(self, model_fingerprint: str) -> None:
         """Refuse a plan made for another model."""

@@ -13,13 +13,17 @@ and propagation are re-measured). Cost: ``rounds`` forward+backward passes over 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from quantplan.analysis.endtoend import restore_gains
 from quantplan.analysis.formats import format_from_dict
 from quantplan.analysis.reference import KLReference
 from quantplan.analysis.simulate import QuantCache
 
 from .config import PlanConfig
-from .plan_types import KEEP, Plan
+from .memory_model import ByteModel
+from .plan_types import KEEP, Plan, Refinement, RefinementRound
+from .reasons import Reason, ReasonKind
 
 
 def refine(table, budget, model, calibration, *, config: PlanConfig | None = None, rounds: int = 4,
@@ -35,31 +39,27 @@ def refine(table, budget, model, calibration, *, config: PlanConfig | None = Non
     tier = first.tiers[0]
     reference = reference or KLReference(model, calibration, batch_size, max_batches, progress=progress)
     cache = cache or QuantCache(model, format_from_dict(first.quant))
-    bytes_16bit, bytes_tier = _bytes(table, tier)
-    measured = {n for n in first.kept if first.reasons[n].startswith("measured")}
-    floor = first.predicted["bytes"] - sum(bytes_16bit[n] - bytes_tier[n] for n in measured)
-    room = first.budget["bytes"] - floor
+    frame = ByteModel(table, [tier]).frame
+    measured = {n for n in first.kept if first.reasons[n].kind is ReasonKind.MEASURED}
+    floor = first.predicted.bytes - int(sum(frame.loc[n, "bytes_16bit"] - frame.loc[n, f"bytes:{tier}"]
+                                            for n in measured))
+    room = first.budget.bytes - floor
     free = [n for n, c in first.choices.items() if c != KEEP or n in measured]
     decided, history, current = {}, [], first
     for r in range(1, rounds + 1):
         quantized = [n for n in free if n not in decided]
         result = restore_gains(model, reference, cache, quantized, progress=progress)
-        history.append({"round": r, "kept_before": len(decided), "kld_before": result.kld})
+        history.append(RefinementRound(round=r, kept_before=len(decided), kld_before=result.kld))
         if progress:
             print(f"quantplan: refinement round {r}/{rounds}: calibration KL {result.kld:.4f} with "
                   f"{len(decided)} module(s) restored so far")
-        limit = floor + room * r // rounds if r < rounds else first.budget["bytes"]
+        limit = floor + room * r // rounds if r < rounds else first.budget.bytes
         current = config.plan(table, int(limit), scores=result.gains, decided=decided)
         for name in current.kept:
-            if name not in decided and current.reasons[name].startswith("measured"):
-                decided[name] = (f"refined: kept in round {r}/{rounds} (measured KL gain "
-                                 f"{result.gains.get(name, float('nan')):.3g} nats/token in the quantized context)")
-    current.budget = dict(first.budget)
-    current.checks["refinement"] = {"rounds": rounds, "tokens": reference.tokens, "history": history,
-                                    "objective_before": first.objective}
-    return current
-
-
-def _bytes(table, tier):
-    rows = table.for_format(tier).set_index("name")
-    return rows["bytes_16bit"].astype(int).to_dict(), rows["bytes"].astype(int).to_dict()
+            if name not in decided and current.reasons[name].kind is ReasonKind.MEASURED:
+                decided[name] = Reason(ReasonKind.REFINED, f"kept in round {r}/{rounds} (measured KL gain "
+                                       f"{result.gains.get(name, float('nan')):.3g} nats/token in the quantized "
+                                       "context)")
+    refinement = Refinement(rounds=rounds, tokens=reference.tokens, history=tuple(history),
+                            objective_before=first.objective)
+    return replace(current, budget=first.budget, checks=replace(current.checks, refinement=refinement))

@@ -7,11 +7,13 @@ batches is measured for all-4-bit (what a plain ``BitsAndBytesConfig`` load give
 and the heuristic alternatives at the plan's bytes (first+last layers, largest weight error;
 :mod:`planner.baselines`). If the plan's KL is not below all-4-bit's, the planner says so and
 returns the alternative with the lowest KL below all-4-bit's, or all-4-bit itself. The
-measurements go into ``plan.checks["verification"]`` (``plan.json``). Cost: one forward pass
+measurements go into ``plan.checks.verification`` (``plan.json``). Cost: one forward pass
 per variant over at most ``max_batches`` calibration batches, plus the 16-bit logits.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from quantplan.analysis.formats import format_from_dict
 from quantplan.analysis.reference import KLReference, calibration_kld
@@ -19,7 +21,8 @@ from quantplan.analysis.simulate import QuantCache
 
 from .baselines import all_4bit, baseline_keep_sets, plan_keep_set
 from .plan import replan_keeping
-from .plan_types import Plan
+from .plan_types import Plan, Verification
+from .reasons import Reason, ReasonKind
 
 PLAN = "plan"
 
@@ -42,20 +45,18 @@ def verify(table, chosen: Plan, model, calibration, *, batch_size: int = 4, max_
         with cache.quantized(keep.quantized & set(cache.modules)):
             kld[label] = calibration_kld(model, reference)
     winner = choose(kld, PLAN, nothing.label)
-    record = {"calibration_kld": kld, "tokens": reference.tokens, "all_4bit": nothing.label, "chosen": winner}
+    record = Verification(calibration_kld=kld, tokens=reference.tokens, all_4bit=nothing.label, chosen=winner)
     if winner == PLAN:
-        chosen.checks["verification"] = record
         if progress:
             print(f"quantplan: verified on calibration data: the plan's KL {kld[PLAN]:.4f} < all-4-bit "
                   f"{kld[nothing.label]:.4f} nats/token")
-        return chosen
+        return replace(chosen, checks=replace(chosen.checks, verification=record))
     print(f"quantplan: the plan's calibration KL {kld[PLAN]:.4f} is not below all-4-bit's {kld[nothing.label]:.4f} "
           f"nats/token: falling back to {winner} ({kld[winner]:.4f}). Try more or other calibration data "
           f"(--calib), --refine, or another --objective.")
-    fallback = replan_keeping(table, chosen, variants[winner].kept,
-                              f"fallback: {winner} (measured calibration KL {kld[winner]:.4g} vs plan {kld[PLAN]:.4g})")
-    fallback.checks = {**chosen.checks, "verification": record}
-    return fallback
+    reason = Reason(ReasonKind.FALLBACK, f"{winner} (measured calibration KL {kld[winner]:.4g} vs plan {kld[PLAN]:.4g})")
+    fallback = replan_keeping(table, chosen, variants[winner].kept, reason)
+    return replace(fallback, checks=replace(chosen.checks, verification=record))
 
 
 def choose(kld: dict[str, float], plan_label: str, all_4bit_label: str) -> str:

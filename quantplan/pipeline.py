@@ -158,15 +158,15 @@ def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, config: 
 def plan_summary(p: Plan) -> str:
     """A few lines describing a plan."""
     pr = p.predicted
-    return (f"plan: budget {p.budget['spec']} = {format_bytes(p.budget['bytes'])}; predicted "
-            f"{format_bytes(pr['bytes'])} ({pr['over_all_4bit']:+.1%} over all-4-bit {format_bytes(pr['bytes_all_4bit'])}, "
-            f"16-bit {format_bytes(pr['bytes_16bit'])}); {len(p.kept)} modules kept 16-bit; predicted error "
-            f"{pr['error']:.4g} vs all-4-bit {pr['error_all_4bit']:.4g}")
+    return (f"plan: budget {p.budget.spec} = {format_bytes(p.budget.bytes)}; predicted "
+            f"{format_bytes(pr.bytes)} ({pr.over_all_4bit:+.1%} over all-4-bit {format_bytes(pr.bytes_all_4bit)}, "
+            f"16-bit {format_bytes(pr.bytes_16bit)}); {len(p.kept)} modules kept 16-bit; predicted error "
+            f"{pr.error:.4g} vs all-4-bit {pr.error_all_4bit:.4g}")
 
 
 def export_summary(checkpoint: Path, chosen: Plan, result) -> str:
     """One line on the written checkpoint: measured vs predicted footprint, module counts."""
-    predicted = chosen.predicted["footprint_bytes"]
+    predicted = chosen.predicted.footprint_bytes
     return (f"quantplan: wrote {checkpoint} — get_memory_footprint() {format_bytes(result.footprint_bytes)} "
             f"(predicted {format_bytes(predicted)}, {result.footprint_bytes / predicted - 1:+.2%}); "
             f"checkpoint tensors {format_bytes(result.checkpoint_bytes)}; "

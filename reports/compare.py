@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -91,7 +91,7 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         f"{heldout.meta['seq_len']}), {len(plans)} plan(s)")
     meta = {"model_id": source.model_id, "model_fingerprint": source.fingerprint, "heldout": heldout.meta,
             "calibration": table.meta.get("calibration", {}), "format": fmt.name,
-            "plans": [p.budget for p in plans], "options": vars(options)}
+            "plans": [asdict(p.budget) for p in plans], "options": vars(options)}
 
     # 1. the 16-bit reference, 2. everything simulated in the same 16-bit model
     model16 = load_model(source, dtype=dtype, device=options.device)
@@ -209,7 +209,7 @@ def _table_for(table, plans: list[Plan]) -> SensitivityTable:
         if folder is None:
             raise FileNotFoundError("compare needs the sensitivity table the plans came from: pass --table DIR")
         table = SensitivityTable.load(folder)
-    stale = [p.budget["spec"] for p in plans if p.table_hash and p.table_hash != table.content_hash]
+    stale = [p.budget.spec for p in plans if p.table_hash and p.table_hash != table.content_hash]
     if stale:
         raise TableMismatch(f"the plan(s) {stale} were made from another sensitivity table (hash differs): "
                             "pass the --table they were planned from")

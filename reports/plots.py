@@ -107,8 +107,8 @@ def plot_pareto(pareto: pd.DataFrame, scoreboard: pd.DataFrame | None = None, pl
     ax = fig.subplots()
     ax.plot(pareto["bytes"] / 1e6, pareto["error"], marker="o", ms=3, color="C0", label="predicted error (exact plans)")
     for p in plans:
-        ax.scatter(p.predicted["bytes"] / 1e6, p.predicted["error"], marker="*", s=160, color="C0", zorder=5)
-        ax.annotate(f"plan {p.budget['spec']}", (p.predicted["bytes"] / 1e6, p.predicted["error"]),
+        ax.scatter(p.predicted.bytes / 1e6, p.predicted.error, marker="*", s=160, color="C0", zorder=5)
+        ax.annotate(f"plan {p.budget.spec}", (p.predicted.bytes / 1e6, p.predicted.error),
                     textcoords="offset points", xytext=(6, 4), fontsize=8, color="C0")
     ax.set_xlabel("weight bytes (MB, predicted checkpoint size)")
     ax.set_ylabel("predicted summed error", color="C0")

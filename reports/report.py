@@ -18,6 +18,7 @@ from quantplan.analysis.spikes import SPIKE_Z
 from quantplan.analysis.table import SensitivityTable
 from quantplan.planner.budget import format_bytes
 from quantplan.planner.plan_types import Plan
+from quantplan.planner.reasons import ReasonKind
 
 from quantplan.common.files import atomic_write_text
 
@@ -129,8 +130,8 @@ def _plot_blocks(table: SensitivityTable) -> list[tuple]:
 
 
 def _plan_blocks(p: Plan) -> list[tuple]:
-    kept = pd.DataFrame({"module": p.kept, "reason": [p.reasons.get(n, "") for n in p.kept]})
-    return [("h2", f"Plan {p.budget['spec']}: {len(p.kept)} modules kept 16-bit"),
+    kept = pd.DataFrame({"module": p.kept, "reason": [p.reasons[n].text for n in p.kept]})
+    return [("h2", f"Plan {p.budget.spec}: {len(p.kept)} modules kept 16-bit"),
             ("p", _budget_line(p)),
             ("table", kept, ()),
             ("p", "To quantize the model this way yourself:"),
@@ -139,9 +140,9 @@ def _plan_blocks(p: Plan) -> list[tuple]:
 
 def _budget_line(p: Plan) -> str:
     pr = p.predicted
-    return (f"Budget {p.budget['spec']} = {format_bytes(p.budget['bytes'])}: plan predicted {format_bytes(pr['bytes'])} "
-            f"({pr['over_all_4bit']:+.1%} over all-4-bit {format_bytes(pr['bytes_all_4bit'])}; 16-bit "
-            f"{format_bytes(pr['bytes_16bit'])}), {len(p.kept)} modules kept 16-bit, objective `{p.objective}`, "
+    return (f"Budget {p.budget.spec} = {format_bytes(p.budget.bytes)}: plan predicted {format_bytes(pr.bytes)} "
+            f"({pr.over_all_4bit:+.1%} over all-4-bit {format_bytes(pr.bytes_all_4bit)}; 16-bit "
+            f"{format_bytes(pr.bytes_16bit)}), {len(p.kept)} modules kept 16-bit, objective `{p.objective}`, "
             f"format {p.quant.get('name', p.tiers[0] if p.tiers else '')}")
 
 
@@ -205,7 +206,7 @@ def _pareto_for(table: SensitivityTable, plans: list[Plan]) -> pd.DataFrame:
     from quantplan.planner.pareto import pareto_curve
 
     first = plans[0]
-    priors = tuple(n for n, r in first.reasons.items() if r.startswith("prior:"))  # kept by rule: fixed 16-bit
+    priors = tuple(n for n, r in first.reasons.items() if r.kind is ReasonKind.PRIOR)  # kept by rule: fixed 16-bit
     config = PlanConfig(objective=first.objective, tiers=tuple(first.tiers), vllm_safe=first.vllm_safe,
                         keep=priors, priors="none")
     return pareto_curve(table, config=config)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 
 import pytest
 import torch
 from quantplan.analysis import NF4, TableMismatch, analyze, load_model, resolve_source
-from quantplan.planner import ExportError, export, plan
+from quantplan.planner import ExportError, Plan, export, plan
 from quantplan.planner.skiplist import SkipListError, build_skip_list, verify_skip_list
 from tiny import random_calibration, save_tiny
 from transformers import AutoModelForCausalLM
@@ -67,12 +68,27 @@ def test_export_reload_follows_plan_under_transformers(tiny12, tmp_path):
     assert type(modules["model.layers.10.mlp.down_proj"]).__name__ == "Linear4bit"
     assert type(modules["lm_head"]) is torch.nn.Linear
     assert result.footprint_bytes == reloaded.get_memory_footprint()
-    assert result.footprint_bytes == pytest.approx(p.predicted["footprint_bytes"], rel=0.01)
-    assert result.checkpoint_bytes == pytest.approx(p.predicted["bytes"], rel=0.01)
+    assert result.footprint_bytes == pytest.approx(p.predicted.footprint_bytes, rel=0.01)
+    assert result.checkpoint_bytes == pytest.approx(p.predicted.bytes, rel=0.01)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "model.layers.1.mlp.down_proj" in card and "pinned: --keep" in card
     out = reloaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def test_version_1_plan_json_exports_the_same(tiny12, tmp_path):
+    from test_plan_types import v1_plan_json, v1_reasons
+
+    source, table = tiny12
+    p = plan(table, "+30%", keep=["model.layers.1.mlp.down_proj"], quantize=["model.layers.0.mlp.down_proj"])
+    (tmp_path / "plan.json").write_text(json.dumps(v1_plan_json(p, v1_reasons(p))))
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded.choices == p.choices and loaded.skip_modules == p.skip_modules
+    result = export(source, loaded, tmp_path / "out")  # reloads and checks every module's type itself
+    assert result.kept == len(p.kept) and result.checkpoint_bytes == pytest.approx(p.predicted.bytes, rel=0.01)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "pinned: --keep model.layers.1.mlp.down_proj" in card and "shipped: plan" in card
+    assert json.loads((tmp_path / "out" / "quantplan_plan.json").read_text())["version"] == 2
 
 
 def test_export_refuses_existing_dir_and_foreign_plan(tiny12, tmp_path):
@@ -81,9 +97,9 @@ def test_export_refuses_existing_dir_and_foreign_plan(tiny12, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):
         export(source, p, tmp_path / "taken")
-    p.model_fingerprint = "local:someone-else"
+    foreign = dataclasses.replace(p, model_fingerprint="local:someone-else")  # plans are frozen
     with pytest.raises(TableMismatch, match="another model"):
-        export(source, p, tmp_path / "fresh")
+        export(source, foreign, tmp_path / "fresh")
 
 
 def test_export_of_an_int8_plan_is_refused(tiny12, tmp_path):

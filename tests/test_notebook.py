@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ def test_walkthrough_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTPLAN_WALKTHROUGH_MODEL", str(model))
     monkeypatch.setenv("QUANTPLAN_WALKTHROUGH_OUT", str(out))
     monkeypatch.setenv("QUANTPLAN_WALKTHROUGH_QUICK", "1")
+    # ...and imports this checkout's quantplan, not whichever one is installed
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(NOTEBOOK.parents[1]),
+                                                                   os.environ.get("PYTHONPATH")])))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()

@@ -50,11 +50,11 @@ def test_refine_spends_the_budget_in_rounds_and_beats_all_4bit(job):
     model, calibration, table, shared = job
     refined = refine(table, "+30%", model, calibration, rounds=2, **shared)
     base = plan(table, "+30%")
-    assert refined.predicted["bytes"] <= refined.budget["bytes"] == base.budget["bytes"]
-    assert refined.budget["spec"] == "+30%"
-    history = refined.checks["refinement"]["history"]
-    assert [h["round"] for h in history] == [1, 2] and history[1]["kld_before"] < history[0]["kld_before"]
-    assert any(r.startswith("refined: kept in round 1/2") for r in refined.reasons.values())
+    assert refined.predicted.bytes <= refined.budget.bytes == base.budget.bytes
+    assert refined.budget.spec == "+30%"
+    history = refined.checks.refinement.history
+    assert [h.round for h in history] == [1, 2] and history[1].kld_before < history[0].kld_before
+    assert any(r.text.startswith("refined: kept in round 1/2") for r in refined.reasons.values())
     assert kld_of(table, refined, model, shared) < kld_of(table, plan(table, "+0%"), model, shared)
     with pytest.raises(ValueError, match="at least 1"):
         refine(table, "+30%", model, calibration, rounds=0, **shared)
@@ -64,10 +64,11 @@ def test_verify_keeps_a_plan_that_beats_all_4bit(job):
     model, calibration, table, shared = job
     chosen = plan(table, "+30%")
     checked = verify(table, chosen, model, calibration, **shared)
-    record = checked.checks["verification"]
-    assert checked is chosen and record["chosen"] == "plan"
-    assert record["calibration_kld"]["plan"] < record["calibration_kld"]["all-NF4"]
-    assert {"first+last layers @ +30%", "weight error @ +30%"} <= set(record["calibration_kld"])
+    record = checked.checks.verification
+    assert checked.choices == chosen.choices and checked.reasons == chosen.reasons and record.chosen == "plan"
+    assert chosen.checks.verification is None  # plans are frozen: verify returns a copy with its check
+    assert record.calibration_kld["plan"] < record.calibration_kld["all-NF4"]
+    assert {"first+last layers @ +30%", "weight error @ +30%"} <= set(record.calibration_kld)
 
 
 def test_verify_falls_back_when_the_plan_is_not_better(job, capsys):
@@ -76,8 +77,8 @@ def test_verify_falls_back_when_the_plan_is_not_better(job, capsys):
     chosen = plan(table, "+0%")
     checked = verify(table, chosen, model, calibration, **shared)
     assert "is not below all-4-bit's" in capsys.readouterr().out
-    record = checked.checks["verification"]
-    assert record["chosen"] == "all-NF4"
+    record = checked.checks.verification
+    assert record.chosen == "all-NF4"
     assert set(checked.kept) == set(all_4bit(table, "nf4").kept)
     assert all(c in (KEEP, "nf4") for c in checked.choices.values())
 
@@ -93,4 +94,4 @@ def test_verify_skips_a_multi_tier_plan(job, capsys):
     table = analyze(model, calibration, [NF4, INT8], batch_size=4, progress=False)
     chosen = plan(table, "+30%", tiers=["nf4", "int8"])
     assert verify(table, chosen, model, calibration, **shared) is chosen
-    assert "skipped for a multi-tier plan" in capsys.readouterr().out and "verification" not in chosen.checks
+    assert "skipped for a multi-tier plan" in capsys.readouterr().out and chosen.checks.verification is None

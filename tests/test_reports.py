@@ -49,10 +49,10 @@ def test_scoreboard_has_every_row(job):
 def test_baselines_spend_no_more_than_their_plan(job):
     board = job["comparison"].scoreboard
     for p in job["plans"]:
-        dynamic = board[board["variant"] == f"dynamic {p.budget['spec']}"].iloc[0]
-        assert dynamic["bytes"] == p.predicted["bytes"]
-        heuristics = board[(board["kind"] == "heuristic") & (board["plan"] == p.budget["spec"])]
-        assert len(heuristics) == 3 and (heuristics["bytes"] <= p.predicted["bytes"]).all()
+        dynamic = board[board["variant"] == f"dynamic {p.budget.spec}"].iloc[0]
+        assert dynamic["bytes"] == p.predicted.bytes
+        heuristics = board[(board["kind"] == "heuristic") & (board["plan"] == p.budget.spec)]
+        assert len(heuristics) == 3 and (heuristics["bytes"] <= p.predicted.bytes).all()
 
 
 def test_footprints_are_measured_for_bitsandbytes_rows(job):
@@ -60,7 +60,7 @@ def test_footprints_are_measured_for_bitsandbytes_rows(job):
     assert board.loc["all-NF4", "footprint_bytes"] < board.loc["all-INT8 (bnb 8-bit)", "footprint_bytes"]
     assert board.loc["all-INT8 (bnb 8-bit)", "footprint_bytes"] < board.loc["16-bit", "footprint_bytes"]
     plan = job["plans"][0]
-    assert board.loc["dynamic +10%", "footprint_bytes"] == pytest.approx(plan.predicted["footprint_bytes"], rel=0.05)
+    assert board.loc["dynamic +10%", "footprint_bytes"] == pytest.approx(plan.predicted.footprint_bytes, rel=0.05)
 
 
 def test_simulation_tracks_bitsandbytes(job):

@@ -58,5 +58,5 @@ def tiny_job(folder: Path, budgets=("+10%", "+33%")):
                     model_fingerprint=source.fingerprint, out_dir=folder / "out", progress=False)
     plans = [plan(table, b) for b in budgets]
     for p in plans:
-        p.save(folder / "out" / f"plan{p.budget['spec'].strip('+%')}.json")
+        p.save(folder / "out" / f"plan{p.budget.spec.strip('+%')}.json")
     return source, table, plans

@@ -78,14 +78,14 @@ def test_baselines_fill_the_plan_bytes_greedily(tiny):
     _, table, plans = tiny
     frame = linear_frame(table, "nf4")
     for p in plans:
-        assert plan_keep_set(table, p).bytes == p.predicted["bytes"]
+        assert plan_keep_set(table, p).bytes == p.predicted.bytes
         sets = baseline_keep_sets(table, p, seeds=(0, 1))
-        assert [s.label for s in sets] == [f"{h} @ {p.budget['spec']}" for h in
+        assert [s.label for s in sets] == [f"{h} @ {p.budget.spec}" for h in
                                            ("first+last layers", "weight error", "random", "random")]
         for s in sets:
-            assert s.bytes <= p.predicted["bytes"]
+            assert s.bytes <= p.predicted.bytes
             assert "lm_head" in s.kept and not (s.kept & s.quantized)
-            room = p.predicted["bytes"] - s.bytes
+            room = p.predicted.bytes - s.bytes
             extra = (frame["bytes_16bit"] - frame["bytes"])[list(s.quantized)]
             assert (extra > room).all(), "a module that still fits was left quantized"
         assert sets[2].kept != sets[3].kept  # seeds differ
@@ -103,7 +103,7 @@ def test_all_4bit_keeps_lm_head_only(tiny):
     _, table, plans = tiny
     uniform = all_4bit(table, "nf4")
     assert uniform.kept == {"lm_head"}
-    assert uniform.bytes == plans[0].predicted["bytes_all_4bit"]
+    assert uniform.bytes == plans[0].predicted.bytes_all_4bit
 
 
 def _board(dynamic_kld, heuristic_klds):

@@ -46,10 +46,10 @@ def test_smollm2_run_reload_generate(smol_source, tmp_path):
     options = AnalyzeConfig(samples=8, seq_len=128, progress=False)
     out = run(None, "+10%", tmp_path / "smol", options)
     plan = out["plan_obj"]
-    assert plan.predicted["bytes"] <= plan.budget["bytes"]
+    assert plan.predicted.bytes <= plan.budget.bytes
     model = AutoModelForCausalLM.from_pretrained(out["checkpoint"], device_map="cpu")
     tokenizer = AutoTokenizer.from_pretrained(out["checkpoint"])
-    assert model.get_memory_footprint() == pytest.approx(plan.predicted["footprint_bytes"], rel=0.01)
+    assert model.get_memory_footprint() == pytest.approx(plan.predicted.footprint_bytes, rel=0.01)
     kept = dict(model.named_modules())
     assert all(type(kept[n]) is torch.nn.Linear for n in plan.kept)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],

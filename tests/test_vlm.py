@@ -16,6 +16,7 @@ from quantplan.analysis import NF4, analyze, load_model, load_processor, resolve
 from quantplan.analysis.vision import calibration_for_model, process_pair
 from quantplan.planner import export, plan
 from quantplan.planner.priors import kept_by, rule_priors
+from quantplan.planner.reasons import Reason, ReasonKind
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from vlm_models import save_tiny_vlm
@@ -74,8 +75,8 @@ def test_plan_export_reload_generate(analyzed, tmp_path):
     _, projector, checkpoint_key = ARCHITECTURES[arch]
     priors = rule_priors(table, "all")
     p = plan(table, "+50%", priors=priors)
-    assert p.reasons[projector].startswith("prior: projector")
-    assert projector in kept_by(p)["rule"] and projector in p.skip_modules
+    assert p.reasons[projector].text.startswith("prior: projector")
+    assert projector in kept_by(p)[ReasonKind.PRIOR] and projector in p.skip_modules
     result = export(source, p, tmp_path / "out")  # reloads and checks every module's type itself
     assert result.quantized > 0 and result.kept == len(p.kept)
 
@@ -104,16 +105,17 @@ def test_mllama_cross_attention_prior(tmp_path):
     table = analyze(model, calibration, [NF4], model_fingerprint=source.fingerprint, progress=False)
     o_proj = "model.language_model.layers.1.cross_attn.o_proj"
     assert rule_priors(table, "mllama_cross_attn_o_proj") == {
-        o_proj: "prior: Mllama cross-attention o_proj kept 16-bit (writes the image signal into the text stream)"}
+        o_proj: Reason(ReasonKind.PRIOR,
+                       "Mllama cross-attention o_proj kept 16-bit (writes the image signal into the text stream)")}
     p = plan(table, "+20%", priors=rule_priors(table, "all"))
-    assert p.choices[o_proj] == "16bit" and o_proj in kept_by(p)["rule"]
+    assert p.choices[o_proj] == "16bit" and o_proj in kept_by(p)[ReasonKind.PRIOR]
     # the global vision blocks continue the local blocks' numbering
     rows = table.modules().set_index("name")
     assert rows.loc["model.vision_model.global_transformer.layers.0.mlp.fc1", "layer"] == 2
     # priors switched off: nothing is kept by rule; --quantize overrides a prior
-    assert kept_by(plan(table, "+20%", priors=rule_priors(table, "none")))["rule"] == []
+    assert kept_by(plan(table, "+20%", priors=rule_priors(table, "none")))[ReasonKind.PRIOR] == []
     p = plan(table, "+20%", priors=rule_priors(table, "all"), quantize=[o_proj])
-    assert p.choices[o_proj] == "nf4" and p.reasons[o_proj].startswith("pinned: --quantize")
+    assert p.choices[o_proj] == "nf4" and p.reasons[o_proj].kind is ReasonKind.PINNED_QUANTIZE
 
 
 def test_text_only_calibration_of_a_vlm(tmp_path):
@@ -148,7 +150,7 @@ def test_odd_vision_dims_are_kept_16bit_not_a_crash(tmp_path):
     odd = "model.vision_tower.encoder.layers.0.self_attn.q_proj"
     assert not rows.loc[odd, "quantizable"] and "64" in rows.loc[odd, "reason"]
     p = plan(table, "+10%")
-    assert p.reasons[odd].startswith("not quantizable") and odd in p.skip_modules
+    assert p.reasons[odd].kind is ReasonKind.NOT_QUANTIZABLE and odd in p.skip_modules
     export(source, p, tmp_path / "out")
 
 
@@ -208,5 +210,5 @@ def test_quantized_context_and_verification_run_with_images(arch, tmp_path):
     assert measured["context_output_rel_error"].notna().all()
     shared = {"reference": KLReference(model, calibration, 1), "cache": QuantCache(model, NF4), "progress": False}
     checked = verify(table, plan(table, "+50%", objective="restore"), model, calibration, **shared)
-    record = checked.checks["verification"]
-    assert record["tokens"] > 0 and record["calibration_kld"]["all-NF4"] > 0
+    record = checked.checks.verification
+    assert record.tokens > 0 and record.calibration_kld["all-NF4"] > 0

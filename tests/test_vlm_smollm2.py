@@ -12,6 +12,7 @@ from quantplan.analysis import NF4, analyze, load_model, load_processor, resolve
 from quantplan.analysis.vision import SHIPPED_IMAGES, calibration_for_model, process_pair
 from quantplan.planner import export, plan
 from quantplan.planner.priors import kept_by, rule_priors
+from quantplan.planner.reasons import ReasonKind
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from vlm_models import save_smollm2_llava
 
@@ -43,9 +44,10 @@ def test_smollm2_llava_analyze_plan_export_generate(smol_source, tmp_path):
 
     p = plan(table, "+10%", priors=rule_priors(table, "all"))
     kinds = kept_by(p)
-    assert sorted(kinds["rule"]) == ["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"]
-    assert kinds["measurement"] and all(n.startswith("model.language_model.") or n.startswith("model.vision_tower.")
-                                        for n in kinds["measurement"])
+    assert sorted(kinds[ReasonKind.PRIOR]) == ["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"]
+    assert kinds[ReasonKind.MEASURED] and all(n.startswith("model.language_model.")
+                                              or n.startswith("model.vision_tower.")
+                                              for n in kinds[ReasonKind.MEASURED])
     export(source, p, tmp_path / "out")
 
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", device_map="cpu")
