@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import swapped_output_error
 from quantplan.analysis import NF4, analyze, load_calibration
-from test_analysis import swapped_output_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quantplan.pipeline import AnalyzeOptions, run

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from killing import CHILD_ENV, run_and_kill
+from fixtures import CHILD_ENV
+from killing import run_and_kill
 from quantplan.analysis import INT8, NF4, TableMismatch, analyze, load_model, resolve_source
 from quantplan.analysis.stream_weights import StreamingUnsupported, parse_size
 from quantplan.analysis.streaming import analyze_streaming
