@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
+
 from quantplan.analysis import (  # noqa: E402
     analyze,
     load_calibration,

@@ -102,6 +102,7 @@ def child_analyze(folder: str, max_memory: str, samples: str, seq_len: str, batc
                   shape: str = json.dumps(SHAPE)) -> dict:
     """Analyze ``folder`` by streaming; report time, per-block times and memory."""
     import torch
+
     from quantplan.analysis import NF4
     from quantplan.analysis.calibration import CalibrationSet
     from quantplan.analysis.stream_store import StreamCheckpoint

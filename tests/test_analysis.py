@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures import swapped_output_error
+from tiny import random_calibration, tiny_llama
+
 from quantplan.analysis import FP4, INT8, NF4, analyze
 from quantplan.analysis.spikes import find_spikes
-from tiny import random_calibration, tiny_llama
 
 
 def test_output_error_equals_real_linear4bit_swap():

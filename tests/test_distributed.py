@@ -9,8 +9,9 @@ import textwrap
 import pandas as pd
 import pytest
 from fixtures import CHILD_ENV
-from quantplan.analysis import INT8, NF4, SensitivityTable, analyze
 from tiny import random_calibration, tiny_llama
+
+from quantplan.analysis import INT8, NF4, SensitivityTable, analyze
 
 _WORKER = textwrap.dedent("""
     import sys

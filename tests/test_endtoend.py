@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import random_calibration, tiny_llama
+
 from quantplan.analysis import NF4, analyze
 from quantplan.analysis.endtoend import KLReference, calibration_kld, restore_gains
 from quantplan.analysis.simulate import QuantCache
-from tiny import random_calibration, tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from fixtures import tiny_job
+
 from quantplan.reports.compare import CompareOptions
 from quantplan.reports.result import FILES, Comparison
 from quantplan.reports.run import compare_and_report

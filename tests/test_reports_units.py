@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from fixtures import tiny_job
+
 from quantplan.analysis import NF4, load_model
 from quantplan.analysis.simulate import QuantCache
 from quantplan.planner.baselines import all_4bit, baseline_keep_sets, edge_order, linear_frame, plan_keep_set

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures import swapped_output_error
-from quantplan.analysis import NF4, analyze, load_calibration
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from quantplan.analysis import NF4, analyze, load_calibration
 from quantplan.pipeline import AnalyzeOptions, run
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 
 import torch
-from quantplan.analysis.calibration import DEFAULT_TEXT, HELDOUT_TEXT, CalibrationSet
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from quantplan.analysis.calibration import DEFAULT_TEXT, HELDOUT_TEXT, CalibrationSet
 
 
 def tiny_llama(layers: int = 2, hidden: int = 64, intermediate: int = 128, vocab: int = 256,
