@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from vlm_models import save_tiny_vlm
+from vlm_models import TEXT, chat_template, save_tiny_vlm, word_tokenizer
 
 from quantplan.analysis import NF4, analyze, load_model, load_processor, resolve_source
 from quantplan.analysis.vision import calibration_for_model, process_pair
@@ -131,7 +131,6 @@ def test_text_only_calibration_of_a_vlm(tmp_path):
 def test_odd_vision_dims_are_kept_16bit_not_a_crash(tmp_path):
     """A tower whose Linears bitsandbytes cannot block (36x36) stays 16-bit with a reason; export verifies."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from vlm_models import TEXT, chat_template, word_tokenizer
 
     tokenizer = word_tokenizer(["<image>"])
     config = LlavaConfig(text_config=dict(TEXT, model_type="llama"),
