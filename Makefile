@@ -3,7 +3,7 @@ PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 OUT ?= SmolLM2-135M-Instruct-dynamic-bnb-4bit
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench bench-smoke
 
 install:  ## CPU torch first (an unpinned torch pulls a multi-GB CUDA build), then the package
 	$(PIP) torch==2.13.0
@@ -24,3 +24,6 @@ bench: install
 	$(PY) benchmarks/solver.py
 	$(PY) benchmarks/streaming.py
 	$(PY) benchmarks/export_time.py
+
+bench-smoke:  ## every benchmark on a tiny config (results to a temp dir, benchmarks/results untouched)
+	$(PY) -m pytest -q tests/test_benchmarks.py

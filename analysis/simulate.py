@@ -17,8 +17,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from quantplan.analysis.formats import FourBit
 from torch import nn
+
+from quantplan.analysis.formats import FourBit
 
 
 class QuantCache:

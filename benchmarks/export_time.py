@@ -17,7 +17,7 @@ matters here, not its quality. Each variant runs ``--repeats`` times, alternatin
 wall and CPU time. Target (issue #6): quantplan / transformers <= 1.2x. Results:
 ``benchmarks/results/export_time.json``.
 
-    python benchmarks/export_time.py [--repeats 3]
+    python benchmarks/export_time.py [--model FOLDER] [--repeats 3] [--out results.json]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
+
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
 from quantplan.planner import plan  # noqa: E402
 
@@ -48,11 +49,13 @@ TARGET = 1.2
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None,
+                        help="model folder or hub id (default: the offline SmolLM2-135M-Instruct)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    source = resolve_source(None)
+    source = resolve_source(args.model)
     chosen = _plan(source)
     runs = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="quantplan-export-") as work:

@@ -17,16 +17,15 @@ KL closed. Rows:
 Cost: analysis time / one plain forward over the same calibration tokens, CPU time of the
 process (robust to other jobs on a shared machine), for each analysis mode.
 
-    python benchmarks/plan_quality.py [--samples 32] [--seq-len 256] [--heldout 16] [--single-module]
+    python benchmarks/plan_quality.py [--model FOLDER] [--samples 32] [--seq-len 256] [--heldout 16] [--single-module]
 
-Writes benchmarks/results/plan_quality.json and prints a Markdown table.
+Writes benchmarks/results/plan_quality.json (or ``--out``) and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -35,7 +34,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
@@ -53,8 +51,10 @@ OBJECTIVES = ("output", "weight", "combined", "fisher", "restore")
 BUDGETS = ("+10%", "+33%")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None,
+                        help="model folder or hub id (default: the offline SmolLM2-135M-Instruct)")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=16, help="held-out windows of --seq-len tokens")
@@ -68,11 +68,11 @@ def main() -> None:
     parser.add_argument("--table", help="folder to reuse the Fisher+context table from (analyzed and saved there "
                                         "if missing)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan_quality.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    source = resolve_source(None)
+    source = resolve_source(args.model)
     model, tokenizer = load_model(source), load_processor(source)
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
     forward = _forward_cost(model, calibration)

@@ -16,7 +16,7 @@ format). Results go to
 ``benchmarks/results/probe_cost.json``; targets are reported, not asserted:
 analysis <= 2.0x the plain forward for one format, and each extra format <= +10 %.
 
-    python benchmarks/probe_cost.py [--samples 16] [--seq-len 256] [--repeats 3] [--max-seconds 270]
+    python benchmarks/probe_cost.py [--model FOLDER] [--samples 16] [--seq-len 256] [--repeats 3] [--max-seconds 270]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
+
 from quantplan.analysis import (  # noqa: E402
     analyze,
     load_calibration,
@@ -134,6 +135,8 @@ def best(runs: list[dict], key: str = "total") -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None,
+                        help="model folder or hub id (default: the offline SmolLM2-135M-Instruct)")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4, help="as analyze()'s default")
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     wall = time.perf_counter()
 
-    source = resolve_source(None)
+    source = resolve_source(args.model)
     model = load_model(source)
     tokenizer = load_processor(source)
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)

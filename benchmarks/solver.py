@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
+
 from quantplan.analysis.formats import FP4, INT8, NF4  # noqa: E402
 from quantplan.planner.solver import Infeasible, Option, greedy, solve  # noqa: E402
 

@@ -18,6 +18,7 @@ and holds one batch). Reported: whether peak RSS is flat across depths and time 
 constant (time linear in layers). Results: ``benchmarks/results/streaming.json``.
 
     python benchmarks/streaming.py [--layers 16,32,64] [--max-memory 360MB] [--samples 8] [--seq-len 128]
+        [--shape tiny] [--out results.json]
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "streaming.json"
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 4,
          "vocab_size": 8192}
+#: ``--shape``: the benchmark's layer shape, or a tiny one (hidden 64) for a smoke run in seconds
+SHAPES = {"benchmark": SHAPE, "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                                       "num_key_value_heads": 2, "vocab_size": 256}}
 
 
 def main(argv=None) -> int:
@@ -49,19 +53,22 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--work", type=Path, default=None, help="folder for the synthetic models (default: a temp dir)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="benchmark",
+                        help="decoder layer shape (tiny: a smoke run in seconds, not a measurement)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    shape = json.dumps(SHAPES[args.shape])
     runs = []
     with tempfile.TemporaryDirectory(prefix="quantplan-bench-", dir=args.work) as work:
         for layers in [int(n) for n in args.layers.split(",")]:
             folder = Path(work) / f"llama-{layers}"
-            built = _child(["build", str(folder), str(layers)])
+            built = _child(["build", str(folder), str(layers), shape])
             run = built | _child(["analyze", str(folder), args.max_memory, str(args.samples), str(args.seq_len),
-                          str(args.batch_size)])
+                          str(args.batch_size), shape])
             run["layers"] = layers
             runs.append(run)
             print(json.dumps(run))
-    result = {"machine": machine_info(threads=1), "shape": SHAPE, "max_memory": args.max_memory,
+    result = {"machine": machine_info(threads=1), "shape": SHAPES[args.shape], "max_memory": args.max_memory,
               "calibration": {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size},
               "runs": runs, "summary": _summary(runs)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,22 +85,24 @@ def _child(args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def child_build(folder: str, layers: str) -> dict:
-    """Save a random-init Llama of the benchmark shape with ``layers`` decoder layers."""
+def child_build(folder: str, layers: str, shape: str = json.dumps(SHAPE)) -> dict:
+    """Save a random-init Llama of ``shape`` (JSON config keys) with ``layers`` decoder layers."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(num_hidden_layers=int(layers), max_position_embeddings=512, tie_word_embeddings=False,
-                         **SHAPE)
+                         **json.loads(shape))
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
     return {"weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
-def child_analyze(folder: str, max_memory: str, samples: str, seq_len: str, batch_size: str) -> dict:
+def child_analyze(folder: str, max_memory: str, samples: str, seq_len: str, batch_size: str,
+                  shape: str = json.dumps(SHAPE)) -> dict:
     """Analyze ``folder`` by streaming; report time, per-block times and memory."""
     import torch
+
     from quantplan.analysis import NF4
     from quantplan.analysis.calibration import CalibrationSet
     from quantplan.analysis.stream_store import StreamCheckpoint
@@ -101,7 +110,8 @@ def child_analyze(folder: str, max_memory: str, samples: str, seq_len: str, batc
     from quantplan.analysis.streaming import analyze_streaming
 
     torch.set_num_threads(1)
-    ids = torch.randint(3, SHAPE["vocab_size"], (int(samples), int(seq_len)), generator=torch.Generator().manual_seed(0))
+    shape = json.loads(shape)
+    ids = torch.randint(3, shape["vocab_size"], (int(samples), int(seq_len)), generator=torch.Generator().manual_seed(0))
     calibration = CalibrationSet(ids, "random-0", 0)
     model = skeleton(folder, torch.bfloat16)
     block = stage_bytes(model, [n for n, _ in model.model.layers[0].named_parameters(prefix="model.layers.0")])
@@ -127,7 +137,7 @@ def child_analyze(folder: str, max_memory: str, samples: str, seq_len: str, batc
     return {"wall_s": wall, "cpu_s": cpu, "block_s_mean": sum(times) / len(times), "block_s_min": min(times),
             "block_s_max": max(times), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "rss_after_imports_bytes": rss_after_imports, "block_bytes": block, "lm_head_stage_bytes": head,
-            "activation_bytes": 2 * ids.numel() * SHAPE["hidden_size"] * 2, "rows": len(table.df),
+            "activation_bytes": 2 * ids.numel() * shape["hidden_size"] * 2, "rows": len(table.df),
             "loadavg_1min_after": os.getloadavg()[0]}
 
 

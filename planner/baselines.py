@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
 from quantplan.analysis.formats import INT8
 from quantplan.analysis.table import SensitivityTable
 from quantplan.planner.memory_model import ByteModel

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from quantplan.analysis.models import ModelSource, load_processor
 from torch import nn
+
+from quantplan.analysis.models import ModelSource, load_processor
 
 from .modelcard import write_model_card
 from .plan_types import KEEP, Plan

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pandas as pd
+
 from quantplan.analysis.table import SensitivityTable
 
 from .plan_types import KEEP

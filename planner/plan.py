@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 
 import pandas as pd
+
 from quantplan.analysis.table import SensitivityTable
 
 from .budget import BudgetError, format_bytes, parse_budget

@@ -36,8 +36,8 @@ class EndToEnd:
         chosen = config.plan(table, budget)  # fails fast on a bad budget before loading the model
         if not self.active:
             return chosen
-        from quantplan.analysis.reference import KLReference
         from quantplan.analysis.formats import format_from_dict
+        from quantplan.analysis.reference import KLReference
         from quantplan.analysis.simulate import QuantCache
         from quantplan.planner.refine import refine
         from quantplan.planner.verify import verify

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+
 from quantplan.analysis.reference import KLReference
 from quantplan.analysis.simulate import QuantCache
 from quantplan.planner.objective import scores

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
 from quantplan.analysis import load_calibration, load_model, load_processor, resolve_source
 from quantplan.analysis.formats import FourBit, format_from_dict
 from quantplan.analysis.models import ModelSource, dtype_from_name

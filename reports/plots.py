@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
 from quantplan.analysis.spikes import SPIKE_Z, find_spikes
 
 PANEL_GROUPS = ("vision_tower", "language_model", "cross_attention", "projector")

@@ -14,13 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
+
 from quantplan.analysis.spikes import SPIKE_Z
 from quantplan.analysis.table import SensitivityTable
+from quantplan.common.files import atomic_write_text
 from quantplan.planner.budget import format_bytes
 from quantplan.planner.plan_types import Plan
 from quantplan.planner.reasons import ReasonKind
-
-from quantplan.common.files import atomic_write_text
 
 from . import plots
 from .result import Comparison

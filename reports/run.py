@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+
 from quantplan.analysis.models import ModelSource
 from quantplan.analysis.table import SensitivityTable
 from quantplan.planner.plan_types import Plan

@@ -6,6 +6,7 @@ import os
 import warnings
 
 import pytest
+from tiny import save_tiny
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -14,8 +15,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A saved tiny Llama (untied lm_head) with a word-level tokenizer."""
-    from tiny import save_tiny
-
     return save_tiny(tmp_path_factory.mktemp("tiny"))
 
 

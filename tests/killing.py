@@ -10,8 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+from fixtures import CHILD_ENV
 
 
 def run_and_kill(code: str, args: list[str], state: Path, key: str, at_least: int, timeout: float = 120) -> int:

@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
 import pytest
 import torch
-from quantplan.analysis import FP4, INT8, NF4, analyze
-from quantplan.analysis.spikes import find_spikes
+from fixtures import swapped_output_error
 from tiny import random_calibration, tiny_llama
 
-
-def swapped_output_error(model, name, calibration, compute_dtype=torch.float32) -> float:
-    """‖Y4 − Y‖²/‖Y‖² with Y4 from a real bitsandbytes Linear4bit fed the module's captured inputs."""
-    module = model.get_submodule(name)
-    captured = []
-    handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach().clone()))
-    with torch.no_grad():
-        for batch in calibration.batches(4):
-            model(**batch, use_cache=False)
-    handle.remove()
-    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])
-    weight = module.weight.detach()
-    swapped = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=compute_dtype,
-                                quant_type="nf4", compress_statistics=True)
-    swapped.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4",
-                                       compress_statistics=True, blocksize=64)
-    swapped = swapped.to("cpu")
-    with torch.no_grad():
-        reference = x.float() @ weight.float().T
-        quantized = swapped(x.to(compute_dtype)).float()
-    return float(((quantized - reference) ** 2).sum() / (reference**2).sum())
+from quantplan.analysis import FP4, INT8, NF4, analyze
+from quantplan.analysis.spikes import find_spikes
 
 
 def test_output_error_equals_real_linear4bit_swap():

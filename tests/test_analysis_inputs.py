@@ -7,6 +7,8 @@ import json
 import pandas as pd
 import pytest
 import torch
+from tiny import random_calibration, tiny_llama, word_tokenizer
+
 from quantplan.analysis import (
     NF4,
     SensitivityTable,
@@ -17,7 +19,6 @@ from quantplan.analysis import (
     resolve_source,
 )
 from quantplan.analysis.calibration import load_texts, pack_calibration
-from tiny import random_calibration, tiny_llama, word_tokenizer
 
 
 def test_unknown_model_names_the_fix(tmp_path):

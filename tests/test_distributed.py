@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from quantplan.analysis import INT8, NF4, SensitivityTable, analyze
+from fixtures import CHILD_ENV
 from tiny import random_calibration, tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
+from quantplan.analysis import INT8, NF4, SensitivityTable, analyze
 
 _WORKER = textwrap.dedent("""
     import sys
@@ -36,7 +34,7 @@ _WORKER = textwrap.dedent("""
 def test_two_gloo_processes_give_the_single_process_table(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(_WORKER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    env = {**CHILD_ENV, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--standalone", str(worker), str(tmp_path / "out")],
                           env=env, capture_output=True, text=True, timeout=120)

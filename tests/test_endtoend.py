@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import random_calibration, tiny_llama
+
 from quantplan.analysis import NF4, analyze
 from quantplan.analysis.endtoend import restore_gains
 from quantplan.analysis.reference import KLReference, calibration_kld
 from quantplan.analysis.simulate import QuantCache
-from tiny import random_calibration, tiny_llama
 
 
 @pytest.fixture(scope="module")

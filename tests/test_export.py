@@ -8,15 +8,15 @@ import json
 
 import pytest
 import torch
-from quantplan.analysis import NF4, TableMismatch, analyze, load_model, resolve_source
-from quantplan.planner import ExportError, Plan, export, plan
-from quantplan.planner.skiplist import SkipListError, build_skip_list, verify_skip_list
 from tiny import random_calibration, save_tiny
 from transformers import AutoModelForCausalLM
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from quantplan.cli import main
 from quantplan import AnalyzeConfig, run
+from quantplan.analysis import NF4, TableMismatch, analyze, load_model, resolve_source
+from quantplan.cli import main
+from quantplan.planner import ExportError, Plan, export, plan
+from quantplan.planner.skiplist import SkipListError, build_skip_list, verify_skip_list
 
 
 def test_skip_list_hits_exactly_the_planned_modules():

@@ -7,8 +7,9 @@ import textwrap
 import pandas as pd
 import pytest
 from killing import run_and_kill
-from quantplan.analysis import NF4, analyze
 from tiny import random_calibration, tiny_llama
+
+from quantplan.analysis import NF4, analyze
 
 _CHILD = textwrap.dedent("""
     import sys, time

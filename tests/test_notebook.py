@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
-from test_reports_fixtures import save_tiny_model
+from fixtures import REPO
+from tiny import save_tiny_english
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
+NOTEBOOK = REPO / "notebooks" / "walkthrough.ipynb"
 
 
 def test_walkthrough_runs_top_to_bottom(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    model = save_tiny_model(tmp_path / "model")
+    model = save_tiny_english(tmp_path / "model")
     out = tmp_path / "out"
     # The kernel inherits this environment: a tiny model, small data, outputs under tmp_path.
     monkeypatch.setenv("QUANTPLAN_WALKTHROUGH_MODEL", str(model))

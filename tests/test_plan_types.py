@@ -6,6 +6,8 @@ import dataclasses
 import json
 
 import pytest
+from tiny import random_calibration, tiny_llama
+
 from quantplan.analysis import NF4, analyze
 from quantplan.planner import plan
 from quantplan.planner import reasons as reasons_module
@@ -15,7 +17,6 @@ from quantplan.planner.plan import replan_keeping
 from quantplan.planner.plan_types import Checks, Plan, Verification
 from quantplan.planner.priors import kept_by, kept_summary
 from quantplan.planner.reasons import Reason, ReasonKind
-from tiny import random_calibration, tiny_llama
 
 REFINED_TEXT = "refined: kept in round 1/2 (measured KL gain 0.0123 nats/token in the quantized context)"
 

@@ -6,12 +6,13 @@ import itertools
 import random
 
 import pytest
+from tiny import random_calibration, tiny_llama
+
 from quantplan.analysis import INT8, NF4, analyze
 from quantplan.planner import BudgetError, parse_budget, plan
 from quantplan.planner.pareto import pareto_curve
 from quantplan.planner.pins import PatternError
 from quantplan.planner.solver import Infeasible, Option, greedy, solve
-from tiny import random_calibration, tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from tiny import random_calibration, tiny_llama
+
 from quantplan.analysis import INT8, NF4, analyze
 from quantplan.analysis.reference import KLReference, calibration_kld
 from quantplan.analysis.simulate import QuantCache
@@ -10,7 +12,6 @@ from quantplan.planner import KEEP, plan
 from quantplan.planner.baselines import all_4bit, plan_keep_set
 from quantplan.planner.refine import refine
 from quantplan.planner.verify import choose, verify
-from tiny import random_calibration, tiny_llama
 
 
 @pytest.fixture(scope="module")

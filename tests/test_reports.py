@@ -10,10 +10,11 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures import tiny_job
+
 from quantplan.reports.compare import CompareConfig
 from quantplan.reports.result import FILES, Comparison
 from quantplan.reports.run import compare_and_report
-from test_reports_fixtures import tiny_job
 
 QUICK = dict(samples=4, seq_len=64, top_k=3, random_k=3, max_new_tokens=6, progress=False)
 

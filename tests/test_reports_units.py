@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fixtures import tiny_job
+
 from quantplan.analysis import NF4, load_model
 from quantplan.analysis.simulate import QuantCache
 from quantplan.planner.baselines import all_4bit, baseline_keep_sets, edge_order, linear_frame, plan_keep_set
@@ -16,7 +18,6 @@ from quantplan.reports import plots
 from quantplan.reports.fidelity import Fidelity, fidelity_of_self, heldout_reference, measure
 from quantplan.reports.scoreboard import scoreboard_frame, to_markdown, verdicts
 from quantplan.reports.tables import html_table, markdown_table
-from test_reports_fixtures import tiny_job
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quantplan.analysis import NF4, analyze, load_calibration
-from test_analysis import swapped_output_error
+from fixtures import swapped_output_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quantplan import AnalyzeConfig, run
+from quantplan.analysis import NF4, analyze, load_calibration
 
 pytestmark = pytest.mark.slow
 

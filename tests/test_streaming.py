@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from killing import CHILD_ENV, run_and_kill
+from fixtures import CHILD_ENV
+from killing import run_and_kill
+from tiny import random_calibration, save_tiny
+
 from quantplan.analysis import INT8, NF4, TableMismatch, analyze, load_model, resolve_source
 from quantplan.analysis.stream_weights import StreamingUnsupported
 from quantplan.analysis.streaming import analyze_streaming
 from quantplan.common.sizes import parse_size
-from tiny import random_calibration, save_tiny
 
 
 def _same_meta(a: dict, b: dict) -> None:

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from vlm_models import TEXT, chat_template, save_tiny_vlm, word_tokenizer
+
 from quantplan.analysis import NF4, analyze, load_model, load_processor, resolve_source
 from quantplan.analysis.vision import calibration_for_model, process_pair
 from quantplan.planner import export, plan
 from quantplan.planner.priors import kept_by, rule_priors
 from quantplan.planner.reasons import Reason, ReasonKind
-from safetensors import safe_open
-from transformers import AutoModelForImageTextToText, AutoProcessor
-from vlm_models import save_tiny_vlm
 
 #: per architecture: Linear count per group, one live module name per group, a checkpoint key prefix
 ARCHITECTURES = {
@@ -90,6 +91,7 @@ def test_plan_export_reload_generate(analyzed, tmp_path):
         assert (type(modules[name]).__name__ == "Linear4bit") == (choice != "16bit"), name
     reloaded = AutoProcessor.from_pretrained(tmp_path / "out")
     from PIL import Image
+
     from quantplan.analysis.vision import SHIPPED_IMAGES
 
     inputs = process_pair(reloaded, Image.open(SHIPPED_IMAGES / "chelsea.jpg").convert("RGB"),
@@ -131,7 +133,6 @@ def test_text_only_calibration_of_a_vlm(tmp_path):
 def test_odd_vision_dims_are_kept_16bit_not_a_crash(tmp_path):
     """A tower whose Linears bitsandbytes cannot block (36x36) stays 16-bit with a reason; export verifies."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from vlm_models import TEXT, chat_template, word_tokenizer
 
     tokenizer = word_tokenizer(["<image>"])
     config = LlavaConfig(text_config=dict(TEXT, model_type="llama"),
@@ -163,6 +164,7 @@ def test_odd_vision_dims_are_kept_16bit_not_a_crash(tmp_path):
 def test_real_size_module_trees_on_the_meta_device(arch, groups):
     """transformers' default (real-size) configs, built weightless: groups, counts and layer ranges."""
     import transformers
+
     from quantplan.analysis.modules import list_modules
 
     config_class, model_class = {"mllama": ("MllamaConfig", "MllamaForConditionalGeneration"),

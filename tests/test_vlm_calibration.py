@@ -6,6 +6,9 @@ import json
 import shutil
 
 import pytest
+from transformers import AutoConfig
+from vlm_models import save_tiny_vlm
+
 from quantplan.analysis import NF4, analyze, load_model, load_processor, resolve_source
 from quantplan.analysis.vision import (
     DEFAULT_PROMPT,
@@ -14,8 +17,6 @@ from quantplan.analysis.vision import (
     calibration_for_model,
     load_image_calibration,
 )
-from transformers import AutoConfig
-from vlm_models import save_tiny_vlm
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from vlm_models import save_smollm2_llava
+
 from quantplan.analysis import NF4, analyze, load_model, load_processor, resolve_source
 from quantplan.analysis.vision import SHIPPED_IMAGES, calibration_for_model, process_pair
 from quantplan.planner import export, plan
 from quantplan.planner.priors import kept_by, rule_priors
 from quantplan.planner.reasons import ReasonKind
-from transformers import AutoModelForImageTextToText, AutoProcessor
-from vlm_models import save_smollm2_llava
 
 pytestmark = pytest.mark.slow
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import re
 from pathlib import Path
 
 import torch
-from quantplan.analysis.calibration import CalibrationSet
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from quantplan.analysis.calibration import DEFAULT_TEXT, HELDOUT_TEXT, CalibrationSet
 
 
 def tiny_llama(layers: int = 2, hidden: int = 64, intermediate: int = 128, vocab: int = 256,
@@ -43,3 +46,32 @@ def random_calibration(samples: int = 8, seq_len: int = 32, vocab: int = 256, se
     """Random token windows (ids >= 3, so no special tokens)."""
     ids = torch.randint(3, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
     return CalibrationSet(ids, f"random-{seed}", seed)
+
+
+#: special tokens of :func:`save_tiny_english`'s tokenizer
+ENGLISH_SPECIALS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+
+
+def save_tiny_english(folder: Path, layers: int = 4, vocab: int = 256, seed: int = 0) -> Path:
+    """Save a tiny Llama plus a fast tokenizer over the shipped English text's most frequent words.
+
+    English calibration and held-out windows then become varied token ids (not all unknown), which
+    the reports, notebook and benchmark smoke tests need; returns ``folder``.
+    """
+    model = tiny_llama(layers=layers, vocab=vocab, seed=seed)
+    model.generation_config.max_length = None
+    model.save_pretrained(folder)
+    words = collections.Counter()
+    for path in (DEFAULT_TEXT, HELDOUT_TEXT):
+        words.update(re.findall(r"\w+|[^\w\s]", path.read_text()[:200_000].lower()))
+    table = dict(ENGLISH_SPECIALS)
+    for word, _ in words.most_common(vocab - len(ENGLISH_SPECIALS)):
+        table[word] = len(table)
+    tokenizer = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+    return Path(folder)
+

@@ -15,9 +15,10 @@ import re
 from pathlib import Path
 
 import torch
-from quantplan.analysis.vision import SHIPPED_IMAGES
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from quantplan.analysis.vision import SHIPPED_IMAGES
 
 VOCAB = 512
 HIDDEN = 64

@@ -1,0 +1,92 @@
+"""Every benchmark script runs end to end on a tiny configuration, so a renamed API cannot break one silently.
+
+Each script runs as its user would (``python benchmarks/x.py``, this checkout first on PYTHONPATH),
+writes its JSON to a temporary ``--out`` (never benchmarks/results/), and the JSON has the keys
+the README's tables are read from. The benchmarks time library functions by wrapping them at run
+time; the checks below also fail when a wrapped function was renamed and its timer stayed at 0.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from fixtures import CHILD_ENV, REPO
+from tiny import save_tiny_english
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_english(tmp_path_factory.mktemp("bench") / "model", layers=2)
+
+
+def run_benchmark(script: str, out, *args: str) -> dict:
+    """Run benchmarks/``script`` with ``args`` and ``--out out``; return its JSON (results/ untouched)."""
+    before = {p.name: p.stat().st_mtime_ns for p in RESULTS.glob("*.json")}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(out)],
+                          cwd=REPO, env={**CHILD_ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert {p.name: p.stat().st_mtime_ns for p in RESULTS.glob("*.json")} == before
+    return json.loads(out.read_text())
+
+
+def test_solver(tmp_path):
+    result = run_benchmark("solver.py", tmp_path / "solver.json", "--modules", "60", "--repeats", "1",
+                           "--instances", "20", "--no-full-milp")
+    assert {"instance", "budgets", "exactness", "meets_target_all_budgets_cpu", "machine"} <= set(result)
+    assert [b["budget"] for b in result["budgets"]] == ["+5%", "+10%", "+33%", "midpoint"]
+    assert result["exactness"]["mismatches"] == 0
+    for row in result["budgets"]:
+        assert {"solve_cpu_s_best", "stage1_items", "greedy_extra_error", "phases"} <= set(row)
+        assert row["dp_calls"] >= 1 and row["phases"]["stage1_dp_s"] > 0  # the wrapped _pareto_dp was called
+
+
+def test_probe_cost(tmp_path, tiny_model):
+    result = run_benchmark("probe_cost.py", tmp_path / "probe.json", "--model", str(tiny_model), "--samples", "2",
+                           "--seq-len", "16", "--repeats", "1", "--threads", "1")
+    assert {"summary", "analyze", "forward_runs", "model", "machine"} <= set(result)
+    assert {"ratio_1_format", "ratio_3_formats", "per_extra_format_s", "hook_overhead_ratio"} <= set(result["summary"])
+    for spec in ("nf4", "nf4,fp4,int8"):
+        best = result["analyze"][spec]["best"]
+        # every wrapped part of analyze() was found and called
+        assert best["calibration"] > 0 and best["measure"] > 0 and best["modules_measured"] > 0, spec
+        assert {"bnb_roundtrip", "gram_quadratic", "weight_stats", "input_stats"} <= set(best["measure_parts"])
+
+
+def test_export_time(tmp_path, tiny_model):
+    result = run_benchmark("export_time.py", tmp_path / "export.json", "--model", str(tiny_model),
+                           "--repeats", "1")
+    assert {"summary", "runs", "best", "kept", "quantized"} <= set(result)
+    assert {"ratio_wall", "ratio_cpu", "target_met"} <= set(result["summary"])
+    assert set(result["best"]) == {"transformers", "transformers+tokenizer", "quantplan"}
+    assert {"load_quantized", "verification_reload", "model_card"} <= set(result["best"]["quantplan"]["parts"])
+
+
+def test_plan_quality(tmp_path, tiny_model):
+    result = run_benchmark("plan_quality.py", tmp_path / "quality.json", "--model", str(tiny_model),
+                           "--samples", "2", "--seq-len", "16", "--heldout", "2", "--refine", "1",
+                           "--single-module", "--single-windows", "1", "--no-cost", "--threads", "1")
+    assert {"all_nf4_kld", "rows", "forward", "heldout_tokens"} <= set(result)
+    scores = {row["score"] for row in result["rows"]}
+    for expected in ("planner: fisher", "planner: restore", "refined (1 rounds)", "first+last layers",
+                     "quantize one alone (N forwards)"):
+        assert expected in scores, sorted(scores)
+    assert any(s.startswith("shipped") for s in scores)
+    for row in result["rows"]:
+        assert {"budget", "kept", "kld", "recovery", "bytes"} <= set(row)
+
+
+@pytest.mark.slow  # four fresh Python processes (build + analyze at two depths): ~30 s alone, more when loaded
+def test_streaming(tmp_path):
+    result = run_benchmark("streaming.py", tmp_path / "streaming.json", "--shape", "tiny", "--layers", "2,3",
+                           "--samples", "2", "--seq-len", "16", "--batch-size", "2")
+    assert {"runs", "summary", "shape", "max_memory"} <= set(result)
+    assert [r["layers"] for r in result["runs"]] == [2, 3]
+    for run in result["runs"]:
+        assert {"peak_rss_bytes", "rss_after_imports_bytes", "cpu_s", "block_s_mean", "rows"} <= set(run)
+    assert {"target_met", "cpu_s_per_layer", "peak_rss_spread"} <= set(result["summary"])
