@@ -13,11 +13,11 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from quantplan.common.modes import apply_umask, staging_dir
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -67,11 +67,27 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.bfloat16, device:
     """Load a 16-bit model for analysis through transformers' auto classes."""
     from transformers import AutoConfig
 
+    check_weight_files(source.path)
     config = AutoConfig.from_pretrained(source.path)
     model_class = _auto_class(config)
     model = model_class.from_pretrained(source.path, dtype=dtype, device_map=device, **kwargs)
     model.eval()
     return model
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Open the header of every safetensors file in ``folder`` (cheap: no tensor is read), so a truncated
+    or damaged download is one clear error naming the file, not a traceback from deep inside loading."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"{path} is damaged or truncated ({err}): download the model again, or re-save it with "
+                "save_pretrained") from None
 
 
 def load_processor(source: ModelSource):
@@ -193,10 +209,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = staging_dir(target.parent, prefix=".tmp-")
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        apply_umask(tmp)  # save_pretrained writes model.safetensors 0600
         if target.exists():  # another process finished first
             shutil.rmtree(tmp)
         else:
