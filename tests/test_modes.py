@@ -26,7 +26,7 @@ def test_staged_tree_gets_the_umask_modes(tmp_path):
         script.write_text("#!/bin/sh\n")
         script.chmod(0o700)
         apply_umask(staged)
-        assert (_mode(staged), _mode(staged / "sub"), _mode(weights), _mode(script)) == (0o755, 0o755, 0o644, 0o755)
+        assert (_mode(staged), _mode(staged / "sub"), _mode(weights), _mode(script)) == (0o755, 0o755, 0o644, 0o744)
         os.umask(0o077)  # a private umask stays private
         apply_umask(staged)
         assert (_mode(staged), _mode(weights)) == (0o700, 0o600)
