@@ -67,7 +67,8 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     shard = Shard.current()
     partial = shard.partial_folder(out_dir)
     if partial:
-        _announce_partial_size([i for i in infos if i.name in set(candidates)], probe.sample_rows, fisher, partial)
+        sample_rows = min(probe.sample_rows, batch_size * calibration.meta.get("seq_len", probe.sample_rows))
+        _announce_partial_size([i for i in infos if i.name in set(candidates)], sample_rows, fisher, partial)
     if resume:
         _resume(probe, grads, partial, run_meta)
     _run_calibration(model, shard.calibration(calibration), probe, grads, batch_size, partial, run_meta,
@@ -168,7 +169,8 @@ def _announce_partial_size(infos, sample_rows: int, fisher: bool, partial: Path)
     """Say up front how much disk the flushed partial statistics take, when that is a lot."""
     size = partial_state_bytes(infos, sample_rows, fisher)
     if size >= LARGE_PARTIAL_BYTES:
-        print(f"quantplan: the calibration pass flushes up to {size / 1e9:.1f} GB of partial statistics "
+        shown = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+        print(f"quantplan: the calibration pass flushes up to {shown} of partial statistics "
               f"(Gram matrices) to {partial} (twice that for a moment while a flush replaces the last one); "
               "they are removed when the analysis finishes")
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from quantplan.common.modes import apply_umask, staging_dir
 
 DEFAULT_MODEL = "smollm2"
