@@ -73,6 +73,7 @@ def test_export_reload_follows_plan_under_transformers(tiny12, tmp_path):
     assert result.checkpoint_bytes == pytest.approx(p.predicted["bytes"], rel=0.01)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "model.layers.1.mlp.down_proj" in card and "pinned: --keep" in card
+    assert "Made by quantplan" in card and "](https://github.com/)" not in card  # no placeholder link
     out = reloaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
 
