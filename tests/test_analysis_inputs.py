@@ -45,6 +45,10 @@ def test_truncated_weights_are_one_line_naming_the_file(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert str(weights) in err and "download the model again" in err and "save_pretrained" in err
+    from quantplan.analysis.streaming import analyze_streaming
+
+    with pytest.raises(ValueError, match="model.safetensors is damaged or truncated"):  # the streaming reader itself
+        analyze_streaming(folder, random_calibration(), progress=False)
 
 
 def test_unknown_format_names_the_choices():
