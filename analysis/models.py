@@ -67,11 +67,27 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.bfloat16, device:
     """Load a 16-bit model for analysis through transformers' auto classes."""
     from transformers import AutoConfig
 
+    check_weight_files(source.path)
     config = AutoConfig.from_pretrained(source.path)
     model_class = auto_class(config)
     model = model_class.from_pretrained(source.path, dtype=dtype, device_map=device, **kwargs)
     model.eval()
     return model
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Open the header of every safetensors file in ``folder`` (cheap: no tensor is read), so a truncated
+    or damaged download is one clear error naming the file, not a traceback from deep inside loading."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"{path} is damaged or truncated ({err}): download the model again, or re-save it with "
+                "save_pretrained") from None
 
 
 def load_processor(source: ModelSource):

@@ -59,8 +59,11 @@ class DiskWeights:
     """
 
     def __init__(self, path: str | Path, model: nn.Module):
+        from .models import check_weight_files
+
         self.aliases = _tied_aliases(model)
         folder = Path(path)
+        check_weight_files(folder)  # a truncated file: one clear error, not a SafetensorError traceback
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             mapping = json.loads(index.read_text())["weight_map"]

@@ -5,7 +5,9 @@ llm_int8_skip_modules=plan.skip_modules)``; tokenizer/processor, generation conf
 and a model card are written beside it. Everything goes to a temporary folder next to the
 target, is reloaded from there with plain ``from_pretrained`` and checked (every planned
 module a plain Linear, every other quantizable one a ``Linear4bit``), and only then renamed
-into place: a crash or a failed check never leaves a half checkpoint at ``out_dir``.
+into place: a crash or a failed check never leaves a half checkpoint at ``out_dir``. An
+existing ``out_dir`` is replaced only if quantplan wrote it (it holds ``quantplan_plan.json``) and
+``--overwrite`` says so; any other non-empty folder is refused, so no user file is ever deleted.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import torch
 from torch import nn
 
 from quantplan.analysis.models import ModelSource, load_processor
+from quantplan.common.modes import apply_umask, staging_dir
 
 from .modelcard import write_model_card
 from .plan_types import KEEP, Plan
+
+PLAN_MARKER = "quantplan_plan.json"  # in every exported folder: what makes it quantplan's to replace
 
 
 class ExportError(RuntimeError):
@@ -64,11 +69,10 @@ def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: b
     """Quantize ``source`` as ``plan`` says and save it to ``out_dir`` (atomically, verified)."""
     out_dir = Path(out_dir).resolve()
     plan.check_model(source.fingerprint)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists: pass --overwrite to replace it, or choose another --out")
+    check_out_dir(out_dir, overwrite)
     config = bnb_config(plan, compute_dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging = staging_dir(out_dir.parent, prefix=f".{out_dir.name}.partial-")
     try:
         model = _load_quantized(source.path, config, compute_dtype, device)
         check_module_types(model, plan)
@@ -76,18 +80,41 @@ def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: b
         load_processor(source).save_pretrained(staging)
         del model
         gc.collect()
-        plan.save(staging / "quantplan_plan.json")
+        plan.save(staging / PLAN_MARKER)
         reloaded = _load_plain(staging, device)
         check_module_types(reloaded, plan)
         result = ExportResult(out_dir, int(reloaded.get_memory_footprint()), checkpoint_tensor_bytes(staging),
                               len(plan.kept), len(plan.choices) - len(plan.kept))
         del reloaded
         write_model_card(staging / "README.md", source, plan, result)
+        apply_umask(staging)  # save_pretrained writes model.safetensors 0600
         _move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return result
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` whose replacement would lose anything: a file, a non-empty folder quantplan
+    did not write (no ``quantplan_plan.json``; refused even with ``--overwrite``), or a quantplan
+    checkpoint without ``overwrite``. An empty folder is free."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder: choose another --out")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    if PLAN_MARKER not in entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise FileExistsError(
+            f"{out_dir} already exists and holds files quantplan did not write ({shown}); --overwrite only "
+            f"replaces a folder written by quantplan export (with {PLAN_MARKER}): choose another --out, "
+            "or move those files away")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists: pass --overwrite to replace it, or choose another --out")
 
 
 def check_module_types(model: nn.Module, plan: Plan) -> None:

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .budget import format_bytes
+
+
+def _made_by() -> str:
+    """Which tool wrote the card: the installed quantplan's version (no link: the project has no public page)."""
+    try:
+        return f"quantplan {version('quantplan')}"
+    except PackageNotFoundError:  # a checkout imported without installing
+        return "quantplan"
 
 
 def _checks_text(plan) -> str:
@@ -40,7 +49,7 @@ tags:
 
 # {source.short_name} — dynamic bnb 4-bit ({fmt}, {len(plan.kept)} modules kept 16-bit)
 
-Made by [quantplan](https://github.com/) from `{source.model_id}`: every Linear is
+Made by {_made_by()} from `{source.model_id}`: every Linear is
 bitsandbytes {fmt.upper()} (double quant: {plan.quant.get('double_quant', True)}) except the
 {len(plan.kept)} modules below, which stay 16-bit. They were chosen by measuring each module's
 output error on calibration data and solving exactly for the least predicted error within the

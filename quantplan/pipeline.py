@@ -17,7 +17,7 @@ from quantplan.analysis.summary import summarize
 from quantplan.analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
 from quantplan.planner.budget import BudgetError, format_bytes, parse_budget
 from quantplan.planner.config import PlanConfig
-from quantplan.planner.export import export
+from quantplan.planner.export import check_out_dir, export
 from quantplan.planner.pareto import pareto_curve
 from quantplan.planner.plan_types import Plan
 from quantplan.planner.priors import kept_summary
@@ -44,8 +44,7 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     source = resolve_source(model_spec)
     out_dir = Path(out_dir or f"./{source.short_name}-dynamic-bnb-4bit")
     checkpoint = out_dir / "checkpoint"
-    if checkpoint.exists() and not overwrite:
-        raise FileExistsError(f"{checkpoint} already exists: pass --overwrite to replace it, or choose another --out")
+    check_out_dir(checkpoint, overwrite)  # before the analysis: the rule export applies, refused early
     check_budget_fits(source, budget, analyze_config)
     table = analyze_model(source, out_dir, analyze_config, reuse=True)
     if not is_main_process():

@@ -10,6 +10,7 @@ error's robust z-score along the layer axis, (v − median) / (1.4826 · MAD), a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -107,10 +108,14 @@ def plot_pareto(pareto: pd.DataFrame, scoreboard: pd.DataFrame | None = None, pl
     fig = Figure(figsize=(8.0, 4.8), layout="constrained")
     ax = fig.subplots()
     ax.plot(pareto["bytes"] / 1e6, pareto["error"], marker="o", ms=3, color="C0", label="predicted error (exact plans)")
+    xs = [*pareto["bytes"] / 1e6, *(p.predicted.bytes / 1e6 for p in plans)]
+    if scoreboard is not None and len(scoreboard):
+        xs += list(scoreboard["bytes"] / 1e6)
+    ax.set_xlim(*_padded(min(xs), max(xs)))
     for p in plans:
         ax.scatter(p.predicted.bytes / 1e6, p.predicted.error, marker="*", s=160, color="C0", zorder=5)
-        ax.annotate(f"plan {p.budget.spec}", (p.predicted.bytes / 1e6, p.predicted.error),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8, color="C0")
+        _label_inside(ax, f"plan {p.budget.spec}", p.predicted.bytes / 1e6, p.predicted.error,
+                      fontsize=8, color="C0")
     ax.set_xlabel("weight bytes (MB, predicted checkpoint size)")
     ax.set_ylabel("predicted summed error", color="C0")
     ax.grid(alpha=0.3)
@@ -124,11 +129,14 @@ def plot_pareto(pareto: pd.DataFrame, scoreboard: pd.DataFrame | None = None, pl
                 continue
             right.scatter(part["bytes"] / 1e6, part["mean_kld"], marker=marker, color=color, s=size,
                           label=f"measured: {kind}", zorder=6)
+        measured = scoreboard["mean_kld"][np.isfinite(scoreboard["mean_kld"])]
+        right.set_ylim(*_padded(0.0, float(measured.max()) if len(measured) else 1.0))  # 16-bit's 0 not on the edge
+        for kind, (_, color, _) in styles.items():
+            part = scoreboard[(scoreboard["kind"] == kind) & np.isfinite(scoreboard["mean_kld"])]
             for _, r in part.iterrows():
-                right.annotate(r["variant"].replace(" (mean of 3 seeds)", ""), (r["bytes"] / 1e6, r["mean_kld"]),
-                               textcoords="offset points", xytext=(5, -10), fontsize=7, color=color)
+                _label_inside(right, re.sub(r" \(mean of \d+ seeds\)", "", r["variant"]), r["bytes"] / 1e6,
+                              r["mean_kld"], fontsize=7, color=color)
         right.set_ylabel("measured mean KLD vs 16-bit (nats)", color="C3")
-        right.set_ylim(bottom=0)
         handles = ax.get_legend_handles_labels()
         more = right.get_legend_handles_labels()
         ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="upper right")
@@ -136,6 +144,22 @@ def plot_pareto(pareto: pd.DataFrame, scoreboard: pd.DataFrame | None = None, pl
         ax.legend(fontsize=8)
     fig.suptitle("Pareto curve: bytes vs predicted error, with measured KLD")
     return fig
+
+
+def _padded(low: float, high: float, share: float = 0.08) -> tuple[float, float]:
+    """Axis limits with room around the data, so markers at the extremes are not cut by the frame."""
+    span = (high - low) or abs(high) or 1.0
+    return low - share * span, high + share * span
+
+
+def _label_inside(ax, text: str, x: float, y: float, **style) -> None:
+    """Annotate a point on the side that stays inside the axes: left of points in the right third,
+    above points in the bottom fifth (the axis limits must be set first)."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    right = (x - x0) / (x1 - x0) > 2 / 3
+    low = (y - y0) / (y1 - y0) < 0.2
+    ax.annotate(text, (x, y), textcoords="offset points", xytext=(-6 if right else 6, 5 if low else -10),
+                ha="right" if right else "left", **style)
 
 
 def save_figure(fig: Figure, folder: str | Path, stem: str, dpi: int = 90) -> dict[str, Path]:

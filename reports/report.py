@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from quantplan.planner.reasons import ReasonKind
 
 from . import plots
 from .result import Comparison
-from .scoreboard import DISPLAY_NUMERIC, display_frame
+from .scoreboard import DISPLAY_NUMERIC, display_frame, footnotes
 from .tables import html_table, markdown_table
 
 FIGURES = ("layer_errors", "weight_heatmap", "input_outliers", "pareto")
@@ -52,7 +53,7 @@ def write_report(out_dir: str | Path, table: SensitivityTable, plans: list[Plan]
 
 
 def report_blocks(table: SensitivityTable, plans: list[Plan], comparison: Comparison) -> list[tuple]:
-    """The report's content as (kind, ...) blocks: h1/h2/p/list/table/figure/code."""
+    """The report's content as (kind, ...) blocks: h1/h2/p/list/table/notes/figure/code."""
     meta, board = comparison.meta, comparison.scoreboard
     calib, held = table.meta.get("calibration", {}), meta.get("heldout", {})
     blocks = [("h1", f"quantplan report: {table.meta.get('model_id', '')}"),
@@ -77,6 +78,7 @@ def report_blocks(table: SensitivityTable, plans: list[Plan], comparison: Compar
                      "plans and heuristics like for like. Heuristic baselines spend the same bytes as their "
                      "dynamic plan (greedy fill, never more). Full numbers: `scoreboard.csv`."),
                ("table", display_frame(board), DISPLAY_NUMERIC),
+               ("notes", footnotes(board)),
                ("list", comparison.verdicts or ["No heuristic baselines were measured."])]
     check = meta.get("simulation_check", {})
     if "bitsandbytes_mean_kld" in check:
@@ -165,6 +167,8 @@ def to_markdown(blocks: list[tuple]) -> str:
             out.append("\n".join(f"- {item}" for item in args[0]))
         elif kind == "table":
             out.append(markdown_table(args[0], align={c: "right" for c in args[1]}))
+        elif kind == "notes" and args[0]:
+            out.append("\n".join(f"{mark} {text}  " for mark, text in args[0]))
         elif kind == "figure":
             out.append(f"![{args[1]}]({args[0]}.png)\n\n*{args[1]}* ([SVG]({args[0]}.svg))")
         elif kind == "code":
@@ -184,6 +188,8 @@ def to_html(blocks: list[tuple], pngs: dict[str, Path]) -> str:
             body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in args[0]) + "</ul>")
         elif kind == "table":
             body.append(f'<div class="scroll">{html_table(args[0], numeric=tuple(args[1]))}</div>')
+        elif kind == "notes" and args[0]:
+            body.append('<p class="notes">' + "<br>".join(f"{mark} {_inline(t)}" for mark, t in args[0]) + "</p>")
         elif kind == "figure":
             data = base64.b64encode(Path(pngs[args[0]]).read_bytes()).decode()
             body.append(f'<figure id="fig-{args[0]}"><img alt="{html.escape(args[1])}" '
@@ -196,9 +202,13 @@ def to_html(blocks: list[tuple], pngs: dict[str, Path]) -> str:
 
 
 def _inline(text: str) -> str:
-    """Escape, then turn `code` spans into <code> (the only Markdown inline the blocks use)."""
+    """Escape, then turn `code` spans into <code> and *emphasis* outside them into <em> (the Markdown
+    inlines the blocks use)."""
     parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    return "".join(f"<code>{p}</code>" if i % 2 else _EMPHASIS.sub(r"<em>\1</em>", p) for i, p in enumerate(parts))
+
+
+_EMPHASIS = re.compile(r"(?<![\w*])\*(?![\s*])([^*]+?)(?<!\s)\*(?![\w*])")
 
 
 def _pareto_for(table: SensitivityTable, plans: list[Plan]) -> pd.DataFrame:
@@ -219,6 +229,7 @@ h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom
 table{border-collapse:collapse;font-size:.85em;margin:.8em 0}
 th,td{border:1px solid #ccc;padding:.25em .5em;vertical-align:top;text-align:left}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.num .se{display:block;font-size:.85em;color:#666}.notes{font-size:.85em;color:#444}
 .scroll{overflow-x:auto}figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555}code{background:#f5f5f5;padding:0 .2em}
 pre{background:#f5f5f5;padding:.8em;overflow-x:auto;font-size:.85em}

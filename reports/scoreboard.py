@@ -78,9 +78,11 @@ def _mean_of_seeds(seeds: list[dict]) -> dict:
 
 
 def to_markdown(board: pd.DataFrame) -> str:
-    """The scoreboard as a Markdown table in llama.cpp's style."""
+    """The scoreboard as a Markdown table in llama.cpp's style, the rows' notes as footnotes below it."""
     shown = display_frame(board)
-    return markdown_table(shown, align={c: "right" for c in DISPLAY_NUMERIC})
+    table = markdown_table(shown, align={c: "right" for c in DISPLAY_NUMERIC})
+    notes = footnotes(board)
+    return table + ("\n\n" + "\n".join(f"{mark} {text}  " for mark, text in notes) if notes else "")
 
 
 DISPLAY_NUMERIC = ("Kept 16-bit", "Size", "Footprint", "PPL", "ΔPPL", "Mean KLD", "99% KLD", "Simulated KLD", "Recovery",
@@ -106,9 +108,21 @@ def display_frame(board: pd.DataFrame) -> pd.DataFrame:
         "Same top": [_pm(v, e, 2, "%") for v, e in zip(board["same_top_pct"], board["same_top_se"], strict=True)],
         "Measured with": [m.split(" (")[0] for m in board["measured_with"]],
     })
-    if board["note"].astype(str).str.len().any():
-        shown["Note"] = board["note"].values
+    marks = dict(zip(_noted(board), (mark for mark, _ in footnotes(board)), strict=True))
+    shown["Variant"] = [f"{v} {marks[i]}" if i in marks else v for i, v in zip(board.index, board["variant"],
+                                                                               strict=True)]
     return shown
+
+
+def footnotes(board: pd.DataFrame) -> list[tuple[str, str]]:
+    """The rows' notes as (mark, text), in row order: shown under the table (a Note column made it too
+    wide for a laptop screen), each row marked in its Variant cell."""
+    return [(f"[{n}]", str(board.at[i, "note"])) for n, i in enumerate(_noted(board), start=1)]
+
+
+def _noted(board: pd.DataFrame) -> list:
+    notes = board["note"].fillna("").astype(str).str.strip()
+    return list(board.index[notes != ""])
 
 
 def verdicts(board: pd.DataFrame) -> list[str]:

@@ -17,12 +17,13 @@ def markdown_table(frame: pd.DataFrame, align: dict[str, str] | None = None) -> 
 
 
 def html_table(frame: pd.DataFrame, css_class: str = "table", numeric: tuple[str, ...] = ()) -> str:
-    """An HTML ``<table>`` of ``frame`` with escaped cells; columns in ``numeric`` right-aligned."""
+    """An HTML ``<table>`` of ``frame`` with escaped cells; columns in ``numeric`` right-aligned (with any
+    "± error" on a line of its own)."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
     rows = []
     for row in frame.itertuples(index=False):
         cells = "".join(
-            f'<td class="num">{_html(v)}</td>' if c in numeric else f"<td>{_html(v)}</td>"
+            f'<td class="num">{_number_html(v)}</td>' if c in numeric else f"<td>{_html(v)}</td>"
             for c, v in zip(frame.columns, row, strict=True)
         )
         rows.append(f"<tr>{cells}</tr>")
@@ -37,6 +38,12 @@ def _md(value) -> str:
 def _html(value) -> str:
     text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
     return html.escape(text).replace("\n", "<br>")
+
+
+def _number_html(value) -> str:
+    """A numeric cell; "value ± error" puts the error on a second, smaller line (a narrower table)."""
+    value, sep, error = _html(value).partition(" ± ")
+    return f'{value}<span class="se">± {error}</span>' if sep else value
 
 
 def _rule(side: str) -> str:

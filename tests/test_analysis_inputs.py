@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pandas as pd
 import pytest
 import torch
-from tiny import random_calibration, tiny_llama, word_tokenizer
+from tiny import random_calibration, save_tiny, tiny_llama, word_tokenizer
 
 from quantplan.analysis import (
     NF4,
@@ -19,6 +20,9 @@ from quantplan.analysis import (
     resolve_source,
 )
 from quantplan.analysis.calibration import load_texts, pack_calibration
+from quantplan.analysis.modules import list_modules
+from quantplan.analysis.probe import partial_state_bytes
+from quantplan.cli import main
 
 
 def test_unknown_model_names_the_fix(tmp_path):
@@ -28,6 +32,23 @@ def test_unknown_model_names_the_fix(tmp_path):
         resolve_source("quantplan-test/does-not-exist-anywhere")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_source(str(tmp_path))
+
+
+def test_truncated_weights_are_one_line_naming_the_file(tmp_path, capsys):
+    folder = save_tiny(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # an interrupted download
+    capsys.readouterr()
+    for extra in ([], ["--max-memory", "1GB", "--no-fisher"]):  # from_pretrained, and the streaming reader
+        code = main(["analyze", str(folder), "--out", str(tmp_path / "out"), "--samples", "2", "--seq-len", "16",
+                     "--quiet", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert str(weights) in err and "download the model again" in err and "save_pretrained" in err
+    from quantplan.analysis.streaming import analyze_streaming
+
+    with pytest.raises(ValueError, match="model.safetensors is damaged or truncated"):  # the streaming reader itself
+        analyze_streaming(folder, random_calibration(), progress=False)
 
 
 def test_unknown_format_names_the_choices():
@@ -107,6 +128,22 @@ def test_interrupted_run_saves_partial_results_and_resumes(tmp_path):
     pd.testing.assert_frame_equal(resumed.df[columns], expected.df[columns], rtol=1e-9)
     assert not (tmp_path / "partial").exists()
     assert (tmp_path / "sensitivity.parquet").exists()
+
+
+def test_partial_statistics_size_is_estimated_up_front(tmp_path, monkeypatch, capsys):
+    model, calibration = tiny_llama(), random_calibration(samples=12)
+    monkeypatch.setattr(importlib.import_module("quantplan.analysis.analyze"), "LARGE_PARTIAL_BYTES", 0)
+    handle = model.model.layers[1].register_forward_hook(Interrupt(at=2))
+    with pytest.raises(KeyboardInterrupt):
+        analyze(model, calibration, [NF4], progress=False, batch_size=2, out_dir=tmp_path)
+    handle.remove()
+    announced = capsys.readouterr().out
+    assert "partial statistics" in announced and str(tmp_path / "partial") in announced
+    written = sum(f.stat().st_size for f in (tmp_path / "partial").glob("state-*.safetensors"))
+    candidates = set(json.loads((tmp_path / "partial" / "state.json").read_text())["candidates"])
+    estimate = partial_state_bytes([i for i in list_modules(model) if i.name in candidates], sample_rows=2 * 32)
+    assert written <= estimate <= 1.6 * written  # an upper bound: shared inputs are counted per module
+    assert f"up to {estimate / 1e6:.1f} MB of partial statistics" in announced  # what analyze() said up front
 
 
 def test_resume_without_partial_results_says_so(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -72,6 +74,7 @@ def test_export_reload_follows_plan_under_transformers(tiny12, tmp_path):
     assert result.checkpoint_bytes == pytest.approx(p.predicted.bytes, rel=0.01)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "model.layers.1.mlp.down_proj" in card and "pinned: --keep" in card
+    assert "Made by quantplan" in card and "](https://github.com/)" not in card  # no placeholder link
     out = reloaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
 
@@ -95,6 +98,7 @@ def test_export_refuses_existing_dir_and_foreign_plan(tiny12, tmp_path):
     source, table = tiny12
     p = plan(table, "+10%")
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "quantplan_plan.json").write_text("{}")  # a folder quantplan wrote
     with pytest.raises(FileExistsError, match="--overwrite"):
         export(source, p, tmp_path / "taken")
     foreign = dataclasses.replace(p, model_fingerprint="local:someone-else")  # plans are frozen
@@ -133,6 +137,45 @@ def test_overwrite_replaces_atomically(tiny12, tmp_path):
     result = export(source, plan(table, "+30%"), tmp_path / "out", overwrite=True)
     assert result.kept > 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_never_deletes_a_folder_quantplan_did_not_write(tiny12, tmp_path, capsys):
+    source, table = tiny12
+    table.save(tmp_path / "job")
+    assert main(["plan", "--table", str(tmp_path / "job"), "--budget", "+10%"]) == 0
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    for flags in ([], ["--overwrite"]):
+        code = main(["export", str(source.path), "--plan", str(tmp_path / "job" / "plan.json"), "--out", str(out),
+                     *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and "keep.txt" in err and "quantplan did not write" in err and len(err.splitlines()) == 1
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job", "mine"]  # no staging folder left behind
+    # `run --out DIR --overwrite` applies the same rule to DIR/checkpoint, before any analysis
+    (tmp_path / "job2" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "job2" / "checkpoint" / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="quantplan did not write"):
+        run(str(source.path), "+10%", tmp_path / "job2", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "job2").iterdir()) == ["checkpoint"]
+    # an empty folder is free, with or without --overwrite
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(source.path), "--plan", str(tmp_path / "job" / "plan.json"), "--out",
+                 str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "quantplan_plan.json").is_file()
+
+
+def test_checkpoint_modes_follow_the_umask(tiny12, tmp_path):
+    source, table = tiny12
+    old = os.umask(0o022)
+    try:
+        export(source, plan(table, "+10%"), tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "out", *(tmp_path / "out").iterdir()]}
+    assert modes.pop("out") == 0o755
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
 
 
 def test_run_main_job_on_tiny_model(tiny_dir, tmp_path):

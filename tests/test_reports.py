@@ -130,13 +130,16 @@ def test_html_report_renders_in_headless_chromium(job, tmp_path):
              "document.body.dataset.images = JSON.stringify([...document.images].map("
              "i => [i.complete, i.naturalWidth, i.naturalHeight]));"
              "document.body.dataset.tables = JSON.stringify([...document.querySelectorAll('table')].map("
-             "t => [t.rows.length, t.rows[0].cells.length, t.rows[0].textContent]));});</script>")
+             "t => [t.rows.length, t.rows[0].cells.length, t.rows[0].textContent, "
+             "t.getBoundingClientRect().right, Math.max(...[...t.rows].map(r => r.offsetHeight))]));"
+             "document.body.dataset.page = JSON.stringify([document.documentElement.scrollWidth, "
+             "window.innerWidth, document.querySelectorAll('em').length]);});</script>")
     page = (job["folder"] / "cmp" / "report.html").read_text().replace("</body>", probe + "</body>")
     copy = tmp_path / "report.html"
     copy.write_text(page)
     dom = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--virtual-time-budget=5000", "--dump-dom", copy.as_uri()],
+         "--window-size=1366,900", "--virtual-time-budget=5000", "--dump-dom", copy.as_uri()],
         capture_output=True, text=True, timeout=120, check=True).stdout
     images = json.loads(_attribute(dom, "data-images"))
     tables = json.loads(_attribute(dom, "data-tables"))
@@ -145,6 +148,12 @@ def test_html_report_renders_in_headless_chromium(job, tmp_path):
     scoreboard = next(t for t in tables if "Mean KLD" in t[2])
     assert scoreboard[0] == 1 + len(job["comparison"].scoreboard)
     assert any("measured_kld" in h for h in headers) and any("prompt" in h for h in headers)
+    # fits a 1366 px laptop screen: no sideways scrolling, the scoreboard whole on screen, no tall rows
+    scroll_width, window_width, emphasis = json.loads(_attribute(dom, "data-page"))
+    assert window_width == 1366 and scroll_width <= window_width
+    assert scoreboard[3] <= window_width and scoreboard[4] < 80, scoreboard
+    assert emphasis >= 3  # *bitsandbytes*, *simulated*, *Simulated KLD* rendered, not shown as asterisks
+    assert "*bitsandbytes*" not in dom
 
 
 def _attribute(dom: str, name: str) -> str:

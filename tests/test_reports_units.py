@@ -144,6 +144,18 @@ def test_random_seeds_fold_into_their_mean():
     board = scoreboard_frame(rows)
     assert len(board) == 1 and board["mean_kld"][0] == pytest.approx(0.2)
     assert board["variant"][0] == "random @ +10% (mean of 3 seeds)" and "seed 2: 0.300000" in board["note"][0]
+    # the note is a footnote under the table, not a column that widens it
+    text = to_markdown(board)
+    assert "Note" not in text.splitlines()[0] and "| random @ +10% (mean of 3 seeds) [1] |" in text
+    assert text.splitlines()[-1].startswith("[1] mean KLD per seed: seed 0: 0.100000")
+
+
+def test_report_inline_markdown_renders_emphasis_and_code():
+    from quantplan.reports.report import _inline
+
+    assert _inline("*bitsandbytes* rows, `a*b*c`, 2 * 3 * 4") == \
+        "<em>bitsandbytes</em> rows, <code>a*b*c</code>, 2 * 3 * 4"
+    assert html_table(pd.DataFrame({"n": ["1.5 ± 0.2"]}), numeric=("n",)).count('<span class="se">± 0.2</span>') == 1
 
 
 def test_tables_escape():
@@ -169,6 +181,30 @@ def test_plots_return_figures_and_mark_a_planted_spike(tiny, tmp_path):
         assert fig.axes
     paths = plots.save_figure(fig, tmp_path, "pareto")
     assert paths["png"].read_bytes()[:4] == b"\x89PNG" and b"<svg" in paths["svg"].read_bytes()[:500]
+
+
+def test_pareto_plot_keeps_points_and_labels_inside(tiny):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    _, _, plans = tiny
+    top = max(p.predicted.bytes for p in plans) * 1.5
+    pareto = pd.DataFrame({"bytes": [top / 2, top * 0.75, top], "error": [1.0, 0.2, 0.0]})
+    board = pd.DataFrame({"variant": ["16-bit", "all-NF4", "random @ +10% (mean of 3 seeds)", "all-INT8 (bnb 8-bit)"],
+                          "kind": ["reference", "uniform", "heuristic", "uniform"],
+                          "bytes": [top, top / 2, top * 0.6, top * 0.9], "mean_kld": [0.0, 0.3, 0.2, 0.01]})
+    fig = plots.plot_pareto(pareto, board, plans)
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        box = ax.get_window_extent()
+        for text in ax.texts:  # the point labels ("16-bit" at the far right and bottom included)
+            extent = text.get_window_extent(renderer)
+            assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1, text.get_text()
+            assert box.y0 - 1 <= extent.y0 and extent.y1 <= box.y1 + 1, text.get_text()
+        for points in ax.collections:  # every marker whole inside the frame
+            radius = np.sqrt(points.get_sizes().max()) / 2 * fig.dpi / 72
+            for x, y in points.get_offset_transform().transform(points.get_offsets()):
+                assert box.x0 + radius <= x <= box.x1 - radius and box.y0 + radius <= y <= box.y1 - radius
 
 
 def test_compare_cli_arguments_map_to_options(monkeypatch, tmp_path):

@@ -4,17 +4,19 @@ Everything is written under a temporary name beside its target (same folder, so 
 system) and renamed into place with ``os.replace``, which is atomic: a process killed at any
 instant (SIGKILL included) leaves the old file or the new one, never half of one. A write that
 fails removes its temporary file. Temporary names are ``<name>.tmp`` (files) and
-``.tmp-<random>`` (folders, mode 0700 as ``mkdtemp`` makes them); files get the umask's mode, as a plain write.
+``.tmp-<random>`` (folders); a staged folder and all it holds get the modes the umask gives
+(:mod:`quantplan.common.modes`), as a plain write would.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .modes import apply_umask, staging_dir
 
 
 @contextmanager
@@ -57,9 +59,10 @@ def staged_folder(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = staging_dir(target.parent, prefix=".tmp-")
     try:
         yield tmp
+        apply_umask(tmp)  # e.g. save_pretrained writes model.safetensors 0600
         if target.exists():
             shutil.rmtree(tmp)
         else:
