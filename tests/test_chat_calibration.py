@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny import save_tiny, word_tokenizer
+
 from quantplan.analysis import SensitivityTable, load_calibration
 from quantplan.analysis.calibration import load_texts
-from tiny import save_tiny, word_tokenizer
 
 #: user turns open with w40, assistant turns with w41, every turn ends with EOS (w2); words are w50..w99
 #: (no word may start with a special token's text, w0..w3: the tokenizer would split it there)

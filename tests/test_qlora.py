@@ -12,12 +12,13 @@ import re
 import bitsandbytes as bnb
 import pytest
 import torch
+from tiny import random_calibration, save_tiny
+from vlm_models import save_tiny_vlm
+
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source
 from quantplan.analysis.vision import calibration_for_model
 from quantplan.planner import export, plan
 from quantplan.planner.modelcard import LORA_TARGETS
-from tiny import random_calibration, save_tiny
-from vlm_models import save_tiny_vlm
 
 pytest.importorskip("peft")
 

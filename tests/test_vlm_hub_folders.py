@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from quantplan.analysis import NF4, analyze, load_model, load_processor, resolve_source
-from quantplan.analysis.vision import calibration_for_model
 from transformers import AutoProcessor
 from vlm_models import BUILDERS
+
+from quantplan.analysis import NF4, analyze, load_model, load_processor, resolve_source
+from quantplan.analysis.vision import calibration_for_model
 
 #: per architecture: the processor class hub folders name, its saved options, the chat template file
 HUB_FOLDERS = {
