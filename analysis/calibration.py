@@ -3,6 +3,8 @@
 Sources, all read through ``datasets``: the set shipped in this package (default), a hub
 dataset (``NAME[:CONFIG][@SPLIT]``), or local ``.txt`` (records = paragraphs), ``.json``,
 ``.jsonl``, ``.csv`` and ``.parquet`` files (the ``text`` column, or the first string column).
+Chat records (a ``messages`` column: lists of ``{role, content}``, as fine-tuning sets hold them)
+are rendered by the tokenizer's chat template, so calibration sees the model's own chat format.
 Records are shuffled with a seed, tokenized, joined with the EOS token and cut into
 ``seq_len`` windows, so the same source, seed and tokenizer always give the same tokens.
 """
@@ -18,6 +20,7 @@ import torch
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_TEXT = DATA_DIR / "text" / "calibration.txt"
 HELDOUT_TEXT = DATA_DIR / "text" / "heldout.txt"
+CHAT_COLUMN = "messages"
 _LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -52,8 +55,11 @@ class CalibrationSet:
             yield {"input_ids": self.input_ids[start : start + batch_size]}
 
 
-def load_texts(source: str | None = None) -> list[str]:
-    """Non-empty text records from a calibration source (see module docstring)."""
+def load_texts(source: str | None = None, tokenizer=None) -> list[str]:
+    """Non-empty text records from a calibration source (see module docstring).
+
+    ``tokenizer`` renders chat records (a ``messages`` column) with its chat template.
+    """
     import datasets
 
     datasets.disable_progress_bars()
@@ -63,11 +69,33 @@ def load_texts(source: str | None = None) -> list[str]:
         dataset = datasets.load_dataset("text", data_files=str(HELDOUT_TEXT), sample_by="paragraph", split="train")
     else:
         dataset = _load_source(source)
-    column = _text_column(dataset, source)
-    texts = [t.strip() for t in dataset[column] if isinstance(t, str) and t.strip()]
+    if CHAT_COLUMN in dataset.column_names:
+        texts = chat_texts(dataset[CHAT_COLUMN], tokenizer, source)
+    else:
+        column = _text_column(dataset, source)
+        texts = [t.strip() for t in dataset[column] if isinstance(t, str) and t.strip()]
     if not texts:
         raise ValueError(f"calibration source {source!r} holds no text: pass files with a 'text' column or plain text")
     return texts
+
+
+def chat_texts(conversations, tokenizer, source: str | None = None) -> list[str]:
+    """Each conversation (a list of ``{role, content}``) rendered by the tokenizer's chat template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"calibration source {source!r} holds chats (a '{CHAT_COLUMN}' column), but the model's "
+                         "tokenizer has no chat template to render them: pass records with a 'text' column, or a "
+                         "model folder that holds its chat template (chat_template.jinja)")
+    texts = []
+    for index, messages in enumerate(conversations):
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ValueError(f"calibration source {source!r}, record {index}: '{CHAT_COLUMN}' must be a list of "
+                             "{\"role\": ..., \"content\": \"text\"} messages")
+        turns = [{k: v for k, v in m.items() if v is not None} for m in messages]  # datasets fills absent keys
+        if turns:
+            texts.append(tokenizer.apply_chat_template(turns, tokenize=False))
+    return [t for t in texts if t.strip()]
 
 
 def pack_calibration(
@@ -103,7 +131,7 @@ def pack_calibration(
 def load_calibration(tokenizer, source: str | None = None, samples: int = 32, seq_len: int = 512,
                      seed: int = 0, max_positions: int | None = None) -> CalibrationSet:
     """Read, sample and pack a calibration source in one call."""
-    texts = load_texts(source)
+    texts = load_texts(source, tokenizer)
     return pack_calibration(texts, tokenizer, samples, seq_len, seed, source or "default", max_positions)
 
 

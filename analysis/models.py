@@ -91,7 +91,11 @@ def check_weight_files(folder: str | Path) -> None:
 
 
 def load_processor(source: ModelSource):
-    """The tokenizer, or the processor for models that take images."""
+    """The tokenizer, or the processor for models that take images.
+
+    Without torchvision, a vision-language processor whose video half transformers cannot build
+    is rebuilt for images only from the folder's parts (:mod:`.processors`), and a line says so.
+    """
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
     from .vision import is_vision_language
@@ -102,15 +106,38 @@ def load_processor(source: ModelSource):
             return processor
     except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as err:
         # a text model falls back to its tokenizer; a VLM without its processor cannot calibrate
-        if is_vision_language(AutoConfig.from_pretrained(source.path)):
-            first = (str(err).strip().splitlines() or [""])[0]
-            hint = ("transformers 5 builds a processor's video half too and needs torchvision for it even for "
-                    "images only (huggingface/transformers#48558): install the torchvision build matching your torch"
-                    if importlib.util.find_spec("torchvision") is None else
-                    "the folder must hold the model's processor files (preprocessor_config.json, tokenizer)")
-            raise RuntimeError(f"cannot load the processor of this vision-language model "
-                               f"({type(err).__name__}: {first}); {hint}") from err
+        config = AutoConfig.from_pretrained(source.path)
+        if is_vision_language(config):
+            return _vlm_processor_without_torchvision(source, config, err)
     return AutoTokenizer.from_pretrained(source.path)
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _vlm_processor_without_torchvision(source: ModelSource, config, err: Exception):
+    """The image-only processor when torchvision is what is missing; otherwise one error naming the fix."""
+    from .processors import load_image_only_processor
+
+    first = (str(err).strip().splitlines() or [""])[0]
+    if isinstance(err, ImportError) and importlib.util.find_spec("torchvision") is None:
+        try:
+            processor = load_image_only_processor(source.path, config)
+        except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as again:
+            raise RuntimeError(f"cannot load the processor of this vision-language model "
+                               f"({type(err).__name__}: {first}), nor build it for images only "
+                               f"({type(again).__name__}: {again}); transformers 5 builds a processor's video "
+                               f"half too and needs torchvision for it (huggingface/transformers#48558): install "
+                               f"the torchvision build matching your torch") from again
+        if source.path not in _ANNOUNCED:
+            _ANNOUNCED.add(source.path)
+            print(f"quantplan: without torchvision transformers cannot build {type(processor).__name__}'s video "
+                  f"half; using it for images only (image processor {type(processor.image_processor).__name__}, "
+                  f"tokenizer and chat template from the folder)")
+        return processor
+    raise RuntimeError(f"cannot load the processor of this vision-language model ({type(err).__name__}: {first}); "
+                       "the folder must hold the model's processor files (preprocessor_config.json, "
+                       "tokenizer)") from err
 
 
 def auto_class(config):

@@ -30,6 +30,40 @@ def _checks_text(plan) -> str:
     return "\n" + "\n\n".join(lines) + "\n" if lines else ""
 
 
+#: LoRA on the attention and MLP projections (Llama, Qwen, Mistral, ... names)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def qlora_text(source) -> str:
+    """The card's QLoRA section: a PEFT LoRA adapter on the export and one training step (tested as is)."""
+    from transformers import AutoConfig
+
+    from quantplan.analysis.vision import is_vision_language
+
+    auto = ("AutoModelForImageTextToText" if is_vision_language(AutoConfig.from_pretrained(source.path))
+            else "AutoModelForCausalLM")
+    return f"""## Fine-tune (QLoRA)
+
+The 4-bit modules are bitsandbytes `Linear4bit` and the kept ones plain `nn.Linear`; PEFT wraps both:
+
+```python
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoTokenizer, {auto}
+
+path = "path/to/this/folder"
+model = prepare_model_for_kbit_training({auto}.from_pretrained(path, device_map="auto"))
+model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                         target_modules={list(LORA_TARGETS)}))
+tokenizer = AutoTokenizer.from_pretrained(path)
+batch = tokenizer(["Your training text."], return_tensors="pt").to(model.device)
+loss = model(**batch, labels=batch["input_ids"]).loss  # one step; use your trainer of choice
+loss.backward()
+torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4).step()
+```
+"""
+
+
 def write_model_card(path: Path, source, plan, result) -> None:
     """Write a Hugging Face model card for a dynamic-bnb-4bit export."""
     predicted = plan.predicted
@@ -82,6 +116,7 @@ original model the same way yourself:
 {plan.bnb_config_code().strip()}
 ```
 
+{qlora_text(source)}
 ## Modules kept in 16-bit
 
 | module | reason |
