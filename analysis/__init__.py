@@ -3,11 +3,7 @@
 Data flows one way: model -> probes -> :class:`SensitivityTable`. Nothing here decides.
 """
 
-if __name__ != "quantplan.analysis":  # the folder is a room of the quantplan package, not a package of its own
-    raise ImportError(f"{__name__} is not importable on its own: use `import quantplan.analysis` "
-                      "(`pip install .` installs the quantplan package)")
-
-from quantplan.common.lazy import lazy_package
+from quantplan.common.lazy import lazy_room
 
 _PUBLIC = {
     "analyze": "quantplan.analysis.analyze",
@@ -30,4 +26,4 @@ _PUBLIC = {
     "TableMismatch": "quantplan.analysis.table",
 }
 
-lazy_package(__name__, _PUBLIC)
+lazy_room(__name__, _PUBLIC)

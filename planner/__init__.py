@@ -4,11 +4,7 @@ Data flows one way: :class:`~analysis.SensitivityTable` -> :func:`plan` -> :clas
 :func:`export` -> checkpoint folder.
 """
 
-if __name__ != "quantplan.planner":  # the folder is a room of the quantplan package, not a package of its own
-    raise ImportError(f"{__name__} is not importable on its own: use `import quantplan.planner` "
-                      "(`pip install .` installs the quantplan package)")
-
-from quantplan.common.lazy import lazy_package
+from quantplan.common.lazy import lazy_room
 
 _PUBLIC = {
     "Budget": "quantplan.planner.budget",
@@ -24,4 +20,4 @@ _PUBLIC = {
     "Plan": "quantplan.planner.plan_types",
 }
 
-lazy_package(__name__, _PUBLIC)
+lazy_room(__name__, _PUBLIC)

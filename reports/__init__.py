@@ -6,11 +6,7 @@ Data flows one way: model + plans + sensitivity table -> :func:`reports.compare.
 ``reports.compare.compare``, so the module name is not shadowed.)
 """
 
-if __name__ != "quantplan.reports":  # the folder is a room of the quantplan package, not a package of its own
-    raise ImportError(f"{__name__} is not importable on its own: use `import quantplan.reports` "
-                      "(`pip install .` installs the quantplan package)")
-
-from quantplan.common.lazy import lazy_package
+from quantplan.common.lazy import lazy_room
 
 _PUBLIC = {
     "CompareConfig": "quantplan.reports.compare",
@@ -25,4 +21,4 @@ _PUBLIC = {
     "compare_and_report": "quantplan.reports.run",
 }
 
-lazy_package(__name__, _PUBLIC)
+lazy_room(__name__, _PUBLIC)

@@ -39,3 +39,15 @@ def lazy_package(name: str, public: dict[str, str]) -> None:
     module = sys.modules[name]
     module.__all__ = sorted(public)
     module.__class__ = type("LazyPackage", (LazyPackage,), {"_public": dict(public)})
+
+
+def lazy_room(name: str, public: dict[str, str]) -> None:
+    """:func:`lazy_package` for a room (``analysis/``, ``planner/``, ``reports/``): refuse it under a bare name.
+
+    The room folders sit at the top of the repository, so ``import analysis`` from a checkout
+    would find them; they are only ``quantplan.analysis`` etc.
+    """
+    if not name.startswith("quantplan."):
+        raise ImportError(f"{name} is not importable on its own: use `import quantplan.{name}` "
+                          "(`pip install .` installs the quantplan package)")
+    lazy_package(name, public)
