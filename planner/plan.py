@@ -10,6 +10,7 @@ within the budget. The result, a :class:`Plan`, is what ``export`` writes and wh
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pandas as pd
 
@@ -122,7 +123,8 @@ def replan_keeping(table: SensitivityTable, base: Plan, kept, reason: Reason) ->
         else:
             choices[name] = tier
             reasons[name] = base.reasons[name] if base.choices.get(name) == tier else reason
-    return _assemble(table, bytes_model, model, choices, reasons, base.budget, base.objective, base.vllm_safe)
+    return replace(_assemble(table, bytes_model, model, choices, reasons, base.budget, base.objective,
+                             base.vllm_safe), device=base.device)
 
 
 def _candidates(table: SensitivityTable, bytes_model: ByteModel, objective: str) -> pd.DataFrame:
