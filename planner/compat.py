@@ -70,7 +70,8 @@ def vllm_sentence(plan: Plan) -> str:
                       for s in split[:3])
     return (f"vLLM-safe: no — {len(split)} fused set(s) are split between 16-bit and 4-bit ({shown}"
             f"{'; …' if len(split) > 3 else ''}); vLLM fuses them and fails to load such a checkpoint. "
-            "Plan with `--vllm-safe` to decide each set as one.")
+            + ("Pins, priors or modules bitsandbytes cannot take split them: pin whole sets with `--keep`."
+               if plan.vllm_safe else "Plan with `--vllm-safe` to decide each set as one."))
 
 
 def cost_rows(plan: Plan) -> list[dict]:

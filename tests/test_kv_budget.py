@@ -11,11 +11,11 @@ from tiny import random_calibration, tiny_llama
 from quantplan.analysis import NF4, analyze
 from quantplan.analysis.attention import attention_config
 from quantplan.cli import main
+from quantplan.pipeline import plan_summary
 from quantplan.planner import BudgetError
 from quantplan.planner.config import PlanConfig
 from quantplan.planner.kv_cache import CacheKind, activation_bytes, cache_layers, kv_cache_bytes
 from quantplan.planner.plan_types import Plan
-from quantplan.pipeline import plan_summary
 
 
 @pytest.fixture(scope="module")
