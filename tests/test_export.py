@@ -16,6 +16,7 @@ from quantplan import AnalyzeConfig, run
 from quantplan.analysis import NF4, TableMismatch, analyze, load_model, resolve_source
 from quantplan.cli import main
 from quantplan.planner import ExportError, Plan, export, plan
+from quantplan.planner.plan_types import PLAN_VERSION
 from quantplan.planner.skiplist import SkipListError, build_skip_list, verify_skip_list
 
 
@@ -88,7 +89,8 @@ def test_version_1_plan_json_exports_the_same(tiny12, tmp_path):
     assert result.kept == len(p.kept) and result.checkpoint_bytes == pytest.approx(p.predicted.bytes, rel=0.01)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "pinned: --keep model.layers.1.mlp.down_proj" in card and "shipped: plan" in card
-    assert json.loads((tmp_path / "out" / "quantplan_plan.json").read_text())["version"] == 2
+    assert "## Loader compatibility" in card and "vLLM-safe:" in card
+    assert json.loads((tmp_path / "out" / "quantplan_plan.json").read_text())["version"] == PLAN_VERSION
 
 
 def test_export_refuses_existing_dir_and_foreign_plan(tiny12, tmp_path):

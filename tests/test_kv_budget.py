@@ -15,6 +15,7 @@ from quantplan.pipeline import plan_summary
 from quantplan.planner import BudgetError
 from quantplan.planner.config import PlanConfig
 from quantplan.planner.kv_cache import CacheKind, activation_bytes, cache_layers, kv_cache_bytes
+from quantplan.planner.modelcard import _device_text
 from quantplan.planner.plan_types import Plan
 
 
@@ -85,6 +86,8 @@ def test_device_plan_fits_weights_kv_and_activations(table):
     assert planned.choices == weights_only.choices  # the same weights' budget, the same plan
     assert "KV cache" in plan_summary(planned) and "activations" in plan_summary(planned)
     assert Plan.from_dict(json.loads(json.dumps(planned.to_dict()))) == planned
+    card = _device_text(planned)
+    assert "KV cache (16-bit, 2 x 256 tokens)" in card and "activations" in card and "| total |" in card
 
 
 def test_device_budget_errors_name_the_numbers(table):
