@@ -179,7 +179,9 @@ def test_cli_run_writes_checkpoint_and_report(tiny_dir, tmp_path):
 
     calib, heldout = corpus(tmp_path / "calib.txt", 0), corpus(tmp_path / "heldout.txt", 101)
     out = tmp_path / "job"
+    budget = device_budget_for(tiny_dir, over_4bit=0.2, context=256)
     code = main(["run", str(tiny_dir), "--calib", calib, "--samples", "8", "--seq-len", "32", "--quiet",
+                 "--budget", str(budget), "--kv-context", "256", "--kv-batch", "1",
                  "--heldout", heldout, "--heldout-samples", "2", "--heldout-seq-len", "32", "--top-k", "2",
                  "--random-k", "2", "--max-new-tokens", "4", "--out", str(out), "--context", "--objective", "restore",
                  "--refine", "2", "--end-to-end-batches", "1"])
@@ -190,3 +192,23 @@ def test_cli_run_writes_checkpoint_and_report(tiny_dir, tmp_path):
     for name in ("sensitivity.parquet", "plan.json", "pareto.csv", "checkpoint/config.json", "scoreboard.csv",
                  "report.html", "report.md"):
         assert (out / name).exists(), name
+    saved = Plan.load(out / "plan.json")  # refined and verified under the weights' share of the device budget
+    assert saved.device.bytes == budget and saved.predicted.bytes <= saved.device.weights_bytes
+    assert saved.compat is not None and len(saved.compat.alternatives) == 2
+    report = (out / "report.md").read_text()
+    assert "KV cache" in report and "Loader compatibility" in report and "--vllm-safe" in report
+    card = (out / "checkpoint" / "README.md").read_text()
+    assert "| KV cache (16-bit, 1 x 256 tokens) |" in card and "vLLM-safe:" in card
+
+
+def device_budget_for(folder, over_4bit: float, context: int) -> int:
+    """A device budget holding the model ``over_4bit`` above all-4-bit plus the KV cache and activations."""
+    from transformers import AutoConfig
+
+    from quantplan.analysis.attention import attention_config
+    from quantplan.analysis.estimate import estimate_sizes
+    from quantplan.planner.kv_cache import activation_bytes, kv_cache_bytes
+
+    attention = attention_config(AutoConfig.from_pretrained(folder))
+    weights = estimate_sizes(folder, NF4).bytes_all_4bit * (1 + over_4bit)
+    return int(weights + kv_cache_bytes(attention, context) + activation_bytes(attention, context))

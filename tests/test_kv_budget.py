@@ -140,3 +140,16 @@ def test_version_2_plan_still_reads(table):
     data["version"] = 2
     del data["device"], data["compat"]
     assert Plan.from_dict(data) == dataclasses.replace(planned, device=None, compat=None)
+
+
+def test_run_refuses_a_device_budget_too_small_before_loading(tiny_source):
+    from transformers import AutoConfig
+
+    from quantplan.analysis.config import AnalyzeConfig
+    from quantplan.pipeline import check_budget_fits
+
+    attention = attention_config(AutoConfig.from_pretrained(tiny_source.path))
+    overhead = kv_cache_bytes(attention, 1024) + activation_bytes(attention, 1024)
+    with pytest.raises(BudgetError, match="less the KV cache and activations .* below this model's all-4-bit"):
+        check_budget_fits(tiny_source, overhead + 1000, AnalyzeConfig(), PlanConfig(kv_context=1024))
+    check_budget_fits(tiny_source, overhead + 10**7, AnalyzeConfig(), PlanConfig(kv_context=1024))
