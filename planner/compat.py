@@ -16,7 +16,7 @@ from quantplan.analysis.checkpoint_names import to_checkpoint_name
 
 from .budget import BudgetError
 from .groups import fused_groups
-from .plan_types import FusedAlternative, LoaderCompat, Plan
+from .plan_types import KEEP, FusedAlternative, LoaderCompat, Plan
 
 
 def split_fused_sets(plan: Plan) -> list[tuple[str, ...]]:
@@ -44,7 +44,8 @@ def loader_compat(table, plan: Plan, config=None) -> LoaderCompat:
     return LoaderCompat(vllm_safe=not split_fused_sets(plan), split_sets=tuple(split_fused_sets(plan)),
                         checkpoint_skip_modules=tuple(checkpoint_skip_modules(
                             plan, table.meta.get("checkpoint_prefixes", []))),
-                        alternatives=costs)
+                        alternatives=costs, blocksizes={f["name"]: int(f["blocksize"]) for f in table.meta.get(
+                            "formats", []) if f.get("bits") == 4 and f["name"] in plan.tiers})
 
 
 def _cost(table, plan: Plan, config, safe: bool) -> FusedAlternative | None:
@@ -94,8 +95,10 @@ def name_rows(plan: Plan) -> list[dict] | None:
 
 
 def format_rows(plan: Plan) -> list[dict]:
-    """Per-module 4-bit formats when the plan uses more than one 4-bit tier (else empty)."""
-    four = {c for c in plan.choices.values() if c not in ("16bit", "int8")}
+    """Per-module 4-bit format and blocksize when the plan uses more than one 4-bit tier (else empty)."""
+    four = {c for c in plan.choices.values() if c not in (KEEP, "int8")}
     if len(four) < 2:
         return []
-    return [{"module": n, "format": c} for n, c in plan.choices.items() if c in four]
+    blocksizes = plan.compat.blocksizes if plan.compat else {}
+    return [{"module": n, "format": c, "blocksize": blocksizes.get(c, "?")} for n, c in plan.choices.items()
+            if c in four]

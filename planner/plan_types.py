@@ -63,12 +63,14 @@ class LoaderCompat:
     split_sets: tuple[tuple[str, ...], ...]  # the fused sets split between formats
     checkpoint_skip_modules: tuple[str, ...]  # the skip list in the names the checkpoint saves (what vLLM reads)
     alternatives: tuple[FusedAlternative, ...] = ()  # the same bytes planned without and with --vllm-safe
+    blocksizes: dict[str, int] = field(default_factory=dict)  # 4-bit tier -> blocksize (from the table)
 
     @classmethod
     def from_dict(cls, data: dict) -> LoaderCompat:
         return cls(bool(data["vllm_safe"]), tuple(tuple(s) for s in data["split_sets"]),
                    tuple(data["checkpoint_skip_modules"]),
-                   tuple(FusedAlternative(**a) for a in data.get("alternatives", ())))
+                   tuple(FusedAlternative(**a) for a in data.get("alternatives", ())),
+                   {k: int(v) for k, v in data.get("blocksizes", {}).items()})
 
 
 @dataclass(frozen=True)

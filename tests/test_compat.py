@@ -24,7 +24,7 @@ def table():
     return analyze(tiny_llama(layers=4), random_calibration(), [NF4], progress=False)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava", "mllama"])
 def test_checkpoint_names_are_the_saved_tensor_names(arch, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText
@@ -89,7 +89,21 @@ def test_mixed_4bit_formats_are_listed_per_module(table):
     chosen = PlanConfig().plan(table, "+10%")
     assert format_rows(chosen) == []
     first = next(n for n, c in chosen.choices.items() if c == "nf4")
-    mixed = dataclasses.replace(chosen, choices={**chosen.choices, first: "fp4"})
-    assert {"module": first, "format": "fp4"} in format_rows(mixed)
+    mixed = dataclasses.replace(chosen, choices={**chosen.choices, first: "fp4"},
+                                compat=dataclasses.replace(loader_compat(table, chosen), blocksizes={"nf4": 64,
+                                                                                                     "fp4": 128}))
+    rows = format_rows(mixed)
+    assert {"module": first, "format": "fp4", "blocksize": 128} in rows
+    assert {r["blocksize"] for r in rows if r["format"] == "nf4"} == {64}
+    assert loader_compat(table, chosen).blocksizes == {"nf4": 64}
     assert "mixes 4-bit formats" in compat_text(mixed) and "Per-module 4-bit formats" in to_markdown(
         _compat_blocks(mixed))
+
+
+def test_compat_survives_plan_json(table, tmp_path):
+    from quantplan.planner.plan_types import Plan
+
+    config = PlanConfig()
+    chosen = config.plan(table, "+15%")
+    chosen = dataclasses.replace(chosen, compat=loader_compat(table, chosen, config))
+    assert Plan.load(chosen.save(tmp_path / "plan.json")) == chosen
