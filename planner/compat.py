@@ -14,7 +14,6 @@ from dataclasses import replace
 
 from quantplan.analysis.checkpoint_names import to_checkpoint_name
 
-from .budget import BudgetError
 from .groups import fused_groups
 from .plan_types import KEEP, FusedAlternative, LoaderCompat, Plan
 
@@ -53,8 +52,8 @@ def _cost(table, plan: Plan, config, safe: bool) -> FusedAlternative | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             other = replace(config.weights_only(), vllm_safe=safe).plan(table, plan.budget.bytes)
-    except BudgetError:
-        return None  # fused sets tied cannot fit these bytes
+    except ValueError:  # BudgetError included
+        return None  # tied sets cannot fit these bytes, or a pin splits a set
     return FusedAlternative(vllm_safe=safe, bytes=other.predicted.bytes, error=other.predicted.error,
                             kept=len(other.kept))
 
@@ -73,6 +72,15 @@ def vllm_sentence(plan: Plan) -> str:
             f"{'; …' if len(split) > 3 else ''}); vLLM fuses them and fails to load such a checkpoint. "
             + ("Pins, priors or modules bitsandbytes cannot take split them: pin whole sets with `--keep`."
                if plan.vllm_safe else "Plan with `--vllm-safe` to decide each set as one."))
+
+
+def cost_note(plan: Plan) -> str:
+    """What the cost table leaves out: a setting that cannot be planned at these bytes or with these pins."""
+    if plan.compat is None or len(plan.compat.alternatives) != 1:
+        return ""
+    missing = "on" if not plan.compat.alternatives[0].vllm_safe else "off"
+    return (f" With `--vllm-safe` {missing} the table cannot be planned at these bytes with these pins "
+            "(a pin splits a fused set, or tied sets do not fit).")
 
 
 def cost_rows(plan: Plan) -> list[dict]:

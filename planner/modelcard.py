@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from .budget import format_bytes
-from .compat import cost_rows, format_rows, name_rows, vllm_sentence
+from .compat import cost_note, cost_rows, format_rows, name_rows, vllm_sentence
 
 
 def _md_table(rows: list[dict]) -> str:
     head = list(rows[0])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(f"`{v}`" if isinstance(v, str) and any(ch.isalpha() for ch in v) and " " not in v else str(v)
+    lines += ["| " + " | ".join(f"`{v}`" if isinstance(v, str) and "." in v and any(ch.isalpha() for ch in v) and " " not in v else str(v)
                                 for v in row.values()) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -39,7 +39,7 @@ def compat_text(plan) -> str:
     parts = [vllm_sentence(plan)]
     if costs := cost_rows(plan):
         parts.append("The same table planned at the same weight budget without and with `--vllm-safe` "
-                     "(predicted from the table, no extra model run):\n\n"
+                     f"(predicted from the table, no extra model run).{cost_note(plan)}\n\n"
                      + _md_table([{**r, "predicted bytes": format_bytes(r["predicted bytes"])} for r in costs]))
     names = name_rows(plan)
     if names:

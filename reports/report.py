@@ -19,7 +19,7 @@ from quantplan.analysis.spikes import SPIKE_Z
 from quantplan.analysis.table import SensitivityTable
 from quantplan.common.files import atomic_write_text
 from quantplan.planner.budget import format_bytes
-from quantplan.planner.compat import cost_rows, format_rows, name_rows, vllm_sentence
+from quantplan.planner.compat import cost_note, cost_rows, format_rows, name_rows, vllm_sentence
 from quantplan.planner.kv_cache import device_line
 from quantplan.planner.plan_types import Plan
 from quantplan.planner.reasons import ReasonKind
@@ -145,7 +145,8 @@ def _compat_blocks(p: Plan) -> list[tuple]:
     """Loader compatibility: vLLM-safe, --vllm-safe's cost at equal bytes, skip list names, per-module formats."""
     blocks = [("p", "**Loader compatibility.** " + vllm_sentence(p))]
     if costs := cost_rows(p):
-        blocks += [("p", "`--vllm-safe` at the same weight budget (predicted from the table, no extra model run):"),
+        blocks += [("p", "`--vllm-safe` at the same weight budget (predicted from the table, no extra model run)."
+                         + cost_note(p)),
                    ("table", pd.DataFrame(costs), ("predicted bytes", "predicted error", "modules kept 16-bit"))]
     if names := name_rows(p):
         blocks += [("p", "The skip list in transformers 5's live module names (`config.json`) and in the "

@@ -80,7 +80,7 @@ def test_card_and_report_show_both_name_spaces_and_cost(table):
     report = to_markdown(_compat_blocks(chosen))
     for text in (card, report):
         assert "vLLM-safe: no" in text and "layers.1.self_attn.q_proj" in text
-        assert "--vllm-safe" in text and "on" in text and "off" in text
+        assert "| off |" in text and "With `--vllm-safe` on the table cannot be planned" in text
     plain = dataclasses.replace(chosen, compat=loader_compat(table, chosen, config))
     assert name_rows(plain) is None and "same for transformers" in compat_text(plain)
 
@@ -107,3 +107,12 @@ def test_compat_survives_plan_json(table, tmp_path):
     chosen = config.plan(table, "+15%")
     chosen = dataclasses.replace(chosen, compat=loader_compat(table, chosen, config))
     assert Plan.load(chosen.save(tmp_path / "plan.json")) == chosen
+
+
+def test_vllm_safe_keeps_the_whole_set_of_a_pinned_member(table):
+    q, k, v = (f"model.layers.1.self_attn.{m}_proj" for m in "qkv")
+    tied = PlanConfig(keep=(q,), vllm_safe=True).plan(table, "+20%")
+    assert {tied.choices[n] for n in (q, k, v)} == {"16bit"} and split_fused_sets(tied) == []
+    assert "fused with model.layers.1.self_attn.q_proj" in tied.reasons[k].text
+    with pytest.raises(ValueError, match="pinned by --quantize.*drop one"):
+        PlanConfig(keep=(q,), quantize=(k,), vllm_safe=True).plan(table, "+20%")
