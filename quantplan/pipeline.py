@@ -17,7 +17,7 @@ from quantplan.analysis.models import ModelSource, dtype_from_name
 from quantplan.analysis.summary import summarize
 from quantplan.analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
 from quantplan.planner.budget import BudgetError, format_bytes, parse_budget
-from quantplan.planner.compat import loader_compat
+from quantplan.planner.compat import loader_compat, vllm_sentence
 from quantplan.planner.config import PlanConfig
 from quantplan.planner.export import export
 from quantplan.planner.kv_cache import device_line
@@ -167,6 +167,7 @@ def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, config: 
     pareto_curve(table, config=config).to_csv(out_dir / "pareto.csv", index=False)
     print(plan_summary(chosen))
     print(kept_summary(chosen))
+    print(vllm_sentence(chosen).replace("`", ""))
     return chosen
 
 

@@ -126,7 +126,8 @@ def test_plan_cli_with_device_budget(table, tmp_path, capsys):
     budget = PlanConfig().plan(table, "+15%").budget.bytes + overhead
     assert main(["plan", "--table", str(tmp_path), "--budget", str(budget), "--kv-context", "512",
                  "--kv-batch", "1"]) == 0
-    assert "KV cache" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "KV cache" in printed and "vLLM-safe: " in printed
     saved = Plan.load(tmp_path / "plan.json")
     assert saved.device.context == 512 and saved.predicted.bytes + overhead <= budget
     assert main(["plan", "--table", str(tmp_path), "--budget", "+10%", "--kv-context", "512"]) == 2
