@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from quantplan.common.batches import batch_to, model_device
 
+from .attention import attention_config
+from .checkpoint_names import checkpoint_prefixes
 from .distributed import Shard
 from .endtoend import restore_gains
 from .fisher import GradientProbe, loss_backward
@@ -251,6 +253,8 @@ def _table_meta(model, model_id, fingerprint, calibration, formats, infos, fishe
         "other_bytes": other["storage"],
         "other_footprint_bytes": other["footprint"],
         "tied_lm_head": _is_tied(model),
+        "attention": attention_config(model.config),  # the KV-cache model of --kv-context (planner.kv_cache)
+        "checkpoint_prefixes": checkpoint_prefixes(model, [i.name for i in infos if i.is_linear]),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "bitsandbytes": bitsandbytes.__version__},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -6,6 +6,52 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .budget import format_bytes
+from .compat import cost_note, cost_rows, format_rows, name_rows, vllm_sentence
+
+
+def _md_table(rows: list[dict]) -> str:
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(f"`{v}`" if isinstance(v, str) and "." in v and any(ch.isalpha() for ch in v) and " " not in v else str(v)
+                                for v in row.values()) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _device_text(plan) -> str:
+    """The device budget split (``--kv-context``): weights + KV cache + activations."""
+    if (d := plan.device) is None:
+        return ""
+    weights = plan.predicted.bytes
+    return f"""
+Planned for a device budget of `{d.spec}` ({format_bytes(d.bytes)}) holding {d.batch} sequence(s) of
+{d.context} tokens:
+
+| device memory | bytes |
+|---|---|
+| weights (predicted) | {format_bytes(weights)} |
+| KV cache (16-bit, {d.batch} x {d.context} tokens) | {format_bytes(d.kv_cache_bytes)} |
+| activations (prefill allowance) | {format_bytes(d.activation_bytes)} |
+| total | {format_bytes(weights + d.kv_cache_bytes + d.activation_bytes)} |
+"""
+
+
+def compat_text(plan) -> str:
+    """The loader compatibility section: vLLM-safe, --vllm-safe's cost, skip list names, per-module formats."""
+    parts = [vllm_sentence(plan)]
+    if costs := cost_rows(plan):
+        parts.append("The same table planned at the same weight budget without and with `--vllm-safe` "
+                     f"(predicted from the table, no extra model run).{cost_note(plan)}\n\n"
+                     + _md_table([{**r, "predicted bytes": format_bytes(r["predicted bytes"])} for r in costs]))
+    names = name_rows(plan)
+    if names:
+        parts.append("transformers 5 names the live modules differently from the checkpoint's tensors, which "
+                     "vLLM reads; `config.json` holds the live names. The skip list in both name spaces:\n\n"
+                     + _md_table(names))
+    elif plan.compat is not None:
+        parts.append("The skip list's names are the same for transformers and in the checkpoint (vLLM).")
+    if formats := format_rows(plan):
+        parts.append(f"This plan mixes 4-bit formats; per module:\n\n{_md_table(formats)}")
+    return "\n\n".join(parts)
 
 
 def _made_by() -> str:
@@ -101,7 +147,11 @@ budget `{plan.budget.spec}` ({format_bytes(plan.budget.bytes)}); objective: `{pl
 | 16-bit model | {format_bytes(predicted.bytes_16bit)} |
 
 Predicted summed error: {predicted.error:.4g} (all-4-bit: {predicted.error_all_4bit:.4g}).
-{_checks_text(plan)}
+{_device_text(plan)}{_checks_text(plan)}
+## Loader compatibility
+
+{compat_text(plan)}
+
 ## Load
 
 ```python

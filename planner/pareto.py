@@ -14,7 +14,7 @@ from .plan_types import KEEP
 
 def pareto_curve(table, points: int = 21, config: PlanConfig | None = None) -> pd.DataFrame:
     """One exact plan per budget step; columns: budget_bytes, bytes, footprint_bytes, error, kept, over_all_4bit."""
-    config = config or PlanConfig()
+    config = (config or PlanConfig()).weights_only()  # the sweep is over the weights' bytes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         widest = config.plan(table, 2**62)

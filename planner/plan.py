@@ -10,6 +10,7 @@ within the budget. The result, a :class:`Plan`, is what ``export`` writes and wh
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pandas as pd
 
@@ -72,6 +73,8 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "auto", tie
             fixed[name], reasons[name] = KEEP, priors[name]
         elif row["group"] == "lm_head" and keep_lm_head and name not in pinned_quant:
             fixed[name], reasons[name] = KEEP, Reason(ReasonKind.LM_HEAD, "kept 16-bit as transformers does by default")
+    if vllm_safe or whole_blocks:
+        _tie_fixed_sets(model.index, fixed, reasons, pinned_quant, whole_blocks)
     items, members = _items(model, tiers, fixed, pinned_quant, vllm_safe, whole_blocks)
 
     bytes_fixed = sum(model.loc[n, "bytes_16bit"] for n in fixed)
@@ -122,7 +125,8 @@ def replan_keeping(table: SensitivityTable, base: Plan, kept, reason: Reason) ->
         else:
             choices[name] = tier
             reasons[name] = base.reasons[name] if base.choices.get(name) == tier else reason
-    return _assemble(table, bytes_model, model, choices, reasons, base.budget, base.objective, base.vllm_safe)
+    return replace(_assemble(table, bytes_model, model, choices, reasons, base.budget, base.objective,
+                             base.vllm_safe), device=base.device)
 
 
 def _candidates(table: SensitivityTable, bytes_model: ByteModel, objective: str) -> pd.DataFrame:
@@ -151,6 +155,24 @@ def _items(model, tiers, fixed, pinned_quant, vllm_safe, whole_blocks):
         items.append(options)
         members.append(names)
     return items, members
+
+
+def _tie_fixed_sets(names, fixed, reasons, pinned_quant, whole_blocks) -> None:
+    """Keep 16-bit every member of a fused set (or block) one of whose members is fixed 16-bit (a pin, a prior,
+    a module bitsandbytes cannot take), so that --vllm-safe / --whole-blocks plans never split a set."""
+    for group in fused_groups(list(names), whole_blocks):
+        anchor = next((n for n in group if fixed.get(n) == KEEP), None)
+        if anchor is None:
+            continue
+        if clash := [n for n in group if n in pinned_quant and n not in fixed]:
+            raise ValueError(f"{anchor} stays 16-bit ({reasons[anchor].text}) but {clash[0]}, fused with it, is "
+                             "pinned by --quantize: with --vllm-safe/--whole-blocks a set shares one format, "
+                             "so drop one of the two")
+        for name in group:
+            if name not in fixed:
+                fixed[name] = KEEP
+                reasons[name] = Reason(reasons[anchor].kind, f"{reasons[anchor].detail} (fused with {anchor}, "
+                                       "which stays 16-bit)")
 
 
 def _four_bit_formats(table) -> list[str]:

@@ -4,6 +4,8 @@ A plan and its parts are frozen values: the budget it was made for (:class:`Plan
 should cost (:class:`Prediction`), and the end-to-end checks run on it (:class:`Checks`), which
 ``dataclasses.replace`` attaches. ``plan.json`` is format version 2 (reasons as kind + detail +
 text); version-1 files (free-text reasons) are read too.
+Version 3 adds the device budget (:class:`DeviceBudget`, ``--kv-context``) and the loader
+compatibility (:class:`LoaderCompat`); both are absent (None) in older files, which still read.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from .reasons import Reason
 
 #: the format label of a module kept in 16-bit
 KEEP = "16bit"
-PLAN_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+PLAN_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,47 @@ class PlanBudget:
 
     spec: str
     bytes: int
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    """A device budget (``--kv-context``) split into KV cache, activations and the weights' share (planner.kv_cache)."""
+
+    spec: str  # the device budget as written
+    bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    weights_bytes: int  # bytes - kv_cache_bytes - activation_bytes: the budget the weights are planned under
+    context: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class FusedAlternative:
+    """The table planned at the plan's weight budget with ``--vllm-safe`` on or off (planner.compat)."""
+
+    vllm_safe: bool
+    bytes: int
+    error: float
+    kept: int
+
+
+@dataclass(frozen=True)
+class LoaderCompat:
+    """What loaders other than transformers make of the plan (planner.compat)."""
+
+    vllm_safe: bool  # no fused q/k/v or gate/up set is split between 16-bit and 4-bit
+    split_sets: tuple[tuple[str, ...], ...]  # the fused sets split between formats
+    checkpoint_skip_modules: tuple[str, ...]  # the skip list in the names the checkpoint saves (what vLLM reads)
+    alternatives: tuple[FusedAlternative, ...] = ()  # the same bytes planned without and with --vllm-safe
+    blocksizes: dict[str, int] = field(default_factory=dict)  # 4-bit tier -> blocksize (from the table)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoaderCompat:
+        return cls(bool(data["vllm_safe"]), tuple(tuple(s) for s in data["split_sets"]),
+                   tuple(data["checkpoint_skip_modules"]),
+                   tuple(FusedAlternative(**a) for a in data.get("alternatives", ())),
+                   {k: int(v) for k, v in data.get("blocksizes", {}).items()})
 
 
 @dataclass(frozen=True)
@@ -110,6 +153,8 @@ class Plan:
     quant: dict = field(default_factory=dict)  # the 4-bit format: name, blocksize, double_quant
     vllm_safe: bool = False
     checks: Checks = Checks()  # end-to-end refinement and verification, when run
+    device: DeviceBudget | None = None  # the device budget split, when planned with --kv-context
+    compat: LoaderCompat | None = None  # loader compatibility, when computed (planner.compat)
 
     @property
     def kept(self) -> list[str]:
@@ -129,17 +174,19 @@ class Plan:
         )
 
     def to_dict(self) -> dict:
-        """The plan.json form (format version 2)."""
+        """The plan.json form (format version 3)."""
         return {"version": PLAN_VERSION, "choices": dict(self.choices),
                 "reasons": {n: r.to_dict() for n, r in self.reasons.items()},
                 "skip_modules": list(self.skip_modules), "budget": asdict(self.budget), "objective": self.objective,
                 "tiers": list(self.tiers), "predicted": asdict(self.predicted), "table_hash": self.table_hash,
                 "model_id": self.model_id, "model_fingerprint": self.model_fingerprint, "quant": dict(self.quant),
-                "vllm_safe": self.vllm_safe, "checks": self.checks.to_dict(), "bnb_config": self.bnb_config_code()}
+                "vllm_safe": self.vllm_safe, "checks": self.checks.to_dict(), "device": asdict(self.device) if self.device else None,
+                "compat": asdict(self.compat) if self.compat else None, "bnb_config": self.bnb_config_code()}
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
-        """Read :meth:`to_dict`'s form, or a version-1 plan.json (free-text reasons, read by their prefixes)."""
+        """Read :meth:`to_dict`'s form, a version-2 one (no device budget or loader compatibility), or a
+        version-1 plan.json (free-text reasons, read by their prefixes)."""
         version = data.get("version")
         if version not in READABLE_VERSIONS:
             raise ValueError(f"a plan of format version {version}, expected one of {READABLE_VERSIONS}: "
@@ -151,7 +198,9 @@ class Plan:
             objective=data["objective"], tiers=list(data["tiers"]), predicted=Prediction(**data["predicted"]),
             table_hash=data["table_hash"], model_id=data["model_id"], model_fingerprint=data["model_fingerprint"],
             quant=dict(data.get("quant", {})), vllm_safe=bool(data.get("vllm_safe", False)),
-            checks=Checks.from_dict(data.get("checks", {})))
+            checks=Checks.from_dict(data.get("checks", {})),
+            device=DeviceBudget(**data["device"]) if data.get("device") else None,
+            compat=LoaderCompat.from_dict(data["compat"]) if data.get("compat") else None)
 
     def save(self, path: str | Path) -> Path:
         """Write plan.json (atomically)."""

@@ -54,7 +54,7 @@ def refine(table, budget, model, calibration, *, config: PlanConfig | None = Non
             print(f"quantplan: refinement round {r}/{rounds}: calibration KL {result.kld:.4f} with "
                   f"{len(decided)} module(s) restored so far")
         limit = floor + room * r // rounds if r < rounds else first.budget.bytes
-        current = config.plan(table, int(limit), scores=result.gains, decided=decided)
+        current = config.weights_only().plan(table, int(limit), scores=result.gains, decided=decided)
         for name in current.kept:
             if name not in decided and current.reasons[name].kind is ReasonKind.MEASURED:
                 decided[name] = Reason(ReasonKind.REFINED, f"kept in round {r}/{rounds} (measured KL gain "
@@ -62,4 +62,4 @@ def refine(table, budget, model, calibration, *, config: PlanConfig | None = Non
                                        "context)")
     refinement = Refinement(rounds=rounds, tokens=reference.tokens, history=tuple(history),
                             objective_before=first.objective)
-    return replace(current, budget=first.budget, checks=replace(current.checks, refinement=refinement))
+    return replace(current, budget=first.budget, device=first.device, checks=replace(current.checks, refinement=refinement))

@@ -106,8 +106,11 @@ def plan_config_from_args(args):
     from quantplan.planner.config import PlanConfig
 
     tiers = tuple(t.strip() for t in args.tiers.split(",")) if args.tiers else None
+    if args.kv_batch is not None and args.kv_context is None:
+        raise ValueError("--kv-batch sizes the KV cache of --kv-context: give --kv-context too (or drop --kv-batch)")
     return PlanConfig(objective=args.objective, tiers=tiers, keep=tuple(args.keep), quantize=tuple(args.quantize),
-                      vllm_safe=args.vllm_safe, whole_blocks=args.whole_blocks, priors=args.priors)
+                      vllm_safe=args.vllm_safe, whole_blocks=args.whole_blocks, priors=args.priors,
+                      kv_context=args.kv_context, kv_batch=args.kv_batch or 1)
 
 
 # -- the parser ----------------------------------------------------------------------------------------
@@ -119,7 +122,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 EXAMPLES = {
     "analyze": "example:\n  quantplan analyze --out out/ --samples 32 --seq-len 256\n"
                "  quantplan analyze Qwen/Qwen2-VL-2B-Instruct --images default --out out/",
-    "plan": "example:\n  quantplan plan --table out/ --budget +10%\n  quantplan plan --table out/ --budget 1.8GB --vllm-safe",
+    "plan": "example:\n  quantplan plan --table out/ --budget +10%\n  quantplan plan --table out/ --budget 1.8GB --vllm-safe"
+            "\n  quantplan plan --table out/ --budget 8GB --kv-context 8192 --kv-batch 1   # device budget",
     "export": "example:\n  quantplan export --plan out/plan.json --out out/checkpoint",
     "run": "examples:\n  quantplan run                                   # the offline default, +10 % over all-4-bit\n"
            "  quantplan run ./my-model --budget 0.45x --out my-model-4bit\n"
@@ -223,7 +227,12 @@ def _analyze_args(p):
 def _plan_args(p):
     group = p.add_argument_group("plan")
     group.add_argument("--budget", default="+10%",
-                       help="1.8GB, 1700MiB, +10%% (over all-4-bit) or 0.45x (of the 16-bit size)")
+                       help="1.8GB, 1700MiB, +10%% (over all-4-bit) or 0.45x (of the 16-bit size); the weights', or "
+                            "with --kv-context the device's (weights + KV cache + activations)")
+    group.add_argument("--kv-context", type=int, metavar="TOKENS",
+                       help="make --budget a device budget: subtract the 16-bit KV cache of this many tokens and the "
+                            "prefill activations, plan the weights under the rest")
+    group.add_argument("--kv-batch", type=int, metavar="N", help="sequences of --kv-context tokens (default 1)")
     group.add_argument("--objective", default="auto",
                        choices=["auto", "output", "weight", "combined", "fisher", "restore"],
                        help="what the plan minimises; auto = fisher when the table has it, else output")

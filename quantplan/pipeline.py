@@ -7,6 +7,7 @@ them directly. This is the application layer: the one place that composes the th
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 from pathlib import Path
 
 from quantplan.analysis import analyze, load_model, resolve_source
@@ -16,8 +17,10 @@ from quantplan.analysis.models import ModelSource, dtype_from_name
 from quantplan.analysis.summary import summarize
 from quantplan.analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
 from quantplan.planner.budget import BudgetError, format_bytes, parse_budget
+from quantplan.planner.compat import loader_compat, vllm_sentence
 from quantplan.planner.config import PlanConfig
 from quantplan.planner.export import check_out_dir, export
+from quantplan.planner.kv_cache import device_line
 from quantplan.planner.pareto import pareto_curve
 from quantplan.planner.plan_types import Plan
 from quantplan.planner.priors import kept_summary
@@ -45,7 +48,7 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     out_dir = Path(out_dir or f"./{source.short_name}-dynamic-bnb-4bit")
     checkpoint = out_dir / "checkpoint"
     check_out_dir(checkpoint, overwrite)  # before the analysis: the rule export applies, refused early
-    check_budget_fits(source, budget, analyze_config)
+    check_budget_fits(source, budget, analyze_config, plan_config)
     table = analyze_model(source, out_dir, analyze_config, reuse=True)
     if not is_main_process():
         return {"out": out_dir, "table": out_dir / TABLE_FILE}  # rank 0 plans, exports and reports
@@ -67,8 +70,9 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
             "pareto": out_dir / "pareto.csv", "checkpoint": checkpoint, "export": result, "plan_obj": chosen}
 
 
-def check_budget_fits(source: ModelSource, budget, config: AnalyzeConfig) -> None:
-    """Refuse a budget below the all-4-bit size, known from the config and shapes before any weight is read."""
+def check_budget_fits(source: ModelSource, budget, config: AnalyzeConfig, plan_config: PlanConfig | None = None) -> None:
+    """Refuse a budget below the all-4-bit size, known from the config and shapes before any weight is read
+    (with ``--kv-context``, the device budget less the KV cache and activations)."""
     from quantplan.analysis.estimate import estimate_sizes
 
     four_bit = [f for f in config.format_values() if f.bits == 4]
@@ -76,9 +80,19 @@ def check_budget_fits(source: ModelSource, budget, config: AnalyzeConfig) -> Non
         return
     sizes = estimate_sizes(source.path, four_bit[0])
     capacity = parse_budget(budget).resolve(sizes.bytes_all_4bit, sizes.bytes_16bit)
+    label = f"budget {budget}"
+    if plan_config is not None and plan_config.kv_context is not None:
+        from transformers import AutoConfig
+
+        from quantplan.analysis.attention import attention_config
+        from quantplan.planner.kv_cache import device_budget
+
+        split = device_budget(attention_config(AutoConfig.from_pretrained(source.path)), budget,
+                              plan_config.kv_context, plan_config.kv_batch)
+        capacity, label = split.weights_bytes, f"{budget} less the KV cache and activations"
     if capacity < sizes.bytes_all_4bit * 0.999:  # the estimate leaves out a few bytes of JSON metadata
         raise BudgetError(
-            f"budget {budget} = {format_bytes(capacity)} is below this model's all-4-bit size of about "
+            f"{label} = {format_bytes(capacity)} is below this model's all-4-bit size of about "
             f"{format_bytes(sizes.bytes_all_4bit)} (every quantizable Linear in {four_bit[0].name}, lm_head 16-bit): "
             f"raise the budget to at least that (16-bit is {format_bytes(sizes.bytes_16bit)})")
 
@@ -147,17 +161,19 @@ def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, config: 
     out_dir = Path(out_dir)
     config = config or PlanConfig()
     chosen = make_plan() if make_plan else config.plan(table, budget)
+    chosen = replace(chosen, compat=loader_compat(table, chosen, config))
     chosen.save(out_dir / "plan.json")
     pareto_curve(table, config=config).to_csv(out_dir / "pareto.csv", index=False)
     print(plan_summary(chosen))
     print(kept_summary(chosen))
+    print(vllm_sentence(chosen).replace("`", ""))
     return chosen
 
 
 def plan_summary(p: Plan) -> str:
-    """A few lines describing a plan."""
+    """A few lines describing a plan (with the device budget's weights + KV cache + activations when planned so)."""
     pr = p.predicted
-    return (f"plan: budget {p.budget.spec} = {format_bytes(p.budget.bytes)}; predicted "
+    return device_line(p) + (f"plan: budget {p.budget.spec} = {format_bytes(p.budget.bytes)}; predicted "
             f"{format_bytes(pr.bytes)} ({pr.over_all_4bit:+.1%} over all-4-bit {format_bytes(pr.bytes_all_4bit)}, "
             f"16-bit {format_bytes(pr.bytes_16bit)}); {len(p.kept)} modules kept 16-bit; predicted error "
             f"{pr.error:.4g} vs all-4-bit {pr.error_all_4bit:.4g}")

@@ -20,6 +20,8 @@ from quantplan.analysis.spikes import SPIKE_Z
 from quantplan.analysis.table import SensitivityTable
 from quantplan.common.files import atomic_write_text
 from quantplan.planner.budget import format_bytes
+from quantplan.planner.compat import cost_note, cost_rows, format_rows, name_rows, vllm_sentence
+from quantplan.planner.kv_cache import device_line
 from quantplan.planner.plan_types import Plan
 from quantplan.planner.reasons import ReasonKind
 
@@ -136,13 +138,29 @@ def _plan_blocks(p: Plan) -> list[tuple]:
     return [("h2", f"Plan {p.budget.spec}: {len(p.kept)} modules kept 16-bit"),
             ("p", _budget_line(p)),
             ("table", kept, ()),
+            *_compat_blocks(p),
             ("p", "To quantize the model this way yourself:"),
             ("code", p.bnb_config_code())]
 
 
+def _compat_blocks(p: Plan) -> list[tuple]:
+    """Loader compatibility: vLLM-safe, --vllm-safe's cost at equal bytes, skip list names, per-module formats."""
+    blocks = [("p", "**Loader compatibility.** " + vllm_sentence(p))]
+    if costs := cost_rows(p):
+        blocks += [("p", "`--vllm-safe` at the same weight budget (predicted from the table, no extra model run)."
+                         + cost_note(p)),
+                   ("table", pd.DataFrame(costs), ("predicted bytes", "predicted error", "modules kept 16-bit"))]
+    if names := name_rows(p):
+        blocks += [("p", "The skip list in transformers 5's live module names (`config.json`) and in the "
+                         "checkpoint's tensor names (what vLLM reads):"), ("table", pd.DataFrame(names), ())]
+    if formats := format_rows(p):
+        blocks += [("p", "Per-module 4-bit formats (the plan mixes them):"), ("table", pd.DataFrame(formats), ())]
+    return blocks
+
+
 def _budget_line(p: Plan) -> str:
     pr = p.predicted
-    return (f"Budget {p.budget.spec} = {format_bytes(p.budget.bytes)}: plan predicted {format_bytes(pr.bytes)} "
+    return device_line(p).replace("\n", "; ") + (f"Budget {p.budget.spec} = {format_bytes(p.budget.bytes)}: plan predicted {format_bytes(pr.bytes)} "
             f"({pr.over_all_4bit:+.1%} over all-4-bit {format_bytes(pr.bytes_all_4bit)}; 16-bit "
             f"{format_bytes(pr.bytes_16bit)}), {len(p.kept)} modules kept 16-bit, objective `{p.objective}`, "
             f"format {p.quant.get('name', p.tiers[0] if p.tiers else '')}")

@@ -18,6 +18,7 @@ from quantplan import AnalyzeConfig, run
 from quantplan.analysis import NF4, TableMismatch, analyze, load_model, resolve_source
 from quantplan.cli import main
 from quantplan.planner import ExportError, Plan, export, plan
+from quantplan.planner.plan_types import PLAN_VERSION
 from quantplan.planner.skiplist import SkipListError, build_skip_list, verify_skip_list
 
 
@@ -91,7 +92,8 @@ def test_version_1_plan_json_exports_the_same(tiny12, tmp_path):
     assert result.kept == len(p.kept) and result.checkpoint_bytes == pytest.approx(p.predicted.bytes, rel=0.01)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "pinned: --keep model.layers.1.mlp.down_proj" in card and "shipped: plan" in card
-    assert json.loads((tmp_path / "out" / "quantplan_plan.json").read_text())["version"] == 2
+    assert "## Loader compatibility" in card and "vLLM-safe:" in card
+    assert json.loads((tmp_path / "out" / "quantplan_plan.json").read_text())["version"] == PLAN_VERSION
 
 
 def test_export_refuses_existing_dir_and_foreign_plan(tiny12, tmp_path):
@@ -220,7 +222,9 @@ def test_cli_run_writes_checkpoint_and_report(tiny_dir, tmp_path):
 
     calib, heldout = corpus(tmp_path / "calib.txt", 0), corpus(tmp_path / "heldout.txt", 101)
     out = tmp_path / "job"
+    budget = device_budget_for(tiny_dir, over_4bit=0.2, context=256)
     code = main(["run", str(tiny_dir), "--calib", calib, "--samples", "8", "--seq-len", "32", "--quiet",
+                 "--budget", str(budget), "--kv-context", "256", "--kv-batch", "1",
                  "--heldout", heldout, "--heldout-samples", "2", "--heldout-seq-len", "32", "--top-k", "2",
                  "--random-k", "2", "--max-new-tokens", "4", "--out", str(out), "--context", "--objective", "restore",
                  "--refine", "2", "--end-to-end-batches", "1"])
@@ -231,3 +235,23 @@ def test_cli_run_writes_checkpoint_and_report(tiny_dir, tmp_path):
     for name in ("sensitivity.parquet", "plan.json", "pareto.csv", "checkpoint/config.json", "scoreboard.csv",
                  "report.html", "report.md"):
         assert (out / name).exists(), name
+    saved = Plan.load(out / "plan.json")  # refined and verified under the weights' share of the device budget
+    assert saved.device.bytes == budget and saved.predicted.bytes <= saved.device.weights_bytes
+    assert saved.compat is not None and len(saved.compat.alternatives) == 2
+    report = (out / "report.md").read_text()
+    assert "KV cache" in report and "Loader compatibility" in report and "--vllm-safe" in report
+    card = (out / "checkpoint" / "README.md").read_text()
+    assert "| KV cache (16-bit, 1 x 256 tokens) |" in card and "vLLM-safe:" in card
+
+
+def device_budget_for(folder, over_4bit: float, context: int) -> int:
+    """A device budget holding the model ``over_4bit`` above all-4-bit plus the KV cache and activations."""
+    from transformers import AutoConfig
+
+    from quantplan.analysis.attention import attention_config
+    from quantplan.analysis.estimate import estimate_sizes
+    from quantplan.planner.kv_cache import activation_bytes, kv_cache_bytes
+
+    attention = attention_config(AutoConfig.from_pretrained(folder))
+    weights = estimate_sizes(folder, NF4).bytes_all_4bit * (1 + over_4bit)
+    return int(weights + kv_cache_bytes(attention, context) + activation_bytes(attention, context))

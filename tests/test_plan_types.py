@@ -14,7 +14,7 @@ from quantplan.planner import reasons as reasons_module
 from quantplan.planner.baselines import all_4bit, baseline_keep_sets, plan_keep_set
 from quantplan.planner.memory_model import ByteModel
 from quantplan.planner.plan import replan_keeping
-from quantplan.planner.plan_types import Checks, Plan, Verification
+from quantplan.planner.plan_types import PLAN_VERSION, Checks, Plan, Verification
 from quantplan.planner.priors import kept_by, kept_summary
 from quantplan.planner.reasons import Reason, ReasonKind
 
@@ -73,13 +73,13 @@ def test_reason_renders_its_text_and_round_trips():
         Reason.from_text("because I said so")
 
 
-def test_plans_are_frozen_and_save_version_2(pinned, tmp_path):
+def test_plans_are_frozen_and_save_the_current_version(pinned, tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         pinned.budget = None
     with pytest.raises(dataclasses.FrozenInstanceError):
         pinned.predicted.bytes = 0
     saved = json.loads(pinned.save(tmp_path / "plan.json").read_text())
-    assert saved["version"] == 2 and saved["checks"] == {}
+    assert saved["version"] == PLAN_VERSION == 3 and saved["checks"] == {}
     assert saved["reasons"]["lm_head"] == {"kind": "lm_head", "detail": "kept 16-bit as transformers does by default",
                                            "text": "lm_head: kept 16-bit as transformers does by default"}
     assert saved["budget"] == {"spec": "+30%", "bytes": pinned.budget.bytes}
