@@ -106,11 +106,12 @@ def plan_config_from_args(args):
     from quantplan.planner.config import PlanConfig
 
     tiers = tuple(t.strip() for t in args.tiers.split(",")) if args.tiers else None
-    if args.kv_batch is not None and args.kv_context is None:
+    kv_batch = getattr(args, "kv_batch", None)  # absent unless given (its help states the default)
+    if kv_batch is not None and args.kv_context is None:
         raise ValueError("--kv-batch sizes the KV cache of --kv-context: give --kv-context too (or drop --kv-batch)")
     return PlanConfig(objective=args.objective, tiers=tiers, keep=tuple(args.keep), quantize=tuple(args.quantize),
                       vllm_safe=args.vllm_safe, whole_blocks=args.whole_blocks, priors=args.priors,
-                      kv_context=args.kv_context, kv_batch=args.kv_batch or 1)
+                      kv_context=args.kv_context, kv_batch=kv_batch or 1)
 
 
 # -- the parser ----------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def _plan_args(p):
     group.add_argument("--kv-context", type=int, metavar="TOKENS",
                        help="make --budget a device budget: subtract the 16-bit KV cache of this many tokens and the "
                             "prefill activations, plan the weights under the rest")
-    group.add_argument("--kv-batch", type=int, metavar="N", help="sequences of --kv-context tokens (default 1)")
+    group.add_argument("--kv-batch", type=int, metavar="N", help="sequences of --kv-context tokens (1 when not given)", default=argparse.SUPPRESS)
     group.add_argument("--objective", default="auto",
                        choices=["auto", "output", "weight", "combined", "fisher", "restore"],
                        help="what the plan minimises; auto = fisher when the table has it, else output")

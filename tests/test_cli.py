@@ -130,7 +130,7 @@ def test_help_is_grouped_with_defaults_and_an_example_per_command():
         assert "``" not in text, name
         for action in sub._actions:
             assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
-    run = _subparsers(parser)["run"].format_help()
+    run = " ".join(_subparsers(parser)["run"].format_help().split())
     for title in ("calibration data", "measurement", "performance and memory", "plan", "output", "report"):
         assert f"{title}" in run, title
     assert "(default: +10%)" in run
