@@ -169,7 +169,8 @@ def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, config: 
     config = config or PlanConfig()
     chosen = make_plan() if make_plan else config.plan(table, budget)
     chosen.save(out_dir / "plan.json")
-    pareto_curve(table, config=config).to_csv(out_dir / "pareto.csv", index=False)
+    with stage("pareto curve"):
+        pareto_curve(table, config=config).to_csv(out_dir / "pareto.csv", index=False)
     print(plan_summary(chosen))
     print(kept_summary(chosen))
     return chosen

@@ -2,15 +2,21 @@
 
 The loop, in the order it runs:
 
-1. load the 16-bit model; cache its logits on the held-out windows (the reference) and its
-   greedy generations;
+1. load the 16-bit model and its greedy generations;
 2. in that same model, simulate (bitsandbytes round trip, :mod:`analysis.simulate`) the
    all-4-bit model (a check on the simulation) and each plan (so that plans and heuristics
    are judged like for like), each heuristic baseline at each plan's bytes, and each of the
-   top-K + random-K modules alone (predicted vs measured);
+   top-K + random-K modules alone (predicted vs measured): batch by batch, each held-out
+   batch's 16-bit logits computed once and every variant compared with them before the next
+   (:func:`~reports.fidelity.measure_variants`), so the logits of one batch are alive at a time;
 3. load all-INT8, all-4-bit and each dynamic plan for real through transformers'
-   ``BitsAndBytesConfig`` (no checkpoint on disk needed) and measure fidelity, footprint and
-   generations. A variant that fails to load or run gets a row that says why.
+   ``BitsAndBytesConfig`` (no checkpoint on disk needed), one at a time beside the 16-bit model
+   whose logits are recomputed per batch, and measure fidelity, footprint and generations. A
+   variant that fails to load or run gets a row that says why.
+
+``report=ReportDepth.QUICK`` (``--report quick``, ``run``'s default) leaves out what costs most
+beyond the scoreboard: the single-module checks of step 2, the random baseline's seeds after the
+first, and the generations; the report says so.
 
 The held-out text must not be the calibration text the plan was measured on.
 """
