@@ -7,7 +7,7 @@ there are kept, so a tiny and a SmolLM2 run share one file). The ratio is the wh
 seconds over its ``analysis`` stage; target (issue #15): <= 2.5x. Results:
 ``benchmarks/results/stage_profile.json``.
 
-    python benchmarks/stage_profile.py --model FOLDER --label tiny [--out results.json] -- --samples 8 ...
+    python benchmarks/stage_profile.py --model FOLDER --label tiny [--out results.json] [quantplan run options]
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model folder or hub id (default: the offline default)")
     parser.add_argument("--label", default="run", help="key of this run in the results file")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "stage_profile.json"))
-    parser.add_argument("run_args", nargs="*", help="options passed to quantplan run (after --)")
-    args = parser.parse_args(argv)
+    args, run_args = parser.parse_known_args(argv)  # every other option is quantplan run's
+    args.run_args = [a for a in run_args if a != "--"]
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
     results["runs"][args.label] = {**profile_run(args.model, args.run_args), "machine": machine_info()}

@@ -94,7 +94,7 @@ def test_streaming(tmp_path):
 
 def test_stage_profile(tmp_path, tiny_model):
     result = run_benchmark("stage_profile.py", tmp_path / "stages.json", "--model", str(tiny_model), "--label", "tiny",
-                           "--", "--samples", "2", "--seq-len", "16", "--no-fisher", "--no-compare", "--quiet")
+                           "--samples", "2", "--seq-len", "16", "--no-fisher", "--no-compare", "--quiet")
     run = result["runs"]["tiny"]
     assert {"analysis", "plan + verification", "export"} <= set(run["top_level_s"])
     assert run["run_over_analysis"] >= 1 and run["peak_rss_bytes"] > 0 and "machine" in run
