@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quantplan.common.batches import batch_to, model_device
+from quantplan.common.profile import stage
 
 from .attention import attention_config
 from .checkpoint_names import checkpoint_prefixes
@@ -76,17 +77,19 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
         _announce_partial_size([i for i in infos if i.name in set(candidates)], sample_rows, fisher, partial)
     if resume:
         _resume(probe, grads, partial, run_meta)
-    _run_calibration(model, shard.calibration(calibration), probe, grads, batch_size, partial, run_meta,
-                     checkpoint_seconds, progress, full_logits=lm_head in candidates)
-    shard.reduce(probe, grads)
+    with stage("calibration pass"):
+        _run_calibration(model, shard.calibration(calibration), probe, grads, batch_size, partial, run_meta,
+                         checkpoint_seconds, progress, full_logits=lm_head in candidates)
+        shard.reduce(probe, grads)
 
     measured = {}
     weights = dict(model.named_parameters(remove_duplicate=False))
-    for position, info in tqdm(shard.mine(infos), desc="measure modules", disable=not progress, leave=False):
-        stats = probe.stats_for(info.name) if info.name in probe.owner else None
-        grad_sq = grads.mean_squared_gradient(info.name) if grads else None
-        measured[position] = measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name],
-                                            grad_sq)
+    with stage("measure"):
+        for position, info in tqdm(shard.mine(infos), desc="measure modules", disable=not progress, leave=False):
+            stats = probe.stats_for(info.name) if info.name in probe.owner else None
+            grad_sq = grads.mean_squared_gradient(info.name) if grads else None
+            measured[position] = measure_module(info, weights[info.name + ".weight"], stats, formats,
+                                                reasons[info.name], grad_sq)
     rows = [row for module_rows in shard.gather(measured) for row in module_rows]
     for row in rows:
         row.update({c: float("nan") for c in CONTEXT_COLUMNS})
@@ -94,7 +97,8 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     if context:
         if partial:  # the calibration pass is done: a resume after a failure below skips it
             probe.save(partial, run_meta, grads.state() if grads else None)
-        meta["context"] = _quantized_context(model, calibration, formats, rows, lm_head, batch_size, progress)
+        with stage("quantized-context pass"):
+            meta["context"] = _quantized_context(model, calibration, formats, rows, lm_head, batch_size, progress)
     table = SensitivityTable(pd.DataFrame(rows), meta)
     if out_dir:
         if shard.rank == 0:

@@ -1,13 +1,14 @@
 """End-to-end probes: how far the quantized model's next-token distribution drifts from 16-bit, and which
 module's rounding drives that drift in the context of all the others.
 
-The 16-bit model's logits on the calibration batches are a
-:class:`~analysis.reference.KLReference`; :func:`~analysis.reference.calibration_kld` measures
-the mean next-token KL divergence of the model as it is now (for instance with some weights
-swapped for bitsandbytes' round trip by :class:`~analysis.simulate.QuantCache`). Against it:
+The 16-bit model's logits on the calibration batches come from a
+:class:`~analysis.reference.KLReference`, one batch at a time;
+:func:`~analysis.reference.calibration_klds` measures the mean next-token KL divergence of
+variants of the model (some weights swapped for bitsandbytes' round trip by
+:class:`~analysis.simulate.QuantCache`). Against it:
 
-- :func:`restore_gains` runs one forward and backward pass of that KL per batch with the named
-  modules quantized, and gives every quantized module i the first-order decrease of the KL if
+- :func:`restore_gains` runs, per batch, the 16-bit forward (the reference logits of that batch)
+  and one forward and backward pass of the KL with the named modules quantized, and gives every quantized module i the first-order decrease of the KL if
   it alone went back to 16-bit: ``gain_i = −⟨∂KL/∂W_i, W_i − Ŵ_i⟩``. Measured with every module
   quantized this is the *quantized-context* score: the module's input carries all upstream
   rounding and its gradient all downstream rounding, so propagation and interaction are in it
@@ -57,13 +58,15 @@ def restore_gains(model, reference: KLReference, cache, quantized, *, context_er
     reached: set[str] = set()
     errors = {n: torch.zeros(2, dtype=torch.float64) for n in quantized} if context_error else {}
     total = 0.0
-    with cache.quantized(quantized), _weights_require_grad(model, cache, quantized, gains, reached), \
-            _context_error_hooks(cache, errors), torch.enable_grad():
-        for batch, logits16 in tqdm(reference.pairs(), total=reference.count, desc="quantized-context gradients",
-                                    disable=not progress, leave=False):
-            kl = kl_sum(logits16, forward_logits(model, batch), batch)
-            (kl / reference.tokens).backward()
+    with _weights_require_grad(model, cache, quantized, gains, reached):
+        for batch in tqdm(reference.batches(), total=reference.count, desc="quantized-context gradients",
+                          disable=not progress, leave=False):
+            logits16 = reference.logits16(batch)  # 16-bit weights here; this batch's logits only
+            with cache.quantized(quantized), _context_error_hooks(cache, errors), torch.enable_grad():
+                kl = kl_sum(logits16, forward_logits(model, batch), batch)
+                (kl / reference.tokens).backward()
             total += float(kl.detach())
+            del logits16, kl
     return RestoreGains(
         kld=total / max(reference.tokens, 1),
         gains={n: float(g) if n in reached else float("nan") for n, g in gains.items()},

@@ -1,11 +1,14 @@
 """The 16-bit model's logits on fixed batches, and how far a variant's next-token distribution is from them.
 
-:class:`KLReference` runs the 16-bit model once over the batches of a calibration set (the
-probe's end-to-end pass, the planner's refinement and verification) or of held-out windows (the
-fidelity scoreboard) and keeps its logits, one tensor per batch, in the model's dtype on the
-CPU: 2 bytes x vocabulary per token (800 MB for SmolLM2's 8192 default calibration tokens);
-``max_batches`` bounds it. Comparisons read it batch by batch through :meth:`KLReference.pairs`,
-so at most one batch of full float32 log-softmaxes is alive at a time.
+:class:`KLReference` names the batches of a calibration set (the probe's end-to-end pass, the
+planner's refinement and verification) or of held-out windows (the fidelity scoreboard) that
+variants are compared on; ``max_batches`` bounds them. It keeps no logits: the 16-bit logits
+of a batch are computed when that batch is compared and dropped after it, so memory holds one
+batch × vocabulary at a time whatever the number of batches (a 262k vocabulary costs 0.5 MB
+per token in 16 bits; kept for a whole calibration set that was gigabytes). Several variants
+of one model (weights swapped by :class:`~analysis.simulate.QuantCache`) are compared against
+the same 16-bit batch before the next one is computed (:func:`calibration_klds`): one 16-bit
+forward per batch serves every variant, the same count as when the logits were kept.
 
 Per position t, with P the 16-bit and Q the variant's next-token distribution over the
 vocabulary both share (a padded vocabulary compares the shared part):
@@ -17,7 +20,7 @@ KL_t = Σ_v P(v) (log P(v) − log Q(v)) in nats, computed in float32 (:func:`to
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,24 +30,20 @@ from quantplan.common.batches import batch_to, model_device
 
 
 class KLReference:
-    """The 16-bit model's next-token logits on the first ``max_batches`` batches of ``calibration``.
+    """The first ``max_batches`` batches of ``calibration`` and the 16-bit ``model`` that scores them.
 
     ``calibration`` is anything with ``batches(batch_size)`` (model keyword arguments, always
     in the same order) and ``num_batches(batch_size)``: a calibration set, image + prompt
     calibration, or held-out windows (:class:`~analysis.calibration.CalibrationSet`).
+    ``tokens`` counts the compared (unmasked) positions.
     """
 
     def __init__(self, model, calibration, batch_size: int = 4, max_batches: int | None = None,
                  progress: bool = False):
         total = calibration.num_batches(batch_size)
         self.count = total if max_batches is None else min(total, max_batches)
-        self.calibration, self.batch_size = calibration, batch_size
-        self.logits = []
-        with torch.inference_mode():
-            for batch in tqdm(self.batches(), total=self.count, desc="16-bit logits", disable=not progress,
-                              leave=False):
-                self.logits.append(forward_logits(model, batch).detach().to("cpu"))
-        self.tokens = sum(int(token_mask(batch, logits).sum()) for batch, logits in self.pairs())
+        self.model, self.calibration, self.batch_size, self.progress = model, calibration, batch_size, progress
+        self.tokens = sum(batch_tokens(batch) for batch in self.batches())
 
     def batches(self) -> Iterator[dict]:
         """The calibration batches this reference covers, in order."""
@@ -53,18 +52,72 @@ class KLReference:
                 return
             yield batch
 
-    def pairs(self) -> Iterator[tuple[dict, torch.Tensor]]:
-        """Each batch with its 16-bit logits, in order: the one way comparisons read the reference."""
-        return zip(self.batches(), self.logits, strict=True)
+    def logits16(self, batch: dict) -> torch.Tensor:
+        """The model's logits on ``batch`` with its weights as they are now (call it with the 16-bit ones)."""
+        with torch.inference_mode():
+            return forward_logits(self.model, batch).detach()
+
+    def pairs(self, desc: str = "16-bit logits") -> Iterator[tuple[dict, torch.Tensor]]:
+        """Each batch with its 16-bit logits, computed one batch at a time (the model must be 16-bit now)."""
+        for batch in tqdm(self.batches(), total=self.count, desc=desc, disable=not self.progress, leave=False):
+            yield batch, self.logits16(batch)
 
 
-def calibration_kld(model, reference: KLReference) -> float:
-    """Mean next-token KL divergence (nats per token) of ``model`` as it is now from the 16-bit logits."""
+def for_each_variant(reference: KLReference, cache, variants: Mapping[str, Iterable[str]]):
+    """Per batch: ``(label, batch, 16-bit logits, variant logits)`` for every variant, batch-outer.
+
+    ``cache`` (a :class:`~analysis.simulate.QuantCache` of the reference's model) swaps in the
+    round-tripped weights of each variant's module names in turn, changing only the modules
+    that differ from the previous variant; the 16-bit weights are back when the loop ends.
+    A variant whose names are None is the 16-bit model itself: its logits are the reference's.
+    """
+    variants = {label: None if names is None else list(names) for label, names in variants.items()}
+    try:
+        for batch, logits16 in reference.pairs(desc=f"{len(variants)} variant(s) vs 16-bit"):
+            for label, names in variants.items():
+                if names is None:
+                    yield label, batch, logits16, logits16
+                    continue
+                cache.set_quantized(names)
+                with torch.inference_mode():
+                    logits = forward_logits(reference.model, batch)
+                yield label, batch, logits16, logits
+            cache.set_quantized(())
+    finally:
+        cache.set_quantized(())
+
+
+def calibration_klds(reference: KLReference, cache, variants: Mapping[str, Iterable[str]]) -> dict[str, float]:
+    """Mean next-token KL divergence (nats per token) from 16-bit of each variant (label -> quantized names)."""
+    totals = dict.fromkeys(variants, 0.0)
+    for label, batch, logits16, logits in for_each_variant(reference, cache, variants):
+        with torch.inference_mode():
+            totals[label] += float(kl_sum(logits16, logits, batch))
+    return {label: total / max(reference.tokens, 1) for label, total in totals.items()}
+
+
+def calibration_kld(reference: KLReference, cache, quantized: Iterable[str] = ()) -> float:
+    """Mean next-token KL divergence from 16-bit with the modules in ``quantized`` round-tripped."""
+    return calibration_klds(reference, cache, {"variant": quantized})["variant"]
+
+
+def model_kld(model, reference: KLReference) -> float:
+    """Mean next-token KL divergence of ``model`` as it is now from the reference's model, which must be
+    another, 16-bit one (two models in memory: for a model changed in ways a QuantCache does not express)."""
     total = 0.0
     with torch.inference_mode():
         for batch, logits16 in reference.pairs():
             total += float(kl_sum(logits16, forward_logits(model, batch), batch))
     return total / max(reference.tokens, 1)
+
+
+def batch_tokens(batch: dict) -> int:
+    """The positions of one batch that comparisons count: its attention mask's ones (all without a mask)."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    ids = batch["input_ids"]
+    return int(ids.shape[0] * ids.shape[1])
 
 
 @dataclass(frozen=True)

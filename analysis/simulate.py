@@ -46,6 +46,22 @@ class QuantCache:
         packed, state = self._packed[name]
         return bnbf.dequantize_4bit(packed, state).to(weight.dtype).view_as(weight)
 
+    def set_quantized(self, names) -> None:
+        """Make exactly ``names`` compute with round-tripped weights, swapping only the modules that change.
+
+        Comparing variants one after the other this way costs one de-quantization per module
+        that differs from the previous variant; ``set_quantized(())`` restores every 16-bit weight.
+        """
+        names = list(dict.fromkeys(names))
+        target = set(names)
+        for name in [n for n in self._originals if n not in target]:
+            self.modules[name].weight.data = self._originals.pop(name)
+        for name in names:
+            if name not in self._originals:
+                restored = self.restored(name)
+                self._originals[name] = self.modules[name].weight.data
+                self.modules[name].weight.data = restored
+
     @contextmanager
     def quantized(self, names):
         """Within the block, the modules in ``names`` compute with their round-tripped weights."""

@@ -8,7 +8,9 @@ batches per round), and spends the budget in ``rounds`` equal steps: round r pla
 gains as scores within r/rounds of the bytes the budget allows beyond the fixed modules, keeping
 the choices of earlier rounds. Modules restored early change the gains of the rest (interactions
 and propagation are re-measured). Cost: ``rounds`` forward+backward passes over at most
-``max_batches`` calibration batches, plus the 16-bit logits once.
+``max_batches`` calibration batches, each with the 16-bit forward of its batch (the 16-bit
+logits are computed per batch and dropped, not kept across rounds: one forward more per round
+buys memory that does not grow with the calibration set).
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ and the heuristic alternatives at the plan's bytes (first+last layers, largest w
 :mod:`planner.baselines`). If the plan's KL is not below all-4-bit's, the planner says so and
 returns the alternative with the lowest KL below all-4-bit's, or all-4-bit itself. The
 measurements go into ``plan.checks.verification`` (``plan.json``). Cost: one forward pass
-per variant over at most ``max_batches`` calibration batches, plus the 16-bit logits.
+per variant over at most ``max_batches`` calibration batches, plus the 16-bit logits; the
+variants are compared batch by batch (:func:`analysis.reference.calibration_klds`), so one
+batch's 16-bit logits are alive at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from quantplan.analysis.formats import format_from_dict
-from quantplan.analysis.reference import KLReference, calibration_kld
+from quantplan.analysis.reference import KLReference, calibration_klds
 from quantplan.analysis.simulate import QuantCache
 
 from .baselines import all_4bit, baseline_keep_sets, plan_keep_set
@@ -40,10 +42,8 @@ def verify(table, chosen: Plan, model, calibration, *, batch_size: int = 4, max_
     variants = {nothing.label: nothing, PLAN: plan_keep_set(table, chosen)}
     if not chosen.vllm_safe:  # the heuristics do not know fused groups
         variants.update({k.label: k for k in baseline_keep_sets(table, chosen, seeds=())})
-    kld = {}
-    for label, keep in variants.items():
-        with cache.quantized(keep.quantized & set(cache.modules)):
-            kld[label] = calibration_kld(model, reference)
+    kld = calibration_klds(reference, cache, {label: sorted(keep.quantized & set(cache.modules))
+                                              for label, keep in variants.items()})
     winner = choose(kld, PLAN, nothing.label)
     record = Verification(calibration_kld=kld, tokens=reference.tokens, all_4bit=nothing.label, chosen=winner)
     if winner == PLAN:

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from quantplan.common.noise import quiet_progress, silence_library_noise
+from quantplan.reports.compare import ReportDepth
 
 from .compare_cli import add_compare_args, add_compare_parser, compare_config_from_args
 
@@ -175,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--out", help="output folder (default: ./<model-name>-dynamic-bnb-4bit)")
     out.add_argument("--overwrite", action="store_true",
                      help="replace the checkpoint in --out if quantplan wrote it (any other folder is refused)")
-    report = add_compare_args(run)
+    report = add_compare_args(run, ReportDepth.QUICK)
     report.add_argument("--no-compare", action="store_true",
                         help="skip the fidelity scoreboard and report (the slowest step after the analysis)")
     return parser

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantplan.reports.compare import CompareConfig
+from quantplan.reports.compare import CompareConfig, ReportDepth
 from quantplan.reports.generations import PROMPTS
 
 EXAMPLE = ("example:\n  quantplan compare --plan out/plan.json --out out/\n"
@@ -34,8 +34,11 @@ def add_compare_parser(subparsers, formatter_class=None):
     return p
 
 
-def add_compare_args(p):
-    """The measurement options, in a "report" group (returned); names do not clash with ``run``'s."""
+def add_compare_args(p, default_depth: ReportDepth = ReportDepth.FULL):
+    """The measurement options, in a "report" group (returned); names do not clash with ``run``'s.
+
+    ``default_depth`` is ``--report``'s default: ``run`` asks for a quick report, ``compare`` for a full one.
+    """
     d = CompareConfig()
     group = p.add_argument_group("report (fidelity scoreboard on held-out text)")
     group.add_argument("--heldout", default=d.heldout,
@@ -51,6 +54,10 @@ def add_compare_args(p):
     group.add_argument("--agreement-samples", type=int, default=d.agreement_samples,
                        help="held-out windows per single-module measurement")
     group.add_argument("--no-baselines", action="store_true", help="skip the heuristic baselines")
+    group.add_argument("--report", choices=[d.value for d in ReportDepth], default=default_depth.value,
+                       help="quick: scoreboard, recovery and baselines (one random seed), without the single-module "
+                            "predicted-vs-measured checks and the generations; full: everything "
+                            f"(default: {default_depth.value})")
     return group
 
 
@@ -60,7 +67,7 @@ def compare_config_from_args(args) -> CompareConfig:
                          batch_size=args.compare_batch_size, prompts=tuple(args.gen_prompt) if args.gen_prompt else PROMPTS,
                          max_new_tokens=args.max_new_tokens, top_k=args.top_k, random_k=args.random_k,
                          agreement_samples=args.agreement_samples, baselines=not args.no_baselines,
-                         device=args.device, progress=not args.quiet)
+                         device=args.device, progress=not args.quiet, report=ReportDepth(args.report))
 
 
 def run_compare(args) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from quantplan.analysis.config import AnalyzeConfig, calibration_of
 from quantplan.analysis.models import ModelSource, dtype_from_name, load_model
 from quantplan.analysis.table import SensitivityTable
+from quantplan.common.profile import stage
 from quantplan.planner.config import PlanConfig
 from quantplan.planner.plan_types import Plan
 
@@ -42,15 +43,18 @@ class EndToEnd:
         from quantplan.planner.refine import refine
         from quantplan.planner.verify import verify
 
-        model = load_model(source, dtype=dtype_from_name(analyze.dtype), device=analyze.device)
+        with stage("load model"):
+            model = load_model(source, dtype=dtype_from_name(analyze.dtype), device=analyze.device)
         calibration = calibration_of(source, analyze)
         reference = KLReference(model, calibration, analyze.batch_size, self.max_batches, progress=analyze.progress)
         cache = QuantCache(model, format_from_dict(chosen.quant))
         shared = {"reference": reference, "cache": cache, "progress": analyze.progress}
         if self.refine:
-            chosen = refine(table, budget, model, calibration, config=config, rounds=self.refine, **shared)
+            with stage("refinement"):
+                chosen = refine(table, budget, model, calibration, config=config, rounds=self.refine, **shared)
         if self.verify:
-            chosen = verify(table, chosen, model, calibration, **shared)
+            with stage("verification"):
+                chosen = verify(table, chosen, model, calibration, **shared)
         del model, reference, cache
         gc.collect()
         return chosen

@@ -16,6 +16,7 @@ from quantplan.analysis.distributed import init_from_environment, is_main_proces
 from quantplan.analysis.models import ModelSource, dtype_from_name
 from quantplan.analysis.summary import summarize
 from quantplan.analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
+from quantplan.common.profile import PROFILE_FILE, recording, stage
 from quantplan.planner.budget import BudgetError, format_bytes, parse_budget
 from quantplan.planner.compat import loader_compat, vllm_sentence
 from quantplan.planner.config import PlanConfig
@@ -49,23 +50,42 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     checkpoint = out_dir / "checkpoint"
     check_out_dir(checkpoint, overwrite)  # before the analysis: the rule export applies, refused early
     check_budget_fits(source, budget, analyze_config, plan_config)
-    table = analyze_model(source, out_dir, analyze_config, reuse=True)
+    with recording() as profile:
+        result = _run_stages(source, budget, out_dir, analyze_config, plan_config, compare, end_to_end, overwrite)
+    if "plan" in result:  # rank 0: the one that plans, exports and reports
+        print("quantplan: stage profile (wall seconds, peak resident memory):")
+        print("\n".join(profile.lines()))
+        result["profile"] = profile.save(out_dir / PROFILE_FILE)
+    return result
+
+
+def _run_stages(source, budget, out_dir: Path, analyze_config: AnalyzeConfig, plan_config: PlanConfig, compare,
+                end_to_end: EndToEnd, overwrite: bool) -> dict:
+    """The steps of :func:`run` after its early checks, each a stage of the profile."""
+    checkpoint = out_dir / "checkpoint"
+    with stage("analysis"):
+        table = analyze_model(source, out_dir, analyze_config, reuse=True)
     if not is_main_process():
         return {"out": out_dir, "table": out_dir / TABLE_FILE}  # rank 0 plans, exports and reports
     if analyze_config.max_memory and end_to_end.verify:
         print("quantplan: --max-memory: skipping the end-to-end check (it runs the whole 16-bit model); "
               "the plan is not verified against all-4-bit")
         end_to_end = EndToEnd(refine=0, verify=False, max_batches=end_to_end.max_batches)
-    chosen = plan_and_save(table, budget, out_dir, plan_config,
-                           lambda: end_to_end.plan(source, analyze_config, table, budget, plan_config))
-    result = export(source, chosen, checkpoint, overwrite=overwrite, device=analyze_config.device,
-                    compute_dtype=dtype_from_name(analyze_config.dtype if analyze_config.dtype != "fp32" else "bf16"))
+    with stage("plan + verification" if end_to_end.active else "plan"):
+        chosen = plan_and_save(table, budget, out_dir, plan_config,
+                               lambda: end_to_end.plan(source, analyze_config, table, budget, plan_config))
+    with stage("export"):
+        result = export(source, chosen, checkpoint, overwrite=overwrite, device=analyze_config.device,
+                        compute_dtype=dtype_from_name(analyze_config.dtype if analyze_config.dtype != "fp32"
+                                                      else "bf16"))
     print(export_summary(checkpoint, chosen, result))
     reports = {}
     if compare is not None:
         from quantplan.reports.run import compare_and_report
 
-        reports = compare_and_report(source, table, [chosen], out_dir, pareto=out_dir / "pareto.csv", options=compare)
+        with stage("compare + report"):
+            reports = compare_and_report(source, table, [chosen], out_dir, pareto=out_dir / "pareto.csv",
+                                         options=compare)
     return {**reports, "out": out_dir, "table": out_dir / TABLE_FILE, "plan": out_dir / "plan.json",
             "pareto": out_dir / "pareto.csv", "checkpoint": checkpoint, "export": result, "plan_obj": chosen}
 
@@ -113,7 +133,8 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
         table = _analyze_streaming(source, calibration, formats, out_dir, config)
     else:
         init_from_environment(config.device)  # torchrun / accelerate launch: share the batches
-        model = load_model(source, dtype=dtype_from_name(config.dtype), device=config.device)
+        with stage("load model"):
+            model = load_model(source, dtype=dtype_from_name(config.dtype), device=config.device)
         table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
                         batch_size=config.batch_size, out_dir=out_dir, resume=config.resume,
                         progress=config.progress, fisher=fisher, context=config.context)
@@ -163,7 +184,8 @@ def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, config: 
     chosen = make_plan() if make_plan else config.plan(table, budget)
     chosen = replace(chosen, compat=loader_compat(table, chosen, config))
     chosen.save(out_dir / "plan.json")
-    pareto_curve(table, config=config).to_csv(out_dir / "pareto.csv", index=False)
+    with stage("pareto curve"):
+        pareto_curve(table, config=config).to_csv(out_dir / "pareto.csv", index=False)
     print(plan_summary(chosen))
     print(kept_summary(chosen))
     print(vllm_sentence(chosen).replace("`", ""))

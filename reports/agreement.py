@@ -19,7 +19,7 @@ from quantplan.analysis.simulate import QuantCache
 from quantplan.planner.objective import scores
 from quantplan.planner.plan_types import Plan
 
-from .fidelity import measure
+from .fidelity import measure_variants
 
 AGREEMENT_COLUMNS = {
     "name": "module quantized alone",
@@ -41,9 +41,9 @@ def predicted_vs_measured(table, plan: Plan, cache: QuantCache, reference: KLRef
     rest = list(ranked.index[top_k:])
     sample = list(np.random.default_rng(seed).choice(rest, size=min(random_k, len(rest)), replace=False)) if rest else []
     rows = []
+    measured = measure_variants(reference, cache, {name: [name] for name in top + sample})
     for name in top + sample:
-        with cache.quantized([name]) as model:
-            kld = float(measure(model, reference).kld.mean())
+        kld = float(measured[name].kld.mean())
         rows.append({"name": name, "selected": "top" if name in top else "random",
                      "predicted": float(candidates[name]),
                      "predicted_rank": int(ranked.index.get_loc(name)) + 1, "measured_kld": kld})

@@ -2,15 +2,21 @@
 
 The loop, in the order it runs:
 
-1. load the 16-bit model; cache its logits on the held-out windows (the reference) and its
-   greedy generations;
+1. load the 16-bit model and its greedy generations;
 2. in that same model, simulate (bitsandbytes round trip, :mod:`analysis.simulate`) the
    all-4-bit model (a check on the simulation) and each plan (so that plans and heuristics
    are judged like for like), each heuristic baseline at each plan's bytes, and each of the
-   top-K + random-K modules alone (predicted vs measured);
+   top-K + random-K modules alone (predicted vs measured): batch by batch, each held-out
+   batch's 16-bit logits computed once and every variant compared with them before the next
+   (:func:`~reports.fidelity.measure_variants`), so the logits of one batch are alive at a time;
 3. load all-INT8, all-4-bit and each dynamic plan for real through transformers'
-   ``BitsAndBytesConfig`` (no checkpoint on disk needed) and measure fidelity, footprint and
-   generations. A variant that fails to load or run gets a row that says why.
+   ``BitsAndBytesConfig`` (no checkpoint on disk needed), one at a time beside the 16-bit model
+   whose logits are recomputed per batch, and measure fidelity, footprint and generations. A
+   variant that fails to load or run gets a row that says why.
+
+``report=ReportDepth.QUICK`` (``--report quick``, ``run``'s default) leaves out what costs most
+beyond the scoreboard: the single-module checks of step 2, the random baseline's seeds after the
+first, and the generations; the report says so.
 
 The held-out text must not be the calibration text the plan was measured on.
 """
@@ -21,8 +27,10 @@ import gc
 import logging
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from quantplan.analysis import load_calibration, load_model, load_processor, resolve_source
@@ -30,6 +38,7 @@ from quantplan.analysis.formats import FourBit, format_from_dict
 from quantplan.analysis.models import ModelSource, dtype_from_name
 from quantplan.analysis.simulate import QuantCache
 from quantplan.analysis.table import SensitivityTable, TableMismatch
+from quantplan.common.profile import stage
 from quantplan.planner.baselines import (
     KeepSet,
     all_4bit,
@@ -42,11 +51,27 @@ from quantplan.planner.export import bnb_config
 from quantplan.planner.plan_types import Plan
 from quantplan.planner.skiplist import build_skip_list
 
-from .agreement import predicted_vs_measured
-from .fidelity import Fidelity, fidelity_of_self, heldout_reference, measure
+from .agreement import AGREEMENT_COLUMNS, predicted_vs_measured
+from .fidelity import Fidelity, heldout_reference, measure, measure_variants
 from .generations import PROMPTS, generate
 from .result import Comparison
 from .scoreboard import scoreboard_frame
+
+
+class ReportDepth(Enum):
+    """How much the report measures: ``full`` everything; ``quick`` the scoreboard without the costly extras."""
+
+    QUICK = "quick"
+    FULL = "full"
+
+
+#: what ``--report quick`` leaves out, as the report says it
+QUICK_SKIPS = {
+    "agreement": "skipped by --report quick (the single-module predicted-vs-measured checks cost one "
+                 "forward per module): run with --report full to measure them",
+    "seeds": "--report quick measures the random baseline with one seed (--report full: all seeds)",
+    "generations": "skipped by --report quick (greedy generations of every variant): run with --report full",
+}
 
 
 @dataclass(frozen=True)
@@ -68,6 +93,16 @@ class CompareConfig:
     device: str = "cpu"
     dtype: str = "bf16"
     progress: bool = True
+    report: ReportDepth = ReportDepth.FULL
+
+    def __post_init__(self):
+        if not isinstance(self.report, ReportDepth):  # "quick" / "full" from a caller or a saved config
+            object.__setattr__(self, "report", ReportDepth(self.report))
+
+    @property
+    def seed_values(self) -> tuple[int, ...]:
+        """The random baseline's seeds: all of ``seeds`` for a full report, the first for a quick one."""
+        return self.seeds[:1] if self.report is ReportDepth.QUICK else self.seeds
 
 
 def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None = None, *,
@@ -92,40 +127,38 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         f"{heldout.meta['seq_len']}), {len(plans)} plan(s)")
     meta = {"model_id": source.model_id, "model_fingerprint": source.fingerprint, "heldout": heldout.meta,
             "calibration": table.meta.get("calibration", {}), "format": fmt.name,
-            "plans": [asdict(p.budget) for p in plans], "options": vars(options)}
+            "plans": [asdict(p.budget) for p in plans], "options": {**vars(options), "report": options.report.value},
+            "report": options.report.value}
 
-    # 1. the 16-bit reference, 2. everything simulated in the same 16-bit model
-    model16 = load_model(source, dtype=dtype, device=options.device)
+    # 1. the 16-bit model, 2. everything simulated in it, batch by batch against its logits
+    with stage("load model"):
+        model16 = load_model(source, dtype=dtype, device=options.device)
     reference = heldout_reference(model16, heldout.input_ids, options.batch_size)
-    rows = [_row(sixteen_bit(table, fmt.name), fidelity_of_self(reference), "16-bit",
-                 int(model16.get_memory_footprint()))]
-    generations = {"16-bit": generate(model16, processor, options.prompts, options.max_new_tokens)}
-    say(f"  16-bit: perplexity {rows[0]['ppl']:.3f}")
+    footprint16 = int(model16.get_memory_footprint())
+    generations = {"16-bit": _generate(model16, processor, options)}
     cache = QuantCache(model16, fmt)
     uniform = all_4bit(table, fmt.name)
     dynamic = [plan_keep_set(table, p) for p in plans]
-    simulated_kld = {}  # label -> mean KLD simulated: like-for-like with the heuristic rows
-    for keep in [uniform, *dynamic] if options.baselines else [uniform]:
-        with cache.quantized(keep.quantized) as simulated:
-            simulated_kld[keep.label] = float(measure(simulated, reference).kld.mean())
+    heuristics = [k for p in plans for k in baseline_keep_sets(table, p, options.seed_values)] if options.baselines else []
+    simulated = [uniform, *dynamic] if options.baselines else [uniform]  # like-for-like with the heuristic rows
+    with stage("simulated variants"):
+        measured = measure_variants(reference, cache, {"16-bit": None, **{i: k.quantized for i, k in
+                                                                          enumerate(simulated + heuristics)}})
+    rows = [_row(sixteen_bit(table, fmt.name), measured["16-bit"], "16-bit", footprint16)]
+    say(f"  16-bit: perplexity {rows[0]['ppl']:.3f}")
+    simulated_kld = {k.label: float(measured[i].kld.mean()) for i, k in enumerate(simulated)}
     meta["simulation_check"] = {"variant": uniform.label, "simulated_mean_kld": simulated_kld[uniform.label]}
-    if options.baselines:
-        for keep in (k for p in plans for k in baseline_keep_sets(table, p, options.seeds)):
-            with cache.quantized(keep.quantized) as simulated:
-                rows.append(_row(keep, measure(simulated, reference), "simulated"))
-            say(f"  {keep.label}{'' if keep.seed is None else f' seed {keep.seed}'}: mean KLD {rows[-1]['mean_kld']:.6f}")
-    small = heldout_reference(model16, heldout.input_ids[: options.agreement_samples], options.batch_size)
-    agreement, meta["agreement"] = predicted_vs_measured(table, plans[0], cache, small, options.top_k,
-                                                         options.random_k, options.seed)
-    say(f"  predicted vs measured: {meta['agreement']['verdict']}")
-    del model16, cache, small
-    gc.collect()
+    for i, keep in enumerate(heuristics, start=len(simulated)):
+        rows.append(_row(keep, measured[i], "simulated"))
+        say(f"  {keep.label}{'' if keep.seed is None else f' seed {keep.seed}'}: mean KLD {rows[-1]['mean_kld']:.6f}")
+    agreement, meta["agreement"] = _agreement(table, plans[0], cache, model16, heldout, options)
 
-    # 3. real bitsandbytes loads, one at a time
+    # 3. real bitsandbytes loads, one at a time, each against the 16-bit logits recomputed per batch
     quantized = [(all_int8(table), _int8_config()), (uniform, _uniform_config(uniform, fmt, dtype))]
     quantized += [(keep, bnb_config(p, dtype)) for keep, p in zip(dynamic, plans, strict=True)]
     for keep, config in quantized:
-        row, generations[keep.label] = _measure_bnb(source, keep, config, reference, processor, options)
+        with stage(f"bitsandbytes {keep.label}"):
+            row, generations[keep.label] = _measure_bnb(source, keep, config, reference, processor, options)
         row["simulated_mean_kld"] = simulated_kld.get(keep.label, float("nan"))
         rows.append(row)
         if keep is uniform:
@@ -133,10 +166,31 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         say(f"  {keep.label}: mean KLD {row.get('mean_kld', float('nan')):.6f}, "
             f"footprint {row['footprint_bytes']:,} bytes {row['note']}")
 
+    del model16, cache, reference
+    gc.collect()
     comparison = Comparison(scoreboard_frame(_ordered(rows)), generations, agreement, meta)
     if out_dir is not None:
         comparison.save(out_dir)
     return comparison
+
+
+def _agreement(table, plan: Plan, cache: QuantCache, model16, heldout, options: CompareConfig):
+    """Predicted vs measured on the first ``agreement_samples`` windows; skipped by ``--report quick``."""
+    if options.report is ReportDepth.QUICK:
+        return pd.DataFrame(columns=list(AGREEMENT_COLUMNS)), {"skipped": QUICK_SKIPS["agreement"]}
+    with stage("predicted vs measured"):
+        small = heldout_reference(model16, heldout.input_ids[: options.agreement_samples], options.batch_size)
+        frame, stats = predicted_vs_measured(table, plan, cache, small, options.top_k, options.random_k, options.seed)
+    if options.progress:
+        print(f"  predicted vs measured: {stats['verdict']}")
+    return frame, stats
+
+
+def _generate(model, processor, options: CompareConfig) -> dict[str, str]:
+    """Greedy generations of the fixed prompts; none under ``--report quick``."""
+    if options.report is ReportDepth.QUICK:
+        return {}
+    return generate(model, processor, options.prompts, options.max_new_tokens)
 
 
 def _measure_bnb(source, keep: KeepSet, config, reference, processor, options) -> tuple[dict, dict]:
@@ -147,13 +201,14 @@ def _measure_bnb(source, keep: KeepSet, config, reference, processor, options) -
             model = load_model(source, dtype=dtype_from_name(options.dtype), device=options.device,
                                quantization_config=config)
             fidelity = measure(model, reference)
-            answers = generate(model, processor, options.prompts, options.max_new_tokens)
+            answers = _generate(model, processor, options)
         return _row(keep, fidelity, "bitsandbytes", int(model.get_memory_footprint())), answers
     except Exception as err:  # e.g. bitsandbytes 8-bit without a CPU kernel: report it, do not crash
         note = f"bitsandbytes failed on {options.device}: {type(err).__name__}: {str(err)[:200]}"
         row = _row(keep, None, "bitsandbytes", keep.footprint_bytes)
         row["note"] = note
-        return row, {p: "(not run: variant failed)" for p in options.prompts}
+        return row, {} if options.report is ReportDepth.QUICK else {p: "(not run: variant failed)"
+                                                                       for p in options.prompts}
     finally:
         del model
         gc.collect()

@@ -1,9 +1,11 @@
 """Fidelity of a variant to the 16-bit model on held-out text: KL divergence, top-token agreement, perplexity.
 
-The 16-bit model's logits on the held-out windows are a :class:`~analysis.reference.KLReference`
-(computed once per batch, kept in the model's dtype: 400 MB for 4096 SmolLM2 tokens); each
-variant is then run batch by batch and compared with them in float32 by
-:func:`~analysis.reference.compare_tokens`, so at most one batch of full log-softmaxes is alive.
+The held-out windows are a :class:`~analysis.reference.KLReference`: the 16-bit logits of one
+batch are computed, every variant is compared with them in float32 by
+:func:`~analysis.reference.compare_tokens`, and only the per-token results are kept, so one
+batch × vocabulary of logits is alive at a time. Simulated variants of the 16-bit model share
+each batch's 16-bit forward (:func:`measure_variants`); a separately loaded model (a real
+bitsandbytes load) is compared with the 16-bit model's logits recomputed per batch (:func:`measure`).
 
 Per token t, with P the 16-bit and Q the variant's next-token distribution:
 KLD_t = Σ_v P(v) (log P(v) − log Q(v)) (nats); "same top" is argmax P = argmax Q;
@@ -14,13 +16,15 @@ Error bars are standard errors over tokens, as llama.cpp's ``llama-perplexity`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from quantplan.analysis.calibration import CalibrationSet
-from quantplan.analysis.reference import KLReference, compare_tokens, forward_logits
+from quantplan.analysis.reference import KLReference, compare_tokens, for_each_variant, forward_logits
+from quantplan.analysis.simulate import QuantCache
 
 
 @dataclass
@@ -54,21 +58,38 @@ def heldout_reference(model, input_ids: torch.Tensor, batch_size: int = 4) -> KL
 
 
 def measure(model, reference: KLReference) -> Fidelity:
-    """Run ``model`` on the reference's windows and compare with the cached 16-bit logits."""
-    return _collect(reference, lambda batch, logits16: forward_logits(model, batch))
+    """Run ``model`` (a model other than the reference's, which must be 16-bit now) on the reference's
+    windows and compare it with the 16-bit logits, one batch at a time."""
+    parts = []
+    with torch.inference_mode():
+        for batch, logits16 in reference.pairs():
+            parts.append(compare_tokens(logits16, forward_logits(model, batch), batch["input_ids"]))
+    return _joined(parts)
+
+
+def measure_variants(reference: KLReference, cache: QuantCache, variants: Mapping) -> dict:
+    """Fidelity of each simulated variant (key -> quantized module names; None: the 16-bit model itself).
+
+    Batch-outer: each batch's 16-bit logits are computed once and every variant is compared
+    with them before the next batch (:func:`~analysis.reference.for_each_variant`).
+    """
+    parts = {key: [] for key in variants}
+    for key, batch, logits16, logits in for_each_variant(reference, cache, variants):
+        with torch.inference_mode():
+            parts[key].append(compare_tokens(logits16, logits, batch["input_ids"]))
+    return {key: _joined(p) for key, p in parts.items()}
 
 
 def fidelity_of_self(reference: KLReference) -> Fidelity:
     """The 16-bit row: KLD 0 by definition, its own perplexity."""
-    return _collect(reference, lambda batch, logits16: logits16)
-
-
-def _collect(reference: KLReference, variant_logits) -> Fidelity:
     parts = []
     with torch.inference_mode():
         for batch, logits16 in reference.pairs():
-            parts.append(compare_tokens(logits16, variant_logits(batch, logits16), batch["input_ids"]))
+            parts.append(compare_tokens(logits16, logits16, batch["input_ids"]))
+    return _joined(parts)
 
+
+def _joined(parts) -> Fidelity:
     def joined(field: str) -> np.ndarray:
         return np.concatenate([getattr(p, field).flatten().cpu().numpy() for p in parts])
 

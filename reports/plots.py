@@ -134,7 +134,7 @@ def plot_pareto(pareto: pd.DataFrame, scoreboard: pd.DataFrame | None = None, pl
         for kind, (_, color, _) in styles.items():
             part = scoreboard[(scoreboard["kind"] == kind) & np.isfinite(scoreboard["mean_kld"])]
             for _, r in part.iterrows():
-                _label_inside(right, re.sub(r" \(mean of \d+ seeds\)", "", r["variant"]), r["bytes"] / 1e6,
+                _label_inside(right, re.sub(r" \((mean of \d+ seeds|1 seed)\)", "", r["variant"]), r["bytes"] / 1e6,
                               r["mean_kld"], fontsize=7, color=color)
         right.set_ylabel("measured mean KLD vs 16-bit (nats)", color="C3")
         handles = ax.get_legend_handles_labels()

@@ -26,6 +26,7 @@ from quantplan.planner.plan_types import Plan
 from quantplan.planner.reasons import ReasonKind
 
 from . import plots
+from .compare import QUICK_SKIPS, ReportDepth
 from .result import Comparison
 from .scoreboard import DISPLAY_NUMERIC, display_frame, footnotes
 from .tables import html_table, markdown_table
@@ -79,6 +80,9 @@ def report_blocks(table: SensitivityTable, plans: list[Plan], comparison: Compar
                      "simulation's mean KLD, also for all-4-bit and the plans, so that the verdicts below compare "
                      "plans and heuristics like for like. Heuristic baselines spend the same bytes as their "
                      "dynamic plan (greedy fill, never more). Full numbers: `scoreboard.csv`."),
+               *([("p", f"Quick report: {QUICK_SKIPS['seeds']}; the predicted-vs-measured checks and the "
+                        "generations are left out (`--report full` measures them).")]
+                 if meta.get("report") == ReportDepth.QUICK.value else []),
                ("table", display_frame(board), DISPLAY_NUMERIC),
                ("notes", footnotes(board)),
                ("list", comparison.verdicts or ["No heuristic baselines were measured."])]
@@ -88,9 +92,12 @@ def report_blocks(table: SensitivityTable, plans: list[Plan], comparison: Compar
                             f"mean KLD {check['bitsandbytes_mean_kld']:.6f}; simulated in the 16-bit model (how the "
                             f"heuristic rows are measured) {check['simulated_mean_kld']:.6f}."))
     blocks += _agreement_blocks(comparison)
-    blocks += [("h2", "Generations"),
-               ("p", "Greedy continuations of fixed prompts, one column per variant."),
-               ("table", comparison.generations_frame(), ())]
+    blocks += [("h2", "Generations")]
+    if meta.get("report") == ReportDepth.QUICK.value:
+        blocks.append(("p", f"Not measured: {QUICK_SKIPS['generations']}."))
+    else:
+        blocks += [("p", "Greedy continuations of fixed prompts, one column per variant."),
+                   ("table", comparison.generations_frame(), ())]
     blocks += _plot_blocks(table)
     for p in plans:
         blocks += _plan_blocks(p)
@@ -101,7 +108,8 @@ def _agreement_blocks(comparison: Comparison) -> list[tuple]:
     stats = comparison.meta.get("agreement", {})
     frame = comparison.agreement.copy()
     if frame.empty:
-        return [("h2", "Predicted vs measured"), ("p", "Not measured.")]
+        why = f": {stats['skipped']}" if stats.get("skipped") else ""
+        return [("h2", "Predicted vs measured"), ("p", f"Not measured{why}.")]
     frame["predicted"] = frame["predicted"].map(lambda v: f"{v:.4g}")
     frame["measured_kld"] = frame["measured_kld"].map(lambda v: f"{v:.4g}")
     return [("h2", "Predicted vs measured"),

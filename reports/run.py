@@ -9,6 +9,7 @@ import pandas as pd
 
 from quantplan.analysis.models import ModelSource
 from quantplan.analysis.table import SensitivityTable
+from quantplan.common.profile import stage
 from quantplan.planner.plan_types import Plan
 
 from .compare import CompareConfig, compare
@@ -34,10 +35,12 @@ def compare_and_report(model: str | ModelSource | None, table: SensitivityTable 
             raise FileNotFoundError("compare needs the sensitivity table the plans came from: pass --table DIR")
         table = SensitivityTable.load(table)
     plans = [p if isinstance(p, Plan) else Plan.load(p) for p in plans]
-    comparison = compare(model, plans, out_dir, table=table, options=options)
+    with stage("compare"):
+        comparison = compare(model, plans, out_dir, table=table, options=options)
     if isinstance(pareto, str | Path):
         pareto = pd.read_csv(pareto) if Path(pareto).is_file() else None
-    paths = write_report(out_dir, table, plans, comparison, pareto)
+    with stage("write report"):
+        paths = write_report(out_dir, table, plans, comparison, pareto)
     if options.progress:
         print(comparison.scoreboard_markdown())
         print(f"quantplan: wrote {paths['html']}, {paths['md']} and {Path(out_dir) / 'scoreboard.csv'}")

@@ -67,7 +67,7 @@ def _recovery(frame: pd.DataFrame) -> pd.Series:
 def _mean_of_seeds(seeds: list[dict]) -> dict:
     row = dict(seeds[0])
     row["_group"] = (row["plan"], row["variant"])
-    row["variant"] = f"{row['variant']} (mean of {len(seeds)} seeds)"
+    row["variant"] = f"{row['variant']} " + (f"(mean of {len(seeds)} seeds)" if len(seeds) > 1 else "(1 seed)")
     for key in (*METRICS, "bytes", "footprint_bytes", "kept_16bit"):
         row[key] = float(np.mean([s.get(key, np.nan) for s in seeds]))
     for key in ("bytes", "footprint_bytes", "kept_16bit"):

@@ -90,3 +90,11 @@ def test_streaming(tmp_path):
     for run in result["runs"]:
         assert {"peak_rss_bytes", "rss_after_imports_bytes", "cpu_s", "block_s_mean", "rows"} <= set(run)
     assert {"target_met", "cpu_s_per_layer", "peak_rss_spread"} <= set(result["summary"])
+
+
+def test_stage_profile(tmp_path, tiny_model):
+    result = run_benchmark("stage_profile.py", tmp_path / "stages.json", "--model", str(tiny_model), "--label", "tiny",
+                           "--samples", "2", "--seq-len", "16", "--no-fisher", "--no-compare", "--quiet")
+    run = result["runs"]["tiny"]
+    assert {"analysis", "plan + verification", "export"} <= set(run["top_level_s"])
+    assert run["run_over_analysis"] >= 1 and run["peak_rss_bytes"] > 0 and "machine" in run

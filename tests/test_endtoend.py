@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tiny import random_calibration, tiny_llama
 
 from quantplan.analysis import NF4, analyze
 from quantplan.analysis.endtoend import restore_gains
-from quantplan.analysis.reference import KLReference, calibration_kld
+from quantplan.analysis.reference import KLReference, calibration_kld, model_kld
 from quantplan.analysis.simulate import QuantCache
 
 
@@ -24,11 +26,14 @@ def setup():
 
 def test_kld_is_zero_in_16bit_and_positive_quantized(setup):
     model, _, reference, cache, names = setup
-    assert calibration_kld(model, reference) == pytest.approx(0.0, abs=1e-6)
-    with cache.quantized(names):
-        quantized = calibration_kld(model, reference)
+    assert calibration_kld(reference, cache) == pytest.approx(0.0, abs=1e-6)
+    quantized = calibration_kld(reference, cache, names)
     assert quantized > 1e-4
-    assert calibration_kld(model, reference) == pytest.approx(0.0, abs=1e-6)  # weights restored afterwards
+    assert not cache._originals  # the 16-bit weights are back
+    assert calibration_kld(reference, cache) == pytest.approx(0.0, abs=1e-6)
+    sixteen = KLReference(copy.deepcopy(model), reference.calibration, 2)
+    with cache.quantized(names):  # the same KL measured against a second, 16-bit copy of the model
+        assert model_kld(model, sixteen) == quantized
     assert restore_gains(model, reference, cache, names).kld == pytest.approx(quantized, rel=1e-4)
 
 
@@ -38,13 +43,14 @@ def test_gain_is_the_directional_derivative_of_the_kl(setup):
     result = restore_gains(model, reference, cache, names)
     ranked = sorted(names, key=lambda n: -abs(result.gains[n]))
     eps = 0.05
+    sixteen = KLReference(copy.deepcopy(model), reference.calibration, 2)
     for name in ranked[:3]:
         with cache.quantized(names):
-            base = calibration_kld(model, reference)
+            base = model_kld(model, sixteen)
             weight = cache.modules[name].weight
             rounded = weight.data.clone()
             weight.data = rounded + eps * (cache.original(name) - rounded)
-            moved = calibration_kld(model, reference)
+            moved = model_kld(model, sixteen)
             weight.data = rounded
         assert (base - moved) / eps == pytest.approx(result.gains[name], rel=0.1, abs=1e-5)
     assert sum(result.gains.values()) > 0  # restoring helps overall
@@ -68,4 +74,4 @@ def test_context_error_sees_upstream_rounding(setup):
 def test_max_batches_bounds_the_reference(setup):
     model, calibration, *_ = setup
     reference = KLReference(model, calibration, batch_size=2, max_batches=1)
-    assert reference.count == 1 and len(reference.logits) == 1 and reference.tokens == 2 * 32
+    assert reference.count == 1 and len(list(reference.batches())) == 1 and reference.tokens == 2 * 32

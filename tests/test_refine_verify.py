@@ -25,8 +25,7 @@ def job():
 
 def kld_of(table, chosen, model, shared) -> float:
     keep = plan_keep_set(table, chosen)
-    with shared["cache"].quantized(keep.quantized):
-        return calibration_kld(model, shared["reference"])
+    return calibration_kld(shared["reference"], shared["cache"], keep.quantized)
 
 
 def test_context_columns_filled_for_the_4bit_format(job):

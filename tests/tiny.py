@@ -75,3 +75,12 @@ def save_tiny_english(folder: Path, layers: int = 4, vocab: int = 256, seed: int
     fast.save_pretrained(folder)
     return Path(folder)
 
+
+
+#: a Gemma-3-sized vocabulary: the 16-bit logits of one token take 0.5 MB
+LARGE_VOCAB = 262_144
+
+
+def large_vocab_llama(vocab: int = LARGE_VOCAB) -> LlamaForCausalLM:
+    """A 2-layer, hidden-64 Llama with a ≥ 256k vocabulary: memory there is logits, not weights."""
+    return tiny_llama(layers=2, hidden=64, intermediate=128, vocab=vocab)

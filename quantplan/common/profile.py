@@ -1,0 +1,155 @@
+"""Stage profile: wall seconds and peak memory of each step of a run, for ``quantplan run``'s last lines.
+
+``with recording() as profile:`` collects; inside it, ``with stage("measure"):`` times one step
+(anywhere in the code: without a recording it costs nothing and records nothing, so the rooms
+may mark their steps without depending on the application layer). Stages nest: an inner
+stage's seconds are part of its parent's, and it is listed after it with its depth.
+
+Peak memory is the process's resident-set high-water mark (VmHWM) during the stage. On Linux
+the mark is reset at each stage start (``/proc/self/clear_refs``), so each stage reports its
+own peak; elsewhere it is ``getrusage``'s lifetime peak, which only grows (``rss_scope`` says
+which). On CUDA the peak of ``torch.cuda.max_memory_allocated`` is recorded too.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .files import atomic_write_text
+
+PROFILE_FILE = "profile.json"
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+@dataclass(frozen=True)
+class StageTime:
+    """One finished stage: its name, depth (0 = top level), wall seconds and peak memory in bytes."""
+
+    name: str
+    depth: int
+    seconds: float
+    peak_rss_bytes: int
+    peak_gpu_bytes: int | None = None
+
+
+@dataclass
+class Profile:
+    """The stages of one run in the order they started."""
+
+    stages: list[StageTime] = field(default_factory=list)
+    rss_scope: str = "stage"  # "stage": peak within the stage; "process": lifetime peak up to its end
+    _open: list[dict] = field(default_factory=list, repr=False)
+
+    def top_level(self) -> list[StageTime]:
+        """The outermost stages (their seconds add up to the profiled part of the run)."""
+        return [s for s in self.stages if s.depth == 0]
+
+    def seconds(self, name: str) -> float:
+        """Total seconds of the stages called ``name`` (0 if none ran)."""
+        return sum(s.seconds for s in self.stages if s.name == name)
+
+    def lines(self) -> list[str]:
+        """One line per stage: name, seconds, peak RSS (and GPU memory), indented by depth."""
+        out = []
+        for s in self.stages:
+            gpu = "" if s.peak_gpu_bytes is None else f", GPU peak {s.peak_gpu_bytes / 2**30:.2f} GiB"
+            out.append(f"  {'  ' * s.depth}{s.name:<{24 - 2 * s.depth}} {s.seconds:8.1f} s   "
+                       f"peak RSS {s.peak_rss_bytes / 2**30:.2f} GiB{gpu}")
+        return out
+
+    def to_dict(self) -> dict:
+        """The JSON form of ``profile.json``."""
+        return {"version": 1, "rss_scope": self.rss_scope, "total_seconds": sum(s.seconds for s in self.top_level()),
+                "stages": [asdict(s) for s in self.stages]}
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``profile.json`` (atomically) and return its path."""
+        path = Path(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+_current: ContextVar[Profile | None] = ContextVar("quantplan_profile", default=None)
+
+
+@contextmanager
+def recording():
+    """Collect the stages run inside the block into a new :class:`Profile` (yielded)."""
+    profile = Profile(rss_scope="stage" if _can_reset_peak() else "process")
+    token = _current.set(profile)
+    try:
+        yield profile
+    finally:
+        _current.reset(token)
+
+
+@contextmanager
+def stage(name: str):
+    """Time the block as stage ``name`` of the current recording (a no-op without one)."""
+    profile = _current.get()
+    if profile is None:
+        yield
+        return
+    _fold_peak(profile)  # the parents keep the peak reached so far before the mark is reset
+    _reset_peak()
+    entry = {"peak": 0, "index": len(profile.stages)}
+    profile._open.append(entry)
+    profile.stages.append(None)  # the slot keeps start order; filled at the end
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - start
+        _fold_peak(profile)
+        profile._open.pop()
+        for parent in profile._open:
+            parent["peak"] = max(parent["peak"], entry["peak"])
+        profile.stages[entry["index"]] = StageTime(name, len(profile._open), seconds, entry["peak"], _gpu_peak())
+
+
+def _fold_peak(profile: Profile) -> None:
+    peak = rss_peak_bytes()
+    for entry in profile._open:
+        entry["peak"] = max(entry["peak"], peak)
+
+
+def rss_peak_bytes() -> int:
+    """The resident-set high-water mark since the last reset (Linux) or since the process started."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def _can_reset_peak() -> bool:
+    return _CLEAR_REFS.exists() and _STATUS.exists()
+
+
+def _reset_peak() -> None:
+    """Start a new high-water mark (Linux: write 5 to clear_refs); elsewhere nothing to do."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_peak() -> int | None:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.max_memory_allocated())

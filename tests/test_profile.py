@@ -1,0 +1,64 @@
+"""The stage profile (quantplan.common.profile) and what `quantplan run` writes with it; --report quick."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from tiny import save_tiny_english
+
+from quantplan import AnalyzeConfig, run
+from quantplan.common.profile import PROFILE_FILE, recording, stage
+from quantplan.reports.compare import CompareConfig, ReportDepth
+
+
+def test_stages_nest_in_start_order_with_their_own_peaks():
+    with stage("outside"):  # no recording: nothing to record, nothing fails
+        pass
+    with recording() as profile:
+        with stage("outer"):
+            with stage("inner"):
+                buffer = bytearray(200 * 2**20)  # 200 MB touched inside the inner stage
+                buffer[:: 4096] = b"x" * len(buffer[:: 4096])
+                del buffer
+            with stage("second"):
+                pass
+    assert [(s.name, s.depth) for s in profile.stages] == [("outer", 0), ("inner", 1), ("second", 1)]
+    outer, inner, second = profile.stages
+    assert all(s.seconds >= 0 for s in profile.stages) and outer.seconds >= inner.seconds + second.seconds
+    assert outer.peak_rss_bytes >= inner.peak_rss_bytes >= 200 * 2**20
+    if profile.rss_scope == "stage":  # Linux: the mark is reset per stage
+        assert second.peak_rss_bytes < inner.peak_rss_bytes - 100 * 2**20
+    assert len(profile.lines()) == 3 and profile.to_dict()["total_seconds"] == outer.seconds
+
+
+def test_config_reads_the_report_depth_by_name():
+    assert CompareConfig(report="quick").report is ReportDepth.QUICK
+    assert CompareConfig(report="quick").seed_values == (0,) and CompareConfig().seed_values == (0, 1, 2)
+    with pytest.raises(ValueError):
+        CompareConfig(report="medium")
+
+
+def test_a_tiny_run_writes_its_stage_profile_and_a_quick_report(tmp_path, capsys):
+    model = save_tiny_english(tmp_path / "model", layers=2)
+    config = AnalyzeConfig(samples=4, seq_len=32, batch_size=2, fisher=False, progress=False)
+    compare = CompareConfig(samples=2, seq_len=32, max_new_tokens=4, progress=False, report="quick")
+    out = run(str(model), "+20%", tmp_path / "job", config, compare=compare)
+    profile = json.loads((tmp_path / "job" / PROFILE_FILE).read_text())
+    assert out["profile"] == tmp_path / "job" / PROFILE_FILE
+    names = [s["name"] for s in profile["stages"]]
+    for expected in ("analysis", "load model", "calibration pass", "measure", "plan + verification", "export",
+                     "compare + report", "compare", "simulated variants", "write report"):
+        assert expected in names, (expected, names)
+    assert all(s["seconds"] >= 0 and s["peak_rss_bytes"] > 0 for s in profile["stages"])
+    assert [s["name"] for s in profile["stages"] if s["depth"] == 0] == [
+        "analysis", "plan + verification", "export", "compare + report"]
+    assert "stage profile" in capsys.readouterr().out
+    # quick: the scoreboard with recovery and baselines (one random seed), no agreement, no generations
+    board = pd.read_csv(tmp_path / "job" / "scoreboard.csv")
+    assert {"first+last layers @ +20%", "weight error @ +20%", "random @ +20% (1 seed)"} <= set(board["variant"])
+    assert board["recovery_pct"].notna().any()
+    report = (tmp_path / "job" / "report.md").read_text()
+    assert "--report quick" in report and "predicted-vs-measured" in report
+    assert "predicted vs measured" not in names
