@@ -6,6 +6,12 @@ and a model card are written beside it. Everything goes to a temporary folder ne
 target, is reloaded from there with plain ``from_pretrained`` and checked (every planned
 module a plain Linear, every other quantizable one a ``Linear4bit``), and only then renamed
 into place: a crash or a failed check never leaves a half checkpoint at ``out_dir``.
+
+A plan over a blocksize menu (4-bit modules in more than one format, e.g. ``nf4`` and ``nf4-bs32``)
+cannot be expressed as a ``BitsAndBytesConfig``: the 16-bit model is loaded and written
+pre-quantized instead (:mod:`planner.prequantized`), then reloaded and checked the same way, plus
+each 4-bit module's loaded blocksize against the plan. A single-format plan keeps the
+transformers path (its ``BitsAndBytesConfig`` is the one ``plan.json`` shows, ready to paste).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from quantplan.analysis.models import ModelSource, load_processor
 
 from .modelcard import write_model_card
 from .plan_types import KEEP, Plan
+from .prequantized import MenuExportError, check_blocksizes, menu_formats, write_prequantized
 
 
 class ExportError(RuntimeError):
@@ -66,19 +73,30 @@ def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: b
     plan.check_model(source.fingerprint)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists: pass --overwrite to replace it, or choose another --out")
-    config = bnb_config(plan, compute_dtype)
+    config = None if plan.mixed_blocksizes else bnb_config(plan, compute_dtype)
+    if config is None:
+        try:
+            menu_formats(plan)  # an unwritable plan fails before any model is loaded
+        except MenuExportError as err:
+            raise ExportError(str(err)) from None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        model = _load_quantized(source.path, config, compute_dtype, device)
-        check_module_types(model, plan)
-        model.save_pretrained(staging)
+        if config is None:
+            model = _load_16bit(source, compute_dtype, device)
+            write_prequantized(model, plan, staging, compute_dtype)
+        else:
+            model = _load_quantized(source.path, config, compute_dtype, device)
+            check_module_types(model, plan)
+            model.save_pretrained(staging)
         load_processor(source).save_pretrained(staging)
         del model
         gc.collect()
         plan.save(staging / "quantplan_plan.json")
         reloaded = _load_plain(staging, device)
         check_module_types(reloaded, plan)
+        if wrong := check_blocksizes(reloaded, plan):
+            raise ExportError("the checkpoint does not follow the plan's blocksizes: " + "; ".join(wrong[:5]))
         result = ExportResult(out_dir, int(reloaded.get_memory_footprint()), checkpoint_tensor_bytes(staging),
                               len(plan.kept), len(plan.choices) - len(plan.kept))
         del reloaded
@@ -132,6 +150,12 @@ def _load_quantized(path, config, compute_dtype, device):
     from quantplan.analysis.models import load_model, resolve_source
 
     return load_model(resolve_source(str(path)), dtype=compute_dtype, device=device, quantization_config=config)
+
+
+def _load_16bit(source, compute_dtype, device):
+    from quantplan.analysis.models import load_model
+
+    return load_model(source, dtype=compute_dtype, device=device)
 
 
 def _load_plain(path, device):

@@ -8,7 +8,9 @@ and the heuristic alternatives at the plan's bytes (first+last layers, largest w
 :mod:`planner.baselines`). If the plan's KL is not below all-4-bit's, the planner says so and
 returns the alternative with the lowest KL below all-4-bit's, or all-4-bit itself. The
 measurements go into ``plan.checks.verification`` (``plan.json``). Cost: one forward pass
-per variant over at most ``max_batches`` calibration batches, plus the 16-bit logits.
+per variant over at most ``max_batches`` calibration batches, plus the 16-bit logits. A plan over a
+blocksize menu (several 4-bit formats) is simulated with each module in its planned format; the
+all-4-bit reference and the heuristics use the first tier (blocksize 64).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ PLAN = "plan"
 def verify(table, chosen: Plan, model, calibration, *, batch_size: int = 4, max_batches: int | None = None,
            reference: KLReference | None = None, cache: QuantCache | None = None, progress: bool = True) -> Plan:
     """``chosen`` with its verification recorded, or the best measured alternative (see module docstring)."""
-    if len(chosen.tiers) > 1:  # the simulation knows one 4-bit format (and export takes one)
-        print("quantplan: the end-to-end check simulates one 4-bit format: skipped for a multi-tier plan")
+    if any(chosen.format_of(t).get("bits") != 4 for t in chosen.tiers):  # the simulation knows 4-bit only
+        print("quantplan: the end-to-end check simulates 4-bit formats only: skipped for a plan with an 8-bit tier")
         return chosen
     reference = reference or KLReference(model, calibration, batch_size, max_batches, progress=progress)
     cache = cache or QuantCache(model, format_from_dict(chosen.quant))
@@ -42,7 +44,7 @@ def verify(table, chosen: Plan, model, calibration, *, batch_size: int = 4, max_
         variants.update({k.label: k for k in baseline_keep_sets(table, chosen, seeds=())})
     kld = {}
     for label, keep in variants.items():
-        with cache.quantized(keep.quantized & set(cache.modules)):
+        with cache.quantized(keep.quantized & set(cache.modules), keep.formats):
             kld[label] = calibration_kld(model, reference)
     winner = choose(kld, PLAN, nothing.label)
     record = Verification(calibration_kld=kld, tokens=reference.tokens, all_4bit=nothing.label, chosen=winner)
