@@ -48,7 +48,12 @@ class KeepSet:
     footprint_bytes: int  # predicted get_memory_footprint()
     plan: str = ""  # budget spec of the dynamic plan this row belongs to
     seed: int | None = None
-    formats: dict[str, FourBit] = field(default_factory=dict, hash=False)  # modules not in the reference format
+    formats: dict[str, FourBit] = field(default_factory=dict, hash=False)  # each quantized module's 4-bit format
+
+    @property
+    def mixed_formats(self) -> bool:
+        """More than one 4-bit format (a blocksize-menu plan): no BitsAndBytesConfig loads it."""
+        return len(set(self.formats.values())) > 1
 
 
 def linear_frame(table: SensitivityTable, fmt: str) -> pd.DataFrame:
@@ -70,7 +75,9 @@ def sized(model: ByteModel, label: str, kind: str, kept, plan: str = "", seed: i
     choices = {name: KEEP if name in kept else tier for name in model.frame.index}
     size = model.size(choices)
     quantized = frozenset(n for n, c in choices.items() if c != KEEP)
-    return KeepSet(label, kind, kept, quantized, size.bytes, size.footprint_bytes, plan, seed)
+    fmt = model.formats.get(tier)
+    formats = {n: fmt for n in quantized} if isinstance(fmt, FourBit) else {}
+    return KeepSet(label, kind, kept, quantized, size.bytes, size.footprint_bytes, plan, seed, formats)
 
 
 def sixteen_bit(table: SensitivityTable, fmt: str) -> KeepSet:
@@ -108,8 +115,7 @@ def plan_keep_set(table: SensitivityTable, plan: Plan) -> KeepSet:
     if not (plan.mixed_blocksizes and all(plan.format_of(t).get("bits") == 4 for t in plan.used_formats)):
         return sized(ByteModel(table, plan.tiers[:1]), label, "dynamic", kept, plan=plan.budget.spec)
     size = ByteModel(table, plan.tiers).size(plan.choices)
-    reference = plan.tiers[0]
-    formats = {n: format_from_dict(plan.format_of(c)) for n, c in plan.choices.items() if c not in (KEEP, reference)}
+    formats = {n: format_from_dict(plan.format_of(c)) for n, c in plan.choices.items() if c != KEEP}
     quantized = frozenset(n for n, c in plan.choices.items() if c != KEEP)
     return KeepSet(label, "dynamic", frozenset(kept), quantized, size.bytes, size.footprint_bytes, plan.budget.spec,
                    formats=formats)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from quantplan.analysis.formats import formats_of
 from quantplan.analysis.table import SensitivityTable
 
 from .plan_types import KEEP
@@ -35,6 +36,8 @@ class ByteModel:
         if linear.empty:
             raise ValueError("the sensitivity table holds no Linear module: nothing to plan")
         self.tiers = list(tiers)
+        described = formats_of(table.meta.get("formats", []))
+        self.formats = {t: described[t] for t in self.tiers if t in described}  # tier -> format value
         self.other = int(table.meta.get("other_bytes", 0))
         self.other_footprint = int(table.meta.get("other_footprint_bytes", 0))
         frame = linear.drop_duplicates("name").set_index("name")[["group", "bytes_16bit", "quantizable"]].copy()

@@ -105,17 +105,17 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
     uniform = all_4bit(table, fmt.name)
     dynamic = [plan_keep_set(table, p) for p in plans]
     simulated_kld = {}  # label -> mean KLD simulated: like-for-like with the heuristic rows
-    for keep in [uniform, *dynamic] if options.baselines else [uniform, *(k for k in dynamic if k.formats)]:
+    for keep in [uniform, *dynamic] if options.baselines else [uniform, *(k for k in dynamic if k.mixed_formats)]:
         with cache.quantized(keep.quantized, keep.formats) as simulated:
             fidelity = measure(simulated, reference)
             simulated_kld[keep.label] = float(fidelity.kld.mean())
-        if keep.formats:  # a blocksize-menu plan: no BitsAndBytesConfig loads it, so its row is the simulation
+        if keep.mixed_formats:  # a blocksize-menu plan: no BitsAndBytesConfig loads it, so its row is the simulation
             rows.append(_row(keep, fidelity, "simulated"))
             rows[-1]["note"] = "per-module blocksizes: simulated (the exported checkpoint loads them)"
     meta["simulation_check"] = {"variant": uniform.label, "simulated_mean_kld": simulated_kld[uniform.label]}
     if options.baselines:
         for keep in (k for p in plans for k in baseline_keep_sets(table, p, options.seeds)):
-            with cache.quantized(keep.quantized) as simulated:
+            with cache.quantized(keep.quantized, keep.formats) as simulated:
                 rows.append(_row(keep, measure(simulated, reference), "simulated"))
             say(f"  {keep.label}{'' if keep.seed is None else f' seed {keep.seed}'}: mean KLD {rows[-1]['mean_kld']:.6f}")
     small = heldout_reference(model16, heldout.input_ids[: options.agreement_samples], options.batch_size)
@@ -127,7 +127,8 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
 
     # 3. real bitsandbytes loads, one at a time
     quantized = [(all_int8(table), _int8_config()), (uniform, _uniform_config(uniform, fmt, dtype))]
-    quantized += [(keep, bnb_config(p, dtype)) for keep, p in zip(dynamic, plans, strict=True) if not keep.formats]
+    quantized += [(keep, bnb_config(p, dtype)) for keep, p in zip(dynamic, plans, strict=True)
+                  if not keep.mixed_formats]
     for keep, config in quantized:
         row, generations[keep.label] = _measure_bnb(source, keep, config, reference, processor, options)
         row["simulated_mean_kld"] = simulated_kld.get(keep.label, float("nan"))

@@ -104,7 +104,8 @@ def test_verification_simulates_each_module_in_its_planned_format(menu_job):
     _, model, calibration, table = menu_job
     p = mixed_plan(table)
     keep = plan_keep_set(table, p)
-    assert keep.formats and all(f.blocksize == 32 for f in keep.formats.values())
+    assert keep.mixed_formats and {f.blocksize for f in keep.formats.values()} == {32, 64}
+    assert all(keep.formats[n].name == c for n, c in p.choices.items() if c != KEEP)
     assert keep.bytes == p.predicted.bytes
     shared = {"reference": KLReference(model, calibration, 4), "cache": QuantCache(model, NF4), "progress": False}
     checked = verify(table, p, model, calibration, **shared)
