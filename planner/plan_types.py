@@ -178,7 +178,8 @@ class Plan:
             objective=data["objective"], tiers=list(data["tiers"]), predicted=Prediction(**data["predicted"]),
             table_hash=data["table_hash"], model_id=data["model_id"], model_fingerprint=data["model_fingerprint"],
             quant=dict(data.get("quant", {})), vllm_safe=bool(data.get("vllm_safe", False)),
-            checks=Checks.from_dict(data.get("checks", {})), formats=dict(data.get("formats", {})))
+            checks=Checks.from_dict(data.get("checks", {})),
+            formats=dict(data.get("formats") or ({data["quant"]["name"]: data["quant"]} if data.get("quant") else {})))
 
     def save(self, path: str | Path) -> Path:
         """Write plan.json (atomically)."""

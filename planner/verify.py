@@ -33,7 +33,7 @@ def verify(table, chosen: Plan, model, calibration, *, batch_size: int = 4, max_
            reference: KLReference | None = None, cache: QuantCache | None = None, progress: bool = True) -> Plan:
     """``chosen`` with its verification recorded, or the best measured alternative (see module docstring)."""
     if any(chosen.format_of(t).get("bits") != 4 for t in chosen.tiers):  # the simulation knows 4-bit only
-        print("quantplan: the end-to-end check simulates 4-bit formats only: skipped for a plan with an 8-bit tier")
+        print("quantplan: the end-to-end check simulates 4-bit formats only: skipped for a multi-tier plan with an 8-bit tier")
         return chosen
     reference = reference or KLReference(model, calibration, batch_size, max_batches, progress=progress)
     cache = cache or QuantCache(model, format_from_dict(chosen.quant))
