@@ -169,3 +169,16 @@ def test_a_menu_plan_with_an_8bit_tier_is_refused_before_loading(menu_job, tmp_p
     with pytest.raises(ExportError, match="4-bit formats"):
         export(source, bad, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_run_with_the_menu_verifies_and_exports_a_mixed_plan(tmp_path):
+    from quantplan import AnalyzeConfig, run
+
+    folder = save_tiny(tmp_path / "model", layers=3)
+    config = AnalyzeConfig(formats="nf4,nf4-bs32", samples=4, seq_len=32, progress=False)
+    out = run(str(folder), "+2%", tmp_path / "out", config)
+    chosen = out["plan_obj"]
+    assert chosen.tiers == ["nf4", "nf4-bs32"] and chosen.checks.verification is not None
+    if chosen.checks.verification.chosen == "plan":
+        assert chosen.mixed_blocksizes
+    assert out["export"].checkpoint_bytes == pytest.approx(chosen.predicted.bytes, rel=0.01)
