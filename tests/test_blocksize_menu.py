@@ -17,6 +17,7 @@ from quantplan.analysis.simulate import QuantCache
 from quantplan.planner import KEEP, ExportError, export, plan
 from quantplan.planner.baselines import plan_keep_set
 from quantplan.planner.config import PlanConfig
+from quantplan.planner.pareto import pareto_curve
 from quantplan.planner.refine import refine
 from quantplan.planner.verify import verify
 
@@ -96,6 +97,8 @@ def test_default_tiers_are_the_menu_with_blocksize_64_as_reference(menu_job):
     assert p.predicted.bytes <= p.budget.bytes
     assert p.formats["nf4-bs32"]["blocksize"] == 32
     assert "per-module blocksizes" in p.bnb_config_code()
+    curve = pareto_curve(table, points=5)
+    assert curve["in:nf4-bs32"].max() > 0
     single = plan(table, "+10%", tiers=["nf4"])
     assert not single.mixed_blocksizes and "per-module" not in single.bnb_config_code()
 
