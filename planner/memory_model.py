@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from quantplan.analysis.formats import formats_of
 from quantplan.analysis.table import SensitivityTable
 
 from .plan_types import KEEP
@@ -36,6 +35,8 @@ class ByteModel:
         if linear.empty:
             raise ValueError("the sensitivity table holds no Linear module: nothing to plan")
         self.tiers = list(tiers)
+        from quantplan.analysis.formats import formats_of  # torch only when a byte model is built
+
         described = formats_of(table.meta.get("formats", []))
         self.formats = {t: described[t] for t in self.tiers if t in described}  # tier -> format value
         self.other = int(table.meta.get("other_bytes", 0))
