@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,8 @@ class FourBit:
 
     @property
     def name(self) -> str:
-        return self.quant_type
+        """``nf4`` at blocksize 64 (transformers' only one), ``nf4-bs32`` etc. otherwise: one name, one format."""
+        return self.quant_type if self.blocksize == 64 else f"{self.quant_type}-bs{self.blocksize}"
 
     @property
     def bits(self) -> int:
@@ -125,37 +127,63 @@ NF4 = FourBit("nf4")
 FP4 = FourBit("fp4")
 INT8 = Int8()
 
-KNOWN = {"nf4": NF4, "fp4": FP4, "int8": INT8}
+NF4_BS32 = FourBit("nf4", blocksize=32)
+
+KNOWN = {"nf4": NF4, "nf4-bs32": NF4_BS32, "fp4": FP4, "int8": INT8}
+
+#: blocksizes bitsandbytes' 4-bit kernels take (32 has CUDA kernels since bitsandbytes 0.49.2)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_FOUR_BIT_NAME = re.compile(r"^(nf4|fp4)(?:-bs(\d+))?$")
 
 
 def parse_formats(spec: str | list[str], blocksize: int = 64, double_quant: bool = True) -> list[Format]:
-    """Formats from ``"nf4,fp4,int8"`` (or a list of names), validated, in the given order."""
+    """Formats from ``"nf4,nf4-bs32,int8"`` (or a list of names), validated, in the given order.
+
+    A 4-bit name may carry its blocksize (``nf4-bs32``, ``fp4-bs128``); a bare ``nf4``/``fp4`` takes
+    ``blocksize``. Each format may appear once (``nf4`` and ``nf4-bs64`` are the same one).
+    """
     names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if not names:
-        raise ValueError("no format given: pass --formats with any of nf4, fp4, int8")
-    unknown = [n for n in names if n not in KNOWN]
-    if unknown:
-        raise ValueError(f"unknown format {unknown[0]!r}: choose from {', '.join(KNOWN)} (e.g. --formats nf4,int8)")
-    if len(set(names)) != len(names):
-        raise ValueError(f"format listed twice in {names}: list each once")
-    return [
-        FourBit(n, blocksize=blocksize, double_quant=double_quant) if n in ("nf4", "fp4") else INT8
-        for n in names
-    ]
+        raise ValueError("no format given: pass --formats with any of nf4, nf4-bs32, fp4, int8")
+    formats = [_parse_one(n, blocksize, double_quant) for n in names]
+    resolved = [f.name for f in formats]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"format listed twice in {names} (as {resolved}): list each once")
+    return formats
+
+
+def _parse_one(name: str, blocksize: int, double_quant: bool) -> Format:
+    if name == "int8":
+        return INT8
+    match = _FOUR_BIT_NAME.match(name)
+    if not match:
+        raise ValueError(f"unknown format {name!r}: choose from {', '.join(KNOWN)} or nf4-bs<N>/fp4-bs<N> "
+                         "(e.g. --formats nf4,nf4-bs32,int8)")
+    size = int(match.group(2)) if match.group(2) else blocksize
+    if size not in BLOCKSIZES:
+        raise ValueError(f"format {name!r}: blocksize {size} is not one bitsandbytes takes; choose from "
+                         f"{', '.join(map(str, BLOCKSIZES))}")
+    return FourBit(match.group(1), blocksize=size, double_quant=double_quant)
 
 
 def format_to_dict(fmt: Format) -> dict:
     """A json-able description of a format (stored in table and plan metadata)."""
     if isinstance(fmt, FourBit):
-        return {"name": fmt.name, "bits": 4, "blocksize": fmt.blocksize, "double_quant": fmt.double_quant}
+        return {"name": fmt.name, "bits": 4, "quant_type": fmt.quant_type, "blocksize": fmt.blocksize,
+                "double_quant": fmt.double_quant}
     return {"name": fmt.name, "bits": 8}
 
 
 def format_from_dict(d: dict) -> Format:
-    """Inverse of :func:`format_to_dict`."""
+    """Inverse of :func:`format_to_dict` (also reads dicts written before names carried the blocksize)."""
     if d["name"] == "int8":
         return INT8
-    return FourBit(d["name"], blocksize=d["blocksize"], double_quant=d["double_quant"])
+    return FourBit(d.get("quant_type", d["name"]), blocksize=d["blocksize"], double_quant=d["double_quant"])
+
+
+def formats_of(meta_formats: list[dict]) -> dict[str, Format]:
+    """``{name: format}`` from a table's or plan's ``formats`` metadata."""
+    return {d["name"]: format_from_dict(d) for d in meta_formats}
 
 
 def _tensor_bytes(t) -> int:

@@ -10,12 +10,15 @@ import math
 
 import torch
 
-from .formats import BYTES_16BIT
+from .formats import BYTES_16BIT, FourBit
 from .modules import ModuleInfo
 from .probe import InputStats
 
 #: an input channel is an outlier when its max |x| exceeds this multiple of the median channel's
 OUTLIER_FACTOR = 10.0
+#: a 4-bit entry whose round-trip weight error exceeds this multiple of blocksize 64's is implausible
+#: (bitsandbytes 0.50.2's CPU quantize_4bit is wrong at blocksize >= 128 on some shapes)
+GUARD_FACTOR = 1.5
 
 
 def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | None, formats,
@@ -27,14 +30,17 @@ def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | N
     rows = []
     w = weight.detach().float()
     reference = _output_energy(w, stats) if stats is not None and reason is None else float("nan")
+    guard = _RoundTripGuard(w)
     for fmt in formats:
         row = dict(base, format=fmt.name, bits=fmt.bits)
         unsupported = reason or fmt.unsupported_reason(info.shape)
-        row["supported"] = unsupported is None
-        row["unsupported_reason"] = unsupported or ""
         if unsupported is None:
             restored, nbytes = fmt.roundtrip(weight.detach())
             delta = w - restored.float()
+            unsupported = guard.implausible(fmt, delta, weight)
+        row["supported"] = unsupported is None
+        row["unsupported_reason"] = unsupported or ""
+        if unsupported is None:
             row.update(bytes=nbytes, footprint_bytes=fmt.footprint_bytes(info.shape))
             row.update(_error_columns(w, delta, stats, reference, grad_sq))
         else:
@@ -42,6 +48,36 @@ def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | N
             row.update({c: float("nan") for c in ERROR_COLUMNS})
         rows.append(row)
     return rows
+
+
+class _RoundTripGuard:
+    """Flags a 4-bit round trip whose weight error is implausible next to the same quant type at blocksize 64."""
+
+    def __init__(self, w: torch.Tensor):
+        self.w = w
+        self.norm = w.norm().item()
+        self.reference: dict[str, float] = {}  # quant type -> relative weight error at blocksize 64
+
+    def implausible(self, fmt, delta: torch.Tensor, weight: torch.Tensor) -> str | None:
+        """Why this round trip is not offered (None if plausible); blocksize 64 is the reference itself."""
+        if not isinstance(fmt, FourBit) or self.norm == 0:
+            return None
+        error = delta.norm().item() / self.norm
+        if fmt.blocksize == 64:
+            self.reference[fmt.quant_type] = error
+            return None
+        if fmt.quant_type not in self.reference:
+            reference = FourBit(fmt.quant_type, 64, fmt.double_quant)
+            if reference.unsupported_reason(tuple(weight.shape)):
+                return None  # no blocksize-64 reference exists for this shape: nothing to compare with
+            restored, _ = reference.roundtrip(weight.detach())
+            self.reference[fmt.quant_type] = (self.w - restored.float()).norm().item() / self.norm
+        limit = GUARD_FACTOR * self.reference[fmt.quant_type]
+        if error > limit:
+            return (f"bitsandbytes' {fmt.name} round trip is implausible here: relative weight error {error:.3g} > "
+                    f"{GUARD_FACTOR}x blocksize 64's {self.reference[fmt.quant_type]:.3g} (a known bitsandbytes CPU "
+                    "bug at some shapes): not offered for this module")
+        return None
 
 
 ERROR_COLUMNS = ("weight_rel_error", "weight_max_abs_error", "output_rel_error", "output_mse",

@@ -69,16 +69,16 @@ def for_each_variant(reference: KLReference, cache, variants: Mapping[str, Itera
     ``cache`` (a :class:`~analysis.simulate.QuantCache` of the reference's model) swaps in the
     round-tripped weights of each variant's module names in turn, changing only the modules
     that differ from the previous variant; the 16-bit weights are back when the loop ends.
-    A variant whose names are None is the 16-bit model itself: its logits are the reference's.
+    A variant whose names are None is the 16-bit model itself: its logits are the reference's; names
+    given as a mapping (name -> 4-bit format) round-trip each module in its own format (a blocksize menu).
     """
-    variants = {label: None if names is None else list(names) for label, names in variants.items()}
     try:
         for batch, logits16 in reference.pairs(desc=f"{len(variants)} variant(s) vs 16-bit"):
             for label, names in variants.items():
                 if names is None:
                     yield label, batch, logits16, logits16
                     continue
-                cache.set_quantized(names)
+                cache.set_quantized(names, names if isinstance(names, Mapping) else None)
                 with torch.inference_mode():
                     logits = forward_logits(reference.model, batch)
                 yield label, batch, logits16, logits

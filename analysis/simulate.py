@@ -9,11 +9,13 @@ tracks a real bitsandbytes load (the all-4-bit check).
 
 Quantizing is the slow half (≈10 s for SmolLM2's 210 Linears on 2 cores), de-quantizing is
 fast, so :class:`QuantCache` keeps the packed 4-bit weights (a quarter of the 16-bit size)
-and de-quantizes on each swap.
+and de-quantizes on each swap. A module may be swapped in another 4-bit format than the cache's
+own (a per-module blocksize menu): ``quantized(names, formats={name: FourBit})``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
@@ -23,54 +25,61 @@ from quantplan.analysis.formats import FourBit
 
 
 class QuantCache:
-    """Packed 4-bit weights of a model's Linears in one format, quantized once on first use."""
+    """Packed 4-bit weights of a model's Linears (in ``fmt`` unless told otherwise), quantized once on first use."""
 
     def __init__(self, model: nn.Module, fmt: FourBit):
         self.model = model
         self.format = fmt
         self.modules = dict(model.named_modules())
-        self._packed: dict[str, tuple] = {}
+        self._packed: dict[tuple[str, FourBit], tuple] = {}
         self._originals: dict[str, torch.Tensor] = {}  # 16-bit weights swapped out inside `quantized`
+        self._current: dict[str, FourBit] = {}  # the format each module set by `set_quantized` computes in
 
     def original(self, name: str) -> torch.Tensor:
         """The 16-bit weight of ``name``, also while it is swapped for its round trip."""
         return self._originals.get(name, self.modules[name].weight.data)
 
-    def restored(self, name: str) -> torch.Tensor:
-        """The weight of ``name`` as bitsandbytes would restore it (16-bit, same dtype)."""
+    def restored(self, name: str, fmt: FourBit | None = None) -> torch.Tensor:
+        """The weight of ``name`` as bitsandbytes would restore it from ``fmt`` (default: the cache's format)."""
         import bitsandbytes.functional as bnbf
 
         weight = self.modules[name].weight
-        if name not in self._packed:
-            self._packed[name] = self.format.quantize(self.original(name))
-        packed, state = self._packed[name]
+        key = (name, fmt or self.format)
+        if key not in self._packed:
+            self._packed[key] = key[1].quantize(self.original(name))
+        packed, state = self._packed[key]
         return bnbf.dequantize_4bit(packed, state).to(weight.dtype).view_as(weight)
 
-    def set_quantized(self, names) -> None:
-        """Make exactly ``names`` compute with round-tripped weights, swapping only the modules that change.
+    def set_quantized(self, names, formats: Mapping[str, FourBit] | None = None) -> None:
+        """Make exactly ``names`` compute with round-tripped weights (each in ``formats[name]`` where
+        given, else the cache's format), swapping only the modules that change.
 
         Comparing variants one after the other this way costs one de-quantization per module
         that differs from the previous variant; ``set_quantized(())`` restores every 16-bit weight.
         """
-        names = list(dict.fromkeys(names))
-        target = set(names)
-        for name in [n for n in self._originals if n not in target]:
+        formats = formats or {}
+        wanted = {name: formats.get(name) or self.format for name in dict.fromkeys(names)}
+        for name in [n for n in self._originals if self._current.get(n) != wanted.get(n)]:
             self.modules[name].weight.data = self._originals.pop(name)
-        for name in names:
+            self._current.pop(name, None)
+        for name, fmt in wanted.items():
             if name not in self._originals:
-                restored = self.restored(name)
+                restored = self.restored(name, fmt)
                 self._originals[name] = self.modules[name].weight.data
+                self._current[name] = fmt
                 self.modules[name].weight.data = restored
 
     @contextmanager
-    def quantized(self, names):
-        """Within the block, the modules in ``names`` compute with their round-tripped weights."""
+    def quantized(self, names, formats: Mapping[str, FourBit] | None = None):
+        """Within the block, the modules in ``names`` compute with their round-tripped weights, each in
+        ``formats[name]`` where given, else in the cache's format."""
+        formats = formats or {}
         swapped = []
         try:
             for name in names:
                 if name in self._originals:
                     raise RuntimeError(f"{name} is already quantized: QuantCache.quantized blocks do not nest")
-                restored = self.restored(name)
+                restored = self.restored(name, formats.get(name))
                 self._originals[name] = self.modules[name].weight.data
                 swapped.append(name)
                 self.modules[name].weight.data = restored

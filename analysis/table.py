@@ -31,7 +31,7 @@ COLUMNS = {
     "format": "candidate format of this row (nf4, fp4, int8)",
     "bits": "bits per weight element of the format",
     "supported": "bitsandbytes can hold this module in this row's format",
-    "unsupported_reason": "why bitsandbytes cannot hold it in this format (empty when supported)",
+    "unsupported_reason": "why bitsandbytes cannot hold it in this format, or why its round trip was judged implausible (empty when supported)",
     "bytes": "exact checkpoint bytes of the weight in this format (packed + absmax + nested state + metadata)",
     "footprint_bytes": "bytes model.get_memory_footprint() counts for the weight in this format",
     "weight_rel_error": "‖W−Ŵ‖_F / ‖W‖_F with Ŵ bitsandbytes' round trip",

@@ -1,8 +1,9 @@
 """Which Linears stay 16-bit in each compared variant, and what each variant weighs.
 
 A variant is a :class:`KeepSet`: the Linear modules kept 16-bit (everything else quantizable
-is quantized in the plan's 4-bit format) plus its predicted checkpoint and footprint bytes,
-counted by the planner's own byte model (:mod:`planner.memory_model`).
+is quantized in the plan's 4-bit format, or, for a plan over a blocksize menu, in the format
+``formats`` names) plus its predicted checkpoint and footprint bytes, counted by the planner's
+own byte model (:mod:`planner.memory_model`).
 
 Heuristic baselines spend the same bytes as a dynamic plan, chosen without measuring
 outputs. Each takes modules in its own order and keeps every one that still fits in the
@@ -21,12 +22,12 @@ modules they pick.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from quantplan.analysis.formats import INT8
+from quantplan.analysis.formats import INT8, FourBit, format_from_dict
 from quantplan.analysis.table import SensitivityTable
 from quantplan.planner.memory_model import ByteModel
 from quantplan.planner.plan_types import KEEP, Plan
@@ -47,6 +48,12 @@ class KeepSet:
     footprint_bytes: int  # predicted get_memory_footprint()
     plan: str = ""  # budget spec of the dynamic plan this row belongs to
     seed: int | None = None
+    formats: dict[str, FourBit] = field(default_factory=dict, hash=False)  # each quantized module's 4-bit format
+
+    @property
+    def mixed_formats(self) -> bool:
+        """More than one 4-bit format (a blocksize-menu plan): no BitsAndBytesConfig loads it."""
+        return len(set(self.formats.values())) > 1
 
 
 def linear_frame(table: SensitivityTable, fmt: str) -> pd.DataFrame:
@@ -68,7 +75,9 @@ def sized(model: ByteModel, label: str, kind: str, kept, plan: str = "", seed: i
     choices = {name: KEEP if name in kept else tier for name in model.frame.index}
     size = model.size(choices)
     quantized = frozenset(n for n, c in choices.items() if c != KEEP)
-    return KeepSet(label, kind, kept, quantized, size.bytes, size.footprint_bytes, plan, seed)
+    fmt = model.formats.get(tier)
+    formats = {n: fmt for n in quantized} if isinstance(fmt, FourBit) else {}
+    return KeepSet(label, kind, kept, quantized, size.bytes, size.footprint_bytes, plan, seed, formats)
 
 
 def sixteen_bit(table: SensitivityTable, fmt: str) -> KeepSet:
@@ -100,10 +109,16 @@ def all_int8(table: SensitivityTable) -> KeepSet:
 
 
 def plan_keep_set(table: SensitivityTable, plan: Plan) -> KeepSet:
-    """The dynamic plan as a KeepSet."""
+    """The dynamic plan as a KeepSet (with each module's 4-bit format when the plan mixes blocksizes)."""
     kept = [n for n, c in plan.choices.items() if c == KEEP]
-    return sized(ByteModel(table, plan.tiers[:1]), f"dynamic {plan.budget.spec}", "dynamic", kept,
-                 plan=plan.budget.spec)
+    label = f"dynamic {plan.budget.spec}"
+    if not (plan.mixed_blocksizes and all(plan.format_of(t).get("bits") == 4 for t in plan.used_formats)):
+        return sized(ByteModel(table, plan.tiers[:1]), label, "dynamic", kept, plan=plan.budget.spec)
+    size = ByteModel(table, plan.tiers).size(plan.choices)
+    formats = {n: format_from_dict(plan.format_of(c)) for n, c in plan.choices.items() if c != KEEP}
+    quantized = frozenset(n for n, c in plan.choices.items() if c != KEEP)
+    return KeepSet(label, "dynamic", frozenset(kept), quantized, size.bytes, size.footprint_bytes, plan.budget.spec,
+                   formats=formats)
 
 
 def baseline_keep_sets(table: SensitivityTable, plan: Plan, seeds=(0, 1, 2)) -> list[KeepSet]:

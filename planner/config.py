@@ -25,7 +25,7 @@ class PlanConfig:
     """Everything ``plan`` takes besides the table and the budget."""
 
     objective: str = "auto"  # auto | fisher | restore | output | weight | combined
-    tiers: tuple[str, ...] | None = None  # formats besides 16-bit (default: the table's first 4-bit format)
+    tiers: tuple[str, ...] | None = None  # formats besides 16-bit (default: the table's 4-bit menu, blocksize 64 first)
     keep: tuple[str, ...] = ()  # patterns always kept 16-bit
     quantize: tuple[str, ...] = ()  # patterns never kept 16-bit
     vllm_safe: bool = False  # q/k/v and gate/up share a format

@@ -8,6 +8,12 @@ module a plain Linear, every other quantizable one a ``Linear4bit``), and only t
 into place: a crash or a failed check never leaves a half checkpoint at ``out_dir``. An
 existing ``out_dir`` is replaced only if quantplan wrote it (it holds ``quantplan_plan.json``) and
 ``--overwrite`` says so; any other non-empty folder is refused, so no user file is ever deleted.
+
+A plan over a blocksize menu (4-bit modules in more than one format, e.g. ``nf4`` and ``nf4-bs32``)
+cannot be expressed as a ``BitsAndBytesConfig``: the 16-bit model is loaded and written
+pre-quantized instead (:mod:`planner.prequantized`), then reloaded and checked the same way, plus
+each 4-bit module's loaded blocksize against the plan. A single-format plan keeps the
+transformers path (its ``BitsAndBytesConfig`` is the one ``plan.json`` shows, ready to paste).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from quantplan.common.modes import apply_umask, staging_dir
 
 from .modelcard import write_model_card
 from .plan_types import KEEP, Plan
+from .prequantized import MenuExportError, check_blocksizes, menu_formats, write_prequantized
 
 PLAN_MARKER = "quantplan_plan.json"  # in every exported folder: what makes it quantplan's to replace
 
@@ -70,19 +77,30 @@ def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: b
     out_dir = Path(out_dir).resolve()
     plan.check_model(source.fingerprint)
     check_out_dir(out_dir, overwrite)
-    config = bnb_config(plan, compute_dtype)
+    config = None if plan.mixed_blocksizes else bnb_config(plan, compute_dtype)
+    if config is None:
+        try:
+            menu_formats(plan)  # an unwritable plan fails before any model is loaded
+        except MenuExportError as err:
+            raise ExportError(str(err)) from None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(out_dir.parent, prefix=f".{out_dir.name}.partial-")
     try:
-        model = _load_quantized(source.path, config, compute_dtype, device)
-        check_module_types(model, plan)
-        model.save_pretrained(staging)
+        if config is None:
+            model = _load_16bit(source, compute_dtype, device)
+            write_prequantized(model, plan, staging, compute_dtype)
+        else:
+            model = _load_quantized(source.path, config, compute_dtype, device)
+            check_module_types(model, plan)
+            model.save_pretrained(staging)
         load_processor(source).save_pretrained(staging)
         del model
         gc.collect()
         plan.save(staging / PLAN_MARKER)
         reloaded = _load_plain(staging, device)
         check_module_types(reloaded, plan)
+        if wrong := check_blocksizes(reloaded, plan):
+            raise ExportError("the checkpoint does not follow the plan's blocksizes: " + "; ".join(wrong[:5]))
         result = ExportResult(out_dir, int(reloaded.get_memory_footprint()), checkpoint_tensor_bytes(staging),
                               len(plan.kept), len(plan.choices) - len(plan.kept))
         del reloaded
@@ -159,6 +177,12 @@ def _load_quantized(path, config, compute_dtype, device):
     from quantplan.analysis.models import load_model, resolve_source
 
     return load_model(resolve_source(str(path)), dtype=compute_dtype, device=device, quantization_config=config)
+
+
+def _load_16bit(source, compute_dtype, device):
+    from quantplan.analysis.models import load_model
+
+    return load_model(source, dtype=compute_dtype, device=device)
 
 
 def _load_plain(path, device):

@@ -35,6 +35,10 @@ class ByteModel:
         if linear.empty:
             raise ValueError("the sensitivity table holds no Linear module: nothing to plan")
         self.tiers = list(tiers)
+        from quantplan.analysis.formats import formats_of  # torch only when a byte model is built
+
+        described = formats_of(table.meta.get("formats", []))
+        self.formats = {t: described[t] for t in self.tiers if t in described}  # tier -> format value
         self.other = int(table.meta.get("other_bytes", 0))
         self.other_footprint = int(table.meta.get("other_footprint_bytes", 0))
         frame = linear.drop_duplicates("name").set_index("name")[["group", "bytes_16bit", "quantizable"]].copy()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .budget import format_bytes
 from .compat import cost_note, cost_rows, format_rows, name_rows, vllm_sentence
+from .plan_types import KEEP
 
 
 def _md_table(rows: list[dict]) -> str:
@@ -110,11 +111,38 @@ torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4).s
 """
 
 
+def _formats_text(plan) -> str:
+    """Modules per format; for a blocksize menu the full per-module list and which loaders read it."""
+    counts = {t: sum(1 for c in plan.choices.values() if c == t) for t in plan.used_formats}
+    described = ", ".join(f"{counts[t]} in `{t}` (blocksize {plan.format_of(t).get('blocksize', 64)})" for t in counts)
+    text = f"\n## Formats\n\n4-bit modules: {described or 'none'}; {len(plan.kept)} in 16-bit.\n"
+    if not plan.mixed_blocksizes:
+        return text
+    rows = "\n".join(f"| `{n}` | {c} |" for n, c in plan.choices.items() if c != KEEP and c != plan.tiers[0])
+    return text + f"""
+Modules carry **different NF4 blocksizes**, each stored in its own saved `quant_state`
+(pre-quantized bitsandbytes layout). Loaders known to read per-tensor blocksizes:
+transformers >= 5 (`from_pretrained`, verified by quantplan on this checkpoint: every module's
+`weight.quant_state.blocksize` matched the plan); vLLM's bitsandbytes loader reads each tensor's
+quant state too (per its loader code; untested here). Tools that rebuild a checkpoint from a
+`BitsAndBytesConfig` alone would use blocksize 64 everywhere.
+
+<details><summary>modules not in `{plan.tiers[0]}` ({sum(1 for c in plan.choices.values() if c not in (KEEP, plan.tiers[0]))})</summary>
+
+| module | format |
+|---|---|
+{rows}
+
+</details>
+"""
+
+
 def write_model_card(path: Path, source, plan, result) -> None:
     """Write a Hugging Face model card for a dynamic-bnb-4bit export."""
     predicted = plan.predicted
     kept_rows = "\n".join(f"| `{n}` | {plan.reasons[n].text} |" for n in plan.kept)
-    fmt = plan.quant.get("name", "nf4")
+    fmt = "+".join(plan.used_formats) if plan.mixed_blocksizes else plan.quant.get("name", "nf4")
+    tags = "\n".join(f"- {t}" for t in (plan.used_formats if plan.mixed_blocksizes else [fmt]))
     footprint_gap = result.footprint_bytes / predicted.footprint_bytes - 1 if predicted.footprint_bytes else 0
     text = f"""---
 base_model: {source.model_id}
@@ -122,7 +150,7 @@ library_name: transformers
 tags:
 - bitsandbytes
 - 4-bit
-- {fmt}
+{tags}
 - dynamic-bnb-4bit
 - quantplan
 ---
@@ -147,7 +175,7 @@ budget `{plan.budget.spec}` ({format_bytes(plan.budget.bytes)}); objective: `{pl
 | 16-bit model | {format_bytes(predicted.bytes_16bit)} |
 
 Predicted summed error: {predicted.error:.4g} (all-4-bit: {predicted.error_all_4bit:.4g}).
-{_device_text(plan)}{_checks_text(plan)}
+{_device_text(plan)}{_checks_text(plan)}{_formats_text(plan)}
 ## Loader compatibility
 
 {compat_text(plan)}
@@ -160,7 +188,7 @@ model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", device_map="
 ```
 
 The quantization config (with the skip list) is stored in `config.json`; to quantize the
-original model the same way yourself:
+original model {"with the same skip list (at blocksize 64 only)" if plan.mixed_blocksizes else "the same way"} yourself:
 
 ```python
 {plan.bnb_config_code().strip()}

@@ -13,7 +13,8 @@ from .plan_types import KEEP
 
 
 def pareto_curve(table, points: int = 21, config: PlanConfig | None = None) -> pd.DataFrame:
-    """One exact plan per budget step; columns: budget_bytes, bytes, footprint_bytes, error, kept, over_all_4bit."""
+    """One exact plan per budget step; columns: budget_bytes, bytes, footprint_bytes, error, kept, over_all_4bit,
+    and with a blocksize menu one ``in:<tier>`` count per further tier (modules planned in it)."""
     config = (config or PlanConfig()).weights_only()  # the sweep is over the weights' bytes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -34,5 +35,6 @@ def pareto_curve(table, points: int = 21, config: PlanConfig | None = None) -> p
             "error": p.predicted.error,
             "kept": sum(1 for c in p.choices.values() if c == KEEP),
             "over_all_4bit": p.predicted.over_all_4bit,
+            **{f"in:{t}": sum(1 for c in p.choices.values() if c == t) for t in p.tiers[1:]},
         })
     return pd.DataFrame(rows)

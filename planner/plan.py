@@ -43,7 +43,7 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "auto", tie
         objective = "fisher" if table.meta.get("fisher") else "output"
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}: choose one of auto, {', '.join(OBJECTIVES)}")
-    tiers = list(tiers or [_four_bit_formats(table)[0]])
+    tiers = list(tiers or default_tiers(table))
     table.check_matches(formats=tiers)
     bytes_model = ByteModel(table, tiers)
     model = _candidates(table, bytes_model, objective)
@@ -175,11 +175,15 @@ def _tie_fixed_sets(names, fixed, reasons, pinned_quant, whole_blocks) -> None:
                                        "which stays 16-bit)")
 
 
-def _four_bit_formats(table) -> list[str]:
-    four = [f["name"] for f in table.meta.get("formats", []) if f.get("bits") == 4]
+def default_tiers(table) -> list[str]:
+    """The table's 4-bit menu: every 4-bit format of the first one's quant type (``nf4``, ``nf4-bs32``...),
+    blocksize 64 first, since ``tiers[0]`` is the all-4-bit reference (what a plain BitsAndBytesConfig gives)."""
+    four = [f for f in table.meta.get("formats", []) if f.get("bits") == 4]
     if not four:
         raise ValueError("the sensitivity table measured no 4-bit format: re-run analyze with --formats nf4")
-    return four
+    kind = four[0].get("quant_type", four[0]["name"])
+    menu = [f for f in four if f.get("quant_type", f["name"]) == kind]
+    return [f["name"] for f in sorted(menu, key=lambda f: f.get("blocksize", 64) != 64)]
 
 
 def _measured_reason(row, label, pin, item) -> Reason:
@@ -208,4 +212,5 @@ def _assemble(table, bytes_model: ByteModel, model, choices, reasons, budget: Pl
         table_hash=table.content_hash, model_id=table.meta.get("model_id", ""),
         model_fingerprint=table.meta.get("model_fingerprint", ""),
         quant=next(f for f in table.meta["formats"] if f["name"] == tiers[0]) if tiers else {},
+        formats={f["name"]: dict(f) for f in table.meta["formats"] if f["name"] in tiers},
     )

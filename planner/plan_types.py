@@ -140,7 +140,7 @@ class Checks:
 class Plan:
     """Per-module format choices, the skip list that realises them, and what they should cost."""
 
-    choices: dict[str, str]  # module -> "16bit" | "nf4" | "fp4" | "int8"
+    choices: dict[str, str]  # module -> "16bit" | a tier ("nf4", "nf4-bs32", "fp4", "int8")
     reasons: dict[str, Reason]  # module -> why (planner.reasons)
     skip_modules: list[str]  # llm_int8_skip_modules, full names
     budget: PlanBudget
@@ -150,21 +150,47 @@ class Plan:
     table_hash: str
     model_id: str
     model_fingerprint: str
-    quant: dict = field(default_factory=dict)  # the 4-bit format: name, blocksize, double_quant
+    quant: dict = field(default_factory=dict)  # the reference 4-bit format (tiers[0]): name, blocksize, double_quant
     vllm_safe: bool = False
     checks: Checks = Checks()  # end-to-end refinement and verification, when run
     device: DeviceBudget | None = None  # the device budget split, when planned with --kv-context
     compat: LoaderCompat | None = None  # loader compatibility, when computed (planner.compat)
+    formats: dict = field(default_factory=dict)  # tier name -> format dict (analysis.formats.format_to_dict)
 
     @property
     def kept(self) -> list[str]:
         return [n for n, c in self.choices.items() if c == KEEP]
 
+    @property
+    def used_formats(self) -> list[str]:
+        """The formats the plan's quantized modules use, in tier order (16-bit not counted)."""
+        used = set(self.choices.values()) - {KEEP}
+        return [t for t in self.tiers if t in used] + sorted(used - set(self.tiers))
+
+    @property
+    def mixed_blocksizes(self) -> bool:
+        """True when the plan puts 4-bit modules in more than one format (a per-module blocksize menu):
+        then no BitsAndBytesConfig realises it and the exporter writes the quantized tensors itself."""
+        return len(self.used_formats) > 1
+
+    def format_of(self, tier: str) -> dict:
+        """The format dict of ``tier`` (``quant`` for the reference tier of plans saved before menus)."""
+        if tier in self.formats:
+            return self.formats[tier]
+        if tier == self.quant.get("name"):
+            return self.quant
+        from quantplan.analysis.formats import format_to_dict, parse_formats
+
+        return format_to_dict(parse_formats([tier])[0])  # a plan.json from before menus: the name says it all
+
     def bnb_config_code(self, compute_dtype: str = "bfloat16") -> str:
         """A ready-to-paste ``BitsAndBytesConfig(...)`` for this plan."""
         skip = ",\n        ".join(json.dumps(s) for s in self.skip_modules)
+        note = ("# this plan uses per-module blocksizes (" + ", ".join(self.used_formats) + "), which no\n"
+                "# BitsAndBytesConfig expresses: load the exported checkpoint. This config gives its skip list\n"
+                "# with every other module at blocksize 64.\n" if self.mixed_blocksizes else "")
         return (
-            "import torch\nfrom transformers import BitsAndBytesConfig\n\n"
+            note + "import torch\nfrom transformers import BitsAndBytesConfig\n\n"
             "quantization_config = BitsAndBytesConfig(\n"
             "    load_in_4bit=True,\n"
             f"    bnb_4bit_quant_type={json.dumps(self.quant.get('name', 'nf4'))},\n"
@@ -180,7 +206,8 @@ class Plan:
                 "skip_modules": list(self.skip_modules), "budget": asdict(self.budget), "objective": self.objective,
                 "tiers": list(self.tiers), "predicted": asdict(self.predicted), "table_hash": self.table_hash,
                 "model_id": self.model_id, "model_fingerprint": self.model_fingerprint, "quant": dict(self.quant),
-                "vllm_safe": self.vllm_safe, "checks": self.checks.to_dict(), "device": asdict(self.device) if self.device else None,
+                "vllm_safe": self.vllm_safe, "checks": self.checks.to_dict(), "formats": dict(self.formats),
+                "device": asdict(self.device) if self.device else None,
                 "compat": asdict(self.compat) if self.compat else None, "bnb_config": self.bnb_config_code()}
 
     @classmethod
@@ -200,7 +227,8 @@ class Plan:
             quant=dict(data.get("quant", {})), vllm_safe=bool(data.get("vllm_safe", False)),
             checks=Checks.from_dict(data.get("checks", {})),
             device=DeviceBudget(**data["device"]) if data.get("device") else None,
-            compat=LoaderCompat.from_dict(data["compat"]) if data.get("compat") else None)
+            compat=LoaderCompat.from_dict(data["compat"]) if data.get("compat") else None,
+            formats=dict(data.get("formats") or ({data["quant"]["name"]: data["quant"]} if data.get("quant") else {})))
 
     def save(self, path: str | Path) -> Path:
         """Write plan.json (atomically)."""

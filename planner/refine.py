@@ -36,8 +36,15 @@ def refine(table, budget, model, calibration, *, config: PlanConfig | None = Non
         raise ValueError(f"--refine {rounds}: give a number of rounds of at least 1 (0 turns refinement off)")
     config = config or PlanConfig()
     first = config.plan(table, budget)
+    if len(first.tiers) > 1 and config.tiers is None:  # the table's default blocksize menu: refine its reference
+        print(f"quantplan: refinement plans 16-bit vs one 4-bit format: using {first.tiers[0]} only "
+              f"(not the menu's {', '.join(first.tiers[1:])})")
+        config = replace(config, tiers=(first.tiers[0],))
+        first = config.plan(table, budget)
     if len(first.tiers) > 1:
-        raise ValueError("refinement plans 16-bit vs one 4-bit format: drop --tiers or --refine")
+        raise ValueError(f"refinement plans 16-bit vs one 4-bit format, and this plan may use {list(first.tiers)} "
+                         f"(a blocksize menu or an 8-bit tier): pass --tiers {first.tiers[0]} with --refine, "
+                         "or drop --refine")
     tier = first.tiers[0]
     reference = reference or KLReference(model, calibration, batch_size, max_batches, progress=progress)
     cache = cache or QuantCache(model, format_from_dict(first.quant))

@@ -10,7 +10,9 @@ returns the alternative with the lowest KL below all-4-bit's, or all-4-bit itsel
 measurements go into ``plan.checks.verification`` (``plan.json``). Cost: one forward pass
 per variant over at most ``max_batches`` calibration batches, plus the 16-bit logits; the
 variants are compared batch by batch (:func:`analysis.reference.calibration_klds`), so one
-batch's 16-bit logits are alive at a time.
+batch's 16-bit logits are alive at a time. A plan over a
+blocksize menu (several 4-bit formats) is simulated with each module in its planned format; the
+all-4-bit reference and the heuristics use the first tier (blocksize 64).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ PLAN = "plan"
 def verify(table, chosen: Plan, model, calibration, *, batch_size: int = 4, max_batches: int | None = None,
            reference: KLReference | None = None, cache: QuantCache | None = None, progress: bool = True) -> Plan:
     """``chosen`` with its verification recorded, or the best measured alternative (see module docstring)."""
-    if len(chosen.tiers) > 1:  # the simulation knows one 4-bit format (and export takes one)
-        print("quantplan: the end-to-end check simulates one 4-bit format: skipped for a multi-tier plan")
+    if any(chosen.format_of(t).get("bits") != 4 for t in chosen.tiers):  # the simulation knows 4-bit only
+        print("quantplan: the end-to-end check simulates 4-bit formats only: skipped for a multi-tier plan with an 8-bit tier")
         return chosen
     reference = reference or KLReference(model, calibration, batch_size, max_batches, progress=progress)
     cache = cache or QuantCache(model, format_from_dict(chosen.quant))
@@ -42,7 +44,8 @@ def verify(table, chosen: Plan, model, calibration, *, batch_size: int = 4, max_
     variants = {nothing.label: nothing, PLAN: plan_keep_set(table, chosen)}
     if not chosen.vllm_safe:  # the heuristics do not know fused groups
         variants.update({k.label: k for k in baseline_keep_sets(table, chosen, seeds=())})
-    kld = calibration_klds(reference, cache, {label: sorted(keep.quantized & set(cache.modules))
+    kld = calibration_klds(reference, cache, {label: {n: keep.formats.get(n) for n in
+                                                      sorted(keep.quantized & set(cache.modules))}
                                               for label, keep in variants.items()})
     winner = choose(kld, PLAN, nothing.label)
     record = Verification(calibration_kld=kld, tokens=reference.tokens, all_4bit=nothing.label, chosen=winner)

@@ -95,7 +95,7 @@ def check_budget_fits(source: ModelSource, budget, config: AnalyzeConfig, plan_c
     (with ``--kv-context``, the device budget less the KV cache and activations)."""
     from quantplan.analysis.estimate import estimate_sizes
 
-    four_bit = [f for f in config.format_values() if f.bits == 4]
+    four_bit = sorted((f for f in config.format_values() if f.bits == 4), key=lambda f: f.blocksize != 64)
     if not four_bit:
         return
     sizes = estimate_sizes(source.path, four_bit[0])

@@ -140,13 +140,18 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
     uniform = all_4bit(table, fmt.name)
     dynamic = [plan_keep_set(table, p) for p in plans]
     heuristics = [k for p in plans for k in baseline_keep_sets(table, p, options.seed_values)] if options.baselines else []
-    simulated = [uniform, *dynamic] if options.baselines else [uniform]  # like-for-like with the heuristic rows
+    # like-for-like with the heuristic rows; a blocksize-menu plan has no BitsAndBytesConfig, so its row is simulated
+    simulated = [uniform, *dynamic] if options.baselines else [uniform, *(k for k in dynamic if k.mixed_formats)]
     with stage("simulated variants"):
-        measured = measure_variants(reference, cache, {"16-bit": None, **{i: k.quantized for i, k in
-                                                                          enumerate(simulated + heuristics)}})
+        measured = measure_variants(reference, cache, {"16-bit": None, **{
+            i: {n: k.formats.get(n) for n in k.quantized} for i, k in enumerate(simulated + heuristics)}})
     rows = [_row(sixteen_bit(table, fmt.name), measured["16-bit"], "16-bit", footprint16)]
     say(f"  16-bit: perplexity {rows[0]['ppl']:.3f}")
     simulated_kld = {k.label: float(measured[i].kld.mean()) for i, k in enumerate(simulated)}
+    for i, keep in enumerate(simulated):
+        if keep.mixed_formats:
+            rows.append(_row(keep, measured[i], "simulated"))
+            rows[-1]["note"] = "per-module blocksizes: simulated (the exported checkpoint loads them)"
     meta["simulation_check"] = {"variant": uniform.label, "simulated_mean_kld": simulated_kld[uniform.label]}
     for i, keep in enumerate(heuristics, start=len(simulated)):
         rows.append(_row(keep, measured[i], "simulated"))
@@ -155,7 +160,8 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
 
     # 3. real bitsandbytes loads, one at a time, each against the 16-bit logits recomputed per batch
     quantized = [(all_int8(table), _int8_config()), (uniform, _uniform_config(uniform, fmt, dtype))]
-    quantized += [(keep, bnb_config(p, dtype)) for keep, p in zip(dynamic, plans, strict=True)]
+    quantized += [(keep, bnb_config(p, dtype)) for keep, p in zip(dynamic, plans, strict=True)
+                  if not keep.mixed_formats]
     for keep, config in quantized:
         with stage(f"bitsandbytes {keep.label}"):
             row, generations[keep.label] = _measure_bnb(source, keep, config, reference, processor, options)

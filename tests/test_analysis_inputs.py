@@ -52,7 +52,7 @@ def test_truncated_weights_are_one_line_naming_the_file(tmp_path, capsys):
 
 
 def test_unknown_format_names_the_choices():
-    with pytest.raises(ValueError, match="unknown format 'nf3'.*nf4, fp4, int8"):
+    with pytest.raises(ValueError, match="unknown format 'nf3'.*nf4, nf4-bs32, fp4, int8"):
         parse_formats("nf4,nf3")
     assert [f.name for f in parse_formats("NF4, int8")] == ["nf4", "int8"]
 

@@ -81,6 +81,17 @@ def test_plan_quality(tmp_path, tiny_model):
         assert {"budget", "kept", "kld", "recovery", "bytes"} <= set(row)
 
 
+def test_blocksize_menu(tmp_path, tiny_model):
+    result = run_benchmark("blocksize_menu.py", tmp_path / "menu.json", "--model", str(tiny_model),
+                           "--samples", "2", "--seq-len", "16", "--heldout", "2", "--threads", "1")
+    assert {"all_nf4_kld", "rows", "analysis", "menu_analysis_cost_over_one_format"} <= set(result)
+    variants = {(row["budget"], row["variant"]) for row in result["rows"]}
+    for budget in ("+10%", "+33%"):
+        assert {(budget, "skip-list only (nf4)"), (budget, "menu (nf4 + nf4-bs32)")} <= variants
+    for row in result["rows"]:
+        assert {"kept", "kld", "recovery", "bytes", "over_all_nf4", "formats"} <= set(row)
+
+
 @pytest.mark.slow  # four fresh Python processes (build + analyze at two depths): ~30 s alone, more when loaded
 def test_streaming(tmp_path):
     result = run_benchmark("streaming.py", tmp_path / "streaming.json", "--shape", "tiny", "--layers", "2,3",

@@ -1,0 +1,127 @@
+"""Blocksize menu on SmolLM2-135M: 16-bit keeps at blocksize 64 vs a per-module NF4 blocksize menu (64 / 32).
+
+One analysis (Fisher, ``--formats nf4,nf4-bs32``) gives both plans from the same statistics; a
+second, timed, one-format analysis gives the menu's analysis cost. For each budget (+10 %, +33 %
+over all-NF4 at blocksize 64) the rows are
+
+- ``skip-list only (nf4)``: today's plan, blocksize 64 + 16-bit keeps (``--tiers nf4``);
+- ``menu (nf4 + nf4-bs32)``: the exact knapsack over {nf4, nf4-bs32, 16-bit} per module;
+- ``bs32 everywhere + keeps``: ``--tiers nf4-bs32`` at the same bytes as the skip-list plan;
+
+each simulated with bitsandbytes' round trip in its planned format per module, measured as the
+mean next-token KL divergence vs 16-bit on the shipped held-out text (disjoint from calibration);
+recovery = share of the all-NF4 (blocksize 64) KL closed.
+
+    python benchmarks/blocksize_menu.py [--model FOLDER] [--samples 32] [--seq-len 256] [--heldout 16] [--no-cost]
+
+Writes benchmarks/results/blocksize_menu.json (or ``--out``) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+warnings.filterwarnings("ignore")
+
+from plan_quality import _machine, _timed  # noqa: E402
+
+from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
+from quantplan.analysis.formats import NF4_BS32  # noqa: E402
+from quantplan.analysis.simulate import QuantCache  # noqa: E402
+from quantplan.planner import plan  # noqa: E402
+from quantplan.planner.baselines import all_4bit, plan_keep_set  # noqa: E402
+from quantplan.reports.fidelity import heldout_reference, measure  # noqa: E402
+
+BUDGETS = ("+10%", "+33%")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model folder or hub id (default: the offline SmolLM2)")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--heldout", type=int, default=16, help="held-out windows of --seq-len tokens")
+    parser.add_argument("--no-cost", action="store_true", help="skip the timed one-format analysis")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocksize_menu.json"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    source = resolve_source(args.model)
+    model, tokenizer = load_model(source), load_processor(source)
+    calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
+    common = {"progress": False, "fisher": True, "model_fingerprint": source.fingerprint}
+    table, cost = _timed(lambda: analyze(model, calibration, [NF4, NF4_BS32], **common))
+    costs = {"nf4,nf4-bs32": cost}
+    if not args.no_cost:
+        costs["nf4"] = _timed(lambda: analyze(model, calibration, [NF4], **common))[1]
+    print("analysis CPU s: " + ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in costs.items()), flush=True)
+
+    heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
+    reference = heldout_reference(model, heldout.input_ids)
+    cache = QuantCache(model, NF4)
+
+    def kld(keep) -> float:
+        with cache.quantized(keep.quantized, keep.formats):
+            return float(measure(model, reference).summary()["mean_kld"])
+
+    base = all_4bit(table, "nf4")
+    all_nf4 = kld(base)
+    rows = [_row("–", "all-NF4, blocksize 64", base, all_nf4, all_nf4, base.bytes, {})]
+    bs32 = all_4bit(table, "nf4-bs32")
+    rows.append(_row("–", "all-NF4, blocksize 32", bs32, kld(bs32), all_nf4, base.bytes, {}))
+    print(_line(rows[-1]), flush=True)
+    for budget in BUDGETS:
+        skip_only = plan(table, budget, tiers=["nf4"])
+        variants = {"skip-list only (nf4)": skip_only,
+                    "menu (nf4 + nf4-bs32)": plan(table, budget),
+                    "bs32 everywhere + keeps (same bytes)": plan(table, skip_only.budget.bytes, tiers=["nf4-bs32"])}
+        for label, p in variants.items():
+            keep = plan_keep_set(table, p)
+            counts = {t: sum(1 for c in p.choices.values() if c == t) for t in p.used_formats}
+            rows.append(_row(budget, label, keep, kld(keep), all_nf4, base.bytes, counts))
+            print(_line(rows[-1]), flush=True)
+    summary = {"model": source.model_id, "calibration_tokens": calibration.tokens, "heldout_tokens": heldout.tokens,
+               "all_nf4_kld": all_nf4, "analysis": costs, "rows": rows, "machine": _machine()}
+    if "nf4" in costs:
+        summary["menu_analysis_cost_over_one_format"] = costs["nf4,nf4-bs32"]["cpu_s"] / costs["nf4"]["cpu_s"] - 1
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=1))
+    print(markdown(summary))
+
+
+def _row(budget, label, keep, value, all_nf4, bytes_all_nf4, formats) -> dict:
+    return {"budget": budget, "variant": label, "kept": len(keep.kept), "formats": formats, "kld": value,
+            "recovery": (all_nf4 - value) / all_nf4, "bytes": int(keep.bytes),
+            "over_all_nf4": keep.bytes / bytes_all_nf4 - 1}
+
+
+def _line(row) -> str:
+    return (f"{row['budget']:>5} {row['variant']:<38} kept {row['kept']:>3} {row['over_all_nf4']:+.1%} "
+            f"KLD {row['kld']:.4f} recovery {row['recovery']:.0%}")
+
+
+def markdown(summary: dict) -> str:
+    """The results as a Markdown table."""
+    lines = [f"all-NF4 (blocksize 64) KLD {summary['all_nf4_kld']:.4f}", "",
+             "| budget | variant | 16-bit | in nf4-bs32 | bytes over all-NF4 | KLD | recovery |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['budget']} | {r['variant']} | {r['kept']} | {r['formats'].get('nf4-bs32', '–')} | "
+                     f"{r['over_all_nf4']:+.1%} | {r['kld']:.4f} | {r['recovery']:.0%} |")
+    if "menu_analysis_cost_over_one_format" in summary:
+        lines.append(f"\nanalysis CPU time, menu over one format: {summary['menu_analysis_cost_over_one_format']:+.1%}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
