@@ -38,7 +38,7 @@ from quantplan.analysis.formats import NF4_BS32  # noqa: E402
 from quantplan.analysis.simulate import QuantCache  # noqa: E402
 from quantplan.planner import plan  # noqa: E402
 from quantplan.planner.baselines import all_4bit, plan_keep_set  # noqa: E402
-from quantplan.reports.fidelity import heldout_reference, measure  # noqa: E402
+from quantplan.reports.fidelity import heldout_reference, measure_variants  # noqa: E402
 
 BUDGETS = ("+10%", "+33%")
 
@@ -71,8 +71,8 @@ def main(argv=None) -> None:
     cache = QuantCache(model, NF4)
 
     def kld(keep) -> float:
-        with cache.quantized(keep.quantized, keep.formats):
-            return float(measure(model, reference).summary()["mean_kld"])
+        variant = {n: keep.formats.get(n) for n in keep.quantized}
+        return float(measure_variants(reference, cache, {"v": variant})["v"].summary()["mean_kld"])
 
     base = all_4bit(table, "nf4")
     all_nf4 = kld(base)

@@ -45,7 +45,7 @@ from quantplan.planner import plan  # noqa: E402
 from quantplan.planner.baselines import baseline_keep_sets  # noqa: E402
 from quantplan.planner.refine import refine  # noqa: E402
 from quantplan.planner.verify import verify  # noqa: E402
-from quantplan.reports.fidelity import heldout_reference, measure  # noqa: E402
+from quantplan.reports.fidelity import heldout_reference, measure_variants  # noqa: E402
 
 OBJECTIVES = ("output", "weight", "combined", "fisher", "restore")
 BUDGETS = ("+10%", "+33%")
@@ -107,8 +107,7 @@ def main(argv=None) -> None:
     candidates = set(rows_nf4.loc[rows_nf4["quantizable"], "name"])
 
     def kld(kept) -> float:
-        with cache.quantized(sorted(candidates - set(kept))):
-            return measure(model, reference).summary()["mean_kld"]
+        return measure_variants(reference, cache, {"v": sorted(candidates - set(kept))})["v"].summary()["mean_kld"]
 
     all_nf4 = kld({n for n in candidates if n.endswith("lm_head")})
     shared = {"reference": KLReference(model, calibration), "cache": cache, "progress": False}
@@ -155,16 +154,11 @@ def _single_module_scores(model, calibration, table, cache, args) -> dict[str, d
     rows = table.for_format("nf4")
     names = list(rows.loc[rows["quantizable"] & (rows["group"] != "lm_head"), "name"])
     restore, alone = {}, {}
-    with cache.quantized(names):  # all-NF4; each module in turn back to 16-bit
-        everything = calibration_kld(model, reference)
-        for name in names:
-            weight = cache.modules[name].weight
-            rounded, weight.data = weight.data, cache.original(name)
-            restore[name] = everything - calibration_kld(model, reference)
-            weight.data = rounded
+    everything = calibration_kld(reference, cache, names)  # all-NF4; each module in turn back to 16-bit
+    for name in names:
+        restore[name] = everything - calibration_kld(reference, cache, [n for n in names if n != name])
     for index, name in enumerate(names):
-        with cache.quantized([name]):
-            alone[name] = calibration_kld(model, reference)
+        alone[name] = calibration_kld(reference, cache, [name])
         if index % 20 == 0:
             print(f"single-module scores: {index + 1}/{len(names)}", flush=True)
     return {"restore one into all-NF4 (N forwards)": restore, "quantize one alone (N forwards)": alone}

@@ -60,6 +60,9 @@ def heldout_reference(model, input_ids: torch.Tensor, batch_size: int = 4) -> KL
 def measure(model, reference: KLReference) -> Fidelity:
     """Run ``model`` (a model other than the reference's, which must be 16-bit now) on the reference's
     windows and compare it with the 16-bit logits, one batch at a time."""
+    if model is reference.model:
+        raise ValueError("measure() compares another model with the reference's 16-bit one; for weights swapped "
+                         "into the reference's own model use measure_variants()")
     parts = []
     with torch.inference_mode():
         for batch, logits16 in reference.pairs():
