@@ -90,10 +90,7 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
     formats = config.format_values()
     calibration = calibration_of(source, config)
     out_dir = Path(out_dir)
-    fisher = config.fisher and not config.max_memory
-    if config.fisher and config.max_memory:
-        print("quantplan: --max-memory streams the model one block at a time, without the backward pass that "
-              "Fisher scores need: the table has output errors, and plans use them")
+    fisher = config.fisher
     if reuse and (table := _matching_table(out_dir, source, calibration, formats, fisher, config.context)):
         return table
     if config.max_memory:
@@ -138,7 +135,7 @@ def _analyze_streaming(source, calibration, formats, out_dir, config: AnalyzeCon
     return analyze_streaming(source.path, calibration, formats, max_memory=config.max_memory,
                              dtype=dtype_from_name(config.dtype), model_id=source.model_id,
                              model_fingerprint=source.fingerprint, batch_size=config.batch_size, out_dir=out_dir,
-                             resume=config.resume, progress=config.progress)
+                             resume=config.resume, progress=config.progress, fisher=config.fisher)
 
 
 def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, config: PlanConfig | None = None,
