@@ -172,7 +172,8 @@ def _check_fits(model, stages, candidates, cap: int, calibration, batch_size, fi
     """Refuse, naming the fix, when the largest stage cannot fit under ``max_memory``."""
     seq_len = calibration.meta.get("seq_len", 0)
     needs = [(stage_need(model, s.params, [n for n in s.linears if n in candidates], batch_size * seq_len,
-                         batch_size, head=s.kind == "head", fisher=fisher), s) for s in stages]
+                         batch_size, head=s.kind == "head", backward=fisher and s.kind != "embed"), s)
+             for s in stages]
     need, stage = max(needs, key=lambda pair: pair[0]["total"])
     if need["total"] > cap:
         gb = 1e9

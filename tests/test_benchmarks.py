@@ -90,3 +90,13 @@ def test_streaming(tmp_path):
     for run in result["runs"]:
         assert {"peak_rss_bytes", "rss_after_imports_bytes", "cpu_s", "block_s_mean", "rows"} <= set(run)
     assert {"target_met", "cpu_s_per_layer", "peak_rss_spread"} <= set(result["summary"])
+
+
+def test_streaming_fisher(tmp_path, tiny_model):
+    result = run_benchmark("streaming_fisher.py", tmp_path / "streaming_fisher.json", "--model", str(tiny_model),
+                           "--samples", "4", "--seq-len", "32", "--max-memory", "1GB")
+    for run in (result["in_memory"], result["streamed"]):
+        assert run["cpu_s"] > 0 and run["peak_rss_bytes"] > run["rss_after_imports_bytes"] > 0
+    assert result["tables"]["other_columns_equal"]
+    assert result["tables"]["max_rel_difference"]["output_fisher_error"] < 1e-5
+    assert {"time_ratio_cpu", "target_met"} <= set(result["summary"])
