@@ -168,13 +168,33 @@ def _stages(model, infos, lm_head) -> list[Stage]:
     return stages
 
 
+def streaming_need(path, formats, *, dtype: torch.dtype = torch.bfloat16, batch_size: int = 4, seq_len: int = 256,
+                   fisher: bool = True) -> tuple[dict, str]:
+    """(need, label) of the largest stage of a streamed analysis of ``path``, from its config alone.
+
+    ``need`` is :func:`analysis.stream_weights.stage_need`'s dict; raises
+    :class:`StreamingUnsupported` for a model streaming cannot handle.
+    """
+    model = skeleton(path, dtype)
+    infos = list_modules(model)
+    lm_head = output_embedding_name(model)
+    candidates = [i.name for i in infos if _reason(model, i, lm_head, list(formats)) is None]
+    need, stage = _largest_need(model, _stages(model, infos, lm_head), candidates, batch_size * seq_len, batch_size,
+                                fisher)
+    return need, stage.label
+
+
+def _largest_need(model, stages, candidates, batch_tokens: int, batch_size: int, fisher: bool):
+    """(need, stage) of the stage that needs the most memory."""
+    needs = [(stage_need(model, s.params, [n for n in s.linears if n in candidates], batch_tokens, batch_size,
+                         head=s.kind == "head", backward=fisher and s.kind != "embed"), s) for s in stages]
+    return max(needs, key=lambda pair: pair[0]["total"])
+
+
 def _check_fits(model, stages, candidates, cap: int, calibration, batch_size, fisher: bool) -> None:
     """Refuse, naming the fix, when the largest stage cannot fit under ``max_memory``."""
     seq_len = calibration.meta.get("seq_len", 0)
-    needs = [(stage_need(model, s.params, [n for n in s.linears if n in candidates], batch_size * seq_len,
-                         batch_size, head=s.kind == "head", backward=fisher and s.kind != "embed"), s)
-             for s in stages]
-    need, stage = max(needs, key=lambda pair: pair[0]["total"])
+    need, stage = _largest_need(model, stages, candidates, batch_size * seq_len, batch_size, fisher)
     if need["total"] > cap:
         gb = 1e9
         raise StreamingUnsupported(
