@@ -44,8 +44,13 @@ def skeleton(path: str | Path, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as err:  # not a causal LM: a vision-language model, an encoder, ...
+        raise StreamingUnsupported(
+            f"streaming analysis handles decoder LLMs (AutoModelForCausalLM), not {type(config).__name__}: run "
+            f"without --max-memory") from err
     model.tie_weights()  # from_pretrained ties an lm_head to the embedding; from_config leaves it apart
     model.config.name_or_path = str(path)
     return model.eval()

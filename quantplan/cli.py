@@ -94,9 +94,10 @@ def _run(args) -> int:
 
 
 def _dry_run(args) -> int:
+    from quantplan.analysis import resolve_source
     from quantplan.dry_run import describe, dry_run
 
-    print(describe(dry_run(args.model, analyze_config_from_args(args))))
+    print(describe(dry_run(resolve_source(args.model), analyze_config_from_args(args))))
     return 0
 
 
@@ -224,9 +225,10 @@ def _analyze_args(p):
     perf.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     perf.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype to analyze in")
     perf.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
-    perf.add_argument("--max-memory", metavar="SIZE",
+    perf.add_argument("--max-memory", metavar="SIZE", default="auto",
                       help="analyze a decoder LLM too large for memory one block at a time from its safetensors "
-                           "files, holding about SIZE (2GB, 1500MiB)")
+                           "files, holding about SIZE (2GB, 1500MiB); auto: only when the estimated in-memory peak "
+                           "exceeds the available memory (see --dry-run)")
     perf.add_argument("--resume", action="store_true", help="continue an interrupted analysis in --out")
     perf.add_argument("--dry-run", action="store_true",
                       help="print the estimated peak memory, the all-4-bit and 16-bit sizes and what the run would "

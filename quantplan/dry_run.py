@@ -9,7 +9,7 @@ whether the run would analyze in memory or stream under ``--max-memory``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from quantplan.analysis.config import AnalyzeConfig
 from quantplan.analysis.estimate import (
@@ -20,9 +20,14 @@ from quantplan.analysis.estimate import (
     estimate_sizes,
     meta_model,
 )
+from quantplan.analysis.models import ModelSource
 from quantplan.common.sizes import parse_size
 
 GB = 1e9
+AUTO = "auto"
+#: what a ``--max-memory`` cap does not cover: Python and the libraries (~0.5 GB) and the runtime
+#: buffers (analysis.stream_weights.RUNTIME_BYTES); auto subtracts it from the available memory
+UNCOVERED_BYTES = 700 * 10**6
 
 
 @dataclass(frozen=True)
@@ -39,30 +44,72 @@ class DryRun:
     action: str
 
 
-def dry_run(model_spec: str | None, config: AnalyzeConfig) -> DryRun:
-    """Estimate the job for ``model_spec`` under ``config`` from its config and safetensors index alone."""
-    from quantplan.analysis import resolve_source
+def dry_run(source: ModelSource, config: AnalyzeConfig) -> DryRun:
+    """Estimate the job for ``source`` under ``config`` from its config and safetensors index alone."""
+    formats = config.format_values()
+    peak = _peak(source, config)
+    four_bit = [f for f in formats if f.bits == 4]
+    sizes = estimate_sizes(source.path, four_bit[0]) if four_bit else None
+    stream_need, stream_note = _stream_need(source, config)
+    available = available_memory()
+    max_memory = config.max_memory
+    if max_memory == AUTO:
+        cap = auto_cap(peak.total, available, stream_need) if config.device == "cpu" else None
+        max_memory = str(cap) if cap else None
+    action = _action(max_memory, peak.total, available, stream_need, stream_note)
+    return DryRun(source.model_id, peak, sizes, checkpoint_bytes(source.path), available, stream_need, stream_note,
+                  action)
+
+
+def auto_cap(peak: int, available: int | None, stream_need: int | None) -> int | None:
+    """The ``--max-memory auto`` cap: None (in memory) when the in-memory peak fits the available memory or
+    streaming cannot help; else the available memory less what the cap leaves out (Python, libraries, buffers)."""
+    if available is None or peak <= available or stream_need is None:
+        return None
+    cap = available - UNCOVERED_BYTES
+    return cap if cap >= stream_need else None
+
+
+def choose_max_memory(source: ModelSource, config: AnalyzeConfig) -> AnalyzeConfig:
+    """``config`` with ``max_memory="auto"`` resolved from the estimate, saying so in one line when it streams."""
+    if config.max_memory != AUTO:
+        return config
+    available = available_memory()
+    if config.device != "cpu" or available is None:  # streaming runs on the CPU
+        return replace(config, max_memory=None)
+    peak = _peak(source, config).total
+    if peak <= available:
+        return replace(config, max_memory=None)
+    need, note = _stream_need(source, config)
+    cap = auto_cap(peak, available, need)
+    said = f"quantplan: the in-memory analysis needs ≈ {peak / GB:.2f} GB, more than the {available / GB:.2f} GB available"
+    if cap is None:
+        print(f"{said}, and streaming cannot run it ({note}): analyzing in memory anyway")
+        return replace(config, max_memory=None)
+    print(f"{said}: streaming it one block at a time (--max-memory {cap / GB:.2f}GB)")
+    return replace(config, max_memory=str(cap))
+
+
+def _peak(source: ModelSource, config: AnalyzeConfig) -> PeakEstimate:
+    from quantplan.analysis.models import dtype_from_name
+
+    return estimate_peak(meta_model(source.path), config.format_values(),
+                         dtype_bytes=dtype_from_name(config.dtype).itemsize, batch_size=config.batch_size,
+                         seq_len=config.seq_len, fisher=config.fisher)
+
+
+def _stream_need(source: ModelSource, config: AnalyzeConfig) -> tuple[int | None, str]:
+    """(bytes, name) of a streamed analysis' largest block, or (None, why the model cannot be streamed)."""
     from quantplan.analysis.models import dtype_from_name
     from quantplan.analysis.stream_weights import StreamingUnsupported
     from quantplan.analysis.streaming import streaming_need
 
-    source = resolve_source(model_spec)
-    formats = config.format_values()
-    dtype = dtype_from_name(config.dtype)
-    peak = estimate_peak(meta_model(source.path), formats, dtype_bytes=dtype.itemsize, batch_size=config.batch_size,
-                         seq_len=config.seq_len, fisher=config.fisher)
-    four_bit = [f for f in formats if f.bits == 4]
-    sizes = estimate_sizes(source.path, four_bit[0]) if four_bit else None
     try:
-        need, label = streaming_need(source.path, formats, dtype=dtype, batch_size=config.batch_size,
-                                     seq_len=config.seq_len, fisher=config.fisher)
-        stream_need, stream_note = need["total"], label
+        need, label = streaming_need(source.path, config.format_values(), dtype=dtype_from_name(config.dtype),
+                                     batch_size=config.batch_size, seq_len=config.seq_len, fisher=config.fisher)
     except StreamingUnsupported as err:
-        stream_need, stream_note = None, str(err)
-    available = available_memory()
-    action = _action(config.max_memory, peak.total, available, stream_need, stream_note)
-    return DryRun(source.model_id, peak, sizes, checkpoint_bytes(source.path), available, stream_need, stream_note,
-                  action)
+        return None, str(err)
+    return need["total"], label
 
 
 def _action(max_memory: str | None, peak: int, available: int | None, stream_need: int | None, note: str) -> str:

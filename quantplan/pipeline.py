@@ -22,6 +22,7 @@ from quantplan.planner.pareto import pareto_curve
 from quantplan.planner.plan_types import Plan
 from quantplan.planner.priors import kept_summary
 
+from .dry_run import choose_max_memory
 from .endtoend import EndToEnd
 
 
@@ -39,9 +40,10 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     plan_config = plan_config or PlanConfig()
     end_to_end = end_to_end or EndToEnd()
     parse_budget(budget)  # a malformed budget fails before anything is loaded
+    source = resolve_source(model_spec)
+    analyze_config = choose_max_memory(source, analyze_config)
     if analyze_config.max_memory and end_to_end.refine:
         raise ValueError("--refine runs the whole model, which --max-memory avoids: drop one of them")
-    source = resolve_source(model_spec)
     out_dir = Path(out_dir or f"./{source.short_name}-dynamic-bnb-4bit")
     checkpoint = out_dir / "checkpoint"
     if checkpoint.exists() and not overwrite:
@@ -86,7 +88,9 @@ def check_budget_fits(source: ModelSource, budget, config: AnalyzeConfig) -> Non
 
 def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfig, *,
                   reuse: bool = False) -> SensitivityTable:
-    """Measure a model (or reuse the matching table already in ``out_dir``)."""
+    """Measure a model (or reuse the matching table already in ``out_dir``); ``max_memory="auto"`` streams it
+    when the estimated in-memory peak exceeds the available memory (:mod:`quantplan.dry_run`)."""
+    config = choose_max_memory(source, config)
     formats = config.format_values()
     calibration = calibration_of(source, config)
     out_dir = Path(out_dir)

@@ -60,5 +60,49 @@ def test_dry_run_says_when_the_model_does_not_fit(tmp_path, monkeypatch):
 
     folder = save_tiny(tmp_path / "model", layers=2)
     monkeypatch.setattr(module, "available_memory", lambda: 1000)
-    result = module.dry_run(str(folder), AnalyzeConfig())
+    result = module.dry_run(resolve_source(str(folder)), AnalyzeConfig())
     assert result.peak.total > 1000 and "more than the 0.00 GB available: pass --max-memory" in result.action
+
+
+def test_auto_streams_only_when_the_in_memory_peak_does_not_fit(tmp_path, monkeypatch, capsys):
+    from quantplan import dry_run as module
+    from quantplan.analysis.config import AnalyzeConfig
+
+    folder = save_tiny(tmp_path / "model", layers=2)
+    source = resolve_source(str(folder))
+    auto = AnalyzeConfig(max_memory="auto")
+    assert module.choose_max_memory(source, auto).max_memory is None  # fits: in memory, silently
+    assert capsys.readouterr().out == ""
+    assert module.choose_max_memory(source, AnalyzeConfig(max_memory="2GB")).max_memory == "2GB"
+    peak = module.dry_run(source, auto).peak.total
+    monkeypatch.setattr(module, "available_memory", lambda: peak - 1)
+    monkeypatch.setattr(module, "UNCOVERED_BYTES", 0)
+    chosen = module.choose_max_memory(source, auto)
+    assert chosen.max_memory == str(peak - 1)
+    said = capsys.readouterr().out
+    assert said.count("\n") == 1 and "streaming it one block at a time" in said
+    assert module.choose_max_memory(source, replace_device(auto, "cuda")).max_memory is None  # streaming is CPU-only
+    monkeypatch.setattr(module, "available_memory", lambda: 10)  # too small even to stream: in memory, saying so
+    assert module.choose_max_memory(source, auto).max_memory is None
+    assert "analyzing in memory anyway" in capsys.readouterr().out
+
+
+def replace_device(config, device: str):
+    from dataclasses import replace
+
+    return replace(config, device=device)
+
+
+def test_a_vision_language_model_is_refused_by_streaming_with_the_fix(tmp_path):
+    from vlm_models import save_tiny_vlm
+
+    from quantplan.analysis.config import AnalyzeConfig
+    from quantplan.analysis.stream_weights import StreamingUnsupported
+    from quantplan.analysis.streaming import analyze_streaming
+    from quantplan.dry_run import dry_run
+
+    folder = save_tiny_vlm("qwen2_vl", tmp_path / "vlm")
+    with pytest.raises(StreamingUnsupported, match="not Qwen2VLConfig: run without --max-memory"):
+        analyze_streaming(folder, random_calibration(), [NF4], progress=False)
+    result = dry_run(resolve_source(str(folder)), AnalyzeConfig(max_memory="1GB"))
+    assert result.stream_need is None and result.action.startswith("stop: --max-memory cannot stream")
