@@ -11,7 +11,7 @@ For a decoder LLM saved as safetensors (``model.model.layers``: Llama, SmolLM2, 
    with the input probes attached (:mod:`analysis.probe`), measure its Linears exactly as
    ``analyze()`` does (:mod:`analysis.measure`), write the outputs for the next block, free
    the block and its statistics;
-4. last stage: final norm + lm_head the same way.
+4. last stage: final norm + lm_head the same way (lm_head's input is probed; no logits are made).
 
 Resident memory is one stage's weights, its input statistics and one batch (the head's
 logits one chunk of tokens at a time, :mod:`analysis.stream_head`); activations carried
@@ -46,7 +46,7 @@ from .models import resolve_source
 from .modules import list_modules, output_embedding_name
 from .probe import InputProbe
 from .stream_head import chunk_tokens
-from .stream_steps import StepContext, measure_stage, plan_steps, run_batches, step_folders
+from .stream_steps import Direction, StepContext, measure_stage, plan_steps, run_batches, step_folders
 from .stream_store import StreamCheckpoint
 from .stream_weights import (
     DiskWeights,
@@ -116,7 +116,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
         try:
             outputs = store.output_folder(folders.target)
             probe = InputProbe(model, measured)
-            grads = GradientProbe(model, measured) if fisher and step.measure else None
+            grads = GradientProbe(model, measured) if step.direction is Direction.BACKWARD else None
             run_batches(ctx, stage, step, folders, outputs, probe, grads)  # run the batches
             rows[number] = measure_stage(model, stage, infos, probe, grads, formats, reasons) if step.measure else []
         finally:
