@@ -32,7 +32,7 @@ class AnalyzeConfig:
     images: str | None = None  # vision-language models: folder, file, or "default" (shipped photos)
     prompt: str | None = None
     text_only: bool = False
-    max_memory: str | None = None  # stream the model block by block under this cap (analysis.streaming)
+    max_memory: str | None = None  # stream block by block under this cap (analysis.streaming); "auto": when needed
     context: bool = False  # quantized-context pass: restore_gain, context_output_rel_error (objective "restore")
 
     def format_values(self) -> list:

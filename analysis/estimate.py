@@ -16,6 +16,7 @@ from torch import nn
 from .formats import BYTES_16BIT
 from .memory import non_module_bytes
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
+from .stream_head import BYTES_PER_LOGIT
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,68 @@ def estimate_sizes(path: str | Path, fmt) -> SizeEstimate:
         quantized = info.name != lm_head and not_quantizable_reason(info, [fmt]) is None
         four += fmt.storage_bytes(info.shape) if quantized else size
     return SizeEstimate(int(four), int(sixteen), len(linears))
+
+
+#: Linears that read the very same tensor (one Gram matrix between them, :mod:`analysis.probe`)
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "query": "qkv", "key": "qkv", "value": "qkv",
+                "gate_proj": "gate_up", "up_proj": "gate_up", "w1": "gate_up", "w3": "gate_up"}
+
+
+@dataclass(frozen=True)
+class PeakEstimate:
+    """Resident bytes of the in-memory analysis (``analyze()``), part by part, from the config alone.
+
+    ``statistics`` is 2 x Σ d_in² x 4 bytes over the distinct Linear inputs: each input's float32
+    Gram matrix plus the ``pending`` copy a running batch fills. ``activations`` is one batch's
+    hidden states, attention scores and MLP widths (every layer's, which autograd keeps, with
+    Fisher scores) plus its logits when they are made.
+    """
+
+    weights: int
+    statistics: int
+    activations: int
+    distinct_inputs: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.statistics + self.activations
+
+
+def estimate_peak(model: nn.Module, formats, *, dtype_bytes: int, batch_size: int, seq_len: int,
+                  fisher: bool) -> PeakEstimate:
+    """Peak memory of ``analyze()`` on the meta-device ``model`` (:func:`meta_model`) without reading a weight."""
+    from .analyze import _reason
+
+    lm_head = output_embedding_name(model)
+    infos = list_modules(model)
+    candidates = [i for i in infos if _reason(model, i, lm_head, formats) is None]
+    widths: dict[tuple[str, str], int] = {}
+    for info in candidates:
+        parent, _, leaf = info.name.rpartition(".")
+        widths[(parent, SHARED_INPUT.get(leaf, leaf))] = info.in_features
+    statistics = sum(2 * d * d * 4 + 257 * d * 4 for d in widths.values())
+    unique = {id(p): p for p in model.parameters()}.values()
+    weights = sum(p.numel() * (dtype_bytes if p.is_floating_point() else p.element_size()) for p in unique)
+    text = model.config.get_text_config()
+    tokens = batch_size * seq_len
+    per_layer = (tokens * (getattr(text, "hidden_size", 0) * 8 + getattr(text, "intermediate_size", 0) * 4) * 4
+                 + batch_size * getattr(text, "num_attention_heads", 1) * seq_len * seq_len * 4)
+    layers = getattr(text, "num_hidden_layers", 1) if fisher else 1
+    vocab = getattr(text, "vocab_size", 0)
+    measured_head = any(i.name == lm_head for i in candidates)
+    logits = tokens * vocab * (BYTES_PER_LOGIT if fisher else 2 if measured_head else 0)
+    return PeakEstimate(int(weights), int(statistics), int(per_layer * layers + logits), len(widths))
+
+
+def checkpoint_bytes(path: str | Path) -> int | None:
+    """Bytes of the safetensors weights on disk (the index's total size, else the file sizes); None if none."""
+    import json
+
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+        if total:
+            return int(total)
+    files = list(folder.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None

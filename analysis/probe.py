@@ -124,30 +124,34 @@ class InputProbe:
 
     def _hook(self, name: str):
         def hook(module, args):
-            x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
-                return
-            key = (x.data_ptr(), tuple(x.shape))
-            seen = self._seen.get(key)
-            if seen is not None and seen[0]() is x:
-                leader = seen[1]
-                if self.owner.setdefault(name, leader) == leader:
-                    return  # the leader already accumulated this very tensor
-            if self.owner.setdefault(name, name) != name:
-                raise RuntimeError(
-                    f"{name} shared its input with {self.owner[name]} in an earlier batch but not now; "
-                    "the model's forward is not deterministic in structure, which quantplan cannot probe"
-                )
-            if name not in self.stats:
-                width = x.shape[-1]
-                self.stats[name] = InputStats(
-                    torch.zeros(width, width, dtype=torch.float32, device=x.device),
-                    torch.zeros(width, dtype=torch.float32, device=x.device),
-                )
-            self.stats[name].update(x.detach(), self.sample_rows)
-            self._seen[key] = (weakref.ref(x), name)
+            self.observe(name, args[0] if args else None)
 
         return hook
+
+    def observe(self, name: str, x) -> None:
+        """Accumulate ``x`` as the input of module ``name`` (what its pre-hook does; callers that run a
+        module in pieces, such as the streamed lm_head in token chunks, pass the whole input once)."""
+        if not isinstance(x, torch.Tensor):
+            return
+        key = (x.data_ptr(), tuple(x.shape))
+        seen = self._seen.get(key)
+        if seen is not None and seen[0]() is x:
+            leader = seen[1]
+            if self.owner.setdefault(name, leader) == leader:
+                return  # the leader already accumulated this very tensor
+        if self.owner.setdefault(name, name) != name:
+            raise RuntimeError(
+                f"{name} shared its input with {self.owner[name]} in an earlier batch but not now; "
+                "the model's forward is not deterministic in structure, which quantplan cannot probe"
+            )
+        if name not in self.stats:
+            width = x.shape[-1]
+            self.stats[name] = InputStats(
+                torch.zeros(width, width, dtype=torch.float32, device=x.device),
+                torch.zeros(width, dtype=torch.float32, device=x.device),
+            )
+        self.stats[name].update(x.detach(), self.sample_rows)
+        self._seen[key] = (weakref.ref(x), name)
 
     # -- partial results: flushed on interruption, read back by --resume -------------------
 

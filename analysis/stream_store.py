@@ -3,18 +3,21 @@
 Layout of ``<folder>`` (``<out>/partial/`` when the analysis has an output folder, else a
 temporary folder):
 
-- ``state.json``: the run's identity (model, calibration, formats, ...) and ``stages_done``;
-  rewriting it is the commit point of a stage.
-- ``rows-NNNN.json``: the table rows of finished stage NNNN.
+- ``state.json``: the run's identity (model, calibration, formats, ...) and ``steps_done``;
+  rewriting it is the commit point of a step (one stage run forward, or backward for Fisher).
+- ``rows-NNNN.json``: the table rows of finished step NNNN.
 - ``hidden-NNNN/BBBBB.safetensors``: the input of stage NNNN for calibration batch BBBBB, with
   the decoder layer's keyword arguments (position embeddings, mask, ...) beside it.
+- ``grad-NNNN/BBBBB.safetensors``: the gradient of the next-token loss with respect to that
+  input (Fisher scores' reverse pass), written by stage NNNN's backward step for stage NNNN-1's.
 
-Carried activations always live on disk, one file per batch: a stage reads a batch, runs it
+Carried activations always live on disk, one file per batch: a step reads a batch, runs it
 and writes its output before the next batch is read, so memory holds one batch however many
 calibration tokens there are, and the files double as the resume point. Every file is
-written to a temporary name and moved into place with ``os.replace``; a stage's output folder
-is renamed into place as a whole before ``state.json`` says the stage is done, so a process
-killed at any instant (SIGKILL included) leaves a consistent checkpoint.
+written to a temporary name and moved into place with ``os.replace``; a step's output folder
+is renamed into place as a whole before ``state.json`` says the step is done, and the folders
+it consumed are deleted only after that, so a process killed at any instant (SIGKILL
+included) leaves a consistent checkpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class StreamCheckpoint:
         self.run_meta = run_meta
 
     def start(self, resume: bool) -> tuple[int, dict[int, list[dict]]]:
-        """(stages done, rows of finished stages): a fresh folder, or the saved state with ``resume``."""
+        """(steps done, rows of finished steps): a fresh folder, or the saved state with ``resume``."""
         state_file = self.folder / "state.json"
         if not resume:
             if self.folder.exists():
@@ -57,34 +60,43 @@ class StreamCheckpoint:
                 raise TableMismatch(
                     f"the partial results in {self.folder} were made with another {key.replace('_', ' ')}: "
                     f"run with the same arguments as before, or without --resume to start afresh")
-        done = int(state["stages_done"])
+        done = int(state["steps_done"])
         rows = {s: json.loads((self.folder / f"rows-{s:04d}.json").read_text()) for s in range(done)}
-        print(f"quantplan: resuming the streaming analysis after {done} stages")
+        print(f"quantplan: resuming the streaming analysis after {done} steps")
         return done, rows
 
     def hidden(self, stage: int) -> Path:
+        """Folder of the inputs of ``stage`` (one file per batch)."""
         return self.folder / f"hidden-{stage:04d}"
 
-    def output_folder(self, stage: int) -> Path:
-        """An empty temporary folder for the outputs of ``stage`` (the input of ``stage + 1``)."""
-        tmp = self.folder / f".hidden-{stage + 1:04d}.tmp"
+    def grad(self, stage: int) -> Path:
+        """Folder of the loss gradients with respect to the inputs of ``stage``."""
+        return self.folder / f"grad-{stage:04d}"
+
+    def output_folder(self, target: Path | None) -> Path | None:
+        """An empty temporary folder to fill with what becomes ``target`` at :meth:`commit`."""
+        if target is None:
+            return None
+        tmp = target.with_name(f".{target.name}.tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
         return tmp
 
-    def commit(self, stage: int, rows: list[dict], outputs: Path | None) -> None:
-        """Stage ``stage`` finished: save its rows and outputs, then mark it done, then drop its input."""
-        atomic_write_text(self.folder / f"rows-{stage:04d}.json", json.dumps(rows, default=_plain))
+    def commit(self, step: int, rows: list[dict], outputs: Path | None, target: Path | None,
+               consumed: tuple[Path, ...] = ()) -> None:
+        """Step ``step`` finished: save its rows, move its outputs to ``target``, mark it done, then drop
+        the ``consumed`` folders no later step reads."""
+        atomic_write_text(self.folder / f"rows-{step:04d}.json", json.dumps(rows, default=_plain))
         if outputs is not None:
-            target = self.hidden(stage + 1)
             if target.exists():  # left by a run killed between this rename and the state update
                 shutil.rmtree(target)
             os.replace(outputs, target)
-        state = {**self.run_meta, "stages_done": stage + 1}
+        state = {**self.run_meta, "steps_done": step + 1}
         atomic_write_text(self.folder / "state.json", json.dumps(state, indent=1))
-        if self.hidden(stage).exists():
-            shutil.rmtree(self.hidden(stage))
+        for folder in consumed:
+            if folder.exists():
+                shutil.rmtree(folder)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -44,8 +44,13 @@ def skeleton(path: str | Path, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as err:  # not a causal LM: a vision-language model, an encoder, ...
+        raise StreamingUnsupported(
+            f"streaming analysis handles decoder LLMs (AutoModelForCausalLM), not {type(config).__name__}: run "
+            f"without --max-memory") from err
     model.tie_weights()  # from_pretrained ties an lm_head to the embedding; from_config leaves it apart
     model.config.name_or_path = str(path)
     return model.eval()
@@ -129,32 +134,46 @@ def stage_bytes(model: nn.Module, names: list[str]) -> int:
 
 #: memory the process keeps once the first block has run, beyond the imports and the estimate
 #: below (math libraries' work buffers, allocator state): ~120-150 MB, flat over 12-64 blocks on
-#: the streaming benchmark (benchmarks/streaming.py)
+#: the streaming benchmark (benchmarks/streaming.py). Like the ~0.5 GB of Python and libraries it
+#: does not grow with the model, so the cap does not cover it: it is reported beside the need.
 RUNTIME_BYTES = 160 * 10**6
+
+#: autograd keeps about this many times a block's forward activations for the backward step
+GRAD_ACTIVATION_FACTOR = 2
 
 
 def stage_need(model: nn.Module, param_names: list[str], linears: list[str], batch_tokens: int,
-               batch_size: int) -> dict:
+               batch_size: int, *, head: bool = False, backward: bool = False) -> dict:
     """Estimated resident bytes while one stage runs and is measured (weights + statistics + work space).
 
     Statistics: one float32 Gram matrix (plus absmax and a 256-row sample) per hooked Linear,
     counted without sharing, so the estimate errs high. Work space: the larger of the
     measurement (about five float32 copies of the largest weight) and one batch's activations
-    (in and out of the block, the attention scores, the MLP's intermediate width, the logits),
-    plus :data:`RUNTIME_BYTES`. Python and the libraries themselves (~0.5 GB) are not counted.
+    (in and out of the block, the attention scores, the MLP's intermediate width), twice that
+    for a backward step (``backward``: Fisher scores' reverse pass). The head never holds a whole batch's logits: its forward
+    step makes none, and its backward step makes them one chunk at a time, about its own
+    weight bytes (:mod:`analysis.stream_head`). ``runtime`` (:data:`RUNTIME_BYTES`) is reported
+    but not in ``total``: with Python and the libraries (~0.5 GB) it is what the cap leaves out.
     """
+    from .stream_head import head_work_bytes
+
     config = model.config
     modules = dict(model.named_modules())
     shapes = [modules[n].weight.shape for n in linears]
-    stats = sum(s[1] * s[1] * 4 + s[1] * 4 * 257 for s in shapes)
+    stats = sum(s[1] * s[1] * 4 + s[1] * 4 * 257 + (s[0] * 4 if backward else 0) for s in shapes)
     measure = max((s[0] * s[1] * 4 * 5 for s in shapes), default=0)
     hidden = getattr(config, "hidden_size", 0)
-    widths = hidden * 8 + getattr(config, "intermediate_size", 0) * 4
-    heads = getattr(config, "num_attention_heads", 1)
-    seq = math.ceil(batch_tokens / max(batch_size, 1))
-    activations = batch_tokens * widths * 4 + batch_size * heads * seq * seq * 4
-    if any(s[0] == getattr(config, "vocab_size", -1) for s in shapes):
-        activations += batch_tokens * config.vocab_size * 4 * 2
     weights = stage_bytes(model, param_names)
-    work = max(measure, activations) + RUNTIME_BYTES
-    return {"weights": weights, "statistics": stats, "work": work, "total": weights + stats + work}
+    if head:
+        activations = batch_tokens * hidden * 8
+        if backward:
+            activations = head_work_bytes(weights, getattr(config, "vocab_size", 0), batch_tokens, hidden)
+    else:
+        widths = hidden * 8 + getattr(config, "intermediate_size", 0) * 4
+        heads = getattr(config, "num_attention_heads", 1)
+        seq = math.ceil(batch_tokens / max(batch_size, 1))
+        activations = batch_tokens * widths * 4 + batch_size * heads * seq * seq * 4
+        activations *= GRAD_ACTIVATION_FACTOR if backward else 1
+    work = max(measure, activations)
+    return {"weights": weights, "statistics": stats, "work": work, "runtime": RUNTIME_BYTES,
+            "total": weights + stats + work}

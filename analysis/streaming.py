@@ -11,13 +11,19 @@ For a decoder LLM saved as safetensors (``model.model.layers``: Llama, SmolLM2, 
    with the input probes attached (:mod:`analysis.probe`), measure its Linears exactly as
    ``analyze()`` does (:mod:`analysis.measure`), write the outputs for the next block, free
    the block and its statistics;
-4. last stage: final norm + lm_head the same way.
+4. last stage: final norm + lm_head the same way (lm_head's input is probed; no logits are made).
 
-Resident memory is one stage's weights, its input statistics and one batch; activations
-carried between blocks live on disk (:mod:`analysis.stream_store`), which also makes every
-finished block a checkpoint that ``resume=True`` continues from. Fisher scores need a
-backward pass through the whole model and are not available here: the planner's ``auto``
-objective then uses output error.
+Resident memory is one stage's weights, its input statistics and one batch (the head's
+logits one chunk of tokens at a time, :mod:`analysis.stream_head`); activations carried
+between blocks live on disk (:mod:`analysis.stream_store`), which also makes every finished
+step a checkpoint that ``resume=True`` continues from.
+
+Fisher scores (``fisher=True``, the default objective's input) add a reverse pass
+(:mod:`analysis.stream_steps`): the forward steps keep every block's inputs on disk, the head
+computes the gradient of the sampled next-token loss with respect to its input, and each
+block, last to first, is loaded again, recomputes its forward from its stored input with
+gradients on, backpropagates the stored gradient of its output with the same hooks as
+``analyze()`` and is measured there, storing the gradient of its input for the block below.
 """
 
 from __future__ import annotations
@@ -32,19 +38,22 @@ from tqdm.auto import tqdm
 
 from quantplan.common.sizes import parse_size
 
-from .analyze import CONTEXT_COLUMNS, PARTIAL_DIR, _reason, _table_meta
+from .analyze import PARTIAL_DIR, _reason, _table_meta
 from .distributed import Shard
+from .fisher import GradientProbe
 from .formats import NF4, format_to_dict
-from .measure import measure_module
 from .models import resolve_source
 from .modules import list_modules, output_embedding_name
 from .probe import InputProbe
-from .stream_store import StreamCheckpoint, read_batch, write_batch
+from .stream_head import chunk_tokens
+from .stream_steps import Direction, StepContext, measure_stage, plan_steps, run_batches, step_folders
+from .stream_store import StreamCheckpoint
 from .stream_weights import (
     DiskWeights,
     StreamingUnsupported,
     release_freed_blocks,
     skeleton,
+    stage_bytes,
     stage_need,
     unload,
 )
@@ -69,13 +78,10 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     """Measure the model saved in ``path`` block by block; returns the table ``analyze()`` would.
 
     ``max_memory`` (``"2GB"``, ``"1500MiB"``, bytes) is checked against the largest stage's
-    estimated need before anything runs. With ``out_dir`` every finished block is checkpointed
-    in ``out_dir/partial`` and ``resume=True`` continues from the last one.
+    estimated need before anything runs. With ``out_dir`` every finished step is checkpointed
+    in ``out_dir/partial`` and ``resume=True`` continues from the last one. ``fisher`` adds
+    the reverse pass that fills ``output_fisher_error`` as ``analyze(fisher=True)`` does.
     """
-    if fisher:
-        raise StreamingUnsupported(
-            "Fisher scores need a backward pass through the whole model, which streaming analysis does not run: "
-            "pass --no-fisher (fisher=False) with --max-memory; plans then use the output-error objective")
     if Shard.current().world > 1:
         raise StreamingUnsupported("streaming analysis runs in one process: launch it without torchrun, or drop "
                                    "--max-memory to share the calibration batches between processes")
@@ -88,27 +94,34 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     reasons = {i.name: _reason(model, i, lm_head, formats) for i in infos}
     candidates = [i.name for i in infos if reasons[i.name] is None]
     stages = _stages(model, infos, lm_head)
+    ctx = StepContext(model, calibration, batch_size, lm_head,
+                      chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), model.config.vocab_size))
     if max_memory is not None:
-        _check_fits(model, stages, candidates, parse_size(max_memory), calibration, batch_size)
+        _check_fits(model, stages, candidates, parse_size(max_memory), calibration, batch_size, fisher)
     fingerprint = model_fingerprint or resolve_source(str(path)).fingerprint
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
                 "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size,
-                "candidates": candidates, "dtype": str(dtype), "streaming": True}
-    meta = _table_meta(model, model_id, fingerprint, calibration, formats, infos, False)  # before ties break
+                "candidates": candidates, "dtype": str(dtype), "streaming": True, "fisher": fisher}
+    meta = _table_meta(model, model_id, fingerprint, calibration, formats, infos, fisher)  # before ties break
     scratch = None if out_dir else tempfile.TemporaryDirectory(prefix="quantplan-stream-")
     store = StreamCheckpoint(Path(out_dir) / PARTIAL_DIR if out_dir else Path(scratch.name) / PARTIAL_DIR, run_meta)
+    steps = plan_steps(len(stages), fisher)
     done, rows = store.start(resume)
-    for index in tqdm(range(done, len(stages)), desc="streamed blocks", disable=not progress):
-        stage = stages[index]
-        weights.load(model, stage.params, dtype)
+    for number in tqdm(range(done, len(steps)), desc="streamed blocks", disable=not progress):
+        step = steps[number]
+        stage = stages[step.stage]
+        folders = step_folders(store, step, len(stages), fisher)
+        measured = [n for n in stage.linears if n in candidates] if step.measure else []
+        weights.load(model, stage.params, dtype)  # on-load the block
         try:
-            outputs = store.output_folder(index) if index < len(stages) - 1 else None
-            probe = InputProbe(model, [n for n in stage.linears if n in candidates])
-            _run_stage(model, stage, probe, calibration, batch_size, store.hidden(index), outputs)
-            rows[index] = _measure_stage(model, stage, infos, probe, formats, reasons)
+            outputs = store.output_folder(folders.target)
+            probe = InputProbe(model, measured)
+            grads = GradientProbe(model, measured) if step.direction is Direction.BACKWARD else None
+            run_batches(ctx, stage, step, folders, outputs, probe, grads)  # run the batches
+            rows[number] = measure_stage(model, stage, infos, probe, grads, formats, reasons) if step.measure else []
         finally:
-            unload(model, stage.params)
-        store.commit(index, rows[index], outputs)
+            unload(model, stage.params)  # off-load it
+        store.commit(number, rows[number], outputs, folders.target, folders.consumed)
     table = SensitivityTable(pd.DataFrame(_in_module_order(rows, infos)), meta)
     if out_dir:
         table.save(out_dir)
@@ -155,76 +168,38 @@ def _stages(model, infos, lm_head) -> list[Stage]:
     return stages
 
 
-class _Captured(Exception):
-    """Raised by the first decoder layer's pre-hook once it has seen its inputs."""
+def streaming_need(path, formats, *, dtype: torch.dtype = torch.bfloat16, batch_size: int = 4, seq_len: int = 256,
+                   fisher: bool = True) -> tuple[dict, str]:
+    """(need, label) of the largest stage of a streamed analysis of ``path``, from its config alone.
+
+    ``need`` is :func:`analysis.stream_weights.stage_need`'s dict; raises
+    :class:`StreamingUnsupported` for a model streaming cannot handle.
+    """
+    model = skeleton(path, dtype)
+    infos = list_modules(model)
+    lm_head = output_embedding_name(model)
+    candidates = [i.name for i in infos if _reason(model, i, lm_head, list(formats)) is None]
+    need, stage = _largest_need(model, _stages(model, infos, lm_head), candidates, batch_size * seq_len, batch_size,
+                                fisher)
+    return need, stage.label
 
 
-def _run_stage(model, stage: Stage, probe: InputProbe, calibration, batch_size, inputs: Path, outputs: Path | None):
-    """Run every calibration batch through one stage with the probes attached; write the outputs."""
-    if stage.kind == "head" and not probe.names:
-        return  # lm_head is not measured (tied): nothing in this stage needs the activations
-    with probe.attached(), torch.inference_mode():
-        for index, batch in enumerate(calibration.batches(batch_size)):
-            probe.start_batch()
-            if stage.kind == "embed":
-                hidden, kwargs = _capture_first_layer_inputs(model, batch)
-            else:
-                hidden, kwargs = read_batch(inputs, index)
-                hidden = _run_layer(model, stage, hidden, kwargs)
-            probe.commit_batch()
-            if outputs is not None:
-                write_batch(outputs, index, hidden, kwargs)
+def _largest_need(model, stages, candidates, batch_tokens: int, batch_size: int, fisher: bool):
+    """(need, stage) of the stage that needs the most memory."""
+    needs = [(stage_need(model, s.params, [n for n in s.linears if n in candidates], batch_tokens, batch_size,
+                         head=s.kind == "head", backward=fisher and s.kind != "embed"), s) for s in stages]
+    return max(needs, key=lambda pair: pair[0]["total"])
 
 
-def _capture_first_layer_inputs(model, batch: dict):
-    captured = {}
-
-    def hook(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Captured
-
-    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model.model(**batch, use_cache=False)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    return captured["hidden"], captured["kwargs"]
-
-
-def _run_layer(model, stage: Stage, hidden, kwargs):
-    if stage.kind == "head":
-        model.lm_head(model.model.norm(hidden))
-        return hidden
-    out = stage.layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _measure_stage(model, stage: Stage, infos, probe: InputProbe, formats, reasons) -> list[dict]:
-    """Rows of the stage's modules, computed as analyze() computes them."""
-    weights = dict(model.named_parameters(remove_duplicate=False))
-    rows = []
-    for info in infos:
-        if info.name in stage.linears:
-            stats = probe.stats_for(info.name) if info.name in probe.owner else None
-            rows.extend(measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name]))
-    for row in rows:  # the quantized-context pass runs the whole model: not available here
-        row.update({c: float("nan") for c in CONTEXT_COLUMNS})
-    return rows
-
-
-def _check_fits(model, stages, candidates, cap: int, calibration, batch_size) -> None:
+def _check_fits(model, stages, candidates, cap: int, calibration, batch_size, fisher: bool) -> None:
     """Refuse, naming the fix, when the largest stage cannot fit under ``max_memory``."""
     seq_len = calibration.meta.get("seq_len", 0)
-    needs = [(stage_need(model, s.params, [n for n in s.linears if n in candidates], batch_size * seq_len,
-                         batch_size), s) for s in stages]
-    need, stage = max(needs, key=lambda pair: pair[0]["total"])
+    need, stage = _largest_need(model, stages, candidates, batch_size * seq_len, batch_size, fisher)
     if need["total"] > cap:
         gb = 1e9
         raise StreamingUnsupported(
             f"--max-memory {cap / gb:.2f} GB is too small: streaming holds one block at a time, and the largest "
             f"({stage.label}) needs about {need['total'] / gb:.2f} GB (weights {need['weights'] / gb:.2f} GB, input "
             f"statistics {need['statistics'] / gb:.2f} GB, work space {need['work'] / gb:.2f} GB): pass "
-            f"--max-memory {need['total'] / gb + 0.01:.2f}GB or more, or a smaller --batch-size")
+            f"--max-memory {need['total'] / gb + 0.01:.2f}GB or more, or a smaller --batch-size (the cap leaves out "
+            f"about {need['runtime'] / gb:.2f} GB of runtime buffers and ~0.5 GB of Python and libraries)")

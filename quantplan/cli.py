@@ -50,6 +50,8 @@ def _analyze(args) -> int:
     from quantplan.analysis import resolve_source
     from quantplan.pipeline import analyze_model
 
+    if args.dry_run:
+        return _dry_run(args)
     analyze_model(resolve_source(args.model), args.out, analyze_config_from_args(args))
     print(f"quantplan: wrote {Path(args.out) / 'sensitivity.parquet'} and sensitivity.json")
     return 0
@@ -83,10 +85,20 @@ def _run(args) -> int:
     from quantplan.endtoend import EndToEnd
     from quantplan.pipeline import run
 
+    if args.dry_run:
+        return _dry_run(args)
     compare = None if args.no_compare else compare_config_from_args(args)
     end_to_end = EndToEnd(refine=args.refine, verify=not args.no_verify, max_batches=args.end_to_end_batches)
     run(args.model, args.budget, args.out, analyze_config_from_args(args), plan_config=plan_config_from_args(args),
         compare=compare, end_to_end=end_to_end, overwrite=args.overwrite)
+    return 0
+
+
+def _dry_run(args) -> int:
+    from quantplan.analysis import resolve_source
+    from quantplan.dry_run import describe, dry_run
+
+    print(describe(dry_run(resolve_source(args.model), analyze_config_from_args(args))))
     return 0
 
 
@@ -219,10 +231,14 @@ def _analyze_args(p):
     perf.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     perf.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype to analyze in")
     perf.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
-    perf.add_argument("--max-memory", metavar="SIZE",
+    perf.add_argument("--max-memory", metavar="SIZE", default="auto",
                       help="analyze a decoder LLM too large for memory one block at a time from its safetensors "
-                           "files, holding about SIZE (2GB, 1500MiB); no Fisher scores (plans use output error)")
+                           "files, holding about SIZE (2GB, 1500MiB); auto: only when the estimated in-memory peak "
+                           "exceeds the available memory (see --dry-run)")
     perf.add_argument("--resume", action="store_true", help="continue an interrupted analysis in --out")
+    perf.add_argument("--dry-run", action="store_true",
+                      help="print the estimated peak memory, the all-4-bit and 16-bit sizes and what the run would "
+                           "do (in memory or streamed), from the config alone; load no weights")
     perf.add_argument("--quiet", action="store_true", help="no progress bars (results and warnings still print)")
 
 

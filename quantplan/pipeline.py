@@ -26,6 +26,7 @@ from quantplan.planner.pareto import pareto_curve
 from quantplan.planner.plan_types import Plan
 from quantplan.planner.priors import kept_summary
 
+from .dry_run import choose_max_memory
 from .endtoend import EndToEnd
 
 
@@ -43,9 +44,10 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     plan_config = plan_config or PlanConfig()
     end_to_end = end_to_end or EndToEnd()
     parse_budget(budget)  # a malformed budget fails before anything is loaded
+    source = resolve_source(model_spec)
+    analyze_config = choose_max_memory(source, analyze_config)
     if analyze_config.max_memory and end_to_end.refine:
         raise ValueError("--refine runs the whole model, which --max-memory avoids: drop one of them")
-    source = resolve_source(model_spec)
     out_dir = Path(out_dir or f"./{source.short_name}-dynamic-bnb-4bit")
     checkpoint = out_dir / "checkpoint"
     check_out_dir(checkpoint, overwrite)  # before the analysis: the rule export applies, refused early
@@ -119,14 +121,13 @@ def check_budget_fits(source: ModelSource, budget, config: AnalyzeConfig, plan_c
 
 def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfig, *,
                   reuse: bool = False) -> SensitivityTable:
-    """Measure a model (or reuse the matching table already in ``out_dir``)."""
+    """Measure a model (or reuse the matching table already in ``out_dir``); ``max_memory="auto"`` streams it
+    when the estimated in-memory peak exceeds the available memory (:mod:`quantplan.dry_run`)."""
+    config = choose_max_memory(source, config)
     formats = config.format_values()
     calibration = calibration_of(source, config)
     out_dir = Path(out_dir)
-    fisher = config.fisher and not config.max_memory
-    if config.fisher and config.max_memory:
-        print("quantplan: --max-memory streams the model one block at a time, without the backward pass that "
-              "Fisher scores need: the table has output errors, and plans use them")
+    fisher = config.fisher
     if reuse and (table := _matching_table(out_dir, source, calibration, formats, fisher, config.context)):
         return table
     if config.max_memory:
@@ -172,7 +173,7 @@ def _analyze_streaming(source, calibration, formats, out_dir, config: AnalyzeCon
     return analyze_streaming(source.path, calibration, formats, max_memory=config.max_memory,
                              dtype=dtype_from_name(config.dtype), model_id=source.model_id,
                              model_fingerprint=source.fingerprint, batch_size=config.batch_size, out_dir=out_dir,
-                             resume=config.resume, progress=config.progress)
+                             resume=config.resume, progress=config.progress, fisher=config.fisher)
 
 
 def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, config: PlanConfig | None = None,

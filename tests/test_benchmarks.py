@@ -109,3 +109,13 @@ def test_stage_profile(tmp_path, tiny_model):
     run = result["runs"]["tiny"]
     assert {"analysis", "plan + verification", "export"} <= set(run["top_level_s"])
     assert run["run_over_analysis"] >= 1 and run["peak_rss_bytes"] > 0 and "machine" in run
+
+
+def test_streaming_fisher(tmp_path, tiny_model):
+    result = run_benchmark("streaming_fisher.py", tmp_path / "streaming_fisher.json", "--model", str(tiny_model),
+                           "--samples", "4", "--seq-len", "32", "--max-memory", "1GB")
+    for run in (result["in_memory"], result["streamed"]):
+        assert run["cpu_s"] > 0 and run["peak_rss_bytes"] > run["rss_after_imports_bytes"] > 0
+    assert result["tables"]["other_columns_equal"]
+    assert result["tables"]["max_rel_difference"]["output_fisher_error"] < 1e-5
+    assert {"time_ratio_cpu", "target_met"} <= set(result["summary"])

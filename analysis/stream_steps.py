@@ -1,0 +1,176 @@
+"""The steps of a streamed analysis: which stage runs in which direction, and how a step runs its batches.
+
+Without Fisher scores every stage runs once, forward, and is measured there. With them the
+forward steps only carry the hidden states down (the embeddings are measured on the way);
+then the head turns around: its backward step computes the gradient of the sampled
+next-token loss with respect to its input (:mod:`analysis.stream_head`); then each decoder
+layer, from the last to the first, recomputes its forward from its stored input with
+gradients on and the input and gradient probes attached (the hooks ``analyze()`` attaches to
+the whole model), backpropagates the stored gradient of its output, is measured, and stores
+the gradient of its input for the layer below: layer-wise activation checkpointing with the
+disk as the store.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from .analyze import CONTEXT_COLUMNS
+from .fisher import GradientProbe
+from .measure import measure_module
+from .probe import InputProbe
+from .stream_head import head_input_gradient, observe_head_input
+from .stream_store import read_batch, write_batch
+
+
+class Direction(Enum):
+    """Which way a step runs its stage."""
+
+    FORWARD = "forward"  # inputs -> outputs (the next stage's inputs)
+    BACKWARD = "backward"  # inputs + gradients of the outputs -> gradients of the inputs (Fisher)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage run once over every calibration batch, in one direction, measured or not."""
+
+    stage: int
+    direction: Direction
+    measure: bool
+
+
+@dataclass(frozen=True)
+class StepFolders:
+    """Where a step reads and writes its per-batch files (:mod:`analysis.stream_store`)."""
+
+    hidden: Path | None  # the stage's inputs (None: the embeddings make them from the batch)
+    grad: Path | None  # gradients of the stage's outputs (backward steps below the head)
+    target: Path | None  # what the step writes: the next stage's inputs, or the gradients of this one's
+    consumed: tuple[Path, ...]  # folders no later step reads, deleted once the step is committed
+
+
+def plan_steps(stages: int, fisher: bool) -> list[Step]:
+    """Every stage forward and measured; with Fisher, forward unmeasured then backward from the head up."""
+    forward, backward = Direction.FORWARD, Direction.BACKWARD
+    if not fisher:
+        return [Step(s, forward, True) for s in range(stages)]
+    head = stages - 1
+    return ([Step(0, forward, True)] + [Step(s, forward, False) for s in range(1, head)]
+            + [Step(s, backward, True) for s in range(head, 0, -1)])
+
+
+def step_folders(store, step: Step, stages: int, fisher: bool) -> StepFolders:
+    """The folders ``step`` reads, writes and frees (the decoder layers' inputs stay for the backward steps)."""
+    s, last = step.stage, stages - 1
+    hidden = store.hidden(s) if s > 0 else None
+    if step.direction is Direction.FORWARD:
+        target = store.hidden(s + 1) if s < last else None
+        return StepFolders(hidden, None, target, () if fisher or hidden is None else (hidden,))
+    grad = store.grad(s + 1) if s < last else None
+    target = store.grad(s) if s > 1 else None  # the embeddings take no gradient
+    return StepFolders(hidden, grad, target, tuple(f for f in (hidden, grad) if f is not None))
+
+
+@dataclass
+class StepContext:
+    """What every step needs besides its stage: the model, the batches, the lm_head's name and chunk."""
+
+    model: torch.nn.Module
+    calibration: object
+    batch_size: int
+    lm_head: str | None
+    head_chunk: int  # tokens per lm_head chunk (analysis.stream_head.chunk_tokens)
+
+
+def run_batches(ctx: StepContext, stage, step: Step, folders: StepFolders, outputs: Path | None,
+                probe: InputProbe, grads: GradientProbe | None) -> None:
+    """Run every calibration batch through ``stage`` in the step's direction with the probes attached."""
+    backward = step.direction is Direction.BACKWARD
+    if stage.kind == "head" and not backward and not probe.names:
+        return  # lm_head is not measured (tied): nothing in this step needs the activations
+    inputs = nullcontext() if stage.kind == "head" else probe.attached()  # the head shows lm_head's input itself
+    with inputs, grads.attached() if grads else nullcontext(), nullcontext() if backward else torch.inference_mode():
+        for index, batch in enumerate(ctx.calibration.batches(ctx.batch_size)):
+            probe.start_batch()
+            if grads:
+                grads.start_batch()
+            if stage.kind == "embed":
+                hidden, kwargs = _capture_first_layer_inputs(ctx.model, batch)
+            else:
+                hidden, kwargs = read_batch(folders.hidden, index)
+            if backward:
+                out = _backward(ctx, stage, hidden, kwargs, folders.grad, index, probe)
+            else:
+                out = _forward(ctx, stage, hidden, kwargs, probe)
+            if grads:
+                grads.commit_batch()
+            probe.commit_batch()
+            if outputs is not None:
+                write_batch(outputs, index, out, {} if backward else kwargs)
+
+
+def _forward(ctx: StepContext, stage, hidden, kwargs, probe):
+    """The stage's output for one batch (the head only shows the probe lm_head's input)."""
+    if stage.kind == "embed":
+        return hidden
+    if stage.kind == "head":
+        observe_head_input(ctx.model, probe, ctx.lm_head, hidden)
+        return hidden
+    out = stage.layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _backward(ctx: StepContext, stage, hidden, kwargs, grad_folder: Path | None, index: int, probe):
+    """The loss gradient of the stage's input for one batch (seeded per batch as analyze() seeds it)."""
+    if stage.kind == "head":
+        return head_input_gradient(ctx.model, probe, ctx.lm_head, hidden, seed=index, chunk=ctx.head_chunk)
+    grad_out, _ = read_batch(grad_folder, index)
+    leaf = hidden.detach().requires_grad_()  # as the embeddings' output is in memory, so the hooks see a graph
+    with torch.enable_grad():
+        out = stage.layer(leaf, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(grad_out)
+    return leaf.grad
+
+
+class _Captured(Exception):
+    """Raised by the first decoder layer's pre-hook once it has seen its inputs."""
+
+
+def _capture_first_layer_inputs(model, batch: dict):
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Captured
+
+    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model.model(**batch, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured["hidden"], captured["kwargs"]
+
+
+def measure_stage(model, stage, infos, probe: InputProbe, grads: GradientProbe | None, formats,
+                  reasons) -> list[dict]:
+    """Rows of the stage's modules, computed as analyze() computes them."""
+    weights = dict(model.named_parameters(remove_duplicate=False))
+    rows = []
+    for info in infos:
+        if info.name in stage.linears:
+            stats = probe.stats_for(info.name) if info.name in probe.owner else None
+            grad_sq = grads.mean_squared_gradient(info.name) if grads else None
+            rows.extend(measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name],
+                                       grad_sq))
+    for row in rows:  # the quantized-context pass runs the whole model: not available here
+        row.update({c: float("nan") for c in CONTEXT_COLUMNS})
+    return rows

@@ -1,0 +1,161 @@
+"""``quantplan run/analyze --dry-run``: what the job would need and do, without reading a weight.
+
+Everything comes from the model's config (the model built on the meta device) and its
+safetensors index: the estimated peak memory of the in-memory analysis (weights, the float32
+Gram statistics, one batch's activations and logits; :func:`analysis.estimate.estimate_peak`),
+the all-4-bit and 16-bit checkpoint sizes, the largest block of a streamed analysis, and
+whether the run would analyze in memory or stream under ``--max-memory``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from quantplan.analysis.config import AnalyzeConfig
+from quantplan.analysis.estimate import (
+    PeakEstimate,
+    SizeEstimate,
+    checkpoint_bytes,
+    estimate_peak,
+    estimate_sizes,
+    meta_model,
+)
+from quantplan.analysis.models import ModelSource
+from quantplan.common.sizes import parse_size
+
+GB = 1e9
+AUTO = "auto"
+#: what a ``--max-memory`` cap does not cover: Python and the libraries (~0.5 GB) and the runtime
+#: buffers (analysis.stream_weights.RUNTIME_BYTES); auto subtracts it from the available memory
+UNCOVERED_BYTES = 700 * 10**6
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """The estimates behind a dry run and the sentence saying what the run would do."""
+
+    model_id: str
+    peak: PeakEstimate
+    sizes: SizeEstimate | None  # None without a 4-bit candidate format
+    on_disk: int | None  # safetensors bytes (None: no safetensors files)
+    available: int | None  # memory available now (None: unknown)
+    stream_need: int | None  # bytes of the largest stage of a streamed analysis (None: cannot stream)
+    stream_note: str  # the largest stage's name, or why the model cannot be streamed
+    action: str
+
+
+def dry_run(source: ModelSource, config: AnalyzeConfig) -> DryRun:
+    """Estimate the job for ``source`` under ``config`` from its config and safetensors index alone."""
+    formats = config.format_values()
+    peak = _peak(source, config)
+    four_bit = [f for f in formats if f.bits == 4]
+    sizes = estimate_sizes(source.path, four_bit[0]) if four_bit else None
+    stream_need, stream_note = _stream_need(source, config)
+    available = available_memory()
+    max_memory = config.max_memory
+    if max_memory == AUTO:
+        cap = auto_cap(peak.total, available, stream_need) if config.device == "cpu" else None
+        max_memory = str(cap) if cap else None
+    action = _action(max_memory, peak.total, available, stream_need, stream_note)
+    return DryRun(source.model_id, peak, sizes, checkpoint_bytes(source.path), available, stream_need, stream_note,
+                  action)
+
+
+def auto_cap(peak: int, available: int | None, stream_need: int | None) -> int | None:
+    """The ``--max-memory auto`` cap: None (in memory) when the in-memory peak fits the available memory or
+    streaming cannot help; else the available memory less what the cap leaves out (Python, libraries, buffers)."""
+    if available is None or peak <= available or stream_need is None:
+        return None
+    cap = available - UNCOVERED_BYTES
+    return cap if cap >= stream_need else None
+
+
+def choose_max_memory(source: ModelSource, config: AnalyzeConfig) -> AnalyzeConfig:
+    """``config`` with ``max_memory="auto"`` resolved from the estimate, saying so in one line when it streams."""
+    if config.max_memory != AUTO:
+        return config
+    available = available_memory()
+    if config.device != "cpu" or available is None:  # streaming runs on the CPU
+        return replace(config, max_memory=None)
+    peak = _peak(source, config).total
+    if peak <= available:
+        return replace(config, max_memory=None)
+    need, note = _stream_need(source, config)
+    cap = auto_cap(peak, available, need)
+    said = f"quantplan: the in-memory analysis needs ≈ {peak / GB:.2f} GB, more than the {available / GB:.2f} GB available"
+    if cap is None:
+        print(f"{said}, and streaming cannot run it ({note}): analyzing in memory anyway")
+        return replace(config, max_memory=None)
+    print(f"{said}: streaming it one block at a time (--max-memory {cap / GB:.2f}GB)")
+    return replace(config, max_memory=str(cap))
+
+
+def _peak(source: ModelSource, config: AnalyzeConfig) -> PeakEstimate:
+    from quantplan.analysis.models import dtype_from_name
+
+    return estimate_peak(meta_model(source.path), config.format_values(),
+                         dtype_bytes=dtype_from_name(config.dtype).itemsize, batch_size=config.batch_size,
+                         seq_len=config.seq_len, fisher=config.fisher)
+
+
+def _stream_need(source: ModelSource, config: AnalyzeConfig) -> tuple[int | None, str]:
+    """(bytes, name) of a streamed analysis' largest block, or (None, why the model cannot be streamed)."""
+    from quantplan.analysis.models import dtype_from_name
+    from quantplan.analysis.stream_weights import StreamingUnsupported
+    from quantplan.analysis.streaming import streaming_need
+
+    try:
+        need, label = streaming_need(source.path, config.format_values(), dtype=dtype_from_name(config.dtype),
+                                     batch_size=config.batch_size, seq_len=config.seq_len, fisher=config.fisher)
+    except StreamingUnsupported as err:
+        return None, str(err)
+    return need["total"], label
+
+
+def _action(max_memory: str | None, peak: int, available: int | None, stream_need: int | None, note: str) -> str:
+    if max_memory:
+        cap = parse_size(max_memory)
+        if stream_need is None:
+            return f"stop: --max-memory cannot stream this model ({note})"
+        if stream_need > cap:
+            return (f"stop before loading: --max-memory {cap / GB:.2f} GB is below the largest block's need "
+                    f"({note}, {stream_need / GB:.2f} GB)")
+        return (f"analyze streamed, one block at a time under --max-memory {cap / GB:.2f} GB (largest block: "
+                f"{note}, {stream_need / GB:.2f} GB)")
+    action = f"analyze in memory (peak ≈ {peak / GB:.2f} GB)"
+    if available is not None and peak > available:
+        fix = (f"pass --max-memory {stream_need / GB + 0.01:.2f}GB or more to stream it" if stream_need is not None
+               else "use a machine with more memory")
+        action += f", more than the {available / GB:.2f} GB available: {fix}"
+    return action
+
+
+def describe(result: DryRun) -> str:
+    """The dry run as a few lines for the terminal."""
+    p = result.peak
+    lines = [f"dry run: {result.model_id} (no weights loaded)",
+             f"  in-memory analysis peak ≈ {p.total / GB:.2f} GB: weights {p.weights / GB:.2f} GB + Gram statistics "
+             f"{p.statistics / GB:.2f} GB ({p.distinct_inputs} distinct Linear inputs, 2 × d_in² × 4 bytes each) "
+             f"+ one batch's activations and logits {p.activations / GB:.2f} GB"]
+    if result.sizes is not None:
+        lines.append(f"  checkpoint: all-4-bit {result.sizes.bytes_all_4bit / GB:.3f} GB, 16-bit "
+                     f"{result.sizes.bytes_16bit / GB:.3f} GB"
+                     + (f" (safetensors on disk {result.on_disk / GB:.3f} GB)" if result.on_disk else ""))
+    if result.stream_need is not None:
+        lines.append(f"  streamed analysis: largest block {result.stream_note} needs ≈ {result.stream_need / GB:.2f} GB")
+    if result.available is not None:
+        lines.append(f"  memory available now: {result.available / GB:.2f} GB")
+    lines.append(f"  the run would {result.action}")
+    return "\n".join(lines)
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (bytes), None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,108 @@
+"""--dry-run (quantplan/dry_run.py): estimates from the config and safetensors index, no weight read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import random_calibration, save_tiny
+
+from quantplan.analysis import NF4, load_model, resolve_source
+from quantplan.analysis.estimate import estimate_peak, meta_model
+from quantplan.analysis.probe import InputProbe
+
+
+@pytest.fixture
+def no_weights_read(monkeypatch):
+    """Fail the test if anything loads a model or opens a safetensors file."""
+    import safetensors
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run read weights")
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_statistics_estimate_counts_the_grams_the_probe_makes(tmp_path, tie):
+    folder = save_tiny(tmp_path / "model", layers=2, tie=tie)
+    estimate = estimate_peak(meta_model(folder), [NF4], dtype_bytes=2, batch_size=4, seq_len=32, fisher=False)
+    model = load_model(resolve_source(str(folder)))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not (tie and n == "lm_head")]
+    probe = InputProbe(model, names)
+    with probe.attached(), torch.inference_mode():
+        model(**next(random_calibration().batches(4)))
+    assert estimate.distinct_inputs == len(probe.stats)  # q/k/v and gate/up share one input
+    assert estimate.statistics == sum(2 * s.gram.numel() * 4 + 257 * s.gram.shape[0] * 4 for s in probe.stats.values())
+    assert estimate.weights == sum(p.numel() * 2 for p in model.parameters())  # tied weights once
+
+
+def test_dry_run_prints_the_estimates_and_what_would_happen(tmp_path, capsys, no_weights_read):
+    from quantplan.cli import main
+
+    folder = save_tiny(tmp_path / "model", layers=2)
+    out = tmp_path / "job"
+    assert main(["run", str(folder), "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "no weights loaded" in printed and "all-4-bit" in printed and "16-bit" in printed
+    assert "would analyze in memory" in printed and "Gram statistics" in printed
+    assert not out.exists()
+    assert main(["analyze", str(folder), "--out", str(out), "--dry-run", "--max-memory", "1GB"]) == 0
+    assert "would analyze streamed" in capsys.readouterr().out
+    assert main(["analyze", str(folder), "--out", str(out), "--dry-run", "--max-memory", "10kB"]) == 0
+    assert "would stop before loading" in capsys.readouterr().out
+
+
+def test_dry_run_says_when_the_model_does_not_fit(tmp_path, monkeypatch):
+    from quantplan import dry_run as module
+    from quantplan.analysis.config import AnalyzeConfig
+
+    folder = save_tiny(tmp_path / "model", layers=2)
+    monkeypatch.setattr(module, "available_memory", lambda: 1000)
+    result = module.dry_run(resolve_source(str(folder)), AnalyzeConfig())
+    assert result.peak.total > 1000 and "more than the 0.00 GB available: pass --max-memory" in result.action
+
+
+def test_auto_streams_only_when_the_in_memory_peak_does_not_fit(tmp_path, monkeypatch, capsys):
+    from quantplan import dry_run as module
+    from quantplan.analysis.config import AnalyzeConfig
+
+    folder = save_tiny(tmp_path / "model", layers=2)
+    source = resolve_source(str(folder))
+    auto = AnalyzeConfig(max_memory="auto")
+    assert module.choose_max_memory(source, auto).max_memory is None  # fits: in memory, silently
+    assert capsys.readouterr().out == ""
+    assert module.choose_max_memory(source, AnalyzeConfig(max_memory="2GB")).max_memory == "2GB"
+    peak = module.dry_run(source, auto).peak.total
+    monkeypatch.setattr(module, "available_memory", lambda: peak - 1)
+    monkeypatch.setattr(module, "UNCOVERED_BYTES", 0)
+    chosen = module.choose_max_memory(source, auto)
+    assert chosen.max_memory == str(peak - 1)
+    said = capsys.readouterr().out
+    assert said.count("\n") == 1 and "streaming it one block at a time" in said
+    assert module.choose_max_memory(source, replace_device(auto, "cuda")).max_memory is None  # streaming is CPU-only
+    monkeypatch.setattr(module, "available_memory", lambda: 10)  # too small even to stream: in memory, saying so
+    assert module.choose_max_memory(source, auto).max_memory is None
+    assert "analyzing in memory anyway" in capsys.readouterr().out
+
+
+def replace_device(config, device: str):
+    from dataclasses import replace
+
+    return replace(config, device=device)
+
+
+def test_a_vision_language_model_is_refused_by_streaming_with_the_fix(tmp_path):
+    from vlm_models import save_tiny_vlm
+
+    from quantplan.analysis.config import AnalyzeConfig
+    from quantplan.analysis.stream_weights import StreamingUnsupported
+    from quantplan.analysis.streaming import analyze_streaming
+    from quantplan.dry_run import dry_run
+
+    folder = save_tiny_vlm("qwen2_vl", tmp_path / "vlm")
+    with pytest.raises(StreamingUnsupported, match="not Qwen2VLConfig: run without --max-memory"):
+        analyze_streaming(folder, random_calibration(), [NF4], progress=False)
+    result = dry_run(resolve_source(str(folder)), AnalyzeConfig(max_memory="1GB"))
+    assert result.stream_need is None and result.action.startswith("stop: --max-memory cannot stream")
