@@ -62,6 +62,6 @@ def test_smollm2_llava_analyze_plan_export_generate(smol_source, tmp_path):
     out = reloaded.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
     answer = _ask(reloaded, reloaded_processor, "What is the capital of France?")
-    print("SmolLM2-LLaVA dynamic +10%:", answer, "| kept by rule:", len(kinds["rule"]),
-          "by measurement:", len(kinds["measurement"]))
+    print("SmolLM2-LLaVA dynamic +10%:", answer, "| kept by rule:", len(kinds[ReasonKind.PRIOR]),
+          "by measurement:", len(kinds[ReasonKind.MEASURED]))
     assert answer.strip()
