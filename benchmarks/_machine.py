@@ -41,3 +41,19 @@ def machine_info(threads: int | None = None) -> dict:
     if threads is not None:
         info["torch_threads"] = threads
     return info
+
+
+def run_child(script: str, args: list[str]) -> dict:
+    """Run ``python SCRIPT --child ARGS`` in a fresh process (one thread, the repository importable) and return
+    the JSON object its last output line prints: each measured run gets its own process and memory baseline."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, script, "--child", *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"child {args[0]} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

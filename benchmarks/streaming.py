@@ -27,17 +27,15 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info, run_child  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "streaming.json"
-REPO = Path(__file__).resolve().parents[1]
 SHAPE = {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 4,
          "vocab_size": 8192}
 #: ``--shape``: the benchmark's layer shape, or a tiny one (hidden 64) for a smoke run in seconds
@@ -62,8 +60,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="quantplan-bench-", dir=args.work) as work:
         for layers in [int(n) for n in args.layers.split(",")]:
             folder = Path(work) / f"llama-{layers}"
-            built = _child(["build", str(folder), str(layers), shape])
-            run = built | _child(["analyze", str(folder), args.max_memory, str(args.samples), str(args.seq_len),
+            built = run_child(__file__, ["build", str(folder), str(layers), shape])
+            run = built | run_child(__file__, ["analyze", str(folder), args.max_memory, str(args.samples), str(args.seq_len),
                           str(args.batch_size), shape])
             run["layers"] = layers
             runs.append(run)
@@ -76,13 +74,6 @@ def main(argv=None) -> int:
     _print_table(result)
     return 0
 
-
-def _child(args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"child {args[0]} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def child_build(folder: str, layers: str, shape: str = json.dumps(SHAPE)) -> dict:

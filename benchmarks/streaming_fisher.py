@@ -22,17 +22,15 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info, run_child  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "streaming_fisher.json"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> int:
@@ -46,8 +44,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     common = [args.model or "", str(args.samples), str(args.seq_len), str(args.batch_size)]
     with tempfile.TemporaryDirectory(prefix="quantplan-bench-") as work:
-        memory = _child(["memory", str(Path(work) / "memory"), *common, ""])
-        streamed = _child(["stream", str(Path(work) / "stream"), *common, args.max_memory])
+        memory = run_child(__file__, ["memory", str(Path(work) / "memory"), *common, ""])
+        streamed = run_child(__file__, ["stream", str(Path(work) / "stream"), *common, args.max_memory])
         agreement = _compare(Path(work) / "memory", Path(work) / "stream")
     result = {"machine": machine_info(threads=1), "model": memory["model_id"], "max_memory": args.max_memory,
               "calibration": {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size},
@@ -60,13 +58,6 @@ def main(argv=None) -> int:
     _print(result)
     return 0
 
-
-def _child(args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"child {args[0]} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def child(kind: str, out: str, model: str, samples: str, seq_len: str, batch_size: str, max_memory: str) -> dict:
