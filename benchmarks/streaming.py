@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info, run_child  # noqa: E402
+from _machine import machine_info, rss_now, run_child  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "streaming.json"
 SHAPE = {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 4,
@@ -111,7 +111,7 @@ def child_analyze(folder: str, max_memory: str, samples: str, seq_len: str, batc
     NF4.roundtrip(torch.randn(64, 64, dtype=torch.bfloat16))  # load bitsandbytes' CPU library before the baseline
     import pandas  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
-    rss_after_imports = _rss_now()
+    rss_after_imports = rss_now()
     stamps = []
     commit = StreamCheckpoint.commit
 
@@ -131,13 +131,6 @@ def child_analyze(folder: str, max_memory: str, samples: str, seq_len: str, batc
             "activation_bytes": 2 * ids.numel() * shape["hidden_size"] * 2, "rows": len(table.df),
             "loadavg_1min_after": os.getloadavg()[0]}
 
-
-def _rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _summary(runs: list[dict]) -> dict:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info, run_child  # noqa: E402
+from _machine import machine_info, rss_now, run_child  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "streaming_fisher.json"
 
@@ -74,7 +74,7 @@ def child(kind: str, out: str, model: str, samples: str, seq_len: str, batch_siz
     NF4.roundtrip(torch.randn(64, 64, dtype=torch.bfloat16))  # load bitsandbytes' CPU library before the baseline
     from transformers.models.llama import modeling_llama  # noqa: F401
 
-    rss_after_imports = _rss_now()
+    rss_after_imports = rss_now()
     options = {"model_id": source.model_id, "model_fingerprint": source.fingerprint, "batch_size": int(batch_size),
                "out_dir": out, "progress": False, "fisher": True}
     start, cpu = time.perf_counter(), time.process_time()
@@ -105,13 +105,6 @@ def _compare(memory: Path, streamed: Path) -> dict:
     others = [c for c in a.columns if a[c].dtype.kind != "f"]
     return {"max_rel_difference": differences, "other_columns_equal": bool(a[others].equals(b[others]))}
 
-
-def _rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _print(result: dict) -> None:
