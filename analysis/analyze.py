@@ -271,5 +271,5 @@ def _structure_fingerprint(model) -> str:
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
         digest.update(f"{name}:{tuple(p.shape)}".encode())
-        digest.update(p.detach().flatten()[:64].float().numpy().tobytes())
+        digest.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
     return "structure:" + digest.hexdigest()[:16]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from quantplan.common.batches import batch_to
+
 from .analyze import CONTEXT_COLUMNS
 from .fisher import GradientProbe
 from .measure import measure_module
@@ -78,13 +80,14 @@ def step_folders(store, step: Step, stages: int, fisher: bool) -> StepFolders:
 
 @dataclass
 class StepContext:
-    """What every step needs besides its stage: the model, the batches, the lm_head's name and chunk."""
+    """What every step needs besides its stage: the model, the batches, the lm_head's name and chunk, the device."""
 
     model: torch.nn.Module
     calibration: object
     batch_size: int
     lm_head: str | None
     head_chunk: int  # tokens per lm_head chunk (analysis.stream_head.chunk_tokens)
+    device: torch.device = torch.device("cpu")  # where each block runs (its weights, one batch, its statistics)
 
 
 def run_batches(ctx: StepContext, stage, step: Step, folders: StepFolders, outputs: Path | None,
@@ -100,9 +103,9 @@ def run_batches(ctx: StepContext, stage, step: Step, folders: StepFolders, outpu
             if grads:
                 grads.start_batch()
             if stage.kind == "embed":
-                hidden, kwargs = _capture_first_layer_inputs(ctx.model, batch)
+                hidden, kwargs = _capture_first_layer_inputs(ctx.model, batch_to(batch, ctx.device))
             else:
-                hidden, kwargs = read_batch(folders.hidden, index)
+                hidden, kwargs = read_batch(folders.hidden, index, ctx.device)
             if backward:
                 out = _backward(ctx, stage, hidden, kwargs, folders.grad, index, probe)
             else:
@@ -129,7 +132,7 @@ def _backward(ctx: StepContext, stage, hidden, kwargs, grad_folder: Path | None,
     """The loss gradient of the stage's input for one batch (seeded per batch as analyze() seeds it)."""
     if stage.kind == "head":
         return head_input_gradient(ctx.model, probe, ctx.lm_head, hidden, seed=index, chunk=ctx.head_chunk)
-    grad_out, _ = read_batch(grad_folder, index)
+    grad_out, _ = read_batch(grad_folder, index, ctx.device)
     leaf = hidden.detach().requires_grad_()  # as the embeddings' output is in memory, so the hooks see a graph
     with torch.enable_grad():
         out = stage.layer(leaf, **kwargs)

@@ -124,14 +124,14 @@ def write_batch(folder: Path, index: int, hidden: torch.Tensor, kwargs: dict) ->
         save_file(tensors, str(tmp), metadata={"kwargs": json.dumps(spec)})
 
 
-def read_batch(folder: Path, index: int) -> tuple[torch.Tensor, dict]:
-    """Inverse of :func:`write_batch`."""
+def read_batch(folder: Path, index: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, dict]:
+    """Inverse of :func:`write_batch`, the tensors loaded onto ``device``."""
     from safetensors import safe_open
 
     path = folder / f"{index:05d}.safetensors"
     with safe_open(path, "pt") as f:
         spec = json.loads(f.metadata()["kwargs"])
-    tensors = load_file(str(path))
+    tensors = load_file(str(path), device=str(device))
     kwargs = {}
     for key, (kind, *rest) in spec.items():
         if kind == "tensor":

@@ -84,8 +84,8 @@ class DiskWeights:
                 f"save_pretrained(..., safe_serialization=True), or run without --max-memory"
             )
 
-    def load(self, model: nn.Module, names: list[str], dtype: torch.dtype) -> None:
-        """Materialize the named parameters on the CPU from disk (tied ones from their source)."""
+    def load(self, model: nn.Module, names: list[str], dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
+        """Materialize the named parameters on ``device`` from disk (tied ones from their source)."""
         from safetensors import safe_open
 
         keys = {name: self._key(name) for name in names}
@@ -96,13 +96,22 @@ class DiskWeights:
             with safe_open(file, "pt") as f:
                 for name in group:
                     tensor = f.get_tensor(keys[name])
-                    _set_param(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                    cast = dtype if tensor.is_floating_point() else tensor.dtype
+                    _set_param(model, name, tensor.to(device=device, dtype=cast))
 
     def _key(self, name: str) -> str:
         for key in [name, *self.aliases.get(name, [])]:
             if key in self.files:
                 return key
         raise StreamingUnsupported(f"weight {name} is not in the checkpoint's safetensors files")
+
+
+def move_buffers(model: nn.Module, device: str | torch.device) -> None:
+    """Put the skeleton's real buffers (rotary frequencies, ...) on ``device``, where the blocks will run."""
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type != "meta":
+                module._buffers[key] = buffer.to(device)
 
 
 def unload(model: nn.Module, names: list[str]) -> None:

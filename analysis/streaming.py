@@ -51,6 +51,7 @@ from .stream_store import StreamCheckpoint
 from .stream_weights import (
     DiskWeights,
     StreamingUnsupported,
+    move_buffers,
     release_freed_blocks,
     skeleton,
     stage_bytes,
@@ -74,8 +75,12 @@ class Stage:
 def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | int | None = None,
                       dtype: torch.dtype = torch.bfloat16, model_id: str | None = None,
                       model_fingerprint: str | None = None, batch_size: int = 4, out_dir: str | Path | None = None,
-                      resume: bool = False, progress: bool = True, fisher: bool = False) -> SensitivityTable:
+                      resume: bool = False, progress: bool = True, fisher: bool = False,
+                      device: str | torch.device = "cpu") -> SensitivityTable:
     """Measure the model saved in ``path`` block by block; returns the table ``analyze()`` would.
+
+    Each block runs on ``device`` (``"cuda"``: one block's weights, statistics and one batch on
+    the GPU at a time; the activations between blocks stay on disk), the same loop as on the CPU.
 
     ``max_memory`` (``"2GB"``, ``"1500MiB"``, bytes) is checked against the largest stage's
     estimated need before anything runs. With ``out_dir`` every finished step is checkpointed
@@ -87,7 +92,9 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
                                    "--max-memory to share the calibration batches between processes")
     formats = list(formats)
     release_freed_blocks()
+    device = torch.device(device)
     model = skeleton(path, dtype)
+    move_buffers(model, device)
     weights = DiskWeights(path, model)
     infos = list_modules(model)
     lm_head = output_embedding_name(model)
@@ -95,7 +102,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     candidates = [i.name for i in infos if reasons[i.name] is None]
     stages = _stages(model, infos, lm_head)
     ctx = StepContext(model, calibration, batch_size, lm_head,
-                      chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), model.config.vocab_size))
+                      chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), model.config.vocab_size), device)
     if max_memory is not None:
         _check_fits(model, stages, candidates, parse_size(max_memory), calibration, batch_size, fisher)
     fingerprint = model_fingerprint or resolve_source(str(path)).fingerprint
@@ -112,7 +119,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
         stage = stages[step.stage]
         folders = step_folders(store, step, len(stages), fisher)
         measured = [n for n in stage.linears if n in candidates] if step.measure else []
-        weights.load(model, stage.params, dtype)  # on-load the block
+        weights.load(model, stage.params, dtype, device)  # on-load the block
         try:
             outputs = store.output_folder(folders.target)
             probe = InputProbe(model, measured)

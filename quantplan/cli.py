@@ -233,8 +233,8 @@ def _analyze_args(p):
     perf.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
     perf.add_argument("--max-memory", metavar="SIZE", default="auto",
                       help="analyze a decoder LLM too large for memory one block at a time from its safetensors "
-                           "files, holding about SIZE (2GB, 1500MiB); auto: only when the estimated in-memory peak "
-                           "exceeds the available memory (see --dry-run)")
+                           "files, holding about SIZE (2GB, 1500MiB) on --device (with cuda: GPU memory); auto: only "
+                           "when the estimated in-memory peak exceeds the device's free memory (see --dry-run)")
     perf.add_argument("--resume", action="store_true", help="continue an interrupted analysis in --out")
     perf.add_argument("--dry-run", action="store_true",
                       help="print the estimated peak memory, the all-4-bit and 16-bit sizes and what the run would "

@@ -42,6 +42,7 @@ class DryRun:
     stream_need: int | None  # bytes of the largest stage of a streamed analysis (None: cannot stream)
     stream_note: str  # the largest stage's name, or why the model cannot be streamed
     action: str
+    device: str = "cpu"  # where the analysis runs (and whose free memory ``available`` is)
 
 
 def dry_run(source: ModelSource, config: AnalyzeConfig) -> DryRun:
@@ -51,14 +52,14 @@ def dry_run(source: ModelSource, config: AnalyzeConfig) -> DryRun:
     four_bit = [f for f in formats if f.bits == 4]
     sizes = estimate_sizes(source.path, four_bit[0]) if four_bit else None
     stream_need, stream_note = _stream_need(source, config)
-    available = available_memory()
+    available = available_memory(config.device)
     max_memory = config.max_memory
     if max_memory == AUTO:
-        cap = auto_cap(peak.total, available, stream_need) if config.device == "cpu" else None
+        cap = auto_cap(peak.total, available, stream_need)
         max_memory = str(cap) if cap else None
     action = _action(max_memory, peak.total, available, stream_need, stream_note)
     return DryRun(source.model_id, peak, sizes, checkpoint_bytes(source.path), available, stream_need, stream_note,
-                  action)
+                  action, config.device)
 
 
 def auto_cap(peak: int, available: int | None, stream_need: int | None) -> int | None:
@@ -74,8 +75,8 @@ def choose_max_memory(source: ModelSource, config: AnalyzeConfig) -> AnalyzeConf
     """``config`` with ``max_memory="auto"`` resolved from the estimate, saying so in one line when it streams."""
     if config.max_memory != AUTO:
         return config
-    available = available_memory()
-    if config.device != "cpu" or available is None:  # streaming runs on the CPU
+    available = available_memory(config.device)
+    if available is None:
         return replace(config, max_memory=None)
     peak = _peak(source, config).total
     if peak <= available:
@@ -144,13 +145,16 @@ def describe(result: DryRun) -> str:
     if result.stream_need is not None:
         lines.append(f"  streamed analysis: largest block {result.stream_note} needs ≈ {result.stream_need / GB:.2f} GB")
     if result.available is not None:
-        lines.append(f"  memory available now: {result.available / GB:.2f} GB")
+        lines.append(f"  memory available now on {result.device}: {result.available / GB:.2f} GB")
     lines.append(f"  the run would {result.action}")
     return "\n".join(lines)
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo (bytes), None where there is none."""
+def available_memory(device: str = "cpu") -> int | None:
+    """Bytes free where the analysis runs: the GPU's free memory for ``cuda[:N]``, else MemAvailable from
+    /proc/meminfo; None where it cannot be read."""
+    if device != "cpu":
+        return _device_free(device)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -159,3 +163,14 @@ def available_memory() -> int | None:
     except OSError:
         return None
     return None
+
+
+def _device_free(device: str) -> int | None:
+    """Free memory of a CUDA device (None without CUDA or for another kind of device)."""
+    import torch
+
+    target = torch.device(device)
+    if target.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(target)
+    return int(free)

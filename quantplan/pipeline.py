@@ -166,14 +166,13 @@ def _matching_table(out_dir: Path, source, calibration, formats, fisher: bool, c
 def _analyze_streaming(source, calibration, formats, out_dir, config: AnalyzeConfig) -> SensitivityTable:
     from quantplan.analysis.streaming import analyze_streaming
 
-    if config.device != "cpu":
-        raise ValueError("--max-memory streams blocks through the CPU: drop --device, or drop --max-memory")
     if config.context:
         raise ValueError("--context runs the whole all-4-bit model, which --max-memory avoids: drop one of them")
     return analyze_streaming(source.path, calibration, formats, max_memory=config.max_memory,
                              dtype=dtype_from_name(config.dtype), model_id=source.model_id,
                              model_fingerprint=source.fingerprint, batch_size=config.batch_size, out_dir=out_dir,
-                             resume=config.resume, progress=config.progress, fisher=config.fisher)
+                             resume=config.resume, progress=config.progress, fisher=config.fisher,
+                             device=config.device)
 
 
 def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, config: PlanConfig | None = None,

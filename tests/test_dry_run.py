@@ -59,7 +59,7 @@ def test_dry_run_says_when_the_model_does_not_fit(tmp_path, monkeypatch):
     from quantplan.analysis.config import AnalyzeConfig
 
     folder = save_tiny(tmp_path / "model", layers=2)
-    monkeypatch.setattr(module, "available_memory", lambda: 1000)
+    monkeypatch.setattr(module, "available_memory", lambda device="cpu": 1000)
     result = module.dry_run(resolve_source(str(folder)), AnalyzeConfig())
     assert result.peak.total > 1000 and "more than the 0.00 GB available: pass --max-memory" in result.action
 
@@ -75,14 +75,19 @@ def test_auto_streams_only_when_the_in_memory_peak_does_not_fit(tmp_path, monkey
     assert capsys.readouterr().out == ""
     assert module.choose_max_memory(source, AnalyzeConfig(max_memory="2GB")).max_memory == "2GB"
     peak = module.dry_run(source, auto).peak.total
-    monkeypatch.setattr(module, "available_memory", lambda: peak - 1)
+    monkeypatch.setattr(module, "available_memory", lambda device="cpu": peak - 1)
     monkeypatch.setattr(module, "UNCOVERED_BYTES", 0)
     chosen = module.choose_max_memory(source, auto)
     assert chosen.max_memory == str(peak - 1)
     said = capsys.readouterr().out
     assert said.count("\n") == 1 and "streaming it one block at a time" in said
-    assert module.choose_max_memory(source, replace_device(auto, "cuda")).max_memory is None  # streaming is CPU-only
-    monkeypatch.setattr(module, "available_memory", lambda: 10)  # too small even to stream: in memory, saying so
+    asked = []
+    monkeypatch.setattr(module, "available_memory", lambda device="cpu": asked.append(device) or peak - 1)
+    capsys.readouterr()
+    assert module.choose_max_memory(source, replace_device(auto, "cuda")).max_memory == str(peak - 1)  # GPU streams too
+    assert asked == ["cuda"]  # against the GPU's free memory, not the host's
+    assert "streaming it one block at a time" in capsys.readouterr().out
+    monkeypatch.setattr(module, "available_memory", lambda device="cpu": 10)  # too small even to stream: in memory, saying so
     assert module.choose_max_memory(source, auto).max_memory is None
     assert "analyzing in memory anyway" in capsys.readouterr().out
 
@@ -106,3 +111,13 @@ def test_a_vision_language_model_is_refused_by_streaming_with_the_fix(tmp_path):
         analyze_streaming(folder, random_calibration(), [NF4], progress=False)
     result = dry_run(resolve_source(str(folder)), AnalyzeConfig(max_memory="1GB"))
     assert result.stream_need is None and result.action.startswith("stop: --max-memory cannot stream")
+
+
+def test_free_memory_of_a_device_this_machine_lacks_is_unknown():
+    import torch
+
+    from quantplan import dry_run as module
+
+    assert module.available_memory("cpu") is None or module.available_memory("cpu") > 0
+    if not torch.cuda.is_available():
+        assert module.available_memory("cuda") is None  # auto then analyzes in memory, as before
