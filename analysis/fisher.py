@@ -132,6 +132,23 @@ def _next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, labels: str,
         raise ValueError(f"unknown Fisher labels {labels!r}: use 'sampled' or 'data'")
     flat = logits.reshape(-1, vocab)
     with torch.no_grad():
-        generator = torch.Generator(device=flat.device).manual_seed(seed)
-        target = torch.multinomial(flat.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        target = sample_targets(flat, sampling_uniforms(flat.shape[0], flat.device, seed))
     return torch.nn.functional.cross_entropy(flat, target)
+
+
+def sampling_uniforms(tokens: int, device, seed: int) -> torch.Tensor:
+    """One seeded uniform draw per token position, for :func:`sample_targets`."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand(tokens, generator=generator, device=device)
+
+
+def sample_targets(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Each row's target drawn from softmax(row) by inverting its CDF at the row's uniform draw.
+
+    The draws are fixed before the logits exist, so targets are the same whether the rows come
+    in one piece (in memory) or in token chunks (:mod:`analysis.stream_head`), on any device
+    (``torch.multinomial`` on CUDA draws differently when called chunk by chunk).
+    """
+    cdf = logits.float().softmax(dim=-1).cumsum(dim=-1)
+    points = (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, points).squeeze(-1).clamp_(max=logits.shape[-1] - 1)

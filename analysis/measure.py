@@ -21,28 +21,49 @@ OUTLIER_FACTOR = 10.0
 GUARD_FACTOR = 1.5
 
 
+#: float32 elements of one row chunk: the measurement's work space is a few chunks plus one
+#: round trip, whatever the weight's size (an lm_head of 128k words × 4096 is 0.5 G elements)
+CHUNK_ELEMENTS = 1 << 21
+#: peak bytes per weight element of one bitsandbytes 4-bit round trip: bitsandbytes' CPU kernels
+#: keep float32 copies (14.3 bytes measured on a 49152×576 bf16 weight); on CUDA the packed
+#: weight, its state and the bf16 restore (about 2.6 bytes), rounded up
+ROUNDTRIP_BYTES_PER_PARAM = {"cpu": 15, "cuda": 4}
+
+
+def measure_work_bytes(params: int, device_type: str = "cpu") -> int:
+    """Work space of :func:`measure_module` on a ``params``-element weight: one round trip and a few row chunks
+    (a module that is not round-tripped, e.g. a tied embedding, needs the chunks alone: ``params=0``)."""
+    return params * ROUNDTRIP_BYTES_PER_PARAM.get(device_type, max(ROUNDTRIP_BYTES_PER_PARAM.values())) \
+        + 4 * CHUNK_ELEMENTS * 4
+
+
 def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | None, formats,
                    reason: str | None, grad_sq: torch.Tensor | None = None) -> list[dict]:
-    """Rows (one per format) for one module: identity, bytes, weight error, output error."""
+    """Rows (one per format) for one module: identity, bytes, weight error, output error.
+
+    The weight is read in chunks of output rows (:data:`CHUNK_ELEMENTS`), so beside the weight
+    the work space is one bitsandbytes round trip (bf16) plus a few float32 chunks.
+    """
     base = identity_columns(info, reason)
     base.update(weight_outlier_columns(weight))
     base.update(input_columns(stats))
     rows = []
-    w = weight.detach().float()
-    reference = _output_energy(w, stats) if stats is not None and reason is None else float("nan")
-    guard = _RoundTripGuard(w)
+    weight = weight.detach()
+    reference = _output_energy(weight, stats) if stats is not None and reason is None else float("nan")
+    guard = _RoundTripGuard(weight)
     for fmt in formats:
         row = dict(base, format=fmt.name, bits=fmt.bits)
         unsupported = reason or fmt.unsupported_reason(info.shape)
         if unsupported is None:
-            restored, nbytes = fmt.roundtrip(weight.detach())
-            delta = w - restored.float()
-            unsupported = guard.implausible(fmt, delta, weight)
+            restored, nbytes = fmt.roundtrip(weight)
+            errors = _DeltaErrors.of(weight, restored, stats, grad_sq)
+            del restored
+            unsupported = guard.implausible(fmt, errors.norm, weight)
         row["supported"] = unsupported is None
         row["unsupported_reason"] = unsupported or ""
         if unsupported is None:
             row.update(bytes=nbytes, footprint_bytes=fmt.footprint_bytes(info.shape))
-            row.update(_error_columns(w, delta, stats, reference, grad_sq))
+            row.update(errors.columns(guard.norm, stats, reference))
         else:
             row.update(bytes=info.params * BYTES_16BIT, footprint_bytes=info.params * BYTES_16BIT)
             row.update({c: float("nan") for c in ERROR_COLUMNS})
@@ -50,19 +71,26 @@ def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | N
     return rows
 
 
+def row_chunks(matrix: torch.Tensor):
+    """Consecutive blocks of output rows of ``matrix`` holding about :data:`CHUNK_ELEMENTS` elements each."""
+    width = matrix[0].numel() if matrix.dim() > 1 and matrix.shape[0] else 1
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    for start in range(0, matrix.shape[0], step):
+        yield matrix[start:start + step]
+
+
 class _RoundTripGuard:
     """Flags a 4-bit round trip whose weight error is implausible next to the same quant type at blocksize 64."""
 
-    def __init__(self, w: torch.Tensor):
-        self.w = w
-        self.norm = w.norm().item()
+    def __init__(self, weight: torch.Tensor):
+        self.norm = math.sqrt(sum(float(c.float().pow(2).sum(dtype=torch.float64)) for c in row_chunks(weight)))
         self.reference: dict[str, float] = {}  # quant type -> relative weight error at blocksize 64
 
-    def implausible(self, fmt, delta: torch.Tensor, weight: torch.Tensor) -> str | None:
+    def implausible(self, fmt, delta_norm: float, weight: torch.Tensor) -> str | None:
         """Why this round trip is not offered (None if plausible); blocksize 64 is the reference itself."""
         if not isinstance(fmt, FourBit) or self.norm == 0:
             return None
-        error = delta.norm().item() / self.norm
+        error = delta_norm / self.norm
         if fmt.blocksize == 64:
             self.reference[fmt.quant_type] = error
             return None
@@ -70,14 +98,68 @@ class _RoundTripGuard:
             reference = FourBit(fmt.quant_type, 64, fmt.double_quant)
             if reference.unsupported_reason(tuple(weight.shape)):
                 return None  # no blocksize-64 reference exists for this shape: nothing to compare with
-            restored, _ = reference.roundtrip(weight.detach())
-            self.reference[fmt.quant_type] = (self.w - restored.float()).norm().item() / self.norm
+            restored, _ = reference.roundtrip(weight)
+            self.reference[fmt.quant_type] = _DeltaErrors.of(weight, restored, None, None).norm / self.norm
         limit = GUARD_FACTOR * self.reference[fmt.quant_type]
         if error > limit:
             return (f"bitsandbytes' {fmt.name} round trip is implausible here: relative weight error {error:.3g} > "
                     f"{GUARD_FACTOR}x blocksize 64's {self.reference[fmt.quant_type]:.3g} (a known bitsandbytes CPU "
                     "bug at some shapes): not offered for this module")
         return None
+
+
+class _DeltaErrors:
+    """Sums over row chunks of ΔW = W − Ŵ: its norm and max, its output error from the Gram matrix
+    (in total and weighted by the output channels' mean squared gradient) and the sample's max error."""
+
+    def __init__(self, has_fisher: bool = False, has_sample: bool = False):
+        self.squares = 0.0
+        self.max_abs = 0.0
+        self.output = 0.0
+        self.fisher = 0.0
+        self.sample_max = 0.0
+        self.rows = 0
+        self.has_fisher, self.has_sample = has_fisher, has_sample
+
+    @property
+    def norm(self) -> float:
+        return math.sqrt(self.squares)
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, restored: torch.Tensor, stats: InputStats | None,
+           grad_sq: torch.Tensor | None) -> _DeltaErrors:
+        """Accumulate every statistic of ``weight − restored`` one row chunk at a time."""
+        measured = stats is not None and stats.tokens > 0
+        sample = stats.sample.to(weight.device) if measured and stats.sample is not None else None
+        errors = cls(has_fisher=grad_sq is not None, has_sample=sample is not None)
+        for w, r in zip(row_chunks(weight), row_chunks(restored), strict=True):
+            delta = w.float() - r.float()
+            errors.squares += float(delta.pow(2).sum(dtype=torch.float64))
+            errors.max_abs = max(errors.max_abs, float(delta.abs().max()))
+            if measured:
+                per_output = _per_output(delta, stats.gram)
+                errors.output += float(per_output.sum())
+                if grad_sq is not None:
+                    rows = grad_sq[errors.rows:errors.rows + delta.shape[0]]
+                    errors.fisher += float((per_output * rows.to(per_output)).sum())
+                if sample is not None:
+                    errors.sample_max = max(errors.sample_max, float((sample.float() @ delta.T).abs().max()))
+            errors.rows += delta.shape[0]
+        return errors
+
+    def columns(self, weight_norm: float, stats: InputStats | None, reference: float) -> dict:
+        """The table's error columns for this round trip."""
+        columns = {"weight_rel_error": self.norm / weight_norm if weight_norm > 0 else float("nan"),
+                   "weight_max_abs_error": self.max_abs}
+        if stats is None or stats.tokens == 0:
+            columns.update({c: float("nan") for c in ERROR_COLUMNS[2:]})
+            return columns
+        error = self.output
+        columns["output_fisher_error"] = self.fisher if self.has_fisher else float("nan")
+        columns["output_rel_error"] = error / reference if reference > 0 else (0.0 if error == 0 else math.inf)
+        columns["output_mse"] = error / (stats.tokens * self.rows)
+        columns["output_max_abs_error"] = self.sample_max if self.has_sample else float("nan")
+        return columns
 
 
 ERROR_COLUMNS = ("weight_rel_error", "weight_max_abs_error", "output_rel_error", "output_mse",
@@ -102,14 +184,24 @@ def identity_columns(info: ModuleInfo, reason: str | None) -> dict:
 
 
 def weight_outlier_columns(weight: torch.Tensor) -> dict:
-    """max|w|/std and (Pearson) kurtosis of the weight: heavy tails hurt blockwise 4-bit."""
-    w = weight.detach().float().flatten()
-    centered = w - w.mean()
-    var = centered.pow(2).mean()
-    std = var.sqrt().item()
+    """max|w|/std and (Pearson) kurtosis of the weight: heavy tails hurt blockwise 4-bit (two passes over row chunks)."""
+    weight = weight.detach()
+    count = weight.numel()
+    if count == 0:
+        return {"weight_absmax_over_std": float("nan"), "weight_kurtosis": float("nan")}
+    mean = sum(float(c.float().sum(dtype=torch.float64)) for c in row_chunks(weight)) / count
+    second = fourth = absmax = 0.0
+    for chunk in row_chunks(weight):
+        centered = chunk.float() - mean
+        squared = centered.pow(2)
+        second += float(squared.sum(dtype=torch.float64))
+        fourth += float(squared.pow(2).sum(dtype=torch.float64))
+        absmax = max(absmax, float(chunk.abs().max()))
+    var = second / count
+    std = math.sqrt(var)
     return {
-        "weight_absmax_over_std": (w.abs().max().item() / std) if std > 0 else float("nan"),
-        "weight_kurtosis": (centered.pow(4).mean() / var.pow(2)).item() if std > 0 else float("nan"),
+        "weight_absmax_over_std": absmax / std if std > 0 else float("nan"),
+        "weight_kurtosis": (fourth / count) / var ** 2 if std > 0 else float("nan"),
     }
 
 
@@ -130,14 +222,9 @@ def input_columns(stats: InputStats | None) -> dict:
     }
 
 
-def _output_energy(w: torch.Tensor, stats: InputStats) -> float:
-    """‖XWᵀ‖² = tr(W·G·Wᵀ) from the Gram matrix."""
-    return _quadratic(w, stats.gram)
-
-
-def _quadratic(m: torch.Tensor, gram: torch.Tensor) -> float:
-    """tr(M·G·Mᵀ) = Σ (M·G) ∘ M, summed in float64."""
-    return float(_per_output(m, gram).sum())
+def _output_energy(weight: torch.Tensor, stats: InputStats) -> float:
+    """‖XWᵀ‖² = tr(W·G·Wᵀ) from the Gram matrix, one row chunk at a time."""
+    return sum(float(_per_output(chunk, stats.gram).sum()) for chunk in row_chunks(weight))
 
 
 def _per_output(m: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -147,24 +234,3 @@ def _per_output(m: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     cancellation; float32 keeps ~1e-6 relative accuracy at half the cost of float64)."""
     m32 = m.float()
     return ((m32 @ gram.to(m32.device, torch.float32)) * m32).sum(dim=1, dtype=torch.float64)
-
-
-def _error_columns(w: torch.Tensor, delta: torch.Tensor, stats: InputStats | None, reference: float,
-                   grad_sq: torch.Tensor | None) -> dict:
-    norm = w.norm().item()
-    columns = {
-        "weight_rel_error": delta.norm().item() / norm if norm > 0 else float("nan"),
-        "weight_max_abs_error": delta.abs().max().item(),
-    }
-    if stats is None or stats.tokens == 0:
-        columns.update({c: float("nan") for c in ERROR_COLUMNS[2:]})
-        return columns
-    per_output = _per_output(delta, stats.gram)
-    error = float(per_output.sum())
-    columns["output_fisher_error"] = (
-        float((per_output * grad_sq.to(per_output)).sum()) if grad_sq is not None else float("nan"))
-    columns["output_rel_error"] = error / reference if reference > 0 else (0.0 if error == 0 else math.inf)
-    columns["output_mse"] = error / (stats.tokens * delta.shape[0])
-    sample = stats.sample.to(delta.device) if stats.sample is not None else None
-    columns["output_max_abs_error"] = (sample @ delta.T).abs().max().item() if sample is not None else float("nan")
-    return columns

@@ -7,16 +7,18 @@ work space is about the head's own weight bytes (:func:`chunk_tokens`): the memo
 needs is then set by its weights, not by the vocabulary × the batch.
 
 The loss is the one :mod:`analysis.fisher` backpropagates in memory, the same numbers in
-pieces: each position's target is drawn from the model's own next-token distribution with
-the batch's seeded generator (drawing chunk after chunk from one generator gives the draws
-of one call on the whole batch), and the mean cross entropy over the batch's tokens is the
-sum of each chunk's summed cross entropy divided by the token count.
+pieces: each position's target is drawn from the model's own next-token distribution at the
+batch's seeded uniform draw for that position (:func:`analysis.fisher.sample_targets`: the
+same targets in chunks as in one piece, on the CPU and on CUDA), and the mean cross entropy
+over the batch's tokens is the sum of each chunk's summed cross entropy divided by the token count.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .fisher import sample_targets, sampling_uniforms
 
 #: work-space bytes per logit while a chunk runs with gradients: the bf16 logits, their float32
 #: copy, log-softmax, the sampling softmax, exponential draws and quotient, and the gradient
@@ -55,14 +57,14 @@ def head_input_gradient(model, probe, lm_head: str | None, hidden: torch.Tensor,
     if lm_head in probe.names:
         probe.observe(lm_head, flat)
     tokens = flat.shape[0]
-    generator = torch.Generator(device=flat.device).manual_seed(seed)
+    uniforms = sampling_uniforms(tokens, flat.device, seed)
     pieces = []
     for start in range(0, tokens, chunk):
         piece = flat[start:start + chunk].detach().requires_grad_()
         with torch.enable_grad():
             logits = model.lm_head(piece).float()
             with torch.no_grad():
-                target = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+                target = sample_targets(logits, uniforms[start:start + chunk])
             loss = F.cross_entropy(logits, target, reduction="sum") / tokens
             pieces.append(torch.autograd.grad(loss, piece)[0])
     normed.backward(torch.cat(pieces).reshape(normed.shape))

@@ -152,25 +152,27 @@ GRAD_ACTIVATION_FACTOR = 2
 
 
 def stage_need(model: nn.Module, param_names: list[str], linears: list[str], batch_tokens: int,
-               batch_size: int, *, head: bool = False, backward: bool = False) -> dict:
+               batch_size: int, *, head: bool = False, backward: bool = False, device_type: str = "cpu") -> dict:
     """Estimated resident bytes while one stage runs and is measured (weights + statistics + work space).
 
     Statistics: one float32 Gram matrix (plus absmax and a 256-row sample) per hooked Linear,
     counted without sharing, so the estimate errs high. Work space: the larger of the
-    measurement (about five float32 copies of the largest weight) and one batch's activations
+    measurement (one bitsandbytes round trip of the largest weight on ``device_type`` plus a few
+    row chunks, :func:`analysis.measure.measure_work_bytes`) and one batch's activations
     (in and out of the block, the attention scores, the MLP's intermediate width), twice that
     for a backward step (``backward``: Fisher scores' reverse pass). The head never holds a whole batch's logits: its forward
     step makes none, and its backward step makes them one chunk at a time, about its own
     weight bytes (:mod:`analysis.stream_head`). ``runtime`` (:data:`RUNTIME_BYTES`) is reported
     but not in ``total``: with Python and the libraries (~0.5 GB) it is what the cap leaves out.
     """
+    from .measure import measure_work_bytes
     from .stream_head import head_work_bytes
 
     config = model.config
     modules = dict(model.named_modules())
     shapes = [modules[n].weight.shape for n in linears]
     stats = sum(s[1] * s[1] * 4 + s[1] * 4 * 257 + (s[0] * 4 if backward else 0) for s in shapes)
-    measure = max((s[0] * s[1] * 4 * 5 for s in shapes), default=0)
+    measure = max((measure_work_bytes(s[0] * s[1], device_type) for s in shapes), default=measure_work_bytes(0))
     hidden = getattr(config, "hidden_size", 0)
     weights = stage_bytes(model, param_names)
     if head:

@@ -104,7 +104,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     ctx = StepContext(model, calibration, batch_size, lm_head,
                       chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), model.config.vocab_size), device)
     if max_memory is not None:
-        _check_fits(model, stages, candidates, parse_size(max_memory), calibration, batch_size, fisher)
+        _check_fits(model, stages, candidates, parse_size(max_memory), calibration, batch_size, fisher, device.type)
     fingerprint = model_fingerprint or resolve_source(str(path)).fingerprint
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
                 "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size,
@@ -176,7 +176,7 @@ def _stages(model, infos, lm_head) -> list[Stage]:
 
 
 def streaming_need(path, formats, *, dtype: torch.dtype = torch.bfloat16, batch_size: int = 4, seq_len: int = 256,
-                   fisher: bool = True) -> tuple[dict, str]:
+                   fisher: bool = True, device: str | torch.device = "cpu") -> tuple[dict, str]:
     """(need, label) of the largest stage of a streamed analysis of ``path``, from its config alone.
 
     ``need`` is :func:`analysis.stream_weights.stage_need`'s dict; raises
@@ -187,21 +187,24 @@ def streaming_need(path, formats, *, dtype: torch.dtype = torch.bfloat16, batch_
     lm_head = output_embedding_name(model)
     candidates = [i.name for i in infos if _reason(model, i, lm_head, list(formats)) is None]
     need, stage = _largest_need(model, _stages(model, infos, lm_head), candidates, batch_size * seq_len, batch_size,
-                                fisher)
+                                fisher, torch.device(device).type)
     return need, stage.label
 
 
-def _largest_need(model, stages, candidates, batch_tokens: int, batch_size: int, fisher: bool):
-    """(need, stage) of the stage that needs the most memory."""
+def _largest_need(model, stages, candidates, batch_tokens: int, batch_size: int, fisher: bool,
+                  device_type: str = "cpu"):
+    """(need, stage) of the stage that needs the most memory on a ``device_type`` device."""
     needs = [(stage_need(model, s.params, [n for n in s.linears if n in candidates], batch_tokens, batch_size,
-                         head=s.kind == "head", backward=fisher and s.kind != "embed"), s) for s in stages]
+                         head=s.kind == "head", backward=fisher and s.kind != "embed", device_type=device_type), s)
+             for s in stages]
     return max(needs, key=lambda pair: pair[0]["total"])
 
 
-def _check_fits(model, stages, candidates, cap: int, calibration, batch_size, fisher: bool) -> None:
+def _check_fits(model, stages, candidates, cap: int, calibration, batch_size, fisher: bool,
+                device_type: str = "cpu") -> None:
     """Refuse, naming the fix, when the largest stage cannot fit under ``max_memory``."""
     seq_len = calibration.meta.get("seq_len", 0)
-    need, stage = _largest_need(model, stages, candidates, batch_size * seq_len, batch_size, fisher)
+    need, stage = _largest_need(model, stages, candidates, batch_size * seq_len, batch_size, fisher, device_type)
     if need["total"] > cap:
         gb = 1e9
         raise StreamingUnsupported(

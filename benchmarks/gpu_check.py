@@ -50,7 +50,9 @@ BIG = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 20, 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "tie_word_embeddings": False}
 #: model -> (config keys, streaming cap); ``--shape tiny`` replaces every shape by TINY
-MODELS = {"smol": (SMOL, "200MB"), "big": (BIG, "700MB")}
+MODELS = {"smol": (SMOL, "200MB"), "big": (BIG, "900MB")}
+#: weight shapes whose measurement work space is measured on the device (an lm_head, an MLP pair)
+WORK_SHAPES = ((49152, 2048), (5632, 2048), (2048, 5632))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 
@@ -73,6 +75,7 @@ def main(argv=None) -> int:
     tokenizer = args.tokenizer or _offline_tokenizer()
     result = {"machine": machine_info(), "device": args.device, "gpu": _gpu(), "shape": args.shape,
               "calibration": {"samples": args.samples, "seq_len": args.seq_len}, "models": {}}
+    result["measure_work"] = _child([sys.executable, __file__, "--child", "measure_work", args.device])
     with tempfile.TemporaryDirectory(prefix="quantplan-gpu-", dir=args.work) as work:
         for name in args.models.split(","):
             shape, cap = MODELS[name]
@@ -192,6 +195,32 @@ def child_reload(checkpoint: str, device: str) -> dict:
             "device": str(next(model.parameters()).device)}
 
 
+def child_measure_work(device: str) -> dict:
+    """Peak device memory of ``measure_module`` (NF4 round trip + error sums) per weight element, beside the weight."""
+    import torch
+
+    from quantplan.analysis.formats import NF4
+    from quantplan.analysis.measure import measure_module
+    from quantplan.analysis.modules import ModuleInfo
+
+    if not device.startswith("cuda"):
+        return {"skipped": "the device's allocator is measured on CUDA only"}
+    out = {}
+    for rows, cols in WORK_SHAPES:
+        weight = (torch.randn(rows, cols, device=device) * 0.02).to(torch.bfloat16)
+        info = ModuleInfo(f"w{rows}x{cols}", "g", 0, "Linear", "mlp", rows, cols, True)
+        measure_module(info, weight, None, [NF4], None)  # warm-up: kernels and their work buffers
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        measure_module(info, weight, None, [NF4], None)
+        torch.cuda.synchronize()
+        out[f"{rows}x{cols}"] = {"bytes_per_param": (torch.cuda.max_memory_allocated() - base) / weight.numel(),
+                                 "seconds": time.perf_counter() - start}
+    return out
+
+
 def _offline_tokenizer() -> Path:
     from quantplan.analysis import resolve_source
 
@@ -217,6 +246,7 @@ def _stage_figures(step: dict) -> dict:
 def _print_table(result: dict) -> None:
     gpu = result["gpu"]["name"] if result["gpu"] else result["device"]
     print(f"\nGPU check on {gpu}, total {result['total_s']:.0f} s")
+    print(f"measure_module work space: {json.dumps(result['measure_work'])}")
     print("| model | step | ok | wall s | analysis s | peak GPU GB (analysis) | peak GPU GB (whole) |")
     print("|---|---|---|---:|---:|---:|---:|")
     for name, model in result["models"].items():

@@ -107,7 +107,8 @@ def _stream_need(source: ModelSource, config: AnalyzeConfig) -> tuple[int | None
 
     try:
         need, label = streaming_need(source.path, config.format_values(), dtype=dtype_from_name(config.dtype),
-                                     batch_size=config.batch_size, seq_len=config.seq_len, fisher=config.fisher)
+                                     batch_size=config.batch_size, seq_len=config.seq_len, fisher=config.fisher,
+                                     device=config.device)
     except StreamingUnsupported as err:
         return None, str(err)
     return need["total"], label

@@ -155,3 +155,37 @@ def test_fisher_error_matches_its_definition():
     measured = table.for_format("nf4").set_index("name").loc[name, "output_fisher_error"]
     assert measured == pytest.approx(expected, rel=1e-3)
     assert all(p.requires_grad for p in model.parameters())  # weights unfrozen again afterwards
+
+
+def test_measurement_in_row_chunks_gives_the_same_rows(monkeypatch):
+    """measure_module reads big weights in row chunks (bounded work space): any chunking gives the same row."""
+    import math
+
+    from quantplan.analysis import measure
+
+    model = tiny_llama()
+    table = analyze(model, random_calibration(), [NF4, INT8], progress=False, fisher=True)
+    monkeypatch.setattr(measure, "CHUNK_ELEMENTS", 7)  # a few rows per chunk, uneven last chunk
+    chunked = analyze(model, random_calibration(), [NF4, INT8], progress=False, fisher=True)
+    columns = ["weight_rel_error", "weight_max_abs_error", "output_rel_error", "output_mse", "output_max_abs_error",
+               "output_fisher_error", "weight_absmax_over_std", "weight_kurtosis"]
+    for column in columns:
+        for a, b in zip(table.df[column], chunked.df[column], strict=True):
+            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-4, abs=1e-12), column
+
+
+def test_sampled_targets_are_the_same_in_chunks_and_follow_the_distribution():
+    from quantplan.analysis.fisher import sample_targets, sampling_uniforms
+
+    logits = torch.randn(300, 50)
+    uniforms = sampling_uniforms(300, "cpu", seed=3)
+    whole = sample_targets(logits, uniforms)
+    pieces = torch.cat([sample_targets(logits[i:i + 64], uniforms[i:i + 64]) for i in range(0, 300, 64)])
+    assert torch.equal(whole, pieces)
+    assert not torch.equal(whole, sample_targets(logits, sampling_uniforms(300, "cpu", seed=4)))
+    peaked = torch.full((2000, 5), -30.0)
+    peaked[:, 2] = 0.0
+    peaked[:1000, 4] = 0.0  # first half: tokens 2 and 4 equally likely; second half: token 2 only
+    drawn = sample_targets(peaked, sampling_uniforms(2000, "cpu", seed=0))
+    assert set(drawn[1000:].tolist()) == {2}
+    assert 400 < int((drawn[:1000] == 4).sum()) < 600 and set(drawn[:1000].tolist()) == {2, 4}

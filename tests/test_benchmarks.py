@@ -119,3 +119,15 @@ def test_streaming_fisher(tmp_path, tiny_model):
     assert result["tables"]["other_columns_equal"]
     assert result["tables"]["max_rel_difference"]["output_fisher_error"] < 1e-5
     assert {"time_ratio_cpu", "target_met"} <= set(result["summary"])
+
+
+def test_gpu_check(tmp_path):
+    """The GPU check script's CPU smoke run: in-memory and streamed runs agree, the export reloads."""
+    result = run_benchmark("gpu_check.py", tmp_path / "gpu.json", "--device", "cpu", "--shape", "tiny", "--models",
+                           "smol", "--samples", "4", "--seq-len", "64", "--no-compare")
+    model = result["models"]["smol"]
+    assert all(step["ok"] for step in model["steps"].values()), model["steps"]
+    assert model["agreement"]["same_plan"] and model["agreement"]["other_columns_equal"]
+    assert max(model["agreement"]["max_rel_difference"].values()) < 1e-4
+    assert model["steps"]["reload + generate"]["linear4bit"] > 0
+    assert "analysis" in {s["name"] for s in model["steps"]["run in memory"]["profile"]["stages"]}

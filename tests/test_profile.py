@@ -62,3 +62,33 @@ def test_a_tiny_run_writes_its_stage_profile_and_a_quick_report(tmp_path, capsys
     report = (tmp_path / "job" / "report.md").read_text()
     assert "--report quick" in report and "predicted-vs-measured" in report
     assert "predicted vs measured" not in names
+
+
+def test_a_parent_stage_keeps_the_gpu_peak_of_its_children_and_of_before_them(monkeypatch):
+    """Each stage resets the GPU high-water mark; the stages around it must not lose what it saw."""
+    from quantplan.common import profile as module
+
+    gpu = {"now": 0, "peak": 0}
+
+    def allocate(n):
+        gpu["now"] += n
+        gpu["peak"] = max(gpu["peak"], gpu["now"])
+
+    def reset():
+        gpu["peak"] = gpu["now"]
+
+    monkeypatch.setattr(module, "_gpu_peak", lambda: gpu["peak"])
+    real_reset = module._reset_peak
+    monkeypatch.setattr(module, "_reset_peak", lambda: (real_reset(), reset()))
+    with module.recording() as profile:
+        with module.stage("outer"):
+            allocate(900)
+            allocate(-900)  # the outer stage's own peak, before the inner ones reset the mark
+            with module.stage("inner"):
+                allocate(300)
+                allocate(-300)
+            with module.stage("inner 2"):
+                allocate(200)
+                allocate(-200)
+    peaks = {s.name: s.peak_gpu_bytes for s in profile.stages}
+    assert peaks == {"outer": 900, "inner": 300, "inner 2": 200}

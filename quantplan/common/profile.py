@@ -100,7 +100,7 @@ def stage(name: str):
         return
     _fold_peak(profile)  # the parents keep the peak reached so far before the mark is reset
     _reset_peak()
-    entry = {"peak": 0, "index": len(profile.stages)}
+    entry = {"peak": 0, "gpu": None, "index": len(profile.stages)}
     profile._open.append(entry)
     profile.stages.append(None)  # the slot keeps start order; filled at the end
     start = time.perf_counter()
@@ -112,13 +112,20 @@ def stage(name: str):
         profile._open.pop()
         for parent in profile._open:
             parent["peak"] = max(parent["peak"], entry["peak"])
-        profile.stages[entry["index"]] = StageTime(name, len(profile._open), seconds, entry["peak"], _gpu_peak())
+            parent["gpu"] = _larger(parent["gpu"], entry["gpu"])
+        profile.stages[entry["index"]] = StageTime(name, len(profile._open), seconds, entry["peak"], entry["gpu"])
 
 
 def _fold_peak(profile: Profile) -> None:
-    peak = rss_peak_bytes()
+    """Fold the current high-water marks (RSS and GPU) into every open stage, before a mark is reset."""
+    peak, gpu = rss_peak_bytes(), _gpu_peak()
     for entry in profile._open:
         entry["peak"] = max(entry["peak"], peak)
+        entry["gpu"] = _larger(entry["gpu"], gpu)
+
+
+def _larger(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def rss_peak_bytes() -> int:
