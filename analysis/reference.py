@@ -96,6 +96,32 @@ def calibration_klds(reference: KLReference, cache, variants: Mapping[str, Itera
     return {label: total / max(reference.tokens, 1) for label, total in totals.items()}
 
 
+@dataclass(frozen=True)
+class VariantKLs:
+    """Mean next-token KL from 16-bit of each variant (label -> nats per token), and the tokens it was measured on."""
+
+    kld: dict[str, float]
+    tokens: int
+
+
+@dataclass(frozen=True)
+class InMemoryKLs:
+    """``variants -> VariantKLs`` in a loaded 16-bit model: its reference's batches, its QuantCache's round trips.
+
+    The measurement :func:`planner.verify.verify` runs when the model fits in memory; names the
+    model does not hold are left out (:class:`analysis.stream_variants.StreamedKLs` is the other one).
+    """
+
+    reference: KLReference
+    cache: object  # analysis.simulate.QuantCache of the reference's model
+
+    def __call__(self, variants: Mapping[str, Mapping | Iterable[str] | None]) -> VariantKLs:
+        held = {label: None if names is None else
+                {n: (names.get(n) if isinstance(names, Mapping) else None) for n in names if n in self.cache.modules}
+                for label, names in variants.items()}
+        return VariantKLs(calibration_klds(self.reference, self.cache, held), self.reference.tokens)
+
+
 def calibration_kld(reference: KLReference, cache, quantized: Iterable[str] = ()) -> float:
     """Mean next-token KL divergence from 16-bit with the modules in ``quantized`` round-tripped."""
     return calibration_klds(reference, cache, {"variant": quantized})["variant"]

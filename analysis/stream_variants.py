@@ -1,0 +1,275 @@
+"""Variants of a model larger than memory compared with its 16-bit self, block by block.
+
+The end-to-end checks (the planner's never-worse verification, the fidelity scoreboard) measure
+how far each variant's next-token distribution drifts from 16-bit, a variant being the 16-bit
+model with some Linears swapped for bitsandbytes' round trip (:class:`analysis.simulate.QuantCache`).
+In memory that runs the whole model once per variant (:func:`analysis.reference.calibration_klds`);
+here it runs on the spine of the streamed analysis (:mod:`analysis.streaming`): the meta-device
+skeleton, :class:`~analysis.stream_weights.DiskWeights`, the per-batch files of
+:mod:`analysis.stream_store` and the same stages.
+
+1. the embeddings run every batch up to the first decoder layer;
+2. each decoder layer is read from disk once; for each variant, its modules in this layer are
+   round-tripped, every batch of that variant's hidden states is read from disk, run through the
+   layer and written back for the next; the 16-bit weights are restored before the next variant;
+3. the final norm + lm_head run one batch at a time in token chunks (as
+   :mod:`analysis.stream_head` does): each chunk's 16-bit logits once, then every variant's, and
+   the caller compares them (KL, top token, NLL) before the next chunk.
+
+Variants that have computed the same thing so far (same input, same modules round-tripped in
+this stage: the 16-bit reference and a plan keeping the first layers, every variant in the
+embeddings) share one stream of hidden states. Memory holds one block (plus the packed 4-bit
+copies of its round-tripped Linears) and one batch, or at the head one batch per variant and one
+chunk of logits: nothing grows with tokens × vocabulary. Disk holds two layers' hidden states per
+stream. Not resumable: a killed pass starts again (it costs one forward per variant, no backward).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from quantplan.common.sizes import parse_size
+
+from .formats import FourBit
+from .modules import list_modules, output_embedding_name
+from .probe import InputProbe
+from .reference import VariantKLs, batch_tokens, log_probs, token_kl, token_mask
+from .simulate import QuantCache
+from .stream_head import chunk_tokens
+from .stream_steps import Direction, Step, StepContext, StepFolders, run_batches
+from .stream_store import read_batch
+from .stream_weights import (
+    DiskWeights,
+    StreamingUnsupported,
+    move_buffers,
+    skeleton,
+    stage_bytes,
+    stage_need,
+    unload,
+)
+from .streaming import _stages
+
+#: the label of the 16-bit stream every variant is compared with, when the caller names none
+_REFERENCE = "\0 16-bit reference"
+
+
+@dataclass(frozen=True)
+class HeadChunk:
+    """One chunk of one batch's next-token logits of a variant, beside the 16-bit model's."""
+
+    label: str
+    batch: dict  # the batch (model keyword arguments), as the calibration set gives it
+    rows: slice  # the positions it covers, counted over the batch flattened row-major (batch × seq)
+    shape: tuple[int, int]  # (batch, seq) of the whole batch
+    logits16: torch.Tensor  # [rows, vocab]
+    logits: torch.Tensor  # [rows, vocab]
+
+    def mask(self) -> torch.Tensor:
+        """The batch's attention mask at these positions (all ones without one), on the logits' device."""
+        whole = token_mask(self.batch, torch.empty(self.shape, device=self.logits.device))
+        return whole.reshape(-1)[self.rows]
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Where and how the streamed pass runs: dtype and device of the blocks, batches, the memory cap, scratch."""
+
+    dtype: torch.dtype = torch.bfloat16
+    batch_size: int = 4
+    max_batches: int | None = None
+    device: str = "cpu"
+    max_memory: str | int | None = None  # refused at once when the largest block cannot fit
+    scratch: str | Path | None = None  # folder for the hidden states (default: the system's temporary folder)
+    progress: bool = False
+
+
+class FirstBatches:
+    """The first ``count`` batches of a calibration set (all of them for None), always in the same order."""
+
+    def __init__(self, calibration, batch_size: int, count: int | None):
+        total = calibration.num_batches(batch_size)
+        self.calibration, self.count = calibration, total if count is None else min(total, count)
+
+    def batches(self, batch_size: int) -> Iterator[dict]:
+        for index, batch in enumerate(self.calibration.batches(batch_size)):
+            if index >= self.count:
+                return
+            yield batch
+
+
+def streamed_klds(path, calibration, variants: Mapping, fmt: FourBit,
+                  options: StreamOptions = StreamOptions()) -> VariantKLs:
+    """Mean next-token KL from 16-bit (nats per unmasked token) of each variant of the model saved in ``path``.
+
+    ``variants`` is what :func:`analysis.reference.calibration_klds` takes: label -> quantized module
+    names, or a mapping name -> 4-bit format (None: ``fmt``), or None for the 16-bit model itself;
+    the numbers are the ones it gives in memory, summed batch by batch and chunk by chunk.
+    """
+    totals = dict.fromkeys(variants, 0.0)
+    for chunk in variant_logit_chunks(path, calibration, variants, fmt, options):
+        with torch.inference_mode():
+            per_token = token_kl(*log_probs(chunk.logits16, chunk.logits))
+            totals[chunk.label] += float((per_token * chunk.mask().to(per_token)).sum())
+    batches = FirstBatches(calibration, options.batch_size, options.max_batches)
+    tokens = sum(batch_tokens(b) for b in batches.batches(options.batch_size))
+    return VariantKLs({label: total / max(tokens, 1) for label, total in totals.items()}, tokens)
+
+
+@dataclass(frozen=True)
+class StreamedKLs:
+    """The planner's KL measurement (``variants -> VariantKLs``) for a model read block by block from ``path``."""
+
+    path: str | Path
+    calibration: object
+    fmt: FourBit
+    options: StreamOptions = StreamOptions()
+
+    def __call__(self, variants: Mapping) -> VariantKLs:
+        return streamed_klds(self.path, self.calibration, variants, self.fmt, self.options)
+
+
+def variant_logit_chunks(path, calibration, variants: Mapping, fmt: FourBit,
+                         options: StreamOptions = StreamOptions()) -> Iterator[HeadChunk]:
+    """Every (variant, batch, token chunk) of the variants' logits beside the 16-bit ones (module docstring).
+
+    ``calibration`` has ``batches(batch_size)`` and ``num_batches(batch_size)``; its first
+    ``options.max_batches`` batches are compared. Chunks come batch by batch, then chunk by chunk,
+    then variant by variant; a variant given as None yields the 16-bit logits as its own.
+    """
+    calibration = FirstBatches(calibration, options.batch_size, options.max_batches)
+    device = torch.device(options.device)
+    model = skeleton(path, options.dtype)
+    move_buffers(model, device)
+    weights = DiskWeights(path, model)
+    lm_head = output_embedding_name(model)
+    stages = _stages(model, list_modules(model), lm_head)
+    wanted = _normalized(variants, fmt, stages)
+    if options.max_memory is not None:
+        _check_fits(model, stages, wanted, parse_size(options.max_memory), calibration, options, device.type)
+    chunk = chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), model.config.vocab_size)
+    ctx = StepContext(model, calibration, options.batch_size, lm_head, chunk, device)
+    scratch = tempfile.TemporaryDirectory(prefix="quantplan-variants-", dir=options.scratch)
+    try:
+        streams = dict.fromkeys(wanted)  # label -> folder of its hidden states (None: the batches themselves)
+        for number in tqdm(range(len(stages) - 1), desc=f"{len(variants)} variant(s), streamed blocks",
+                           disable=not options.progress, leave=False):
+            stage = stages[number]
+            weights.load(model, stage.params, options.dtype, device)
+            try:
+                streams = _run_stage(ctx, stage, Path(scratch.name) / f"stage-{number:04d}", wanted, streams, fmt)
+            finally:
+                unload(model, stage.params)
+            shutil.rmtree(Path(scratch.name) / f"stage-{number - 1:04d}", ignore_errors=True)
+        head = stages[-1]
+        weights.load(model, head.params, options.dtype, device)
+        try:
+            yield from _head_chunks(ctx, head, wanted, streams, variants, fmt)
+        finally:
+            unload(model, head.params)
+    finally:
+        scratch.cleanup()
+
+
+def _normalized(variants: Mapping, fmt: FourBit, stages) -> dict[str, dict[str, FourBit]]:
+    """label -> {module: format} (16-bit: {}), the 16-bit reference included; names the model lacks are
+    left out, as :class:`~analysis.simulate.QuantCache` callers filter them; a name no stage holds is refused."""
+    owned = {n for s in stages for n in s.linears}
+    known = {p.rpartition(".")[0] for s in stages for p in s.params}
+    wanted = {_REFERENCE: {}}
+    for label, names in variants.items():
+        formats = names if isinstance(names, Mapping) else dict.fromkeys(names or ())
+        stray = sorted(n for n in formats if n in known and n not in owned)
+        if stray:
+            raise StreamingUnsupported(f"cannot round-trip {stray[:3]} block by block (not a measured module of any "
+                                       f"block): run without --max-memory")
+        wanted[label] = {n: f or fmt for n, f in formats.items() if n in owned}
+    return wanted
+
+
+def _run_stage(ctx: StepContext, stage, folder: Path, wanted: dict, streams: dict, fmt: FourBit) -> dict:
+    """Run every batch of every distinct stream through ``stage``; returns label -> its output folder."""
+    cache = QuantCache(ctx.model, fmt)
+    owned = set(stage.linears)
+    outputs: dict[tuple, Path] = {}
+    result = {}
+    step = Step(0, Direction.FORWARD, measure=False)
+    try:
+        for label, formats in wanted.items():
+            mine = {n: f for n, f in formats.items() if n in owned}
+            key = (streams[label], tuple(sorted(mine.items(), key=lambda item: item[0])))
+            if key not in outputs:  # nothing so far tells this variant from an earlier one: share its stream
+                target = folder / f"stream-{len(outputs):03d}"
+                target.mkdir(parents=True)
+                cache.set_quantized(list(mine), mine)
+                run_batches(ctx, stage, step, StepFolders(streams[label], None, target, ()), target,
+                            InputProbe(ctx.model, []), None)
+                outputs[key] = target
+            result[label] = outputs[key]
+    finally:
+        cache.set_quantized(())  # the 16-bit weights back before the block is off-loaded
+    return result
+
+
+def _head_chunks(ctx: StepContext, head, wanted: dict, streams: dict, variants: Mapping,
+                 fmt: FourBit) -> Iterator[HeadChunk]:
+    """Norm + lm_head of each stream, batch by batch and chunk by chunk, each chunk's 16-bit logits made once."""
+    model, cache = ctx.model, QuantCache(ctx.model, fmt)
+    owned = set(head.linears)
+    head_formats = {label: {n: f for n, f in formats.items() if n in owned} for label, formats in wanted.items()}
+    reference = streams[_REFERENCE]
+    try:
+        for index, batch in enumerate(ctx.calibration.batches(ctx.batch_size)):
+            flat, shape = {}, None
+            with torch.inference_mode():
+                for folder in dict.fromkeys(streams.values()):
+                    hidden, _ = read_batch(folder, index, ctx.device)
+                    shape = tuple(hidden.shape[:2])
+                    flat[folder] = model.model.norm(hidden).reshape(-1, hidden.shape[-1])
+            for start in range(0, shape[0] * shape[1], ctx.head_chunk):
+                rows = slice(start, start + ctx.head_chunk)
+                cache.set_quantized(())
+                with torch.inference_mode():
+                    logits16 = model.lm_head(flat[reference][rows])
+                for label in variants:
+                    if variants[label] is None:
+                        logits = logits16
+                    else:
+                        cache.set_quantized(list(head_formats[label]), head_formats[label])
+                        with torch.inference_mode():
+                            logits = model.lm_head(flat[streams[label]][rows])
+                    yield HeadChunk(label, batch, rows, shape, logits16, logits)
+            del flat
+    finally:
+        cache.set_quantized(())
+
+
+def _check_fits(model, stages, wanted: dict, cap: int, calibration, options: StreamOptions, device_type: str) -> None:
+    """Refuse, naming the fix, when a block, its round trips and one batch per stream cannot fit under ``cap``."""
+    first = next(iter(calibration.batches(options.batch_size)), {"input_ids": torch.zeros(0, 0)})
+    tokens = options.batch_size * first["input_ids"].shape[-1]
+    hidden = getattr(model.config, "hidden_size", 0)
+    quantized = {n for formats in wanted.values() for n in formats}
+    worst, label = 0, ""
+    for stage in stages:
+        mine = [n for n in stage.linears if n in quantized]
+        need = stage_need(model, stage.params, mine, tokens, options.batch_size, head=stage.kind == "head",
+                          device_type=device_type)
+        packed = stage_bytes(model, [n + ".weight" for n in mine]) // 4  # the QuantCache's packed 4-bit copies
+        total = need["weights"] + need["work"] + packed  # no input statistics: nothing is measured
+        if stage.kind == "head":  # one batch per variant (hidden + normed), one chunk of logits ≈ the head's weights
+            total += len(wanted) * tokens * hidden * 4 + need["weights"]
+        if total > worst:
+            worst, label = total, stage.label
+    if worst > cap:
+        gb = 1e9
+        raise StreamingUnsupported(
+            f"--max-memory {cap / gb:.2f} GB is too small for the streamed end-to-end check: its largest block "
+            f"({label}) needs about {worst / gb:.2f} GB: pass --max-memory {worst / gb + 0.01:.2f}GB or more, or a "
+            f"smaller --batch-size")
