@@ -40,7 +40,7 @@ from quantplan.common.sizes import parse_size
 from .formats import FourBit
 from .modules import list_modules, output_embedding_name
 from .probe import InputProbe
-from .reference import VariantKLs, batch_tokens, log_probs, token_kl, token_mask
+from .reference import TokenComparison, VariantKLs, batch_tokens, log_probs, token_kl, token_mask
 from .simulate import QuantCache
 from .stream_head import chunk_tokens
 from .stream_steps import Direction, Step, StepContext, StepFolders, run_batches
@@ -65,6 +65,7 @@ class HeadChunk:
     """One chunk of one batch's next-token logits of a variant, beside the 16-bit model's."""
 
     label: str
+    index: int  # the batch's number
     batch: dict  # the batch (model keyword arguments), as the calibration set gives it
     rows: slice  # the positions it covers, counted over the batch flattened row-major (batch × seq)
     shape: tuple[int, int]  # (batch, seq) of the whole batch
@@ -75,6 +76,17 @@ class HeadChunk:
         """The batch's attention mask at these positions (all ones without one), on the logits' device."""
         whole = token_mask(self.batch, torch.empty(self.shape, device=self.logits.device))
         return whole.reshape(-1)[self.rows]
+
+    def compare(self) -> TokenComparison:
+        """:func:`analysis.reference.compare_tokens` at these positions: KL and same top per position, the NLL of
+        the actual next token at each position that has one in its window (all but each window's last)."""
+        logp, logq = log_probs(self.logits16, self.logits)
+        seq = self.shape[1]
+        positions = torch.arange(self.rows.start, self.rows.start + logq.shape[0])
+        following = positions % seq != seq - 1
+        targets = self.batch["input_ids"].reshape(-1)[positions[following] + 1].to(logq.device)
+        nll = -logq[following.to(logq.device)].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return TokenComparison(token_kl(logp, logq), logp.argmax(-1) == logq.argmax(-1), nll)
 
 
 @dataclass(frozen=True)
@@ -244,7 +256,7 @@ def _head_chunks(ctx: StepContext, head, wanted: dict, streams: dict, variants: 
                         cache.set_quantized(list(head_formats[label]), head_formats[label])
                         with torch.inference_mode():
                             logits = model.lm_head(flat[streams[label]][rows])
-                    yield HeadChunk(label, batch, rows, shape, logits16, logits)
+                    yield HeadChunk(label, index, batch, rows, shape, logits16, logits)
             del flat
     finally:
         cache.set_quantized(())

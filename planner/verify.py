@@ -13,14 +13,20 @@ variants are compared batch by batch (:func:`analysis.reference.calibration_klds
 batch's 16-bit logits are alive at a time. A plan over a
 blocksize menu (several 4-bit formats) is simulated with each module in its planned format; the
 all-4-bit reference and the heuristics use the first tier (blocksize 64).
+
+The KL measurement is injected (``measure``: variants -> :class:`analysis.reference.VariantKLs`):
+in a loaded model by default (:class:`analysis.reference.InMemoryKLs`), or block by block from
+disk for a model larger than memory (:class:`analysis.stream_variants.StreamedKLs`, ``--max-memory``);
+both give the same numbers on a model that fits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from quantplan.analysis.formats import format_from_dict
-from quantplan.analysis.reference import KLReference, calibration_klds
+from quantplan.analysis.reference import InMemoryKLs, KLReference, VariantKLs
 from quantplan.analysis.simulate import QuantCache
 
 from .baselines import all_4bit, baseline_keep_sets, plan_keep_set
@@ -31,24 +37,36 @@ from .reasons import Reason, ReasonKind
 PLAN = "plan"
 
 
-def verify(table, chosen: Plan, model, calibration, *, batch_size: int = 4, max_batches: int | None = None,
-           reference: KLReference | None = None, cache: QuantCache | None = None, progress: bool = True) -> Plan:
-    """``chosen`` with its verification recorded, or the best measured alternative (see module docstring)."""
+#: variants (label -> module -> 4-bit format, None: the plan's) -> their mean KLs and the tokens measured
+KLMeasure = Callable[[Mapping[str, Mapping]], VariantKLs]
+
+
+def verify(table, chosen: Plan, model=None, calibration=None, *, batch_size: int = 4, max_batches: int | None = None,
+           reference: KLReference | None = None, cache: QuantCache | None = None, progress: bool = True,
+           measure: KLMeasure | None = None) -> Plan:
+    """``chosen`` with its verification recorded, or the best measured alternative (see module docstring).
+
+    ``measure`` runs the KL measurement; without it, ``model`` (16-bit, loaded) and ``calibration``
+    (or ``reference`` and ``cache``) measure it in memory.
+    """
     if any(chosen.format_of(t).get("bits") != 4 for t in chosen.tiers):  # the simulation knows 4-bit only
         print("quantplan: the end-to-end check simulates 4-bit formats only: skipped for a multi-tier plan with an 8-bit tier")
         return chosen
-    reference = reference or KLReference(model, calibration, batch_size, max_batches, progress=progress)
-    cache = cache or QuantCache(model, format_from_dict(chosen.quant))
+    if measure is None:
+        if model is None and reference is None:
+            raise ValueError("verify() measures in a loaded model (model=, calibration=) or with measure=: pass one")
+        reference = reference or KLReference(model, calibration, batch_size, max_batches, progress=progress)
+        measure = InMemoryKLs(reference, cache or QuantCache(reference.model, format_from_dict(chosen.quant)))
     tier = chosen.tiers[0]
     nothing = all_4bit(table, tier)
     variants = {nothing.label: nothing, PLAN: plan_keep_set(table, chosen)}
     if not chosen.vllm_safe:  # the heuristics do not know fused groups
         variants.update({k.label: k for k in baseline_keep_sets(table, chosen, seeds=())})
-    kld = calibration_klds(reference, cache, {label: {n: keep.formats.get(n) for n in
-                                                      sorted(keep.quantized & set(cache.modules))}
-                                              for label, keep in variants.items()})
+    measured = measure({label: {n: keep.formats.get(n) for n in sorted(keep.quantized)}
+                        for label, keep in variants.items()})
+    kld = measured.kld
     winner = choose(kld, PLAN, nothing.label)
-    record = Verification(calibration_kld=kld, tokens=reference.tokens, all_4bit=nothing.label, chosen=winner)
+    record = Verification(calibration_kld=kld, tokens=measured.tokens, all_4bit=nothing.label, chosen=winner)
     if winner == PLAN:
         if progress:
             print(f"quantplan: verified on calibration data: the plan's KL {kld[PLAN]:.4f} < all-4-bit "

@@ -3,7 +3,9 @@
 ``refine`` rounds of measured KL gradients (:mod:`planner.refine`, opt-in), then the
 never-worse-than-all-4-bit check (:mod:`planner.verify`, on by default), both on the first
 ``max_batches`` calibration batches (default: all of them), sharing one loaded model, one
-16-bit reference and one cache of 4-bit round trips.
+16-bit reference and one cache of 4-bit round trips. Under ``--max-memory`` the model is never
+loaded whole: the verification's KLs are measured block by block from disk
+(:class:`analysis.stream_variants.StreamedKLs`, the same numbers), and refinement is refused.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class EndToEnd:
         from quantplan.planner.refine import refine
         from quantplan.planner.verify import verify
 
+        if analyze.max_memory:
+            return self._verify_streamed(source, analyze, table, chosen)
         with stage("load model"):
             model = load_model(source, dtype=dtype_from_name(analyze.dtype), device=analyze.device)
         calibration = calibration_of(source, analyze)
@@ -58,3 +62,19 @@ class EndToEnd:
         del model, reference, cache
         gc.collect()
         return chosen
+
+    def _verify_streamed(self, source: ModelSource, analyze: AnalyzeConfig, table: SensitivityTable,
+                         chosen: Plan) -> Plan:
+        """The verification under ``analyze.max_memory``: each variant's KL measured block by block from disk."""
+        from quantplan.analysis.formats import format_from_dict
+        from quantplan.analysis.stream_variants import StreamedKLs, StreamOptions
+        from quantplan.planner.verify import verify
+
+        if self.refine:
+            raise ValueError("--refine runs the whole model, which --max-memory avoids: drop one of them")
+        options = StreamOptions(dtype=dtype_from_name(analyze.dtype), batch_size=analyze.batch_size,
+                                max_batches=self.max_batches, device=analyze.device, max_memory=analyze.max_memory,
+                                progress=analyze.progress)
+        measure = StreamedKLs(source.path, calibration_of(source, analyze), format_from_dict(chosen.quant), options)
+        with stage("verification (streamed)"):
+            return verify(table, chosen, measure=measure, progress=analyze.progress)

@@ -69,10 +69,6 @@ def _run_stages(source, budget, out_dir: Path, analyze_config: AnalyzeConfig, pl
         table = analyze_model(source, out_dir, analyze_config, reuse=True)
     if not is_main_process():
         return {"out": out_dir, "table": out_dir / TABLE_FILE}  # rank 0 plans, exports and reports
-    if analyze_config.max_memory and end_to_end.verify:
-        print("quantplan: --max-memory: skipping the end-to-end check (it runs the whole 16-bit model); "
-              "the plan is not verified against all-4-bit")
-        end_to_end = EndToEnd(refine=0, verify=False, max_batches=end_to_end.max_batches)
     with stage("plan + verification" if end_to_end.active else "plan"):
         chosen = plan_and_save(table, budget, out_dir, plan_config,
                                lambda: end_to_end.plan(source, analyze_config, table, budget, plan_config))
@@ -85,6 +81,8 @@ def _run_stages(source, budget, out_dir: Path, analyze_config: AnalyzeConfig, pl
     if compare is not None:
         from quantplan.reports.run import compare_and_report
 
+        if analyze_config.max_memory:  # the scoreboard streams too, under the same cap
+            compare = replace(compare, max_memory=analyze_config.max_memory)
         with stage("compare + report"):
             reports = compare_and_report(source, table, [chosen], out_dir, pareto=out_dir / "pareto.csv",
                                          options=compare)

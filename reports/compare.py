@@ -18,6 +18,11 @@ The loop, in the order it runs:
 beyond the scoreboard: the single-module checks of step 2, the random baseline's seeds after the
 first, and the generations; the report says so.
 
+With ``max_memory`` (``quantplan run --max-memory``) the 16-bit model is never loaded whole: the
+simulated variants of step 2 run block by block from disk (:mod:`reports.compare_capped`), and
+what needs the whole model (steps 1's generations and 3, the single-module checks) is skipped with
+a line saying so.
+
 The held-out text must not be the calibration text the plan was measured on.
 """
 
@@ -94,6 +99,7 @@ class CompareConfig:
     dtype: str = "bf16"
     progress: bool = True
     report: ReportDepth = ReportDepth.FULL
+    max_memory: str | None = None  # stream the simulated variants block by block under this cap (reports.compare_capped)
 
     def __post_init__(self):
         if not isinstance(self.report, ReportDepth):  # "quick" / "full" from a caller or a saved config
@@ -130,6 +136,13 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
             "plans": [asdict(p.budget) for p in plans], "options": {**vars(options), "report": options.report.value},
             "report": options.report.value}
 
+    if options.max_memory:
+        from .compare_capped import compare_capped
+
+        comparison = compare_capped(source, table, plans, fmt, heldout, meta, options)
+        if out_dir is not None:
+            comparison.save(out_dir)
+        return comparison
     # 1. the 16-bit model, 2. everything simulated in it, batch by batch against its logits
     with stage("load model"):
         model16 = load_model(source, dtype=dtype, device=options.device)
@@ -137,9 +150,7 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
     footprint16 = int(model16.get_memory_footprint())
     generations = {"16-bit": _generate(model16, processor, options)}
     cache = QuantCache(model16, fmt)
-    uniform = all_4bit(table, fmt.name)
-    dynamic = [plan_keep_set(table, p) for p in plans]
-    heuristics = [k for p in plans for k in baseline_keep_sets(table, p, options.seed_values)] if options.baselines else []
+    uniform, dynamic, heuristics = keep_sets(table, plans, fmt, options)
     # like-for-like with the heuristic rows; a blocksize-menu plan has no BitsAndBytesConfig, so its row is simulated
     simulated = [uniform, *dynamic] if options.baselines else [uniform, *(k for k in dynamic if k.mixed_formats)]
     with stage("simulated variants"):
@@ -178,6 +189,12 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
     if out_dir is not None:
         comparison.save(out_dir)
     return comparison
+
+
+def keep_sets(table, plans: list[Plan], fmt: FourBit, options: CompareConfig):
+    """(all-4-bit, each plan's, the heuristic baselines at each plan's bytes) as keep sets."""
+    heuristics = [k for p in plans for k in baseline_keep_sets(table, p, options.seed_values)] if options.baselines else []
+    return all_4bit(table, fmt.name), [plan_keep_set(table, p) for p in plans], heuristics
 
 
 def _agreement(table, plan: Plan, cache: QuantCache, model16, heldout, options: CompareConfig):

@@ -6,6 +6,8 @@ batch are computed, every variant is compared with them in float32 by
 batch × vocabulary of logits is alive at a time. Simulated variants of the 16-bit model share
 each batch's 16-bit forward (:func:`measure_variants`); a separately loaded model (a real
 bitsandbytes load) is compared with the 16-bit model's logits recomputed per batch (:func:`measure`).
+Under a memory cap the simulated variants run block by block from disk instead
+(:func:`measure_variants_streamed`, :mod:`analysis.stream_variants`): the same numbers.
 
 Per token t, with P the 16-bit and Q the variant's next-token distribution:
 KLD_t = Σ_v P(v) (log P(v) − log Q(v)) (nats); "same top" is argmax P = argmax Q;
@@ -80,6 +82,22 @@ def measure_variants(reference: KLReference, cache: QuantCache, variants: Mappin
     for key, batch, logits16, logits in for_each_variant(reference, cache, variants):
         with torch.inference_mode():
             parts[key].append(compare_tokens(logits16, logits, batch["input_ids"]))
+    return {key: _joined(p) for key, p in parts.items()}
+
+
+def measure_variants_streamed(path, input_ids: torch.Tensor, variants: Mapping, fmt, options) -> dict:
+    """:func:`measure_variants` for the model saved in ``path``, read block by block (never whole in memory).
+
+    ``options`` is an :class:`analysis.stream_variants.StreamOptions` (batch size, device, cap);
+    each variant's per-token results are gathered chunk by chunk, in the order the in-memory pass has them.
+    """
+    from quantplan.analysis.stream_variants import variant_logit_chunks
+
+    parts = {key: [] for key in variants}
+    windows = CalibrationSet(input_ids, "heldout", 0)
+    for chunk in variant_logit_chunks(path, windows, variants, fmt, options):
+        with torch.inference_mode():
+            parts[chunk.label].append(chunk.compare())
     return {key: _joined(p) for key, p in parts.items()}
 
 

@@ -83,6 +83,8 @@ def report_blocks(table: SensitivityTable, plans: list[Plan], comparison: Compar
                *([("p", f"Quick report: {QUICK_SKIPS['seeds']}; the predicted-vs-measured checks and the "
                         "generations are left out (`--report full` measures them).")]
                  if meta.get("report") == ReportDepth.QUICK.value else []),
+               *([("p", f"Measured block by block under --max-memory {meta.get('max_memory')}: "
+                        + "; ".join(meta["skipped"].values()) + ".")] if meta.get("skipped") else []),
                ("table", display_frame(board), DISPLAY_NUMERIC),
                ("notes", footnotes(board)),
                ("list", comparison.verdicts or ["No heuristic baselines were measured."])]
@@ -93,7 +95,9 @@ def report_blocks(table: SensitivityTable, plans: list[Plan], comparison: Compar
                             f"heuristic rows are measured) {check['simulated_mean_kld']:.6f}."))
     blocks += _agreement_blocks(comparison)
     blocks += [("h2", "Generations")]
-    if meta.get("report") == ReportDepth.QUICK.value:
+    if meta.get("skipped", {}).get("generations"):
+        blocks.append(("p", f"Not measured: {meta['skipped']['generations']}."))
+    elif meta.get("report") == ReportDepth.QUICK.value:
         blocks.append(("p", f"Not measured: {QUICK_SKIPS['generations']}."))
     else:
         blocks += [("p", "Greedy continuations of fixed prompts, one column per variant."),
