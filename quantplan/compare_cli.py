@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from quantplan.reports.compare import CompareConfig, ReportDepth
@@ -30,6 +31,9 @@ def add_compare_parser(subparsers, formatter_class=None):
     group = add_compare_args(p)
     group.add_argument("--device", default=CompareConfig().device, help="cpu | cuda | cuda:N")
     group.add_argument("--quiet", action="store_true", help="no progress lines (results still print)")
+    group.add_argument("--max-memory", metavar="SIZE", default=None,
+                       help="a model larger than memory: measure the simulated rows block by block under this cap "
+                            "(e.g. 2GB); real bitsandbytes loads, generations and single-module checks are skipped")
     p.set_defaults(handler=run_compare)
     return p
 
@@ -77,5 +81,6 @@ def run_compare(args) -> int:
     first = Path(args.plan[0])
     folder = first if first.is_dir() else first.parent
     compare_and_report(args.model, args.table or folder, args.plan, args.out,
-                       pareto=Path(args.table or folder) / "pareto.csv", options=compare_config_from_args(args))
+                       pareto=Path(args.table or folder) / "pareto.csv",
+                       options=replace(compare_config_from_args(args), max_memory=args.max_memory))
     return 0

@@ -104,3 +104,11 @@ def test_run_under_the_cap_verifies_and_scores_as_in_memory(tmp_path):
     assert board.loc["16-bit", "ppl"] == pytest.approx(memory.loc["16-bit", "ppl"], rel=1e-5)
     report = results["1GB"]["md"].read_text()
     assert "under --max-memory" in report and "real bitsandbytes loads" in report
+
+    from quantplan.cli import main  # `quantplan compare --max-memory` measures the same capped scoreboard
+
+    assert main(["compare", str(folder), "--plan", str(results["1GB"]["plan"]), "--out", str(tmp_path / "cmp"),
+                 "--max-memory", "1GB", "--report", "quick", "--heldout-samples", "4", "--heldout-seq-len", "32",
+                 "--quiet"]) == 0
+    again = pd.read_csv(tmp_path / "cmp" / "scoreboard.csv").set_index("variant")
+    pd.testing.assert_series_equal(again["mean_kld"], board["mean_kld"])
