@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -112,3 +113,30 @@ def test_run_under_the_cap_verifies_and_scores_as_in_memory(tmp_path):
                  "--quiet"]) == 0
     again = pd.read_csv(tmp_path / "cmp" / "scoreboard.csv").set_index("variant")
     pd.testing.assert_series_equal(again["mean_kld"], board["mean_kld"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable RSS high-water mark")
+def test_streamed_check_memory_does_not_grow_with_the_batches(tmp_path):
+    """A 262k vocabulary (0.5 MB of float32 logits a token): the head compares chunk by chunk, batch by batch."""
+    from tiny import LARGE_VOCAB, large_vocab_llama
+
+    from quantplan.common.profile import recording, stage
+
+    folder = tmp_path / "big"
+    model = large_vocab_llama()
+    model.save_pretrained(folder)
+    variants = {"all": [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]}
+    del model
+
+    def peak(batches: int) -> int:
+        calibration = random_calibration(samples=batches, seq_len=16, vocab=LARGE_VOCAB, seed=1)
+        with recording() as profile, stage("streamed check"):
+            got = streamed_klds(folder, calibration, variants, NF4, StreamOptions(batch_size=1))
+        assert got.tokens == batches * 16 and got.kld["all"] > 0
+        return profile.stages[0].peak_rss_bytes
+
+    peak(1)  # warm up the allocator and the libraries
+    few, many = peak(2), peak(8)
+    logits_per_batch = 16 * LARGE_VOCAB * 4
+    # kept for every batch, 6 more batches would add 6 x 16 MB = 96 MB; compared chunk by chunk, nothing
+    assert many - few < 2 * logits_per_batch, (few, many)
