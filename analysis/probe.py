@@ -30,6 +30,8 @@ class InputStats:
 
     A batch first accumulates into ``pending``; :meth:`commit` folds it into the totals once the
     whole batch has run, so an interruption midway never leaves a half-counted batch behind.
+    With ``atomic_batches=False`` (a streamed analysis, whose unit of resumption is a whole block)
+    batches go straight into the totals: no second Gram matrix while a batch runs.
     """
 
     gram: torch.Tensor  # [in, in] float32: Σ xᵀx over finite tokens
@@ -38,6 +40,7 @@ class InputStats:
     tokens: int = 0
     nonfinite_tokens: int = 0
     pending: dict | None = None
+    atomic_batches: bool = True
 
     def update(self, x: torch.Tensor, sample_rows: int) -> None:
         rows = x.reshape(-1, x.shape[-1])
@@ -48,8 +51,9 @@ class InputStats:
             rows = rows[finite]
         rows = rows.float()
         if self.pending is None:
-            self.pending = {"gram": torch.zeros_like(self.gram), "absmax": torch.zeros_like(self.channel_absmax),
-                            "tokens": 0, "nonfinite": 0, "sample": None}
+            self.pending = ({"gram": torch.zeros_like(self.gram), "absmax": torch.zeros_like(self.channel_absmax)}
+                            if self.atomic_batches else {"gram": self.gram, "absmax": self.channel_absmax})
+            self.pending.update(tokens=0, nonfinite=0, sample=None)
         p = self.pending
         p["gram"].addmm_(rows.T, rows)
         if len(rows):
@@ -65,8 +69,9 @@ class InputStats:
         p = self.pending
         if p is None or (p["tokens"] == 0 and p["nonfinite"] == 0):
             return
-        self.gram += p["gram"]
-        torch.maximum(self.channel_absmax, p["absmax"], out=self.channel_absmax)
+        if self.atomic_batches:
+            self.gram += p["gram"]
+            torch.maximum(self.channel_absmax, p["absmax"], out=self.channel_absmax)
         self.tokens += p["tokens"]
         self.nonfinite_tokens += p["nonfinite"]
         if self.sample is None:
@@ -74,10 +79,11 @@ class InputStats:
         self.discard()
 
     def discard(self) -> None:
-        """Drop a batch that did not finish."""
+        """Drop a batch that did not finish (without atomic batches, only its counts: the caller reruns the block)."""
         if self.pending is not None:
-            self.pending["gram"].zero_()
-            self.pending["absmax"].zero_()
+            if self.atomic_batches:
+                self.pending["gram"].zero_()
+                self.pending["absmax"].zero_()
             self.pending.update(tokens=0, nonfinite=0, sample=None)
 
 
@@ -88,6 +94,7 @@ class InputProbe:
     model: nn.Module
     names: list[str]
     sample_rows: int = 256
+    atomic_batches: bool = True  # False: accumulate straight into the totals (see InputStats)
     owner: dict[str, str] = field(default_factory=dict)  # module -> module whose stats it shares
     stats: dict[str, InputStats] = field(default_factory=dict)  # keyed by owner
     batches_done: int = 0
@@ -149,6 +156,7 @@ class InputProbe:
             self.stats[name] = InputStats(
                 torch.zeros(width, width, dtype=torch.float32, device=x.device),
                 torch.zeros(width, dtype=torch.float32, device=x.device),
+                atomic_batches=self.atomic_batches,
             )
         self.stats[name].update(x.detach(), self.sample_rows)
         self._seen[key] = (weakref.ref(x), name)

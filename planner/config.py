@@ -56,6 +56,15 @@ class PlanConfig:
                     whole_blocks=self.whole_blocks, priors=rule_priors(table, self.priors), scores=scores,
                     decided=decided)
 
+    def problem(self, table: SensitivityTable):
+        """The knapsack this configuration plans with on ``table`` (:class:`planner.plan.PlanProblem`), for
+        solving at many weight budgets (the Pareto sweep)."""
+        from .plan import PlanProblem
+
+        return PlanProblem.build(table, objective=self.objective, tiers=list(self.tiers) if self.tiers else None,
+                                 keep=list(self.keep), quantize=list(self.quantize), vllm_safe=self.vllm_safe,
+                                 whole_blocks=self.whole_blocks, priors=rule_priors(table, self.priors))
+
     def _plan_device(self, table, budget, **kwargs) -> Plan:
         split = device_budget(attention_of(table), budget, self.kv_context, self.kv_batch)
         try:

@@ -10,7 +10,7 @@ within the budget. The result, a :class:`Plan`, is what ``export`` writes and wh
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pandas as pd
 
@@ -39,18 +39,100 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "auto", tie
     ``decided`` keeps modules 16-bit with the given :class:`Reason`: the end-to-end refinement
     (:mod:`planner.refine`) plans with them.
     """
-    if objective == "auto":  # the measured winner on held-out data when the table has it (planner.objective)
-        objective = "fisher" if table.meta.get("fisher") else "output"
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}: choose one of auto, {', '.join(OBJECTIVES)}")
-    tiers = list(tiers or default_tiers(table))
-    table.check_matches(formats=tiers)
-    bytes_model = ByteModel(table, tiers)
-    model = _candidates(table, bytes_model, objective)
-    if scores:
-        column = f"score:{tiers[0]}"
-        model[column] = [max(float(scores[n]), 0.0) if n in scores and scores[n] == scores[n] else model.loc[n, column]
-                         for n in model.index]  # a NaN score (never measured) keeps the objective's score
+    problem = PlanProblem.build(table, objective=objective, tiers=tiers, keep=keep, quantize=quantize,
+                                vllm_safe=vllm_safe, whole_blocks=whole_blocks, keep_lm_head=keep_lm_head,
+                                priors=priors, scores=scores, decided=decided)
+    parsed = parse_budget(budget)
+    capacity = problem.capacity(parsed)
+    if capacity >= problem.ceiling:
+        warnings.warn(f"budget {parsed.spec} = {format_bytes(capacity)} reaches the 16-bit size "
+                      f"{format_bytes(problem.ceiling)}: every module stays 16-bit, so the export is a plain 16-bit "
+                      "checkpoint (no 4-bit module)", stacklevel=2)
+    choices = problem.choose(capacity)
+    reasons = problem.explain(choices)
+    return _assemble(table, problem.bytes_model, problem.model, choices, reasons,
+                     PlanBudget(str(parsed.spec), int(capacity)), problem.objective, vllm_safe or whole_blocks)
+
+
+@dataclass(frozen=True)
+class PlanProblem:
+    """The knapsack of one table and configuration, built once and solved at any capacity (the Pareto sweep)."""
+
+    bytes_model: ByteModel
+    model: pd.DataFrame  # per Linear: bytes and scores per tier (:func:`_candidates`)
+    objective: str
+    fixed: dict  # module -> KEEP, decided before the solver
+    reasons: dict  # module -> Reason of the fixed ones
+    items: list  # solver items: each a list of Options
+    members: list  # the module names each item decides together
+    pinned_quant: dict
+    floor: int  # the smallest bytes any plan can have
+    ceiling: int  # the 16-bit size
+    all_4bit: int  # what relative budgets count from
+
+    @classmethod
+    def build(cls, table: SensitivityTable, *, objective: str = "auto", tiers=None, keep=(), quantize=(),
+              vllm_safe: bool = False, whole_blocks: bool = False, keep_lm_head: bool = True, priors=None,
+              scores=None, decided=None) -> PlanProblem:
+        """The items, fixed modules and byte bounds of :func:`plan`'s problem (its arguments, no budget)."""
+        if objective == "auto":  # the measured winner on held-out data when the table has it (planner.objective)
+            objective = "fisher" if table.meta.get("fisher") else "output"
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}: choose one of auto, {', '.join(OBJECTIVES)}")
+        tiers = list(tiers or default_tiers(table))
+        table.check_matches(formats=tiers)
+        bytes_model = ByteModel(table, tiers)
+        model = _candidates(table, bytes_model, objective)
+        if scores:
+            column = f"score:{tiers[0]}"
+            model[column] = [max(float(scores[n]), 0.0) if n in scores and scores[n] == scores[n]
+                             else model.loc[n, column] for n in model.index]  # NaN (never measured) keeps the score
+        fixed, reasons, pinned_quant = _fixed(model, keep, quantize, keep_lm_head, priors, decided)
+        if vllm_safe or whole_blocks:
+            _tie_fixed_sets(model.index, fixed, reasons, pinned_quant, whole_blocks)
+        items, members = _items(model, tiers, fixed, pinned_quant, vllm_safe, whole_blocks)
+        bytes_fixed = int(sum(model.loc[n, "bytes_16bit"] for n in fixed))
+        floor = bytes_model.other + bytes_fixed + sum(min(o.cost for o in opts) for opts in items)
+        return cls(bytes_model, model, objective, fixed, reasons, items, members, pinned_quant, floor,
+                   bytes_model.sixteen_bit_size().bytes, bytes_model.all_4bit_size(tiers[0]).bytes)
+
+    def capacity(self, parsed) -> int:
+        """A parsed budget in bytes; refused (BudgetError, naming the minimum) below the floor."""
+        capacity = parsed.resolve(self.all_4bit, self.ceiling)
+        if capacity < self.floor:
+            raise BudgetError(
+                f"budget {parsed.spec} = {format_bytes(capacity)} is below this model's minimum of "
+                f"{format_bytes(self.floor)} ({self.floor} bytes: every quantizable module in its smallest format, "
+                "pins, priors and non-quantizable modules 16-bit): raise the budget to at least that")
+        return capacity
+
+    def choose(self, capacity: int) -> dict:
+        """Module -> KEEP or tier: the exact solver's picks within ``capacity`` bytes, plus the fixed modules."""
+        bytes_fixed = int(self.model["bytes_16bit"].reindex(list(self.fixed)).sum())
+        solution = solve(self.items, capacity - self.bytes_model.other - bytes_fixed)
+        choices = dict(self.fixed)
+        for options, item, pick in zip(self.items, self.members, solution.picks, strict=True):
+            for name in item:
+                choices[name] = options[pick].label
+        return choices
+
+    def explain(self, choices: dict) -> dict:
+        """Module -> :class:`Reason` of ``choices``: the fixed modules' own, else what the solver decided."""
+        reasons = dict(self.reasons)
+        for item in self.members:
+            for name in item:
+                if name not in reasons:
+                    reasons[name] = _measured_reason(choices[name], self.pinned_quant.get(name), item)
+        return reasons
+
+    def error(self, choices: dict) -> float:
+        """The objective summed over the modules ``choices`` quantizes."""
+        labels = pd.Series(choices, dtype=object).reindex(self.model.index)
+        return float(sum(self.model.loc[labels == tier, f"score:{tier}"].sum() for tier in self.bytes_model.tiers))
+
+
+def _fixed(model, keep, quantize, keep_lm_head, priors, decided):
+    """(fixed, reasons, pinned_quant): the modules kept 16-bit before the solver runs, and why."""
     decided = dict(decided or {})
     pinned_keep = match_patterns(keep, model.index, "--keep")
     pinned_quant = match_patterns(quantize, model.index, "--quantize")
@@ -60,51 +142,20 @@ def plan(table: SensitivityTable, budget="+10%", *, objective: str = "auto", tie
     if unknown := sorted(set(priors) - set(model.index)):
         raise ValueError(f"priors name {unknown[:3]}, which are not Linear modules of this table: "
                          "make the priors from this table (planner.priors.rule_priors)")
-
     reasons, fixed = {}, {}
-    for name, row in model.iterrows():
-        if not row["quantizable"]:
-            fixed[name], reasons[name] = KEEP, Reason(ReasonKind.NOT_QUANTIZABLE, str(row["reason"]))
+    for name, quantizable, reason, group in zip(model.index, model["quantizable"], model["reason"], model["group"],
+                                                strict=True):
+        if not quantizable:
+            fixed[name], reasons[name] = KEEP, Reason(ReasonKind.NOT_QUANTIZABLE, str(reason))
         elif name in decided:
             fixed[name], reasons[name] = KEEP, decided[name]
         elif name in pinned_keep:
             fixed[name], reasons[name] = KEEP, Reason(ReasonKind.PINNED_KEEP, pinned_keep[name])
         elif name in priors and name not in pinned_quant:
             fixed[name], reasons[name] = KEEP, priors[name]
-        elif row["group"] == "lm_head" and keep_lm_head and name not in pinned_quant:
+        elif group == "lm_head" and keep_lm_head and name not in pinned_quant:
             fixed[name], reasons[name] = KEEP, Reason(ReasonKind.LM_HEAD, "kept 16-bit as transformers does by default")
-    if vllm_safe or whole_blocks:
-        _tie_fixed_sets(model.index, fixed, reasons, pinned_quant, whole_blocks)
-    items, members = _items(model, tiers, fixed, pinned_quant, vllm_safe, whole_blocks)
-
-    bytes_fixed = sum(model.loc[n, "bytes_16bit"] for n in fixed)
-    other = bytes_model.other
-    floor = other + bytes_fixed + sum(min(o.cost for o in opts) for opts in items)
-    ceiling = bytes_model.sixteen_bit_size().bytes
-    all_4bit = bytes_model.all_4bit_size(tiers[0]).bytes
-    parsed = parse_budget(budget)
-    capacity = parsed.resolve(all_4bit, ceiling)
-    if capacity < floor:
-        raise BudgetError(
-            f"budget {parsed.spec} = {format_bytes(capacity)} is below this model's minimum of "
-            f"{format_bytes(floor)} ({floor} bytes: every quantizable module in its smallest format, pins, priors "
-            f"and non-quantizable modules 16-bit): raise the budget to at least that"
-        )
-    if capacity >= ceiling:
-        warnings.warn(f"budget {parsed.spec} = {format_bytes(capacity)} reaches the 16-bit size "
-                      f"{format_bytes(ceiling)}: every module stays 16-bit, so the export is a plain 16-bit checkpoint "
-                      "(no 4-bit module)", stacklevel=2)
-
-    solution = solve(items, capacity - other - bytes_fixed)
-    choices = dict(fixed)
-    for options, item, pick in zip(items, members, solution.picks, strict=True):
-        label = options[pick].label
-        for name in item:
-            choices[name] = label
-            if name not in reasons:
-                reasons[name] = _measured_reason(model.loc[name], label, pinned_quant.get(name), item)
-    return _assemble(table, bytes_model, model, choices, reasons, PlanBudget(str(parsed.spec), int(capacity)),
-                     objective, vllm_safe or whole_blocks)
+    return fixed, reasons, pinned_quant
 
 
 def replan_keeping(table: SensitivityTable, base: Plan, kept, reason: Reason) -> Plan:
@@ -143,15 +194,17 @@ def _items(model, tiers, fixed, pinned_quant, vllm_safe, whole_blocks):
     """Solver items (option lists) and, for each, the module names it decides together."""
     free = [n for n in model.index if n not in fixed]
     groups = fused_groups(free, whole_blocks) if vllm_safe or whole_blocks else [[n] for n in free]
+    column = {c: model[c].to_dict() for c in model.columns if c.split(":")[0] in ("supported", "bytes", "score")
+              or c == "bytes_16bit"}  # plain dicts: a pandas lookup per module and tier costs ~0.1 s a plan
     items, members = [], []
     for names in groups:
         options = []
         for tier in tiers:
-            if all(model.loc[n, f"supported:{tier}"] for n in names):
-                options.append(Option(tier, int(sum(model.loc[n, f"bytes:{tier}"] for n in names)),
-                                      float(sum(model.loc[n, f"score:{tier}"] for n in names))))
+            if all(column[f"supported:{tier}"][n] for n in names):
+                options.append(Option(tier, int(sum(column[f"bytes:{tier}"][n] for n in names)),
+                                      float(sum(column[f"score:{tier}"][n] for n in names))))
         if not any(n in pinned_quant for n in names) or not options:
-            options.append(Option(KEEP, int(sum(model.loc[n, "bytes_16bit"] for n in names)), 0.0))
+            options.append(Option(KEEP, int(sum(column["bytes_16bit"][n] for n in names)), 0.0))
         items.append(options)
         members.append(names)
     return items, members
@@ -186,7 +239,7 @@ def default_tiers(table) -> list[str]:
     return [f["name"] for f in sorted(menu, key=lambda f: f.get("blocksize", 64) != 64)]
 
 
-def _measured_reason(row, label, pin, item) -> Reason:
+def _measured_reason(label, pin, item) -> Reason:
     shared = f" (decided with {len(item) - 1} other module(s) of its fused set/block)" if len(item) > 1 else ""
     if pin:
         return Reason(ReasonKind.PINNED_QUANTIZE, f"{pin}{shared}")
