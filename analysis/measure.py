@@ -30,11 +30,11 @@ CHUNK_ELEMENTS = 1 << 21
 ROUNDTRIP_BYTES_PER_PARAM = {"cpu": 15, "cuda": 4}
 
 
-def measure_work_bytes(params: int, device_type: str = "cpu") -> int:
-    """Work space of :func:`measure_module` on a ``params``-element weight: one round trip and a few row chunks
-    (a module that is not round-tripped, e.g. a tied embedding, needs the chunks alone: ``params=0``)."""
-    return params * ROUNDTRIP_BYTES_PER_PARAM.get(device_type, max(ROUNDTRIP_BYTES_PER_PARAM.values())) \
-        + 4 * CHUNK_ELEMENTS * 4
+def measure_work_bytes(params: int, device_type: str = "cpu", *, roundtrip: bool = True) -> int:
+    """Work space of :func:`measure_module` on a ``params``-element weight: one bitsandbytes round trip (unless
+    ``roundtrip=False``: a module only described, e.g. a tied embedding) and four float32 row chunks."""
+    per_param = ROUNDTRIP_BYTES_PER_PARAM.get(device_type, max(ROUNDTRIP_BYTES_PER_PARAM.values()))
+    return (params * per_param if roundtrip else 0) + 4 * 4 * min(params, CHUNK_ELEMENTS)
 
 
 def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | None, formats,

@@ -172,7 +172,10 @@ def stage_need(model: nn.Module, param_names: list[str], linears: list[str], bat
     modules = dict(model.named_modules())
     shapes = [modules[n].weight.shape for n in linears]
     stats = sum(s[1] * s[1] * 4 + s[1] * 4 * 257 + (s[0] * 4 if backward else 0) for s in shapes)
-    measure = max((measure_work_bytes(s[0] * s[1], device_type) for s in shapes), default=measure_work_bytes(0))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    described = max((params[n].numel() for n in param_names if params[n].dim() == 2), default=0)
+    measure = max([measure_work_bytes(s[0] * s[1], device_type) for s in shapes]
+                  + [measure_work_bytes(described, device_type, roundtrip=False)])  # every weight is described
     hidden = getattr(config, "hidden_size", 0)
     weights = stage_bytes(model, param_names)
     if head:
