@@ -54,7 +54,7 @@ from .stream_weights import (
     stage_need,
     unload,
 )
-from .streaming import _stages
+from .streaming import stages_of
 
 #: the label of the 16-bit stream every variant is compared with, when the caller names none
 _REFERENCE = "\0 16-bit reference"
@@ -161,7 +161,7 @@ def variant_logit_chunks(path, calibration, variants: Mapping, fmt: FourBit,
     move_buffers(model, device)
     weights = DiskWeights(path, model)
     lm_head = output_embedding_name(model)
-    stages = _stages(model, list_modules(model), lm_head)
+    stages = stages_of(model, list_modules(model), lm_head)
     wanted = _normalized(variants, fmt, stages)
     if options.max_memory is not None:
         _check_fits(model, stages, wanted, parse_size(options.max_memory), calibration, options, device.type)

@@ -100,7 +100,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     lm_head = output_embedding_name(model)
     reasons = {i.name: _reason(model, i, lm_head, formats) for i in infos}
     candidates = [i.name for i in infos if reasons[i.name] is None]
-    stages = _stages(model, infos, lm_head)
+    stages = stages_of(model, infos, lm_head)
     ctx = StepContext(model, calibration, batch_size, lm_head,
                       chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), model.config.vocab_size), device)
     if max_memory is not None:
@@ -147,7 +147,7 @@ def _in_module_order(rows: dict[int, list[dict]], infos) -> list[dict]:
     return [row for info in infos for row in by_name[info.name]]
 
 
-def _stages(model, infos, lm_head) -> list[Stage]:
+def stages_of(model, infos, lm_head) -> list[Stage]:
     """Embeddings, each decoder layer, then final norm + lm_head, with the parameters of each."""
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
@@ -186,7 +186,7 @@ def streaming_need(path, formats, *, dtype: torch.dtype = torch.bfloat16, batch_
     infos = list_modules(model)
     lm_head = output_embedding_name(model)
     candidates = [i.name for i in infos if _reason(model, i, lm_head, list(formats)) is None]
-    need, stage = _largest_need(model, _stages(model, infos, lm_head), candidates, batch_size * seq_len, batch_size,
+    need, stage = _largest_need(model, stages_of(model, infos, lm_head), candidates, batch_size * seq_len, batch_size,
                                 fisher, torch.device(device).type)
     return need, stage.label
 
