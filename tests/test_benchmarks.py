@@ -131,3 +131,14 @@ def test_gpu_check(tmp_path):
     assert max(model["agreement"]["max_rel_difference"].values()) < 1e-4
     assert model["steps"]["reload + generate"]["linear4bit"] > 0
     assert "analysis" in {s["name"] for s in model["steps"]["run in memory"]["profile"]["stages"]}
+
+
+def test_streaming_run(tmp_path):
+    """The whole run under --max-memory, on two tiny depths: verified, every stage profiled, peaks recorded."""
+    result = run_benchmark("streaming_run.py", tmp_path / "run.json", "--shape", "tiny", "--layers", "2,3",
+                           "--max-memory", "60MB", "--samples", "2", "--seq-len", "16")
+    assert [r["layers"] for r in result["runs"]] == [2, 3]
+    for run in result["runs"]:
+        assert run["verified"] and {"analysis", "export", "compare + report"} <= set(run["stage_peaks"])
+        assert run["peak_rss_bytes"] == max(run["stage_peaks"].values()) > result["imports_rss_bytes"] > 0
+    assert {"within_cap_plus_1GB", "peak_growth_bytes", "deepest_over_cap"} <= set(result["summary"])
