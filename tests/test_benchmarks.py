@@ -124,7 +124,7 @@ def test_streaming_fisher(tmp_path, tiny_model):
 def test_gpu_check(tmp_path):
     """The GPU check script's CPU smoke run: in-memory and streamed runs agree, the export reloads."""
     result = run_benchmark("gpu_check.py", tmp_path / "gpu.json", "--device", "cpu", "--shape", "tiny", "--models",
-                           "smol", "--samples", "4", "--seq-len", "64", "--no-compare")
+                           "smol", "--samples", "2", "--seq-len", "16", "--no-compare")
     model = result["models"]["smol"]
     assert all(step["ok"] for step in model["steps"].values()), model["steps"]
     assert model["agreement"]["same_plan"] and model["agreement"]["other_columns_equal"]
