@@ -8,7 +8,9 @@ layer, from the last to the first, recomputes its forward from its stored input 
 gradients on and the input and gradient probes attached (the hooks ``analyze()`` attaches to
 the whole model), backpropagates the stored gradient of its output, is measured, and stores
 the gradient of its input for the layer below: layer-wise activation checkpointing with the
-disk as the store.
+disk as the store. A vision-language model's reverse pass goes on below the first decoder
+layer: the splice stage recomputes the merger and the splice from the stored vision output and
+passes the image features' gradient to the vision blocks, last to first (the stem takes none).
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ For a decoder LLM saved as safetensors (``model.model.layers``: Llama, SmolLM2, 
    the block and its statistics;
 4. last stage: final norm + lm_head the same way (lm_head's input is probed; no logits are made).
 
+A Qwen2-VL-style vision-language model adds its vision tower's stages in front (the stem,
+each vision block, then the merger + embeddings stage that splices the streamed image
+features into the token embeddings through the model's own forward): the same loop, more
+stages (:mod:`analysis.stream_stages`, :mod:`analysis.stream_vision`).
+
 Resident memory is one stage's weights, its input statistics and one batch (the head's
 logits one chunk of tokens at a time, :mod:`analysis.stream_head`); activations carried
 between blocks live on disk (:mod:`analysis.stream_store`), which also makes every finished
@@ -24,6 +29,8 @@ computes the gradient of the sampled next-token loss with respect to its input, 
 block, last to first, is loaded again, recomputes its forward from its stored input with
 gradients on, backpropagates the stored gradient of its output with the same hooks as
 ``analyze()`` and is measured there, storing the gradient of its input for the block below.
+For a vision-language model the gradient goes on through the splice into the vision blocks,
+as the in-memory backward pass lets it reach the vision tower (:func:`analysis.fisher.loss_backward`).
 """
 
 from __future__ import annotations
