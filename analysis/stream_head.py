@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .fisher import sample_targets, sampling_uniforms
+from .stream_stages import final_norm
 
 #: work-space bytes per logit while a chunk runs with gradients: the bf16 logits, their float32
 #: copy, log-softmax, the sampling softmax, exponential draws and quotient, and the gradient
@@ -39,7 +40,7 @@ def head_work_bytes(head_weight_bytes: int, vocab: int, batch_tokens: int, hidde
 def observe_head_input(model, probe, lm_head: str | None, hidden: torch.Tensor) -> None:
     """Forward step of the head: the probe sees lm_head's input (the normed hidden states); no logits are made."""
     if lm_head in probe.names:
-        probe.observe(lm_head, model.model.norm(hidden))
+        probe.observe(lm_head, final_norm(model)(hidden))
 
 
 def head_input_gradient(model, probe, lm_head: str | None, hidden: torch.Tensor, seed: int,
@@ -52,7 +53,7 @@ def head_input_gradient(model, probe, lm_head: str | None, hidden: torch.Tensor,
     """
     leaf = hidden.detach().requires_grad_()
     with torch.enable_grad():
-        normed = model.model.norm(leaf)
+        normed = final_norm(model)(leaf)
     flat = normed.detach().reshape(-1, normed.shape[-1])
     if lm_head in probe.names:
         probe.observe(lm_head, flat)

@@ -8,7 +8,9 @@ layer, from the last to the first, recomputes its forward from its stored input 
 gradients on and the input and gradient probes attached (the hooks ``analyze()`` attaches to
 the whole model), backpropagates the stored gradient of its output, is measured, and stores
 the gradient of its input for the layer below: layer-wise activation checkpointing with the
-disk as the store.
+disk as the store. A vision-language model's reverse pass goes on below the first decoder
+layer: the splice stage recomputes the merger and the splice from the stored vision output and
+passes the image features' gradient to the vision blocks, last to first (the stem takes none).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from .fisher import GradientProbe
 from .measure import measure_module
 from .probe import InputProbe
 from .stream_head import head_input_gradient, observe_head_input
+from .stream_stages import StageKind
 from .stream_store import read_batch, write_batch
+from .stream_vision import block_kwargs, capture_language_inputs, capture_vision_inputs
 
 
 class Direction(Enum):
@@ -94,22 +98,19 @@ def run_batches(ctx: StepContext, stage, step: Step, folders: StepFolders, outpu
                 probe: InputProbe, grads: GradientProbe | None) -> None:
     """Run every calibration batch through ``stage`` in the step's direction with the probes attached."""
     backward = step.direction is Direction.BACKWARD
-    if stage.kind == "head" and not backward and not probe.names:
+    if stage.kind is StageKind.HEAD and not backward and not probe.names:
         return  # lm_head is not measured (tied): nothing in this step needs the activations
-    inputs = nullcontext() if stage.kind == "head" else probe.attached()  # the head shows lm_head's input itself
+    inputs = nullcontext() if stage.kind is StageKind.HEAD else probe.attached()  # the head shows lm_head's input
     with inputs, grads.attached() if grads else nullcontext(), nullcontext() if backward else torch.inference_mode():
         for index, batch in enumerate(ctx.calibration.batches(ctx.batch_size)):
             probe.start_batch()
             if grads:
                 grads.start_batch()
-            if stage.kind == "embed":
-                hidden, kwargs = _capture_first_layer_inputs(ctx.model, batch_to(batch, ctx.device))
-            else:
-                hidden, kwargs = read_batch(folders.hidden, index, ctx.device)
+            hidden, kwargs = read_batch(folders.hidden, index, ctx.device) if folders.hidden else (None, {})
             if backward:
-                out = _backward(ctx, stage, hidden, kwargs, folders.grad, index, probe)
+                out = _backward(ctx, stage, hidden, kwargs, batch, folders.grad, index, probe)
             else:
-                out = _forward(ctx, stage, hidden, kwargs, probe)
+                out, kwargs = _forward(ctx, stage, hidden, kwargs, batch, probe)
             if grads:
                 grads.commit_batch()
             probe.commit_batch()
@@ -117,50 +118,40 @@ def run_batches(ctx: StepContext, stage, step: Step, folders: StepFolders, outpu
                 write_batch(outputs, index, out, {} if backward else kwargs)
 
 
-def _forward(ctx: StepContext, stage, hidden, kwargs, probe):
-    """The stage's output for one batch (the head only shows the probe lm_head's input)."""
-    if stage.kind == "embed":
-        return hidden
-    if stage.kind == "head":
+def _forward(ctx: StepContext, stage, hidden, kwargs, batch, probe):
+    """(the stage's output, the next stage's keyword arguments) for one batch; the head only shows the
+    probe lm_head's input."""
+    if stage.kind is StageKind.EMBED:
+        return capture_language_inputs(ctx.model, batch_to(batch, ctx.device))
+    if stage.kind is StageKind.VISION_STEM:
+        return capture_vision_inputs(ctx.model, batch_to(batch, ctx.device))
+    if stage.kind is StageKind.SPLICE:
+        return capture_language_inputs(ctx.model, batch_to(batch, ctx.device), replay=hidden)
+    if stage.kind is StageKind.HEAD:
         observe_head_input(ctx.model, probe, ctx.lm_head, hidden)
-        return hidden
-    out = stage.layer(hidden, **kwargs)
+        return hidden, kwargs
+    return _run_block(stage, hidden, kwargs), kwargs
+
+
+def _run_block(stage, hidden, kwargs):
+    """One decoder layer or vision block on its input (a vision block with its own keyword arguments)."""
+    out = stage.layer(hidden, **(block_kwargs(kwargs, stage.index) if stage.kind is StageKind.VISION else kwargs))
     return out[0] if isinstance(out, tuple) else out
 
 
-def _backward(ctx: StepContext, stage, hidden, kwargs, grad_folder: Path | None, index: int, probe):
+def _backward(ctx: StepContext, stage, hidden, kwargs, batch, grad_folder: Path | None, index: int, probe):
     """The loss gradient of the stage's input for one batch (seeded per batch as analyze() seeds it)."""
-    if stage.kind == "head":
+    if stage.kind is StageKind.HEAD:
         return head_input_gradient(ctx.model, probe, ctx.lm_head, hidden, seed=index, chunk=ctx.head_chunk)
     grad_out, _ = read_batch(grad_folder, index, ctx.device)
     leaf = hidden.detach().requires_grad_()  # as the embeddings' output is in memory, so the hooks see a graph
     with torch.enable_grad():
-        out = stage.layer(leaf, **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
+        if stage.kind is StageKind.SPLICE:  # the image features' gradient, back through the splice and merger
+            out, _ = capture_language_inputs(ctx.model, batch_to(batch, ctx.device), replay=leaf)
+        else:
+            out = _run_block(stage, leaf, kwargs)
         out.backward(grad_out)
     return leaf.grad
-
-
-class _Captured(Exception):
-    """Raised by the first decoder layer's pre-hook once it has seen its inputs."""
-
-
-def _capture_first_layer_inputs(model, batch: dict):
-    captured = {}
-
-    def hook(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Captured
-
-    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model.model(**batch, use_cache=False)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    return captured["hidden"], captured["kwargs"]
 
 
 def measure_stage(model, stage, infos, probe: InputProbe, grads: GradientProbe | None, formats,

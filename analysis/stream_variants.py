@@ -43,6 +43,7 @@ from .probe import InputProbe
 from .reference import TokenComparison, VariantKLs, batch_tokens, log_probs, token_kl, token_mask
 from .simulate import QuantCache
 from .stream_head import chunk_tokens
+from .stream_stages import final_norm, stages_of
 from .stream_steps import Direction, Step, StepContext, StepFolders, run_batches
 from .stream_store import read_batch
 from .stream_weights import (
@@ -54,7 +55,6 @@ from .stream_weights import (
     stage_need,
     unload,
 )
-from .streaming import stages_of
 
 #: the label of the 16-bit stream every variant is compared with, when the caller names none
 _REFERENCE = "\0 16-bit reference"
@@ -165,7 +165,7 @@ def variant_logit_chunks(path, calibration, variants: Mapping, fmt: FourBit,
     wanted = _normalized(variants, fmt, stages)
     if options.max_memory is not None:
         _check_fits(model, stages, wanted, parse_size(options.max_memory), calibration, options, device.type)
-    chunk = chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), model.config.vocab_size)
+    chunk = chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), model.config.get_text_config().vocab_size)
     ctx = StepContext(model, calibration, options.batch_size, lm_head, chunk, device)
     scratch = tempfile.TemporaryDirectory(prefix="quantplan-variants-", dir=options.scratch)
     try:
@@ -173,11 +173,11 @@ def variant_logit_chunks(path, calibration, variants: Mapping, fmt: FourBit,
         for number in tqdm(range(len(stages) - 1), desc=f"{len(variants)} variant(s), streamed blocks",
                            disable=not options.progress, leave=False):
             stage = stages[number]
-            weights.load(model, stage.params, options.dtype, device)
+            weights.load(model, stage.resident, options.dtype, device)
             try:
                 streams = _run_stage(ctx, stage, Path(scratch.name) / f"stage-{number:04d}", wanted, streams, fmt)
             finally:
-                unload(model, stage.params)
+                unload(model, stage.resident)
             shutil.rmtree(Path(scratch.name) / f"stage-{number - 1:04d}", ignore_errors=True)
         head = stages[-1]
         weights.load(model, head.params, options.dtype, device)
@@ -243,7 +243,7 @@ def _head_chunks(ctx: StepContext, head, wanted: dict, streams: dict, variants: 
                 for folder in dict.fromkeys(streams.values()):
                     hidden, _ = read_batch(folder, index, ctx.device)
                     shape = tuple(hidden.shape[:2])
-                    flat[folder] = model.model.norm(hidden).reshape(-1, hidden.shape[-1])
+                    flat[folder] = final_norm(model)(hidden).reshape(-1, hidden.shape[-1])
             for start in range(0, shape[0] * shape[1], ctx.head_chunk):
                 rows = slice(start, start + ctx.head_chunk)
                 cache.set_quantized(())

@@ -39,17 +39,20 @@ def release_freed_blocks() -> None:
 
 
 def skeleton(path: str | Path, dtype: torch.dtype) -> nn.Module:
-    """The causal LM of ``path`` with every parameter on the meta device (buffers stay real)."""
+    """The model of ``path`` (causal LM or vision-language model) with every parameter on the meta device
+    (buffers stay real)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .models import auto_class
 
     config = AutoConfig.from_pretrained(path)
     try:
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError as err:  # not a causal LM: a vision-language model, an encoder, ...
+            model = auto_class(config).from_config(config, dtype=dtype)
+    except ValueError as err:  # neither a causal LM nor an image-text-to-text model: an encoder, ...
         raise StreamingUnsupported(
-            f"streaming analysis handles decoder LLMs (AutoModelForCausalLM), not {type(config).__name__}: run "
+            f"streaming analysis handles decoder LLMs and vision-language models, not {type(config).__name__}: run "
             f"without --max-memory") from err
     model.tie_weights()  # from_pretrained ties an lm_head to the embedding; from_config leaves it apart
     model.config.name_or_path = str(path)
@@ -67,6 +70,7 @@ class DiskWeights:
         from .models import check_weight_files
 
         self.aliases = _tied_aliases(model)
+        self.saved = _saved_names(model)
         folder = Path(path)
         check_weight_files(folder)  # a truncated file: one clear error, not a SafetensorError traceback
         index = folder / "model.safetensors.index.json"
@@ -100,9 +104,10 @@ class DiskWeights:
                     _set_param(model, name, tensor.to(device=device, dtype=cast))
 
     def _key(self, name: str) -> str:
-        for key in [name, *self.aliases.get(name, [])]:
-            if key in self.files:
-                return key
+        for live in [name, *self.aliases.get(name, [])]:
+            for key in (live, self.saved.get(live)):
+                if key in self.files:
+                    return key
         raise StreamingUnsupported(f"weight {name} is not in the checkpoint's safetensors files")
 
 
@@ -125,6 +130,22 @@ def unload(model: nn.Module, names: list[str]) -> None:
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _saved_names(model: nn.Module) -> dict[str, str]:
+    """Live parameter name -> the name ``save_pretrained`` writes, where transformers 5 renames it.
+
+    A vision-language model's live names (``model.language_model.layers.0…``) are saved in the
+    hub layout (``model.layers.0…``, ``visual.…``); transformers' own reversal gives each name's,
+    traced by an index tensor per parameter (renamings keep a tensor whole).
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: the live names are the saved names
+        return {}
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    saved = revert_weight_conversion(model, {n: torch.tensor(i) for i, n in enumerate(names)})
+    return {names[int(v)]: k for k, v in saved.items() if torch.is_tensor(v) and v.dim() == 0}
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -152,7 +173,8 @@ GRAD_ACTIVATION_FACTOR = 2
 
 
 def stage_need(model: nn.Module, param_names: list[str], linears: list[str], batch_tokens: int,
-               batch_size: int, *, head: bool = False, backward: bool = False, device_type: str = "cpu") -> dict:
+               batch_size: int, *, head: bool = False, backward: bool = False, device_type: str = "cpu",
+               config=None) -> dict:
     """Estimated resident bytes while one stage runs and is measured (weights + statistics + work space).
 
     Statistics: one float32 Gram matrix (plus absmax and a 256-row sample) per hooked Linear,
@@ -162,13 +184,14 @@ def stage_need(model: nn.Module, param_names: list[str], linears: list[str], bat
     (in and out of the block, the attention scores, the MLP's intermediate width), twice that
     for a backward step (``backward``: Fisher scores' reverse pass). The head never holds a whole batch's logits: its forward
     step makes none, and its backward step makes them one chunk at a time, about its own
-    weight bytes (:mod:`analysis.stream_head`). ``runtime`` (:data:`RUNTIME_BYTES`) is reported
+    weight bytes (:mod:`analysis.stream_head`). ``config`` gives the activations' widths (default: the
+    language model's; a vision block passes the vision tower's). ``runtime`` (:data:`RUNTIME_BYTES`) is reported
     but not in ``total``: with Python and the libraries (~0.5 GB) it is what the cap leaves out.
     """
     from .measure import measure_work_bytes
     from .stream_head import head_work_bytes
 
-    config = model.config
+    config = config or model.config.get_text_config()
     modules = dict(model.named_modules())
     shapes = [modules[n].weight.shape for n in linears]
     stats = sum(s[1] * s[1] * 4 + s[1] * 4 * 257 + (s[0] * 4 if backward else 0) for s in shapes)
@@ -176,18 +199,30 @@ def stage_need(model: nn.Module, param_names: list[str], linears: list[str], bat
     described = max((params[n].numel() for n in param_names if params[n].dim() == 2), default=0)
     measure = max([measure_work_bytes(s[0] * s[1], device_type) for s in shapes]
                   + [measure_work_bytes(described, device_type, roundtrip=False)])  # every weight is described
-    hidden = getattr(config, "hidden_size", 0)
+    hidden, intermediate, heads = _widths(config)
     weights = stage_bytes(model, param_names)
     if head:
         activations = batch_tokens * hidden * 8
         if backward:
             activations = head_work_bytes(weights, getattr(config, "vocab_size", 0), batch_tokens, hidden)
     else:
-        widths = hidden * 8 + getattr(config, "intermediate_size", 0) * 4
-        heads = getattr(config, "num_attention_heads", 1)
+        widths = hidden * 8 + intermediate * 4
         seq = math.ceil(batch_tokens / max(batch_size, 1))
         activations = batch_tokens * widths * 4 + batch_size * heads * seq * seq * 4
         activations *= GRAD_ACTIVATION_FACTOR if backward else 1
     work = max(measure, activations)
     return {"weights": weights, "statistics": stats, "work": work, "runtime": RUNTIME_BYTES,
             "total": weights + stats + work}
+
+
+def _widths(config) -> tuple[int, int, int]:
+    """(hidden width, MLP width, attention heads) of a language model's or a vision tower's config.
+
+    Qwen2-VL's vision config names its width ``embed_dim`` (its ``hidden_size`` is the language
+    model's) and its MLP width ``mlp_ratio`` × that.
+    """
+    hidden = getattr(config, "embed_dim", None) or getattr(config, "hidden_size", 0)
+    intermediate = getattr(config, "intermediate_size", None) or int(hidden * getattr(config, "mlp_ratio", 0))
+    heads = next((v for k in ("num_attention_heads", "num_heads", "attention_heads")
+                  if isinstance(v := getattr(config, k, None), int)), 1)
+    return hidden, intermediate, heads

@@ -13,6 +13,11 @@ For a decoder LLM saved as safetensors (``model.model.layers``: Llama, SmolLM2, 
    the block and its statistics;
 4. last stage: final norm + lm_head the same way (lm_head's input is probed; no logits are made).
 
+A Qwen2-VL-style vision-language model adds its vision tower's stages in front (the stem,
+each vision block, then the merger + embeddings stage that splices the streamed image
+features into the token embeddings through the model's own forward): the same loop, more
+stages (:mod:`analysis.stream_stages`, :mod:`analysis.stream_vision`).
+
 Resident memory is one stage's weights, its input statistics and one batch (the head's
 logits one chunk of tokens at a time, :mod:`analysis.stream_head`); activations carried
 between blocks live on disk (:mod:`analysis.stream_store`), which also makes every finished
@@ -24,12 +29,14 @@ computes the gradient of the sampled next-token loss with respect to its input, 
 block, last to first, is loaded again, recomputes its forward from its stored input with
 gradients on, backpropagates the stored gradient of its output with the same hooks as
 ``analyze()`` and is measured there, storing the gradient of its input for the block below.
+For a vision-language model the gradient goes on through the splice into the vision blocks,
+as the in-memory backward pass lets it reach the vision tower (:func:`analysis.fisher.loss_backward`).
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -46,6 +53,7 @@ from .models import resolve_source
 from .modules import list_modules, output_embedding_name
 from .probe import InputProbe
 from .stream_head import chunk_tokens
+from .stream_stages import Stage, StageKind, stage_config, stages_of
 from .stream_steps import Direction, StepContext, measure_stage, plan_steps, run_batches, step_folders
 from .stream_store import StreamCheckpoint
 from .stream_weights import (
@@ -59,17 +67,6 @@ from .stream_weights import (
     unload,
 )
 from .table import SensitivityTable
-
-
-@dataclass
-class Stage:
-    """One unit of streaming: the parameters it loads and how it runs a batch."""
-
-    label: str
-    kind: str  # embed | layer | head
-    params: list[str]
-    layer: torch.nn.Module | None = None
-    linears: list[str] = field(default_factory=list)  # modules measured in this stage
 
 
 def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | int | None = None,
@@ -101,8 +98,9 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     reasons = {i.name: _reason(model, i, lm_head, formats) for i in infos}
     candidates = [i.name for i in infos if reasons[i.name] is None]
     stages = stages_of(model, infos, lm_head)
+    vocab = model.config.get_text_config().vocab_size
     ctx = StepContext(model, calibration, batch_size, lm_head,
-                      chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), model.config.vocab_size), device)
+                      chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), vocab), device)
     if max_memory is not None:
         _check_fits(model, stages, candidates, parse_size(max_memory), calibration, batch_size, fisher, device.type)
     fingerprint = model_fingerprint or resolve_source(str(path)).fingerprint
@@ -119,7 +117,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
         stage = stages[step.stage]
         folders = step_folders(store, step, len(stages), fisher)
         measured = [n for n in stage.linears if n in candidates] if step.measure else []
-        weights.load(model, stage.params, dtype, device)  # on-load the block
+        weights.load(model, stage.resident, dtype, device)  # on-load the block
         try:
             outputs = store.output_folder(folders.target)
             probe = InputProbe(model, measured, atomic_batches=False)  # a block reruns whole
@@ -127,7 +125,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
             run_batches(ctx, stage, step, folders, outputs, probe, grads)  # run the batches
             rows[number] = measure_stage(model, stage, infos, probe, grads, formats, reasons) if step.measure else []
         finally:
-            unload(model, stage.params)  # off-load it
+            unload(model, stage.resident)  # off-load it
         store.commit(number, rows[number], outputs, folders.target, folders.consumed)
     table = SensitivityTable(pd.DataFrame(_in_module_order(rows, infos)), meta)
     if out_dir:
@@ -147,64 +145,80 @@ def _in_module_order(rows: dict[int, list[dict]], infos) -> list[dict]:
     return [row for info in infos for row in by_name[info.name]]
 
 
-def stages_of(model, infos, lm_head) -> list[Stage]:
-    """Embeddings, each decoder layer, then final norm + lm_head, with the parameters of each."""
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not hasattr(base, "norm") or lm_head is None:
-        raise StreamingUnsupported(
-            f"streaming analysis handles decoder LLMs laid out as model.layers + model.norm + lm_head "
-            f"(Llama, Qwen2, Mistral, ...), not {type(model).__name__}: run without --max-memory")
-    layer_types = set(getattr(model.config, "layer_types", None) or [])
-    if len(layer_types) > 1:
-        raise StreamingUnsupported(
-            f"this model mixes attention types across layers ({sorted(layer_types)}), whose masks differ by "
-            f"layer; streaming analysis carries one mask: run without --max-memory")
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    layer_prefixes = [f"model.layers.{i}." for i in range(len(layers))]
-    in_layers = {n for n in names if n.startswith("model.layers.")}
-    embed = [n for n in names if n.startswith("model.") and n not in in_layers and not n.startswith("model.norm.")]
-    head = [n for n in names if n not in in_layers and n not in embed]
-    stages = [Stage("embeddings", "embed", embed)]
-    stages += [Stage(f"layer {i}", "layer", [n for n in names if n.startswith(p)], layers[i])
-               for i, p in enumerate(layer_prefixes)]
-    stages.append(Stage("norm + lm_head", "head", head))
-    for stage in stages:
-        owned = set(stage.params)
-        stage.linears = [i.name for i in infos if i.name + ".weight" in owned]
-    return stages
+@dataclass(frozen=True)
+class BatchShape:
+    """The largest calibration batch a stage sees: language tokens and sequences, vision patches and images."""
+
+    tokens: int
+    sequences: int
+    patches: int = 0
+    images: int = 0
+
+    @classmethod
+    def of(cls, calibration, batch_size: int, vision_config=None) -> BatchShape:
+        """From the calibration itself (image batches are processed once to count their tokens and patches)."""
+        seq_len = calibration.meta.get("seq_len")
+        if seq_len:
+            return cls(batch_size * seq_len, batch_size)
+        shapes = [cls(int(b["input_ids"].numel()), int(b["input_ids"].shape[0]), _patches(b, vision_config),
+                      _images(b)) for b in calibration.batches(batch_size)]
+        return cls(*(max(getattr(s, f) for s in shapes) for f in ("tokens", "sequences", "patches", "images")))
+
+
+def _patches(batch: dict, vision_config) -> int:
+    """Vision tokens of a batch: pixel values over the values one patch holds."""
+    pixels = batch.get("pixel_values")
+    if pixels is None or vision_config is None:
+        return 0
+    per_patch = (getattr(vision_config, "in_channels", None) or getattr(vision_config, "num_channels", 3)) * (
+        getattr(vision_config, "patch_size", 1) ** 2) * getattr(vision_config, "temporal_patch_size", 1)
+    return pixels.numel() // per_patch
+
+
+def _images(batch: dict) -> int:
+    grid = batch.get("image_grid_thw")
+    pixels = batch.get("pixel_values")
+    return int(grid.shape[0]) if grid is not None else int(pixels.shape[0]) if pixels is not None else 0
 
 
 def streaming_need(path, formats, *, dtype: torch.dtype = torch.bfloat16, batch_size: int = 4, seq_len: int = 256,
                    fisher: bool = True, device: str | torch.device = "cpu") -> tuple[dict, str]:
     """(need, label) of the largest stage of a streamed analysis of ``path``, from its config alone.
 
-    ``need`` is :func:`analysis.stream_weights.stage_need`'s dict; raises
+    ``need`` is :func:`analysis.stream_weights.stage_need`'s dict; a vision tower is assumed to
+    see as many patches per image as the language model sees tokens per sequence. Raises
     :class:`StreamingUnsupported` for a model streaming cannot handle.
     """
     model = skeleton(path, dtype)
     infos = list_modules(model)
     lm_head = output_embedding_name(model)
     candidates = [i.name for i in infos if _reason(model, i, lm_head, list(formats)) is None]
-    need, stage = _largest_need(model, stages_of(model, infos, lm_head), candidates, batch_size * seq_len, batch_size,
-                                fisher, torch.device(device).type)
+    shape = BatchShape(batch_size * seq_len, batch_size, batch_size * seq_len, batch_size)
+    need, stage = _largest_need(model, stages_of(model, infos, lm_head), candidates, shape, fisher,
+                                torch.device(device).type)
     return need, stage.label
 
 
-def _largest_need(model, stages, candidates, batch_tokens: int, batch_size: int, fisher: bool,
+def _largest_need(model, stages: list[Stage], candidates, shape: BatchShape, fisher: bool,
                   device_type: str = "cpu"):
     """(need, stage) of the stage that needs the most memory on a ``device_type`` device."""
-    needs = [(stage_need(model, s.params, [n for n in s.linears if n in candidates], batch_tokens, batch_size,
-                         head=s.kind == "head", backward=fisher and s.kind != "embed", device_type=device_type), s)
-             for s in stages]
+    needs = []
+    for s in stages:
+        vision = s.kind in (StageKind.VISION_STEM, StageKind.VISION)
+        tokens, sequences = (shape.patches, max(shape.images, 1)) if vision else (shape.tokens, shape.sequences)
+        need = stage_need(model, s.resident, [n for n in s.linears if n in candidates], tokens, sequences,
+                          head=s.kind is StageKind.HEAD,
+                          backward=fisher and s.kind not in (StageKind.EMBED, StageKind.VISION_STEM),
+                          device_type=device_type, config=stage_config(model, s))
+        needs.append((need, s))
     return max(needs, key=lambda pair: pair[0]["total"])
 
 
 def _check_fits(model, stages, candidates, cap: int, calibration, batch_size, fisher: bool,
                 device_type: str = "cpu") -> None:
     """Refuse, naming the fix, when the largest stage cannot fit under ``max_memory``."""
-    seq_len = calibration.meta.get("seq_len", 0)
-    need, stage = _largest_need(model, stages, candidates, batch_size * seq_len, batch_size, fisher, device_type)
+    shape = BatchShape.of(calibration, batch_size, getattr(model.config, "vision_config", None))
+    need, stage = _largest_need(model, stages, candidates, shape, fisher, device_type)
     if need["total"] > cap:
         gb = 1e9
         raise StreamingUnsupported(

@@ -98,19 +98,18 @@ def replace_device(config, device: str):
     return replace(config, device=device)
 
 
-def test_a_vision_language_model_is_refused_by_streaming_with_the_fix(tmp_path):
+def test_a_vision_language_model_streams_and_an_unknown_tower_is_refused_with_the_fix(tmp_path):
     from vlm_models import save_tiny_vlm
 
     from quantplan.analysis.config import AnalyzeConfig
-    from quantplan.analysis.stream_weights import StreamingUnsupported
-    from quantplan.analysis.streaming import analyze_streaming
-    from quantplan.dry_run import dry_run
+    from quantplan.dry_run import describe, dry_run
 
-    folder = save_tiny_vlm("qwen2_vl", tmp_path / "vlm")
-    with pytest.raises(StreamingUnsupported, match="not Qwen2VLConfig: run without --max-memory"):
-        analyze_streaming(folder, random_calibration(), [NF4], progress=False)
-    result = dry_run(resolve_source(str(folder)), AnalyzeConfig(max_memory="1GB"))
-    assert result.stream_need is None and result.action.startswith("stop: --max-memory cannot stream")
+    qwen = dry_run(resolve_source(str(save_tiny_vlm("qwen2_vl", tmp_path / "qwen"))), AnalyzeConfig(max_memory="1GB"))
+    assert qwen.stream_need is not None and qwen.action.startswith("analyze streamed")
+    assert "streamed analysis: largest block vision block 0 needs" in describe(qwen)  # 1024 patches a batch
+    mllama = dry_run(resolve_source(str(save_tiny_vlm("mllama", tmp_path / "mllama"))), AnalyzeConfig(max_memory="1GB"))
+    assert mllama.stream_need is None and mllama.action.startswith("stop: --max-memory cannot stream")
+    assert "not MllamaForConditionalGeneration's: run without --max-memory" in mllama.action
 
 
 def test_free_memory_of_a_device_this_machine_lacks_is_unknown():

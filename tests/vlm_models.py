@@ -31,10 +31,13 @@ VISION = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, nu
               image_size=56, patch_size=14)
 
 
-def save_tiny_vlm(arch: str, folder: Path, seed: int = 0) -> Path:
-    """Build the tiny ``arch`` model plus processor and save both to ``folder``."""
+def save_tiny_vlm(arch: str, folder: Path, seed: int = 0, layers: int | None = None) -> Path:
+    """Build the tiny ``arch`` model plus processor and save both to ``folder``.
+
+    ``layers``: blocks of the vision tower and of the language model each (Qwen2-VL, Qwen2.5-VL; default 2).
+    """
     torch.manual_seed(seed)
-    model, processor = BUILDERS[arch]()
+    model, processor = BUILDERS[arch](**({} if layers is None else {"layers": layers}))
     model.to(torch.bfloat16).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -43,7 +46,7 @@ def save_tiny_vlm(arch: str, folder: Path, seed: int = 0) -> Path:
 # -- one builder per architecture: (model, processor) ----------------------------------------
 
 
-def _qwen2_vl(version: str = "2"):
+def _qwen2_vl(version: str = "2", layers: int = 2):
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -56,17 +59,17 @@ def _qwen2_vl(version: str = "2"):
     special = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
     tokenizer = word_tokenizer(special)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
-    text = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    text = dict(TEXT, num_hidden_layers=layers, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     if version == "2":
-        vision = dict(depth=2, embed_dim=HIDDEN, hidden_size=HIDDEN, num_heads=4, mlp_ratio=4, patch_size=14,
+        vision = dict(depth=layers, embed_dim=HIDDEN, hidden_size=HIDDEN, num_heads=4, mlp_ratio=4, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
         model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **tokens))
     else:
-        vision = dict(depth=2, hidden_size=HIDDEN, intermediate_size=128, num_heads=4, out_hidden_size=HIDDEN,
+        vision = dict(depth=layers, hidden_size=HIDDEN, intermediate_size=128, num_heads=4, out_hidden_size=HIDDEN,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                      fullatt_block_indexes=[1])
+                      fullatt_block_indexes=list(range(1, layers, 2)))
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens))
     images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
                                       temporal_patch_size=2)
@@ -75,8 +78,8 @@ def _qwen2_vl(version: str = "2"):
     return model, processor
 
 
-def _qwen2_5_vl():
-    return _qwen2_vl("2.5")
+def _qwen2_5_vl(layers: int = 2):
+    return _qwen2_vl("2.5", layers)
 
 
 def _mllama():

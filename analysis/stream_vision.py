@@ -1,0 +1,129 @@
+"""How a vision-language model's batches enter and leave its streamed vision tower.
+
+Three captures, each through the model's own forward code so that what the blocks see is
+what they see in memory (window reordering, rotary positions, the 3D positions of the
+language model, where the image features go among the token embeddings):
+
+- :func:`capture_vision_inputs`: the images through the model's ``get_image_features`` up to
+  the vision blocks, which only record what they are called with (no block runs). Blocks may
+  be called with different keyword arguments (Qwen2.5-VL: windowed attention in most blocks,
+  full attention in a few): block 0's are kept under their own names and every other block's
+  that differ under ``name@block`` (:func:`block_kwargs` picks a block's).
+- :func:`capture_language_inputs`: the model's forward up to its first decoder layer; with
+  ``replay`` (the last vision block's output read from disk) the vision blocks are skipped and
+  the last one returns ``replay``, so the merger, the splice into the token embeddings and the
+  position ids run as in memory on the streamed image features. With gradients on, the
+  gradient of the decoder layer's input flows back to ``replay``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .stream_stages import decoder_layers, layout_of, vision_blocks
+
+#: separates a keyword argument's name from the vision block it belongs to
+BLOCK_MARK = "@"
+
+
+class _Captured(Exception):
+    """Raised once the inputs sought have been seen (the rest of the forward is not needed)."""
+
+
+def capture_vision_inputs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    """(input of the first vision block, every block's keyword arguments) for one batch."""
+    blocks = vision_blocks(model)
+    calls: list[tuple[torch.Tensor, dict]] = []
+
+    def record(hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("vision blocks called with positional arguments beyond the hidden states")
+        calls.append((hidden_states, kwargs))
+        if len(calls) == len(blocks):
+            raise _Captured
+        return hidden_states
+
+    base = model.get_submodule(layout_of(model).vision.rpartition(".")[0])
+    features = base.get_image_features
+    wanted = inspect.signature(features).parameters
+    with _forwards(blocks, [record] * len(blocks)):
+        try:
+            features(**{k: v for k, v in batch.items() if k in wanted})
+        except _Captured:
+            pass
+    first = calls[0][1]
+    kwargs = dict(first)
+    for index, (_, other) in enumerate(calls[1:], start=1):
+        kwargs.update({f"{key}{BLOCK_MARK}{index}": value for key, value in other.items()
+                       if key not in first or value is not first[key]})
+    return calls[0][0], kwargs
+
+
+def block_kwargs(kwargs: dict, index: int) -> dict:
+    """Vision block ``index``'s keyword arguments out of :func:`capture_vision_inputs`' dict."""
+    mine = {k: v for k, v in kwargs.items() if BLOCK_MARK not in k}
+    suffix = f"{BLOCK_MARK}{index}"
+    mine.update({k[: -len(suffix)]: v for k, v in kwargs.items() if k.endswith(suffix)})
+    return mine
+
+
+def capture_language_inputs(model: nn.Module, batch: dict, replay: torch.Tensor | None = None):
+    """(hidden states, keyword arguments) the first decoder layer receives for one batch.
+
+    ``replay``: the last vision block's output, standing in for the whole vision tower's blocks
+    (a vision-language model's splice stage); None runs the model's forward as it is.
+    """
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Captured
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    base = model.get_submodule(layout_of(model).language.rpartition(".")[0] or "model")
+    try:
+        with _replayed(model, replay):
+            base(**batch, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured["hidden"], captured["kwargs"]
+
+
+@contextmanager
+def _replayed(model: nn.Module, replay: torch.Tensor | None):
+    """Within the block, the vision blocks pass their input on and the last returns ``replay``."""
+    if replay is None:
+        yield
+        return
+    blocks = vision_blocks(model)
+
+    def passing(hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def last(hidden_states, *args, **kwargs):
+        if hidden_states.shape != replay.shape:
+            raise RuntimeError(f"the stored vision output has shape {tuple(replay.shape)}, the tower expects "
+                               f"{tuple(hidden_states.shape)}: the partial results belong to other images")
+        return replay
+
+    with _forwards(blocks, [passing] * (len(blocks) - 1) + [last]):
+        yield
+
+
+@contextmanager
+def _forwards(modules, forwards):
+    """Give each module another forward for the duration of the block (its hooks and parameters stay)."""
+    for module, forward in zip(modules, forwards, strict=True):
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward

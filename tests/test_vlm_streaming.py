@@ -1,0 +1,78 @@
+"""Vision-language models stream too (analysis/stream_stages.py, analysis/stream_vision.py).
+
+A tiny Qwen2-VL with 8 blocks per tower, calibrated on the shipped images, streamed under a cap
+below a quarter of what the in-memory analysis needs, gives the in-memory table: every column,
+the Fisher scores of the vision tower and the merger included (the reverse pass carries the
+gradient through the splice and the vision blocks, as the in-memory backward pass does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from vlm_models import save_tiny_vlm
+
+from quantplan.analysis import NF4, SensitivityTable, analyze, load_model, load_processor, resolve_source
+from quantplan.analysis.estimate import estimate_peak, meta_model
+from quantplan.analysis.stream_weights import StreamingUnsupported
+from quantplan.analysis.streaming import analyze_streaming, streaming_need
+from quantplan.analysis.vision import load_image_calibration
+
+SAMPLES = 2
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tmp_path_factory):
+    """(folder, image calibration, in-memory Fisher table, cap) of a tiny Qwen2-VL with 8 blocks per tower."""
+    folder = save_tiny_vlm("qwen2_vl", tmp_path_factory.mktemp("vlm") / "qwen2_vl", layers=8)
+    source = resolve_source(str(folder))
+    calibration = load_image_calibration(load_processor(source), "default", samples=SAMPLES)
+    table = analyze(load_model(source), calibration, [NF4], model_fingerprint=source.fingerprint, progress=False,
+                    batch_size=BATCH, fisher=True)
+    in_memory = estimate_peak(meta_model(folder), [NF4], dtype_bytes=2, batch_size=BATCH, seq_len=64, fisher=True)
+    return folder, calibration, table, in_memory.total // 4
+
+
+def test_streamed_qwen2_vl_equals_the_in_memory_table_under_a_quarter_of_its_peak(qwen2_vl, tmp_path):
+    folder, calibration, expected, cap = qwen2_vl
+    need, _ = streaming_need(folder, [NF4], batch_size=BATCH, seq_len=64)
+    assert need["total"] < cap  # a quarter of the in-memory analysis' estimated peak holds the largest stage
+    streamed = analyze_streaming(folder, calibration, [NF4], max_memory=cap, progress=False, batch_size=BATCH,
+                                 fisher=True, out_dir=tmp_path / "out")
+    pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-5)
+    fisher = streamed.df.set_index("name")["output_fisher_error"]
+    assert all(math.isfinite(fisher[f"model.visual.blocks.{i}.mlp.fc2"]) for i in range(8))
+    assert math.isfinite(fisher["model.visual.merger.mlp.0"]) and fisher["model.visual.merger.mlp.0"] > 0
+    with pytest.raises(StreamingUnsupported, match="--max-memory .* or more"):
+        analyze_streaming(folder, calibration, [NF4], max_memory=need["total"] // 10, progress=False,
+                          batch_size=BATCH)
+
+
+def test_cli_analyze_streams_a_vlm_with_images(qwen2_vl, tmp_path):
+    from quantplan.cli import main
+
+    folder, _, expected, cap = qwen2_vl
+    out = tmp_path / "table"
+    assert main(["analyze", str(folder), "--images", "default", "--samples", str(SAMPLES), "--batch-size",
+                 str(BATCH), "--max-memory", str(cap), "--out", str(out), "--quiet"]) == 0
+    pd.testing.assert_frame_equal(SensitivityTable.load(out).df, expected.df, rtol=1e-5)
+
+
+def test_streamed_qwen2_5_vl_windowed_and_full_attention_blocks(tmp_path):
+    """Qwen2.5-VL's blocks take different cu_seqlens (windows, or the whole image): each gets its own."""
+    folder = save_tiny_vlm("qwen2_5_vl", tmp_path / "qwen2_5_vl", layers=2)
+    source = resolve_source(str(folder))
+    calibration = load_image_calibration(load_processor(source), "default", samples=SAMPLES)
+    expected = analyze(load_model(source), calibration, [NF4], model_fingerprint=source.fingerprint, progress=False,
+                       batch_size=BATCH, fisher=True)
+    streamed = analyze_streaming(folder, calibration, [NF4], progress=False, batch_size=BATCH, fisher=True)
+    pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-5)
+
+
+def test_a_vlm_whose_tower_streaming_does_not_know_is_refused_with_the_fix(tmp_path):
+    folder = save_tiny_vlm("mllama", tmp_path / "mllama")
+    with pytest.raises(StreamingUnsupported, match="not MllamaForConditionalGeneration's: run without --max-memory"):
+        streaming_need(folder, [NF4])
