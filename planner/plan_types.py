@@ -56,6 +56,17 @@ class FusedAlternative:
 
 
 @dataclass(frozen=True)
+class SkipListAlternative:
+    """The table planned at a menu plan's weight budget with its reference format only (skip-list-only
+    mode: one blocksize, a pasteable BitsAndBytesConfig), predicted from the table (planner.compat)."""
+
+    tier: str  # the one 4-bit format, the plan's reference tier ("nf4" at blocksize 64)
+    bytes: int
+    error: float
+    kept: int
+
+
+@dataclass(frozen=True)
 class LoaderCompat:
     """What loaders other than transformers make of the plan (planner.compat)."""
 
@@ -64,13 +75,16 @@ class LoaderCompat:
     checkpoint_skip_modules: tuple[str, ...]  # the skip list in the names the checkpoint saves (what vLLM reads)
     alternatives: tuple[FusedAlternative, ...] = ()  # the same bytes planned without and with --vllm-safe
     blocksizes: dict[str, int] = field(default_factory=dict)  # 4-bit tier -> blocksize (from the table)
+    skip_list_only: SkipListAlternative | None = None  # a menu plan's bytes planned with one format
 
     @classmethod
     def from_dict(cls, data: dict) -> LoaderCompat:
+        skip = data.get("skip_list_only")
         return cls(bool(data["vllm_safe"]), tuple(tuple(s) for s in data["split_sets"]),
                    tuple(data["checkpoint_skip_modules"]),
                    tuple(FusedAlternative(**a) for a in data.get("alternatives", ())),
-                   {k: int(v) for k, v in data.get("blocksizes", {}).items()})
+                   {k: int(v) for k, v in data.get("blocksizes", {}).items()},
+                   SkipListAlternative(**skip) if skip else None)
 
 
 @dataclass(frozen=True)

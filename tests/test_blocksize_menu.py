@@ -103,6 +103,32 @@ def test_default_tiers_are_the_menu_with_blocksize_64_as_reference(menu_job):
     assert not single.mixed_blocksizes and "per-module" not in single.bnb_config_code()
 
 
+def test_menu_plan_is_shown_beside_skip_list_only_at_equal_bytes(menu_job, tmp_path):
+    from dataclasses import replace
+
+    from quantplan.planner.compat import loader_compat, skip_list_sentence
+    from quantplan.planner.modelcard import compat_text
+    from quantplan.planner.plan_types import Plan
+    from quantplan.reports.report import _compat_blocks, to_markdown
+
+    _, _, _, table = menu_job
+    config = PlanConfig()
+    p = mixed_plan(table)
+    p = replace(p, compat=loader_compat(table, p, config))
+    alt = p.compat.skip_list_only
+    single = plan(table, p.budget.bytes, tiers=["nf4"])
+    assert (alt.tier, alt.bytes, alt.error, alt.kept) == ("nf4", single.predicted.bytes, single.predicted.error,
+                                                          len(single.kept))
+    assert alt.bytes <= p.budget.bytes and p.predicted.error <= alt.error * (1 + 1e-9)
+    line = skip_list_sentence(p)
+    assert "Skip-list-only mode at the same bytes" in line and "`--formats nf4`" in line and f"{alt.error:.4g}" in line
+    assert line in to_markdown(_compat_blocks(p)) and line in compat_text(p)
+    assert Plan.load(p.save(tmp_path / "plan.json")) == p
+    one = plan(table, "+10%", tiers=["nf4"])
+    one = replace(one, compat=loader_compat(table, one, config))
+    assert one.compat.skip_list_only is None and skip_list_sentence(one) == ""
+
+
 def test_verification_simulates_each_module_in_its_planned_format(menu_job):
     _, model, calibration, table = menu_job
     p = mixed_plan(table)
