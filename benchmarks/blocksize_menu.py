@@ -13,6 +13,11 @@ mean next-token KL divergence vs 16-bit on the shipped held-out text (disjoint f
 recovery = share of the all-NF4 (blocksize 64) KL closed.
 
     python benchmarks/blocksize_menu.py [--model FOLDER] [--samples 32] [--seq-len 256] [--heldout 16] [--no-cost]
+                                        [--dtype bf16|fp16|fp32]
+
+``--dtype fp32`` runs the model (analysis, reference and every variant) in float32: on a CPU without
+native bf16 matrix kernels (AVX2 only) bf16 matmuls fall back to a reference GEMM 10-20x slower, and
+the comparison of plans only needs all rows in one dtype.
 
 Writes benchmarks/results/blocksize_menu.json (or ``--out``) and prints a Markdown table.
 """
@@ -35,6 +40,7 @@ from plan_quality import _machine, _timed  # noqa: E402
 
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
 from quantplan.analysis.formats import NF4_BS32  # noqa: E402
+from quantplan.analysis.models import DTYPES  # noqa: E402
 from quantplan.analysis.simulate import QuantCache  # noqa: E402
 from quantplan.planner import plan  # noqa: E402
 from quantplan.planner.baselines import all_4bit, plan_keep_set  # noqa: E402
@@ -51,20 +57,19 @@ def main(argv=None) -> None:
     parser.add_argument("--heldout", type=int, default=16, help="held-out windows of --seq-len tokens")
     parser.add_argument("--no-cost", action="store_true", help="skip the timed one-format analysis")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype the model runs in")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocksize_menu.json"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     source = resolve_source(args.model)
-    model, tokenizer = load_model(source), load_processor(source)
+    model, tokenizer = load_model(source, dtype=DTYPES[args.dtype]), load_processor(source)
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
     common = {"progress": False, "fisher": True, "model_fingerprint": source.fingerprint}
     table, cost = _timed(lambda: analyze(model, calibration, [NF4, NF4_BS32], **common))
     costs = {"nf4,nf4-bs32": cost}
-    if not args.no_cost:
-        costs["nf4"] = _timed(lambda: analyze(model, calibration, [NF4], **common))[1]
-    print("analysis CPU s: " + ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in costs.items()), flush=True)
+    print(f"menu analysis: CPU {cost['cpu_s']:.1f} s, wall {cost['wall_s']:.1f} s", flush=True)
 
     heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
     reference = heldout_reference(model, heldout.input_ids)
@@ -90,8 +95,11 @@ def main(argv=None) -> None:
             counts = {t: sum(1 for c in p.choices.values() if c == t) for t in p.used_formats}
             rows.append(_row(budget, label, keep, kld(keep), all_nf4, base.bytes, counts))
             print(_line(rows[-1]), flush=True)
-    summary = {"model": source.model_id, "calibration_tokens": calibration.tokens, "heldout_tokens": heldout.tokens,
-               "all_nf4_kld": all_nf4, "analysis": costs, "rows": rows, "machine": _machine()}
+    if not args.no_cost:  # after the rows: the held-out numbers come first on a slow machine
+        costs["nf4"] = _timed(lambda: analyze(model, calibration, [NF4], **common))[1]
+        print("analysis CPU s: " + ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in costs.items()), flush=True)
+    summary = {"model": source.model_id, "dtype": args.dtype, "calibration_tokens": calibration.tokens,
+               "heldout_tokens": heldout.tokens, "all_nf4_kld": all_nf4, "analysis": costs, "rows": rows, "machine": _machine()}
     if "nf4" in costs:
         summary["menu_analysis_cost_over_one_format"] = costs["nf4,nf4-bs32"]["cpu_s"] / costs["nf4"]["cpu_s"] - 1
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
