@@ -183,9 +183,13 @@ class Plan:
 
     @property
     def mixed_blocksizes(self) -> bool:
-        """True when the plan puts 4-bit modules in more than one format (a per-module blocksize menu):
-        then no BitsAndBytesConfig realises it and the exporter writes the quantized tensors itself."""
-        return len(self.used_formats) > 1
+        """True when no BitsAndBytesConfig realises the plan's 4-bit modules: they use more than one format (a
+        per-module blocksize menu), or one at a blocksize other than transformers' 64 (a menu plan that put
+        every 4-bit module in ``nf4-bs32``). The exporter then writes the quantized tensors itself, and the
+        verification simulates each module in its own format."""
+        used = self.used_formats
+        return len(used) > 1 or any(self.format_of(t).get("bits") == 4 and self.format_of(t).get("blocksize", 64)
+                                    != 64 for t in used)
 
     def format_of(self, tier: str) -> dict:
         """The format dict of ``tier`` (``quant`` for the reference tier of plans saved before menus)."""

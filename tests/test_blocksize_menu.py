@@ -176,6 +176,19 @@ def test_mixed_blocksize_plan_exports_and_reloads_with_plain_from_pretrained(men
     assert not list(tmp_path.glob(".out.partial-*"))  # atomic: the staging folder was renamed into place
 
 
+def test_a_menu_plan_with_every_4bit_module_at_blocksize_32_is_measured_and_exported_at_32(menu_job, tmp_path):
+    # bug: such a plan (one 4-bit format, not the reference) was measured and exported at blocksize 64
+    source, _, _, table = menu_job
+    p = next(q for q in (plan(table, b) for b in ("+8%", "+15%", "+20%", "+30%")) if q.used_formats == ["nf4-bs32"])
+    assert p.tiers == ["nf4", "nf4-bs32"] and p.mixed_blocksizes and "per-module" in p.bnb_config_code()
+    keep = plan_keep_set(table, p)
+    assert {f.blocksize for f in keep.formats.values()} == {32} and keep.bytes == p.predicted.bytes
+    assert keep.mixed_formats  # compare simulates it: a BitsAndBytesConfig load would be blocksize 64
+    export(source, p, tmp_path / "out")  # checks each module's loaded blocksize against the plan
+    modules = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu").named_modules())
+    assert {modules[n].weight.quant_state.blocksize for n, c in p.choices.items() if c != KEEP} == {32}
+
+
 def test_single_blocksize_plan_keeps_the_transformers_path(menu_job, tmp_path, monkeypatch):
     source, _, _, table = menu_job
     export_module = importlib.import_module("quantplan.planner.export")
