@@ -54,6 +54,20 @@ def test_format_names_carry_the_blocksize():
         parse_formats("nf4-bs48")
 
 
+def test_the_default_formats_are_the_menu_unless_the_blocksize_or_double_quant_rule_it_out():
+    from quantplan import AnalyzeConfig
+
+    def names(**kwargs):
+        return [f.name for f in AnalyzeConfig(**kwargs).format_values()]
+
+    assert names() == ["nf4", "nf4-bs32"]
+    assert names(formats="nf4") == ["nf4"]  # skip-list-only mode
+    assert names(blocksize=32) == ["nf4-bs32"]  # not "listed twice"
+    assert len(names(double_quant=False)) == 1  # the menu is written with double quant
+    assert names(max_memory="1GB") == ["nf4"]  # streamed: the export must not load the 16-bit model whole
+    assert names(max_memory="auto") == ["nf4", "nf4-bs32"]
+
+
 def test_menu_table_measures_both_formats_from_one_pass(menu_job):
     _, _, _, table = menu_job
     assert table.formats == ["nf4", "nf4-bs32"]
