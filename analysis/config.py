@@ -45,10 +45,12 @@ class AnalyzeConfig:
         benchmarks/README.md); ``nf4`` alone with ``--blocksize`` other than 64 or without double quant
         (the menu counts its budgets from blocksize 64 and is written with double quant), and when the
         model is streamed under ``--max-memory`` (a menu plan's export loads the 16-bit model whole, a
-        skip-list plan's is quantized by transformers tensor by tensor as it loads)."""
+        skip-list plan's is quantized by transformers tensor by tensor as it loads), and with ``--context``
+        (its restore gains are measured in the all-4-bit model of one format: ``--objective restore``
+        has no score for a second entry)."""
         if self.formats is not None:
             return parse_formats(self.formats, self.blocksize, self.double_quant)
-        menu = self.blocksize == 64 and self.double_quant and self.max_memory in (None, "auto")
+        menu = self.blocksize == 64 and self.double_quant and self.max_memory in (None, "auto") and not self.context
         return parse_formats(DEFAULT_FORMATS if menu else "nf4", self.blocksize, self.double_quant)
 
 

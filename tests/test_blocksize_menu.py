@@ -66,6 +66,7 @@ def test_the_default_formats_are_the_menu_unless_the_blocksize_or_double_quant_r
     assert len(names(double_quant=False)) == 1  # the menu is written with double quant
     assert names(max_memory="1GB") == ["nf4"]  # streamed: the export must not load the 16-bit model whole
     assert names(max_memory="auto") == ["nf4", "nf4-bs32"]
+    assert names(context=True) == ["nf4"]  # restore gains are measured for one format
 
 
 def test_menu_table_measures_both_formats_from_one_pass(menu_job):
