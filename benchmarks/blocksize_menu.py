@@ -10,9 +10,16 @@ over all-NF4 at blocksize 64) the rows are
 
 each simulated with bitsandbytes' round trip in its planned format per module, measured as the
 mean next-token KL divergence vs 16-bit on the shipped held-out text (disjoint from calibration);
-recovery = share of the all-NF4 (blocksize 64) KL closed.
+recovery = share of the all-NF4 (blocksize 64) KL closed. The menu and bs32 rows also give their KLD
+minus the skip-list plan's on the same tokens, with a standard error over the held-out windows
+(paired: what separates the rows from noise), and every plan row its predicted error from the table.
 
     python benchmarks/blocksize_menu.py [--model FOLDER] [--samples 32] [--seq-len 256] [--heldout 16] [--no-cost]
+                                        [--dtype bf16|fp16|fp32]
+
+``--dtype fp32`` runs the model (analysis, reference and every variant) in float32: on a CPU without
+native bf16 matrix kernels (AVX2 only) bf16 matmuls fall back to a reference GEMM 10-20x slower, and
+the comparison of plans only needs all rows in one dtype.
 
 Writes benchmarks/results/blocksize_menu.json (or ``--out``) and prints a Markdown table.
 """
@@ -25,6 +32,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +43,7 @@ from plan_quality import _machine, _timed  # noqa: E402
 
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
 from quantplan.analysis.formats import NF4_BS32  # noqa: E402
+from quantplan.analysis.models import DTYPES  # noqa: E402
 from quantplan.analysis.simulate import QuantCache  # noqa: E402
 from quantplan.planner import plan  # noqa: E402
 from quantplan.planner.baselines import all_4bit, plan_keep_set  # noqa: E402
@@ -51,47 +60,59 @@ def main(argv=None) -> None:
     parser.add_argument("--heldout", type=int, default=16, help="held-out windows of --seq-len tokens")
     parser.add_argument("--no-cost", action="store_true", help="skip the timed one-format analysis")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype the model runs in")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocksize_menu.json"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     source = resolve_source(args.model)
-    model, tokenizer = load_model(source), load_processor(source)
+    model, tokenizer = load_model(source, dtype=DTYPES[args.dtype]), load_processor(source)
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
     common = {"progress": False, "fisher": True, "model_fingerprint": source.fingerprint}
     table, cost = _timed(lambda: analyze(model, calibration, [NF4, NF4_BS32], **common))
     costs = {"nf4,nf4-bs32": cost}
-    if not args.no_cost:
-        costs["nf4"] = _timed(lambda: analyze(model, calibration, [NF4], **common))[1]
-    print("analysis CPU s: " + ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in costs.items()), flush=True)
+    print(f"menu analysis: CPU {cost['cpu_s']:.1f} s, wall {cost['wall_s']:.1f} s", flush=True)
 
     heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
     reference = heldout_reference(model, heldout.input_ids)
     cache = QuantCache(model, NF4)
 
-    def kld(keep) -> float:
+    def kld(keep) -> np.ndarray:
+        """Per-token KLD of the keep set on the held-out windows (window-major order)."""
         variant = {n: keep.formats.get(n) for n in keep.quantized}
-        return float(measure_variants(reference, cache, {"v": variant})["v"].summary()["mean_kld"])
+        return measure_variants(reference, cache, {"v": variant})["v"].kld
 
+    windows = int(heldout.input_ids.shape[0])
     base = all_4bit(table, "nf4")
-    all_nf4 = kld(base)
+    all_nf4 = float(kld(base).mean())
     rows = [_row("–", "all-NF4, blocksize 64", base, all_nf4, all_nf4, base.bytes, {})]
     bs32 = all_4bit(table, "nf4-bs32")
-    rows.append(_row("–", "all-NF4, blocksize 32", bs32, kld(bs32), all_nf4, base.bytes, {}))
+    rows.append(_row("–", "all-NF4, blocksize 32", bs32, float(kld(bs32).mean()), all_nf4, base.bytes, {}))
     print(_line(rows[-1]), flush=True)
     for budget in BUDGETS:
         skip_only = plan(table, budget, tiers=["nf4"])
         variants = {"skip-list only (nf4)": skip_only,
                     "menu (nf4 + nf4-bs32)": plan(table, budget),
                     "bs32 everywhere + keeps (same bytes)": plan(table, skip_only.budget.bytes, tiers=["nf4-bs32"])}
+        skip_kld = None
         for label, p in variants.items():
             keep = plan_keep_set(table, p)
             counts = {t: sum(1 for c in p.choices.values() if c == t) for t in p.used_formats}
-            rows.append(_row(budget, label, keep, kld(keep), all_nf4, base.bytes, counts))
+            per_token = kld(keep)
+            row = _row(budget, label, keep, float(per_token.mean()), all_nf4, base.bytes, counts)
+            row["predicted_error"] = p.predicted.error
+            if skip_kld is None:
+                skip_kld = per_token
+            else:
+                row["vs_skip_list"], row["vs_skip_list_se"] = _paired(per_token - skip_kld, windows)
+            rows.append(row)
             print(_line(rows[-1]), flush=True)
-    summary = {"model": source.model_id, "calibration_tokens": calibration.tokens, "heldout_tokens": heldout.tokens,
-               "all_nf4_kld": all_nf4, "analysis": costs, "rows": rows, "machine": _machine()}
+    if not args.no_cost:  # after the rows: the held-out numbers come first on a slow machine
+        costs["nf4"] = _timed(lambda: analyze(model, calibration, [NF4], **common))[1]
+        print("analysis CPU s: " + ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in costs.items()), flush=True)
+    summary = {"model": source.model_id, "dtype": args.dtype, "calibration_tokens": calibration.tokens,
+               "heldout_tokens": heldout.tokens, "all_nf4_kld": all_nf4, "analysis": costs, "rows": rows, "machine": _machine()}
     if "nf4" in costs:
         summary["menu_analysis_cost_over_one_format"] = costs["nf4,nf4-bs32"]["cpu_s"] / costs["nf4"]["cpu_s"] - 1
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -105,19 +126,30 @@ def _row(budget, label, keep, value, all_nf4, bytes_all_nf4, formats) -> dict:
             "over_all_nf4": keep.bytes / bytes_all_nf4 - 1}
 
 
+def _paired(diff: np.ndarray, windows: int) -> tuple[float, float]:
+    """Mean of a per-token KLD difference and its standard error over the held-out windows (tokens within
+    a window are correlated, windows roughly independent)."""
+    means = np.array([part.mean() for part in np.array_split(diff, windows)])
+    return float(diff.mean()), float(means.std(ddof=1) / np.sqrt(windows)) if windows > 1 else float("nan")
+
+
 def _line(row) -> str:
+    paired = f" vs skip-list {row['vs_skip_list']:+.4f} ± {row['vs_skip_list_se']:.4f}" if "vs_skip_list" in row else ""
     return (f"{row['budget']:>5} {row['variant']:<38} kept {row['kept']:>3} {row['over_all_nf4']:+.1%} "
-            f"KLD {row['kld']:.4f} recovery {row['recovery']:.0%}")
+            f"KLD {row['kld']:.4f} recovery {row['recovery']:.0%}{paired}")
 
 
 def markdown(summary: dict) -> str:
     """The results as a Markdown table."""
     lines = [f"all-NF4 (blocksize 64) KLD {summary['all_nf4_kld']:.4f}", "",
-             "| budget | variant | 16-bit | in nf4-bs32 | bytes over all-NF4 | KLD | recovery |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| budget | variant | 16-bit | in nf4-bs32 | bytes over all-NF4 | KLD | recovery | KLD − skip-list "
+             "(± SE) | predicted error |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
+        paired = f"{r['vs_skip_list']:+.4f} ± {r['vs_skip_list_se']:.4f}" if "vs_skip_list" in r else "–"
+        predicted = f"{r['predicted_error']:.4g}" if "predicted_error" in r else "–"
         lines.append(f"| {r['budget']} | {r['variant']} | {r['kept']} | {r['formats'].get('nf4-bs32', '–')} | "
-                     f"{r['over_all_nf4']:+.1%} | {r['kld']:.4f} | {r['recovery']:.0%} |")
+                     f"{r['over_all_nf4']:+.1%} | {r['kld']:.4f} | {r['recovery']:.0%} | {paired} | {predicted} |")
     if "menu_analysis_cost_over_one_format" in summary:
         lines.append(f"\nanalysis CPU time, menu over one format: {summary['menu_analysis_cost_over_one_format']:+.1%}")
     return "\n".join(lines)

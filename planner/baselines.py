@@ -52,8 +52,9 @@ class KeepSet:
 
     @property
     def mixed_formats(self) -> bool:
-        """More than one 4-bit format (a blocksize-menu plan): no BitsAndBytesConfig loads it."""
-        return len(set(self.formats.values())) > 1
+        """No BitsAndBytesConfig loads it: more than one 4-bit format (a blocksize-menu plan), or one at a
+        blocksize other than transformers' 64 (a menu plan with every 4-bit module in ``nf4-bs32``)."""
+        return len(set(self.formats.values())) > 1 or any(f.blocksize != 64 for f in self.formats.values())
 
 
 def linear_frame(table: SensitivityTable, fmt: str) -> pd.DataFrame:

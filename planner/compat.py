@@ -4,7 +4,9 @@ vLLM fuses q/k/v and gate/up (:mod:`planner.groups`) and fails with a shape asse
 set is split between 16-bit and 4-bit (vllm#12180). It reads the names the checkpoint saves, which
 for a VLM differ from transformers 5's live names (:mod:`analysis.checkpoint_names`; the table's
 ``meta["checkpoint_prefixes"]``). The cost of ``--vllm-safe`` is shown at equal bytes: the table is
-planned at the plan's weight budget with the fused sets free and tied, no model run.
+planned at the plan's weight budget with the fused sets free and tied, no model run. A blocksize-menu
+plan (no ``BitsAndBytesConfig`` expresses it) is shown beside skip-list-only mode at equal bytes: the
+table planned with the reference format alone, also without a model run.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import replace
 
 from quantplan.analysis.checkpoint_names import to_checkpoint_name
 
+from .budget import format_bytes
 from .groups import fused_groups
-from .plan_types import KEEP, FusedAlternative, LoaderCompat, Plan
+from .plan_types import KEEP, FusedAlternative, LoaderCompat, Plan, SkipListAlternative
 
 
 def split_fused_sets(plan: Plan) -> list[tuple[str, ...]]:
@@ -36,15 +39,19 @@ def plan_kept_in_skip_order(plan: Plan) -> list[str]:
 
 def loader_compat(table, plan: Plan, config=None) -> LoaderCompat:
     """The plan's :class:`LoaderCompat`; with ``config`` (its PlanConfig) also the table planned at the plan's
-    weight budget with and without ``--vllm-safe`` (``--whole-blocks`` plans get none: blocks are tied anyway)."""
-    costs = ()
+    weight budget with and without ``--vllm-safe`` (``--whole-blocks`` plans get none: blocks are tied anyway)
+    and, for a blocksize-menu plan, with its reference format only (skip-list-only mode)."""
+    costs, skip_only = (), None
     if config is not None and not config.whole_blocks:
         costs = tuple(c for c in (_cost(table, plan, config, safe) for safe in (False, True)) if c is not None)
+    if config is not None and plan.mixed_blocksizes:
+        skip_only = _skip_list_only(table, plan, config)
     return LoaderCompat(vllm_safe=not split_fused_sets(plan), split_sets=tuple(split_fused_sets(plan)),
                         checkpoint_skip_modules=tuple(checkpoint_skip_modules(
                             plan, table.meta.get("checkpoint_prefixes", []))),
                         alternatives=costs, blocksizes={f["name"]: int(f["blocksize"]) for f in table.meta.get(
-                            "formats", []) if f.get("bits") == 4 and f["name"] in plan.tiers})
+                            "formats", []) if f.get("bits") == 4 and f["name"] in plan.tiers},
+                        skip_list_only=skip_only)
 
 
 def _cost(table, plan: Plan, config, safe: bool) -> FusedAlternative | None:
@@ -56,6 +63,19 @@ def _cost(table, plan: Plan, config, safe: bool) -> FusedAlternative | None:
         return None  # tied sets cannot fit these bytes, or a pin splits a set
     return FusedAlternative(vllm_safe=safe, bytes=other.predicted.bytes, error=other.predicted.error,
                             kept=len(other.kept))
+
+
+def _skip_list_only(table, plan: Plan, config) -> SkipListAlternative | None:
+    """The table planned at the plan's weight budget with the plan's reference format alone."""
+    tier = plan.tiers[0]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            other = replace(config.weights_only(), tiers=(tier,)).plan(table, plan.budget.bytes)
+    except ValueError:  # BudgetError included: pins or tied sets that only the menu fits
+        return None
+    return SkipListAlternative(tier=tier, bytes=other.predicted.bytes, error=other.predicted.error,
+                               kept=len(other.kept))
 
 
 # -- what the model card and the report say (both render these) -----------------------------------------
@@ -89,6 +109,21 @@ def cost_rows(plan: Plan) -> list[dict]:
         return []
     return [{"--vllm-safe": "on" if a.vllm_safe else "off", "predicted bytes": a.bytes,
              "predicted error": f"{a.error:.4g}", "modules kept 16-bit": a.kept} for a in plan.compat.alternatives]
+
+
+def skip_list_sentence(plan: Plan) -> str:
+    """A menu plan beside skip-list-only mode at the same bytes (predicted); empty when not computed."""
+    alt = plan.compat.skip_list_only if plan.compat else None
+    if alt is None:
+        return ""
+    blocksize = plan.compat.blocksizes.get(alt.tier, "?")
+    own = plan.predicted.error
+    change = f"{own / alt.error - 1:+.1%}" if alt.error > 0 else "n/a"
+    return (f"**Skip-list-only mode at the same bytes** (predicted from the same table, no model run): with "
+            f"every 4-bit module in `{alt.tier}` (blocksize {blocksize}; `--formats {alt.tier}`, a "
+            f"`BitsAndBytesConfig` you can paste) the plan keeps {alt.kept} modules 16-bit in "
+            f"{format_bytes(alt.bytes)}, predicted error {alt.error:.4g}; this menu plan keeps {len(plan.kept)} "
+            f"in {format_bytes(plan.predicted.bytes)}, predicted error {own:.4g} ({change} against skip-list-only).")
 
 
 def name_rows(plan: Plan) -> list[dict] | None:

@@ -6,7 +6,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .budget import format_bytes
-from .compat import cost_note, cost_rows, format_rows, name_rows, vllm_sentence
+from .compat import cost_note, cost_rows, format_rows, name_rows, skip_list_sentence, vllm_sentence
 from .plan_types import KEEP
 
 
@@ -50,6 +50,8 @@ def compat_text(plan) -> str:
                      + _md_table(names))
     elif plan.compat is not None:
         parts.append("The skip list's names are the same for transformers and in the checkpoint (vLLM).")
+    if skip_only := skip_list_sentence(plan):
+        parts.append(skip_only)
     if formats := format_rows(plan):
         parts.append(f"This plan mixes 4-bit formats; per module:\n\n{_md_table(formats)}")
     return "\n\n".join(parts)

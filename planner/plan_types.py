@@ -56,6 +56,17 @@ class FusedAlternative:
 
 
 @dataclass(frozen=True)
+class SkipListAlternative:
+    """The table planned at a menu plan's weight budget with its reference format only (skip-list-only
+    mode: one blocksize, a pasteable BitsAndBytesConfig), predicted from the table (planner.compat)."""
+
+    tier: str  # the one 4-bit format, the plan's reference tier ("nf4" at blocksize 64)
+    bytes: int
+    error: float
+    kept: int
+
+
+@dataclass(frozen=True)
 class LoaderCompat:
     """What loaders other than transformers make of the plan (planner.compat)."""
 
@@ -64,13 +75,16 @@ class LoaderCompat:
     checkpoint_skip_modules: tuple[str, ...]  # the skip list in the names the checkpoint saves (what vLLM reads)
     alternatives: tuple[FusedAlternative, ...] = ()  # the same bytes planned without and with --vllm-safe
     blocksizes: dict[str, int] = field(default_factory=dict)  # 4-bit tier -> blocksize (from the table)
+    skip_list_only: SkipListAlternative | None = None  # a menu plan's bytes planned with one format
 
     @classmethod
     def from_dict(cls, data: dict) -> LoaderCompat:
+        skip = data.get("skip_list_only")
         return cls(bool(data["vllm_safe"]), tuple(tuple(s) for s in data["split_sets"]),
                    tuple(data["checkpoint_skip_modules"]),
                    tuple(FusedAlternative(**a) for a in data.get("alternatives", ())),
-                   {k: int(v) for k, v in data.get("blocksizes", {}).items()})
+                   {k: int(v) for k, v in data.get("blocksizes", {}).items()},
+                   SkipListAlternative(**skip) if skip else None)
 
 
 @dataclass(frozen=True)
@@ -169,9 +183,13 @@ class Plan:
 
     @property
     def mixed_blocksizes(self) -> bool:
-        """True when the plan puts 4-bit modules in more than one format (a per-module blocksize menu):
-        then no BitsAndBytesConfig realises it and the exporter writes the quantized tensors itself."""
-        return len(self.used_formats) > 1
+        """True when no BitsAndBytesConfig realises the plan's 4-bit modules: they use more than one format (a
+        per-module blocksize menu), or one at a blocksize other than transformers' 64 (a menu plan that put
+        every 4-bit module in ``nf4-bs32``). The exporter then writes the quantized tensors itself, and the
+        verification simulates each module in its own format."""
+        used = self.used_formats
+        return len(used) > 1 or any(self.format_of(t).get("bits") == 4 and self.format_of(t).get("blocksize", 64)
+                                    != 64 for t in used)
 
     def format_of(self, tier: str) -> dict:
         """The format dict of ``tier`` (``quant`` for the reference tier of plans saved before menus)."""

@@ -218,7 +218,10 @@ def _analyze_args(p):
                                         "else 'Describe this image.')")
     calib.add_argument("--text-only", action="store_true", help="calibrate a VLM's language model on text only")
     measure = p.add_argument_group("measurement")
-    measure.add_argument("--formats", default="nf4", help="candidate formats, e.g. nf4,fp4,int8")
+    measure.add_argument("--formats", default=None,
+                         help="candidate formats, e.g. nf4,fp4,int8 (default: the blocksize menu nf4,nf4-bs32, each "
+                              "module at blocksize 64 or 32 or 16-bit; nf4 alone for skip-list-only plans that a "
+                              "pasteable BitsAndBytesConfig expresses)")
     measure.add_argument("--blocksize", type=int, default=64, help="4-bit blocksize (transformers exports 64)")
     measure.add_argument("--no-double-quant", action="store_true", help="measure 4-bit without double quantization")
     measure.add_argument("--no-fisher", action="store_true",
@@ -254,7 +257,8 @@ def _plan_args(p):
     group.add_argument("--objective", default="auto",
                        choices=["auto", "output", "weight", "combined", "fisher", "restore"],
                        help="what the plan minimises; auto = fisher when the table has it, else output")
-    group.add_argument("--tiers", help="formats the plan may use besides 16-bit (default: the table's 4-bit format)")
+    group.add_argument("--tiers", help="formats the plan may use besides 16-bit (default: the table's 4-bit formats, "
+                                       "blocksize 64 first; --tiers nf4 on a menu table: skip-list-only)")
     group.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                        help="always keep 16-bit (glob, full name, or dotted prefix/suffix; repeatable)")
     group.add_argument("--quantize", action="append", default=[], metavar="PATTERN",

@@ -20,7 +20,14 @@ from quantplan.analysis.spikes import SPIKE_Z
 from quantplan.analysis.table import SensitivityTable
 from quantplan.common.files import atomic_write_text
 from quantplan.planner.budget import format_bytes
-from quantplan.planner.compat import cost_note, cost_rows, format_rows, name_rows, vllm_sentence
+from quantplan.planner.compat import (
+    cost_note,
+    cost_rows,
+    format_rows,
+    name_rows,
+    skip_list_sentence,
+    vllm_sentence,
+)
 from quantplan.planner.kv_cache import device_line
 from quantplan.planner.plan_types import Plan
 from quantplan.planner.reasons import ReasonKind
@@ -156,7 +163,8 @@ def _plan_blocks(p: Plan) -> list[tuple]:
 
 
 def _compat_blocks(p: Plan) -> list[tuple]:
-    """Loader compatibility: vLLM-safe, --vllm-safe's cost at equal bytes, skip list names, per-module formats."""
+    """Loader compatibility: vLLM-safe, --vllm-safe's cost at equal bytes, skip list names, skip-list-only mode
+    at equal bytes and per-module formats (menu plans)."""
     blocks = [("p", "**Loader compatibility.** " + vllm_sentence(p))]
     if costs := cost_rows(p):
         blocks += [("p", "`--vllm-safe` at the same weight budget (predicted from the table, no extra model run)."
@@ -165,6 +173,8 @@ def _compat_blocks(p: Plan) -> list[tuple]:
     if names := name_rows(p):
         blocks += [("p", "The skip list in transformers 5's live module names (`config.json`) and in the "
                          "checkpoint's tensor names (what vLLM reads):"), ("table", pd.DataFrame(names), ())]
+    if skip_only := skip_list_sentence(p):
+        blocks.append(("p", skip_only))
     if formats := format_rows(p):
         blocks += [("p", "Per-module 4-bit formats (the plan mixes them):"), ("table", pd.DataFrame(formats), ())]
     return blocks

@@ -83,8 +83,9 @@ def test_plan_quality(tmp_path, tiny_model):
 
 def test_blocksize_menu(tmp_path, tiny_model):
     result = run_benchmark("blocksize_menu.py", tmp_path / "menu.json", "--model", str(tiny_model),
-                           "--samples", "2", "--seq-len", "16", "--heldout", "2", "--threads", "1")
+                           "--samples", "2", "--seq-len", "16", "--heldout", "2", "--threads", "1", "--dtype", "fp32")
     assert {"all_nf4_kld", "rows", "analysis", "menu_analysis_cost_over_one_format"} <= set(result)
+    assert result["dtype"] == "fp32"
     variants = {(row["budget"], row["variant"]) for row in result["rows"]}
     for budget in ("+10%", "+33%"):
         assert {(budget, "skip-list only (nf4)"), (budget, "menu (nf4 + nf4-bs32)")} <= variants

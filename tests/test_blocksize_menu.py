@@ -54,6 +54,21 @@ def test_format_names_carry_the_blocksize():
         parse_formats("nf4-bs48")
 
 
+def test_the_default_formats_are_the_menu_unless_the_blocksize_or_double_quant_rule_it_out():
+    from quantplan import AnalyzeConfig
+
+    def names(**kwargs):
+        return [f.name for f in AnalyzeConfig(**kwargs).format_values()]
+
+    assert names() == ["nf4", "nf4-bs32"]
+    assert names(formats="nf4") == ["nf4"]  # skip-list-only mode
+    assert names(blocksize=32) == ["nf4-bs32"]  # not "listed twice"
+    assert len(names(double_quant=False)) == 1  # the menu is written with double quant
+    assert names(max_memory="1GB") == ["nf4"]  # streamed: the export must not load the 16-bit model whole
+    assert names(max_memory="auto") == ["nf4", "nf4-bs32"]
+    assert names(context=True) == ["nf4"]  # restore gains are measured for one format
+
+
 def test_menu_table_measures_both_formats_from_one_pass(menu_job):
     _, _, _, table = menu_job
     assert table.formats == ["nf4", "nf4-bs32"]
@@ -103,6 +118,32 @@ def test_default_tiers_are_the_menu_with_blocksize_64_as_reference(menu_job):
     assert not single.mixed_blocksizes and "per-module" not in single.bnb_config_code()
 
 
+def test_menu_plan_is_shown_beside_skip_list_only_at_equal_bytes(menu_job, tmp_path):
+    from dataclasses import replace
+
+    from quantplan.planner.compat import loader_compat, skip_list_sentence
+    from quantplan.planner.modelcard import compat_text
+    from quantplan.planner.plan_types import Plan
+    from quantplan.reports.report import _compat_blocks, to_markdown
+
+    _, _, _, table = menu_job
+    config = PlanConfig()
+    p = mixed_plan(table)
+    p = replace(p, compat=loader_compat(table, p, config))
+    alt = p.compat.skip_list_only
+    single = plan(table, p.budget.bytes, tiers=["nf4"])
+    assert (alt.tier, alt.bytes, alt.error, alt.kept) == ("nf4", single.predicted.bytes, single.predicted.error,
+                                                          len(single.kept))
+    assert alt.bytes <= p.budget.bytes and p.predicted.error <= alt.error * (1 + 1e-9)
+    line = skip_list_sentence(p)
+    assert "Skip-list-only mode at the same bytes" in line and "`--formats nf4`" in line and f"{alt.error:.4g}" in line
+    assert line in to_markdown(_compat_blocks(p)) and line in compat_text(p)
+    assert Plan.load(p.save(tmp_path / "plan.json")) == p
+    one = plan(table, "+10%", tiers=["nf4"])
+    one = replace(one, compat=loader_compat(table, one, config))
+    assert one.compat.skip_list_only is None and skip_list_sentence(one) == ""
+
+
 def test_verification_simulates_each_module_in_its_planned_format(menu_job):
     _, model, calibration, table = menu_job
     p = mixed_plan(table)
@@ -148,6 +189,19 @@ def test_mixed_blocksize_plan_exports_and_reloads_with_plain_from_pretrained(men
     card = (tmp_path / "out" / "README.md").read_text()
     assert "transformers >= 5" in card and "vLLM" in card and "nf4-bs32" in card
     assert not list(tmp_path.glob(".out.partial-*"))  # atomic: the staging folder was renamed into place
+
+
+def test_a_menu_plan_with_every_4bit_module_at_blocksize_32_is_measured_and_exported_at_32(menu_job, tmp_path):
+    # bug: such a plan (one 4-bit format, not the reference) was measured and exported at blocksize 64
+    source, _, _, table = menu_job
+    p = next(q for q in (plan(table, b) for b in ("+8%", "+15%", "+20%", "+30%")) if q.used_formats == ["nf4-bs32"])
+    assert p.tiers == ["nf4", "nf4-bs32"] and p.mixed_blocksizes and "per-module" in p.bnb_config_code()
+    keep = plan_keep_set(table, p)
+    assert {f.blocksize for f in keep.formats.values()} == {32} and keep.bytes == p.predicted.bytes
+    assert keep.mixed_formats  # compare simulates it: a BitsAndBytesConfig load would be blocksize 64
+    export(source, p, tmp_path / "out")  # checks each module's loaded blocksize against the plan
+    modules = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu").named_modules())
+    assert {modules[n].weight.quant_state.blocksize for n, c in p.choices.items() if c != KEEP} == {32}
 
 
 def test_single_blocksize_plan_keeps_the_transformers_path(menu_job, tmp_path, monkeypatch):

@@ -52,6 +52,9 @@ def test_smollm2_run_reload_generate(smol_source, tmp_path):
     assert model.get_memory_footprint() == pytest.approx(plan.predicted.footprint_bytes, rel=0.01)
     kept = dict(model.named_modules())
     assert all(type(kept[n]) is torch.nn.Linear for n in plan.kept)
+    assert plan.tiers == ["nf4", "nf4-bs32"]  # the default blocksize menu, each module at its own blocksize
+    assert all(kept[n].weight.quant_state.blocksize == plan.format_of(c)["blocksize"]
+               for n, c in plan.choices.items() if c != "16bit")
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     generated = model.generate(**prompt, max_new_tokens=12, do_sample=False)
