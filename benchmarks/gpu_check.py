@@ -7,7 +7,8 @@ a fresh child process:
 1. ``quantplan run MODEL --device cuda --budget +10%`` (the default job: Fisher analysis in
    memory, plan, never-worse verification, export, reload check, quick fidelity report);
 2. the same with ``--max-memory CAP`` (the analysis streamed one block at a time through the
-   GPU; the rest of the job as that mode runs it);
+   GPU; the rest of the job as that mode runs it); both with ``--formats nf4`` (a streamed run
+   measures nf4 alone by default, an in-memory one the blocksize menu), so the tables compare;
 3. a reload of the exported checkpoint with plain ``from_pretrained(device_map=DEVICE)`` and
    a few greedy tokens.
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
             steps = _Steps(started, args.time_limit)
             folder = Path(work) / name
             steps.run("build", ["build", str(folder), json.dumps(shape), str(tokenizer), args.device])
-            common = ["--device", args.device, "--budget", budget, "--samples", str(args.samples),
+            common = ["--device", args.device, "--budget", budget, "--formats", "nf4", "--samples", str(args.samples),
                       "--seq-len", str(args.seq_len), "--quiet", "--overwrite", "--heldout-samples", "8",
                       *(["--no-compare"] if args.no_compare else [])]
             memory, streamed = Path(work) / f"{name}-memory", Path(work) / f"{name}-streamed"
