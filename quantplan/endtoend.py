@@ -76,11 +76,12 @@ class EndToEnd:
         with stage("verification"):
             chosen = verify(table, chosen, model, calibration, **shared)
         if self.refine is None:
-            chosen = self._refine_if_broken(table, budget, config, chosen, model, calibration, shared)
+            chosen = self.refine_if_broken(table, budget, config, chosen, model, calibration, shared)
         return chosen
 
-    def _refine_if_broken(self, table, budget, config, verified: Plan, model, calibration, shared) -> Plan:
-        """The automatic refinement when ``self.auto`` fires on the verified plan; the better-measured plan."""
+    def refine_if_broken(self, table, budget, config, verified: Plan, model, calibration, shared: dict) -> Plan:
+        """The automatic refinement when ``self.auto`` fires on the verified plan; the better-measured plan
+        (``shared``: reference, cache and progress, as :meth:`run_checks` passes them)."""
         from quantplan.planner.refine import refine
         from quantplan.planner.verify import verify
 
