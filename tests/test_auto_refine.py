@@ -96,3 +96,17 @@ def test_refine_0_turns_the_automatic_refinement_off(job, capsys):
     checked = run_checks(job, EndToEnd(refine=0, auto=AutoRefine(rounds=1, max_all_4bit_kld=0.0)))
     assert checked.checks.refinement is None and checked.checks.verification is not None
     assert "refined automatically" not in capsys.readouterr().out
+
+
+def test_model_card_says_why_the_refinement_ran_and_whether_it_shipped(job):
+    from quantplan.planner.modelcard import _checks_text
+    from quantplan.planner.plan_types import Refinement
+
+    _, _, table = job
+    p = plan(table, "+30%")
+    trigger = Trigger(TriggerKind.LARGE_ALL_4BIT_KL, 0.8, 0.5)
+    lost = replace(p, checks=Checks(Refinement(4, 100, (), "fisher", trigger, 12.0, shipped=False)))
+    text = _checks_text(lost)
+    assert "Refined automatically (all-4-bit's calibration KL 0.800" in text and "the first plan ships" in text
+    asked = replace(p, checks=Checks(Refinement(4, 100, (), "fisher")))
+    assert "Refined in 4 rounds" in _checks_text(asked) and "first plan ships" not in _checks_text(asked)
