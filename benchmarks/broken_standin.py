@@ -13,7 +13,7 @@ such channels per norm ruins a chosen share of q/k/v/gate/up blocks, which NF4 c
 represent and a 16-bit keep of whole Linears can only partly repair (o_proj and down_proj are
 left as they are).
 
-    python benchmarks/broken_standin.py [--out FOLDER] [--channels 4] [--scales 16,32] [--seed 0]
+    python benchmarks/broken_standin.py [--out FOLDER] [--channels 1] [--scales 16,32] [--seed 0]
 
 Writes a ``save_pretrained`` folder with the tokenizer (``quantplan run FOLDER`` reads it) and
 ``standin.json`` beside the weights: the channels and scales per norm, the 16-bit KL between
@@ -104,14 +104,14 @@ def all_nf4_kld(model, input_ids: torch.Tensor) -> float:
     return float(measure_variants(reference, QuantCache(model, NF4), {"v": names})["v"].summary()["mean_kld"])
 
 
-def default_folder(channels: int = 4, scales: tuple[float, ...] = (16.0, 32.0), seed: int = 0) -> Path:
+def default_folder(channels: int = 1, scales: tuple[float, ...] = (16.0, 32.0), seed: int = 0) -> Path:
     """Where the stand-in with these settings is kept by default: quantplan's cache (outside the repository)."""
     from quantplan.analysis.models import _cache_root
 
     return _cache_root() / f"smollm2-broken-standin-c{channels}-s{'-'.join(str(int(s)) for s in scales)}-seed{seed}"
 
 
-def build(out: Path, channels: int = 4, scales: tuple[float, ...] = (16.0, 32.0), seed: int = 0,
+def build(out: Path, channels: int = 1, scales: tuple[float, ...] = (16.0, 32.0), seed: int = 0,
           heldout: int = 16, seq_len: int = 256, measure_original: bool = True, model: str | None = None) -> dict:
     """Reparametrise ``model`` (default: the offline SmolLM2), save it to ``out`` (weights, tokenizer,
     standin.json); the record."""
@@ -142,7 +142,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="Llama-family folder or hub id (default: the offline SmolLM2)")
     parser.add_argument("--out", default=None, help="folder to write the stand-in to (default: default_folder())")
-    parser.add_argument("--channels", type=int, default=4, help="channels rescaled per norm")
+    parser.add_argument("--channels", type=int, default=1, help="channels rescaled per norm")
     parser.add_argument("--scales", default="16,32", help="powers of two the channels' columns are multiplied by")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heldout", type=int, default=16, help="held-out windows measured")
