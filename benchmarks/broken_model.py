@@ -44,6 +44,7 @@ from plan_quality import _machine, _timed  # noqa: E402
 
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
 from quantplan.analysis.formats import NF4_BS32  # noqa: E402
+from quantplan.analysis.models import dtype_from_name  # noqa: E402
 from quantplan.analysis.reference import KLReference  # noqa: E402
 from quantplan.analysis.simulate import QuantCache  # noqa: E402
 from quantplan.analysis.table import SensitivityTable  # noqa: E402
@@ -63,7 +64,11 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=16, help="held-out windows of --seq-len tokens")
     parser.add_argument("--refine", type=int, default=4, help="rounds of the --refine row and the automatic one")
+    parser.add_argument("--no-refine-row", action="store_true",
+                        help="skip the --refine row where the automatic refinement did not run (saves its rounds)")
     parser.add_argument("--table", help="folder to reuse the table from (analyzed and saved there if missing)")
+    parser.add_argument("--dtype", default="fp32",
+                        help="dtype the model runs in (fp32: CPU bf16 matmuls are ~50x slower single-threaded)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "broken_model.json"))
     args = parser.parse_args(argv)
@@ -71,7 +76,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     name, spec = _model_spec(args.model)
     source = resolve_source(spec)
-    model, tokenizer = load_model(source), load_processor(source)
+    model, tokenizer = load_model(source, dtype=dtype_from_name(args.dtype)), load_processor(source)
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
     table, analysis = _table(model, calibration, source, args.table)
     heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
@@ -90,12 +95,15 @@ def main(argv=None) -> None:
     before, cost = _timed(lambda: EndToEnd(refine=0).run_checks(table, BUDGET, nf4, model, calibration, **shared))
     add("default before (fisher + verify)", plan_keep_set(table, before), cost["wall_s"], before)
     checks["before"] = _checks(before, auto.auto)
+    print(f"{name}: automatic refinement checks {checks['before']}", flush=True)
     now, cost = _timed(lambda: auto.refine_if_broken(table, BUDGET, nf4, before, model, calibration, shared))
     add("default now (+ automatic refinement if fired)", plan_keep_set(table, now), cost["wall_s"], now)
     record = now.checks.refinement
     if record is not None and record.shipped and record.rounds == args.refine:
         refined = now
         add(f"--refine {args.refine} (= default now)", plan_keep_set(table, refined), record.seconds, refined)
+    elif args.no_refine_row:
+        refined = before
     else:
         refined, cost = _timed(lambda: EndToEnd(refine=args.refine).run_checks(table, BUDGET, nf4, model,
                                                                                 calibration, **shared))

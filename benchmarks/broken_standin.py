@@ -112,26 +112,29 @@ def default_folder(channels: int = 1, scales: tuple[float, ...] = (16.0, 32.0), 
 
 
 def build(out: Path, channels: int = 1, scales: tuple[float, ...] = (16.0, 32.0), seed: int = 0,
-          heldout: int = 16, seq_len: int = 256, measure_original: bool = True, model: str | None = None) -> dict:
-    """Reparametrise ``model`` (default: the offline SmolLM2), save it to ``out`` (weights, tokenizer,
-    standin.json); the record."""
+          heldout: int = 16, seq_len: int = 256, measure_original: bool = True, model: str | None = None,
+          dtype: str = "fp32") -> dict:
+    """Reparametrise ``model`` (default: the offline SmolLM2) in bf16, save it to ``out`` (weights, tokenizer,
+    standin.json) and return the record, measured in ``dtype`` (fp32: CPU bf16 matmuls are ~50x slower)."""
     from quantplan.analysis import load_calibration, load_model, load_processor, resolve_source
+    from quantplan.analysis.models import dtype_from_name
 
     source = resolve_source(model)
     original, tokenizer = load_model(source), load_processor(source)
-    model = load_model(source)
-    scalings = choose_scalings(model, channels, scales, seed)
-    reparametrise(model, scalings)
+    standin = load_model(source)
+    scalings = choose_scalings(standin, channels, scales, seed)
+    reparametrise(standin, scalings)
+    out.mkdir(parents=True, exist_ok=True)
+    standin.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    original, standin = original.to(dtype_from_name(dtype)), standin.to(dtype_from_name(dtype))
     ids = load_calibration(tokenizer, "heldout", heldout, seq_len).input_ids
     record = {"base": source.model_id, "base_fingerprint": source.fingerprint, "channels_per_norm": channels,
-              "scales": list(scales), "seed": seed, "heldout_tokens": int(ids.numel()),
-              "kl_16bit_original_vs_standin": mean_kl(original, model, ids),
-              "all_nf4_kld_standin": all_nf4_kld(model, ids),
+              "scales": list(scales), "seed": seed, "heldout_tokens": int(ids.numel()), "measured_in": dtype,
+              "kl_16bit_original_vs_standin": mean_kl(original, standin, ids),
+              "all_nf4_kld_standin": all_nf4_kld(standin, ids),
               "all_nf4_kld_original": all_nf4_kld(original, ids) if measure_original else None,
               "scalings": [asdict(s) for s in scalings]}
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     tmp = out / "standin.json.tmp"
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(out / "standin.json")
@@ -147,6 +150,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heldout", type=int, default=16, help="held-out windows measured")
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--dtype", default="fp32", help="dtype the KLs are measured in (the folder is saved in bf16)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -156,7 +160,7 @@ def main(argv=None) -> None:
         parser.error("--model needs --out (the default folder is named for SmolLM2)")
     args.out = args.out or str(default_folder(args.channels, scales, args.seed))
     record = build(Path(args.out), args.channels, scales, args.seed, args.heldout, args.seq_len,
-                   model=args.model)
+                   model=args.model, dtype=args.dtype)
     print(f"wrote {args.out}: 16-bit KL original vs stand-in {record['kl_16bit_original_vs_standin']:.2e}; "
           f"all-NF4 KLD stand-in {record['all_nf4_kld_standin']:.4f} (original {record['all_nf4_kld_original']:.4f}) "
           f"on {record['heldout_tokens']} held-out tokens")

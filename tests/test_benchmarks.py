@@ -124,7 +124,7 @@ def test_streaming_fisher(tmp_path, tiny_model):
 def test_broken_standin_keeps_16bit_outputs_and_breaks_4bit(tiny_model, tmp_path):
     out = tmp_path / "standin"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "broken_standin.py"), "--model", str(tiny_model),
-                           "--out", str(out), "--heldout", "2", "--seq-len", "16", "--channels", "2"],
+                           "--out", str(out), "--heldout", "2", "--seq-len", "16", "--channels", "2", "--dtype", "bf16"],
                           cwd=REPO, env={**CHILD_ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
