@@ -66,6 +66,8 @@ def main(argv=None) -> None:
     parser.add_argument("--refine", type=int, default=4, help="rounds of the --refine row and the automatic one")
     parser.add_argument("--no-refine-row", action="store_true",
                         help="skip the --refine row where the automatic refinement did not run (saves its rounds)")
+    parser.add_argument("--end-to-end-batches", type=int, default=None,
+                        help="calibration batches the verification and refinement use (quantplan run's option)")
     parser.add_argument("--table", help="folder to reuse the table from (analyzed and saved there if missing)")
     parser.add_argument("--dtype", default="fp32",
                         help="dtype the model runs in (fp32: CPU bf16 matmuls are ~50x slower single-threaded)")
@@ -81,7 +83,8 @@ def main(argv=None) -> None:
     table, analysis = _table(model, calibration, source, args.table)
     heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
     measure = _measurer(heldout_reference(model, heldout.input_ids), QuantCache(model, NF4), table)
-    shared = {"reference": KLReference(model, calibration), "cache": QuantCache(model, NF4), "progress": False}
+    shared = {"reference": KLReference(model, calibration, 4, args.end_to_end_batches),
+              "cache": QuantCache(model, NF4), "progress": False}
     auto = EndToEnd(refine=None, auto=AutoRefine(rounds=args.refine))
     rows, checks = [], {}
 
@@ -118,7 +121,8 @@ def main(argv=None) -> None:
     for keep in baseline_keep_sets(table, before):
         add(keep.label.split(" @ ")[0] + (f" (seed {keep.seed})" if keep.seed is not None else ""), keep)
     summary = {"model": name, "model_id": source.model_id, "calibration_tokens": calibration.tokens,
-               "heldout_tokens": heldout.tokens, "budget": BUDGET, "all_nf4_kld": measure.all_nf4,
+               "heldout_tokens": heldout.tokens, "end_to_end_tokens": shared["reference"].tokens, "budget": BUDGET,
+               "all_nf4_kld": measure.all_nf4,
                "analysis": analysis, "auto_refine": asdict(auto.auto), "checks": checks, "rows": rows,
                "machine": _machine()}
     _merge(Path(args.out), name, summary)
