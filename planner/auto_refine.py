@@ -1,19 +1,24 @@
 """When the default plan runs the refinement by itself: the verification says 4-bit breaks the model badly.
 
 The table's scores are first-order: each module measured against an otherwise fixed model, and
-assumed to add up. Where 4-bit hurts a model mildly that holds (SmolLM2-135M: the +10 % Fisher
-plan is within a few points of the refinement, 43 % vs 45 % recovery); where it breaks the model
-badly the errors interact and the first-order plan recovers a fraction of what the measured
-refinement does. The verification (:mod:`planner.verify`) already measures, on calibration
-data, the KL of all-4-bit and of the plan, so two checks cost nothing extra:
+assumed to add up. Where 4-bit hurts a model mildly that holds well enough; where it breaks the
+model badly the errors interact and the measured refinement does better. The verification
+(:mod:`planner.verify`) already measures, on calibration data, the KL of all-4-bit and of the
+plan, so two checks cost nothing extra:
 
-- ``LARGE_ALL_4BIT_KL``: all-4-bit's calibration KL is at least ``max_all_4bit_kld`` nats/token;
+- ``LARGE_ALL_4BIT_KL``: all-4-bit's calibration KL is at least ``max_all_4bit_kld`` nats/token.
+  0.5 sits between SmolLM2-135M (0.33 on calibration, 0.33 held-out) and the badly broken models
+  measured (``benchmarks/broken_standin.py``: 0.69 on calibration and held-out; the model of
+  issue #14: 0.7-0.9 held-out), with a margin of 1.5x above the mild one.
 - ``PREDICTION_MISSED``: the plan closed less than ``min_recovery_share`` of the share of the
-  all-4-bit error the table predicted it would close (measured recovery 1 − KL_plan / KL_all-4-bit
-  against predicted 1 − error / error_all-4-bit).
+  all-4-bit error the table predicted it would close (measured recovery 1 - KL_plan / KL_all-4-bit
+  against predicted 1 - error / error_all-4-bit). On both models above the Fisher plan closed
+  52-57 % of its prediction at +10 %, so this check does not separate them; it is a safety net for
+  a plan that plainly misses (0.35: a third of the prediction, with a margin under 0.52).
 
 Either one starts :func:`planner.refine.refine` for ``rounds`` rounds (one forward + backward pass
-over the calibration batches each), after which the better-measured of the two plans ships.
+over the calibration batches each, plus one 16-bit forward), the refined plan is verified in turn,
+and the better-measured of the two plans ships. Numbers: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ class AutoRefine:
 
     rounds: int = 4
     max_all_4bit_kld: float = 0.5  # nats/token on calibration data
-    min_recovery_share: float = 0.5  # measured recovery / predicted recovery
+    min_recovery_share: float = 0.35  # measured recovery / predicted recovery
 
     def __post_init__(self):
         if self.rounds < 1:
