@@ -8,10 +8,10 @@ unchanged: the Linear sees (γ_c / s_c)·n_c and multiplies it by s_c·W[:, c]. 
 two both products are exact in bf16, so the 16-bit logits are bit-identical (checked and
 recorded). The weights are not: column c now holds values s_c times the row's typical size, so
 the absmax of every NF4 block (64 consecutive inputs of a row) that contains it is s_c times too
-large, and the other 63 weights of that block round to a few levels near zero. A handful of
-such channels per norm ruins a chosen share of q/k/v/gate/up blocks, which NF4 cannot
-represent and a 16-bit keep of whole Linears can only partly repair (o_proj and down_proj are
-left as they are).
+large, and the other 63 weights of that block round to a few levels near zero. One channel per
+norm at 16/32 (the default) ruins one block in nine of every q/k/v/gate/up row (o_proj and
+down_proj are left as they are): all-NF4 mean KLD 0.695 on the shipped held-out text against
+SmolLM2's 0.329, with the 16-bit logits bit-identical (KL 0.0).
 
     python benchmarks/broken_standin.py [--out FOLDER] [--channels 1] [--scales 16,32] [--seed 0]
 
