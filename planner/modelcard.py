@@ -69,8 +69,11 @@ def _checks_text(plan) -> str:
     """The end-to-end refinement and verification, when they ran (planner.refine, planner.verify)."""
     lines = []
     if refinement := plan.checks.refinement:
-        lines.append(f"Refined in {refinement.rounds} rounds of measured KL gradients on "
-                     f"{refinement.tokens} calibration tokens.")
+        why = f" automatically ({refinement.trigger.sentence})" if refinement.trigger else ""
+        lines.append(f"Refined{why} in {refinement.rounds} rounds of measured KL gradients on "
+                     f"{refinement.tokens} calibration tokens" + ("." if refinement.shipped else
+                                                                 "; the refined plan measured worse, so the first "
+                                                                 "plan ships."))
     if verification := plan.checks.verification:
         kld = verification.calibration_kld
         measured = ", ".join(f"{label} {value:.4f}" for label, value in kld.items())

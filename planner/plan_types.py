@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from quantplan.analysis.table import TableMismatch
@@ -109,14 +110,55 @@ class RefinementRound:
     kld_before: float
 
 
+class TriggerKind(Enum):
+    """Which check of the verified default plan started the automatic refinement (planner.auto_refine)."""
+
+    LARGE_ALL_4BIT_KL = "large_all_4bit_kl"  # all-4-bit's calibration KL at or above the threshold
+    PREDICTION_MISSED = "prediction_missed"  # measured / predicted recovery below the threshold
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A check that fired: what it measured against its threshold."""
+
+    kind: TriggerKind
+    measured: float
+    threshold: float
+
+    @property
+    def sentence(self) -> str:
+        """Why, for people (one clause)."""
+        if self.kind is TriggerKind.LARGE_ALL_4BIT_KL:
+            return (f"all-4-bit's calibration KL {self.measured:.3f} nats/token is at least {self.threshold:g}: "
+                    "4-bit breaks this model badly")
+        return (f"the plan closed {self.measured:.0%} of the gap the table predicted (under {self.threshold:.0%}): "
+                "first-order scores do not hold on this model")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind.value, "measured": self.measured, "threshold": self.threshold}
+
+
 @dataclass(frozen=True)
 class Refinement:
-    """The end-to-end refinement that chose the plan (planner.refine)."""
+    """The end-to-end refinement that chose the plan (planner.refine), or that ran and lost to the first plan."""
 
     rounds: int
     tokens: int
     history: tuple[RefinementRound, ...]
     objective_before: str
+    trigger: Trigger | None = None  # why it ran by itself; None: asked for (--refine N)
+    seconds: float | None = None  # wall time of the rounds, when timed (automatic refinement)
+    shipped: bool = True  # False: the automatic refinement measured worse than the first plan, which shipped
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "trigger": self.trigger.to_dict() if self.trigger else None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Refinement:
+        trigger = data.get("trigger")
+        return cls(**{**data, "history": tuple(RefinementRound(**h) for h in data["history"]),
+                      "trigger": Trigger(TriggerKind(trigger["kind"]), float(trigger["measured"]),
+                                         float(trigger["threshold"])) if trigger else None})
 
 
 @dataclass(frozen=True)
@@ -137,17 +179,17 @@ class Checks:
     verification: Verification | None = None
 
     def to_dict(self) -> dict:
-        return {name: asdict(value) for name, value in (("refinement", self.refinement),
-                                                        ("verification", self.verification)) if value is not None}
+        result = {"refinement": self.refinement.to_dict()} if self.refinement is not None else {}
+        if self.verification is not None:
+            result["verification"] = asdict(self.verification)
+        return result
 
     @classmethod
     def from_dict(cls, data: dict) -> Checks:
         refinement = data.get("refinement")
-        if refinement is not None:
-            refinement = Refinement(**{**refinement, "history": tuple(RefinementRound(**h)
-                                                                      for h in refinement["history"])})
         verification = data.get("verification")
-        return cls(refinement, Verification(**verification) if verification is not None else None)
+        return cls(Refinement.from_dict(refinement) if refinement is not None else None,
+                   Verification(**verification) if verification is not None else None)
 
 
 @dataclass(frozen=True)

@@ -179,9 +179,10 @@ def _parser() -> argparse.ArgumentParser:
     checks = run.add_argument_group("end-to-end checks (run the model on the plan before export)")
     checks.add_argument("--no-verify", action="store_true",
                         help="skip the check that the plan's calibration KL beats all-4-bit (and the fallback)")
-    checks.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
+    checks.add_argument("--refine", type=int, default=None, metavar="ROUNDS",
                         help="re-plan on measured KL gradients in ROUNDS rounds (each one forward+backward pass "
-                             "over the calibration batches; 0: off)")
+                             "over the calibration batches). Default: 4 rounds, only when the verification finds "
+                             "that 4-bit breaks the model badly (planner/auto_refine.py); 0: never")
     checks.add_argument("--end-to-end-batches", type=int, default=None, metavar="N",
                         help="calibration batches used by --refine and the verification (default: all)")
     out = run.add_argument_group("output")

@@ -1,22 +1,29 @@
 """EndToEnd: the planning steps that run the model (``quantplan run``): refinement rounds, verification.
 
-``refine`` rounds of measured KL gradients (:mod:`planner.refine`, opt-in), then the
+``refine`` rounds of measured KL gradients (:mod:`planner.refine`) when asked for, then the
 never-worse-than-all-4-bit check (:mod:`planner.verify`, on by default), both on the first
 ``max_batches`` calibration batches (default: all of them), sharing one loaded model, one
-16-bit reference and one cache of 4-bit round trips. Under ``--max-memory`` the model is never
-loaded whole: the verification's KLs are measured block by block from disk
-(:class:`analysis.stream_variants.StreamedKLs`, the same numbers), and refinement is refused.
+16-bit reference and one cache of 4-bit round trips. By default (``refine=None``) the verified
+plan is checked by :class:`planner.auto_refine.AutoRefine`: where 4-bit breaks the model badly,
+the refinement runs by itself for a bounded number of rounds, is verified in turn, and the plan
+with the lower measured calibration KL ships; one line says why and what it cost. ``refine=0``
+turns that off.
+Under ``--max-memory`` the model is never loaded whole: the verification's KLs are measured block
+by block from disk (:class:`analysis.stream_variants.StreamedKLs`, the same numbers); refinement,
+automatic or asked for, needs the whole model and does not run there.
 """
 
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from quantplan.analysis.config import AnalyzeConfig, calibration_of
 from quantplan.analysis.models import ModelSource, dtype_from_name, load_model
 from quantplan.analysis.table import SensitivityTable
 from quantplan.common.profile import stage
+from quantplan.planner.auto_refine import AutoRefine
 from quantplan.planner.config import PlanConfig
 from quantplan.planner.plan_types import Plan
 
@@ -25,9 +32,10 @@ from quantplan.planner.plan_types import Plan
 class EndToEnd:
     """Which end-to-end steps run, and on how many calibration batches."""
 
-    refine: int = 0  # rounds; 0 = off
+    refine: int | None = None  # rounds; 0 = off; None = automatic (``auto``) after the verification
     verify: bool = True
     max_batches: int | None = None
+    auto: AutoRefine = AutoRefine()
 
     @property
     def active(self) -> bool:
@@ -42,8 +50,6 @@ class EndToEnd:
         from quantplan.analysis.formats import format_from_dict
         from quantplan.analysis.reference import KLReference
         from quantplan.analysis.simulate import QuantCache
-        from quantplan.planner.refine import refine
-        from quantplan.planner.verify import verify
 
         if analyze.max_memory:
             return self._verify_streamed(source, analyze, table, chosen)
@@ -52,13 +58,8 @@ class EndToEnd:
         calibration = calibration_of(source, analyze)
         reference = KLReference(model, calibration, analyze.batch_size, self.max_batches, progress=analyze.progress)
         cache = QuantCache(model, format_from_dict(chosen.quant))
-        shared = {"reference": reference, "cache": cache, "progress": analyze.progress}
-        if self.refine:
-            with stage("refinement"):
-                chosen = refine(table, budget, model, calibration, config=config, rounds=self.refine, **shared)
-        if self.verify:
-            with stage("verification"):
-                chosen = verify(table, chosen, model, calibration, **shared)
+        chosen = self.run_checks(table, budget, config, model, calibration, reference=reference, cache=cache,
+                                 progress=analyze.progress)
         del model, reference, cache
         gc.collect()
         return chosen
@@ -78,3 +79,51 @@ class EndToEnd:
         measure = StreamedKLs(source.path, calibration_of(source, analyze), format_from_dict(chosen.quant), options)
         with stage("verification (streamed)"):
             return verify(table, chosen, measure=measure, progress=analyze.progress)
+
+    def run_checks(self, table: SensitivityTable, budget, config: PlanConfig, model, calibration, *, reference,
+                   cache, progress: bool = True) -> Plan:
+        """The end-to-end steps on a loaded model (what :meth:`plan` runs; benchmarks call it directly)."""
+        from quantplan.planner.refine import refine
+        from quantplan.planner.verify import verify
+
+        shared = {"reference": reference, "cache": cache, "progress": progress}
+        if self.refine:
+            with stage("refinement"):
+                chosen = refine(table, budget, model, calibration, config=config, rounds=self.refine, **shared)
+        else:
+            chosen = config.plan(table, budget)
+        if not self.verify:
+            return chosen
+        with stage("verification"):
+            chosen = verify(table, chosen, model, calibration, **shared)
+        if self.refine is None:
+            chosen = self.refine_if_broken(table, budget, config, chosen, model, calibration, shared)
+        return chosen
+
+    def refine_if_broken(self, table, budget, config, verified: Plan, model, calibration, shared: dict) -> Plan:
+        """The automatic refinement when ``self.auto`` fires on the verified plan; the better-measured plan
+        (``shared``: reference, cache and progress, as :meth:`run_checks` passes them)."""
+        from quantplan.planner.refine import refine
+        from quantplan.planner.verify import verify
+
+        trigger = self.auto.trigger(verified)
+        if trigger is None:
+            return verified
+        started = time.perf_counter()
+        with stage("automatic refinement"):
+            refined = refine(table, budget, model, calibration, config=config, rounds=self.auto.rounds, **shared)
+            refined = verify(table, refined, model, calibration, **shared)
+        seconds = time.perf_counter() - started
+        before, after = shipped_kld(verified), shipped_kld(refined)
+        record = replace(refined.checks.refinement, trigger=trigger, seconds=seconds, shipped=after <= before)
+        print(f"quantplan: {trigger.sentence}, so the plan was refined automatically: {self.auto.rounds} rounds, "
+              f"{seconds:.0f} s; calibration KL {before:.4f} -> {after:.4f} nats/token"
+              f"{'' if record.shipped else ' (not better: the first plan ships)'}; --refine 0 turns this off")
+        winner = refined if record.shipped else verified
+        return replace(winner, checks=replace(winner.checks, refinement=record))
+
+
+def shipped_kld(verified: Plan) -> float:
+    """The measured calibration KL of what the verification chose to ship."""
+    record = verified.checks.verification
+    return record.calibration_kld[record.chosen]

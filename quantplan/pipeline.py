@@ -36,8 +36,9 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     """analyze -> plan -> pareto.csv -> export to ``out_dir/checkpoint`` (-> compare + report); returns paths.
 
     ``compare`` (a :class:`reports.compare.CompareConfig`) also measures the fidelity
-    scoreboard and writes ``report.html``/``report.md`` into ``out_dir``. ``end_to_end``
-    (default: verification on, no refinement) runs the plan through the model before export.
+    scoreboard and writes ``report.html``/``report.md`` into ``out_dir``. ``end_to_end`` (default:
+    verification on, refinement only where the verification finds 4-bit breaks the model badly)
+    runs the plan through the model before export.
     A malformed budget, or one below the model's all-4-bit size, fails before the model is loaded.
     """
     analyze_config = analyze_config or AnalyzeConfig()

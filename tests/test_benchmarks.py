@@ -143,3 +143,28 @@ def test_streaming_run(tmp_path):
         assert run["verified"] and {"analysis", "export", "compare + report"} <= set(run["stage_peaks"])
         assert run["peak_rss_bytes"] == max(run["stage_peaks"].values()) > result["imports_rss_bytes"] > 0
     assert {"within_cap_plus_1GB", "peak_growth_bytes", "deepest_over_cap"} <= set(result["summary"])
+
+
+def test_broken_standin_keeps_16bit_outputs_and_breaks_4bit(tiny_model, tmp_path):
+    out = tmp_path / "standin"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "broken_standin.py"), "--model", str(tiny_model),
+                           "--out", str(out), "--heldout", "2", "--seq-len", "16", "--channels", "2", "--dtype", "bf16"],
+                          cwd=REPO, env={**CHILD_ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    record = json.loads((out / "standin.json").read_text())
+    assert record["kl_16bit_original_vs_standin"] == 0.0  # powers of two: bit-identical 16-bit logits
+    assert record["all_nf4_kld_standin"] > record["all_nf4_kld_original"]
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert len(record["scalings"]) == 2 * 2 and all(len(s["channels"]) == 2 for s in record["scalings"])
+
+
+def test_broken_model(tiny_model, tmp_path):
+    result = run_benchmark("broken_model.py", tmp_path / "broken.json", "--model", str(tiny_model), "--samples", "4",
+                           "--seq-len", "16", "--heldout", "2", "--refine", "1")
+    entry = result["models"][tiny_model.name]
+    labels = [r["score"] for r in entry["rows"]]
+    for expected in ("default before", "default now", "--refine 1", "menu nf4,nf4-bs32", "menu, default now",
+                     "random (seed 0)"):
+        assert any(label.startswith(expected) for label in labels), (expected, labels)
+    assert {"all_4bit_calibration_kld", "recovery_share", "fires"} <= set(entry["checks"]["before"])
