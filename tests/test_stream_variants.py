@@ -83,7 +83,7 @@ def test_run_under_the_cap_verifies_and_scores_as_in_memory(tmp_path):
     compare = CompareConfig(samples=4, seq_len=32, progress=False, report=ReportDepth.QUICK)
     results = {}
     for cap in (None, "1GB"):
-        options = AnalyzeConfig(samples=4, seq_len=32, progress=False, max_memory=cap)
+        options = AnalyzeConfig(samples=4, seq_len=32, progress=False, max_memory=cap, formats="nf4")  # streamed: nf4
         results[cap] = run(str(folder), "+20%", tmp_path / f"job-{cap}", options, compare=compare)
     checks = {cap: json.loads(r["plan"].read_text())["checks"]["verification"] for cap, r in results.items()}
     capped, expected = checks["1GB"], checks[None]
