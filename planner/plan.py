@@ -66,6 +66,7 @@ class PlanProblem:
     items: list  # solver items: each a list of Options
     members: list  # the module names each item decides together
     pinned_quant: dict
+    bytes_fixed: int  # the 16-bit bytes of the fixed modules
     floor: int  # the smallest bytes any plan can have
     ceiling: int  # the 16-bit size
     all_4bit: int  # what relative budgets count from
@@ -93,7 +94,7 @@ class PlanProblem:
         items, members = _items(model, tiers, fixed, pinned_quant, vllm_safe, whole_blocks)
         bytes_fixed = int(sum(model.loc[n, "bytes_16bit"] for n in fixed))
         floor = bytes_model.other + bytes_fixed + sum(min(o.cost for o in opts) for opts in items)
-        return cls(bytes_model, model, objective, fixed, reasons, items, members, pinned_quant, floor,
+        return cls(bytes_model, model, objective, fixed, reasons, items, members, pinned_quant, bytes_fixed, floor,
                    bytes_model.sixteen_bit_size().bytes, bytes_model.all_4bit_size(tiers[0]).bytes)
 
     def capacity(self, parsed) -> int:
@@ -108,8 +109,7 @@ class PlanProblem:
 
     def choose(self, capacity: int) -> dict:
         """Module -> KEEP or tier: the exact solver's picks within ``capacity`` bytes, plus the fixed modules."""
-        bytes_fixed = int(self.model["bytes_16bit"].reindex(list(self.fixed)).sum())
-        solution = solve(self.items, capacity - self.bytes_model.other - bytes_fixed)
+        solution = solve(self.items, capacity - self.bytes_model.other - self.bytes_fixed)
         choices = dict(self.fixed)
         for options, item, pick in zip(self.items, self.members, solution.picks, strict=True):
             for name in item:
