@@ -28,7 +28,7 @@ class AnalyzeConfig:
     blocksize: int = 64
     double_quant: bool = True
     device: str = "cpu"
-    dtype: str = "bf16"  # dtype the model is analyzed in
+    dtype: str = "auto"  # dtype the model is analyzed in; auto: per device (analysis.models.resolve_dtype)
     batch_size: int = 4
     resume: bool = False
     progress: bool = True
@@ -38,6 +38,11 @@ class AnalyzeConfig:
     text_only: bool = False
     max_memory: str | None = None  # stream block by block under this cap (analysis.streaming); "auto": when needed
     context: bool = False  # quantized-context pass: restore_gain, context_output_rel_error (objective "restore")
+
+    def __post_init__(self):
+        from .models import resolve_dtype
+
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))  # "auto" -> bf16 / fp32
 
     def format_values(self) -> list:
         """The candidate formats as values (:mod:`analysis.formats`). Unset, the blocksize menu

@@ -79,7 +79,7 @@ class Shard:
                                "model and calibration set")
         for owner in owners:
             stats = probe.stats[owner]
-            dist.all_reduce(stats.gram, op=dist.ReduceOp.SUM)
+            dist.all_reduce(stats.symmetric_gram(), op=dist.ReduceOp.SUM)  # every rank mirrored: same form
             dist.all_reduce(stats.channel_absmax, op=dist.ReduceOp.MAX)
             counts = torch.tensor([stats.tokens, stats.nonfinite_tokens], dtype=torch.int64)
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)

@@ -137,7 +137,7 @@ class _DeltaErrors:
             errors.squares += float(delta.pow(2).sum(dtype=torch.float64))
             errors.max_abs = max(errors.max_abs, float(delta.abs().max()))
             if measured:
-                per_output = _per_output(delta, stats.gram)
+                per_output = _per_output(delta, stats.symmetric_gram())
                 errors.output += float(per_output.sum())
                 if grad_sq is not None:
                     rows = grad_sq[errors.rows:errors.rows + delta.shape[0]]
@@ -224,7 +224,7 @@ def input_columns(stats: InputStats | None) -> dict:
 
 def _output_energy(weight: torch.Tensor, stats: InputStats) -> float:
     """‖XWᵀ‖² = tr(W·G·Wᵀ) from the Gram matrix, one row chunk at a time."""
-    return sum(float(_per_output(chunk, stats.gram).sum()) for chunk in row_chunks(weight))
+    return sum(float(_per_output(chunk, stats.symmetric_gram()).sum()) for chunk in row_chunks(weight))
 
 
 def _per_output(m: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ from torch import nn
 
 from quantplan.common.files import atomic_write_text, staged_file
 
+from .gram import add_upper, clear_lower, mirror_lower
+
 
 @dataclass
 class InputStats:
@@ -30,17 +32,27 @@ class InputStats:
 
     A batch first accumulates into ``pending``; :meth:`commit` folds it into the totals once the
     whole batch has run, so an interruption midway never leaves a half-counted batch behind.
+    The Gram matrix accumulates as its upper block triangle (:mod:`analysis.gram`, half the
+    multiply-adds); :meth:`symmetric_gram` mirrors it once before it is read.
     With ``atomic_batches=False`` (a streamed analysis, whose unit of resumption is a whole block)
     batches go straight into the totals: no second Gram matrix while a batch runs.
     """
 
-    gram: torch.Tensor  # [in, in] float32: Σ xᵀx over finite tokens
+    gram: torch.Tensor  # [in, in] float32: Σ xᵀx over finite tokens (upper block triangle unless ``mirrored``)
     channel_absmax: torch.Tensor  # [in] float32
     sample: torch.Tensor | None = None  # [<=sample_rows, in] float32, from the first batch
     tokens: int = 0
     nonfinite_tokens: int = 0
     pending: dict | None = None
     atomic_batches: bool = True
+    mirrored: bool = False  # the blocks below the diagonal hold their mirror image (see symmetric_gram)
+
+    def symmetric_gram(self) -> torch.Tensor:
+        """The full, symmetric Gram matrix Σ xᵀx (mirrors the accumulated upper triangle the first time)."""
+        if not self.mirrored:
+            mirror_lower(self.gram)
+            self.mirrored = True
+        return self.gram
 
     def update(self, x: torch.Tensor, sample_rows: int) -> None:
         rows = x.reshape(-1, x.shape[-1])
@@ -50,12 +62,15 @@ class InputStats:
             nonfinite = int((~finite).sum())
             rows = rows[finite]
         rows = rows.float()
+        if self.mirrored:  # more tokens after a read: back to the triangle they add to
+            clear_lower(self.gram)
+            self.mirrored = False
         if self.pending is None:
             self.pending = ({"gram": torch.zeros_like(self.gram), "absmax": torch.zeros_like(self.channel_absmax)}
                             if self.atomic_batches else {"gram": self.gram, "absmax": self.channel_absmax})
             self.pending.update(tokens=0, nonfinite=0, sample=None)
         p = self.pending
-        p["gram"].addmm_(rows.T, rows)
+        add_upper(p["gram"], rows)
         if len(rows):
             torch.maximum(p["absmax"], rows.abs().amax(dim=0), out=p["absmax"])
         p["tokens"] += len(rows)
@@ -175,7 +190,7 @@ class InputProbe:
             tensors[f"{owner}::absmax"] = s.channel_absmax.cpu().contiguous()
             if s.sample is not None:
                 tensors[f"{owner}::sample"] = s.sample.contiguous()
-            counts[owner] = [s.tokens, s.nonfinite_tokens]
+            counts[owner] = [s.tokens, s.nonfinite_tokens, s.mirrored]
         # the tensors go to a file named after the batch count and state.json, replaced last, names
         # it: a process killed between the two writes (SIGKILL) leaves the previous pair intact
         tensor_file = f"state-{self.batches_done:06d}.safetensors"
@@ -195,13 +210,14 @@ class InputProbe:
         self.owner = dict(state["owner"])
         self.batches_done = int(state["batches_done"])
         self.stats = {}
-        for owner, (tokens, nonfinite) in state["counts"].items():
+        for owner, (tokens, nonfinite, *mirrored) in state["counts"].items():
             self.stats[owner] = InputStats(
                 tensors[f"{owner}::gram"],
                 tensors[f"{owner}::absmax"],
                 tensors.get(f"{owner}::sample"),
                 tokens,
                 nonfinite,
+                mirrored=bool(mirrored[0]) if mirrored else True,  # states written before: full Gram matrices
             )
         return state, tensors
 

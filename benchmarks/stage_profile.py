@@ -38,12 +38,21 @@ def profile_run(model: str | None, run_args: list[str]) -> dict:
         if done.returncode != 0:
             raise SystemExit(f"quantplan run failed ({done.returncode}):\n{done.stderr[-4000:]}")
         profile = json.loads((Path(tmp) / "job" / "profile.json").read_text())
+        plan = json.loads((Path(tmp) / "job" / "plan.json").read_text())
     top = {s["name"]: s["seconds"] for s in profile["stages"] if s["depth"] == 0}
     analysis = top.get("analysis", float("nan"))
     return {"command": ["quantplan", "run", *command[4:]], "process_wall_s": wall, "profile": profile,
             "top_level_s": top, "run_over_analysis": profile["total_seconds"] / analysis if analysis else None,
             "target_run_over_analysis": TARGET_RATIO,
-            "peak_rss_bytes": max(s["peak_rss_bytes"] for s in profile["stages"])}
+            "peak_rss_bytes": max(s["peak_rss_bytes"] for s in profile["stages"]),
+            "plan_choices": plan["choices"],  # runs under other options (--dtype) compare their plans
+            "verified_kld": _verified_kld(plan)}
+
+
+def _verified_kld(plan: dict) -> float | None:
+    """The calibration KL the verification measured for the shipped plan (None without verification)."""
+    verification = plan.get("checks", {}).get("verification") or {}
+    return verification.get("calibration_kld", {}).get(verification.get("chosen"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ a process that has only imported torch, transformers and bitsandbytes (what no c
 Target (issue #13): peak RSS <= cap + 1 GB, flat in depth, with the deepest model >= 4x the cap.
 
     python benchmarks/streaming_run.py [--layers 16,64] [--max-memory 100MB] [--samples 8] [--seq-len 128]
-        [--shape tiny] [--out benchmarks/results/streaming_run.json]
+        [--shape tiny] [--dtype auto] [--out benchmarks/results/streaming_run.json]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="benchmark")
+    parser.add_argument("--dtype", default="auto", help="quantplan run --dtype (auto: fp32 on a CPU without native bf16)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="SmolLM2's tokenizer folder (default: offline)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -60,11 +61,14 @@ def main(argv=None) -> int:
             built = run_child(str(Path(__file__).parent / "gpu_check.py"),
                               ["build", str(folder), json.dumps(shape), tokenizer, "cpu"])
             run = built | run_child(__file__, ["run", str(folder), str(Path(work) / f"out-{layers}"), args.max_memory,
-                                               str(args.samples), str(args.seq_len)])
+                                               str(args.samples), str(args.seq_len), args.dtype])
             run["layers"] = layers
             runs.append(run)
             print(json.dumps({k: v for k, v in run.items() if k != "profile"}), flush=True)
+    from quantplan.analysis.models import resolve_dtype
+
     result = {"machine": machine_info(), "shape": SHAPES[args.shape], "max_memory": args.max_memory,
+              "dtype": resolve_dtype(args.dtype, "cpu"),
               "calibration": {"samples": args.samples, "seq_len": args.seq_len}, "imports_rss_bytes": baseline["rss"],
               "runs": runs, "summary": _summary(runs, args.max_memory, baseline["rss"])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,11 +90,11 @@ def child_imports() -> dict:
     return {"rss": rss_now()}
 
 
-def child_run(folder: str, out: str, max_memory: str, samples: str, seq_len: str) -> dict:
+def child_run(folder: str, out: str, max_memory: str, samples: str, seq_len: str, dtype: str) -> dict:
     """One whole ``quantplan run --max-memory`` of ``folder``; its wall time, peak RSS and stage profile."""
     command = [sys.executable, "-m", "quantplan", "run", folder, "--out", out, "--max-memory", max_memory,
                "--budget", "+10%", "--samples", samples, "--seq-len", seq_len, "--heldout-samples", "4",
-               "--heldout-seq-len", seq_len, "--quiet"]
+               "--heldout-seq-len", seq_len, "--dtype", dtype, "--quiet"]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:

@@ -30,6 +30,9 @@ def add_compare_parser(subparsers, formatter_class=None):
     io.add_argument("--table", help="folder of the sensitivity table the plans came from (default: the first plan's)")
     group = add_compare_args(p)
     group.add_argument("--device", default=CompareConfig().device, help="cpu | cuda | cuda:N")
+    group.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                       help="dtype of the 16-bit model and the simulated variants (auto: bf16 on a GPU and on CPUs "
+                            "with native bf16, else fp32)")
     group.add_argument("--quiet", action="store_true", help="no progress lines (results still print)")
     group.add_argument("--max-memory", metavar="SIZE", default=None,
                        help="a model larger than memory: measure the simulated rows block by block under this cap "
@@ -71,7 +74,8 @@ def compare_config_from_args(args) -> CompareConfig:
                          batch_size=args.compare_batch_size, prompts=tuple(args.gen_prompt) if args.gen_prompt else PROMPTS,
                          max_new_tokens=args.max_new_tokens, top_k=args.top_k, random_k=args.random_k,
                          agreement_samples=args.agreement_samples, baselines=not args.no_baselines,
-                         device=args.device, progress=not args.quiet, report=ReportDepth(args.report))
+                         device=args.device, dtype=args.dtype, progress=not args.quiet,
+                         report=ReportDepth(args.report))
 
 
 def run_compare(args) -> int:

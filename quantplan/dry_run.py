@@ -43,6 +43,7 @@ class DryRun:
     stream_note: str  # the largest stage's name, or why the model cannot be streamed
     action: str
     device: str = "cpu"  # where the analysis runs (and whose free memory ``available`` is)
+    dtype: str = "bf16"  # what the model is analyzed in (``--dtype auto`` resolved for ``device``)
 
 
 def dry_run(source: ModelSource, config: AnalyzeConfig) -> DryRun:
@@ -59,7 +60,7 @@ def dry_run(source: ModelSource, config: AnalyzeConfig) -> DryRun:
         max_memory = str(cap) if cap else None
     action = _action(max_memory, peak.total, available, stream_need, stream_note)
     return DryRun(source.model_id, peak, sizes, checkpoint_bytes(source.path), available, stream_need, stream_note,
-                  action, config.device)
+                  action, config.device, config.dtype)
 
 
 def auto_cap(peak: int, available: int | None, stream_need: int | None) -> int | None:
@@ -136,7 +137,8 @@ def describe(result: DryRun) -> str:
     """The dry run as a few lines for the terminal."""
     p = result.peak
     lines = [f"dry run: {result.model_id} (no weights loaded)",
-             f"  in-memory analysis peak ≈ {p.total / GB:.2f} GB: weights {p.weights / GB:.2f} GB + Gram statistics "
+             f"  in-memory analysis peak ≈ {p.total / GB:.2f} GB: weights {p.weights / GB:.2f} GB "
+             f"(in {result.dtype} on {result.device}) + Gram statistics "
              f"{p.statistics / GB:.2f} GB ({p.distinct_inputs} distinct Linear inputs, 2 × d_in² × 4 bytes each) "
              f"+ one batch's activations and logits {p.activations / GB:.2f} GB"]
     if result.sizes is not None:

@@ -40,7 +40,7 @@ import torch
 
 from quantplan.analysis import load_calibration, load_model, load_processor, resolve_source
 from quantplan.analysis.formats import FourBit, format_from_dict
-from quantplan.analysis.models import ModelSource, dtype_from_name
+from quantplan.analysis.models import ModelSource, dtype_from_name, resolve_dtype
 from quantplan.analysis.simulate import QuantCache
 from quantplan.analysis.table import SensitivityTable, TableMismatch
 from quantplan.common.profile import stage
@@ -96,12 +96,13 @@ class CompareConfig:
     seeds: tuple[int, ...] = (0, 1, 2)  # random baseline
     baselines: bool = True
     device: str = "cpu"
-    dtype: str = "bf16"
+    dtype: str = "auto"  # the 16-bit model's and the simulated variants' dtype; auto: per device, as the analysis
     progress: bool = True
     report: ReportDepth = ReportDepth.FULL
     max_memory: str | None = None  # stream the simulated variants block by block under this cap (reports.compare_capped)
 
     def __post_init__(self):
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))  # "auto" -> bf16 / fp32
         if not isinstance(self.report, ReportDepth):  # "quick" / "full" from a caller or a saved config
             object.__setattr__(self, "report", ReportDepth(self.report))
 
