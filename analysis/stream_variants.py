@@ -266,22 +266,45 @@ def _check_fits(model, stages, wanted: dict, cap: int, calibration, options: Str
     """Refuse, naming the fix, when a block, its round trips and one batch per stream cannot fit under ``cap``."""
     first = next(iter(calibration.batches(options.batch_size)), {"input_ids": torch.zeros(0, 0)})
     tokens = options.batch_size * first["input_ids"].shape[-1]
-    hidden = getattr(model.config, "hidden_size", 0)
     quantized = {n for formats in wanted.values() for n in formats}
-    worst, label = 0, ""
-    for stage in stages:
-        mine = [n for n in stage.linears if n in quantized]
-        need = stage_need(model, stage.params, mine, tokens, options.batch_size, head=stage.kind == "head",
-                          device_type=device_type)
-        packed = stage_bytes(model, [n + ".weight" for n in mine]) // 4  # the QuantCache's packed 4-bit copies
-        total = need["weights"] + need["work"] + packed  # no input statistics: nothing is measured
-        if stage.kind == "head":  # one batch per variant (hidden + normed), one chunk of logits ≈ the head's weights
-            total += len(wanted) * tokens * hidden * 4 + need["weights"]
-        if total > worst:
-            worst, label = total, stage.label
+    worst, label = _largest_need(model, stages, quantized, len(wanted), tokens, options.batch_size, device_type)
     if worst > cap:
         gb = 1e9
         raise StreamingUnsupported(
             f"--max-memory {cap / gb:.2f} GB is too small for the streamed end-to-end check: its largest block "
             f"({label}) needs about {worst / gb:.2f} GB: pass --max-memory {worst / gb + 0.01:.2f}GB or more, or a "
             f"smaller --batch-size")
+
+
+def variants_need(path, formats, *, variants: int, dtype: torch.dtype = torch.bfloat16, batch_size: int = 4,
+                  seq_len: int = 256, device: str | torch.device = "cpu") -> tuple[int, str]:
+    """(bytes, label) of the largest block a streamed comparison of ``variants`` variants holds, from the config
+    alone (every Linear that ``formats`` can quantize counted as quantized: an upper bound), so that a run can
+    refuse a cap its verification or scoreboard would refuse before its analysis spends any time."""
+    from .analyze import _reason
+
+    model = skeleton(path, dtype)
+    infos, lm_head = list_modules(model), output_embedding_name(model)
+    stages = stages_of(model, infos, lm_head)
+    quantized = {i.name for i in infos if _reason(model, i, lm_head, list(formats)) is None}
+    return _largest_need(model, stages, quantized, variants, batch_size * seq_len, batch_size,
+                         torch.device(device).type)
+
+
+def _largest_need(model, stages, quantized: set, variants: int, tokens: int, batch_size: int,
+                  device_type: str) -> tuple[int, str]:
+    """(bytes, label) of the stage that holds the most: its weights, work space, packed 4-bit copies and, at the
+    head, one batch of hidden states per variant and one chunk of logits (about the head's weight bytes)."""
+    hidden = getattr(model.config.get_text_config(), "hidden_size", 0)
+    worst, label = 0, ""
+    for stage in stages:
+        mine = [n for n in stage.linears if n in quantized]
+        need = stage_need(model, stage.params, mine, tokens, batch_size, head=stage.kind == "head",
+                          device_type=device_type)
+        packed = stage_bytes(model, [n + ".weight" for n in mine]) // 4  # the QuantCache's packed 4-bit copies
+        total = need["weights"] + need["work"] + packed  # no input statistics: nothing is measured
+        if stage.kind == "head":
+            total += variants * tokens * hidden * 4 + need["weights"]
+        if total > worst:
+            worst, label = total, stage.label
+    return worst, label

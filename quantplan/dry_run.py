@@ -115,6 +115,35 @@ def _stream_need(source: ModelSource, config: AnalyzeConfig) -> tuple[int | None
     return need["total"], label
 
 
+#: streams a streamed verification compares: all-4-bit, the plan, two heuristic baselines (planner.verify)
+VERIFY_VARIANTS = 4
+
+
+def check_streamed_run_fits(source: ModelSource, config: AnalyzeConfig, *, verify: bool, compare=None) -> None:
+    """Refuse a ``--max-memory`` cap the run's streamed verification or scoreboard could not keep, before the
+    analysis spends any time (each also checks its own stage when it starts; this is the early, whole-run check).
+    ``compare``: the scoreboard's :class:`reports.compare.CompareConfig`, None when the run makes no report."""
+    from quantplan.analysis.models import dtype_from_name
+    from quantplan.analysis.stream_variants import variants_need
+
+    if not config.max_memory or config.max_memory == AUTO:
+        return
+    cap = parse_size(config.max_memory)
+    checks = []
+    if verify:
+        checks.append(("streamed end-to-end check", VERIFY_VARIANTS, config.batch_size, config.seq_len))
+    if compare is not None:  # 16-bit, all-4-bit, the plan, two heuristics, the random seeds
+        checks.append(("streamed fidelity scoreboard", 5 + len(compare.seed_values), compare.batch_size,
+                       compare.seq_len))
+    for what, variants, batch_size, seq_len in checks:
+        need, label = variants_need(source.path, config.format_values(), variants=variants, dtype=dtype_from_name(config.dtype),
+                                    batch_size=batch_size, seq_len=seq_len, device=config.device)
+        if need > cap:
+            raise ValueError(f"--max-memory {cap / GB:.2f} GB is too small for the run's {what}: its largest block "
+                             f"({label}) needs about {need / GB:.2f} GB: pass --max-memory {need / GB + 0.01:.2f}GB "
+                             "or more, or a smaller batch size (or --no-verify / --no-compare to skip that step)")
+
+
 def _action(max_memory: str | None, peak: int, available: int | None, stream_need: int | None, note: str) -> str:
     if max_memory:
         cap = parse_size(max_memory)

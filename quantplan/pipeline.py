@@ -26,7 +26,7 @@ from quantplan.planner.pareto import pareto_curve
 from quantplan.planner.plan_types import Plan
 from quantplan.planner.priors import kept_summary
 
-from .dry_run import choose_max_memory
+from .dry_run import check_streamed_run_fits, choose_max_memory
 from .endtoend import EndToEnd
 
 
@@ -53,6 +53,7 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     checkpoint = out_dir / "checkpoint"
     check_out_dir(checkpoint, overwrite)  # before the analysis: the rule export applies, refused early
     check_budget_fits(source, budget, analyze_config, plan_config)
+    check_streamed_run_fits(source, analyze_config, verify=end_to_end.verify, compare=compare)
     with recording() as profile:
         result = _run_stages(source, budget, out_dir, analyze_config, plan_config, compare, end_to_end, overwrite)
     if "plan" in result:  # rank 0: the one that plans, exports and reports

@@ -120,3 +120,33 @@ def test_free_memory_of_a_device_this_machine_lacks_is_unknown():
     assert module.available_memory("cpu") is None or module.available_memory("cpu") > 0
     if not torch.cuda.is_available():
         assert module.available_memory("cuda") is None  # auto then analyzes in memory, as before
+
+
+def test_a_cap_the_scoreboard_cannot_keep_is_refused_before_the_analysis(tmp_path, no_weights_read):
+    """The analysis fits the cap but the streamed scoreboard's head (one batch per variant) does not: the run
+    refuses at once, naming the step and the cap that would do, instead of failing after the analysis."""
+    from quantplan.analysis.config import AnalyzeConfig
+    from quantplan.dry_run import check_streamed_run_fits
+    from quantplan.reports.compare import CompareConfig
+
+    source = resolve_source(str(save_tiny(tmp_path / "model", layers=2, vocab=4096)))
+    config = AnalyzeConfig(max_memory="30MB", dtype="fp32")
+    check_streamed_run_fits(source, config, verify=True, compare=None)  # analysis and verification fit
+    wide = CompareConfig(batch_size=64, seq_len=256)
+    with pytest.raises(ValueError, match=r"fidelity scoreboard.*pass --max-memory 0\.\d\dGB or more"):
+        check_streamed_run_fits(source, config, verify=True, compare=wide)
+    check_streamed_run_fits(source, AnalyzeConfig(max_memory="1GB", dtype="fp32"), verify=True, compare=wide)
+    check_streamed_run_fits(source, AnalyzeConfig(dtype="fp32"), verify=True, compare=wide)  # in memory: no cap
+
+
+def test_run_refuses_the_cap_before_writing_anything(tmp_path):
+    from quantplan.analysis.config import AnalyzeConfig
+    from quantplan.pipeline import run
+    from quantplan.reports.compare import CompareConfig
+
+    folder = save_tiny(tmp_path / "model", layers=2, vocab=4096)
+    out = tmp_path / "job"
+    with pytest.raises(ValueError, match="fidelity scoreboard"):
+        run(str(folder), "+10%", out, AnalyzeConfig(max_memory="30MB", dtype="fp32", samples=2, seq_len=16),
+            compare=CompareConfig(batch_size=64, seq_len=256))
+    assert not (out / "sensitivity.parquet").exists()
