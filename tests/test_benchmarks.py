@@ -169,3 +169,11 @@ def test_broken_model(tiny_model, tmp_path):
                      "random (seed 0)"):
         assert any(label.startswith(expected) for label in labels), (expected, labels)
     assert {"all_4bit_calibration_kld", "recovery_share", "fires"} <= set(entry["checks"]["before"])
+
+
+def test_gram_update(tmp_path):
+    result = run_benchmark("gram_update.py", tmp_path / "gram.json", "--tokens", "64", "--widths", "300,64",
+                           "--repeats", "1")
+    assert [r["width"] for r in result["rows"]] == [300, 64]
+    for row in result["rows"]:
+        assert row["full_s"] > 0 and row["upper_s"] > 0 and row["max_rel_difference"] < 1e-5
