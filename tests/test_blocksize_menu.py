@@ -212,6 +212,7 @@ def test_single_blocksize_plan_keeps_the_transformers_path(menu_job, tmp_path, m
         raise AssertionError("a single-format plan must not use the pre-quantized writer")
 
     monkeypatch.setattr(export_module, "write_prequantized", no_writer)
+    monkeypatch.setattr(export_module, "write_streamed", no_writer)
     p = plan(table, "+10%", tiers=["nf4"])
     export(source, p, tmp_path / "single")
     config = json.loads((tmp_path / "single" / "config.json").read_text())["quantization_config"]
