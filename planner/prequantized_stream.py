@@ -91,11 +91,12 @@ def _saved_keys(model: nn.Module, planned: dict[str, FourBit]) -> list[str]:
 
 def _output_names(model: nn.Module, keys: list[str], formats: dict[str, FourBit]) -> dict[str, str]:
     """Live key -> saved key of every tensor written, the quant-state entries of each 4-bit weight included."""
+    parts = {fmt: _state_parts(fmt) for fmt in set(formats.values())}
     live = []
     for key in keys:
         live.append(key)
         if key in formats:
-            live.extend(f"{key}.{part}" for part in _state_parts(formats[key]))
+            live.extend(f"{key}.{part}" for part in parts[formats[key]])
     names = saved_names(model, live)
     if missing := [k for k in live if k not in names]:
         raise StreamingUnsupported(f"transformers converts {missing[0]} by more than a renaming when it saves")
