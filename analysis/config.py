@@ -48,14 +48,13 @@ class AnalyzeConfig:
         """The candidate formats as values (:mod:`analysis.formats`). Unset, the blocksize menu
         ``nf4,nf4-bs32`` (better than blocksize 64 alone on held-out text at +10 % and +33 %,
         benchmarks/README.md); ``nf4`` alone with ``--blocksize`` other than 64 or without double quant
-        (the menu counts its budgets from blocksize 64 and is written with double quant), and when the
-        model is streamed under ``--max-memory`` (a menu plan's export loads the 16-bit model whole, a
-        skip-list plan's is quantized by transformers tensor by tensor as it loads), and with ``--context``
+        (the menu counts its budgets from blocksize 64 and is written with double quant), and with ``--context``
         (its restore gains are measured in the all-4-bit model of one format: ``--objective restore``
-        has no score for a second entry)."""
+        has no score for a second entry). A streamed analysis (``--max-memory``) measures the menu too: a menu
+        plan's export reads the checkpoint tensor by tensor (:mod:`planner.prequantized_stream`)."""
         if self.formats is not None:
             return parse_formats(self.formats, self.blocksize, self.double_quant)
-        menu = self.blocksize == 64 and self.double_quant and self.max_memory in (None, "auto") and not self.context
+        menu = self.blocksize == 64 and self.double_quant and not self.context
         return parse_formats(DEFAULT_FORMATS if menu else "nf4", self.blocksize, self.double_quant)
 
 

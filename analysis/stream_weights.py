@@ -92,18 +92,25 @@ class DiskWeights:
         """Materialize the named parameters on ``device`` from disk (tied ones from their source)."""
         from safetensors import safe_open
 
-        keys = {name: self._key(name) for name in names}
+        keys = {name: self.key(name) for name in names}
         by_file: dict[Path, list[str]] = {}
         for name, key in keys.items():
             by_file.setdefault(self.files[key], []).append(name)
         for file, group in by_file.items():
             with safe_open(file, "pt") as f:
                 for name in group:
-                    tensor = f.get_tensor(keys[name])
-                    cast = dtype if tensor.is_floating_point() else tensor.dtype
-                    _set_param(model, name, tensor.to(device=device, dtype=cast))
+                    _set_param(model, name, _cast(f.get_tensor(keys[name]), dtype, device))
 
-    def _key(self, name: str) -> str:
+    def read(self, name: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One parameter (a tied one from its source) read from disk, cast as :meth:`load` casts it."""
+        from safetensors import safe_open
+
+        key = self.key(name)
+        with safe_open(self.files[key], "pt") as f:
+            return _cast(f.get_tensor(key), dtype, device)
+
+    def key(self, name: str) -> str:
+        """The checkpoint key that holds the live parameter ``name`` (or one it is tied to)."""
         for live in [name, *self.aliases.get(name, [])]:
             for key in (live, self.saved.get(live)):
                 if key in self.files:
@@ -132,18 +139,28 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """A checkpoint tensor as ``from_pretrained(dtype=...)`` holds it: floating ones in ``dtype``, others as saved."""
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+
+
 def _saved_names(model: nn.Module) -> dict[str, str]:
-    """Live parameter name -> the name ``save_pretrained`` writes, where transformers 5 renames it.
+    """Live parameter name -> the name ``save_pretrained`` writes (:func:`saved_names` of every parameter)."""
+    return saved_names(model, [n for n, _ in model.named_parameters(remove_duplicate=False)])
+
+
+def saved_names(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Live state-dict key -> the key ``save_pretrained`` writes, where transformers 5 renames it.
 
     A vision-language model's live names (``model.language_model.layers.0…``) are saved in the
-    hub layout (``model.layers.0…``, ``visual.…``); transformers' own reversal gives each name's,
-    traced by an index tensor per parameter (renamings keep a tensor whole).
+    hub layout (``model.layers.0…``, ``visual.…``); transformers' own reversal gives each key's,
+    traced by an index tensor per key (renamings keep a tensor whole). A key the reversal does
+    more than rename (merges or splits it) is left out; without transformers 5 every key maps to itself.
     """
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers 4: the live names are the saved names
-        return {}
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+        return {n: n for n in names}
     saved = revert_weight_conversion(model, {n: torch.tensor(i) for i, n in enumerate(names)})
     return {names[int(v)]: k for k, v in saved.items() if torch.is_tensor(v) and v.dim() == 0}
 

@@ -7,8 +7,8 @@ a fresh child process:
 1. ``quantplan run MODEL --device cuda --budget +10%`` (the default job: Fisher analysis in
    memory, plan, never-worse verification, export, reload check, quick fidelity report);
 2. the same with ``--max-memory CAP`` (the analysis streamed one block at a time through the
-   GPU; the rest of the job as that mode runs it); both with ``--formats nf4`` (a streamed run
-   measures nf4 alone by default, an in-memory one the blocksize menu), so the tables compare;
+   GPU; the rest of the job as that mode runs it); both with ``--formats nf4`` (one format keeps the
+   check short; both modes measure the blocksize menu by default), so the tables compare;
 3. a reload of the exported checkpoint with plain ``from_pretrained(device_map=DEVICE)`` and
    a few greedy tokens.
 

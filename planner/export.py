@@ -10,8 +10,10 @@ existing ``out_dir`` is replaced only if quantplan wrote it (it holds ``quantpla
 ``--overwrite`` says so; any other non-empty folder is refused, so no user file is ever deleted.
 
 A plan over a blocksize menu (4-bit modules in more than one format, e.g. ``nf4`` and ``nf4-bs32``)
-cannot be expressed as a ``BitsAndBytesConfig``: the 16-bit model is loaded and written
-pre-quantized instead (:mod:`planner.prequantized`), then reloaded and checked the same way, plus
+cannot be expressed as a ``BitsAndBytesConfig``: its checkpoint is written pre-quantized instead,
+tensor by tensor from the source's safetensors files (:mod:`planner.prequantized_stream`: one tensor
+and one output shard in memory, never the 16-bit model; a source without safetensors files loads the
+16-bit model whole, :mod:`planner.prequantized`), then reloaded and checked the same way, plus
 each 4-bit module's loaded blocksize against the plan. A single-format plan keeps the
 transformers path (its ``BitsAndBytesConfig`` is the one ``plan.json`` shows, ready to paste).
 """
@@ -28,11 +30,13 @@ import torch
 from torch import nn
 
 from quantplan.analysis.models import ModelSource, load_processor
+from quantplan.analysis.stream_weights import StreamingUnsupported
 from quantplan.common.modes import apply_umask, staging_dir
 
 from .modelcard import write_model_card
 from .plan_types import KEEP, Plan
 from .prequantized import MenuExportError, check_blocksizes, menu_formats, write_prequantized
+from .prequantized_stream import write_streamed
 
 PLAN_MARKER = "quantplan_plan.json"  # in every exported folder: what makes it quantplan's to replace
 
@@ -87,14 +91,13 @@ def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: b
     staging = staging_dir(out_dir.parent, prefix=f".{out_dir.name}.partial-")
     try:
         if config is None:
-            model = _load_16bit(source, compute_dtype, device)
-            write_prequantized(model, plan, staging, compute_dtype)
+            _write_menu(source, plan, staging, compute_dtype, device)
         else:
             model = _load_quantized(source.path, config, compute_dtype, device)
             check_module_types(model, plan)
             model.save_pretrained(staging)
+            del model
         load_processor(source).save_pretrained(staging)
-        del model
         gc.collect()
         plan.save(staging / PLAN_MARKER)
         reloaded = _load_plain(staging, device)
@@ -171,6 +174,18 @@ def checkpoint_tensor_bytes(folder: Path) -> int:
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+def _write_menu(source: ModelSource, plan: Plan, staging: Path, compute_dtype: torch.dtype, device: str) -> None:
+    """A menu plan's pre-quantized checkpoint, streamed tensor by tensor from the source's safetensors files;
+    a source the stream cannot read (``.bin`` weights) is loaded whole in 16-bit instead, saying so."""
+    try:
+        write_streamed(source.path, plan, staging, compute_dtype, device)
+    except StreamingUnsupported as err:
+        print(f"quantplan: export: {err}, so the blocksize-menu checkpoint is written from the 16-bit model "
+              "loaded whole (re-save the model with save_pretrained to stream it)")
+        model = _load_16bit(source, compute_dtype, device)
+        write_prequantized(model, plan, staging, compute_dtype)
 
 
 def _load_quantized(path, config, compute_dtype, device):

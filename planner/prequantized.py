@@ -10,6 +10,11 @@ written here, tensor by tensor, in transformers' pre-quantized layout: each 4-bi
 ``llm_int8_skip_modules``; ``config.json`` holds ``BitsAndBytesConfig(load_in_4bit=True, ...)``.
 Plain ``from_pretrained`` then builds each ``Linear4bit`` from its own saved quant state
 (bitsandbytes' ``Params4bit.from_prequantized``), so each takes the blocksize it was written with.
+
+The checkpoint is normally streamed from the source's safetensors files, one tensor at a time
+(:mod:`planner.prequantized_stream`); :func:`write_prequantized` saves it from a loaded 16-bit
+model, for sources the stream cannot read (``.bin`` weights). Both share the keys, quant states
+and config written here.
 """
 
 from __future__ import annotations
@@ -41,13 +46,31 @@ def menu_formats(plan: Plan) -> dict[str, FourBit]:
     return formats
 
 
+def planned_weight_keys(plan: Plan) -> dict[str, str]:
+    """``{"<module>.weight": tier}`` for every module the plan puts in 4-bit."""
+    return {f"{name}.weight": tier for name, tier in plan.choices.items() if tier != KEEP}
+
+
+def menu_quantization_config(plan: Plan, compute_dtype: torch.dtype):
+    """The ``BitsAndBytesConfig`` saved in a menu checkpoint's ``config.json``: 4-bit, double quant, the plan's
+    skip list; its quant type is the reference format's (each tensor's own quant state overrides it on load)."""
+    from transformers import BitsAndBytesConfig
+
+    formats = menu_formats(plan)
+    reference = format_from_dict(plan.quant) if plan.quant else next(iter(formats.values()))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=reference.quant_type,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=list(plan.skip_modules),
+    )
+
+
 def quantized_state_dict(model: nn.Module, plan: Plan, formats: dict[str, FourBit]) -> dict[str, torch.Tensor]:
     """The model's state dict with every planned 4-bit weight replaced by bitsandbytes' packed tensors."""
     state = dict(model.state_dict())
-    for name, tier in plan.choices.items():
-        if tier == KEEP:
-            continue
-        key = f"{name}.weight"
+    for key, tier in planned_weight_keys(plan).items():
         if key not in state:
             raise MenuExportError(f"the model has no weight {key}: the plan was made for another module tree "
                                   "(re-run analyze on this model)")
@@ -59,20 +82,11 @@ def quantized_state_dict(model: nn.Module, plan: Plan, formats: dict[str, FourBi
 
 
 def write_prequantized(model: nn.Module, plan: Plan, folder: Path, compute_dtype: torch.dtype) -> None:
-    """Save the 16-bit ``model`` as ``plan`` says, pre-quantized, into ``folder`` (config, weights, generation
-    config); ``model`` must not be used afterwards (its config now carries the quantization config)."""
-    from transformers import BitsAndBytesConfig
-
-    formats = menu_formats(plan)
-    reference = format_from_dict(plan.quant) if plan.quant else next(iter(formats.values()))
-    state = quantized_state_dict(model, plan, formats)
-    model.config.quantization_config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=reference.quant_type,  # each tensor's own quant state overrides it on load
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=list(plan.skip_modules),
-    )
+    """Save the loaded 16-bit ``model`` as ``plan`` says, pre-quantized, into ``folder`` (config, weights,
+    generation config); ``model`` must not be used afterwards (its config now carries the quantization config).
+    For sources :func:`planner.prequantized_stream.write_streamed` cannot read tensor by tensor."""
+    state = quantized_state_dict(model, plan, menu_formats(plan))
+    model.config.quantization_config = menu_quantization_config(plan, compute_dtype)
     model.save_pretrained(folder, state_dict=state)
 
 

@@ -131,9 +131,6 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
     if reuse and (table := _matching_table(out_dir, source, calibration, formats, fisher, config.context)):
         return table
     if config.max_memory:
-        if config.formats is None:
-            print("quantplan: --max-memory: candidate format nf4 only, not the blocksize menu (its export would "
-                  "load the 16-bit model whole); --formats nf4,nf4-bs32 to have it anyway")
         table = _analyze_streaming(source, calibration, formats, out_dir, config)
     else:
         init_from_environment(config.device)  # torchrun / accelerate launch: share the batches

@@ -64,7 +64,7 @@ def test_the_default_formats_are_the_menu_unless_the_blocksize_or_double_quant_r
     assert names(formats="nf4") == ["nf4"]  # skip-list-only mode
     assert names(blocksize=32) == ["nf4-bs32"]  # not "listed twice"
     assert len(names(double_quant=False)) == 1  # the menu is written with double quant
-    assert names(max_memory="1GB") == ["nf4"]  # streamed: the export must not load the 16-bit model whole
+    assert names(max_memory="1GB") == ["nf4", "nf4-bs32"]  # streamed: the menu's export streams too
     assert names(max_memory="auto") == ["nf4", "nf4-bs32"]
     assert names(context=True) == ["nf4"]  # restore gains are measured for one format
 
@@ -212,6 +212,7 @@ def test_single_blocksize_plan_keeps_the_transformers_path(menu_job, tmp_path, m
         raise AssertionError("a single-format plan must not use the pre-quantized writer")
 
     monkeypatch.setattr(export_module, "write_prequantized", no_writer)
+    monkeypatch.setattr(export_module, "write_streamed", no_writer)
     p = plan(table, "+10%", tiers=["nf4"])
     export(source, p, tmp_path / "single")
     config = json.loads((tmp_path / "single" / "config.json").read_text())["quantization_config"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from tiny import random_calibration, save_tiny, tiny_llama
 from quantplan.analysis import INT8, NF4, TableMismatch, analyze, load_model, resolve_source
 from quantplan.analysis.stream_weights import StreamingUnsupported
 from quantplan.analysis.streaming import analyze_streaming
+from quantplan.analysis.table import SensitivityTable
 from quantplan.common.sizes import parse_size
 
 
@@ -201,15 +203,28 @@ def _words(tmp_path: Path) -> Path:
     return path
 
 
-def test_run_with_max_memory_plans_and_exports_from_the_streamed_table(tmp_path):
+def test_run_with_max_memory_plans_and_exports_from_the_streamed_table(tmp_path, monkeypatch):
+    from dataclasses import replace
+
     from quantplan import AnalyzeConfig, EndToEnd, run
 
     folder = save_tiny(tmp_path / "model")
     options = AnalyzeConfig(calib=str(_words(tmp_path)), samples=4, seq_len=32, progress=False, max_memory="1GB")
-    out = run(str(folder), "+20%", tmp_path / "job", options)
+    checks = EndToEnd(refine=0)  # the automatic refinement (one 4-bit format) runs in memory only
+    memory = run(str(folder), "+20%", tmp_path / "memory", replace(options, max_memory=None), end_to_end=checks)
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the export under --max-memory loaded the 16-bit model whole")
+
+    monkeypatch.setattr(importlib.import_module("quantplan.planner.export"), "_load_16bit", whole)
+    out = run(str(folder), "+20%", tmp_path / "job", options, end_to_end=checks)
     assert out["checkpoint"].is_dir() and out["plan"].is_file()
     saved = json.loads(out["plan"].read_text())
     assert saved["objective"] == "fisher"  # auto uses the streamed Fisher scores
+    # the default formats are the blocksize menu streamed too: the same plan as in memory
+    assert SensitivityTable.load(tmp_path / "job").formats == ["nf4", "nf4-bs32"]
+    assert saved["tiers"] == ["nf4", "nf4-bs32"] and out["plan_obj"].mixed_blocksizes  # the streamed menu writer
+    assert saved["choices"] == json.loads(memory["plan"].read_text())["choices"]
     assert saved["checks"]["verification"]["tokens"] == 4 * 32  # measured block by block (test_stream_variants.py)
     with pytest.raises(ValueError, match="--refine"):
         run(str(folder), "+20%", tmp_path / "job", options, overwrite=True, end_to_end=EndToEnd(refine=2))

@@ -1,0 +1,130 @@
+"""The blocksize-menu checkpoint written tensor by tensor from disk (planner/prequantized_stream.py): the same
+keys, tensors and config as the in-memory writer, plain ``from_pretrained`` loads it at the planned blocksizes,
+and the export never loads the 16-bit model whole."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import random_calibration, save_tiny
+from transformers import AutoModelForCausalLM
+from vlm_models import save_tiny_vlm
+
+from quantplan.analysis import NF4, analyze, load_model, resolve_source
+from quantplan.analysis.formats import NF4_BS32
+from quantplan.planner import KEEP, export, plan
+from quantplan.planner.export import check_module_types
+from quantplan.planner.prequantized import check_blocksizes, write_prequantized
+from quantplan.planner.prequantized_stream import write_streamed
+from quantplan.planner.reasons import Reason, ReasonKind
+from quantplan.planner.skiplist import build_skip_list
+
+export_module = importlib.import_module("quantplan.planner.export")
+stream_module = importlib.import_module("quantplan.planner.prequantized_stream")
+
+
+@pytest.fixture(scope="module")
+def base_plan(tmp_path_factory):
+    """A plan from a tiny Llama's menu table; the tests replace its choices and skip list."""
+    source = resolve_source(str(save_tiny(tmp_path_factory.mktemp("base"), layers=1)))
+    table = analyze(load_model(source), random_calibration(samples=2), [NF4, NF4_BS32], progress=False,
+                    model_fingerprint=source.fingerprint)
+    return plan(table, "+5%")
+
+
+def cycled(base, source, head: str = KEEP):
+    """``base`` for ``source``'s model with its quantizable Linears cycling through nf4, nf4-bs32 and 16-bit."""
+    model = load_model(source)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+             and m.weight.numel() % 64 == 0]
+    choices = {n: (NF4.name, NF4_BS32.name, KEEP)[i % 3] for i, n in enumerate(names)}
+    if "lm_head" in dict(model.named_modules()):
+        choices["lm_head"] = head
+    kept = [n for n, c in choices.items() if c == KEEP]
+    return replace(base, choices=choices, model_fingerprint=source.fingerprint,
+                   reasons={n: Reason(ReasonKind.PINNED_KEEP if c == KEEP else ReasonKind.PINNED_QUANTIZE, "test")
+                            for n, c in choices.items()},
+                   skip_modules=build_skip_list(kept, [n for n in choices if n not in kept]))
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+@pytest.mark.parametrize("model", ["llama", "llama-tied", "qwen2_vl"])
+def test_streamed_checkpoint_equals_the_in_memory_one_and_reloads_at_the_planned_blocksizes(
+        base_plan, tmp_path, model):
+    if model == "qwen2_vl":  # transformers 5 renames its modules on load: the saved names are the hub's
+        folder = save_tiny_vlm("qwen2_vl", tmp_path / "model")
+    else:
+        folder = save_tiny(tmp_path / "model", layers=2, tie=model == "llama-tied")
+    source = resolve_source(str(folder))
+    p = cycled(base_plan, source, head=NF4_BS32.name if model == "llama" else KEEP)  # a tied head stays 16-bit
+    assert {c for c in p.choices.values()} == {NF4.name, NF4_BS32.name, KEEP}
+    write_prequantized(load_model(source), p, tmp_path / "memory", torch.bfloat16)
+    (tmp_path / "streamed").mkdir()
+    write_streamed(folder, p, tmp_path / "streamed", torch.bfloat16, max_shard_bytes=20_000)
+
+    memory, streamed = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert streamed.keys() == memory.keys()
+    for key, tensor in memory.items():
+        assert streamed[key].dtype == tensor.dtype and torch.equal(streamed[key], tensor), key
+    if model == "llama-tied":
+        assert "lm_head.weight" not in streamed  # saved once, as the embedding
+    if model == "qwen2_vl":
+        assert "model.layers.0.mlp.up_proj.weight.absmax" in streamed  # hub names, quant states included
+    shards = sorted((tmp_path / "streamed").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and not list((tmp_path / "streamed").glob("*.tmp"))
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"].keys() == streamed.keys() and set(index["weight_map"].values()) == {
+        s.name for s in shards}
+    for name in ("config.json", "generation_config.json"):
+        assert (json.loads((tmp_path / "streamed" / name).read_text())
+                == json.loads((tmp_path / "memory" / name).read_text())), name
+
+    reloaded = load_model(resolve_source(str(tmp_path / "streamed")), dtype="auto")
+    check_module_types(reloaded, p)  # every 4-bit module a Linear4bit, every kept one a Linear
+    assert check_blocksizes(reloaded, p) == []
+
+
+def test_menu_export_streams_and_never_loads_the_16bit_model(base_plan, tmp_path, monkeypatch, capsys):
+    def whole(*args, **kwargs):
+        raise AssertionError("the menu export loaded the 16-bit model whole")
+
+    monkeypatch.setattr(export_module, "_load_16bit", whole)
+    monkeypatch.setattr(stream_module, "MAX_SHARD_BYTES", 30_000)
+    source = resolve_source(str(save_tiny(tmp_path / "model", layers=2)))
+    p = cycled(base_plan, source, head=NF4.name)
+    assert p.mixed_blocksizes
+    export(source, p, tmp_path / "out")
+    assert "loaded whole" not in capsys.readouterr().out
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu")
+    modules = dict(reloaded.named_modules())
+    for name, choice in p.choices.items():
+        if choice == KEEP:
+            assert type(modules[name]) is torch.nn.Linear, name
+        else:
+            assert modules[name].weight.quant_state.blocksize == p.formats[choice]["blocksize"], name
+    assert torch.isfinite(reloaded(torch.tensor([[5, 6, 7, 8]])).logits).all()
+
+
+def test_a_source_without_safetensors_is_written_from_the_16bit_model_saying_so(base_plan, tmp_path, capsys):
+    folder = save_tiny(tmp_path / "model", layers=2)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    source = resolve_source(str(folder))
+    p = cycled(base_plan, source)
+    export(source, p, tmp_path / "out")
+    assert "holds no safetensors files" in capsys.readouterr().out
+    reloaded = load_model(resolve_source(str(tmp_path / "out")), dtype="auto")
+    assert check_blocksizes(reloaded, p) == []
