@@ -39,6 +39,7 @@ def profile_run(model: str | None, run_args: list[str]) -> dict:
             raise SystemExit(f"quantplan run failed ({done.returncode}):\n{done.stderr[-4000:]}")
         profile = json.loads((Path(tmp) / "job" / "profile.json").read_text())
         plan = json.loads((Path(tmp) / "job" / "plan.json").read_text())
+        scoreboard = _scoreboard(Path(tmp) / "job" / "scoreboard.csv")
     top = {s["name"]: s["seconds"] for s in profile["stages"] if s["depth"] == 0}
     analysis = top.get("analysis", float("nan"))
     return {"command": ["quantplan", "run", *command[4:]], "process_wall_s": wall, "profile": profile,
@@ -46,7 +47,21 @@ def profile_run(model: str | None, run_args: list[str]) -> dict:
             "target_run_over_analysis": TARGET_RATIO,
             "peak_rss_bytes": max(s["peak_rss_bytes"] for s in profile["stages"]),
             "plan_choices": plan["choices"],  # runs under other options (--dtype) compare their plans
-            "verified_kld": _verified_kld(plan)}
+            "verified_kld": _verified_kld(plan),
+            "scoreboard": scoreboard}  # held-out mean KLD and recovery per row (None without a report)
+
+
+def _scoreboard(path: Path) -> list[dict] | None:
+    """The fidelity scoreboard's rows (variant, how measured, mean KLD, recovery %), None when not written."""
+    if not path.is_file():
+        return None
+    import csv
+
+    with path.open() as f:
+        return [{"variant": row["variant"], "measured_with": row["measured_with"],
+                 "mean_kld": float(row["mean_kld"]) if row["mean_kld"] else None,
+                 "recovery_pct": float(row["recovery_pct"]) if row["recovery_pct"] else None}
+                for row in csv.DictReader(f)]
 
 
 def _verified_kld(plan: dict) -> float | None:

@@ -111,6 +111,7 @@ def test_stage_profile(tmp_path, tiny_model):
     run = result["runs"]["tiny"]
     assert {"analysis", "plan + verification", "export"} <= set(run["top_level_s"])
     assert run["run_over_analysis"] >= 1 and run["peak_rss_bytes"] > 0 and "machine" in run
+    assert run["plan_choices"] and run["scoreboard"] is None  # --no-compare: no report to read
 
 
 def test_streaming_fisher(tmp_path, tiny_model):
