@@ -175,3 +175,14 @@ def test_refine_refuses_a_tier_that_is_not_4bit(job):
     with pytest.raises(ValueError, match="--tiers nf4 with --refine"):
         refine(table, "+20%", model, calibration, config=PlanConfig(tiers=("nf4", "int8")), rounds=1,
                **shared_of(model, calibration))
+
+
+def test_plan_takes_scores_per_tier(job):
+    """The knapsack reads each tier's scores: a free blocksize 32 puts every 4-bit module there; an unknown tier
+    is refused."""
+    _, _, table, names = job
+    free = plan(table, "+20%", scores={"nf4-bs32": dict.fromkeys(names, 0.0)})
+    assert free.predicted.error == 0.0 and "nf4" not in free.choices.values()
+    assert "nf4-bs32" in free.choices.values()
+    with pytest.raises(ValueError, match="does not use"):
+        plan(table, "+20%", scores={"int8": {}})
