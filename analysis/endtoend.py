@@ -16,6 +16,13 @@ variants of the model (some weights swapped for bitsandbytes' round trip by
   Re-measured after restoring some modules, it is what the planner's refinement iterates on.
   In the same pass, forward hooks record each quantized module's own output error on the
   inputs of the quantized model, ``‖(W−Ŵ)x̂‖² / ‖Wx̂‖²``.
+- Each quantized module computes in its own current format (``formats``: a plan over a blocksize
+  menu puts some modules in blocksize 32, some in 64), and the same gradient gives the
+  first-order KL decrease of moving it to any other 4-bit format f of a ``menu``:
+  ``−⟨∂KL/∂W_i, Ŵ_f − Ŵ_cur⟩`` (:class:`Move`, with the geometry ``‖Ŵ_f − W‖²`` and
+  ``⟨Ŵ_f − W, Ŵ_cur − W⟩`` the planner's refinement scores need, :mod:`planner.refine_scores`).
+  Ŵ_f is bitsandbytes' own round trip (the cache's), de-quantized inside the gradient hook one
+  module at a time and freed.
 
 Along the straight path from 16-bit to all-quantized the KL grows about quadratically, so the
 gains of all modules add up to about twice the KL (a module's gain counts its interactions with
@@ -25,6 +32,7 @@ every other module); they rank modules, the KL itself is measured by
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -42,27 +50,44 @@ class RestoreGains:
     gains: dict[str, float] = field(default_factory=dict)  # module -> first-order KL decrease if restored (NaN:
     # no gradient reached it)
     context_error: dict[str, float] = field(default_factory=dict)  # module -> ‖(W−Ŵ)x̂‖² / ‖Wx̂‖²
+    moves: dict[str, dict[str, Move]] = field(default_factory=dict)  # module -> menu label -> Move (only the
+    # modules a gradient reached)
 
 
-def restore_gains(model, reference: KLReference, cache, quantized, *, context_error: bool = False,
-                  progress: bool = False) -> RestoreGains:
+@dataclass(frozen=True)
+class Move:
+    """Moving one quantized module from its current format Ŵ_cur to a menu format Ŵ_f (W: its 16-bit weight)."""
+
+    gain: float  # −⟨∂KL/∂W, Ŵ_f − Ŵ_cur⟩: first-order KL decrease, nats per token (0 for the current format)
+    error_sq: float  # ‖Ŵ_f − W‖²
+    overlap: float  # ⟨Ŵ_f − W, Ŵ_cur − W⟩ (= ‖Ŵ_cur − W‖² for the current format)
+
+
+def restore_gains(model, reference: KLReference, cache, quantized, *, formats: Mapping | None = None,
+                  menu: Mapping | None = None, context_error: bool = False, progress: bool = False) -> RestoreGains:
     """First-order KL decrease from restoring each module of ``quantized`` (see module docstring).
 
     ``cache`` is an :class:`~analysis.simulate.QuantCache` of ``model``; the modules in
-    ``quantized`` compute with their round-tripped weights during the pass, every other
-    module with its 16-bit weight. Weights are not trained: their gradients are consumed by a
-    hook per module as soon as they are accumulated, so at most one weight gradient is alive.
+    ``quantized`` compute with their round-tripped weights during the pass (each in
+    ``formats[name]`` where given, else the cache's format), every other module with its 16-bit
+    weight. ``menu`` (label -> 4-bit format) asks for each quantized module's :class:`Move` to
+    every entry as well. Weights are not trained: their gradients are consumed by a hook per
+    module as soon as they are accumulated, so at most one weight gradient is alive.
     """
     quantized = list(quantized)
+    formats, menu = dict(formats or {}), dict(menu or {})
     gains = {n: torch.zeros((), dtype=torch.float64) for n in quantized}
+    moved = {n: {label: torch.zeros((), dtype=torch.float64) for label in menu} for n in quantized}
     reached: set[str] = set()
     errors = {n: torch.zeros(2, dtype=torch.float64) for n in quantized} if context_error else {}
     total = 0.0
-    with _weights_require_grad(model, cache, quantized, gains, reached):
+    folds = {n: _fold_gradient(cache, n, gains, reached, _targets(cache, n, formats, menu, moved[n]))
+             for n in quantized}
+    with _weights_require_grad(model, cache, folds):
         for batch in tqdm(reference.batches(), total=reference.count, desc="quantized-context gradients",
                           disable=not progress, leave=False):
             logits16 = reference.logits16(batch)  # 16-bit weights here; this batch's logits only
-            with cache.quantized(quantized), _context_error_hooks(cache, errors), torch.enable_grad():
+            with cache.quantized(quantized, formats), _context_error_hooks(cache, errors), torch.enable_grad():
                 kl = kl_sum(logits16, forward_logits(model, batch), batch)
                 (kl / reference.tokens).backward()
             total += float(kl.detach())
@@ -71,13 +96,36 @@ def restore_gains(model, reference: KLReference, cache, quantized, *, context_er
         kld=total / max(reference.tokens, 1),
         gains={n: float(g) if n in reached else float("nan") for n, g in gains.items()},
         context_error={n: float(e[0] / e[1]) if e[1] > 0 else float("nan") for n, e in errors.items()},
+        moves={n: _moves(cache, n, formats.get(n), menu, moved[n]) for n in quantized if n in reached and menu},
     )
 
 
+def _targets(cache, name, formats, menu, sums) -> list:
+    """(format, accumulator) of the menu entries ``name`` could move to (its current format moves nowhere)."""
+    current = formats.get(name) or cache.format
+    return [(fmt, sums[label]) for label, fmt in menu.items() if fmt != current]
+
+
+def _moves(cache, name, current, menu, sums) -> dict[str, Move]:
+    """The :class:`Move` of ``name`` to each menu entry: the summed gains plus the round trips' geometry,
+    one de-quantized format at a time."""
+    with torch.no_grad():
+        weight = cache.original(name).float()
+        error = cache.restored(name, current).float() - weight  # Ŵ_cur − W
+        result = {}
+        for label, fmt in menu.items():
+            other = cache.restored(name, fmt).float() - weight  # Ŵ_f − W
+            result[label] = Move(float(sums[label]), float(other.pow(2).sum(dtype=torch.float64)),
+                                 float((other * error).sum(dtype=torch.float64)))
+            del other
+    return result
+
+
 @contextmanager
-def _weights_require_grad(model, cache, names, gains, reached):
-    """Only the named weights get gradients; each is folded into its gain and freed on arrival
-    (a module no gradient reached keeps no gain: NaN, not a misleading zero)."""
+def _weights_require_grad(model, cache, folds):
+    """Only the weights of ``folds`` (name -> gradient hook) get gradients; each is folded into its gains and
+    freed on arrival (a module no gradient reached keeps no gain: NaN, not a misleading zero)."""
+    names = list(folds)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -85,7 +133,7 @@ def _weights_require_grad(model, cache, names, gains, reached):
     for name in names:
         weight = cache.modules[name].weight
         weight.requires_grad_(True)
-        handles.append(weight.register_post_accumulate_grad_hook(_fold_gradient(cache, name, gains, reached)))
+        handles.append(weight.register_post_accumulate_grad_hook(folds[name]))
     try:
         yield
     finally:
@@ -99,12 +147,18 @@ def _weights_require_grad(model, cache, names, gains, reached):
             p.requires_grad_(True)
 
 
-def _fold_gradient(cache, name, gains, reached):
+def _fold_gradient(cache, name, gains, reached, targets):
     def hook(weight):
         reached.add(name)
         with torch.no_grad():
-            delta = cache.original(name).float() - weight.detach().float()  # W − Ŵ: the step back to 16-bit
-            gains[name] -= (weight.grad.float() * delta).sum(dtype=torch.float64).cpu()
+            grad, current = weight.grad.float(), weight.detach().float()
+            delta = cache.original(name).float() - current  # W − Ŵ: the step back to 16-bit
+            gains[name] -= (grad * delta).sum(dtype=torch.float64).cpu()
+            del delta
+            for fmt, total in targets:  # the step to another 4-bit format: Ŵ_f − Ŵ_cur, one at a time
+                step = cache.restored(name, fmt).float() - current
+                total -= (grad * step).sum(dtype=torch.float64).cpu()
+                del step
         weight.grad = None
 
     return hook

@@ -10,8 +10,9 @@ text, recovery = share of the all-NF4 KL closed):
 - ``--refine N``: N rounds asked for (the default-now plan when the automatic refinement ran
   with N rounds and shipped: the same computation);
 - ``menu``: the ``nf4,nf4-bs32`` blocksize menu plan + verification, and ``menu, default now``:
-  what the automatic refinement makes of it (its refinement plans nf4 only, so it is the
-  ``--refine`` plan above; the better-measured of the two ships, as in :mod:`quantplan.endtoend`);
+  what the automatic refinement makes of it (the refinement plans over the menu too, each round
+  choosing 16-bit, blocksize 64 or 32 per module; the better-measured of the two ships, as in
+  :mod:`quantplan.endtoend`);
 - heuristics at the default plan's bytes: first+last layers, weight error, random (3 seeds).
 
 Also recorded per model: what the automatic refinement's checks measured (all-4-bit calibration
@@ -48,7 +49,7 @@ from quantplan.analysis.models import dtype_from_name  # noqa: E402
 from quantplan.analysis.reference import KLReference  # noqa: E402
 from quantplan.analysis.simulate import QuantCache  # noqa: E402
 from quantplan.analysis.table import SensitivityTable  # noqa: E402
-from quantplan.endtoend import EndToEnd, shipped_kld  # noqa: E402
+from quantplan.endtoend import EndToEnd  # noqa: E402
 from quantplan.planner.auto_refine import AutoRefine, recovery_share  # noqa: E402
 from quantplan.planner.baselines import all_4bit, baseline_keep_sets, plan_keep_set  # noqa: E402
 from quantplan.planner.config import PlanConfig  # noqa: E402
@@ -115,9 +116,10 @@ def main(argv=None) -> None:
                                                               **shared))
     add("menu nf4,nf4-bs32 (+ verify)", plan_keep_set(table, menu), cost["wall_s"], menu)
     checks["menu"] = _checks(menu, auto.auto)
-    fired = auto.auto.trigger(menu) is not None
-    menu_now = refined if fired and shipped_kld(refined) <= shipped_kld(menu) else menu
-    add("menu, default now (+ automatic refinement if fired)", plan_keep_set(table, menu_now), None, menu_now)
+    menu_now, cost = _timed(lambda: auto.refine_if_broken(table, BUDGET, PlanConfig(), menu, model, calibration,
+                                                          shared))
+    add("menu, default now (+ automatic refinement if fired)", plan_keep_set(table, menu_now), cost["wall_s"],
+        menu_now)
     for keep in baseline_keep_sets(table, before):
         add(keep.label.split(" @ ")[0] + (f" (seed {keep.seed})" if keep.seed is not None else ""), keep)
     summary = {"model": name, "model_id": source.model_id, "calibration_tokens": calibration.tokens,

@@ -122,7 +122,7 @@ def main(argv=None) -> None:
         for objective in OBJECTIVES:
             add(budget, f"planner: {objective}", plan(table, budget, objective=objective))
         for label, gains in single.items():
-            add(budget, label, plan(table, budget, scores=gains))
+            add(budget, label, plan(table, budget, scores={"nf4": gains}))
         if args.refine:
             started = time.process_time()
             refined = refine(table, budget, model, calibration, rounds=args.refine, **shared)

@@ -45,7 +45,7 @@ class PlanConfig:
         """This configuration for a budget that is already the weights' share (no KV cache subtracted)."""
         return replace(self, kv_context=None)
 
-    def plan(self, table: SensitivityTable, budget, *, scores: dict[str, float] | None = None,
+    def plan(self, table: SensitivityTable, budget, *, scores: dict[str, dict[str, float]] | None = None,
              decided: dict | None = None) -> Plan:
         """:func:`planner.plan.plan` of ``table`` under ``budget`` with this configuration (``budget`` is a
         device budget, split by :func:`planner.kv_cache.device_budget`, when ``kv_context`` is set)."""

@@ -30,14 +30,14 @@ from .solver import Option, solve
 def plan(table: SensitivityTable, budget="+10%", *, objective: str = "auto", tiers: list[str] | None = None,
          keep: list[str] = (), quantize: list[str] = (), vllm_safe: bool = False, whole_blocks: bool = False,
          keep_lm_head: bool = True, priors: dict[str, Reason | str] | None = None,
-         scores: dict[str, float] | None = None, decided: dict[str, Reason] | None = None) -> Plan:
+         scores: dict[str, dict[str, float]] | None = None, decided: dict[str, Reason] | None = None) -> Plan:
     """The minimum-error choice of formats within ``budget`` (see :mod:`planner.budget`).
 
     ``priors`` (``{module: Reason}``, see :mod:`planner.priors`; a plain string is the detail of a
     ``PRIOR`` reason) pins modules 16-bit by rule. A ``quantize`` pattern overrides a prior.
-    ``scores`` replaces the objective's score of the first tier for the modules it names, and
-    ``decided`` keeps modules 16-bit with the given :class:`Reason`: the end-to-end refinement
-    (:mod:`planner.refine`) plans with them.
+    ``scores`` (tier -> module -> score) replaces the objective's score of each tier it names for
+    the modules it names (NaN: keep the table's), and ``decided`` keeps modules 16-bit with the
+    given :class:`Reason`: the end-to-end refinement (:mod:`planner.refine`) plans with them.
     """
     problem = PlanProblem.build(table, objective=objective, tiers=tiers, keep=keep, quantize=quantize,
                                 vllm_safe=vllm_safe, whole_blocks=whole_blocks, keep_lm_head=keep_lm_head,
@@ -84,10 +84,7 @@ class PlanProblem:
         table.check_matches(formats=tiers)
         bytes_model = ByteModel(table, tiers)
         model = _candidates(table, bytes_model, objective)
-        if scores:
-            column = f"score:{tiers[0]}"
-            model[column] = [max(float(scores[n]), 0.0) if n in scores and scores[n] == scores[n]
-                             else model.loc[n, column] for n in model.index]  # NaN (never measured) keeps the score
+        _replace_scores(model, tiers, scores or {})
         fixed, reasons, pinned_quant = _fixed(model, keep, quantize, keep_lm_head, priors, decided)
         if vllm_safe or whole_blocks:
             _tie_fixed_sets(model.index, fixed, reasons, pinned_quant, whole_blocks)
@@ -129,6 +126,17 @@ class PlanProblem:
         """The objective summed over the modules ``choices`` quantizes."""
         labels = pd.Series(choices, dtype=object).reindex(self.model.index)
         return float(sum(self.model.loc[labels == tier, f"score:{tier}"].sum() for tier in self.bytes_model.tiers))
+
+
+def _replace_scores(model, tiers, scores) -> None:
+    """``score:<tier>`` of the modules ``scores`` (tier -> module -> score) names, clamped at 0 (NaN: the table's)."""
+    if unknown := sorted(set(scores) - set(tiers)):
+        raise ValueError(f"scores given for {unknown}, which this plan does not use (tiers {tiers}): score the "
+                         "planned tiers, or plan with --tiers naming them")
+    for tier, given in scores.items():
+        column = f"score:{tier}"
+        model[column] = [max(float(given[n]), 0.0) if n in given and given[n] == given[n]
+                         else model.loc[n, column] for n in model.index]  # NaN (never measured) keeps the score
 
 
 def _fixed(model, keep, quantize, keep_lm_head, priors, decided):

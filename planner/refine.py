@@ -1,16 +1,22 @@
 """refine(): re-plan on measured end-to-end KL gradients, a few rounds, with the compute bounded by the caller.
 
 The table's scores are measured once, each module against an otherwise fixed model. Refinement
-measures instead, in the model as the plan would leave it, how much restoring each still-quantized
-module would lower the KL divergence from 16-bit on calibration data
+measures instead, in the model as the plan would leave it, how much each still-quantized
+module's options would change the KL divergence from 16-bit on calibration data
 (:func:`analysis.endtoend.restore_gains`, one forward and backward pass over the calibration
-batches per round), and spends the budget in ``rounds`` equal steps: round r plans with those
-gains as scores within r/rounds of the bytes the budget allows beyond the fixed modules, keeping
-the choices of earlier rounds. Modules restored early change the gains of the rest (interactions
-and propagation are re-measured). Cost: ``rounds`` forward+backward passes over at most
-``max_batches`` calibration batches, each with the 16-bit forward of its batch (the 16-bit
-logits are computed per batch and dropped, not kept across rounds: one forward more per round
-buys memory that does not grow with the calibration set).
+batches per round): going back to 16-bit, or, for a plan over a blocksize menu (``nf4``,
+``nf4-bs32``), moving to any other 4-bit entry, all from the same gradient and put on one scale
+by :mod:`planner.refine_scores`. The quantized context is the plan's: each module computes in the
+format the previous round planned for it (round 1: the table's plan; modules it kept 16-bit by
+measurement in the first tier). The budget is spent in ``rounds`` equal steps: round r plans
+with those scores within r/rounds of the bytes the budget allows beyond the smallest plan,
+keeping the 16-bit choices of earlier rounds (the 4-bit entries stay open: they are re-chosen
+each round on the newest gradient). Modules restored early change the scores of the rest
+(interactions and propagation are re-measured). Cost: ``rounds`` forward+backward passes over
+at most ``max_batches`` calibration batches, each with the 16-bit forward of its batch (the
+16-bit logits are computed per batch and dropped, not kept across rounds: one forward more per
+round buys memory that does not grow with the calibration set); with a menu, one more
+de-quantization per module, batch and other entry.
 """
 
 from __future__ import annotations
@@ -18,14 +24,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from quantplan.analysis.endtoend import restore_gains
-from quantplan.analysis.formats import format_from_dict
+from quantplan.analysis.formats import FourBit, format_from_dict
 from quantplan.analysis.reference import KLReference
 from quantplan.analysis.simulate import QuantCache
 
 from .config import PlanConfig
-from .memory_model import ByteModel
 from .plan_types import KEEP, Plan, Refinement, RefinementRound
 from .reasons import Reason, ReasonKind
+from .refine_scores import menu_scores
 
 
 def refine(table, budget, model, calibration, *, config: PlanConfig | None = None, rounds: int = 4,
@@ -36,34 +42,26 @@ def refine(table, budget, model, calibration, *, config: PlanConfig | None = Non
         raise ValueError(f"--refine {rounds}: give a number of rounds of at least 1 (0 turns refinement off)")
     config = config or PlanConfig()
     first = config.plan(table, budget)
-    if len(first.tiers) > 1 and config.tiers is None:  # the table's default blocksize menu: refine its reference
-        print(f"quantplan: refinement plans 16-bit vs one 4-bit format: using {first.tiers[0]} only "
-              f"(not the menu's {', '.join(first.tiers[1:])})")
-        config = replace(config, tiers=(first.tiers[0],))
-        first = config.plan(table, budget)
-    if len(first.tiers) > 1:
-        raise ValueError(f"refinement plans 16-bit vs one 4-bit format, and this plan may use {list(first.tiers)} "
-                         f"(a blocksize menu or an 8-bit tier): pass --tiers {first.tiers[0]} with --refine, "
-                         "or drop --refine")
-    tier = first.tiers[0]
+    menu = _menu(first)
     reference = reference or KLReference(model, calibration, batch_size, max_batches, progress=progress)
-    cache = cache or QuantCache(model, format_from_dict(first.quant))
-    frame = ByteModel(table, [tier]).frame
+    cache = cache or QuantCache(model, menu[first.tiers[0]])
     measured = {n for n in first.kept if first.reasons[n].kind is ReasonKind.MEASURED}
-    floor = first.predicted.bytes - int(sum(frame.loc[n, "bytes_16bit"] - frame.loc[n, f"bytes:{tier}"]
-                                            for n in measured))
+    floor = config.weights_only().problem(table).floor  # every free module in its smallest format
     room = first.budget.bytes - floor
     free = [n for n, c in first.choices.items() if c != KEEP or n in measured]
     decided, history, current = {}, [], first
     for r in range(1, rounds + 1):
-        quantized = [n for n in free if n not in decided]
-        result = restore_gains(model, reference, cache, quantized, progress=progress)
+        planned = {n: current.choices[n] if current.choices[n] in menu else first.tiers[0]
+                   for n in free if n not in decided}  # the context: each module in its planned format
+        result = restore_gains(model, reference, cache, list(planned), formats={n: menu[t] for n, t in planned.items()},
+                               menu=menu, progress=progress)
         history.append(RefinementRound(round=r, kept_before=len(decided), kld_before=result.kld))
         if progress:
             print(f"quantplan: refinement round {r}/{rounds}: calibration KL {result.kld:.4f} with "
                   f"{len(decided)} module(s) restored so far")
         limit = floor + room * r // rounds if r < rounds else first.budget.bytes
-        current = config.weights_only().plan(table, int(limit), scores=result.gains, decided=decided)
+        current = config.weights_only().plan(table, int(limit), scores=menu_scores(result, planned),
+                                             decided=decided)
         for name in current.kept:
             if name not in decided and current.reasons[name].kind is ReasonKind.MEASURED:
                 decided[name] = Reason(ReasonKind.REFINED, f"kept in round {r}/{rounds} (measured KL gain "
@@ -71,4 +69,15 @@ def refine(table, budget, model, calibration, *, config: PlanConfig | None = Non
                                        "context)")
     refinement = Refinement(rounds=rounds, tokens=reference.tokens, history=tuple(history),
                             objective_before=first.objective)
-    return replace(current, budget=first.budget, device=first.device, checks=replace(current.checks, refinement=refinement))
+    return replace(current, budget=first.budget, device=first.device,
+                   checks=replace(current.checks, refinement=refinement))
+
+
+def _menu(first: Plan) -> dict[str, FourBit]:
+    """Tier -> 4-bit format of the plan's tiers; refused (naming the fix) when one is not a 4-bit format."""
+    menu = {t: format_from_dict(first.format_of(t)) for t in first.tiers}
+    if other := [t for t, f in menu.items() if not isinstance(f, FourBit)]:
+        four = [t for t, f in menu.items() if isinstance(f, FourBit)] or ["nf4"]
+        raise ValueError(f"refinement simulates 4-bit formats, and this plan may use {other} (not a 4-bit format): "
+                         f"pass --tiers {','.join(four)} with --refine, or drop --refine")
+    return menu

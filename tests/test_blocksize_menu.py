@@ -157,13 +157,14 @@ def test_verification_simulates_each_module_in_its_planned_format(menu_job):
     assert "plan" in kld and all(v == v for v in kld.values())
 
 
-def test_refinement_uses_the_reference_format_or_refuses_an_explicit_menu(menu_job, capsys):
+def test_refinement_plans_over_the_menu_explicit_or_default(menu_job, capsys):
     _, model, calibration, table = menu_job
     shared = {"reference": KLReference(model, calibration, 4), "cache": QuantCache(model, NF4), "progress": False}
     refined = refine(table, "+20%", model, calibration, rounds=1, **shared)
-    assert refined.tiers == ["nf4"] and "using nf4 only" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="--tiers nf4 with --refine"):
-        refine(table, "+20%", model, calibration, config=PlanConfig(tiers=("nf4", "nf4-bs32")), rounds=1, **shared)
+    assert refined.tiers == ["nf4", "nf4-bs32"] and "using nf4 only" not in capsys.readouterr().out
+    explicit = refine(table, "+20%", model, calibration, config=PlanConfig(tiers=("nf4", "nf4-bs32")), rounds=1,
+                      **shared)
+    assert explicit.choices == refined.choices and explicit.predicted.bytes <= explicit.budget.bytes
 
 
 def test_mixed_blocksize_plan_exports_and_reloads_with_plain_from_pretrained(menu_job, tmp_path):
@@ -234,10 +235,30 @@ def test_run_with_the_menu_verifies_and_exports_a_mixed_plan(tmp_path):
 
     folder = save_tiny(tmp_path / "model", layers=3)
     config = AnalyzeConfig(formats="nf4,nf4-bs32", samples=4, seq_len=32, progress=False)
-    # the automatic refinement (one 4-bit format; tests/test_auto_refine.py) may fire on a random tiny model
     out = run(str(folder), "+2%", tmp_path / "out", config, end_to_end=EndToEnd(refine=0))
     chosen = out["plan_obj"]
     assert chosen.tiers == ["nf4", "nf4-bs32"] and chosen.checks.verification is not None
     if chosen.checks.verification.chosen == "plan":
         assert chosen.mixed_blocksizes
+    assert out["export"].checkpoint_bytes == pytest.approx(chosen.predicted.bytes, rel=0.01)
+
+
+def test_run_refines_a_menu_plan_automatically_and_exports_it(tmp_path):
+    """The automatic refinement (forced to fire) plans over the menu; what ships is verified and exported
+    module by module in its planned blocksize."""
+    from quantplan import AnalyzeConfig, EndToEnd, run
+    from quantplan.planner.auto_refine import AutoRefine
+
+    folder = save_tiny(tmp_path / "model", layers=3)
+    config = AnalyzeConfig(formats="nf4,nf4-bs32", samples=4, seq_len=32, progress=False)
+    out = run(str(folder), "+5%", tmp_path / "out", config,
+              end_to_end=EndToEnd(auto=AutoRefine(rounds=2, max_all_4bit_kld=0.0)))
+    chosen = out["plan_obj"]
+    record = chosen.checks.refinement
+    assert record is not None and len(record.history) == 2 and chosen.checks.verification is not None
+    assert chosen.tiers == ["nf4", "nf4-bs32"] and chosen.predicted.bytes <= chosen.budget.bytes
+    modules = dict(AutoModelForCausalLM.from_pretrained(out["export"].path, device_map="cpu").named_modules())
+    for name, choice in chosen.choices.items():
+        if choice != KEEP:
+            assert modules[name].weight.quant_state.blocksize == chosen.formats[choice]["blocksize"]
     assert out["export"].checkpoint_bytes == pytest.approx(chosen.predicted.bytes, rel=0.01)
