@@ -39,14 +39,16 @@ def mirror_lower(gram: torch.Tensor) -> None:
     symmetric Gram matrix (in place, one block at a time, no width² temporary)."""
     width = gram.shape[0]
     step = block_width(width)
-    for start in range(0, width - step, step):
-        end = start + step
-        gram[end:, start:end].copy_(gram[start:end, end:].T)
+    with torch.inference_mode(gram.is_inference()):  # a Gram made under inference mode is updated under it
+        for start in range(0, width - step, step):
+            end = start + step
+            gram[end:, start:end].copy_(gram[start:end, end:].T)
 
 
 def clear_lower(gram: torch.Tensor) -> None:
     """Zero the blocks below the diagonal (a mirrored Gram matrix back to the form :func:`add_upper` adds to)."""
     width = gram.shape[0]
     step = block_width(width)
-    for start in range(0, width - step, step):
-        gram[start + step:, start:start + step].zero_()
+    with torch.inference_mode(gram.is_inference()):
+        for start in range(0, width - step, step):
+            gram[start + step:, start:start + step].zero_()

@@ -78,3 +78,17 @@ def test_saved_partial_state_resumes_in_either_form(tmp_path):
         model(x)
         old.commit_batch()
     torch.testing.assert_close(old.stats_for("0").symmetric_gram(), 2 * expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_gram_made_under_inference_mode_is_read_and_extended_outside_it():
+    """The calibration pass without Fisher runs under inference mode; the measurement reads outside it."""
+    width = 300
+    with torch.inference_mode():
+        stats = InputStats(torch.zeros(width, width), torch.zeros(width), atomic_batches=False)
+        first = torch.randn(16, width)
+        stats.update(first, sample_rows=4)
+    torch.testing.assert_close(stats.symmetric_gram(), first.T @ first, rtol=1e-5, atol=1e-4)
+    with torch.inference_mode():
+        second = torch.randn(8, width)
+        stats.update(second, sample_rows=4)
+    torch.testing.assert_close(stats.symmetric_gram(), first.T @ first + second.T @ second, rtol=1e-5, atol=1e-4)
