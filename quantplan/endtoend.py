@@ -42,8 +42,9 @@ class EndToEnd:
         return bool(self.refine or self.verify)
 
     def plan(self, source: ModelSource, analyze: AnalyzeConfig, table: SensitivityTable, budget,
-             config: PlanConfig) -> Plan:
-        """``config.plan`` (or the refinement) then the verification, sharing one model and reference."""
+             config: PlanConfig, *, shared=None) -> Plan:
+        """``config.plan`` (or the refinement) then the verification, sharing one model and reference
+        (``shared``: the run's :class:`~quantplan.shared_model.SharedModel`, borrowed instead of loading)."""
         chosen = config.plan(table, budget)  # fails fast on a bad budget before loading the model
         if not self.active:
             return chosen
@@ -53,8 +54,11 @@ class EndToEnd:
 
         if analyze.max_memory:
             return self._verify_streamed(source, analyze, table, chosen)
-        with stage("load model"):
-            model = load_model(source, dtype=dtype_from_name(analyze.dtype), device=analyze.device)
+        if shared is not None and shared.serves(analyze.dtype, analyze.device):
+            model = shared.get()
+        else:
+            with stage("load model"):
+                model = load_model(source, dtype=dtype_from_name(analyze.dtype), device=analyze.device)
         calibration = calibration_of(source, analyze)
         reference = KLReference(model, calibration, analyze.batch_size, self.max_batches, progress=analyze.progress)
         cache = QuantCache(model, format_from_dict(chosen.quant))

@@ -28,6 +28,7 @@ from quantplan.planner.priors import kept_summary
 
 from .dry_run import check_streamed_run_fits, choose_max_memory
 from .endtoend import EndToEnd
+from .shared_model import SharedModel
 
 
 def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path | None = None,
@@ -67,13 +68,26 @@ def _run_stages(source, budget, out_dir: Path, analyze_config: AnalyzeConfig, pl
                 end_to_end: EndToEnd, overwrite: bool) -> dict:
     """The steps of :func:`run` after its early checks, each a stage of the profile."""
     checkpoint = out_dir / "checkpoint"
+    shared = None if analyze_config.max_memory else SharedModel(source, analyze_config.dtype, analyze_config.device)
+    try:
+        return _steps(source, budget, out_dir, checkpoint, analyze_config, plan_config, compare, end_to_end, overwrite,
+                      shared)
+    finally:
+        if shared is not None:
+            shared.release()
+
+
+def _steps(source, budget, out_dir: Path, checkpoint: Path, analyze_config: AnalyzeConfig, plan_config: PlanConfig,
+           compare, end_to_end: EndToEnd, overwrite: bool, shared: SharedModel | None) -> dict:
+    """analysis, plan + verification, export, compare + report, with the 16-bit model loaded once (``shared``)."""
     with stage("analysis"):
-        table = analyze_model(source, out_dir, analyze_config, reuse=True)
+        table = analyze_model(source, out_dir, analyze_config, reuse=True, shared=shared)
     if not is_main_process():
         return {"out": out_dir, "table": out_dir / TABLE_FILE}  # rank 0 plans, exports and reports
     with stage("plan + verification" if end_to_end.active else "plan"):
         chosen = plan_and_save(table, budget, out_dir, plan_config,
-                               lambda: end_to_end.plan(source, analyze_config, table, budget, plan_config))
+                               lambda: end_to_end.plan(source, analyze_config, table, budget, plan_config,
+                                                       shared=shared))
     with stage("export"):
         result = export(source, chosen, checkpoint, overwrite=overwrite, device=analyze_config.device,
                         compute_dtype=dtype_from_name(analyze_config.dtype if analyze_config.dtype != "fp32"
@@ -85,9 +99,10 @@ def _run_stages(source, budget, out_dir: Path, analyze_config: AnalyzeConfig, pl
 
         if analyze_config.max_memory:  # the scoreboard streams too, under the same cap
             compare = replace(compare, max_memory=analyze_config.max_memory)
+        lend = shared is not None and shared.serves(compare.dtype, compare.device)
         with stage("compare + report"):
             reports = compare_and_report(source, table, [chosen], out_dir, pareto=out_dir / "pareto.csv",
-                                         options=compare)
+                                         options=compare, model16=shared.get() if lend else None)
     return {**reports, "out": out_dir, "table": out_dir / TABLE_FILE, "plan": out_dir / "plan.json",
             "pareto": out_dir / "pareto.csv", "checkpoint": checkpoint, "export": result, "plan_obj": chosen}
 
@@ -120,9 +135,10 @@ def check_budget_fits(source: ModelSource, budget, config: AnalyzeConfig, plan_c
 
 
 def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfig, *,
-                  reuse: bool = False) -> SensitivityTable:
+                  reuse: bool = False, shared: SharedModel | None = None) -> SensitivityTable:
     """Measure a model (or reuse the matching table already in ``out_dir``); ``max_memory="auto"`` streams it
-    when the estimated in-memory peak exceeds the available memory (:mod:`quantplan.dry_run`)."""
+    when the estimated in-memory peak exceeds the available memory (:mod:`quantplan.dry_run`). ``shared``: the
+    run's 16-bit model, borrowed instead of loaded (and kept for the steps after)."""
     config = choose_max_memory(source, config)
     formats = config.format_values()
     calibration = calibration_of(source, config)
@@ -134,8 +150,11 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
         table = _analyze_streaming(source, calibration, formats, out_dir, config)
     else:
         init_from_environment(config.device)  # torchrun / accelerate launch: share the batches
-        with stage("load model"):
-            model = load_model(source, dtype=dtype_from_name(config.dtype), device=config.device)
+        if shared is not None and shared.serves(config.dtype, config.device):
+            model = shared.get()
+        else:
+            with stage("load model"):
+                model = load_model(source, dtype=dtype_from_name(config.dtype), device=config.device)
         table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
                         batch_size=config.batch_size, out_dir=out_dir, resume=config.resume,
                         progress=config.progress, fisher=fisher, context=config.context)

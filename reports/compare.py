@@ -113,8 +113,10 @@ class CompareConfig:
 
 
 def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None = None, *,
-            table: SensitivityTable | str | Path | None = None, options: CompareConfig | None = None) -> Comparison:
-    """Measure every variant; with ``out_dir`` write scoreboard.csv/.md, generations, agreement there."""
+            table: SensitivityTable | str | Path | None = None, options: CompareConfig | None = None,
+            model16=None) -> Comparison:
+    """Measure every variant; with ``out_dir`` write scoreboard.csv/.md, generations, agreement there.
+    ``model16``: the 16-bit model already loaded as ``options`` says (borrowed: left as it was found)."""
     options = options or CompareConfig()
     source = model if isinstance(model, ModelSource) else resolve_source(model)
     if not plans:
@@ -145,8 +147,9 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
             comparison.save(out_dir)
         return comparison
     # 1. the 16-bit model, 2. everything simulated in it, batch by batch against its logits
-    with stage("load model"):
-        model16 = load_model(source, dtype=dtype, device=options.device)
+    if model16 is None:
+        with stage("load model"):
+            model16 = load_model(source, dtype=dtype, device=options.device)
     reference = heldout_reference(model16, heldout.input_ids, options.batch_size)
     footprint16 = int(model16.get_memory_footprint())
     generations = {"16-bit": _generate(model16, processor, options)}

@@ -1,0 +1,49 @@
+"""The 16-bit model loaded once per run and lent to every step that runs it.
+
+A ``quantplan run`` whose analysis runs in memory needs the same 16-bit model four times: the
+analysis, the never-worse verification, the refinement and the fidelity scoreboard. Each used to load
+it again (seconds on SmolLM2, minutes for a 70B model read from disk). :class:`SharedModel` loads it
+on first use, in the analysis dtype and device, and hands out the same object until the run releases
+it. Every step leaves the weights as it found them (the simulated variants swap round-tripped weights
+in and back, the Fisher and refinement passes restore ``requires_grad``); tests/test_shared_model.py
+checks the weights after a whole run. A streamed run (``--max-memory``) never holds the whole model
+and does not use it; the export reads the checkpoint from disk (transformers quantizes while loading).
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from quantplan.analysis.models import ModelSource, dtype_from_name, load_model
+from quantplan.common.profile import stage
+
+
+@dataclass
+class SharedModel:
+    """One 16-bit model of ``source`` in ``dtype`` on ``device``, loaded at the first :meth:`get`."""
+
+    source: ModelSource
+    dtype: str
+    device: str
+    loads: int = 0  # how many times the weights were read (1 in a whole run)
+    _model: nn.Module | None = field(default=None, repr=False)
+
+    def get(self) -> nn.Module:
+        """The loaded model (loading it now if no step has yet)."""
+        if self._model is None:
+            with stage("load model"):
+                self._model = load_model(self.source, dtype=dtype_from_name(self.dtype), device=self.device)
+            self.loads += 1
+        return self._model
+
+    def serves(self, dtype: str, device: str) -> bool:
+        """Whether a step that wants the model in ``dtype`` on ``device`` can borrow this one."""
+        return (dtype, str(device)) == (self.dtype, str(self.device))
+
+    def release(self) -> None:
+        """Drop the model (the run's remaining steps do not need it)."""
+        self._model = None
+        gc.collect()

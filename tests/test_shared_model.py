@@ -1,0 +1,64 @@
+"""A whole in-memory run loads the 16-bit model once and lends it to every step, which leave it unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from tiny import save_tiny_english
+
+from quantplan.analysis import load_model, resolve_source
+from quantplan.analysis.config import AnalyzeConfig
+from quantplan.pipeline import run
+from quantplan.reports.compare import CompareConfig, ReportDepth
+from quantplan.shared_model import SharedModel
+
+
+def _load_stages(profile: dict) -> list[str]:
+    return [s["name"] for s in profile["stages"] if s["name"] == "load model"]
+
+
+def test_a_whole_run_loads_the_16bit_model_once(tmp_path):
+    folder = save_tiny_english(tmp_path / "model", layers=2)
+    config = AnalyzeConfig(samples=4, seq_len=32, dtype="fp32", progress=False)
+    compare = CompareConfig(samples=2, seq_len=32, dtype="fp32", report=ReportDepth.QUICK, progress=False)
+    result = run(str(folder), "+10%", tmp_path / "job", config, compare=compare)
+    profile = json.loads(result["profile"].read_text())
+    assert len(_load_stages(profile)) == 1  # analysis, verification and scoreboard shared one load
+    assert {"analysis", "plan + verification", "export", "compare + report"} <= {
+        s["name"] for s in profile["stages"] if s["depth"] == 0}
+
+
+def test_a_scoreboard_in_another_dtype_loads_its_own(tmp_path):
+    folder = save_tiny_english(tmp_path / "model", layers=2)
+    config = AnalyzeConfig(samples=4, seq_len=32, dtype="fp32", progress=False)
+    compare = CompareConfig(samples=2, seq_len=32, dtype="bf16", report=ReportDepth.QUICK, progress=False,
+                            baselines=False)
+    result = run(str(folder), "+10%", tmp_path / "job", config, compare=compare)
+    assert len(_load_stages(json.loads(result["profile"].read_text()))) == 2
+
+
+def test_the_steps_leave_the_borrowed_weights_as_they_were(tmp_path):
+    """Analysis (Fisher), verification and scoreboard on one shared model: its weights and requires_grad
+    equal a fresh load's afterwards."""
+    from quantplan.endtoend import EndToEnd
+    from quantplan.pipeline import analyze_model
+    from quantplan.planner.config import PlanConfig
+    from quantplan.reports.compare import compare as compare_variants
+
+    folder = save_tiny_english(tmp_path / "model", layers=2)
+    source = resolve_source(str(folder))
+    config = AnalyzeConfig(samples=4, seq_len=32, dtype="fp32", progress=False)
+    shared = SharedModel(source, "fp32", "cpu")
+    table = analyze_model(source, tmp_path / "job", config, shared=shared)
+    chosen = EndToEnd().plan(source, config, table, "+10%", PlanConfig(), shared=shared)
+    compare_variants(source, [chosen], table=table, model16=shared.get(),
+                     options=CompareConfig(samples=2, seq_len=32, dtype="fp32", report=ReportDepth.QUICK,
+                                           progress=False))
+    assert shared.loads == 1
+    fresh = load_model(source, dtype=torch.float32)
+    borrowed = shared.get()
+    for (name, a), (_, b) in zip(borrowed.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert [p.requires_grad for p in borrowed.parameters()] == [p.requires_grad for p in fresh.parameters()]
+    assert all(p.grad is None for p in borrowed.parameters())
