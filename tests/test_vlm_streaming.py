@@ -1,9 +1,11 @@
-"""Vision-language models stream too (analysis/stream_stages.py, analysis/stream_vision.py).
+"""Vision-language models stream too (analysis/stream_stages.py, analysis/stream_vision.py,
+analysis/stream_mllama.py).
 
 A tiny Qwen2-VL with 8 blocks per tower, calibrated on the shipped images, streamed under a cap
 below a quarter of what the in-memory analysis needs, gives the in-memory table: every column,
 the Fisher scores of the vision tower and the merger included (the reverse pass carries the
-gradient through the splice and the vision blocks, as the in-memory backward pass does).
+gradient through the splice and the vision blocks, as the in-memory backward pass does). A tiny
+Mllama does the same through its two vision stacks and its cross-attention layers.
 """
 
 from __future__ import annotations
@@ -72,7 +74,43 @@ def test_streamed_qwen2_5_vl_windowed_and_full_attention_blocks(tmp_path):
     pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def mllama(tmp_path_factory):
+    """(folder, image calibration, in-memory Fisher table, cap) of a tiny Mllama with 8 local vision blocks, 2
+    global ones and 8 text layers (cross-attention at 1 and 5), its cross-attention gates open."""
+    folder = save_tiny_vlm("mllama", tmp_path_factory.mktemp("vlm") / "mllama", layers=8)
+    model = load_model(resolve_source(str(folder)))
+    for name, param in model.named_parameters():  # closed gates (tanh(0) = 0) would cut the gradient to the tower
+        if "cross_attn" in name and name.endswith("_gate"):
+            param.data.fill_(1.0)
+    model.save_pretrained(folder)
+    source = resolve_source(str(folder))
+    calibration = load_image_calibration(load_processor(source), "default", samples=SAMPLES)
+    table = analyze(load_model(source), calibration, [NF4], model_fingerprint=source.fingerprint, progress=False,
+                    batch_size=BATCH, fisher=True)
+    in_memory = estimate_peak(meta_model(folder), [NF4], dtype_bytes=2, batch_size=BATCH, seq_len=64, fisher=True)
+    return folder, calibration, table, in_memory.total // 4
+
+
+def test_streamed_mllama_equals_the_in_memory_table_under_a_quarter_of_its_peak(mllama, tmp_path):
+    """Both vision stacks, the bridge, the projector and the cross-attention layers stream; the gradient of the
+    image features adds up over both cross-attention layers before it reaches the projector and the tower."""
+    folder, calibration, expected, cap = mllama
+    need, _ = streaming_need(folder, [NF4], batch_size=BATCH, seq_len=64)
+    assert need["total"] < cap
+    streamed = analyze_streaming(folder, calibration, [NF4], max_memory=cap, progress=False, batch_size=BATCH,
+                                 fisher=True, out_dir=tmp_path / "out")
+    pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-5)
+    fisher = streamed.df.set_index("name")["output_fisher_error"]
+    tower = "model.vision_model."
+    blocks = [f"{tower}transformer.layers.{i}.mlp.fc2" for i in range(8)] + [
+        f"{tower}global_transformer.layers.{i}.mlp.fc2" for i in range(2)]
+    for name in [*blocks, "model.multi_modal_projector", "model.language_model.layers.1.cross_attn.k_proj"]:
+        assert math.isfinite(fisher[name]) and fisher[name] > 0, name
+        assert fisher[name] == pytest.approx(expected.df.set_index("name")["output_fisher_error"][name], rel=1e-4)
+
+
 def test_a_vlm_whose_tower_streaming_does_not_know_is_refused_with_the_fix(tmp_path):
-    folder = save_tiny_vlm("mllama", tmp_path / "mllama")
-    with pytest.raises(StreamingUnsupported, match="not MllamaForConditionalGeneration's: run without --max-memory"):
+    folder = save_tiny_vlm("llava", tmp_path / "llava")
+    with pytest.raises(StreamingUnsupported, match="not LlavaForConditionalGeneration's .*: run without --max-memory"):
         streaming_need(folder, [NF4])
