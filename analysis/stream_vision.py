@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .stream_stages import CARRY_MARK, Tower, decoder_layers, layout_of, vision_blocks
+from .stream_weights import StreamingUnsupported
 
 #: separates a keyword argument's name from the vision block it belongs to
 BLOCK_MARK = "@"
@@ -39,6 +40,10 @@ class _Captured(Exception):
 
 def capture_vision_inputs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     """(input of the first vision block, every block's keyword arguments) for one batch."""
+    if batch.get("pixel_values") is None:
+        raise StreamingUnsupported(
+            f"streaming analysis of {type(model).__name__} calibrates on images, and this batch has none: pass "
+            f"--images, or run --text-only without --max-memory")
     if layout_of(model).tower is Tower.MLLAMA:
         from .stream_mllama import capture_local_inputs
 

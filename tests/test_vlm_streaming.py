@@ -110,7 +110,38 @@ def test_streamed_mllama_equals_the_in_memory_table_under_a_quarter_of_its_peak(
         assert fisher[name] == pytest.approx(expected.df.set_index("name")["output_fisher_error"][name], rel=1e-4)
 
 
+def test_streamed_klds_of_mllama_equal_in_memory_klds(mllama):
+    """The end-to-end checks stream Mllama on the same stages: vision, projector and cross-attention variants."""
+    import torch
+
+    from quantplan.analysis.reference import KLReference, calibration_klds
+    from quantplan.analysis.simulate import QuantCache
+    from quantplan.analysis.stream_variants import StreamOptions, streamed_klds
+
+    folder, calibration, _, _ = mllama
+    model = load_model(resolve_source(str(folder)))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    variants = {"16-bit": None, "vision": [n for n in names if "vision_model" in n or "projector" in n],
+                "cross": [n for n in names if "cross_attn" in n], "all": names}
+    expected = calibration_klds(KLReference(model, calibration, BATCH), QuantCache(model, NF4), variants)
+    got = streamed_klds(folder, calibration, variants, NF4, StreamOptions(batch_size=BATCH))
+    for label, value in expected.items():
+        assert got.kld[label] == pytest.approx(value, rel=1e-5, abs=1e-12), label
+    assert got.kld["vision"] > 0 and got.kld["cross"] > 0
+
+
 def test_a_vlm_whose_tower_streaming_does_not_know_is_refused_with_the_fix(tmp_path):
     folder = save_tiny_vlm("llava", tmp_path / "llava")
     with pytest.raises(StreamingUnsupported, match="not LlavaForConditionalGeneration's .*: run without --max-memory"):
         streaming_need(folder, [NF4])
+
+
+def test_a_vlm_streamed_on_text_alone_is_refused_with_the_fix(tmp_path):
+    from quantplan.analysis.vision import calibration_for_model
+
+    folder = save_tiny_vlm("mllama", tmp_path / "mllama")
+    source = resolve_source(str(folder))
+    calibration = calibration_for_model(load_model(source).config, load_processor(source), text_only=True, samples=2,
+                                        seq_len=16)
+    with pytest.raises(StreamingUnsupported, match="pass --images, or run --text-only without --max-memory"):
+        analyze_streaming(folder, calibration, [NF4], progress=False, batch_size=BATCH)
