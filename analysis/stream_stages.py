@@ -4,8 +4,9 @@ A decoder LLM (``model.model.layers`` + ``model.model.norm`` + ``lm_head``: Llam
 Qwen2, Mistral ...) streams as embeddings, each decoder layer, then final norm + lm_head.
 
 A vision-language model whose vision tower is a stack of blocks (``model.model.visual.blocks``:
-Qwen2-VL, Qwen2.5-VL) and whose language model is such a decoder
-(``model.model.language_model``) streams as:
+Qwen2-VL, Qwen2.5-VL; ``model.model.vision_tower``'s ``encoder.layers`` or ``transformer.layers``:
+LLaVA with a CLIP or a Pixtral tower, whose image features are the last block's output) and whose
+language model is such a decoder (``model.model.language_model``) streams as:
 
 1. the vision stem: the tower's modules registered before its blocks (the patch embedding),
    run up to the first vision block (:mod:`analysis.stream_vision`);
@@ -44,7 +45,7 @@ CARRY_MARK = "~"
 class Tower(StrEnum):
     """How a vision-language model's vision tower is laid out."""
 
-    BLOCKS = "blocks"  # one stack of blocks (``visual.blocks``: Qwen2-VL, Qwen2.5-VL)
+    BLOCKS = "blocks"  # one stack of blocks (``visual.blocks``: Qwen2-VL, Qwen2.5-VL; LLaVA's vision_tower)
     MLLAMA = "mllama"  # local blocks, a bridge, gated global blocks (``vision_model``: Llama 3.2 Vision)
 
 
@@ -92,6 +93,7 @@ class Layout:
     language: str  # the module holding ``layers`` and ``norm``
     vision: str | None = None  # the vision tower (None: a text-only model)
     tower: Tower | None = None  # how the vision tower is laid out
+    blocks: str = "blocks"  # where a BLOCKS tower keeps its blocks, below ``vision``
 
 
 def layout_of(model: nn.Module) -> Layout:
@@ -104,6 +106,9 @@ def layout_of(model: nn.Module) -> Layout:
     if _is_decoder(language) and isinstance(getattr(tower, "blocks", None), nn.ModuleList) and hasattr(
             base, "get_image_features"):
         return Layout("model.language_model", "model.visual", Tower.BLOCKS)
+    llava = _llava_blocks(base)
+    if _is_decoder(language) and llava:
+        return Layout("model.language_model", "model.vision_tower", Tower.BLOCKS, llava)
     mllama = getattr(base, "vision_model", None)
     if _is_decoder(language) and all(isinstance(getattr(getattr(mllama, stack, None), "layers", None), nn.ModuleList)
                                      for stack in ("transformer", "global_transformer")) and hasattr(
@@ -111,13 +116,38 @@ def layout_of(model: nn.Module) -> Layout:
         return Layout("model.language_model", "model.vision_model", Tower.MLLAMA)
     if _is_decoder(language):
         raise StreamingUnsupported(
-            f"streaming analysis handles the vision towers of Qwen2-VL, Qwen2.5-VL and Mllama (Llama 3.2 Vision), "
-            f"not {type(model).__name__}'s (LLaVA, Pixtral, Idefics3 and SmolVLM are not streamed yet): run without "
-            f"--max-memory")
+            f"streaming analysis handles the vision towers of Qwen2-VL, Qwen2.5-VL, Mllama (Llama 3.2 Vision) and "
+            f"LLaVA (CLIP or Pixtral), not {type(model).__name__}'s (Idefics3 and SmolVLM are not streamed yet): run "
+            f"without --max-memory")
     raise StreamingUnsupported(
         f"streaming analysis handles decoder LLMs laid out as model.layers + model.norm + lm_head "
-        f"(Llama, Qwen2, Mistral, ...) and Qwen2-VL-style or Mllama vision-language models, not "
-        f"{type(model).__name__}: run without --max-memory")
+        f"(Llama, Qwen2, Mistral, ...) and the vision-language models Qwen2-VL, Qwen2.5-VL, Mllama and LLaVA (CLIP "
+        f"or Pixtral tower), not {type(model).__name__} (Idefics3 and SmolVLM are not streamed yet): run without "
+        f"--max-memory")
+
+
+def _llava_blocks(base) -> str | None:
+    """Where a LLaVA-style vision tower keeps its blocks (CLIP/SigLIP: ``encoder.layers``, Pixtral:
+    ``transformer.layers``), if ``base`` is one whose image features are its last block's output."""
+    tower = getattr(base, "vision_tower", None)
+    if tower is None or not hasattr(base, "get_image_features") or not hasattr(base, "multi_modal_projector"):
+        return None
+    path = next((p for p in ("encoder.layers", "transformer.layers")
+                 if isinstance(_get(tower, p), nn.ModuleList)), None)
+    if path is None:
+        return None
+    layer = getattr(base.config, "vision_feature_layer", -1)
+    if layer not in (-1, len(_get(tower, path))):
+        raise StreamingUnsupported(
+            f"streaming analysis handles LLaVA-style models whose image features are the vision tower's last block "
+            f"output (vision_feature_layer -1), not {layer!r}: run without --max-memory")
+    return path
+
+
+def _get(module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module
 
 
 def _is_decoder(module) -> bool:
@@ -136,7 +166,8 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 def vision_blocks(model: nn.Module) -> nn.ModuleList:
     """The vision tower's blocks (a Qwen2-VL-style tower)."""
-    return model.get_submodule(layout_of(model).vision).blocks
+    layout = layout_of(model)
+    return model.get_submodule(f"{layout.vision}.{layout.blocks}")
 
 
 def stages_of(model: nn.Module, infos, lm_head: str | None) -> list[Stage]:
@@ -160,7 +191,7 @@ def stages_of(model: nn.Module, infos, lm_head: str | None) -> list[Stage]:
 
         stages += mllama_vision_stages(model, layout.vision, names)
     elif layout.vision:
-        stages += _vision_stages(model, layout.vision, names)
+        stages += _vision_stages(model, layout, names)
     taken |= {n for s in stages for n in s.params}
     first = [n for n in names if n not in taken]
     if layout.vision:  # the splice runs the tower's own forward: it loads the stem and the bridge too
@@ -180,12 +211,12 @@ def stages_of(model: nn.Module, infos, lm_head: str | None) -> list[Stage]:
     return stages
 
 
-def _vision_stages(model: nn.Module, tower: str, names: list[str]) -> list[Stage]:
+def _vision_stages(model: nn.Module, layout: Layout, names: list[str]) -> list[Stage]:
     """The stem and one stage per block; the tower's modules after its blocks join the splice stage."""
-    blocks = model.get_submodule(tower).blocks
-    prefix = tower + "."
+    blocks = vision_blocks(model)
+    prefix = layout.vision + "."
     in_tower = [n for n in names if n.startswith(prefix)]
-    block_prefix = prefix + "blocks."
+    block_prefix = f"{prefix}{layout.blocks}."
     first_block = next((i for i, n in enumerate(in_tower) if n.startswith(block_prefix)), len(in_tower))
     stem = [n for n in in_tower[:first_block] if not n.startswith(block_prefix)]  # registered before the blocks
     stages = [Stage("vision stem", StageKind.VISION_STEM, stem)]

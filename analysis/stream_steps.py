@@ -16,8 +16,9 @@ Gradients of values other than the hidden states travel back beside them in the 
 files, each under the name of its value: Mllama's ``cross_attention_states`` (the projected
 image features every cross-attention layer reads) collects each cross-attention layer's part,
 last to first, until the splice backpropagates the sum through the projector; the gradient of a
-kept local vision block's output (:mod:`analysis.stream_mllama`) goes from the splice to that
-block, which adds it to the gradient of its output, as autograd sums a tensor's uses in memory.
+kept local vision block's output (:mod:`analysis.stream_mllama`) goes from the splice to the
+stage after that block, which seeds the gradient of its input with it, as autograd sums a
+tensor's uses in memory.
 """
 
 from __future__ import annotations
@@ -151,12 +152,7 @@ def _splice(ctx: StepContext, batch, hidden, kwargs):
 
 
 def _run_block(stage, hidden, kwargs):
-    """One decoder layer or vision block on its input (a vision block with its own keyword arguments).
-
-    A cross-attention layer given no image features passes its input on, as the model skips it.
-    """
-    if any(kwargs.get(k) is None for k in stage.grad_kwargs):
-        return hidden
+    """One decoder layer or vision block on its input (a vision block with its own keyword arguments)."""
     out = stage.layer(hidden, **(block_kwargs(kwargs, stage.index) if stage.kind is StageKind.VISION else kwargs))
     return out[0] if isinstance(out, tuple) else out
 

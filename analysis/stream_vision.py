@@ -61,11 +61,12 @@ def record_blocks(blocks: nn.ModuleList, run) -> tuple[torch.Tensor, dict]:
     after the last one.
     """
     calls: list[tuple[torch.Tensor, dict]] = []
+    named = list(inspect.signature(type(blocks[0]).forward).parameters)[2:]  # after self, hidden_states
 
     def record(hidden_states, *args, **kwargs):
-        if args:
-            raise TypeError("vision blocks called with positional arguments beyond the hidden states")
-        calls.append((hidden_states, kwargs))
+        if len(args) > len(named) or any(name in kwargs for name in named[:len(args)]):
+            raise TypeError("vision blocks called with positional arguments their forward does not name")
+        calls.append((hidden_states, {**dict(zip(named, args, strict=False)), **kwargs}))  # as keyword arguments
         if len(calls) == len(blocks):
             raise _Captured
         return hidden_states
@@ -107,7 +108,7 @@ def capture_language_inputs(model: nn.Module, batch: dict, replay: torch.Tensor 
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _Captured
 
-    # every layer: Mllama skips its cross-attention layers on a batch without images, layer 0 included
+    # on every layer: the first that runs (Mllama skips a cross-attention layer 0 given no image features)
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in decoder_layers(model)]
     base = model.get_submodule(layout_of(model).language.rpartition(".")[0] or "model")
     try:

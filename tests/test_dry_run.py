@@ -108,8 +108,11 @@ def test_a_vision_language_model_streams_and_an_unknown_tower_is_refused_with_th
     assert qwen.stream_need is not None and qwen.action.startswith("analyze streamed")
     assert "streamed analysis: largest block vision block 0 needs" in describe(qwen)  # 1024 patches a batch
     mllama = dry_run(resolve_source(str(save_tiny_vlm("mllama", tmp_path / "mllama"))), AnalyzeConfig(max_memory="1GB"))
-    assert mllama.stream_need is None and mllama.action.startswith("stop: --max-memory cannot stream")
-    assert "not MllamaForConditionalGeneration's: run without --max-memory" in mllama.action
+    assert mllama.stream_need is not None and mllama.action.startswith("analyze streamed")
+    smolvlm = dry_run(resolve_source(str(save_tiny_vlm("smolvlm", tmp_path / "smolvlm"))),
+                      AnalyzeConfig(max_memory="1GB"))
+    assert smolvlm.stream_need is None and smolvlm.action.startswith("stop: --max-memory cannot stream")
+    assert "(Idefics3 and SmolVLM are not streamed yet): run without --max-memory" in smolvlm.action
 
 
 def test_free_memory_of_a_device_this_machine_lacks_is_unknown():

@@ -5,7 +5,8 @@ A tiny Qwen2-VL with 8 blocks per tower, calibrated on the shipped images, strea
 below a quarter of what the in-memory analysis needs, gives the in-memory table: every column,
 the Fisher scores of the vision tower and the merger included (the reverse pass carries the
 gradient through the splice and the vision blocks, as the in-memory backward pass does). A tiny
-Mllama does the same through its two vision stacks and its cross-attention layers.
+Mllama does the same through its two vision stacks and its cross-attention layers; LLaVA (CLIP or
+Pixtral tower) through its one stack.
 """
 
 from __future__ import annotations
@@ -130,9 +131,35 @@ def test_streamed_klds_of_mllama_equal_in_memory_klds(mllama):
     assert got.kld["vision"] > 0 and got.kld["cross"] > 0
 
 
-def test_a_vlm_whose_tower_streaming_does_not_know_is_refused_with_the_fix(tmp_path):
+@pytest.mark.parametrize("arch", ["llava", "llava_pixtral"])
+def test_streamed_llava_equals_the_in_memory_table(arch, tmp_path):
+    """LLaVA's CLIP tower (its layers take the attention mask positionally) and Pixtral's (2D rotary positions,
+    one sequence of every image's patches) stream as Qwen2-VL's: stem, each block, projector + embeddings."""
+    folder = save_tiny_vlm(arch, tmp_path / arch)
+    source = resolve_source(str(folder))
+    calibration = load_image_calibration(load_processor(source), "default", samples=SAMPLES)
+    expected = analyze(load_model(source), calibration, [NF4], model_fingerprint=source.fingerprint, progress=False,
+                       batch_size=BATCH, fisher=True)
+    streamed = analyze_streaming(folder, calibration, [NF4], progress=False, batch_size=BATCH, fisher=True)
+    pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-5)
+    fisher = streamed.df.set_index("name")["output_fisher_error"]
+    assert fisher["model.multi_modal_projector.linear_1"] > 0
+    assert fisher.filter(like="model.vision_tower.").dropna().gt(0).all()
+
+
+def test_llava_whose_features_are_not_the_last_block_is_refused_with_the_fix(tmp_path):
+    import json
+
     folder = save_tiny_vlm("llava", tmp_path / "llava")
-    with pytest.raises(StreamingUnsupported, match="not LlavaForConditionalGeneration's .*: run without --max-memory"):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vision_feature_layer": -2}))
+    with pytest.raises(StreamingUnsupported, match="vision_feature_layer -1.*not -2: run without --max-memory"):
+        streaming_need(folder, [NF4])
+
+
+def test_a_vlm_whose_tower_streaming_does_not_know_is_refused_with_the_fix(tmp_path):
+    folder = save_tiny_vlm("idefics3", tmp_path / "idefics3")
+    with pytest.raises(StreamingUnsupported, match="not Idefics3ForConditionalGeneration .*not streamed yet.*: run without --max-memory"):
         streaming_need(folder, [NF4])
 
 
