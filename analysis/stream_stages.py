@@ -5,8 +5,9 @@ Qwen2, Mistral ...) streams as embeddings, each decoder layer, then final norm +
 
 A vision-language model whose vision tower is a stack of blocks (``model.model.visual.blocks``:
 Qwen2-VL, Qwen2.5-VL; ``model.model.vision_tower``'s ``encoder.layers`` or ``transformer.layers``:
-LLaVA with a CLIP or a Pixtral tower, whose image features are the last block's output) and whose
-language model is such a decoder (``model.model.language_model``) streams as:
+LLaVA with a CLIP or a Pixtral tower, whose image features are the last block's output;
+``model.model.vision_model.encoder.layers``: Idefics3, SmolVLM) and whose language model is such a
+decoder (``model.model.language_model``, Idefics3's ``model.model.text_model``) streams as:
 
 1. the vision stem: the tower's modules registered before its blocks (the patch embedding),
    run up to the first vision block (:mod:`analysis.stream_vision`);
@@ -96,6 +97,10 @@ class Layout:
     blocks: str = "blocks"  # where a BLOCKS tower keeps its blocks, below ``vision``
 
 
+#: the vision-language models streaming knows, as the refusals name them
+STREAMED_VLMS = "Qwen2-VL, Qwen2.5-VL, Mllama (Llama 3.2 Vision), LLaVA (CLIP or Pixtral tower), Idefics3 and SmolVLM"
+
+
 def layout_of(model: nn.Module) -> Layout:
     """The model's layout, or :class:`StreamingUnsupported` naming the fix."""
     base = getattr(model, "model", None)
@@ -109,6 +114,10 @@ def layout_of(model: nn.Module) -> Layout:
     llava = _llava_blocks(base)
     if _is_decoder(language) and llava:
         return Layout("model.language_model", "model.vision_tower", Tower.BLOCKS, llava)
+    text = getattr(base, "text_model", None)
+    if _is_decoder(text) and isinstance(_get(base, "vision_model.encoder.layers"), nn.ModuleList) and hasattr(
+            base, "connector") and hasattr(base, "get_image_features"):  # Idefics3, SmolVLM
+        return Layout("model.text_model", "model.vision_model", Tower.BLOCKS, "encoder.layers")
     mllama = getattr(base, "vision_model", None)
     if _is_decoder(language) and all(isinstance(getattr(getattr(mllama, stack, None), "layers", None), nn.ModuleList)
                                      for stack in ("transformer", "global_transformer")) and hasattr(
@@ -116,14 +125,12 @@ def layout_of(model: nn.Module) -> Layout:
         return Layout("model.language_model", "model.vision_model", Tower.MLLAMA)
     if _is_decoder(language):
         raise StreamingUnsupported(
-            f"streaming analysis handles the vision towers of Qwen2-VL, Qwen2.5-VL, Mllama (Llama 3.2 Vision) and "
-            f"LLaVA (CLIP or Pixtral), not {type(model).__name__}'s (Idefics3 and SmolVLM are not streamed yet): run "
+            f"streaming analysis handles the vision towers of {STREAMED_VLMS}, not {type(model).__name__}'s: run "
             f"without --max-memory")
     raise StreamingUnsupported(
         f"streaming analysis handles decoder LLMs laid out as model.layers + model.norm + lm_head "
-        f"(Llama, Qwen2, Mistral, ...) and the vision-language models Qwen2-VL, Qwen2.5-VL, Mllama and LLaVA (CLIP "
-        f"or Pixtral tower), not {type(model).__name__} (Idefics3 and SmolVLM are not streamed yet): run without "
-        f"--max-memory")
+        f"(Llama, Qwen2, Mistral, ...) and the vision-language models {STREAMED_VLMS}, not {type(model).__name__}: "
+        f"run without --max-memory")
 
 
 def _llava_blocks(base) -> str | None:

@@ -6,7 +6,7 @@ below a quarter of what the in-memory analysis needs, gives the in-memory table:
 the Fisher scores of the vision tower and the merger included (the reverse pass carries the
 gradient through the splice and the vision blocks, as the in-memory backward pass does). A tiny
 Mllama does the same through its two vision stacks and its cross-attention layers; LLaVA (CLIP or
-Pixtral tower) through its one stack.
+Pixtral tower) and Idefics3/SmolVLM through their one stack.
 """
 
 from __future__ import annotations
@@ -131,10 +131,11 @@ def test_streamed_klds_of_mllama_equal_in_memory_klds(mllama):
     assert got.kld["vision"] > 0 and got.kld["cross"] > 0
 
 
-@pytest.mark.parametrize("arch", ["llava", "llava_pixtral"])
-def test_streamed_llava_equals_the_in_memory_table(arch, tmp_path):
-    """LLaVA's CLIP tower (its layers take the attention mask positionally) and Pixtral's (2D rotary positions,
-    one sequence of every image's patches) stream as Qwen2-VL's: stem, each block, projector + embeddings."""
+@pytest.mark.parametrize("arch", ["llava", "llava_pixtral", "idefics3", "smolvlm"])
+def test_streamed_one_stack_towers_equal_the_in_memory_table(arch, tmp_path):
+    """LLaVA's CLIP tower (its layers take the attention mask positionally), Pixtral's (2D rotary positions, one
+    sequence of every image's patches) and Idefics3/SmolVLM's SigLIP (padding images dropped, a patch mask, the
+    pixel-shuffle connector) stream as Qwen2-VL's: stem, each block, projector + embeddings."""
     folder = save_tiny_vlm(arch, tmp_path / arch)
     source = resolve_source(str(folder))
     calibration = load_image_calibration(load_processor(source), "default", samples=SAMPLES)
@@ -143,8 +144,10 @@ def test_streamed_llava_equals_the_in_memory_table(arch, tmp_path):
     streamed = analyze_streaming(folder, calibration, [NF4], progress=False, batch_size=BATCH, fisher=True)
     pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-5)
     fisher = streamed.df.set_index("name")["output_fisher_error"]
-    assert fisher["model.multi_modal_projector.linear_1"] > 0
-    assert fisher.filter(like="model.vision_tower.").dropna().gt(0).all()
+    projector = fisher.filter(regex=r"^model\.(multi_modal_projector|connector)\.")
+    assert len(projector) and projector.gt(0).all()
+    tower = fisher.filter(regex=r"^model\.vision_(tower|model)\.").dropna()
+    assert len(tower) >= 12 and tower.gt(0).all()
 
 
 def test_llava_whose_features_are_not_the_last_block_is_refused_with_the_fix(tmp_path):
@@ -157,10 +160,19 @@ def test_llava_whose_features_are_not_the_last_block_is_refused_with_the_fix(tmp
         streaming_need(folder, [NF4])
 
 
-def test_a_vlm_whose_tower_streaming_does_not_know_is_refused_with_the_fix(tmp_path):
-    folder = save_tiny_vlm("idefics3", tmp_path / "idefics3")
-    with pytest.raises(StreamingUnsupported, match="not Idefics3ForConditionalGeneration .*not streamed yet.*: run without --max-memory"):
-        streaming_need(folder, [NF4])
+def test_a_vlm_whose_tower_streaming_does_not_know_is_refused_with_the_fix():
+    from torch import nn
+
+    from quantplan.analysis.stream_stages import layout_of
+
+    language = nn.Module()
+    language.layers, language.norm = nn.ModuleList([nn.Linear(4, 4)]), nn.Identity()
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.language_model, model.model.resampler = language, nn.Linear(4, 4)  # a tower laid out otherwise
+    with pytest.raises(StreamingUnsupported, match="handles the vision towers of Qwen2-VL, .*SmolVLM, not Module's: "
+                                                   "run without --max-memory"):
+        layout_of(model)
 
 
 def test_a_vlm_streamed_on_text_alone_is_refused_with_the_fix(tmp_path):
