@@ -172,7 +172,7 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 
 def vision_blocks(model: nn.Module) -> nn.ModuleList:
-    """The vision tower's blocks (a Qwen2-VL-style tower)."""
+    """The vision tower's blocks (a tower that is one stack of blocks: Tower.BLOCKS)."""
     layout = layout_of(model)
     return model.get_submodule(f"{layout.vision}.{layout.blocks}")
 

@@ -13,7 +13,8 @@ For a decoder LLM saved as safetensors (``model.model.layers``: Llama, SmolLM2, 
    the block and its statistics;
 4. last stage: final norm + lm_head the same way (lm_head's input is probed; no logits are made).
 
-A Qwen2-VL-style vision-language model adds its vision tower's stages in front (the stem,
+A vision-language model whose tower is one stack of blocks (Qwen2-VL, Qwen2.5-VL, LLaVA with a
+CLIP or Pixtral tower, Idefics3, SmolVLM) adds its vision tower's stages in front (the stem,
 each vision block, then the merger + embeddings stage that splices the streamed image
 features into the token embeddings through the model's own forward): the same loop, more
 stages (:mod:`analysis.stream_stages`, :mod:`analysis.stream_vision`). Mllama (Llama 3.2 Vision)
