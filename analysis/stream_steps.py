@@ -11,6 +11,14 @@ the gradient of its input for the layer below: layer-wise activation checkpointi
 disk as the store. A vision-language model's reverse pass goes on below the first decoder
 layer: the splice stage recomputes the merger and the splice from the stored vision output and
 passes the image features' gradient to the vision blocks, last to first (the stem takes none).
+
+Gradients of values other than the hidden states travel back beside them in the gradient
+files, each under the name of its value: Mllama's ``cross_attention_states`` (the projected
+image features every cross-attention layer reads) collects each cross-attention layer's part,
+last to first, until the splice backpropagates the sum through the projector; the gradient of a
+kept local vision block's output (:mod:`analysis.stream_mllama`) goes from the splice to the
+stage after that block, which seeds the gradient of its input with it, as autograd sums a
+tensor's uses in memory.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from .fisher import GradientProbe
 from .measure import measure_module
 from .probe import InputProbe
 from .stream_head import head_input_gradient, observe_head_input
-from .stream_stages import StageKind
+from .stream_mllama import capture_global_inputs
+from .stream_stages import CARRY_MARK, StageKind
 from .stream_store import read_batch, write_batch
 from .stream_vision import block_kwargs, capture_language_inputs, capture_vision_inputs
 
@@ -108,14 +117,14 @@ def run_batches(ctx: StepContext, stage, step: Step, folders: StepFolders, outpu
                 grads.start_batch()
             hidden, kwargs = read_batch(folders.hidden, index, ctx.device) if folders.hidden else (None, {})
             if backward:
-                out = _backward(ctx, stage, hidden, kwargs, batch, folders.grad, index, probe)
+                out, kwargs = _backward(ctx, stage, hidden, kwargs, batch, folders.grad, index, probe)
             else:
                 out, kwargs = _forward(ctx, stage, hidden, kwargs, batch, probe)
             if grads:
                 grads.commit_batch()
             probe.commit_batch()
             if outputs is not None:
-                write_batch(outputs, index, out, {} if backward else kwargs)
+                write_batch(outputs, index, out, kwargs)
 
 
 def _forward(ctx: StepContext, stage, hidden, kwargs, batch, probe):
@@ -125,12 +134,21 @@ def _forward(ctx: StepContext, stage, hidden, kwargs, batch, probe):
         return capture_language_inputs(ctx.model, batch_to(batch, ctx.device))
     if stage.kind is StageKind.VISION_STEM:
         return capture_vision_inputs(ctx.model, batch_to(batch, ctx.device))
+    if stage.kind is StageKind.VISION_BRIDGE:
+        return capture_global_inputs(ctx.model, batch_to(batch, ctx.device), hidden, kwargs)
     if stage.kind is StageKind.SPLICE:
-        return capture_language_inputs(ctx.model, batch_to(batch, ctx.device), replay=hidden)
+        return _splice(ctx, batch, hidden, kwargs)
     if stage.kind is StageKind.HEAD:
         observe_head_input(ctx.model, probe, ctx.lm_head, hidden)
         return hidden, kwargs
-    return _run_block(stage, hidden, kwargs), kwargs
+    out = _run_block(stage, hidden, kwargs)
+    return out, {**kwargs, stage.emits: out} if stage.emits else kwargs
+
+
+def _splice(ctx: StepContext, batch, hidden, kwargs):
+    """The first decoder layer's (hidden states, keyword arguments) from the vision tower's stored output."""
+    carried = {k: v for k, v in kwargs.items() if k.startswith(CARRY_MARK)}
+    return capture_language_inputs(ctx.model, batch_to(batch, ctx.device), replay=hidden, carried=carried)
 
 
 def _run_block(stage, hidden, kwargs):
@@ -140,18 +158,39 @@ def _run_block(stage, hidden, kwargs):
 
 
 def _backward(ctx: StepContext, stage, hidden, kwargs, batch, grad_folder: Path | None, index: int, probe):
-    """The loss gradient of the stage's input for one batch (seeded per batch as analyze() seeds it)."""
+    """(the loss gradient of the stage's input, the other gradients carried back) for one batch (seeded per
+    batch as analyze() seeds it).
+
+    A gradient carried from above for a value this stage also uses (its input's other use:
+    ``joins``; a cross-attention layer's ``cross_attention_states``) seeds that value's
+    gradient before the stage's own parts add to it, in the order autograd sums them in memory
+    (the later use first), so the sum is rounded as it is there.
+    """
     if stage.kind is StageKind.HEAD:
-        return head_input_gradient(ctx.model, probe, ctx.lm_head, hidden, seed=index, chunk=ctx.head_chunk)
-    grad_out, _ = read_batch(grad_folder, index, ctx.device)
+        return head_input_gradient(ctx.model, probe, ctx.lm_head, hidden, seed=index, chunk=ctx.head_chunk), {}
+    grad_out, carried = read_batch(grad_folder, index, ctx.device)
     leaf = hidden.detach().requires_grad_()  # as the embeddings' output is in memory, so the hooks see a graph
+    leaves = {k: kwargs[k].detach().requires_grad_() for k in stage.grad_kwargs if torch.is_tensor(kwargs.get(k))}
     with torch.enable_grad():
+        used = {k: v.view_as(v) for k, v in leaves.items()}  # a node whose gradient sums the seed and the uses
+        seeds = [(used[k], carried.get(k)) for k in used]
+        joined = carried.pop(stage.joins, None) if stage.joins else None
+        inputs = leaf if joined is None else leaf.view_as(leaf)
+        kwargs = {**kwargs, **used}
         if stage.kind is StageKind.SPLICE:  # the image features' gradient, back through the splice and merger
-            out, _ = capture_language_inputs(ctx.model, batch_to(batch, ctx.device), replay=leaf)
+            out, made = _splice(ctx, batch, inputs, kwargs)
+        elif stage.kind is StageKind.VISION_BRIDGE:
+            out, made = capture_global_inputs(ctx.model, batch_to(batch, ctx.device), inputs, kwargs)
         else:
-            out = _run_block(stage, leaf, kwargs)
-        out.backward(grad_out)
-    return leaf.grad
+            out, made = _run_block(stage, inputs, kwargs), {}
+        ends = [(made[k], carried.pop(k)) for k in list(carried) if k not in kwargs and torch.is_tensor(made.get(k))]
+        pairs = [(t, g) for t, g in [*seeds, (inputs, joined), (out, grad_out), *ends]
+                 if g is not None and t.requires_grad]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+    for key, value in leaves.items():  # the gradient carried back now holds this stage's part
+        carried[key] = value.grad if value.grad is not None else torch.zeros_like(value)
+    return (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)), carried
 
 
 def measure_stage(model, stage, infos, probe: InputProbe, grads: GradientProbe | None, formats,

@@ -14,6 +14,9 @@ language model, where the image features go among the token embeddings):
   the last one returns ``replay``, so the merger, the splice into the token embeddings and the
   position ids run as in memory on the streamed image features. With gradients on, the
   gradient of the decoder layer's input flows back to ``replay``.
+
+Mllama's tower has two stacks of blocks and a bridge between them; its captures, the same
+way through its own forward, are in :mod:`analysis.stream_mllama`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .stream_stages import decoder_layers, layout_of, vision_blocks
+from .stream_stages import CARRY_MARK, Tower, decoder_layers, layout_of, vision_blocks
+from .stream_weights import StreamingUnsupported
 
 #: separates a keyword argument's name from the vision block it belongs to
 BLOCK_MARK = "@"
@@ -36,23 +40,40 @@ class _Captured(Exception):
 
 def capture_vision_inputs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     """(input of the first vision block, every block's keyword arguments) for one batch."""
-    blocks = vision_blocks(model)
+    if batch.get("pixel_values") is None:
+        raise StreamingUnsupported(
+            f"streaming analysis of {type(model).__name__} calibrates on images, and this batch has none: pass "
+            f"--images, or run --text-only without --max-memory")
+    if layout_of(model).tower is Tower.MLLAMA:
+        from .stream_mllama import capture_local_inputs
+
+        return capture_local_inputs(model, batch)
+    base = model.get_submodule(layout_of(model).vision.rpartition(".")[0])
+    features = base.get_image_features
+    wanted = inspect.signature(features).parameters
+    return record_blocks(vision_blocks(model), lambda: features(**{k: v for k, v in batch.items() if k in wanted}))
+
+
+def record_blocks(blocks: nn.ModuleList, run) -> tuple[torch.Tensor, dict]:
+    """(input of ``blocks[0]``, every block's keyword arguments) as ``run()``, the model's own forward, calls them.
+
+    The blocks only record what they are called with and pass their input on; the forward stops
+    after the last one.
+    """
     calls: list[tuple[torch.Tensor, dict]] = []
+    named = list(inspect.signature(type(blocks[0]).forward).parameters)[2:]  # after self, hidden_states
 
     def record(hidden_states, *args, **kwargs):
-        if args:
-            raise TypeError("vision blocks called with positional arguments beyond the hidden states")
-        calls.append((hidden_states, kwargs))
+        if len(args) > len(named) or any(name in kwargs for name in named[:len(args)]):
+            raise TypeError("vision blocks called with positional arguments their forward does not name")
+        calls.append((hidden_states, {**dict(zip(named, args, strict=False)), **kwargs}))  # as keyword arguments
         if len(calls) == len(blocks):
             raise _Captured
         return hidden_states
 
-    base = model.get_submodule(layout_of(model).vision.rpartition(".")[0])
-    features = base.get_image_features
-    wanted = inspect.signature(features).parameters
-    with _forwards(blocks, [record] * len(blocks)):
+    with forwards(blocks, [record] * len(blocks)):
         try:
-            features(**{k: v for k, v in batch.items() if k in wanted})
+            run()
         except _Captured:
             pass
     first = calls[0][1]
@@ -64,18 +85,21 @@ def capture_vision_inputs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, 
 
 
 def block_kwargs(kwargs: dict, index: int) -> dict:
-    """Vision block ``index``'s keyword arguments out of :func:`capture_vision_inputs`' dict."""
-    mine = {k: v for k, v in kwargs.items() if BLOCK_MARK not in k}
+    """Vision block ``index``'s keyword arguments out of :func:`capture_vision_inputs`' dict (carried values left
+    out)."""
+    mine = {k: v for k, v in kwargs.items() if BLOCK_MARK not in k and not k.startswith(CARRY_MARK)}
     suffix = f"{BLOCK_MARK}{index}"
     mine.update({k[: -len(suffix)]: v for k, v in kwargs.items() if k.endswith(suffix)})
     return mine
 
 
-def capture_language_inputs(model: nn.Module, batch: dict, replay: torch.Tensor | None = None):
-    """(hidden states, keyword arguments) the first decoder layer receives for one batch.
+def capture_language_inputs(model: nn.Module, batch: dict, replay: torch.Tensor | None = None,
+                            carried: dict | None = None):
+    """(hidden states, keyword arguments) the first decoder layer to run receives for one batch.
 
     ``replay``: the last vision block's output, standing in for the whole vision tower's blocks
-    (a vision-language model's splice stage); None runs the model's forward as it is.
+    (a vision-language model's splice stage), with the ``carried`` values the tower also uses
+    (Mllama's intermediate block outputs); None runs the model's forward as it is.
     """
     captured = {}
 
@@ -84,43 +108,57 @@ def capture_language_inputs(model: nn.Module, batch: dict, replay: torch.Tensor 
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _Captured
 
-    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    # on every layer: the first that runs (Mllama skips a cross-attention layer 0 given no image features)
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in decoder_layers(model)]
     base = model.get_submodule(layout_of(model).language.rpartition(".")[0] or "model")
     try:
-        with _replayed(model, replay):
+        with _replayed(model, replay, carried or {}):
             base(**batch, use_cache=False)
     except _Captured:
         pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return captured["hidden"], captured["kwargs"]
 
 
+def passing(hidden_states, *args, **kwargs):
+    """A block's stand-in forward that passes its input on."""
+    return hidden_states
+
+
+def returning(value: torch.Tensor, what: str = "vision output"):
+    """A block's stand-in forward that returns the stored ``value`` (of the shape of its input)."""
+    def forward(hidden_states, *args, **kwargs):
+        if hidden_states.shape != value.shape:
+            raise RuntimeError(f"the stored {what} has shape {tuple(value.shape)}, the tower expects "
+                               f"{tuple(hidden_states.shape)}: the partial results belong to other images")
+        return value
+
+    return forward
+
+
 @contextmanager
-def _replayed(model: nn.Module, replay: torch.Tensor | None):
+def _replayed(model: nn.Module, replay: torch.Tensor | None, carried: dict):
     """Within the block, the vision blocks pass their input on and the last returns ``replay``."""
     if replay is None:
         yield
         return
+    if layout_of(model).tower is Tower.MLLAMA:
+        from .stream_mllama import replayed_tower
+
+        with replayed_tower(model, replay, carried):
+            yield
+        return
     blocks = vision_blocks(model)
-
-    def passing(hidden_states, *args, **kwargs):
-        return hidden_states
-
-    def last(hidden_states, *args, **kwargs):
-        if hidden_states.shape != replay.shape:
-            raise RuntimeError(f"the stored vision output has shape {tuple(replay.shape)}, the tower expects "
-                               f"{tuple(hidden_states.shape)}: the partial results belong to other images")
-        return replay
-
-    with _forwards(blocks, [passing] * (len(blocks) - 1) + [last]):
+    with forwards(blocks, [passing] * (len(blocks) - 1) + [returning(replay)]):
         yield
 
 
 @contextmanager
-def _forwards(modules, forwards):
+def forwards(modules, stand_ins):
     """Give each module another forward for the duration of the block (its hooks and parameters stay)."""
-    for module, forward in zip(modules, forwards, strict=True):
+    for module, forward in zip(modules, stand_ins, strict=True):
         module.forward = forward
     try:
         yield

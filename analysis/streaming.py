@@ -13,10 +13,14 @@ For a decoder LLM saved as safetensors (``model.model.layers``: Llama, SmolLM2, 
    the block and its statistics;
 4. last stage: final norm + lm_head the same way (lm_head's input is probed; no logits are made).
 
-A Qwen2-VL-style vision-language model adds its vision tower's stages in front (the stem,
+A vision-language model whose tower is one stack of blocks (Qwen2-VL, Qwen2.5-VL, LLaVA with a
+CLIP or Pixtral tower, Idefics3, SmolVLM) adds its vision tower's stages in front (the stem,
 each vision block, then the merger + embeddings stage that splices the streamed image
 features into the token embeddings through the model's own forward): the same loop, more
-stages (:mod:`analysis.stream_stages`, :mod:`analysis.stream_vision`).
+stages (:mod:`analysis.stream_stages`, :mod:`analysis.stream_vision`). Mllama (Llama 3.2 Vision)
+streams its two stacks of vision blocks the same way, and its decoder's cross-attention layers
+read the projected image features as a keyword argument carried with the hidden states
+(:mod:`analysis.stream_mllama`).
 
 Resident memory is one stage's weights, its input statistics and one batch (the head's
 logits one chunk of tokens at a time, :mod:`analysis.stream_head`); activations carried
@@ -53,7 +57,7 @@ from .models import resolve_source
 from .modules import list_modules, output_embedding_name
 from .probe import InputProbe
 from .stream_head import chunk_tokens
-from .stream_stages import Stage, StageKind, stage_config, stages_of
+from .stream_stages import VISION_KINDS, Stage, StageKind, stage_config, stages_of
 from .stream_steps import Direction, StepContext, measure_stage, plan_steps, run_batches, step_folders
 from .stream_store import StreamCheckpoint
 from .stream_weights import (
@@ -204,7 +208,7 @@ def _largest_need(model, stages: list[Stage], candidates, shape: BatchShape, fis
     """(need, stage) of the stage that needs the most memory on a ``device_type`` device."""
     needs = []
     for s in stages:
-        vision = s.kind in (StageKind.VISION_STEM, StageKind.VISION)
+        vision = s.kind in VISION_KINDS
         tokens, sequences = (shape.patches, max(shape.images, 1)) if vision else (shape.tokens, shape.sequences)
         need = stage_need(model, s.resident, [n for n in s.linears if n in candidates], tokens, sequences,
                           head=s.kind is StageKind.HEAD,

@@ -99,6 +99,8 @@ def replace_device(config, device: str):
 
 
 def test_a_vision_language_model_streams_and_an_unknown_tower_is_refused_with_the_fix(tmp_path):
+    import json
+
     from vlm_models import save_tiny_vlm
 
     from quantplan.analysis.config import AnalyzeConfig
@@ -108,8 +110,13 @@ def test_a_vision_language_model_streams_and_an_unknown_tower_is_refused_with_th
     assert qwen.stream_need is not None and qwen.action.startswith("analyze streamed")
     assert "streamed analysis: largest block vision block 0 needs" in describe(qwen)  # 1024 patches a batch
     mllama = dry_run(resolve_source(str(save_tiny_vlm("mllama", tmp_path / "mllama"))), AnalyzeConfig(max_memory="1GB"))
-    assert mllama.stream_need is None and mllama.action.startswith("stop: --max-memory cannot stream")
-    assert "not MllamaForConditionalGeneration's: run without --max-memory" in mllama.action
+    assert mllama.stream_need is not None and mllama.action.startswith("analyze streamed")
+    llava = save_tiny_vlm("llava", tmp_path / "llava")
+    config = json.loads((llava / "config.json").read_text())
+    (llava / "config.json").write_text(json.dumps({**config, "vision_feature_layer": -2}))  # LLaVA-1.5's
+    refused = dry_run(resolve_source(str(llava)), AnalyzeConfig(max_memory="1GB"))
+    assert refused.stream_need is None and refused.action.startswith("stop: --max-memory cannot stream")
+    assert "(vision_feature_layer -1), not -2: run without --max-memory" in refused.action
 
 
 def test_free_memory_of_a_device_this_machine_lacks_is_unknown():

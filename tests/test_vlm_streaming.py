@@ -1,9 +1,12 @@
-"""Vision-language models stream too (analysis/stream_stages.py, analysis/stream_vision.py).
+"""Vision-language models stream too (analysis/stream_stages.py, analysis/stream_vision.py,
+analysis/stream_mllama.py).
 
 A tiny Qwen2-VL with 8 blocks per tower, calibrated on the shipped images, streamed under a cap
 below a quarter of what the in-memory analysis needs, gives the in-memory table: every column,
 the Fisher scores of the vision tower and the merger included (the reverse pass carries the
-gradient through the splice and the vision blocks, as the in-memory backward pass does).
+gradient through the splice and the vision blocks, as the in-memory backward pass does). A tiny
+Mllama does the same through its two vision stacks and its cross-attention layers; LLaVA (CLIP or
+Pixtral tower) and Idefics3/SmolVLM through their one stack.
 """
 
 from __future__ import annotations
@@ -72,7 +75,112 @@ def test_streamed_qwen2_5_vl_windowed_and_full_attention_blocks(tmp_path):
     pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-5)
 
 
-def test_a_vlm_whose_tower_streaming_does_not_know_is_refused_with_the_fix(tmp_path):
-    folder = save_tiny_vlm("mllama", tmp_path / "mllama")
-    with pytest.raises(StreamingUnsupported, match="not MllamaForConditionalGeneration's: run without --max-memory"):
+@pytest.fixture(scope="module")
+def mllama(tmp_path_factory):
+    """(folder, image calibration, in-memory Fisher table, cap) of a tiny Mllama with 8 local vision blocks, 2
+    global ones and 8 text layers (cross-attention at 1 and 5), its cross-attention gates open."""
+    folder = save_tiny_vlm("mllama", tmp_path_factory.mktemp("vlm") / "mllama", layers=8)
+    model = load_model(resolve_source(str(folder)))
+    for name, param in model.named_parameters():  # closed gates (tanh(0) = 0) would cut the gradient to the tower
+        if "cross_attn" in name and name.endswith("_gate"):
+            param.data.fill_(1.0)
+    model.save_pretrained(folder)
+    source = resolve_source(str(folder))
+    calibration = load_image_calibration(load_processor(source), "default", samples=SAMPLES)
+    table = analyze(load_model(source), calibration, [NF4], model_fingerprint=source.fingerprint, progress=False,
+                    batch_size=BATCH, fisher=True)
+    in_memory = estimate_peak(meta_model(folder), [NF4], dtype_bytes=2, batch_size=BATCH, seq_len=64, fisher=True)
+    return folder, calibration, table, in_memory.total // 4
+
+
+def test_streamed_mllama_equals_the_in_memory_table_under_a_quarter_of_its_peak(mllama, tmp_path):
+    """Both vision stacks, the bridge, the projector and the cross-attention layers stream; the gradient of the
+    image features adds up over both cross-attention layers before it reaches the projector and the tower."""
+    folder, calibration, expected, cap = mllama
+    need, _ = streaming_need(folder, [NF4], batch_size=BATCH, seq_len=64)
+    assert need["total"] < cap
+    streamed = analyze_streaming(folder, calibration, [NF4], max_memory=cap, progress=False, batch_size=BATCH,
+                                 fisher=True, out_dir=tmp_path / "out")
+    pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-5)
+    fisher = streamed.df.set_index("name")["output_fisher_error"]
+    tower = "model.vision_model."
+    blocks = [f"{tower}transformer.layers.{i}.mlp.fc2" for i in range(8)] + [
+        f"{tower}global_transformer.layers.{i}.mlp.fc2" for i in range(2)]
+    for name in [*blocks, "model.multi_modal_projector", "model.language_model.layers.1.cross_attn.k_proj"]:
+        assert math.isfinite(fisher[name]) and fisher[name] > 0, name
+        assert fisher[name] == pytest.approx(expected.df.set_index("name")["output_fisher_error"][name], rel=1e-4)
+
+
+def test_streamed_klds_of_mllama_equal_in_memory_klds(mllama):
+    """The end-to-end checks stream Mllama on the same stages: vision, projector and cross-attention variants."""
+    import torch
+
+    from quantplan.analysis.reference import KLReference, calibration_klds
+    from quantplan.analysis.simulate import QuantCache
+    from quantplan.analysis.stream_variants import StreamOptions, streamed_klds
+
+    folder, calibration, _, _ = mllama
+    model = load_model(resolve_source(str(folder)))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    variants = {"16-bit": None, "vision": [n for n in names if "vision_model" in n or "projector" in n],
+                "cross": [n for n in names if "cross_attn" in n], "all": names}
+    expected = calibration_klds(KLReference(model, calibration, BATCH), QuantCache(model, NF4), variants)
+    got = streamed_klds(folder, calibration, variants, NF4, StreamOptions(batch_size=BATCH))
+    for label, value in expected.items():
+        assert got.kld[label] == pytest.approx(value, rel=1e-5, abs=1e-12), label
+    assert got.kld["vision"] > 0 and got.kld["cross"] > 0
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_pixtral", "idefics3", "smolvlm"])
+def test_streamed_one_stack_towers_equal_the_in_memory_table(arch, tmp_path):
+    """LLaVA's CLIP tower (its layers take the attention mask positionally), Pixtral's (2D rotary positions, one
+    sequence of every image's patches) and Idefics3/SmolVLM's SigLIP (padding images dropped, a patch mask, the
+    pixel-shuffle connector) stream as Qwen2-VL's: stem, each block, projector + embeddings."""
+    folder = save_tiny_vlm(arch, tmp_path / arch)
+    source = resolve_source(str(folder))
+    calibration = load_image_calibration(load_processor(source), "default", samples=SAMPLES)
+    expected = analyze(load_model(source), calibration, [NF4], model_fingerprint=source.fingerprint, progress=False,
+                       batch_size=BATCH, fisher=True)
+    streamed = analyze_streaming(folder, calibration, [NF4], progress=False, batch_size=BATCH, fisher=True)
+    pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-5)
+    fisher = streamed.df.set_index("name")["output_fisher_error"]
+    projector = fisher.filter(regex=r"^model\.(multi_modal_projector|connector)\.")
+    assert len(projector) and projector.gt(0).all()
+    tower = fisher.filter(regex=r"^model\.vision_(tower|model)\.").dropna()
+    assert len(tower) >= 12 and tower.gt(0).all()
+
+
+def test_llava_whose_features_are_not_the_last_block_is_refused_with_the_fix(tmp_path):
+    import json
+
+    folder = save_tiny_vlm("llava", tmp_path / "llava")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vision_feature_layer": -2}))
+    with pytest.raises(StreamingUnsupported, match="vision_feature_layer -1.*not -2: run without --max-memory"):
         streaming_need(folder, [NF4])
+
+
+def test_a_vlm_whose_tower_streaming_does_not_know_is_refused_with_the_fix():
+    from torch import nn
+
+    from quantplan.analysis.stream_stages import layout_of
+
+    language = nn.Module()
+    language.layers, language.norm = nn.ModuleList([nn.Linear(4, 4)]), nn.Identity()
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.language_model, model.model.resampler = language, nn.Linear(4, 4)  # a tower laid out otherwise
+    with pytest.raises(StreamingUnsupported, match="handles the vision towers of Qwen2-VL, .*SmolVLM, not Module's: "
+                                                   "run without --max-memory"):
+        layout_of(model)
+
+
+def test_a_vlm_streamed_on_text_alone_is_refused_with_the_fix(tmp_path):
+    from quantplan.analysis.vision import calibration_for_model
+
+    folder = save_tiny_vlm("mllama", tmp_path / "mllama")
+    source = resolve_source(str(folder))
+    calibration = calibration_for_model(load_model(source).config, load_processor(source), text_only=True, samples=2,
+                                        seq_len=16)
+    with pytest.raises(StreamingUnsupported, match="pass --images, or run --text-only without --max-memory"):
+        analyze_streaming(folder, calibration, [NF4], progress=False, batch_size=BATCH)

@@ -34,7 +34,8 @@ VISION = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, nu
 def save_tiny_vlm(arch: str, folder: Path, seed: int = 0, layers: int | None = None) -> Path:
     """Build the tiny ``arch`` model plus processor and save both to ``folder``.
 
-    ``layers``: blocks of the vision tower and of the language model each (Qwen2-VL, Qwen2.5-VL; default 2).
+    ``layers``: blocks of the vision tower and of the language model each (Qwen2-VL, Qwen2.5-VL, Mllama; default
+    2, Mllama's its own: :func:`_mllama`).
     """
     torch.manual_seed(seed)
     model, processor = BUILDERS[arch](**({} if layers is None else {"layers": layers}))
@@ -82,17 +83,25 @@ def _qwen2_5_vl(layers: int = 2):
     return _qwen2_vl("2.5", layers)
 
 
-def _mllama():
+def _mllama(layers: int | None = None):
+    """Llama 3.2 Vision layout. Default: three text layers, the middle one a cross-attention layer; two local
+    and one global vision layer. ``layers``: that many text layers (cross-attention at 1 and ``layers`` - 3)
+    and local vision layers, ``layers`` // 4 global ones, intermediate outputs of local layers 1 and the last."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
     tokenizer = word_tokenizer(["<|image|>", "<|python_tag|>"])
-    # three text layers, the middle one a cross-attention layer; one local and one global vision layer
+    text, local, global_, cross, kept = 3, 2, 1, [1], [0]
+    if layers is not None:
+        if layers < 4:
+            raise ValueError(f"a tiny Mllama with layers= takes 4 or more, not {layers}")
+        text, local, global_, cross, kept = layers, layers, layers // 4, [1, layers - 3], [1, layers - 1]
     config = MllamaConfig(
-        text_config=dict(TEXT, num_hidden_layers=3, cross_attention_layers=[1], vocab_size=VOCAB),
-        vision_config=dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_global_layers=1,
-                           attention_heads=4, image_size=28, patch_size=14, max_num_tiles=4,
-                           intermediate_layers_indices=[0], vision_output_dim=2 * HIDDEN),
+        text_config=dict(TEXT, num_hidden_layers=text, cross_attention_layers=cross, vocab_size=VOCAB),
+        vision_config=dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=local,
+                           num_global_layers=global_, attention_heads=4, image_size=28, patch_size=14,
+                           max_num_tiles=4, intermediate_layers_indices=kept,
+                           vision_output_dim=(1 + len(kept)) * HIDDEN),
         image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"),
     )
     model = MllamaForConditionalGeneration(config)
