@@ -33,3 +33,12 @@ def non_module_bytes(model: nn.Module, linear_names: list[str]) -> dict:
             if name not in module._non_persistent_buffers_set:
                 persistent += size
     return {"storage": params + persistent, "footprint": params + every_buffer}
+
+
+def footprint_16bit(model: nn.Module) -> int:
+    """``model.get_memory_footprint()`` as the model takes it in its 16-bit compute dtype, whatever dtype it was
+    loaded in: floating-point parameters at 2 bytes (the rule above), packed 4-bit / 8-bit parameters and every
+    buffer at their own size. The scoreboard runs its models in fp32 on CPUs without native bf16 (``--dtype
+    auto``); the footprint it reports is the one users of the checkpoint get."""
+    params = sum(p.numel() * (BYTES_16BIT if p.is_floating_point() else p.element_size()) for p in model.parameters())
+    return params + sum(b.numel() * b.element_size() for b in model.buffers())

@@ -40,6 +40,7 @@ import torch
 
 from quantplan.analysis import load_calibration, load_model, load_processor, resolve_source
 from quantplan.analysis.formats import FourBit, format_from_dict
+from quantplan.analysis.memory import footprint_16bit
 from quantplan.analysis.models import ModelSource, dtype_from_name, resolve_dtype
 from quantplan.analysis.simulate import QuantCache
 from quantplan.analysis.table import SensitivityTable, TableMismatch
@@ -151,7 +152,7 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         with stage("load model"):
             model16 = load_model(source, dtype=dtype, device=options.device)
     reference = heldout_reference(model16, heldout.input_ids, options.batch_size)
-    footprint16 = int(model16.get_memory_footprint())
+    footprint16 = footprint_16bit(model16)
     generations = {"16-bit": _generate(model16, processor, options)}
     cache = QuantCache(model16, fmt)
     uniform, dynamic, heuristics = keep_sets(table, plans, fmt, options)
@@ -229,7 +230,7 @@ def _measure_bnb(source, keep: KeepSet, config, reference, processor, options) -
                                quantization_config=config)
             fidelity = measure(model, reference)
             answers = _generate(model, processor, options)
-        return _row(keep, fidelity, "bitsandbytes", int(model.get_memory_footprint())), answers
+        return _row(keep, fidelity, "bitsandbytes", footprint_16bit(model)), answers
     except Exception as err:  # e.g. bitsandbytes 8-bit without a CPU kernel: report it, do not crash
         note = f"bitsandbytes failed on {options.device}: {type(err).__name__}: {str(err)[:200]}"
         row = _row(keep, None, "bitsandbytes", keep.footprint_bytes)

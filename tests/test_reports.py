@@ -79,7 +79,8 @@ def test_predicted_vs_measured(job):
     stats = job["comparison"].meta["agreement"]
     assert list(agreement["selected"]) == ["top"] * 3 + ["random"] * 3
     assert list(agreement["predicted_rank"][:3]) == [1, 2, 3]
-    assert (agreement["measured_kld"] > 0).all()
+    assert (agreement["measured_kld"] > -1e-7).all()  # KL >= 0 up to float rounding (fp32 on this CPU)
+    assert (agreement["measured_kld"] > 1e-7).sum() >= 3  # and the top modules' errors are seen
     assert -1 <= stats["spearman"] <= 1 and stats["verdict"]
 
 
