@@ -60,7 +60,7 @@ def test_cli_analyze_streams_a_vlm_with_images(qwen2_vl, tmp_path):
     folder, _, expected, cap = qwen2_vl
     out = tmp_path / "table"
     assert main(["analyze", str(folder), "--images", "default", "--samples", str(SAMPLES), "--batch-size",
-                 str(BATCH), "--max-memory", str(cap), "--formats", "nf4", "--out", str(out), "--quiet"]) == 0
+                 str(BATCH), "--max-memory", str(cap), "--formats", "nf4", "--dtype", "bf16", "--out", str(out), "--quiet"]) == 0
     pd.testing.assert_frame_equal(SensitivityTable.load(out).df, expected.df, rtol=1e-5)
 
 
