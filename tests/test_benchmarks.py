@@ -178,3 +178,10 @@ def test_gram_update(tmp_path):
     assert [r["width"] for r in result["rows"]] == [300, 64]
     for row in result["rows"]:
         assert row["full_s"] > 0 and row["upper_s"] > 0 and row["max_rel_difference"] < 1e-5
+
+
+def test_cpu_dtype(tmp_path, tiny_model):
+    result = run_benchmark("cpu_dtype.py", tmp_path / "dtype.json", "--model", str(tiny_model), "--samples", "2",
+                           "--seq-len", "16", "--budget", "+20%")
+    assert set(result["runs"]) == {"fp32", "bf16"} and result["bf16_over_fp32_cpu"] > 0
+    assert result["modules"] > 0 and -1 <= result["fisher_error_spearman"] <= 1
