@@ -31,6 +31,11 @@ BATCH = 2
 def qwen2_vl(tmp_path_factory):
     """(folder, image calibration, in-memory Fisher table, cap) of a tiny Qwen2-VL with 8 blocks per tower."""
     folder = save_tiny_vlm("qwen2_vl", tmp_path_factory.mktemp("vlm") / "qwen2_vl", layers=8)
+    return _with_in_memory_table(folder)
+
+
+def _with_in_memory_table(folder):
+    """(folder, image calibration, in-memory Fisher table, a quarter of the in-memory analysis' estimated peak)."""
     source = resolve_source(str(folder))
     calibration = load_image_calibration(load_processor(source), "default", samples=SAMPLES)
     table = analyze(load_model(source), calibration, [NF4], model_fingerprint=source.fingerprint, progress=False,
@@ -60,7 +65,8 @@ def test_cli_analyze_streams_a_vlm_with_images(qwen2_vl, tmp_path):
     folder, _, expected, cap = qwen2_vl
     out = tmp_path / "table"
     assert main(["analyze", str(folder), "--images", "default", "--samples", str(SAMPLES), "--batch-size",
-                 str(BATCH), "--max-memory", str(cap), "--formats", "nf4", "--dtype", "bf16", "--out", str(out), "--quiet"]) == 0
+                 str(BATCH), "--max-memory", str(cap), "--formats", "nf4", "--dtype", "bf16", "--out", str(out),
+                 "--quiet"]) == 0
     pd.testing.assert_frame_equal(SensitivityTable.load(out).df, expected.df, rtol=1e-5)
 
 
@@ -85,12 +91,7 @@ def mllama(tmp_path_factory):
         if "cross_attn" in name and name.endswith("_gate"):
             param.data.fill_(1.0)
     model.save_pretrained(folder)
-    source = resolve_source(str(folder))
-    calibration = load_image_calibration(load_processor(source), "default", samples=SAMPLES)
-    table = analyze(load_model(source), calibration, [NF4], model_fingerprint=source.fingerprint, progress=False,
-                    batch_size=BATCH, fisher=True)
-    in_memory = estimate_peak(meta_model(folder), [NF4], dtype_bytes=2, batch_size=BATCH, seq_len=64, fisher=True)
-    return folder, calibration, table, in_memory.total // 4
+    return _with_in_memory_table(folder)
 
 
 def test_streamed_mllama_equals_the_in_memory_table_under_a_quarter_of_its_peak(mllama, tmp_path):
