@@ -115,8 +115,8 @@ def _stream_need(source: ModelSource, config: AnalyzeConfig) -> tuple[int | None
     return need["total"], label
 
 
-#: streams a streamed verification compares: all-4-bit, the plan, two heuristic baselines (planner.verify)
-VERIFY_VARIANTS = 4
+#: streams a streamed verification carries: the 16-bit reference, all-4-bit, the plan, two heuristic baselines
+VERIFY_VARIANTS = 5
 
 
 def check_streamed_run_fits(source: ModelSource, config: AnalyzeConfig, *, verify: bool, compare=None) -> None:

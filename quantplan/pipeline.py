@@ -88,6 +88,9 @@ def _steps(source, budget, out_dir: Path, checkpoint: Path, analyze_config: Anal
         chosen = plan_and_save(table, budget, out_dir, plan_config,
                                lambda: end_to_end.plan(source, analyze_config, table, budget, plan_config,
                                                        shared=shared))
+    lend = compare is not None and shared is not None and shared.serves(compare.dtype, compare.device)
+    if shared is not None and not lend:
+        shared.release()  # no later step borrows it: the export does not hold it beside the 4-bit model
     with stage("export"):
         result = export(source, chosen, checkpoint, overwrite=overwrite, device=analyze_config.device,
                         compute_dtype=dtype_from_name(analyze_config.dtype if analyze_config.dtype != "fp32"
@@ -99,7 +102,6 @@ def _steps(source, budget, out_dir: Path, checkpoint: Path, analyze_config: Anal
 
         if analyze_config.max_memory:  # the scoreboard streams too, under the same cap
             compare = replace(compare, max_memory=analyze_config.max_memory)
-        lend = shared is not None and shared.serves(compare.dtype, compare.device)
         with stage("compare + report"):
             reports = compare_and_report(source, table, [chosen], out_dir, pareto=out_dir / "pareto.csv",
                                          options=compare, model16=shared.get() if lend else None)

@@ -27,6 +27,8 @@ def compare_and_report(model: str | ModelSource | None, table: SensitivityTable 
     fields of :class:`CompareConfig` (e.g. ``device="cuda"``, ``samples=16``). ``model16``: the 16-bit model
     already loaded in ``options.dtype`` on ``options.device`` (a run's), instead of loading it again.
     """
+    if "device" in option_overrides:  # a dtype chosen for the former device ("auto") is chosen again
+        option_overrides.setdefault("dtype", "auto")
     options = replace(options or CompareConfig(), **option_overrides)
     if table is None:
         first = next((Path(p) for p in plans if not isinstance(p, Plan)), None)

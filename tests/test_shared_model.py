@@ -62,3 +62,28 @@ def test_the_steps_leave_the_borrowed_weights_as_they_were(tmp_path):
         assert torch.equal(a, b), name
     assert [p.requires_grad for p in borrowed.parameters()] == [p.requires_grad for p in fresh.parameters()]
     assert all(p.grad is None for p in borrowed.parameters())
+
+
+def test_a_device_override_chooses_the_scoreboard_dtype_again(monkeypatch):
+    """CompareConfig resolves dtype "auto" for its device when built; moving it to another device re-resolves."""
+    import quantplan.reports.run as report_run
+    from quantplan.analysis.models import resolve_dtype
+
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def fake_compare(model, plans, out_dir, *, table, options, model16):
+        seen["options"] = options
+        raise Captured
+
+    monkeypatch.setattr(report_run, "compare", fake_compare)
+    cpu = CompareConfig()
+    assert cpu.dtype == resolve_dtype("auto", "cpu")
+    try:
+        report_run.compare_and_report(None, object.__new__(report_run.SensitivityTable), [], "unused", options=cpu,
+                                      device="cuda")
+    except Captured:
+        pass
+    assert seen["options"].dtype == "bf16" and seen["options"].device == "cuda"
