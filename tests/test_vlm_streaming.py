@@ -73,10 +73,7 @@ def test_cli_analyze_streams_a_vlm_with_images(qwen2_vl, tmp_path):
 def test_streamed_qwen2_5_vl_windowed_and_full_attention_blocks(tmp_path):
     """Qwen2.5-VL's blocks take different cu_seqlens (windows, or the whole image): each gets its own."""
     folder = save_tiny_vlm("qwen2_5_vl", tmp_path / "qwen2_5_vl", layers=2)
-    source = resolve_source(str(folder))
-    calibration = load_image_calibration(load_processor(source), "default", samples=SAMPLES)
-    expected = analyze(load_model(source), calibration, [NF4], model_fingerprint=source.fingerprint, progress=False,
-                       batch_size=BATCH, fisher=True)
+    _, calibration, expected, _ = _with_in_memory_table(folder)
     streamed = analyze_streaming(folder, calibration, [NF4], progress=False, batch_size=BATCH, fisher=True)
     pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-5)
 
@@ -138,10 +135,7 @@ def test_streamed_one_stack_towers_equal_the_in_memory_table(arch, tmp_path):
     sequence of every image's patches) and Idefics3/SmolVLM's SigLIP (padding images dropped, a patch mask, the
     pixel-shuffle connector) stream as Qwen2-VL's: stem, each block, projector + embeddings."""
     folder = save_tiny_vlm(arch, tmp_path / arch)
-    source = resolve_source(str(folder))
-    calibration = load_image_calibration(load_processor(source), "default", samples=SAMPLES)
-    expected = analyze(load_model(source), calibration, [NF4], model_fingerprint=source.fingerprint, progress=False,
-                       batch_size=BATCH, fisher=True)
+    _, calibration, expected, _ = _with_in_memory_table(folder)
     streamed = analyze_streaming(folder, calibration, [NF4], progress=False, batch_size=BATCH, fisher=True)
     pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-5)
     fisher = streamed.df.set_index("name")["output_fisher_error"]
