@@ -33,7 +33,6 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 warnings.filterwarnings("ignore")
 
 from broken_standin import build, default_folder  # noqa: E402
-from plan_quality import _machine, _timed  # noqa: E402
+from plan_quality import _machine, _timed, random_mean  # noqa: E402
 
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
 from quantplan.analysis.formats import NF4_BS32  # noqa: E402
@@ -206,9 +205,8 @@ def markdown(summary: dict) -> str:
             seconds = f"{r['wall_s']:.0f}" if "wall_s" in r else ""
             lines.append(f"| {r['score']} | {r['kept']} | {r['kld']:.4f} | {r['recovery']:.0%} | {seconds} |")
     if randoms:
-        mean = float(np.mean([r["kld"] for r in randoms]))
-        lines.append(f"| random (mean of {len(randoms)}) | {randoms[0]['kept']} | {mean:.4f} | "
-                     f"{(all_nf4 - mean) / all_nf4:.0%} | |")
+        kept, mean, recovery = random_mean(randoms, all_nf4)
+        lines.append(f"| random (mean of {len(randoms)}) | {kept} | {mean:.4f} | {recovery:.0%} | |")
     return "\n".join(lines)
 
 
