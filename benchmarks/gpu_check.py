@@ -6,11 +6,11 @@ a fresh child process:
 
 1. ``quantplan run MODEL --device cuda --budget +10%`` (the default job: Fisher analysis in
    memory, plan, never-worse verification, export, reload check, quick fidelity report);
-2. the same with ``--max-memory CAP`` (the analysis streamed one block at a time through the
-   GPU; the rest of the job as that mode runs it); both with ``--formats nf4`` (one format keeps the
-   check short; both modes measure the blocksize menu by default), so the tables compare;
+2. the same with ``--max-memory CAP`` (the whole job streamed one block at a time through the
+   GPU: analysis, verification, export, report); both measure the default blocksize menu (NF4 at
+   blocksize 64 and 32), so the tables and the per-module formats compare;
 3. a reload of the exported checkpoint with plain ``from_pretrained(device_map=DEVICE)`` and
-   a few greedy tokens.
+   a few greedy tokens (its blocksizes: both menu entries when the plan uses both).
 
 It records each run's stage profile (seconds, peak resident memory, peak GPU memory
 allocated), the largest relative difference between the streamed and the in-memory tables
@@ -51,7 +51,7 @@ BIG = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 20, 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "tie_word_embeddings": False}
 #: model -> (config keys, streaming cap); ``--shape tiny`` replaces every shape by TINY
-MODELS = {"smol": (SMOL, "200MB"), "big": (BIG, "900MB")}
+MODELS = {"smol": (SMOL, "170MB"), "big": (BIG, "950MB")}  # the streamed verification's head block sets them
 #: weight shapes whose measurement work space is measured on the device (an lm_head, an MLP pair)
 WORK_SHAPES = ((49152, 2048), (5632, 2048), (2048, 5632))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             steps = _Steps(started, args.time_limit)
             folder = Path(work) / name
             steps.run("build", ["build", str(folder), json.dumps(shape), str(tokenizer), args.device])
-            common = ["--device", args.device, "--budget", budget, "--formats", "nf4", "--samples", str(args.samples),
+            common = ["--device", args.device, "--budget", budget, "--samples", str(args.samples),
                       "--seq-len", str(args.seq_len), "--quiet", "--overwrite", "--heldout-samples", "8",
                       *(["--no-compare"] if args.no_compare else [])]
             memory, streamed = Path(work) / f"{name}-memory", Path(work) / f"{name}-streamed"

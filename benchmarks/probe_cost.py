@@ -17,7 +17,10 @@ asserted: output-error analysis <= 2.0x the plain forward, Fisher analysis <= 4.
 entry <= +10 %.
 
     python benchmarks/probe_cost.py [--model FOLDER] [--samples 16] [--seq-len 256] [--repeats 3] [--max-seconds 270]
-        [--threads N] [--dtype auto]
+        [--threads N] [--dtype auto] [--device cpu|cuda]
+
+With ``--device cuda`` the model and every batch live on the GPU and each timing waits for the GPU
+(``torch.cuda.synchronize``) before it stops.
 """
 
 from __future__ import annotations
@@ -67,12 +70,20 @@ def forward_options(model) -> dict:
     return analyze_module._forward_options(model, full_logits=False)
 
 
+def synchronize(device) -> None:
+    """Wait for the GPU's queued work, so a wall-clock timing covers it (no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def plain_forward(model, calibration, batch_size: int, options: dict) -> dict:
     device = next(model.parameters()).device
+    synchronize(device)
     start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for batch in calibration.batches(batch_size):
             model(**batch_to(batch, device), **options)
+    synchronize(device)
     return {"total": time.perf_counter() - start, "cpu": time.process_time() - cpu,
             "loadavg_1min_before": os.getloadavg()[0]}
 
@@ -121,10 +132,13 @@ def instrumented():
 
 def analyze_once(model, calibration, formats, batch_size: int, fingerprint: str, fisher: bool) -> dict:
     load_before = os.getloadavg()[0]
+    device = next(model.parameters()).device
     with instrumented() as (times, calls):
+        synchronize(device)
         start, cpu = time.perf_counter(), time.process_time()
         table = analyze(model, calibration, formats, model_fingerprint=fingerprint, batch_size=batch_size,
                         progress=False, fisher=fisher)
+        synchronize(device)
         total, cpu = time.perf_counter() - start, time.process_time() - cpu
     parts = {k.removeprefix("measure."): v for k, v in times.items() if k.startswith("measure.")}
     parts["rest"] = times["measure"] - sum(parts.values())
@@ -150,6 +164,7 @@ def main(argv=None) -> int:
                         help="start no further repeat after this much wall time (at least one always runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPUs)")
     parser.add_argument("--dtype", default="auto", help="as quantplan's --dtype (auto: fp32 on a CPU without bf16)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the model, batches and measurement run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if os.getloadavg()[0] > 0.5:
@@ -161,7 +176,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter()
 
     source = resolve_source(args.model)
-    model = load_model(source, dtype=dtype_from_name(resolve_dtype(args.dtype, "cpu")))
+    model = load_model(source, dtype=dtype_from_name(resolve_dtype(args.dtype, args.device)), device=args.device)
     tokenizer = load_processor(source)
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
     options = forward_options(model)
@@ -177,7 +192,8 @@ def main(argv=None) -> int:
     weight = next(p for n, p in model.named_parameters() if n.endswith("mlp.down_proj.weight"))
     for fmt in parse_formats("nf4,nf4-bs32"):
         restored, _ = fmt.roundtrip(weight.detach())
-        measure_mod._per_output(weight.detach().float() - restored.float(), torch.eye(weight.shape[1]))
+        measure_mod._per_output(weight.detach().float() - restored.float(),
+                                torch.eye(weight.shape[1], device=weight.device))
 
     # interleave the measurements so slow drift of the machine affects them alike
     forward_runs: list[dict] = []
@@ -205,6 +221,8 @@ def main(argv=None) -> int:
                   "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                   "params": sum(p.numel() for p in model.parameters())},
         "calibration": {**calibration.meta, "batch_size": args.batch_size},
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
         "forward_kwargs": options,
         "repeats_requested": args.repeats,
         "repeats_done": len(forward_runs),
