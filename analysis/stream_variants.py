@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from quantplan.common.sizes import parse_size
 
 from .formats import FourBit
+from .measure import measure_work_bytes
 from .modules import list_modules, output_embedding_name
 from .probe import InputProbe
 from .reference import TokenComparison, VariantKLs, batch_tokens, log_probs, token_kl, token_mask
@@ -293,18 +294,24 @@ def variants_need(path, formats, *, variants: int, dtype: torch.dtype = torch.bf
 
 def _largest_need(model, stages, quantized: set, variants: int, tokens: int, batch_size: int,
                   device_type: str) -> tuple[int, str]:
-    """(bytes, label) of the stage that holds the most: its weights, work space, packed 4-bit copies and, at the
-    head, one batch of hidden states per variant and one chunk of logits (about the head's weight bytes)."""
+    """(bytes, label) of the stage that holds the most: its weights, packed 4-bit copies and work space (the
+    bitsandbytes round trip of its largest quantized Linear, or one batch's activations) and, at the head, one
+    batch of normed hidden states per variant and one chunk's comparison (about the head's weight bytes:
+    :func:`analysis.stream_head.chunk_tokens`). Nothing is measured here: unlike the analysis' :func:`stage_need`,
+    no input statistics and no description of the stage's other weights (a tied embedding's row chunks)."""
     hidden = getattr(model.config.get_text_config(), "hidden_size", 0)
+    params = dict(model.named_parameters(remove_duplicate=False))
     worst, label = 0, ""
     for stage in stages:
+        head = stage.kind == "head"
         mine = [n for n in stage.linears if n in quantized]
-        need = stage_need(model, stage.params, mine, tokens, batch_size, head=stage.kind == "head",
-                          device_type=device_type)
+        weights = stage_bytes(model, stage.params)
         packed = stage_bytes(model, [n + ".weight" for n in mine]) // 4  # the QuantCache's packed 4-bit copies
-        total = need["weights"] + need["work"] + packed  # no input statistics: nothing is measured
-        if stage.kind == "head":
-            total += variants * tokens * hidden * 4 + need["weights"]
+        roundtrip = max((measure_work_bytes(params[n + ".weight"].numel(), device_type) for n in mine), default=0)
+        activations = stage_need(model, [], [], tokens, batch_size, head=head, device_type=device_type)["work"]
+        total = weights + packed + max(roundtrip, activations)
+        if head:
+            total += variants * tokens * hidden * 4 + weights
         if total > worst:
             worst, label = total, stage.label
     return worst, label

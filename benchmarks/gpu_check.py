@@ -51,7 +51,7 @@ BIG = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 20, 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "tie_word_embeddings": False}
 #: model -> (config keys, streaming cap); ``--shape tiny`` replaces every shape by TINY
-MODELS = {"smol": (SMOL, "170MB"), "big": (BIG, "950MB")}  # the streamed verification's head block sets them
+MODELS = {"smol": (SMOL, "150MB"), "big": (BIG, "950MB")}  # smol: issue #13's SmolLM2 cap
 #: weight shapes whose measurement work space is measured on the device (an lm_head, an MLP pair)
 WORK_SHAPES = ((49152, 2048), (5632, 2048), (2048, 5632))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

@@ -157,3 +157,26 @@ def test_run_refuses_the_cap_before_writing_anything(tmp_path):
         run(str(folder), "+10%", out, AnalyzeConfig(max_memory="30MB", dtype="fp32", samples=2, seq_len=16),
             compare=CompareConfig(batch_size=64, seq_len=256))
     assert not (out / "sensitivity.parquet").exists()
+
+
+def test_smollm2s_cap_of_150mb_fits_its_streamed_checks(tmp_path):
+    """Issue #13's SmolLM2 target cap (150 MB, bf16): the streamed verification and scoreboard fit it. Their head
+    holds the tied embedding, its streams and one chunk's comparison; no description of the embedding (row chunks)
+    is done there (found on a GPU: that term asked for 0.16 GB)."""
+    import json
+
+    from transformers import LlamaConfig
+
+    from quantplan.analysis import parse_formats
+    from quantplan.analysis.stream_variants import variants_need
+
+    shape = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+             "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "tie_word_embeddings": True}
+    LlamaConfig(**shape).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"]
+    head = 49152 * 576 * 2  # the tied embedding in bf16
+    for device in ("cpu", "cuda"):
+        for variants in (5, 8):  # the verification's, the scoreboard's with three random seeds
+            need, label = variants_need(tmp_path, parse_formats("nf4,nf4-bs32"), variants=variants,
+                                        dtype=torch.bfloat16, device=device)
+            assert label == "norm + lm_head" and 2 * head < need < 150 * 10**6, (device, variants, need)
