@@ -128,7 +128,8 @@ def _formats_text(plan) -> str:
 Modules carry **different NF4 blocksizes**, each stored in its own saved `quant_state`
 (pre-quantized bitsandbytes layout). Loaders known to read per-tensor blocksizes:
 transformers >= 5 (`from_pretrained`, verified by quantplan on this checkpoint: every module's
-`weight.quant_state.blocksize` matched the plan); vLLM's bitsandbytes loader reads each tensor's
+`weight.quant_state.blocksize` matched the plan; on CUDA too, where quantplan's GPU check loaded and ran
+such checkpoints); vLLM's bitsandbytes loader reads each tensor's
 quant state too (per its loader code; untested here). Tools that rebuild a checkpoint from a
 `BitsAndBytesConfig` alone would use blocksize 64 everywhere.
 
