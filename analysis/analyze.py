@@ -35,6 +35,7 @@ from .modules import list_modules, not_quantizable_reason, output_embedding_name
 from .probe import InputProbe, partial_state_bytes
 from .reference import KLReference
 from .simulate import QuantCache
+from .stream_head import chunked_loss_backward, plain_head
 from .table import SensitivityTable, TableMismatch
 
 PARTIAL_DIR = "partial"
@@ -139,6 +140,7 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
     """The one pass over the calibration batches, flushing partial statistics as it goes."""
     extra = _forward_options(model, full_logits)
     device = model_device(model)
+    backward = _fisher_backward(model, probe)
     total = calibration.num_batches(batch_size)
     last_flush = time.monotonic()
     grad_context = grads.attached() if grads else nullcontext()
@@ -152,7 +154,7 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
                 probe.start_batch()
                 if grads:
                     grads.start_batch()
-                    loss_backward(model, batch, device, seed=index)
+                    backward(model, batch, device, seed=index)
                     grads.commit_batch()
                 else:
                     model(**batch_to(batch, device), **extra)
@@ -209,6 +211,14 @@ def _resume(probe, grads, partial, run_meta) -> None:
                 f"run with the same arguments as before, or without --resume to start afresh"
             )
     print(f"quantplan: resuming after {probe.batches_done} calibration batches")
+
+
+def _fisher_backward(model, probe):
+    """The Fisher pass's backward step: the head in token chunks where the logits are plain (no batch × vocabulary
+    tensor: :func:`analysis.stream_head.chunked_loss_backward`), else the whole-batch loss."""
+    if plain_head(model):
+        return lambda model, batch, device, seed: chunked_loss_backward(model, batch, device, probe, seed)
+    return loss_backward
 
 
 def _forward_options(model, full_logits: bool) -> dict:

@@ -99,13 +99,22 @@ def loss_backward(model, batch: dict, device, labels: str = "sampled", seed: int
     ``labels="sampled"`` draws each position's target from the model's own next-token
     distribution (seeded), which makes E[g²] the true Fisher of the model's output distribution:
     the curvature of the KL divergence a quantized model is judged by. ``labels="data"`` uses
-    the text's actual next tokens (the empirical Fisher).
+    the text's actual next tokens (the empirical Fisher). The whole batch's logits exist at once:
+    :func:`analysis.stream_head.chunked_loss_backward` is the same sampled loss in token chunks.
     """
+    with activations_need_grad(model, batch, device) as inputs:
+        logits = model(**inputs, use_cache=False).logits.float()
+        _next_token_loss(logits, inputs["input_ids"], labels, seed).backward()
+
+
+@contextmanager
+def activations_need_grad(model, batch: dict, device):
+    """The batch on ``device`` with gradients on: from the embeddings' output (and the pixel values, so gradients
+    reach the vision tower and projector) through every activation, the weights frozen meanwhile."""
     inputs = batch_to(batch, device)
-    for value in inputs.values():  # pixel values: let gradients reach the vision tower and projector
+    for value in inputs.values():
         if torch.is_tensor(value) and value.is_floating_point():
             value.requires_grad_()
-    embeddings = model.get_input_embeddings()
 
     def needs_grad(module, args, output):
         return output.requires_grad_()
@@ -113,11 +122,10 @@ def loss_backward(model, batch: dict, device, labels: str = "sampled", seed: int
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    handle = embeddings.register_forward_hook(needs_grad)
+    handle = model.get_input_embeddings().register_forward_hook(needs_grad)
     try:
         with torch.enable_grad():
-            logits = model(**inputs, use_cache=False).logits.float()
-            _next_token_loss(logits, inputs["input_ids"], labels, seed).backward()
+            yield inputs
     finally:
         handle.remove()
         for p in frozen:

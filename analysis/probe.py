@@ -116,6 +116,7 @@ class InputProbe:
 
     def __post_init__(self):
         self._seen: dict[tuple, tuple] = {}
+        self._paused: set[str] = set()
 
     def stats_for(self, name: str) -> InputStats:
         """Input statistics of a module (shared ones resolved)."""
@@ -144,9 +145,20 @@ class InputProbe:
             s.commit()
         self.batches_done += 1
 
+    @contextmanager
+    def paused(self, name: str | None):
+        """Inside the block the module's pre-hook ignores its calls: a caller that runs it in pieces (the lm_head
+        in token chunks) passes the whole input to :meth:`observe` once instead."""
+        self._paused.add(name)
+        try:
+            yield self
+        finally:
+            self._paused.discard(name)
+
     def _hook(self, name: str):
         def hook(module, args):
-            self.observe(name, args[0] if args else None)
+            if name not in self._paused:
+                self.observe(name, args[0] if args else None)
 
         return hook
 

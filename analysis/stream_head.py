@@ -1,10 +1,13 @@
-"""The final norm + lm_head stage of a streamed analysis, run in token chunks.
+"""The final norm + lm_head in token chunks: the head stage of a streamed analysis, and the Fisher pass in memory.
 
 A whole batch's logits take tokens × vocabulary × 4 bytes and more again for the softmax,
 the sampled targets and their gradient (1024 tokens × SmolLM2's 49 152 words: ~0.2 GB per
-float32 copy). Here the logits exist for one chunk of tokens at a time, sized so the chunk's
-work space is about the head's own weight bytes (:func:`chunk_tokens`): the memory a stage
-needs is then set by its weights, not by the vocabulary × the batch.
+float32 copy; × Gemma-3's 262 144: ~1 GB). Here the logits exist for one chunk of tokens at a
+time, sized so the chunk's work space is about the head's own weight bytes (:func:`chunk_tokens`):
+the memory is then set by the weights, not by the vocabulary × the batch. The streamed analysis
+runs its head stage so; in memory, :func:`chunked_loss_backward` runs the base model with its graph
+and the head in chunks, for every model whose logits are plain ``lm_head(last hidden state)``
+(:func:`plain_head`; others keep :func:`analysis.fisher.loss_backward`, and do not stream).
 
 The loss is the one :mod:`analysis.fisher` backpropagates in memory, the same numbers in
 pieces: each position's target is drawn from the model's own next-token distribution at the
@@ -17,13 +20,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .fisher import sample_targets, sampling_uniforms
+from .fisher import activations_need_grad, sample_targets, sampling_uniforms
+from .modules import output_embedding_name
 from .stream_stages import final_norm
+from .stream_weights import StreamingUnsupported
 
 #: work-space bytes per logit while a chunk runs with gradients: the bf16 logits, their float32
 #: copy, log-softmax, the sampling softmax, exponential draws and quotient, and the gradient
 BYTES_PER_LOGIT = 32
+#: config attributes that change the logits after lm_head (Gemma-2's soft-capping, Cohere's and Granite's scales)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def chunk_tokens(head_weight_bytes: int, vocab: int) -> int:
@@ -47,26 +55,73 @@ def head_input_gradient(model, probe, lm_head: str | None, hidden: torch.Tensor,
                         chunk: int) -> torch.Tensor:
     """∂L/∂hidden of one batch, L the sampled next-token loss of :func:`analysis.fisher.loss_backward`.
 
-    ``hidden`` is the last decoder layer's output. The probe (if lm_head is measured) sees the
-    whole normed input once, as in memory; gradient hooks on lm_head (a GradientProbe attached by
-    the caller) fire once per chunk and add up.
+    ``hidden`` is the last decoder layer's output (the streamed head stage applies the final norm).
     """
     leaf = hidden.detach().requires_grad_()
     with torch.enable_grad():
         normed = final_norm(model)(leaf)
+    normed.backward(normed_gradient(model, probe, lm_head, normed.detach(), seed, chunk))
+    return leaf.grad
+
+
+def normed_gradient(model, probe, lm_head: str | None, normed: torch.Tensor, seed: int, chunk: int) -> torch.Tensor:
+    """∂L/∂normed, ``normed`` the lm_head's input for one batch, the logits made ``chunk`` tokens at a time.
+
+    The probe (if lm_head is measured) sees the whole input once, as a whole-batch forward shows it;
+    gradient hooks on lm_head (a GradientProbe attached by the caller) fire once per chunk and add up.
+    """
     flat = normed.detach().reshape(-1, normed.shape[-1])
     if lm_head in probe.names:
         probe.observe(lm_head, flat)
     tokens = flat.shape[0]
     uniforms = sampling_uniforms(tokens, flat.device, seed)
     pieces = []
-    for start in range(0, tokens, chunk):
-        piece = flat[start:start + chunk].detach().requires_grad_()
-        with torch.enable_grad():
-            logits = model.lm_head(piece).float()
-            with torch.no_grad():
-                target = sample_targets(logits, uniforms[start:start + chunk])
-            loss = F.cross_entropy(logits, target, reduction="sum") / tokens
-            pieces.append(torch.autograd.grad(loss, piece)[0])
-    normed.backward(torch.cat(pieces).reshape(normed.shape))
-    return leaf.grad
+    with probe.paused(lm_head):
+        for start in range(0, tokens, chunk):
+            piece = flat[start:start + chunk].detach().requires_grad_()
+            with torch.enable_grad():
+                logits = model.lm_head(piece).float()
+                with torch.no_grad():
+                    target = sample_targets(logits, uniforms[start:start + chunk])
+                loss = F.cross_entropy(logits, target, reduction="sum") / tokens
+                pieces.append(torch.autograd.grad(loss, piece)[0])
+    return torch.cat(pieces).reshape(normed.shape)
+
+
+def plain_head(model: nn.Module) -> bool:
+    """Whether the logits are ``lm_head(base model's last hidden state)`` and nothing more: an ``lm_head`` Linear
+    beside a base model, no soft-capping or scaling after it (:data:`LOGIT_TRANSFORMS`). Only then can the head
+    run in token chunks apart from the rest."""
+    if logit_transforms(model):
+        return False
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = getattr(model, "lm_head", None)
+    return (isinstance(base, nn.Module) and base is not model and isinstance(head, nn.Linear)
+            and output_embedding_name(model) == "lm_head")
+
+
+def logit_transforms(model: nn.Module) -> list[str]:
+    """The config's settings that change the logits after lm_head (:data:`LOGIT_TRANSFORMS` set to something)."""
+    text = model.config.get_text_config()
+    return [f"{name}={getattr(text, name)}" for name in LOGIT_TRANSFORMS if getattr(text, name, None) not in (None, 1, 1.0)]
+
+
+def refuse_logit_transforms(model: nn.Module) -> None:
+    """Streaming makes the logits as ``lm_head(normed hidden)`` in chunks: refuse, naming the fix, a model that
+    changes them afterwards (its scores and KLs would silently differ from the in-memory ones)."""
+    found = logit_transforms(model)
+    if found:
+        raise StreamingUnsupported(f"{type(model).__name__} changes its logits after lm_head ({', '.join(found)}), "
+                                   f"which the streamed head does not reproduce: run without --max-memory")
+
+
+def chunked_loss_backward(model, batch: dict, device, probe, seed: int = 0) -> None:
+    """:func:`analysis.fisher.loss_backward` (sampled targets) for a :func:`plain_head` model, its logits in token
+    chunks: the base model runs with its graph, ∂L/∂(its last hidden state) comes chunk by chunk from
+    :func:`normed_gradient`, and one backward runs through the base model. No whole batch's logits exist."""
+    head = model.lm_head
+    chunk = chunk_tokens(head.weight.numel() * head.weight.element_size(), head.out_features)
+    base = getattr(model, model.base_model_prefix)
+    with activations_need_grad(model, batch, device) as inputs:
+        hidden = base(**inputs, use_cache=False).last_hidden_state
+        hidden.backward(normed_gradient(model, probe, "lm_head", hidden.detach(), seed, chunk))

@@ -43,7 +43,7 @@ from .modules import list_modules, output_embedding_name
 from .probe import InputProbe
 from .reference import TokenComparison, VariantKLs, batch_tokens, log_probs, token_kl, token_mask
 from .simulate import QuantCache
-from .stream_head import chunk_tokens
+from .stream_head import chunk_tokens, refuse_logit_transforms
 from .stream_stages import final_norm, stages_of
 from .stream_steps import Direction, Step, StepContext, StepFolders, run_batches
 from .stream_store import read_batch
@@ -162,6 +162,7 @@ def variant_logit_chunks(path, calibration, variants: Mapping, fmt: FourBit,
     move_buffers(model, device)
     weights = DiskWeights(path, model)
     lm_head = output_embedding_name(model)
+    refuse_logit_transforms(model)
     stages = stages_of(model, list_modules(model), lm_head)
     wanted = _normalized(variants, fmt, stages)
     if options.max_memory is not None:

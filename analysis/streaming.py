@@ -56,7 +56,7 @@ from .formats import NF4, format_to_dict
 from .models import resolve_source
 from .modules import list_modules, output_embedding_name
 from .probe import InputProbe
-from .stream_head import chunk_tokens
+from .stream_head import chunk_tokens, refuse_logit_transforms
 from .stream_stages import VISION_KINDS, Stage, StageKind, stage_config, stages_of
 from .stream_steps import Direction, StepContext, measure_stage, plan_steps, run_batches, step_folders
 from .stream_store import StreamCheckpoint
@@ -99,6 +99,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     weights = DiskWeights(path, model)
     infos = list_modules(model)
     lm_head = output_embedding_name(model)
+    refuse_logit_transforms(model)
     reasons = {i.name: _reason(model, i, lm_head, formats) for i in infos}
     candidates = [i.name for i in infos if reasons[i.name] is None]
     stages = stages_of(model, infos, lm_head)

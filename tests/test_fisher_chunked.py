@@ -1,0 +1,56 @@
+"""The in-memory Fisher pass with the head in token chunks (analysis/stream_head.chunked_loss_backward)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pandas as pd
+import pytest
+import torch
+from tiny import random_calibration, tiny_llama
+
+from quantplan.analysis import NF4, analyze
+from quantplan.analysis.stream_head import plain_head, refuse_logit_transforms
+from quantplan.analysis.stream_weights import StreamingUnsupported
+
+analyze_module = importlib.import_module("quantplan.analysis.analyze")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_head_gives_the_whole_batch_table(monkeypatch, tie):
+    """Same Fisher table, every column (lm_head's input sample included), as the whole-batch loss."""
+    model = tiny_llama(layers=2, tie=tie, vocab=512)
+    calibration = random_calibration(samples=6, vocab=512)
+    assert plain_head(model)
+    chunked = analyze(model, calibration, [NF4], batch_size=4, progress=False, fisher=True)
+    monkeypatch.setattr(analyze_module, "plain_head", lambda model: False)
+    whole = analyze(model, calibration, [NF4], batch_size=4, progress=False, fisher=True)
+    assert chunked.df["output_fisher_error"].notna().sum() > 0
+    pd.testing.assert_frame_equal(chunked.df, whole.df, rtol=1e-5)
+
+
+def test_no_batch_times_vocabulary_logits_in_memory(monkeypatch):
+    """The loss sees at most one chunk of tokens at a time, never the batch's 4 x 32 rows of logits."""
+    model = tiny_llama(layers=1, vocab=8192)
+    rows = []
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def recording(logits, *args, **kwargs):
+        rows.append(logits.reshape(-1, logits.shape[-1]).shape[0])
+        return cross_entropy(logits, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording)
+    analyze(model, random_calibration(samples=4, vocab=8192), [NF4], batch_size=4, progress=False, fisher=True)
+    chunk = 64 * model.lm_head.weight.element_size() // 32  # the head's weight bytes / (vocabulary x 32 B per logit)
+    assert rows and max(rows) == chunk and sum(rows) == 4 * 32
+
+
+def test_a_head_with_logit_soft_capping_keeps_the_whole_batch_loss_and_does_not_stream():
+    model = tiny_llama(layers=1)
+    model.config.final_logit_softcapping = 30.0  # Gemma-2's: logits = 30 tanh(lm_head(h) / 30)
+    assert not plain_head(model)
+    with pytest.raises(StreamingUnsupported, match="final_logit_softcapping=30.0.*without --max-memory"):
+        refuse_logit_transforms(model)
+    model.config.final_logit_softcapping = None
+    assert plain_head(model)
+    refuse_logit_transforms(model)
