@@ -18,8 +18,8 @@ decoder (``model.model.language_model``, Idefics3's ``model.model.text_model``) 
    decoder layer with the last vision block's output replayed from disk, so the image features
    are spliced into the token embeddings (and the 3D rotary positions made) exactly as the
    model does it (a LLaVA tower's other blocks whose outputs the projector reads return theirs,
-   carried beside the hidden states). It borrows the stem's weights (the forward runs the patch embedding, whose
-   output the replay replaces); the stem measures them;
+   carried beside the hidden states). It borrows the stem's weights (the forward runs the patch
+   embedding, whose output the replay replaces); the stem measures them;
 4. each decoder layer, then final norm + lm_head, as for an LLM.
 
 Mllama (Llama 3.2 Vision) has two stacks of vision blocks and a cross-attention language model:

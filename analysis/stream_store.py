@@ -9,7 +9,8 @@ temporary folder):
 - ``hidden-NNNN/BBBBB.safetensors``: the input of stage NNNN for calibration batch BBBBB, with
   the decoder layer's keyword arguments (position embeddings, mask, ...) beside it.
 - ``grad-NNNN/BBBBB.safetensors``: the gradient of the next-token loss with respect to that
-  input (Fisher scores' reverse pass), written by stage NNNN's backward step for stage NNNN-1's.
+  input (Fisher scores' reverse pass), written by stage NNNN's backward step for stage NNNN-1's
+  (without ``hidden`` where the loss never reached that input).
 
 Carried activations always live on disk, one file per batch: a step reads a batch, runs it
 and writes its output before the next batch is read, so memory holds one batch however many

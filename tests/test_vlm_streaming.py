@@ -176,6 +176,27 @@ def test_streamed_llava_reading_other_vision_layers_equals_the_in_memory_table(a
     assert fisher.filter(regex=r"^model\.multi_modal_projector\.").gt(0).all()
 
 
+def test_streamed_klds_of_llava_reading_a_list_of_vision_layers_equal_in_memory_klds(tmp_path):
+    """The end-to-end checks stream the same stages: a variant rounding the tower's blocks changes the hidden
+    states the projector reads, carried to it as in the analysis."""
+    from quantplan.analysis.reference import KLReference, calibration_klds
+    from quantplan.analysis.simulate import QuantCache
+    from quantplan.analysis.stream_variants import StreamOptions, streamed_klds
+
+    folder = save_tiny_vlm("llava", tmp_path / "llava", layers=4, feature_layer=[-2, -3])
+    source = resolve_source(str(folder))
+    model = load_model(source)
+    calibration = load_image_calibration(load_processor(source), "default", samples=SAMPLES)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    variants = {"16-bit": None, "read blocks": [n for n in names if ".layers.1." in n and "vision" in n],
+                "unread block": [n for n in names if ".layers.3." in n and "vision" in n], "all": names}
+    expected = calibration_klds(KLReference(model, calibration, BATCH), QuantCache(model, NF4), variants)
+    got = streamed_klds(folder, calibration, variants, NF4, StreamOptions(batch_size=BATCH))
+    for label, value in expected.items():
+        assert got.kld[label] == pytest.approx(value, rel=1e-5, abs=1e-12), label
+    assert got.kld["read blocks"] > 0 and got.kld["unread block"] == 0
+
+
 def test_llava_whose_feature_layer_names_no_hidden_state_is_refused_with_the_fix(tmp_path):
     import json
 
