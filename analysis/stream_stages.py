@@ -5,7 +5,8 @@ Qwen2, Mistral ...) streams as embeddings, each decoder layer, then final norm +
 
 A vision-language model whose vision tower is a stack of blocks (``model.model.visual.blocks``:
 Qwen2-VL, Qwen2.5-VL; ``model.model.vision_tower``'s ``encoder.layers`` or ``transformer.layers``:
-LLaVA with a CLIP or a Pixtral tower, whose image features are the last block's output;
+LLaVA with a CLIP or a Pixtral tower, whose projector reads the hidden states its
+``vision_feature_layer`` names (:mod:`analysis.stream_features`);
 ``model.model.vision_model.encoder.layers``: Idefics3, SmolVLM) and whose language model is such a
 decoder (``model.model.language_model``, Idefics3's ``model.model.text_model``) streams as:
 
@@ -16,8 +17,9 @@ decoder (``model.model.language_model``, Idefics3's ``model.model.text_model``) 
    token embeddings; the model's own forward runs from the images and token ids to the first
    decoder layer with the last vision block's output replayed from disk, so the image features
    are spliced into the token embeddings (and the 3D rotary positions made) exactly as the
-   model does it. It borrows the stem's weights (the forward runs the patch embedding, whose
-   output the replay replaces); the stem measures them;
+   model does it (a LLaVA tower's other blocks whose outputs the projector reads return theirs,
+   carried beside the hidden states). It borrows the stem's weights (the forward runs the patch
+   embedding, whose output the replay replaces); the stem measures them;
 4. each decoder layer, then final norm + lm_head, as for an LLM.
 
 Mllama (Llama 3.2 Vision) has two stacks of vision blocks and a cross-attention language model:
@@ -95,6 +97,7 @@ class Layout:
     vision: str | None = None  # the vision tower (None: a text-only model)
     tower: Tower | None = None  # how the vision tower is laid out
     blocks: str = "blocks"  # where a BLOCKS tower keeps its blocks, below ``vision``
+    features: tuple[int, ...] | None = None  # the tower's hidden states the projector reads (None: its output)
 
 
 #: the vision-language models streaming knows, as the refusals name them
@@ -113,7 +116,10 @@ def layout_of(model: nn.Module) -> Layout:
         return Layout("model.language_model", "model.visual", Tower.BLOCKS)
     llava = _llava_blocks(base)
     if _is_decoder(language) and llava:
-        return Layout("model.language_model", "model.vision_tower", Tower.BLOCKS, llava)
+        from .stream_features import feature_layers
+
+        features = feature_layers(base.config, len(_get(base.vision_tower, llava)))
+        return Layout("model.language_model", "model.vision_tower", Tower.BLOCKS, llava, features)
     text = getattr(base, "text_model", None)
     if _is_decoder(text) and isinstance(_get(base, "vision_model.encoder.layers"), nn.ModuleList) and hasattr(
             base, "connector") and hasattr(base, "get_image_features"):  # Idefics3, SmolVLM
@@ -135,20 +141,12 @@ def layout_of(model: nn.Module) -> Layout:
 
 def _llava_blocks(base) -> str | None:
     """Where a LLaVA-style vision tower keeps its blocks (CLIP/SigLIP: ``encoder.layers``, Pixtral:
-    ``transformer.layers``), if ``base`` is one whose image features are its last block's output."""
+    ``transformer.layers``), if ``base`` is one."""
     tower = getattr(base, "vision_tower", None)
     if tower is None or not hasattr(base, "get_image_features") or not hasattr(base, "multi_modal_projector"):
         return None
-    path = next((p for p in ("encoder.layers", "transformer.layers")
-                 if isinstance(_get(tower, p), nn.ModuleList)), None)
-    if path is None:
-        return None
-    layer = getattr(base.config, "vision_feature_layer", -1)
-    if layer not in (-1, len(_get(tower, path))):
-        raise StreamingUnsupported(
-            f"streaming analysis handles LLaVA-style models whose image features are the vision tower's last block "
-            f"output (vision_feature_layer -1), not {layer!r}: run without --max-memory")
-    return path
+    return next((p for p in ("encoder.layers", "transformer.layers") if isinstance(_get(tower, p), nn.ModuleList)),
+                None)
 
 
 def _get(module, path: str):
@@ -229,6 +227,10 @@ def _vision_stages(model: nn.Module, layout: Layout, names: list[str]) -> list[S
     stages = [Stage("vision stem", StageKind.VISION_STEM, stem)]
     stages += [Stage(f"vision block {i}", StageKind.VISION, [n for n in in_tower if n.startswith(f"{block_prefix}{i}.")],
                      blocks[i], index=i) for i in range(len(blocks))]
+    if layout.features:
+        from .stream_features import mark_feature_blocks
+
+        mark_feature_blocks(stages, layout.features)
     return stages
 
 

@@ -18,7 +18,9 @@ image features every cross-attention layer reads) collects each cross-attention 
 last to first, until the splice backpropagates the sum through the projector; the gradient of a
 kept local vision block's output (:mod:`analysis.stream_mllama`) goes from the splice to the
 stage after that block, which seeds the gradient of its input with it, as autograd sums a
-tensor's uses in memory.
+tensor's uses in memory. A LLaVA tower's blocks whose outputs its projector reads send
+their gradients the same way, and the blocks after the deepest of them get none
+(:mod:`analysis.stream_features`).
 """
 
 from __future__ import annotations
@@ -164,7 +166,9 @@ def _backward(ctx: StepContext, stage, hidden, kwargs, batch, grad_folder: Path 
     A gradient carried from above for a value this stage also uses (its input's other use:
     ``joins``; a cross-attention layer's ``cross_attention_states``) seeds that value's
     gradient before the stage's own parts add to it, in the order autograd sums them in memory
-    (the later use first), so the sum is rounded as it is there.
+    (the later use first), so the sum is rounded as it is there. An output the loss never reached
+    (no stored gradient: :mod:`analysis.stream_features`) backpropagates nothing, so its modules'
+    gradient hooks never fire, as in memory.
     """
     if stage.kind is StageKind.HEAD:
         return head_input_gradient(ctx.model, probe, ctx.lm_head, hidden, seed=index, chunk=ctx.head_chunk), {}
@@ -190,7 +194,7 @@ def _backward(ctx: StepContext, stage, hidden, kwargs, batch, grad_folder: Path 
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
     for key, value in leaves.items():  # the gradient carried back now holds this stage's part
         carried[key] = value.grad if value.grad is not None else torch.zeros_like(value)
-    return (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)), carried
+    return leaf.grad, carried  # None: no gradient reached the input, and none goes on (stream_features)
 
 
 def measure_stage(model, stage, infos, probe: InputProbe, grads: GradientProbe | None, formats,

@@ -9,7 +9,8 @@ temporary folder):
 - ``hidden-NNNN/BBBBB.safetensors``: the input of stage NNNN for calibration batch BBBBB, with
   the decoder layer's keyword arguments (position embeddings, mask, ...) beside it.
 - ``grad-NNNN/BBBBB.safetensors``: the gradient of the next-token loss with respect to that
-  input (Fisher scores' reverse pass), written by stage NNNN's backward step for stage NNNN-1's.
+  input (Fisher scores' reverse pass), written by stage NNNN's backward step for stage NNNN-1's
+  (without ``hidden`` where the loss never reached that input).
 
 Carried activations always live on disk, one file per batch: a step reads a batch, runs it
 and writes its output before the next batch is read, so memory holds one batch however many
@@ -102,9 +103,13 @@ class StreamCheckpoint:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def write_batch(folder: Path, index: int, hidden: torch.Tensor, kwargs: dict) -> None:
-    """Save one batch's activations and layer keyword arguments as ``folder/BBBBB.safetensors``."""
-    tensors = {"hidden": hidden.detach().contiguous()}
+def write_batch(folder: Path, index: int, hidden: torch.Tensor | None, kwargs: dict) -> None:
+    """Save one batch's activations and layer keyword arguments as ``folder/BBBBB.safetensors``.
+
+    ``hidden`` None: a gradient the loss never reached (a LLaVA tower's blocks after the deepest one its
+    projector reads), stored as absent so the stage below backpropagates none, as autograd does in memory.
+    """
+    tensors = {} if hidden is None else {"hidden": hidden.detach().contiguous()}
     spec = {}
     for key, value in kwargs.items():
         if torch.is_tensor(value):
@@ -116,6 +121,8 @@ def write_batch(folder: Path, index: int, hidden: torch.Tensor, kwargs: dict) ->
             spec[key] = ["tensors", len(value)]
         elif value is None or isinstance(value, bool | int | float | str):
             spec[key] = ["value", value]
+        elif isinstance(value, tuple | list) and all(isinstance(v, bool | int | float | str) for v in value):
+            spec[key] = ["values", type(value).__name__, list(value)]  # LLaVA's output_hidden_states=[-2, -3]
         else:
             raise StreamingUnsupported(
                 f"the decoder layers take {key}={type(value).__name__}, which streaming analysis cannot carry "
@@ -124,7 +131,7 @@ def write_batch(folder: Path, index: int, hidden: torch.Tensor, kwargs: dict) ->
         save_file(tensors, str(tmp), metadata={"kwargs": json.dumps(spec)})
 
 
-def read_batch(folder: Path, index: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, dict]:
+def read_batch(folder: Path, index: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor | None, dict]:
     """Inverse of :func:`write_batch`, the tensors loaded onto ``device``."""
     from safetensors import safe_open
 
@@ -138,9 +145,11 @@ def read_batch(folder: Path, index: int, device: str | torch.device = "cpu") -> 
             kwargs[key] = tensors[f"kw::{key}"]
         elif kind == "tensors":
             kwargs[key] = tuple(tensors[f"kw::{key}::{i}"] for i in range(rest[0]))
+        elif kind == "values":
+            kwargs[key] = tuple(rest[1]) if rest[0] == "tuple" else list(rest[1])
         else:
             kwargs[key] = rest[0]
-    return tensors["hidden"], kwargs
+    return tensors.get("hidden"), kwargs
 
 
 def _plain(value):

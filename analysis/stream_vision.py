@@ -11,9 +11,11 @@ language model, where the image features go among the token embeddings):
   that differ under ``name@block`` (:func:`block_kwargs` picks a block's).
 - :func:`capture_language_inputs`: the model's forward up to its first decoder layer; with
   ``replay`` (the last vision block's output read from disk) the vision blocks are skipped and
-  the last one returns ``replay``, so the merger, the splice into the token embeddings and the
-  position ids run as in memory on the streamed image features. With gradients on, the
-  gradient of the decoder layer's input flows back to ``replay``.
+  the last one returns ``replay`` (and a LLaVA tower's blocks whose outputs its projector also
+  reads return theirs, carried: :mod:`analysis.stream_features`), so the merger, the splice
+  into the token embeddings and the position ids run as in memory on the streamed image
+  features. With gradients on, the gradient of the decoder layer's input flows back to
+  ``replay`` (and to the carried outputs).
 
 Mllama's tower has two stacks of blocks and a bridge between them; its captures, the same
 way through its own forward, are in :mod:`analysis.stream_mllama`.
@@ -140,7 +142,8 @@ def returning(value: torch.Tensor, what: str = "vision output"):
 
 @contextmanager
 def _replayed(model: nn.Module, replay: torch.Tensor | None, carried: dict):
-    """Within the block, the vision blocks pass their input on and the last returns ``replay``."""
+    """Within the block, the vision blocks pass their input on and the last returns ``replay`` (the ones whose
+    outputs the projector also reads return their ``carried`` outputs)."""
     if replay is None:
         yield
         return
@@ -150,8 +153,13 @@ def _replayed(model: nn.Module, replay: torch.Tensor | None, carried: dict):
         with replayed_tower(model, replay, carried):
             yield
         return
-    blocks = vision_blocks(model)
-    with forwards(blocks, [passing] * (len(blocks) - 1) + [returning(replay)]):
+    blocks, features = vision_blocks(model), layout_of(model).features
+    stand_ins = [passing] * (len(blocks) - 1) + [returning(replay)]
+    if features:  # a LLaVA tower whose projector reads other blocks' outputs too
+        from .stream_features import feature_stand_ins
+
+        stand_ins = feature_stand_ins(len(blocks), replay, carried, features)
+    with forwards(blocks, stand_ins):
         yield
 
 

@@ -114,9 +114,13 @@ def test_a_vision_language_model_streams_and_an_unknown_tower_is_refused_with_th
     llava = save_tiny_vlm("llava", tmp_path / "llava")
     config = json.loads((llava / "config.json").read_text())
     (llava / "config.json").write_text(json.dumps({**config, "vision_feature_layer": -2}))  # LLaVA-1.5's
+    streamed = dry_run(resolve_source(str(llava)), AnalyzeConfig(max_memory="1GB"))
+    assert streamed.stream_need is not None and streamed.action.startswith("analyze streamed")
+    (llava / "config.json").write_text(json.dumps({**config, "vision_feature_layer": -4}))  # 2 blocks: -3 .. 2
     refused = dry_run(resolve_source(str(llava)), AnalyzeConfig(max_memory="1GB"))
     assert refused.stream_need is None and refused.action.startswith("stop: --max-memory cannot stream")
-    assert "(vision_feature_layer -1), not -2: run without --max-memory" in refused.action
+    assert "vision_feature_layer -4 names no hidden state of this 2-block vision tower" in refused.action
+    assert "fix vision_feature_layer in the model's config.json" in refused.action
 
 
 def test_free_memory_of_a_device_this_machine_lacks_is_unknown():

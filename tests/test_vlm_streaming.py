@@ -15,6 +15,7 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 from vlm_models import save_tiny_vlm
 
 from quantplan.analysis import NF4, SensitivityTable, analyze, load_model, load_processor, resolve_source
@@ -145,13 +146,65 @@ def test_streamed_one_stack_towers_equal_the_in_memory_table(arch, tmp_path):
     assert len(tower) >= 12 and tower.gt(0).all()
 
 
-def test_llava_whose_features_are_not_the_last_block_is_refused_with_the_fix(tmp_path):
+@pytest.mark.parametrize(("arch", "layer", "emitted", "unreached"), [
+    ("llava", -2, [0], [1]),  # LLaVA-1.5: block 0's output (hidden state 1), the last block feeds no loss
+    ("llava", [-2, -3], [1, 2], [3]),  # four blocks: hidden states 3 and 2 concatenated, CLS dropped from each
+    ("llava_pixtral", [-1, -3], [1], []),  # the last block's output beside block 1's, select strategy "full"
+])
+def test_streamed_llava_reading_other_vision_layers_equals_the_in_memory_table(arch, layer, emitted, unreached,
+                                                                                tmp_path):
+    """The projector reads the hidden states vision_feature_layer names (stream_features): the blocks whose
+    outputs it reads carry them to the splice and get their gradients back; the blocks after the deepest one
+    are measured (they run in memory too) and, as in memory, get no Fisher score."""
+    from quantplan.analysis.stream_stages import stages_of
+    from quantplan.analysis.stream_weights import skeleton
+
+    folder = save_tiny_vlm(arch, tmp_path / arch, layers=2 if layer == -2 else 4, feature_layer=layer)
+    model = skeleton(folder, torch.bfloat16)
+    blocks = [s for s in stages_of(model, [], "lm_head") if s.kind.value == "vision block"]
+    assert [s.index for s in blocks if s.emits] == emitted  # the test reaches the carried path
+    _, calibration, expected, cap = _with_in_memory_table(folder)
+    streamed = analyze_streaming(folder, calibration, [NF4], max_memory=cap, progress=False, batch_size=BATCH,
+                                 fisher=True)
+    pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-5)
+    fisher = streamed.df.set_index("name")["output_fisher_error"]
+    layers = "encoder.layers" if arch == "llava" else "transformer.layers"
+    fc2 = "mlp.fc2" if arch == "llava" else "feed_forward.down_proj"
+    for index in range(len(blocks)):
+        score = fisher[f"model.vision_tower.{layers}.{index}.{fc2}"]
+        assert math.isnan(score) if index in unreached else score > 0, (index, score)
+    assert fisher.filter(regex=r"^model\.multi_modal_projector\.").gt(0).all()
+
+
+def test_streamed_klds_of_llava_reading_a_list_of_vision_layers_equal_in_memory_klds(tmp_path):
+    """The end-to-end checks stream the same stages: a variant rounding the tower's blocks changes the hidden
+    states the projector reads, carried to it as in the analysis."""
+    from quantplan.analysis.reference import KLReference, calibration_klds
+    from quantplan.analysis.simulate import QuantCache
+    from quantplan.analysis.stream_variants import StreamOptions, streamed_klds
+
+    folder = save_tiny_vlm("llava", tmp_path / "llava", layers=4, feature_layer=[-2, -3])
+    source = resolve_source(str(folder))
+    model = load_model(source)
+    calibration = load_image_calibration(load_processor(source), "default", samples=SAMPLES)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    variants = {"16-bit": None, "read blocks": [n for n in names if ".layers.1." in n and "vision" in n],
+                "unread block": [n for n in names if ".layers.3." in n and "vision" in n], "all": names}
+    expected = calibration_klds(KLReference(model, calibration, BATCH), QuantCache(model, NF4), variants)
+    got = streamed_klds(folder, calibration, variants, NF4, StreamOptions(batch_size=BATCH))
+    for label, value in expected.items():
+        assert got.kld[label] == pytest.approx(value, rel=1e-5, abs=1e-12), label
+    assert got.kld["read blocks"] > 0 and got.kld["unread block"] == 0
+
+
+def test_llava_whose_feature_layer_names_no_hidden_state_is_refused_with_the_fix(tmp_path):
     import json
 
     folder = save_tiny_vlm("llava", tmp_path / "llava")
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "vision_feature_layer": -2}))
-    with pytest.raises(StreamingUnsupported, match="vision_feature_layer -1.*not -2: run without --max-memory"):
+    (folder / "config.json").write_text(json.dumps({**config, "vision_feature_layer": [-2, 3]}))
+    with pytest.raises(StreamingUnsupported, match=r"vision_feature_layer \[-2, 3\] names no hidden state of this "
+                                                   r"2-block vision tower .*-3 to 2\): fix vision_feature_layer"):
         streaming_need(folder, [NF4])
 
 

@@ -31,14 +31,14 @@ VISION = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, nu
               image_size=56, patch_size=14)
 
 
-def save_tiny_vlm(arch: str, folder: Path, seed: int = 0, layers: int | None = None) -> Path:
+def save_tiny_vlm(arch: str, folder: Path, seed: int = 0, layers: int | None = None, **options) -> Path:
     """Build the tiny ``arch`` model plus processor and save both to ``folder``.
 
-    ``layers``: blocks of the vision tower and of the language model each (Qwen2-VL, Qwen2.5-VL, Mllama; default
-    2, Mllama's its own: :func:`_mllama`).
+    ``layers``: blocks of the vision tower and of the language model each (Qwen2-VL, Qwen2.5-VL, Mllama, LLaVA;
+    default 2, Mllama's its own: :func:`_mllama`). ``options`` go to the builder (LLaVA's ``feature_layer``).
     """
     torch.manual_seed(seed)
-    model, processor = BUILDERS[arch](**({} if layers is None else {"layers": layers}))
+    model, processor = BUILDERS[arch](**({} if layers is None else {"layers": layers}), **options)
     model.to(torch.bfloat16).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -110,16 +110,18 @@ def _mllama(layers: int | None = None):
     return model, processor
 
 
-def _llava():
-    """LLaVA-1.5 layout: CLIP vision tower, two-layer MLP projector, Llama text model."""
+def _llava(layers: int = 2, feature_layer: int | list[int] = -1):
+    """LLaVA-1.5 layout: CLIP vision tower, two-layer MLP projector, Llama text model. ``feature_layer``: the
+    tower's hidden state(s) the projector reads (LLaVA-1.5's own is -2; a list concatenates them)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tokenizer = word_tokenizer(["<image>"])
-    config = LlavaConfig(text_config=dict(TEXT, model_type="llama"),
-                         vision_config=dict(VISION, model_type="clip_vision_model", projection_dim=HIDDEN),
+    config = LlavaConfig(text_config=dict(TEXT, model_type="llama", num_hidden_layers=layers),
+                         vision_config=dict(VISION, model_type="clip_vision_model", projection_dim=HIDDEN,
+                                            num_hidden_layers=layers),
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+                         vision_feature_layer=feature_layer, vision_feature_select_strategy="default")
     model = LlavaForConditionalGeneration(config)
     images = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
@@ -128,8 +130,9 @@ def _llava():
     return model, processor
 
 
-def _llava_pixtral():
-    """Pixtral-12B layout: LLaVA with a Pixtral vision tower (2D RoPE, variable image sizes).
+def _llava_pixtral(layers: int = 2, feature_layer: int | list[int] = -1):
+    """Pixtral-12B layout: LLaVA with a Pixtral vision tower (2D RoPE, variable image sizes); ``feature_layer`` as
+    for :func:`_llava`.
 
     transformers declares PixtralProcessor to need torchvision, which quantplan's tests do not
     install; the tiny model gets a LlavaProcessor over the Pixtral image processor instead: the
@@ -139,10 +142,10 @@ def _llava_pixtral():
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
     tokenizer = word_tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]"])
-    vision = dict(VISION, model_type="pixtral", head_dim=16)
-    config = LlavaConfig(text_config=dict(TEXT, model_type="llama"), vision_config=vision,
+    vision = dict(VISION, model_type="pixtral", head_dim=16, num_hidden_layers=layers)
+    config = LlavaConfig(text_config=dict(TEXT, model_type="llama", num_hidden_layers=layers), vision_config=vision,
                          image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
-                         vision_feature_layer=-1, vision_feature_select_strategy="full")
+                         vision_feature_layer=feature_layer, vision_feature_select_strategy="full")
     model = LlavaForConditionalGeneration(config)
     images = PixtralImageProcessorPil(size={"longest_edge": 56}, patch_size=14)
     processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
