@@ -3,7 +3,8 @@
 The end-to-end checks (the planner's never-worse verification, the fidelity scoreboard) measure
 how far each variant's next-token distribution drifts from 16-bit, a variant being the 16-bit
 model with some Linears swapped for bitsandbytes' round trip (:class:`analysis.simulate.QuantCache`).
-In memory that runs the whole model once per variant (:func:`analysis.reference.calibration_klds`);
+In memory that runs the model once per variant from its first differing decoder layer
+(:func:`analysis.reference.calibration_klds`, :mod:`analysis.shared_prefix`);
 here it runs on the spine of the streamed analysis (:mod:`analysis.streaming`): the meta-device
 skeleton, :class:`~analysis.stream_weights.DiskWeights`, the per-batch files of
 :mod:`analysis.stream_store` and the same stages.
