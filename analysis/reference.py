@@ -8,7 +8,10 @@ batch × vocabulary at a time whatever the number of batches (a 262k vocabulary 
 per token in 16 bits; kept for a whole calibration set that was gigabytes). Several variants
 of one model (weights swapped by :class:`~analysis.simulate.QuantCache`) are compared against
 the same 16-bit batch before the next one is computed (:func:`calibration_klds`): one 16-bit
-forward per batch serves every variant, the same count as when the logits were kept.
+forward per batch serves every variant, the same count as when the logits were kept, and its
+float32 log-probabilities are made once per batch for all of them (:class:`Logits16`). A variant
+runs from the first decoder layer where it differs from the 16-bit run or an earlier variant
+(:mod:`analysis.shared_prefix`), with the numbers of a whole forward.
 
 Per position t, with P the 16-bit and Q the variant's next-token distribution over the
 vocabulary both share (a padded vocabulary compares the shared part):
@@ -22,6 +25,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -71,18 +75,36 @@ def for_each_variant(reference: KLReference, cache, variants: Mapping[str, Itera
     that differ from the previous variant; the 16-bit weights are back when the loop ends.
     A variant whose names are None is the 16-bit model itself: its logits are the reference's; names
     given as a mapping (name -> 4-bit format) round-trip each module in its own format (a blocksize menu).
+    The 16-bit logits come as :class:`Logits16` (their log-probabilities made once for every variant),
+    and each variant starts at the first decoder layer where it differs from the 16-bit run or an
+    earlier variant (:class:`~analysis.shared_prefix.PrefixRuns`): the same numbers as whole forwards.
     """
+    from .shared_prefix import PrefixRuns
+
+    model = reference.model
+    ran = {label: names for label, names in variants.items() if names is not None}
+    formats = {label: names if isinstance(names, Mapping) else None for label, names in ran.items()}
+    configs = [{}] + [{n: (formats[label] or {}).get(n) or cache.format for n in names}
+                      for label, names in ran.items()]
+    runs = PrefixRuns(model, configs)
+    order = {label: i for i, label in enumerate(ran, 1)}
     try:
-        for batch, logits16 in reference.pairs(desc=f"{len(variants)} variant(s) vs 16-bit"):
+        for batch in tqdm(reference.batches(), total=reference.count, desc=f"{len(variants)} variant(s) vs 16-bit",
+                          disable=not reference.progress, leave=False):
+            runs.new_batch()
+            cache.set_quantized(())
+            with torch.inference_mode():
+                logits16 = Logits16(runs.run(0, partial(forward_logits, model, batch)))
             for label, names in variants.items():
                 if names is None:
-                    yield label, batch, logits16, logits16
+                    yield label, batch, logits16, logits16.logits
                     continue
-                cache.set_quantized(names, names if isinstance(names, Mapping) else None)
+                cache.set_quantized(names, formats[label])
                 with torch.inference_mode():
-                    logits = forward_logits(reference.model, batch)
+                    logits = runs.run(order[label], partial(forward_logits, model, batch))
                 yield label, batch, logits16, logits
-            cache.set_quantized(())
+            del logits16
+        runs.new_batch()
     finally:
         cache.set_quantized(())
 
@@ -94,6 +116,34 @@ def calibration_klds(reference: KLReference, cache, variants: Mapping[str, Itera
         with torch.inference_mode():
             totals[label] += float(kl_sum(logits16, logits, batch))
     return {label: total / max(reference.tokens, 1) for label, total in totals.items()}
+
+
+class Logits16:
+    """One batch's 16-bit logits, with their float32 log-probabilities and probabilities made once (on first use)
+    for every variant compared with them, instead of once per variant."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+        self._made: dict[tuple, torch.Tensor] = {}
+
+    def log_probs(self, vocab: int, device) -> torch.Tensor:
+        """float32 log-softmax over the first ``vocab`` entries, on ``device``."""
+        key = ("log", vocab, str(device))
+        if key not in self._made:
+            self._made[key] = torch.log_softmax(self.logits[..., :vocab].to(device).float(), dim=-1)
+        return self._made[key]
+
+    def probs(self, vocab: int, device) -> torch.Tensor:
+        """exp of :meth:`log_probs`."""
+        key = ("p", vocab, str(device))
+        if key not in self._made:
+            self._made[key] = self.log_probs(vocab, device).exp()
+        return self._made[key]
+
+
+def as_logits16(logits16: torch.Tensor | Logits16) -> Logits16:
+    """``logits16`` as :class:`Logits16` (a bare tensor wrapped for one comparison)."""
+    return logits16 if isinstance(logits16, Logits16) else Logits16(logits16)
 
 
 @dataclass(frozen=True)
@@ -155,7 +205,7 @@ class TokenComparison:
     nll: torch.Tensor  # [batch, seq - 1]: −log Q(actual next token)
 
 
-def compare_tokens(logits16: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor) -> TokenComparison:
+def compare_tokens(logits16: torch.Tensor | Logits16, logits: torch.Tensor, input_ids: torch.Tensor) -> TokenComparison:
     """KL, same top token and next-token NLL at every position (what the fidelity scoreboard reports)."""
     logp, logq = log_probs(logits16, logits)
     targets = input_ids[:, 1:].to(logq.device).unsqueeze(-1)
@@ -163,21 +213,24 @@ def compare_tokens(logits16: torch.Tensor, logits: torch.Tensor, input_ids: torc
                            -logq[:, :-1].gather(-1, targets).squeeze(-1))
 
 
-def kl_sum(logits16: torch.Tensor, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+def kl_sum(logits16: torch.Tensor | Logits16, logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Σ over (unmasked) positions of KL(P_16 ‖ Q), in float32; differentiable in ``logits``."""
-    per_token = token_kl(*log_probs(logits16, logits))
+    reference = as_logits16(logits16)
+    logp, logq = log_probs(reference, logits)
+    per_token = token_kl(logp, logq, reference.probs(logq.shape[-1], logits.device))
     return (per_token * token_mask(batch, per_token).to(per_token)).sum()
 
 
-def token_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(P ‖ Q) per position from log-probabilities over the last dimension."""
-    return (logp.exp() * (logp - logq)).sum(-1)
+def token_kl(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(P ‖ Q) per position from log-probabilities over the last dimension (``p``: exp(logp) when made already)."""
+    return ((logp.exp() if p is None else p) * (logp - logq)).sum(-1)
 
 
-def log_probs(logits16: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def log_probs(logits16: torch.Tensor | Logits16, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 log-softmaxes of both over the vocabulary they share, on ``logits``' device."""
-    vocab = min(logits16.shape[-1], logits.shape[-1])
-    logp = torch.log_softmax(logits16[..., :vocab].to(logits.device).float(), dim=-1)
+    reference = as_logits16(logits16)
+    vocab = min(reference.logits.shape[-1], logits.shape[-1])
+    logp = reference.log_probs(vocab, logits.device)
     logq = torch.log_softmax(logits[..., :vocab].float(), dim=-1)
     return logp, logq
 

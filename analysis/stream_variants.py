@@ -3,7 +3,8 @@
 The end-to-end checks (the planner's never-worse verification, the fidelity scoreboard) measure
 how far each variant's next-token distribution drifts from 16-bit, a variant being the 16-bit
 model with some Linears swapped for bitsandbytes' round trip (:class:`analysis.simulate.QuantCache`).
-In memory that runs the whole model once per variant (:func:`analysis.reference.calibration_klds`);
+In memory that runs the model once per variant from its first differing decoder layer
+(:func:`analysis.reference.calibration_klds`, :mod:`analysis.shared_prefix`);
 here it runs on the spine of the streamed analysis (:mod:`analysis.streaming`): the meta-device
 skeleton, :class:`~analysis.stream_weights.DiskWeights`, the per-batch files of
 :mod:`analysis.stream_store` and the same stages.
@@ -209,7 +210,7 @@ def _normalized(variants: Mapping, fmt: FourBit, stages) -> dict[str, dict[str, 
 
 def _run_stage(ctx: StepContext, stage, folder: Path, wanted: dict, streams: dict, fmt: FourBit) -> dict:
     """Run every batch of every distinct stream through ``stage``; returns label -> its output folder."""
-    cache = QuantCache(ctx.model, fmt)
+    cache = QuantCache(ctx.model, fmt, keep_bytes=0)
     owned = set(stage.linears)
     outputs: dict[tuple, Path] = {}
     result = {}
@@ -234,7 +235,7 @@ def _run_stage(ctx: StepContext, stage, folder: Path, wanted: dict, streams: dic
 def _head_chunks(ctx: StepContext, head, wanted: dict, streams: dict, variants: Mapping,
                  fmt: FourBit) -> Iterator[HeadChunk]:
     """Norm + lm_head of each stream, batch by batch and chunk by chunk, each chunk's 16-bit logits made once."""
-    model, cache = ctx.model, QuantCache(ctx.model, fmt)
+    model, cache = ctx.model, QuantCache(ctx.model, fmt, keep_bytes=0)
     owned = set(head.linears)
     head_formats = {label: {n: f for n, f in formats.items() if n in owned} for label, formats in wanted.items()}
     reference = streams[_REFERENCE]

@@ -8,7 +8,8 @@ and the heuristic alternatives at the plan's bytes (first+last layers, largest w
 :mod:`planner.baselines`). If the plan's KL is not below all-4-bit's, the planner says so and
 returns the alternative with the lowest KL below all-4-bit's, or all-4-bit itself. The
 measurements go into ``plan.checks.verification`` (``plan.json``). Cost: one forward pass
-per variant over at most ``max_batches`` calibration batches, plus the 16-bit logits; the
+per variant over at most ``max_batches`` calibration batches, plus the 16-bit logits, less the
+leading decoder layers a variant shares with the 16-bit run or an earlier variant; the
 variants are compared batch by batch (:func:`analysis.reference.calibration_klds`), so one
 batch's 16-bit logits are alive at a time. A plan over a
 blocksize menu (several 4-bit formats) is simulated with each module in its planned format; the

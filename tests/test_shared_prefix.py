@@ -1,0 +1,145 @@
+"""The in-memory variant comparison (analysis.reference.for_each_variant) gives the numbers of whole forwards.
+
+Each variant starts at the first decoder layer where it differs from the 16-bit run or an earlier
+variant (analysis.shared_prefix), and the 16-bit log-probabilities are made once per batch: the KLs
+(verification, refinement) and the per-token comparisons (the report's variants) must equal those of
+the plain way, one whole forward of the 16-bit model and one per variant per batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import tiny_llama
+
+from quantplan.analysis.formats import NF4, NF4_BS32
+from quantplan.analysis.reference import InMemoryKLs, KLReference, batch_tokens, forward_logits
+from quantplan.analysis.shared_prefix import Fork, PrefixRuns
+from quantplan.analysis.simulate import QuantCache
+from quantplan.reports.fidelity import measure_variants
+
+LAYERS = 4
+
+
+class PaddedCalibration:
+    """Random windows whose last positions are padding in every other row (an attention mask with zeros)."""
+
+    def __init__(self, samples: int = 6, seq_len: int = 24):
+        self.ids = torch.randint(3, 256, (samples, seq_len), generator=torch.Generator().manual_seed(3))
+        self.mask = torch.ones_like(self.ids)
+        self.mask[::2, -5:] = 0
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self.ids) // batch_size)
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self.ids), batch_size):
+            yield {"input_ids": self.ids[start:start + batch_size], "attention_mask": self.mask[start:start + batch_size]}
+
+
+def _layer(i: int) -> list[str]:
+    return [f"model.layers.{i}.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                              "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+def _variants() -> dict:
+    everything = [n for i in range(LAYERS) for n in _layer(i)]
+    late = _layer(2) + _layer(3)
+    return {
+        "all": everything,
+        "late": late,  # layers 0-1 as the 16-bit run
+        "16-bit": None,
+        "later": {**dict.fromkeys(_layer(2)), **dict.fromkeys(_layer(3), NF4_BS32)},  # layers 0-2 as "late"
+        "same": list(late),  # identical to "late"
+        "last": _layer(3),  # layers 0-2 as the 16-bit run
+        "head": _layer(3) + ["lm_head"],  # differs outside the layers: shares nothing
+        "menu": {n: (NF4_BS32 if i % 3 == 0 else None) for i, n in enumerate(everything)},
+    }
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llama(layers=LAYERS).float()
+    reference = KLReference(model, PaddedCalibration(), batch_size=4)
+    return model, reference, QuantCache(model, NF4)
+
+
+def _whole(model, reference, cache, names):
+    """Per batch: (batch, 16-bit logits, the variant's logits), each from a whole forward."""
+    for batch in reference.batches():
+        with torch.inference_mode():
+            logits16 = forward_logits(model, batch)
+            if names is None:
+                yield batch, logits16, logits16
+                continue
+            formats = names if isinstance(names, dict) else {}
+            with cache.quantized(list(names), {n: f for n, f in formats.items() if f is not None}):
+                yield batch, logits16, forward_logits(model, batch)
+
+
+def _plain_kld(model, reference, cache, names) -> float:
+    total = 0.0
+    for batch, logits16, logits in _whole(model, reference, cache, names):
+        per_token = F.kl_div(torch.log_softmax(logits.float(), -1), torch.log_softmax(logits16.float(), -1),
+                             log_target=True, reduction="none").sum(-1)
+        total += float((per_token * batch["attention_mask"]).sum())
+    return total / reference.tokens
+
+
+def test_variants_fork_where_they_first_differ(setup):
+    model, _, _ = setup
+    variants = {k: v for k, v in _variants().items() if v is not None}
+    configs = [{}] + [{n: (v.get(n) if isinstance(v, dict) else None) or NF4 for n in v} for v in variants.values()]
+    forks = dict(zip(["16-bit run", *variants], PrefixRuns(model, configs).forks, strict=True))
+    assert forks["all"] == Fork(0, 0)
+    assert forks["late"] == Fork(0, 2)
+    assert forks["later"] == Fork(2, 3)  # continues "late" (run 2), which computed layer 2 itself
+    assert forks["same"] == Fork(2, LAYERS)  # identical: only the final norm and lm_head run again
+    assert forks["last"] == Fork(0, 3)
+    assert forks["head"].layer == 0
+    assert forks["menu"].layer == 0
+
+
+def test_kls_equal_whole_forwards(setup):
+    model, reference, cache = setup
+    variants = _variants()
+    measured = InMemoryKLs(reference, cache)(variants)
+    assert measured.tokens == sum(batch_tokens(b) for b in reference.batches()) < 6 * 24
+    for label, names in variants.items():
+        expected = _plain_kld(model, reference, cache, names)
+        assert measured.kld[label] == pytest.approx(expected, rel=1e-5, abs=1e-9), label
+    assert measured.kld["16-bit"] == 0.0
+    assert measured.kld["same"] == measured.kld["late"] and measured.kld["all"] > measured.kld["late"] > 0
+    assert not cache._originals  # the 16-bit weights are back, and no layer's forward is left replaced
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+
+
+def test_report_comparisons_equal_whole_forwards(setup):
+    model, reference, cache = setup
+    variants = {k: v for k, v in _variants().items() if not isinstance(v, dict)}
+    measured = measure_variants(reference, cache, variants)
+    for label, names in variants.items():
+        expected = []
+        for _batch, logits16, logits in _whole(model, reference, cache, names):
+            logp, logq = torch.log_softmax(logits16.float(), -1), torch.log_softmax(logits.float(), -1)
+            expected.append((logp.exp() * (logp - logq)).sum(-1).flatten())
+        assert torch.allclose(torch.from_numpy(measured[label].kld).float(), torch.cat(expected),
+                              rtol=1e-5, atol=1e-7), label
+
+
+def test_cache_keeps_dequantized_weights_within_its_bound(setup):
+    model, _, _ = setup
+    names = _layer(0)
+    size = model.get_submodule(names[0]).weight.numel() * 4  # q_proj, float32
+    bounded, none = QuantCache(model, NF4, keep_bytes=2 * size), QuantCache(model, NF4, keep_bytes=0)
+    first = bounded.restored(names[0])
+    assert bounded.restored(names[0]) is first  # kept: de-quantized once
+    assert torch.equal(first, none.restored(names[0])) and none.restored(names[0]) is not none.restored(names[0])
+    for name in names:
+        bounded.restored(name, NF4_BS32)
+    assert bounded._kept_bytes <= 2 * size and len(bounded._restored) < len(names) + 1
+    roomy = QuantCache(model, NF4)
+    with torch.inference_mode():  # an inference tensor could not serve the refinement's autograd later: not kept
+        roomy.restored(names[1])
+    assert not roomy._restored
