@@ -62,8 +62,8 @@ class QuantCache:
         packed, state = self._packed[key]
         restored = bnbf.dequantize_4bit(packed, state).to(weight.dtype).view_as(weight)
         size = restored.numel() * restored.element_size()
-        if self._kept_bytes + size <= self.keep_bytes and not torch.is_inference_mode_enabled():  # usable with
-            self._restored[key] = restored  # autograd later (the refinement's gradients)
+        if self._kept_bytes + size <= self.keep_bytes:
+            self._restored[key] = restored
             self._kept_bytes += size
         return restored
 
