@@ -9,11 +9,8 @@ tracks a real bitsandbytes load (the all-4-bit check).
 
 Quantizing is the slow half (≈10 s for SmolLM2's 210 Linears on 2 cores), de-quantizing is
 fast, so :class:`QuantCache` keeps the packed 4-bit weights (a quarter of the 16-bit size)
-and de-quantizes on a swap. Comparing variants batch by batch swaps the same modules in again at
-every batch (≈10 % of a verification batch on SmolLM2), so the de-quantized weights are kept too, up
-to ``keep_bytes`` (default :data:`KEEP_BYTES`; the first ones made stay, nothing is evicted; 0 keeps
-none, as the block-by-block comparison under a memory cap does). A module may be swapped in another
-4-bit format than the cache's own (a per-module blocksize menu): ``quantized(names, formats={name: FourBit})``.
+and de-quantizes on each swap. A module may be swapped in another 4-bit format than the cache's
+own (a per-module blocksize menu): ``quantized(names, formats={name: FourBit})``.
 """
 
 from __future__ import annotations
@@ -26,22 +23,15 @@ from torch import nn
 
 from quantplan.analysis.formats import FourBit
 
-#: de-quantized weights a :class:`QuantCache` keeps by default (bytes), beside its packed 4-bit ones
-KEEP_BYTES = 512 << 20
-
 
 class QuantCache:
-    """Packed 4-bit weights of a model's Linears (in ``fmt`` unless told otherwise), quantized once on first use,
-    and their de-quantized round trips up to ``keep_bytes``."""
+    """Packed 4-bit weights of a model's Linears (in ``fmt`` unless told otherwise), quantized once on first use."""
 
-    def __init__(self, model: nn.Module, fmt: FourBit, keep_bytes: int = KEEP_BYTES):
+    def __init__(self, model: nn.Module, fmt: FourBit):
         self.model = model
         self.format = fmt
         self.modules = dict(model.named_modules())
-        self.keep_bytes = keep_bytes
         self._packed: dict[tuple[str, FourBit], tuple] = {}
-        self._restored: dict[tuple[str, FourBit], torch.Tensor] = {}  # de-quantized, within keep_bytes
-        self._kept_bytes = 0
         self._originals: dict[str, torch.Tensor] = {}  # 16-bit weights swapped out inside `quantized`
         self._current: dict[str, FourBit] = {}  # the format each module set by `set_quantized` computes in
 
@@ -55,17 +45,10 @@ class QuantCache:
 
         weight = self.modules[name].weight
         key = (name, fmt or self.format)
-        if key in self._restored:
-            return self._restored[key]
         if key not in self._packed:
             self._packed[key] = key[1].quantize(self.original(name))
         packed, state = self._packed[key]
-        restored = bnbf.dequantize_4bit(packed, state).to(weight.dtype).view_as(weight)
-        size = restored.numel() * restored.element_size()
-        if self._kept_bytes + size <= self.keep_bytes:
-            self._restored[key] = restored
-            self._kept_bytes += size
-        return restored
+        return bnbf.dequantize_4bit(packed, state).to(weight.dtype).view_as(weight)
 
     def set_quantized(self, names, formats: Mapping[str, FourBit] | None = None) -> None:
         """Make exactly ``names`` compute with round-tripped weights (each in ``formats[name]`` where

@@ -210,7 +210,7 @@ def _normalized(variants: Mapping, fmt: FourBit, stages) -> dict[str, dict[str, 
 
 def _run_stage(ctx: StepContext, stage, folder: Path, wanted: dict, streams: dict, fmt: FourBit) -> dict:
     """Run every batch of every distinct stream through ``stage``; returns label -> its output folder."""
-    cache = QuantCache(ctx.model, fmt, keep_bytes=0)
+    cache = QuantCache(ctx.model, fmt)
     owned = set(stage.linears)
     outputs: dict[tuple, Path] = {}
     result = {}
@@ -235,7 +235,7 @@ def _run_stage(ctx: StepContext, stage, folder: Path, wanted: dict, streams: dic
 def _head_chunks(ctx: StepContext, head, wanted: dict, streams: dict, variants: Mapping,
                  fmt: FourBit) -> Iterator[HeadChunk]:
     """Norm + lm_head of each stream, batch by batch and chunk by chunk, each chunk's 16-bit logits made once."""
-    model, cache = ctx.model, QuantCache(ctx.model, fmt, keep_bytes=0)
+    model, cache = ctx.model, QuantCache(ctx.model, fmt)
     owned = set(head.linears)
     head_formats = {label: {n: f for n, f in formats.items() if n in owned} for label, formats in wanted.items()}
     reference = streams[_REFERENCE]

@@ -126,16 +126,3 @@ def test_report_comparisons_equal_whole_forwards(setup):
             expected.append((logp.exp() * (logp - logq)).sum(-1).flatten())
         assert torch.allclose(torch.from_numpy(measured[label].kld).float(), torch.cat(expected),
                               rtol=1e-5, atol=1e-7), label
-
-
-def test_cache_keeps_dequantized_weights_within_its_bound(setup):
-    model, _, _ = setup
-    names = _layer(0)
-    size = model.get_submodule(names[0]).weight.numel() * 4  # q_proj, float32
-    bounded, none = QuantCache(model, NF4, keep_bytes=2 * size), QuantCache(model, NF4, keep_bytes=0)
-    first = bounded.restored(names[0])
-    assert bounded.restored(names[0]) is first  # kept: de-quantized once
-    assert torch.equal(first, none.restored(names[0])) and none.restored(names[0]) is not none.restored(names[0])
-    for name in names:
-        bounded.restored(name, NF4_BS32)
-    assert bounded._kept_bytes <= 2 * size and len(bounded._restored) < len(names) + 1
