@@ -113,7 +113,9 @@ def stage(name: str):
         yield
         return
     _fold_peak(profile)  # the parents keep the peak reached so far before the mark is reset
-    _reset_peak(profile)
+    _reset_peak()
+    if profile._anon is not None:
+        profile._anon.reset()
     entry = {"peak": 0, "gpu": None, "anon": None, "index": len(profile.stages)}
     profile._open.append(entry)
     profile.stages.append(None)  # the slot keeps start order; filled at the end
@@ -162,11 +164,8 @@ def _can_reset_peak() -> bool:
     return _CLEAR_REFS.exists() and _STATUS.exists()
 
 
-def _reset_peak(profile: Profile) -> None:
-    """Start new high-water marks (Linux: write 5 to clear_refs; the sampled anonymous peak); elsewhere nothing
-    to do."""
-    if profile._anon is not None:
-        profile._anon.reset()
+def _reset_peak() -> None:
+    """Start a new high-water mark (Linux: write 5 to clear_refs); elsewhere nothing to do."""
     try:
         _CLEAR_REFS.write_text("5")
     except OSError:
