@@ -13,7 +13,8 @@ A plan over a blocksize menu (4-bit modules in more than one format, e.g. ``nf4`
 cannot be expressed as a ``BitsAndBytesConfig``: its checkpoint is written pre-quantized instead,
 tensor by tensor from the source's safetensors files (:mod:`planner.prequantized_stream`: one tensor
 and one output shard in memory, never the 16-bit model; a source without safetensors files loads the
-16-bit model whole, :mod:`planner.prequantized`), then reloaded and checked the same way, plus
+16-bit model whole, :mod:`planner.prequantized`; under ``max_memory`` its shards are an eighth of the
+cap, :func:`planner.prequantized_stream.shard_bytes_for`), then reloaded and checked the same way, plus
 each 4-bit module's loaded blocksize against the plan. A single-format plan keeps the
 transformers path (its ``BitsAndBytesConfig`` is the one ``plan.json`` shows, ready to paste).
 """
@@ -36,7 +37,7 @@ from quantplan.common.modes import apply_umask, staging_dir
 from .modelcard import write_model_card
 from .plan_types import KEEP, Plan
 from .prequantized import MenuExportError, check_blocksizes, menu_formats, write_prequantized
-from .prequantized_stream import write_streamed
+from .prequantized_stream import shard_bytes_for, write_streamed
 
 PLAN_MARKER = "quantplan_plan.json"  # in every exported folder: what makes it quantplan's to replace
 
@@ -76,8 +77,10 @@ def bnb_config(plan: Plan, compute_dtype: torch.dtype = torch.bfloat16):
 
 
 def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: bool = False,
-           compute_dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> ExportResult:
-    """Quantize ``source`` as ``plan`` says and save it to ``out_dir`` (atomically, verified)."""
+           compute_dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+           max_memory: int | None = None) -> ExportResult:
+    """Quantize ``source`` as ``plan`` says and save it to ``out_dir`` (atomically, verified); ``max_memory``
+    (bytes, a run's ``--max-memory``) bounds the output shards a blocksize-menu plan is written in."""
     out_dir = Path(out_dir).resolve()
     plan.check_model(source.fingerprint)
     check_out_dir(out_dir, overwrite)
@@ -91,7 +94,7 @@ def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: b
     staging = staging_dir(out_dir.parent, prefix=f".{out_dir.name}.partial-")
     try:
         if config is None:
-            _write_menu(source, plan, staging, compute_dtype, device)
+            _write_menu(source, plan, staging, compute_dtype, device, max_memory)
         else:
             model = _load_quantized(source.path, config, compute_dtype, device)
             check_module_types(model, plan)
@@ -176,11 +179,12 @@ def checkpoint_tensor_bytes(folder: Path) -> int:
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
 
 
-def _write_menu(source: ModelSource, plan: Plan, staging: Path, compute_dtype: torch.dtype, device: str) -> None:
+def _write_menu(source: ModelSource, plan: Plan, staging: Path, compute_dtype: torch.dtype, device: str,
+                max_memory: int | None = None) -> None:
     """A menu plan's pre-quantized checkpoint, streamed tensor by tensor from the source's safetensors files;
     a source the stream cannot read (``.bin`` weights) is loaded whole in 16-bit instead, saying so."""
     try:
-        write_streamed(source.path, plan, staging, compute_dtype, device)
+        write_streamed(source.path, plan, staging, compute_dtype, device, shard_bytes_for(max_memory))
     except StreamingUnsupported as err:
         print(f"quantplan: export: {err}, so the blocksize-menu checkpoint is written from the 16-bit model "
               "loaded whole (re-save the model with save_pretrained to stream it)")

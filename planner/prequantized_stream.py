@@ -32,6 +32,22 @@ from .prequantized import MenuExportError, menu_formats, menu_quantization_confi
 
 #: most tensor bytes one output shard holds (transformers' naming: ``model-00001-of-00003.safetensors``)
 MAX_SHARD_BYTES = 10**9
+#: smallest shard :func:`shard_bytes_for` picks under a memory cap
+MIN_SHARD_BYTES = 2**20
+
+
+def shard_bytes_for(max_memory: int | None) -> int:
+    """The output shard size for a run under ``max_memory`` bytes (None: no cap, :data:`MAX_SHARD_BYTES`).
+
+    The writer holds one shard, and while it fills, glibc's heap may keep several times its tensor
+    bytes resident (the small packed tensors kept interleave with the freed 16-bit reads, so the
+    heap cannot shrink; measured in benchmarks/README.md, streaming_run section). An eighth of the
+    cap bounds the writer whatever the depth; a 1 GB shard held the whole 4-bit model of a
+    64-layer Llama, and its heap overhead grew with depth.
+    """
+    if max_memory is None:
+        return MAX_SHARD_BYTES
+    return max(MIN_SHARD_BYTES, min(MAX_SHARD_BYTES, max_memory // 8))
 
 
 def write_streamed(path: str | Path, plan: Plan, folder: Path, compute_dtype: torch.dtype,

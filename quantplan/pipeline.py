@@ -17,6 +17,7 @@ from quantplan.analysis.models import ModelSource, dtype_from_name
 from quantplan.analysis.summary import summarize
 from quantplan.analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
 from quantplan.common.profile import PROFILE_FILE, recording, stage
+from quantplan.common.sizes import parse_size
 from quantplan.planner.budget import BudgetError, format_bytes, parse_budget
 from quantplan.planner.compat import loader_compat, vllm_sentence
 from quantplan.planner.config import PlanConfig
@@ -94,7 +95,8 @@ def _steps(source, budget, out_dir: Path, checkpoint: Path, analyze_config: Anal
     with stage("export"):
         result = export(source, chosen, checkpoint, overwrite=overwrite, device=analyze_config.device,
                         compute_dtype=dtype_from_name(analyze_config.dtype if analyze_config.dtype != "fp32"
-                                                      else "bf16"))
+                                                      else "bf16"),
+                        max_memory=parse_size(analyze_config.max_memory) if analyze_config.max_memory else None)
     print(export_summary(checkpoint, chosen, result))
     reports = {}
     if compare is not None:

@@ -128,3 +128,28 @@ def test_a_source_without_safetensors_is_written_from_the_16bit_model_saying_so(
     assert "holds no safetensors files" in capsys.readouterr().out
     reloaded = load_model(resolve_source(str(tmp_path / "out")), dtype="auto")
     assert check_blocksizes(reloaded, p) == []
+
+
+def test_export_under_a_memory_cap_writes_shards_of_an_eighth_of_it(base_plan, tmp_path, monkeypatch):
+    """Under --max-memory the writer holds one shard bounded by the cap, not up to 1 GB (the whole 4-bit model of
+    a deep model): the export's resident memory stays flat in depth."""
+    from safetensors import safe_open
+
+    from quantplan.planner.prequantized_stream import MAX_SHARD_BYTES, MIN_SHARD_BYTES, shard_bytes_for
+
+    assert shard_bytes_for(None) == MAX_SHARD_BYTES == shard_bytes_for(100 * 10**9)
+    assert shard_bytes_for(260 * 10**6) == 260 * 10**6 // 8 and shard_bytes_for(10**6) == MIN_SHARD_BYTES
+    monkeypatch.setattr(stream_module, "MIN_SHARD_BYTES", 1)
+    source = resolve_source(str(save_tiny(tmp_path / "model", layers=2)))
+    p = cycled(base_plan, source, head=NF4.name)
+    export(source, p, tmp_path / "whole")
+    assert (tmp_path / "whole" / "model.safetensors").is_file()  # no cap: one shard of up to 1 GB
+    cap = 8 * 12_000
+    export(source, p, tmp_path / "capped", max_memory=cap)
+    shards = sorted((tmp_path / "capped").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+        assert len(sizes) == 1 or shard.stat().st_size <= cap // 8 + 4096, shard.name  # a lone big tensor alone
+    assert tensors(tmp_path / "capped").keys() == tensors(tmp_path / "whole").keys()

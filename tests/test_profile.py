@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import mmap
+import time
 
 import pandas as pd
 import pytest
@@ -30,7 +32,30 @@ def test_stages_nest_in_start_order_with_their_own_peaks():
     assert outer.peak_rss_bytes >= inner.peak_rss_bytes >= 200 * 2**20
     if profile.rss_scope == "stage":  # Linux: the mark is reset per stage
         assert second.peak_rss_bytes < inner.peak_rss_bytes - 100 * 2**20
+    if inner.peak_anon_bytes is not None:  # Linux: the sampled anonymous peak, also per stage
+        assert outer.peak_anon_bytes >= inner.peak_anon_bytes >= 200 * 2**20
+        assert second.peak_anon_bytes < inner.peak_anon_bytes - 100 * 2**20
     assert len(profile.lines()) == 3 and profile.to_dict()["total_seconds"] == outer.seconds
+
+
+def test_file_pages_read_through_mmap_count_in_rss_but_not_in_the_anonymous_peak(tmp_path):
+    path = tmp_path / "weights.bin"
+    with open(path, "wb") as f:
+        f.truncate(200 * 2**20)
+    with recording() as profile:
+        with stage("touch"):
+            buffer = bytearray(100 * 2**20)  # anonymous, while the sampler runs
+            buffer[:: 4096] = b"x" * len(buffer[:: 4096])
+            time.sleep(0.1)
+            del buffer
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == 0  # every page read
+    touched = profile.stages[0]
+    if touched.peak_anon_bytes is None:
+        pytest.skip("no RssAnon in /proc/self/status on this system")
+    assert touched.peak_anon_bytes >= 100 * 2**20
+    assert touched.peak_rss_bytes >= touched.peak_anon_bytes + 150 * 2**20  # the file's 200 MB counted in RSS
+    assert "anonymous" in profile.lines()[0] and profile.to_dict()["stages"][0]["peak_anon_bytes"] > 0
 
 
 def test_config_reads_the_report_depth_by_name():
