@@ -16,7 +16,7 @@ from torch import nn
 from .formats import BYTES_16BIT
 from .memory import non_module_bytes
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
-from .stream_head import BYTES_PER_LOGIT, head_work_bytes, plain_head
+from .stream_head import BYTES_PER_LOGIT, MIN_CHUNK_BYTES, head_work_bytes, plain_head
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def estimate_peak(model: nn.Module, formats, *, dtype_bytes: int, batch_size: in
     logits = tokens * vocab * (BYTES_PER_LOGIT if fisher else 2 if measured_head else 0)
     if fisher and plain_head(model):  # the Fisher pass makes its logits in token chunks (analysis.stream_head)
         hidden = getattr(text, "hidden_size", 0)
-        logits = head_work_bytes(vocab * hidden * dtype_bytes, vocab, tokens, hidden)
+        logits = head_work_bytes(max(vocab * hidden * dtype_bytes, MIN_CHUNK_BYTES), vocab, tokens, hidden)
     return PeakEstimate(int(weights), int(statistics), int(per_layer * layers + logits), len(widths))
 
 

@@ -34,9 +34,20 @@ BYTES_PER_LOGIT = 32
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+#: the least work space a chunk of logits gets in memory (no cap there): fewer, larger chunks where the head is
+#: small, since each chunk costs a few kernel launches (an H200 ran SmolLM2's Fisher pass 2.3x slower in chunks of
+#: its head's weight bytes, 36 tokens, than with the whole batch's logits: benchmarks/README.md, gpu_check.py)
+MIN_CHUNK_BYTES = 256 << 20
+
+
 def chunk_tokens(head_weight_bytes: int, vocab: int) -> int:
     """Tokens per chunk, so that one chunk's logits work space is about the head's weight bytes."""
     return max(1, head_weight_bytes // max(vocab * BYTES_PER_LOGIT, 1))
+
+
+def memory_chunk_tokens(head_weight_bytes: int, vocab: int) -> int:
+    """Tokens per chunk of the in-memory Fisher pass: :func:`chunk_tokens` of at least :data:`MIN_CHUNK_BYTES`."""
+    return chunk_tokens(max(head_weight_bytes, MIN_CHUNK_BYTES), vocab)
 
 
 def head_work_bytes(head_weight_bytes: int, vocab: int, batch_tokens: int, hidden: int) -> int:
@@ -120,7 +131,7 @@ def chunked_loss_backward(model, batch: dict, device, probe, seed: int = 0) -> N
     chunks: the base model runs with its graph, ∂L/∂(its last hidden state) comes chunk by chunk from
     :func:`normed_gradient`, and one backward runs through the base model. No whole batch's logits exist."""
     head = model.lm_head
-    chunk = chunk_tokens(head.weight.numel() * head.weight.element_size(), head.out_features)
+    chunk = memory_chunk_tokens(head.weight.numel() * head.weight.element_size(), head.out_features)
     base = getattr(model, model.base_model_prefix)
     with activations_need_grad(model, batch, device) as inputs:
         hidden = base(**inputs, use_cache=False).last_hidden_state

@@ -14,6 +14,7 @@ from quantplan.analysis.stream_head import plain_head, refuse_logit_transforms
 from quantplan.analysis.stream_weights import StreamingUnsupported
 
 analyze_module = importlib.import_module("quantplan.analysis.analyze")
+stream_head = importlib.import_module("quantplan.analysis.stream_head")
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -30,7 +31,8 @@ def test_chunked_head_gives_the_whole_batch_table(monkeypatch, tie):
 
 
 def test_no_batch_times_vocabulary_logits_in_memory(monkeypatch):
-    """The loss sees at most one chunk of tokens at a time, never the batch's 4 x 32 rows of logits."""
+    """The loss sees at most one chunk of tokens at a time, never the batch's 4 x 32 rows of logits; in memory a
+    chunk gets at least MIN_CHUNK_BYTES of work space (fewer kernel launches where the head is small)."""
     model = tiny_llama(layers=1, vocab=8192)
     rows = []
     cross_entropy = torch.nn.functional.cross_entropy
@@ -40,9 +42,14 @@ def test_no_batch_times_vocabulary_logits_in_memory(monkeypatch):
         return cross_entropy(logits, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording)
+    monkeypatch.setattr(stream_head, "MIN_CHUNK_BYTES", 0)  # chunks of the head's weight bytes, as streamed
     analyze(model, random_calibration(samples=4, vocab=8192), [NF4], batch_size=4, progress=False, fisher=True)
     chunk = 64 * model.lm_head.weight.element_size() // 32  # the head's weight bytes / (vocabulary x 32 B per logit)
     assert rows and max(rows) == chunk and sum(rows) == 4 * 32
+    rows.clear()
+    monkeypatch.setattr(stream_head, "MIN_CHUNK_BYTES", 8192 * 32 * 16)  # in memory: at least 16 tokens a chunk
+    analyze(model, random_calibration(samples=4, vocab=8192), [NF4], batch_size=4, progress=False, fisher=True)
+    assert max(rows) == 16 and sum(rows) == 4 * 32
 
 
 def test_a_head_with_logit_soft_capping_keeps_the_whole_batch_loss_and_does_not_stream():
