@@ -30,8 +30,10 @@ from .stream_weights import StreamingUnsupported
 #: work-space bytes per logit while a chunk runs with gradients: the bf16 logits, their float32
 #: copy, log-softmax, the sampling softmax, exponential draws and quotient, and the gradient
 BYTES_PER_LOGIT = 32
-#: config attributes that change the logits after lm_head (Gemma-2's soft-capping, Cohere's and Granite's scales)
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+#: config attributes that change the logits after lm_head (Gemma-2's soft-capping, Cohere's and Granite's scales,
+#: Falcon-H1's and Inkling's muP multipliers)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                    "logits_mup_width_multiplier")
 
 
 #: the least work space a chunk of logits gets in memory (no cap there): fewer, larger chunks where the head is
@@ -114,7 +116,11 @@ def plain_head(model: nn.Module) -> bool:
 def logit_transforms(model: nn.Module) -> list[str]:
     """The config's settings that change the logits after lm_head (:data:`LOGIT_TRANSFORMS` set to something)."""
     text = model.config.get_text_config()
-    return [f"{name}={getattr(text, name)}" for name in LOGIT_TRANSFORMS if getattr(text, name, None) not in (None, 1, 1.0)]
+    found = [f"{name}={getattr(text, name)}" for name in LOGIT_TRANSFORMS if getattr(text, name, None) not in (None, 1, 1.0)]
+    unpadded = getattr(text, "unpadded_vocab_size", None)  # logits cut to the real vocabulary after lm_head
+    if unpadded is not None and unpadded != getattr(text, "vocab_size", unpadded):
+        found.append(f"unpadded_vocab_size={unpadded}")
+    return found
 
 
 def refuse_logit_transforms(model: nn.Module) -> None:

@@ -270,7 +270,9 @@ def _check_fits(model, stages, wanted: dict, cap: int, calibration, options: Str
     first = next(iter(calibration.batches(options.batch_size)), {"input_ids": torch.zeros(0, 0)})
     tokens = options.batch_size * first["input_ids"].shape[-1]
     quantized = {n for formats in wanted.values() for n in formats}
-    worst, label = _largest_need(model, stages, quantized, len(wanted), tokens, options.batch_size, device_type)
+    menu = {f for formats in wanted.values() for f in formats.values()}
+    worst, label = _largest_need(model, stages, quantized, len(wanted), tokens, options.batch_size, device_type,
+                                 formats=max(len(menu), 1))
     if worst > cap:
         gb = 1e9
         raise StreamingUnsupported(
@@ -291,16 +293,17 @@ def variants_need(path, formats, *, variants: int, dtype: torch.dtype = torch.bf
     stages = stages_of(model, infos, lm_head)
     quantized = {i.name for i in infos if _reason(model, i, lm_head, list(formats)) is None}
     return _largest_need(model, stages, quantized, variants, batch_size * seq_len, batch_size,
-                         torch.device(device).type)
+                         torch.device(device).type, formats=len(list(formats)))
 
 
 def _largest_need(model, stages, quantized: set, variants: int, tokens: int, batch_size: int,
-                  device_type: str) -> tuple[int, str]:
-    """(bytes, label) of the stage that holds the most: its weights, packed 4-bit copies and work space (the
-    bitsandbytes round trip of its largest quantized Linear, or one batch's activations) and, at the head, one
-    batch of normed hidden states per variant and one chunk's comparison (about the head's weight bytes:
-    :func:`analysis.stream_head.chunk_tokens`). Nothing is measured here: unlike the analysis' :func:`stage_need`,
-    no input statistics and no description of the stage's other weights (a tied embedding's row chunks)."""
+                  device_type: str, formats: int = 1) -> tuple[int, str]:
+    """(bytes, label) of the stage that holds the most: its weights, the packed 4-bit copies of its quantized
+    Linears (one per format) and their de-quantized copies (all set at once while a variant's batches run), and
+    the work space (the bitsandbytes round trip of its largest quantized Linear, or one batch's activations) and,
+    at the head, one batch of normed hidden states per variant and one chunk's comparison (about the head's
+    weight bytes: :func:`analysis.stream_head.chunk_tokens`). Nothing is measured here: unlike the analysis'
+    :func:`stage_need`, no input statistics and no description of the stage's other weights."""
     hidden = getattr(model.config.get_text_config(), "hidden_size", 0)
     params = dict(model.named_parameters(remove_duplicate=False))
     worst, label = 0, ""
@@ -308,10 +311,11 @@ def _largest_need(model, stages, quantized: set, variants: int, tokens: int, bat
         head = stage.kind == "head"
         mine = [n for n in stage.linears if n in quantized]
         weights = stage_bytes(model, stage.params)
-        packed = stage_bytes(model, [n + ".weight" for n in mine]) // 4  # the QuantCache's packed 4-bit copies
+        restored = stage_bytes(model, [n + ".weight" for n in mine])  # QuantCache.set_quantized: every one at once
+        packed = restored // 4 * formats  # the QuantCache's packed 4-bit copies, per (module, format)
         roundtrip = max((measure_work_bytes(params[n + ".weight"].numel(), device_type) for n in mine), default=0)
         activations = stage_need(model, [], [], tokens, batch_size, head=head, device_type=device_type)["work"]
-        total = weights + packed + max(roundtrip, activations)
+        total = weights + restored + packed + max(roundtrip, activations)
         if head:
             total += variants * tokens * hidden * 4 + weights
         if total > worst:

@@ -19,10 +19,11 @@ stream_head = importlib.import_module("quantplan.analysis.stream_head")
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_chunked_head_gives_the_whole_batch_table(monkeypatch, tie):
-    """Same Fisher table, every column (lm_head's input sample included), as the whole-batch loss."""
+    """Same Fisher table, every column (lm_head's input sample included), as the whole-batch loss, in many chunks."""
     model = tiny_llama(layers=2, tie=tie, vocab=512)
     calibration = random_calibration(samples=6, vocab=512)
     assert plain_head(model)
+    monkeypatch.setattr(stream_head, "MIN_CHUNK_BYTES", 0)  # chunks of the head's weight bytes: 4 tokens here
     chunked = analyze(model, calibration, [NF4], batch_size=4, progress=False, fisher=True)
     monkeypatch.setattr(analyze_module, "plain_head", lambda model: False)
     whole = analyze(model, calibration, [NF4], batch_size=4, progress=False, fisher=True)
@@ -52,12 +53,15 @@ def test_no_batch_times_vocabulary_logits_in_memory(monkeypatch):
     assert max(rows) == 16 and sum(rows) == 4 * 32
 
 
-def test_a_head_with_logit_soft_capping_keeps_the_whole_batch_loss_and_does_not_stream():
+@pytest.mark.parametrize(("setting", "value"), [("final_logit_softcapping", 30.0), ("lm_head_multiplier", 0.04),
+                                              ("unpadded_vocab_size", 200)])
+def test_a_head_that_changes_its_logits_keeps_the_whole_batch_loss_and_does_not_stream(setting, value):
+    """Gemma-2's soft-capping, Falcon-H1's muP multiplier, Inkling's cut to the real vocabulary: after lm_head."""
     model = tiny_llama(layers=1)
-    model.config.final_logit_softcapping = 30.0  # Gemma-2's: logits = 30 tanh(lm_head(h) / 30)
+    setattr(model.config, setting, value)
     assert not plain_head(model)
-    with pytest.raises(StreamingUnsupported, match="final_logit_softcapping=30.0.*without --max-memory"):
+    with pytest.raises(StreamingUnsupported, match=f"{setting}={value}.*without --max-memory"):
         refuse_logit_transforms(model)
-    model.config.final_logit_softcapping = None
+    setattr(model.config, setting, None)
     assert plain_head(model)
     refuse_logit_transforms(model)

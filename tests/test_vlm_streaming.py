@@ -147,7 +147,7 @@ def test_streamed_one_stack_towers_equal_the_in_memory_table(arch, tmp_path):
 
 
 @pytest.mark.parametrize(("arch", "layer", "emitted", "unreached"), [
-    ("llava", -2, [0], [1]),  # LLaVA-1.5: block 0's output (hidden state 1), the last block feeds no loss
+    ("llava", -2, [2], [3]),  # LLaVA-1.5: block 2's output (hidden state 3), the last block feeds no loss
     ("llava", [-2, -3], [1, 2], [3]),  # four blocks: hidden states 3 and 2 concatenated, CLS dropped from each
     ("llava_pixtral", [-1, -3], [1], []),  # the last block's output beside block 1's, select strategy "full"
 ])
@@ -159,7 +159,7 @@ def test_streamed_llava_reading_other_vision_layers_equals_the_in_memory_table(a
     from quantplan.analysis.stream_stages import stages_of
     from quantplan.analysis.stream_weights import skeleton
 
-    folder = save_tiny_vlm(arch, tmp_path / arch, layers=2 if layer == -2 else 4, feature_layer=layer)
+    folder = save_tiny_vlm(arch, tmp_path / arch, layers=4, feature_layer=layer)
     model = skeleton(folder, torch.bfloat16)
     blocks = [s for s in stages_of(model, [], "lm_head") if s.kind.value == "vision block"]
     assert [s.index for s in blocks if s.emits] == emitted  # the test reaches the carried path

@@ -211,7 +211,7 @@ while True:
     peak = max(peak, value)
     if ready:
         command = os.read(0, 1)
-        if not command:
+        if not command or command == b"q":
             break
         if command == b"r":
             peak = value
@@ -236,7 +236,8 @@ class AnonPeak:
             return None
         try:
             child = subprocess.Popen([sys.executable, "-I", "-S", "-c", _SAMPLER, str(os.getpid()), str(interval)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                     start_new_session=True)  # a Ctrl-C of the run does not kill the sampler
         except OSError:
             return None
         return cls(child)
@@ -252,10 +253,15 @@ class AnonPeak:
     def stop(self) -> None:
         """End the sampling process."""
         try:
+            self._child.stdin.write(b"q")  # quit, even where a forked process still holds the pipe open
             self._child.stdin.close()
         except OSError:
             pass
-        self._child.wait()
+        try:
+            self._child.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
+            self._child.wait()
         self._child.stdout.close()
 
     def _ask(self, command: bytes) -> int | None:
