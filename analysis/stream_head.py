@@ -6,8 +6,9 @@ float32 copy; × Gemma-3's 262 144: ~1 GB). Here the logits exist for one chunk 
 time, sized so the chunk's work space is about the head's own weight bytes (:func:`chunk_tokens`):
 the memory is then set by the weights, not by the vocabulary × the batch. The streamed analysis
 runs its head stage so; in memory, :func:`chunked_loss_backward` runs the base model with its graph
-and the head in chunks, for every model whose logits are plain ``lm_head(last hidden state)``
-(:func:`plain_head`; others keep :func:`analysis.fisher.loss_backward`, and do not stream).
+and the head in chunks of at least :data:`MIN_CHUNK_BYTES` of work (:func:`memory_chunk_tokens`), for every
+model whose logits are plain ``lm_head(last hidden state)`` (:func:`plain_head`; others keep
+:func:`analysis.fisher.loss_backward`, and do not stream).
 
 The loss is the one :mod:`analysis.fisher` backpropagates in memory, the same numbers in
 pieces: each position's target is drawn from the model's own next-token distribution at the
