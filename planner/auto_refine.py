@@ -63,5 +63,5 @@ def recovery_share(verified: Plan) -> float | None:
     all_4bit = record.calibration_kld[record.all_4bit]
     if all_4bit <= 0:
         return None
-    measured = 1 - record.calibration_kld["plan"] / all_4bit
+    measured = 1 - record.plan_kld / all_4bit
     return measured / (1 - predicted.error / predicted.error_all_4bit)

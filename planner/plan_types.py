@@ -169,6 +169,12 @@ class Verification:
     tokens: int
     all_4bit: str  # the label of the all-4-bit variant
     chosen: str  # the label of the variant shipped
+    plans: tuple[str, ...] = ("plan",)  # labels of the planned candidates (the plan, its single-format siblings)
+
+    @property
+    def plan_kld(self) -> float:
+        """The measured calibration KL of the planned candidate that ships (the plan's when a heuristic won)."""
+        return self.calibration_kld[self.chosen if self.chosen in self.plans else self.plans[0]]
 
 
 @dataclass(frozen=True)
@@ -189,7 +195,8 @@ class Checks:
         refinement = data.get("refinement")
         verification = data.get("verification")
         return cls(Refinement.from_dict(refinement) if refinement is not None else None,
-                   Verification(**verification) if verification is not None else None)
+                   Verification(**{**verification, "plans": tuple(verification.get("plans", ("plan",)))})
+                   if verification is not None else None)
 
 
 @dataclass(frozen=True)

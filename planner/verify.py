@@ -5,8 +5,10 @@ Scores predict; this checks. In the 16-bit model, with bitsandbytes' round trip 
 (:class:`analysis.simulate.QuantCache`), the mean next-token KL divergence on the calibration
 batches is measured for all-4-bit (what a plain ``BitsAndBytesConfig`` load gives), the plan,
 and the heuristic alternatives at the plan's bytes (first+last layers, largest weight error;
-:mod:`planner.baselines`). If the plan's KL is not below all-4-bit's, the planner says so and
-returns the alternative with the lowest KL below all-4-bit's, or all-4-bit itself. The
+:mod:`planner.baselines`); for a plan over a blocksize menu, also the plans at the same budget with one
+format of the menu each (:func:`single_format_siblings`), and the lowest-KL planned candidate ships. If
+none beats all-4-bit, the planner says so and returns the alternative with the lowest KL below
+all-4-bit's, or all-4-bit itself. The
 measurements go into ``plan.checks.verification`` (``plan.json``). Cost: one forward pass
 per variant over at most ``max_batches`` calibration batches, plus the 16-bit logits, less the
 leading decoder layers a variant shares with the 16-bit run or an earlier variant; the
@@ -44,11 +46,13 @@ KLMeasure = Callable[[Mapping[str, Mapping]], VariantKLs]
 
 def verify(table, chosen: Plan, model=None, calibration=None, *, batch_size: int = 4, max_batches: int | None = None,
            reference: KLReference | None = None, cache: QuantCache | None = None, progress: bool = True,
-           measure: KLMeasure | None = None) -> Plan:
+           measure: KLMeasure | None = None, siblings: Mapping[str, Plan] | None = None) -> Plan:
     """``chosen`` with its verification recorded, or the best measured alternative (see module docstring).
 
     ``measure`` runs the KL measurement; without it, ``model`` (16-bit, loaded) and ``calibration``
-    (or ``reference`` and ``cache``) measure it in memory.
+    (or ``reference`` and ``cache``) measure it in memory. ``siblings`` (label -> plan at the same
+    budget with one 4-bit format of the menu: :func:`single_format_siblings`) are measured beside the plan
+    and the lowest-KL planned candidate ships.
     """
     if any(chosen.format_of(t).get("bits") != 4 for t in chosen.tiers):  # the simulation knows 4-bit only
         print("quantplan: the end-to-end check simulates 4-bit formats only: skipped for a multi-tier plan with an 8-bit tier")
@@ -60,19 +64,28 @@ def verify(table, chosen: Plan, model=None, calibration=None, *, batch_size: int
         measure = InMemoryKLs(reference, cache or QuantCache(reference.model, format_from_dict(chosen.quant)))
     tier = chosen.tiers[0]
     nothing = all_4bit(table, tier)
+    siblings = dict(siblings or {})
     variants = {nothing.label: nothing, PLAN: plan_keep_set(table, chosen)}
+    variants.update({label: plan_keep_set(table, sibling) for label, sibling in siblings.items()})
     if not chosen.vllm_safe:  # the heuristics do not know fused groups
         variants.update({k.label: k for k in baseline_keep_sets(table, chosen, seeds=())})
     measured = measure({label: {n: keep.formats.get(n) for n in sorted(keep.quantized)}
                         for label, keep in variants.items()})
     kld = measured.kld
-    winner = choose(kld, PLAN, nothing.label)
-    record = Verification(calibration_kld=kld, tokens=measured.tokens, all_4bit=nothing.label, chosen=winner)
-    if winner == PLAN:
-        if progress:
+    plans = (PLAN, *siblings)
+    winner = choose(kld, plans, nothing.label)
+    record = Verification(calibration_kld=kld, tokens=measured.tokens, all_4bit=nothing.label, chosen=winner,
+                          plans=plans)
+    if winner in plans:
+        shipped = siblings.get(winner, chosen)
+        if winner != PLAN:
+            print(f"quantplan: verified on calibration data: at the plan's bytes the {winner.removeprefix(PLAN + ', ')} "
+                  f"plan's KL {kld[winner]:.4f} < the plan's {kld[PLAN]:.4f} (all-4-bit {kld[nothing.label]:.4f} "
+                  "nats/token): it ships")
+        elif progress:
             print(f"quantplan: verified on calibration data: the plan's KL {kld[PLAN]:.4f} < all-4-bit "
                   f"{kld[nothing.label]:.4f} nats/token")
-        return replace(chosen, checks=replace(chosen.checks, verification=record))
+        return replace(shipped, checks=replace(chosen.checks, verification=record))
     print(f"quantplan: the plan's calibration KL {kld[PLAN]:.4f} is not below all-4-bit's {kld[nothing.label]:.4f} "
           f"nats/token: falling back to {winner} ({kld[winner]:.4f}). Try more or other calibration data "
           f"(--calib), --refine, or another --objective.")
@@ -81,9 +94,31 @@ def verify(table, chosen: Plan, model=None, calibration=None, *, batch_size: int
     return replace(fallback, checks=replace(chosen.checks, verification=record))
 
 
-def choose(kld: dict[str, float], plan_label: str, all_4bit_label: str) -> str:
-    """The plan if its KL is below all-4-bit's, else the lowest-KL variant below all-4-bit's, else all-4-bit."""
-    if kld[plan_label] < kld[all_4bit_label]:
-        return plan_label
-    better = {label: v for label, v in kld.items() if label != plan_label and v < kld[all_4bit_label]}
+def choose(kld: dict[str, float], plans: tuple[str, ...], all_4bit_label: str) -> str:
+    """The lowest-KL planned candidate (``plans``: the plan first, then its siblings; the plan on a tie) if it is
+    below all-4-bit's, else the lowest-KL variant below all-4-bit's, else all-4-bit."""
+    best = min(plans, key=lambda label: kld[label])  # min keeps the first of equal values: the plan
+    if kld[best] < kld[all_4bit_label]:
+        return best
+    better = {label: v for label, v in kld.items() if label not in plans and v < kld[all_4bit_label]}
     return min(better, key=better.get) if better else all_4bit_label
+
+
+def single_format_siblings(table, chosen: Plan, plan_with_tiers: Callable[[tuple[str, ...]], Plan]) -> dict[str, Plan]:
+    """The plans at ``chosen``'s budget that use one 4-bit format of its menu each (label -> plan), leaving out
+    any that makes the very same choices as ``chosen`` or an earlier sibling; none for a single-format plan.
+
+    The table's scores rank the menu's formats against 16-bit keeps to first order; at equal bytes a
+    uniform format can measure better (on SmolLM2 at +10 % blocksize 32 everywhere + keeps beat the
+    menu plan on held-out text: benchmarks/README.md), so the verification measures these too and the
+    lowest calibration KL ships (one more forward per sibling over the verification's batches).
+    """
+    if len(chosen.tiers) < 2:
+        return {}
+    seen, siblings = [chosen.choices], {}
+    for tier in chosen.tiers:
+        sibling = plan_with_tiers((tier,))
+        if sibling.choices not in seen:
+            seen.append(sibling.choices)
+            siblings[f"{PLAN}, {tier} only"] = sibling
+    return siblings

@@ -116,7 +116,14 @@ def _stream_need(source: ModelSource, config: AnalyzeConfig) -> tuple[int | None
 
 
 #: streams a streamed verification carries: the 16-bit reference, all-4-bit, the plan, two heuristic baselines
+#: (plus one single-format sibling per 4-bit format of a menu: :func:`verify_variants`)
 VERIFY_VARIANTS = 5
+
+
+def verify_variants(formats) -> int:
+    """Streams of the streamed verification for an analysis of ``formats`` (a menu adds its single-format plans)."""
+    four_bit = [f for f in formats if f.bits == 4]
+    return VERIFY_VARIANTS + (len(four_bit) if len(four_bit) > 1 else 0)
 
 
 def check_streamed_run_fits(source: ModelSource, config: AnalyzeConfig, *, verify: bool, compare=None) -> None:
@@ -131,7 +138,8 @@ def check_streamed_run_fits(source: ModelSource, config: AnalyzeConfig, *, verif
     cap = parse_size(config.max_memory)
     checks = []
     if verify:
-        checks.append(("streamed end-to-end check", VERIFY_VARIANTS, config.batch_size, config.seq_len))
+        checks.append(("streamed end-to-end check", verify_variants(config.format_values()), config.batch_size,
+                       config.seq_len))
     if compare is not None:  # 16-bit, all-4-bit, the plan, two heuristics, the random seeds
         checks.append(("streamed fidelity scoreboard", 5 + len(compare.seed_values), compare.batch_size,
                        compare.seq_len))

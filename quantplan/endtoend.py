@@ -53,7 +53,7 @@ class EndToEnd:
         from quantplan.analysis.simulate import QuantCache
 
         if analyze.max_memory:
-            return self._verify_streamed(source, analyze, table, chosen)
+            return self._verify_streamed(source, analyze, table, chosen, siblings_of(table, budget, config, chosen))
         if shared is not None and shared.serves(analyze.dtype, analyze.device):
             model = shared.get()
         else:
@@ -69,7 +69,7 @@ class EndToEnd:
         return chosen
 
     def _verify_streamed(self, source: ModelSource, analyze: AnalyzeConfig, table: SensitivityTable,
-                         chosen: Plan) -> Plan:
+                         chosen: Plan, siblings: dict[str, Plan]) -> Plan:
         """The verification under ``analyze.max_memory``: each variant's KL measured block by block from disk."""
         from quantplan.analysis.formats import format_from_dict
         from quantplan.analysis.stream_variants import StreamedKLs, StreamOptions
@@ -82,7 +82,7 @@ class EndToEnd:
                                 progress=analyze.progress)
         measure = StreamedKLs(source.path, calibration_of(source, analyze), format_from_dict(chosen.quant), options)
         with stage("verification (streamed)"):
-            return verify(table, chosen, measure=measure, progress=analyze.progress)
+            return verify(table, chosen, measure=measure, progress=analyze.progress, siblings=siblings)
 
     def run_checks(self, table: SensitivityTable, budget, config: PlanConfig, model, calibration, *, reference,
                    cache, progress: bool = True) -> Plan:
@@ -99,7 +99,8 @@ class EndToEnd:
         if not self.verify:
             return chosen
         with stage("verification"):
-            chosen = verify(table, chosen, model, calibration, **shared)
+            chosen = verify(table, chosen, model, calibration, siblings=siblings_of(table, budget, config, chosen),
+                            **shared)
         if self.refine is None:
             chosen = self.refine_if_broken(table, budget, config, chosen, model, calibration, shared)
         return chosen
@@ -125,6 +126,13 @@ class EndToEnd:
               f"{'' if record.shipped else ' (not better: the first plan ships)'}; --refine 0 turns this off")
         winner = refined if record.shipped else verified
         return replace(winner, checks=replace(winner.checks, refinement=record))
+
+
+def siblings_of(table: SensitivityTable, budget, config: PlanConfig, chosen: Plan) -> dict[str, Plan]:
+    """The single-format plans the verification measures beside a menu plan (:func:`planner.verify.single_format_siblings`)."""
+    from quantplan.planner.verify import single_format_siblings
+
+    return single_format_siblings(table, chosen, lambda tiers: replace(config, tiers=tiers).plan(table, budget))
 
 
 def shipped_kld(verified: Plan) -> float:

@@ -6,12 +6,14 @@ import pytest
 from tiny import random_calibration, tiny_llama
 
 from quantplan.analysis import INT8, NF4, analyze
-from quantplan.analysis.reference import KLReference, calibration_kld
+from quantplan.analysis.formats import NF4_BS32
+from quantplan.analysis.reference import KLReference, VariantKLs, calibration_kld
 from quantplan.analysis.simulate import QuantCache
 from quantplan.planner import KEEP, plan
 from quantplan.planner.baselines import all_4bit, plan_keep_set
+from quantplan.planner.plan_types import Checks
 from quantplan.planner.refine import refine
-from quantplan.planner.verify import choose, verify
+from quantplan.planner.verify import choose, single_format_siblings, verify
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +86,9 @@ def test_verify_falls_back_when_the_plan_is_not_better(job, capsys):
 
 
 def test_choose_never_worse_than_all_4bit():
-    assert choose({"plan": 0.1, "all": 0.2, "edges": 0.05}, "plan", "all") == "plan"
-    assert choose({"plan": 0.3, "all": 0.2, "edges": 0.15, "weight": 0.18}, "plan", "all") == "edges"
-    assert choose({"plan": 0.2, "all": 0.2, "edges": 0.25}, "plan", "all") == "all"
+    assert choose({"plan": 0.1, "all": 0.2, "edges": 0.05}, ("plan",), "all") == "plan"
+    assert choose({"plan": 0.3, "all": 0.2, "edges": 0.15, "weight": 0.18}, ("plan",), "all") == "edges"
+    assert choose({"plan": 0.2, "all": 0.2, "edges": 0.25}, ("plan",), "all") == "all"
 
 
 def test_verify_skips_a_multi_tier_plan(job, capsys):
@@ -95,3 +97,47 @@ def test_verify_skips_a_multi_tier_plan(job, capsys):
     chosen = plan(table, "+30%", tiers=["nf4", "int8"])
     assert verify(table, chosen, model, calibration, **shared) is chosen
     assert "skipped for a multi-tier plan" in capsys.readouterr().out and chosen.checks.verification is None
+
+
+@pytest.fixture(scope="module")
+def menu_job():
+    model = tiny_llama(layers=4, hidden=128, intermediate=256)
+    calibration = random_calibration(samples=8, seq_len=32)
+    table = analyze(model, calibration, [NF4, NF4_BS32], batch_size=4, progress=False, fisher=True)
+    shared = {"reference": KLReference(model, calibration, 4), "cache": QuantCache(model, NF4), "progress": False}
+    return model, calibration, table, shared
+
+
+def test_single_format_siblings_of_a_menu_plan(menu_job):
+    _, _, table, _ = menu_job
+    menu = plan(table, "+10%")
+    siblings = single_format_siblings(table, menu, lambda tiers: plan(table, "+10%", tiers=list(tiers)))
+    assert set(siblings) <= {"plan, nf4 only", "plan, nf4-bs32 only"} and siblings
+    for label, sibling in siblings.items():
+        assert list(sibling.tiers) == [label.split(", ")[1].removesuffix(" only")]
+        assert sibling.choices != menu.choices and sibling.predicted.bytes <= sibling.budget.bytes
+    single = plan(table, "+10%", tiers=["nf4"])
+    assert single_format_siblings(table, single, lambda tiers: pytest.fail("a single-format plan has no siblings")) == {}
+
+
+def test_verify_ships_the_lowest_measured_sibling(menu_job, capsys):
+    model, calibration, table, shared = menu_job
+    menu = plan(table, "+10%")
+    siblings = {"plan, nf4-bs32 only": plan(table, "+10%", tiers=["nf4-bs32"])}
+    real = verify(table, menu, model, calibration, siblings=siblings, **shared)
+    record = real.checks.verification
+    assert record.plans == ("plan", "plan, nf4-bs32 only") and set(record.plans) <= set(record.calibration_kld)
+    lowest = min(record.plans, key=record.calibration_kld.get)
+    assert record.chosen == lowest and record.plan_kld == record.calibration_kld[lowest]
+    expected = siblings.get(lowest, menu)
+    assert real.choices == expected.choices and list(real.tiers) == list(expected.tiers)
+
+    def measure(variants):  # the sibling measures lowest, the plan above all-4-bit: the sibling still ships
+        return VariantKLs({label: {"plan": 0.5, "plan, nf4-bs32 only": 0.1}.get(label, 0.3) for label in variants}, 64)
+
+    shipped = verify(table, menu, measure=measure, siblings=siblings)
+    assert shipped.checks.verification.chosen == "plan, nf4-bs32 only"
+    assert shipped.choices == siblings["plan, nf4-bs32 only"].choices
+    assert "nf4-bs32 only plan's KL 0.1000 < the plan's 0.5000" in capsys.readouterr().out
+    restored = Checks.from_dict(shipped.checks.to_dict()).verification
+    assert restored == shipped.checks.verification and restored.plan_kld == 0.1
