@@ -4,18 +4,18 @@ fall back to the best measured alternative when the plan does not beat plain all
 Scores predict; this checks. In the 16-bit model, with bitsandbytes' round trip swapped in
 (:class:`analysis.simulate.QuantCache`), the mean next-token KL divergence on the calibration
 batches is measured for all-4-bit (what a plain ``BitsAndBytesConfig`` load gives), the plan,
-and the heuristic alternatives at the plan's bytes (first+last layers, largest weight error;
-:mod:`planner.baselines`); for a plan over a blocksize menu, also the plans at the same budget with one
-format of the menu each (:func:`single_format_siblings`), and the lowest-KL planned candidate ships. If
-none beats all-4-bit, the planner says so and returns the alternative with the lowest KL below
-all-4-bit's, or all-4-bit itself. The
-measurements go into ``plan.checks.verification`` (``plan.json``). Cost: one forward pass
-per variant over at most ``max_batches`` calibration batches, plus the 16-bit logits, less the
-leading decoder layers a variant shares with the 16-bit run or an earlier variant; the
-variants are compared batch by batch (:func:`analysis.reference.calibration_klds`), so one
-batch's 16-bit logits are alive at a time. A plan over a
-blocksize menu (several 4-bit formats) is simulated with each module in its planned format; the
-all-4-bit reference and the heuristics use the first tier (blocksize 64).
+and, for a plan over a blocksize menu, the plans at the same budget with one format of the menu
+each (:func:`single_format_siblings`); the lowest-KL planned candidate ships. If none beats
+all-4-bit, the heuristic alternatives at the plan's bytes are measured too (first+last layers,
+largest weight error; :mod:`planner.baselines`), the planner says so and returns the alternative
+with the lowest KL below all-4-bit's, or all-4-bit itself. The measurements go into
+``plan.checks.verification`` (``plan.json``). Cost: one forward pass per variant (all-4-bit, the
+plan, its siblings; the heuristics only after a failed check) over at most ``max_batches``
+calibration batches, plus the 16-bit logits, less the leading decoder layers a variant shares with
+the 16-bit run or an earlier variant; the variants are compared batch by batch
+(:func:`analysis.reference.calibration_klds`), so one batch's 16-bit logits are alive at a time.
+A plan over a blocksize menu (several 4-bit formats) is simulated with each module in its planned
+format; the all-4-bit reference and the heuristics use the first tier (blocksize 64).
 
 The KL measurement is injected (``measure``: variants -> :class:`analysis.reference.VariantKLs`):
 in a loaded model by default (:class:`analysis.reference.InMemoryKLs`), or block by block from
@@ -67,12 +67,14 @@ def verify(table, chosen: Plan, model=None, calibration=None, *, batch_size: int
     siblings = dict(siblings or {})
     variants = {nothing.label: nothing, PLAN: plan_keep_set(table, chosen)}
     variants.update({label: plan_keep_set(table, sibling) for label, sibling in siblings.items()})
-    if not chosen.vllm_safe:  # the heuristics do not know fused groups
-        variants.update({k.label: k for k in baseline_keep_sets(table, chosen, seeds=())})
-    measured = measure({label: {n: keep.formats.get(n) for n in sorted(keep.quantized)}
-                        for label, keep in variants.items()})
-    kld = measured.kld
+    measured = measure(_configs(variants))
+    kld = dict(measured.kld)
     plans = (PLAN, *siblings)
+    if kld[min(plans, key=kld.get)] >= kld[nothing.label] and not chosen.vllm_safe:
+        # no planned candidate beats all-4-bit: measure the fallbacks (the heuristics do not know fused groups)
+        fallbacks = {k.label: k for k in baseline_keep_sets(table, chosen, seeds=())}
+        variants.update(fallbacks)
+        kld.update(measure(_configs(fallbacks)).kld)
     winner = choose(kld, plans, nothing.label)
     record = Verification(calibration_kld=kld, tokens=measured.tokens, all_4bit=nothing.label, chosen=winner,
                           plans=plans)
@@ -92,6 +94,11 @@ def verify(table, chosen: Plan, model=None, calibration=None, *, batch_size: int
     reason = Reason(ReasonKind.FALLBACK, f"{winner} (measured calibration KL {kld[winner]:.4g} vs plan {kld[PLAN]:.4g})")
     fallback = replan_keeping(table, chosen, variants[winner].kept, reason)
     return replace(fallback, checks=replace(chosen.checks, verification=record))
+
+
+def _configs(variants) -> dict[str, dict]:
+    """label -> module -> its 4-bit format (None: the plan's), what a KL measurement takes."""
+    return {label: {n: keep.formats.get(n) for n in sorted(keep.quantized)} for label, keep in variants.items()}
 
 
 def choose(kld: dict[str, float], plans: tuple[str, ...], all_4bit_label: str) -> str:

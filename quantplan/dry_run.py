@@ -115,9 +115,10 @@ def _stream_need(source: ModelSource, config: AnalyzeConfig) -> tuple[int | None
     return need["total"], label
 
 
-#: streams a streamed verification carries: the 16-bit reference, all-4-bit, the plan, two heuristic baselines
-#: (plus one single-format sibling per 4-bit format of a menu: :func:`verify_variants`)
-VERIFY_VARIANTS = 5
+#: streams a streamed verification carries at once: the 16-bit reference, all-4-bit and the plan (plus one
+#: single-format sibling per 4-bit format of a menu), or, after a failed check, the reference and the two
+#: heuristic baselines (:func:`verify_variants`)
+VERIFY_VARIANTS = 3
 
 
 def verify_variants(formats) -> int:

@@ -70,7 +70,7 @@ def test_verify_keeps_a_plan_that_beats_all_4bit(job):
     assert checked.choices == chosen.choices and checked.reasons == chosen.reasons and record.chosen == "plan"
     assert chosen.checks.verification is None  # plans are frozen: verify returns a copy with its check
     assert record.calibration_kld["plan"] < record.calibration_kld["all-NF4"]
-    assert {"first+last layers @ +30%", "weight error @ +30%"} <= set(record.calibration_kld)
+    assert not {"first+last layers @ +30%", "weight error @ +30%"} & set(record.calibration_kld)  # measured on failure
 
 
 def test_verify_falls_back_when_the_plan_is_not_better(job, capsys):
@@ -81,6 +81,7 @@ def test_verify_falls_back_when_the_plan_is_not_better(job, capsys):
     assert "is not below all-4-bit's" in capsys.readouterr().out
     record = checked.checks.verification
     assert record.chosen == "all-NF4"
+    assert {"first+last layers @ +0%", "weight error @ +0%"} <= set(record.calibration_kld)  # fallbacks measured
     assert set(checked.kept) == set(all_4bit(table, "nf4").kept)
     assert all(c in (KEEP, "nf4") for c in checked.choices.values())
 
