@@ -53,7 +53,7 @@ class EndToEnd:
         from quantplan.analysis.simulate import QuantCache
 
         if analyze.max_memory:
-            return self._verify_streamed(source, analyze, table, chosen, siblings_of(table, budget, config, chosen))
+            return self._verify_streamed(source, analyze, table, chosen, siblings_of(table, config, chosen))
         if shared is not None and shared.serves(analyze.dtype, analyze.device):
             model = shared.get()
         else:
@@ -99,7 +99,7 @@ class EndToEnd:
         if not self.verify:
             return chosen
         with stage("verification"):
-            chosen = verify(table, chosen, model, calibration, siblings=siblings_of(table, budget, config, chosen),
+            chosen = verify(table, chosen, model, calibration, siblings=siblings_of(table, config, chosen),
                             **shared)
         if self.refine is None:
             chosen = self.refine_if_broken(table, budget, config, chosen, model, calibration, shared)
@@ -128,11 +128,16 @@ class EndToEnd:
         return replace(winner, checks=replace(winner.checks, refinement=record))
 
 
-def siblings_of(table: SensitivityTable, budget, config: PlanConfig, chosen: Plan) -> dict[str, Plan]:
-    """The single-format plans the verification measures beside a menu plan (:func:`planner.verify.single_format_siblings`)."""
+def siblings_of(table: SensitivityTable, config: PlanConfig, chosen: Plan) -> dict[str, Plan]:
+    """The single-format plans the verification measures beside a menu plan (:func:`planner.verify.single_format_siblings`),
+    each under the plan's own byte budget."""
     from quantplan.planner.verify import single_format_siblings
 
-    return single_format_siblings(table, chosen, lambda tiers: replace(config, tiers=tiers).plan(table, budget))
+    def plan_with(tiers):  # the plan's own byte budget (a relative one would be relative to the sibling's tier)
+        sibling = replace(config.weights_only(), tiers=tiers).plan(table, chosen.budget.bytes)
+        return replace(sibling, budget=chosen.budget, device=chosen.device)
+
+    return single_format_siblings(table, chosen, plan_with)
 
 
 def shipped_kld(verified: Plan) -> float:

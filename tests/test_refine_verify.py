@@ -9,8 +9,10 @@ from quantplan.analysis import INT8, NF4, analyze
 from quantplan.analysis.formats import NF4_BS32
 from quantplan.analysis.reference import KLReference, VariantKLs, calibration_kld
 from quantplan.analysis.simulate import QuantCache
+from quantplan.endtoend import siblings_of
 from quantplan.planner import KEEP, plan
 from quantplan.planner.baselines import all_4bit, plan_keep_set
+from quantplan.planner.config import PlanConfig
 from quantplan.planner.plan_types import Checks
 from quantplan.planner.refine import refine
 from quantplan.planner.verify import choose, single_format_siblings, verify
@@ -112,11 +114,12 @@ def menu_job():
 def test_single_format_siblings_of_a_menu_plan(menu_job):
     _, _, table, _ = menu_job
     menu = plan(table, "+10%")
-    siblings = single_format_siblings(table, menu, lambda tiers: plan(table, "+10%", tiers=list(tiers)))
+    siblings = siblings_of(table, PlanConfig(), menu)
     assert set(siblings) <= {"plan, nf4 only", "plan, nf4-bs32 only"} and siblings
     for label, sibling in siblings.items():
         assert list(sibling.tiers) == [label.split(", ")[1].removesuffix(" only")]
-        assert sibling.choices != menu.choices and sibling.predicted.bytes <= sibling.budget.bytes
+        assert sibling.choices != menu.choices and sibling.budget == menu.budget  # the same bytes, not "+10 %" of its own tier
+        assert sibling.predicted.bytes <= menu.budget.bytes
     single = plan(table, "+10%", tiers=["nf4"])
     assert single_format_siblings(table, single, lambda tiers: pytest.fail("a single-format plan has no siblings")) == {}
 
@@ -124,7 +127,7 @@ def test_single_format_siblings_of_a_menu_plan(menu_job):
 def test_verify_ships_the_lowest_measured_sibling(menu_job, capsys):
     model, calibration, table, shared = menu_job
     menu = plan(table, "+10%")
-    siblings = {"plan, nf4-bs32 only": plan(table, "+10%", tiers=["nf4-bs32"])}
+    siblings = {"plan, nf4-bs32 only": siblings_of(table, PlanConfig(), menu)["plan, nf4-bs32 only"]}
     real = verify(table, menu, model, calibration, siblings=siblings, **shared)
     record = real.checks.verification
     assert record.plans == ("plan", "plan, nf4-bs32 only") and set(record.plans) <= set(record.calibration_kld)
