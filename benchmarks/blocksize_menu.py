@@ -7,6 +7,9 @@ over all-NF4 at blocksize 64) the rows are
 - ``skip-list only (nf4)``: today's plan, blocksize 64 + 16-bit keeps (``--tiers nf4``);
 - ``menu (nf4 + nf4-bs32)``: the exact knapsack over {nf4, nf4-bs32, 16-bit} per module;
 - ``bs32 everywhere + keeps``: ``--tiers nf4-bs32`` at the same bytes as the skip-list plan;
+- ``shipped by quantplan run``: the menu plan after the verification on the calibration batches, which
+  measures it beside its single-format siblings at the same bytes and ships the lowest calibration KL
+  (``--no-verify`` skips this row);
 
 each simulated with bitsandbytes' round trip in its planned format per module, measured as the
 mean next-token KL divergence vs 16-bit on the shipped held-out text (disjoint from calibration);
@@ -44,9 +47,12 @@ from plan_quality import _machine, _timed  # noqa: E402
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
 from quantplan.analysis.formats import NF4_BS32  # noqa: E402
 from quantplan.analysis.models import DTYPES  # noqa: E402
+from quantplan.analysis.reference import KLReference  # noqa: E402
 from quantplan.analysis.simulate import QuantCache  # noqa: E402
+from quantplan.endtoend import EndToEnd  # noqa: E402
 from quantplan.planner import plan  # noqa: E402
 from quantplan.planner.baselines import all_4bit, plan_keep_set  # noqa: E402
+from quantplan.planner.config import PlanConfig  # noqa: E402
 from quantplan.reports.fidelity import heldout_reference, measure_variants  # noqa: E402
 
 BUDGETS = ("+10%", "+33%")
@@ -59,6 +65,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=16, help="held-out windows of --seq-len tokens")
     parser.add_argument("--no-cost", action="store_true", help="skip the timed one-format analysis")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the row of what quantplan run ships (the verification on the calibration batches)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype the model runs in")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocksize_menu.json"))
@@ -90,11 +98,20 @@ def main(argv=None) -> None:
     bs32 = all_4bit(table, "nf4-bs32")
     rows.append(_row("–", "all-NF4, blocksize 32", bs32, float(kld(bs32).mean()), all_nf4, base.bytes, {}))
     print(_line(rows[-1]), flush=True)
+    verified = {}
     for budget in BUDGETS:
         skip_only = plan(table, budget, tiers=["nf4"])
         variants = {"skip-list only (nf4)": skip_only,
                     "menu (nf4 + nf4-bs32)": plan(table, budget),
                     "bs32 everywhere + keeps (same bytes)": plan(table, skip_only.budget.bytes, tiers=["nf4-bs32"])}
+        if args.verify:
+            shipped = EndToEnd(refine=0).run_checks(table, budget, PlanConfig(), model, calibration,
+                                                    reference=KLReference(model, calibration, 4),
+                                                    cache=QuantCache(model, NF4), progress=False)
+            record = shipped.checks.verification
+            verified[budget] = {"calibration_kld": record.calibration_kld, "chosen": record.chosen,
+                                "tokens": record.tokens}
+            variants[f"shipped by `quantplan run` (verification chose: {record.chosen})"] = shipped
         skip_kld = None
         for label, p in variants.items():
             keep = plan_keep_set(table, p)
@@ -112,7 +129,8 @@ def main(argv=None) -> None:
         costs["nf4"] = _timed(lambda: analyze(model, calibration, [NF4], **common))[1]
         print("analysis CPU s: " + ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in costs.items()), flush=True)
     summary = {"model": source.model_id, "dtype": args.dtype, "calibration_tokens": calibration.tokens,
-               "heldout_tokens": heldout.tokens, "all_nf4_kld": all_nf4, "analysis": costs, "rows": rows, "machine": _machine()}
+               "heldout_tokens": heldout.tokens, "all_nf4_kld": all_nf4, "analysis": costs, "rows": rows, "verification": verified,
+               "machine": _machine()}
     if "nf4" in costs:
         summary["menu_analysis_cost_over_one_format"] = costs["nf4,nf4-bs32"]["cpu_s"] / costs["nf4"]["cpu_s"] - 1
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,9 @@ def test_blocksize_menu(tmp_path, tiny_model):
     variants = {(row["budget"], row["variant"]) for row in result["rows"]}
     for budget in ("+10%", "+33%"):
         assert {(budget, "skip-list only (nf4)"), (budget, "menu (nf4 + nf4-bs32)")} <= variants
+        shipped = result["verification"][budget]
+        assert (budget, f"shipped by `quantplan run` (verification chose: {shipped['chosen']})") in variants
+        assert shipped["chosen"] in shipped["calibration_kld"]
     for row in result["rows"]:
         assert {"kept", "kld", "recovery", "bytes", "over_all_nf4", "formats"} <= set(row)
 
