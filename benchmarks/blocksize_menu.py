@@ -10,6 +10,7 @@ over all-NF4 at blocksize 64) the rows are
 - ``shipped by quantplan run``: the menu plan after the verification on the calibration batches, which
   measures it beside its single-format siblings at the same bytes and ships the lowest calibration KL
   (``--no-verify`` skips this row);
+- with ``--refine N``: ``quantplan run --refine N``, the refinement over the menu then the same verification;
 
 each simulated with bitsandbytes' round trip in its planned format per module, measured as the
 mean next-token KL divergence vs 16-bit on the shipped held-out text (disjoint from calibration);
@@ -49,6 +50,7 @@ from quantplan.analysis.formats import NF4_BS32  # noqa: E402
 from quantplan.analysis.models import DTYPES  # noqa: E402
 from quantplan.analysis.reference import KLReference  # noqa: E402
 from quantplan.analysis.simulate import QuantCache  # noqa: E402
+from quantplan.analysis.table import SensitivityTable  # noqa: E402
 from quantplan.endtoend import EndToEnd  # noqa: E402
 from quantplan.planner import plan  # noqa: E402
 from quantplan.planner.baselines import all_4bit, plan_keep_set  # noqa: E402
@@ -67,6 +69,11 @@ def main(argv=None) -> None:
     parser.add_argument("--no-cost", action="store_true", help="skip the timed one-format analysis")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the row of what quantplan run ships (the verification on the calibration batches)")
+    parser.add_argument("--refine", type=int, default=0, help="also a row for `quantplan run --refine N` (N rounds)")
+    parser.add_argument("--end-to-end-batches", type=int, default=None,
+                        help="calibration batches the verification and --refine use (quantplan run's option; default all)")
+    parser.add_argument("--table", help="folder to reuse the menu table from (analyzed and saved there if missing; "
+                                        "with --no-cost the run then times nothing)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype the model runs in")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocksize_menu.json"))
@@ -78,9 +85,13 @@ def main(argv=None) -> None:
     model, tokenizer = load_model(source, dtype=DTYPES[args.dtype]), load_processor(source)
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
     common = {"progress": False, "fisher": True, "model_fingerprint": source.fingerprint}
-    table, cost = _timed(lambda: analyze(model, calibration, [NF4, NF4_BS32], **common))
-    costs = {"nf4,nf4-bs32": cost}
-    print(f"menu analysis: CPU {cost['cpu_s']:.1f} s, wall {cost['wall_s']:.1f} s", flush=True)
+    costs = {}
+    if args.table and (Path(args.table) / "sensitivity.json").is_file():
+        table = SensitivityTable.load(args.table)
+    else:
+        table, cost = _timed(lambda: analyze(model, calibration, [NF4, NF4_BS32], out_dir=args.table, **common))
+        costs["nf4,nf4-bs32"] = cost
+        print(f"menu analysis: CPU {cost['cpu_s']:.1f} s, wall {cost['wall_s']:.1f} s", flush=True)
 
     heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
     reference = heldout_reference(model, heldout.input_ids)
@@ -104,14 +115,13 @@ def main(argv=None) -> None:
         variants = {"skip-list only (nf4)": skip_only,
                     "menu (nf4 + nf4-bs32)": plan(table, budget),
                     "bs32 everywhere + keeps (same bytes)": plan(table, skip_only.budget.bytes, tiers=["nf4-bs32"])}
-        if args.verify:
-            shipped = EndToEnd(refine=0).run_checks(table, budget, PlanConfig(), model, calibration,
-                                                    reference=KLReference(model, calibration, 4),
-                                                    cache=QuantCache(model, NF4), progress=False)
-            record = shipped.checks.verification
-            verified[budget] = {"calibration_kld": record.calibration_kld, "chosen": record.chosen,
-                                "tokens": record.tokens}
-            variants[f"shipped by `quantplan run` (verification chose: {record.chosen})"] = shipped
+        checks = {"reference": KLReference(model, calibration, 4, args.end_to_end_batches),
+                  "cache": QuantCache(model, NF4), "progress": False}
+        for rounds in ([0] if args.verify else []) + ([args.refine] if args.refine else []):
+            shipped, record = _end_to_end(rounds, table, budget, model, calibration, checks)
+            verified[budget if not rounds else f"{budget} --refine {rounds}"] = record
+            command = "`quantplan run`" if not rounds else f"`quantplan run --refine {rounds}`"
+            variants[f"shipped by {command} (verification chose: {record['chosen']})"] = shipped
         skip_kld = None
         for label, p in variants.items():
             keep = plan_keep_set(table, p)
@@ -125,17 +135,27 @@ def main(argv=None) -> None:
                 row["vs_skip_list"], row["vs_skip_list_se"] = _paired(per_token - skip_kld, windows)
             rows.append(row)
             print(_line(rows[-1]), flush=True)
-    if not args.no_cost:  # after the rows: the held-out numbers come first on a slow machine
+    if not args.no_cost and costs:  # after the rows: the held-out numbers come first on a slow machine
         costs["nf4"] = _timed(lambda: analyze(model, calibration, [NF4], **common))[1]
         print("analysis CPU s: " + ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in costs.items()), flush=True)
     summary = {"model": source.model_id, "dtype": args.dtype, "calibration_tokens": calibration.tokens,
                "heldout_tokens": heldout.tokens, "all_nf4_kld": all_nf4, "analysis": costs, "rows": rows, "verification": verified,
                "machine": _machine()}
-    if "nf4" in costs:
+    if "nf4" in costs and "nf4,nf4-bs32" in costs:
         summary["menu_analysis_cost_over_one_format"] = costs["nf4,nf4-bs32"]["cpu_s"] / costs["nf4"]["cpu_s"] - 1
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1))
     print(markdown(summary))
+
+
+def _end_to_end(rounds, table, budget, model, calibration, checks):
+    """The plan ``quantplan run`` ships at ``budget`` (``rounds`` of refinement first, as ``--refine``), and what
+    its verification measured."""
+    shipped, cost = _timed(lambda: EndToEnd(refine=rounds).run_checks(table, budget, PlanConfig(), model, calibration,
+                                                                      **checks))
+    record = shipped.checks.verification
+    return shipped, {"calibration_kld": record.calibration_kld, "chosen": record.chosen, "tokens": record.tokens,
+                     **cost}
 
 
 def _row(budget, label, keep, value, all_nf4, bytes_all_nf4, formats) -> dict:

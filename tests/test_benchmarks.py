@@ -84,7 +84,8 @@ def test_plan_quality(tmp_path, tiny_model):
 
 def test_blocksize_menu(tmp_path, tiny_model):
     result = run_benchmark("blocksize_menu.py", tmp_path / "menu.json", "--model", str(tiny_model),
-                           "--samples", "2", "--seq-len", "16", "--heldout", "2", "--threads", "1", "--dtype", "fp32")
+                           "--samples", "2", "--seq-len", "16", "--heldout", "2", "--threads", "1", "--dtype", "fp32",
+                           "--refine", "1", "--end-to-end-batches", "1")
     assert {"all_nf4_kld", "rows", "analysis", "menu_analysis_cost_over_one_format"} <= set(result)
     assert result["dtype"] == "fp32"
     variants = {(row["budget"], row["variant"]) for row in result["rows"]}
@@ -93,6 +94,8 @@ def test_blocksize_menu(tmp_path, tiny_model):
         shipped = result["verification"][budget]
         assert (budget, f"shipped by `quantplan run` (verification chose: {shipped['chosen']})") in variants
         assert shipped["chosen"] in shipped["calibration_kld"]
+        refined = result["verification"][f"{budget} --refine 1"]
+        assert (budget, f"shipped by `quantplan run --refine 1` (verification chose: {refined['chosen']})") in variants
     for row in result["rows"]:
         assert {"kept", "kld", "recovery", "bytes", "over_all_nf4", "formats"} <= set(row)
 
