@@ -193,15 +193,12 @@ def _stop_note(probe, saved: int, total: int, partial: Path | None, err: BaseExc
     if partial and saved and saved == done and not probe.in_batch:
         return (f"calibration pass stopped {where}; partial statistics saved in {partial}: re-run the same "
                 "command with --resume to continue")
-    why = ("its statistics are already mixed into the totals" if probe.in_batch
-           else "stopped at once" if isinstance(err, InterruptNow) else "no output folder")
+    why = "its statistics are already mixed into the totals" if probe.in_batch else "stopped at once"
     if partial and saved:
         return (f"calibration pass stopped {where} ({why}), so nothing new was saved: re-run the same command "
                 f"with --resume to continue after batch {saved}, the last state saved in {partial}")
-    if done == 0:
-        why = "no batch had finished"
-    elif partial:
-        why += "; no state had been saved yet"
+    why = ("no batch had finished" if done == 0 else "no output folder to save to" if not partial
+           else f"{why}; no state had been saved yet")
     return f"calibration pass stopped {where}; nothing was saved ({why}): re-run the same command to start again"
 
 

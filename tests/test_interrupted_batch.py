@@ -55,27 +55,27 @@ def _state(out) -> dict:
     return json.loads((out / "partial" / "state.json").read_text())
 
 
-def _assert_resumes_to_uninterrupted(out):
-    resumed = _run(tiny_llama(), out, resume=True)
+def _assert_resumes_to_uninterrupted(out, fisher=False):
+    resumed = _run(tiny_llama(), out, resume=True, fisher=fisher)
     expected = analyze(tiny_llama(), random_calibration(samples=12, seq_len=SEQ), [NF4], progress=False,
-                       batch_size=BATCH)
+                       batch_size=BATCH, fisher=fisher)
     pd.testing.assert_frame_equal(resumed.df, expected.df)
     assert not (out / "partial").exists()
 
 
-@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_midway_finishes_the_batch_saves_and_resumes(tmp_path, capfd, number):
+@pytest.mark.parametrize(("number", "fisher"), [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_a_signal_midway_finishes_the_batch_saves_and_resumes(tmp_path, capfd, number, fisher):
     model = tiny_llama()
     model.model.layers[0].register_forward_hook(AtBatch(3, _send(number)))
     second = AtBatch(3, lambda: None)
     model.model.layers[1].register_forward_hook(second)
     with pytest.raises(KeyboardInterrupt, match="stopped after 3/6 batches; partial statistics saved.*--resume"):
-        _run(model, tmp_path, checkpoint_seconds=1e9)  # no periodic flush: only the stop saves
+        _run(model, tmp_path, checkpoint_seconds=1e9, fisher=fisher)  # no periodic flush: only the stop saves
     assert second.calls == 3  # the rest of the batch ran after the signal
     assert _state(tmp_path)["batches_done"] == 3
     assert "stopping after the running batch" in capfd.readouterr().err
     assert signal.getsignal(number) in (signal.default_int_handler, signal.SIG_DFL)  # the handlers are put back
-    _assert_resumes_to_uninterrupted(tmp_path)
+    _assert_resumes_to_uninterrupted(tmp_path, fisher)
 
 
 def test_a_second_ctrl_c_stops_at_once_keeping_the_last_flush(tmp_path):
