@@ -10,9 +10,8 @@ interrupted, so ``resume=True`` continues where it stopped.
 from __future__ import annotations
 
 import inspect
-import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .distributed import Shard
 from .endtoend import restore_gains
 from .fisher import GradientProbe, loss_backward
 from .formats import NF4, format_to_dict
+from .interrupts import DeferredInterrupt, InterruptNow
 from .measure import measure_module
 from .memory import non_module_bytes
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
@@ -137,20 +137,29 @@ def _is_tied(model) -> bool:
 
 def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_meta, checkpoint_seconds, progress,
                      full_logits):
-    """The one pass over the calibration batches, flushing partial statistics as it goes."""
+    """The one pass over the calibration batches, flushing partial statistics as it goes.
+
+    Each batch adds straight into the statistics, so a state is saved only between batches: a Ctrl-C or
+    SIGTERM lets the running batch finish, then the state is saved and the interrupt raised
+    (:mod:`analysis.interrupts`); an error midway (or a second Ctrl-C) keeps the last flush, which
+    ``--resume`` continues from.
+    """
     extra = _forward_options(model, full_logits)
     device = model_device(model)
     backward = _fisher_backward(model, probe)
     total = calibration.num_batches(batch_size)
     last_flush = time.monotonic()
+    saved = probe.batches_done  # the batches partial/ holds: a resumed state, then each flush
     grad_context = grads.attached() if grads else nullcontext()
     no_grad = nullcontext() if grads else torch.inference_mode()
+    stop = DeferredInterrupt()
     try:
-        with probe.attached(), grad_context, no_grad, _sigterm_as_interrupt():
+        with probe.attached(), grad_context, no_grad, stop:
             bar = tqdm(total=total, initial=probe.batches_done, desc="calibration batches", disable=not progress)
             for position, (index, batch) in enumerate(_numbered_batches(calibration, batch_size)):
                 if position < probe.batches_done:
                     continue
+                stop.check()
                 probe.start_batch()
                 if grads:
                     grads.start_batch()
@@ -162,21 +171,35 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
                 bar.update(1)
                 if partial and time.monotonic() - last_flush > checkpoint_seconds:
                     probe.save(partial, run_meta, grads.state() if grads else None)
-                    last_flush = time.monotonic()
+                    saved, last_flush = probe.batches_done, time.monotonic()
+            stop.check()
             bar.close()
     except BaseException as err:
-        if partial and probe.batches_done:
+        if partial and not probe.in_batch and not isinstance(err, InterruptNow) and probe.batches_done > saved:
             probe.save(partial, run_meta, grads.state() if grads else None)
-            note = (f"calibration pass stopped after {probe.batches_done}/{total} batches; partial statistics "
-                    f"saved in {partial}: re-run the same command with --resume to continue")
-        else:
-            note = (f"calibration pass stopped after {probe.batches_done}/{total} batches; nothing was saved "
-                    "(no batch had finished): re-run the same command to start again")
+            saved = probe.batches_done
+        note = _stop_note(probe, saved, total, partial, err)
         if isinstance(err, KeyboardInterrupt):  # the caller prints it once (quantplan.cli)
             raise KeyboardInterrupt(note) from err
-        if partial and probe.batches_done:
+        if partial and saved:
             print(f"quantplan: {note} ({type(err).__name__})")
         raise
+
+
+def _stop_note(probe, saved: int, total: int, partial: Path | None, err: BaseException) -> str:
+    """What a stopped calibration pass left on disk and how to go on."""
+    done = probe.batches_done
+    where = f"during batch {done + 1}/{total}" if probe.in_batch else f"after {done}/{total} batches"
+    if partial and saved and saved == done and not probe.in_batch:
+        return (f"calibration pass stopped {where}; partial statistics saved in {partial}: re-run the same "
+                "command with --resume to continue")
+    why = "its statistics are already mixed into the totals" if probe.in_batch else "stopped at once"
+    if partial and saved:
+        return (f"calibration pass stopped {where} ({why}), so nothing new was saved: re-run the same command "
+                f"with --resume to continue after batch {saved}, the last state saved in {partial}")
+    why = ("no batch had finished" if done == 0 else "no output folder to save to" if not partial
+           else f"{why}; no state had been saved yet")
+    return f"calibration pass stopped {where}; nothing was saved ({why}): re-run the same command to start again"
 
 
 def _announce_partial_size(infos, sample_rows: int, fisher: bool, partial: Path) -> None:
@@ -229,23 +252,6 @@ def _forward_options(model, full_logits: bool) -> dict:
     if "logits_to_keep" in params and not full_logits:
         options["logits_to_keep"] = 1  # lm_head is not measured: skip its large matmul
     return options
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    """Treat SIGTERM like Ctrl-C during the pass so partial results get flushed."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _table_meta(model, model_id, fingerprint, calibration, formats, infos, fisher) -> dict:

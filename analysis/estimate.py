@@ -66,8 +66,9 @@ SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "query": "qkv
 class PeakEstimate:
     """Resident bytes of the in-memory analysis (``analyze()``), part by part, from the config alone.
 
-    ``statistics`` is 2 x Σ d_in² x 4 bytes over the distinct Linear inputs: each input's float32
-    Gram matrix plus the ``pending`` copy a running batch fills. ``activations`` is one batch's
+    ``statistics`` is Σ d_in² x 4 bytes over the distinct Linear inputs: each input's float32 Gram
+    matrix, which every batch adds to in place (no second copy), plus its channel max |x| and 256-row
+    sample. ``activations`` is one batch's
     hidden states, attention scores and MLP widths (every layer's, which autograd keeps, with
     Fisher scores) plus its logits when they are made.
     """
@@ -94,7 +95,7 @@ def estimate_peak(model: nn.Module, formats, *, dtype_bytes: int, batch_size: in
     for info in candidates:
         parent, _, leaf = info.name.rpartition(".")
         widths[(parent, SHARED_INPUT.get(leaf, leaf))] = info.in_features
-    statistics = sum(2 * d * d * 4 + 257 * d * 4 for d in widths.values())
+    statistics = sum(d * d * 4 + 257 * d * 4 for d in widths.values())
     unique = {id(p): p for p in model.parameters()}.values()
     weights = sum(p.numel() * (dtype_bytes if p.is_floating_point() else p.element_size()) for p in unique)
     text = model.config.get_text_config()

@@ -30,12 +30,13 @@ from .gram import add_upper, clear_lower, mirror_lower
 class InputStats:
     """Streaming statistics of one input tensor (shared by all Linears fed that tensor).
 
-    A batch first accumulates into ``pending``; :meth:`commit` folds it into the totals once the
-    whole batch has run, so an interruption midway never leaves a half-counted batch behind.
+    Every batch accumulates straight into the totals: no second Gram matrix while a batch runs. A batch
+    that stops midway therefore leaves them half-counted; :class:`InputProbe` knows when it is inside a
+    batch and refuses to save then, so a flushed state never holds part of a batch (the in-memory pass
+    lets a Ctrl-C finish the running batch first, :mod:`analysis.interrupts`; a streamed analysis reruns
+    the whole block).
     The Gram matrix accumulates as its upper block triangle (:mod:`analysis.gram`, half the
     multiply-adds); :meth:`symmetric_gram` mirrors it once before it is read.
-    With ``atomic_batches=False`` (a streamed analysis, whose unit of resumption is a whole block)
-    batches go straight into the totals: no second Gram matrix while a batch runs.
     """
 
     gram: torch.Tensor  # [in, in] float32: Σ xᵀx over finite tokens (upper block triangle unless ``mirrored``)
@@ -43,8 +44,6 @@ class InputStats:
     sample: torch.Tensor | None = None  # [<=sample_rows, in] float32, from the first batch
     tokens: int = 0
     nonfinite_tokens: int = 0
-    pending: dict | None = None
-    atomic_batches: bool = True
     mirrored: bool = False  # the blocks below the diagonal hold their mirror image (see symmetric_gram)
 
     def symmetric_gram(self) -> torch.Tensor:
@@ -55,51 +54,23 @@ class InputStats:
         return self.gram
 
     def update(self, x: torch.Tensor, sample_rows: int) -> None:
+        """Add the finite rows of ``x`` to the totals (Gram matrix, channel max |x|, counts, first sample)."""
         rows = x.reshape(-1, x.shape[-1])
         finite = torch.isfinite(rows).all(dim=1)
-        nonfinite = 0
         if not bool(finite.all()):
-            nonfinite = int((~finite).sum())
+            self.nonfinite_tokens += int((~finite).sum())
             rows = rows[finite]
         rows = rows.float()
         if self.mirrored:  # more tokens after a read: back to the triangle they add to
             clear_lower(self.gram)
             self.mirrored = False
-        if self.pending is None:
-            self.pending = ({"gram": torch.zeros_like(self.gram), "absmax": torch.zeros_like(self.channel_absmax)}
-                            if self.atomic_batches else {"gram": self.gram, "absmax": self.channel_absmax})
-            self.pending.update(tokens=0, nonfinite=0, sample=None)
-        p = self.pending
-        add_upper(p["gram"], rows)
+        add_upper(self.gram, rows)
         if len(rows):
-            torch.maximum(p["absmax"], rows.abs().amax(dim=0), out=p["absmax"])
-        p["tokens"] += len(rows)
-        p["nonfinite"] += nonfinite
-        if self.sample is None and p["sample"] is None and len(rows):
+            torch.maximum(self.channel_absmax, rows.abs().amax(dim=0), out=self.channel_absmax)
+        self.tokens += len(rows)
+        if self.sample is None and len(rows):
             step = max(1, len(rows) // sample_rows)
-            p["sample"] = rows[::step][:sample_rows].detach().cpu().clone()
-
-    def commit(self) -> None:
-        """Fold the finished batch into the totals."""
-        p = self.pending
-        if p is None or (p["tokens"] == 0 and p["nonfinite"] == 0):
-            return
-        if self.atomic_batches:
-            self.gram += p["gram"]
-            torch.maximum(self.channel_absmax, p["absmax"], out=self.channel_absmax)
-        self.tokens += p["tokens"]
-        self.nonfinite_tokens += p["nonfinite"]
-        if self.sample is None:
-            self.sample = p["sample"]
-        self.discard()
-
-    def discard(self) -> None:
-        """Drop a batch that did not finish (without atomic batches, only its counts: the caller reruns the block)."""
-        if self.pending is not None:
-            if self.atomic_batches:
-                self.pending["gram"].zero_()
-                self.pending["absmax"].zero_()
-            self.pending.update(tokens=0, nonfinite=0, sample=None)
+            self.sample = rows[::step][:sample_rows].detach().cpu().clone()
 
 
 @dataclass
@@ -109,10 +80,10 @@ class InputProbe:
     model: nn.Module
     names: list[str]
     sample_rows: int = 256
-    atomic_batches: bool = True  # False: accumulate straight into the totals (see InputStats)
     owner: dict[str, str] = field(default_factory=dict)  # module -> module whose stats it shares
     stats: dict[str, InputStats] = field(default_factory=dict)  # keyed by owner
     batches_done: int = 0
+    in_batch: bool = False  # a batch started and has not finished: the totals hold part of it
 
     def __post_init__(self):
         self._seen: dict[tuple, tuple] = {}
@@ -134,15 +105,14 @@ class InputProbe:
                 h.remove()
 
     def start_batch(self) -> None:
-        """Forget the tensors seen in the previous batch and anything a broken batch left pending."""
+        """A batch begins: forget the tensors seen in the previous one; until :meth:`commit_batch` the totals
+        hold part of a batch and :meth:`save` refuses."""
         self._seen.clear()
-        for s in self.stats.values():
-            s.discard()
+        self.in_batch = True
 
     def commit_batch(self) -> None:
-        """The batch ran to the end: fold its statistics into the totals."""
-        for s in self.stats.values():
-            s.commit()
+        """The batch ran to the end: its statistics are whole in the totals."""
+        self.in_batch = False
         self.batches_done += 1
 
     @contextmanager
@@ -183,7 +153,6 @@ class InputProbe:
             self.stats[name] = InputStats(
                 torch.zeros(width, width, dtype=torch.float32, device=x.device),
                 torch.zeros(width, dtype=torch.float32, device=x.device),
-                atomic_batches=self.atomic_batches,
             )
         self.stats[name].update(x.detach(), self.sample_rows)
         self._seen[key] = (weakref.ref(x), name)
@@ -191,7 +160,12 @@ class InputProbe:
     # -- partial results: flushed on interruption, read back by --resume -------------------
 
     def save(self, folder: Path, meta: dict, extra: dict | None = None) -> None:
-        """Write accumulated state (safetensors) and metadata (json), atomically per file."""
+        """Write accumulated state (safetensors) and metadata (json), atomically per file.
+
+        Only between batches: inside one the totals hold part of it, which a resume would count twice."""
+        if self.in_batch:
+            raise RuntimeError("the probe's statistics hold part of a running batch: save between batches "
+                               "(after commit_batch), so a resume never counts a batch twice")
         folder.mkdir(parents=True, exist_ok=True)
         tensors = dict(extra or {})
         counts = {}

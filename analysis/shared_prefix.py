@@ -9,7 +9,8 @@ variants, a plan keeping early layers) starts where it first differs from the 16
 earlier variant; a variant identical to an earlier one re-runs only the final norm and lm_head.
 
 How: a forward hook keeps a copy of the earlier run's output of layer k-1 (tokens × hidden, this
-batch only); in the later run layers 0..k-1 return that output instead of computing (their
+batch only), only at the layers where a later run forks, and drops it when the last run forking there
+starts: memory holds (distinct fork points still needed) × tokens × hidden; in the later run layers 0..k-1 return that output instead of computing (their
 ``forward`` is swapped for the replay), and the model's own forward does everything else as always
 (embeddings, masks, rotary positions, layers k.., final norm, lm_head). A model whose decoder layers
 are not found (:func:`analysis.stream_stages.layout_of`) runs every variant whole.
@@ -77,8 +78,8 @@ class PrefixRuns:
     """The runs of one model over a batch, each started at its :class:`Fork` (module docstring).
 
     ``configs``: per run, module name -> the format it is round-tripped in (run 0 first, usually the
-    16-bit model: ``{}``). The caller sets each run's weights before :meth:`run`; :meth:`new_batch`
-    forgets the recorded outputs of the previous batch.
+    16-bit model: ``{}``). Per batch the caller runs them in order, each once, setting each run's
+    weights before :meth:`run`; :meth:`new_batch` forgets what the previous batch left.
     """
 
     def __init__(self, model: nn.Module, configs: Sequence[Mapping[str, object]]):
@@ -87,7 +88,8 @@ class PrefixRuns:
         self.forks = plan_forks(configs, lambda name: _index(name, prefix), count)
         self.keep = {i: sorted({f.layer - 1 for f in self.forks if f.layer and f.parent == i})
                      for i in range(len(self.forks))}
-        self.kept: dict[tuple[int, int], object] = {}
+        self.last_use = {(f.parent, f.layer - 1): i for i, f in enumerate(self.forks) if f.layer}  # the last wins
+        self.kept: dict[tuple[int, int], object] = {}  # (run, layer) -> its output, while a later run needs it
 
     def new_batch(self) -> None:
         """Forget the outputs recorded on the previous batch."""
@@ -96,8 +98,8 @@ class PrefixRuns:
     def run(self, index: int, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``forward()`` (the model's forward on this batch, weights set for run ``index``) from its fork on."""
         fork = self.forks[index]
+        replay = self._replay_for(index)
         handles = [self.layers[layer].register_forward_hook(self._keeper(index, layer)) for layer in self.keep[index]]
-        replay = self.kept.get((fork.parent, fork.layer - 1))
         try:
             for layer in range(fork.layer):
                 self.layers[layer].forward = _Replay(replay)
@@ -107,6 +109,17 @@ class PrefixRuns:
                 handle.remove()
             for layer in range(fork.layer):
                 del self.layers[layer].forward
+
+    def _replay_for(self, index: int):
+        """The output run ``index`` starts from (None at layer 0), dropped from :attr:`kept` if no later run needs it."""
+        fork = self.forks[index]
+        if not fork.layer:
+            return None
+        key = (fork.parent, fork.layer - 1)
+        if key not in self.kept:
+            raise RuntimeError(f"run {index} continues run {fork.parent}'s decoder layer {fork.layer - 1}, which has "
+                               "not run on this batch: run the variants in order, each once per batch")
+        return self.kept.pop(key) if self.last_use[key] == index else self.kept[key]
 
     def _keeper(self, index: int, layer: int):
         def keep(module, args, output):

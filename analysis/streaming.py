@@ -125,7 +125,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
         weights.load(model, stage.resident, dtype, device)  # on-load the block
         try:
             outputs = store.output_folder(folders.target)
-            probe = InputProbe(model, measured, atomic_batches=False)  # a block reruns whole
+            probe = InputProbe(model, measured)  # a block that stops midway reruns whole
             grads = GradientProbe(model, measured) if step.direction is Direction.BACKWARD else None
             run_batches(ctx, stage, step, folders, outputs, probe, grads)  # run the batches
             rows[number] = measure_stage(model, stage, infos, probe, grads, formats, reasons) if step.measure else []

@@ -38,7 +38,7 @@ def test_stats_read_between_batches_stay_exact():
     """A read (mirror) between batches, then more tokens: the Gram is still Σ xᵀx of every token."""
     torch.manual_seed(0)
     width = 300
-    stats = InputStats(torch.zeros(width, width), torch.zeros(width), atomic_batches=False)
+    stats = InputStats(torch.zeros(width, width), torch.zeros(width))
     first, second = torch.randn(40, width), torch.randn(24, width)
     stats.update(first, sample_rows=4)
     torch.testing.assert_close(stats.symmetric_gram(), first.T @ first, rtol=1e-5, atol=1e-4)
@@ -84,7 +84,7 @@ def test_a_gram_made_under_inference_mode_is_read_and_extended_outside_it():
     """The calibration pass without Fisher runs under inference mode; the measurement reads outside it."""
     width = 300
     with torch.inference_mode():
-        stats = InputStats(torch.zeros(width, width), torch.zeros(width), atomic_batches=False)
+        stats = InputStats(torch.zeros(width, width), torch.zeros(width))
         first = torch.randn(16, width)
         stats.update(first, sample_rows=4)
     torch.testing.assert_close(stats.symmetric_gram(), first.T @ first, rtol=1e-5, atol=1e-4)

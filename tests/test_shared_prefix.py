@@ -101,6 +101,32 @@ def test_variants_fork_where_they_first_differ(setup):
     assert forks["menu"].layer == 0
 
 
+def test_kept_outputs_are_the_fork_points_still_needed(setup):
+    """Memory: after each run only the layer outputs a later run forks from are kept, one tokens × hidden each."""
+    model, _, _ = setup
+    variants = {k: v for k, v in _variants().items() if v is not None}
+    configs = [{}] + [{n: (v.get(n) if isinstance(v, dict) else None) or NF4 for n in v} for v in variants.values()]
+    runs = PrefixRuns(model, configs)
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    most = 0
+    for batch in range(2):
+        runs.new_batch()
+        for i in range(len(configs)):
+            with torch.inference_mode():
+                runs.run(i, lambda: model(input_ids=ids).logits)
+            needed = {(f.parent, f.layer - 1) for f in runs.forks[i + 1:] if f.layer and f.parent <= i}
+            assert set(runs.kept) == needed, (batch, i)
+            assert all(tuple(out.shape) == (2, 24, model.config.hidden_size) for out in runs.kept.values())
+            most = max(most, len(runs.kept))
+        assert not runs.kept  # the last run needed nothing more
+    assert most == 3  # after "late": layer 2 for "last" (from the 16-bit run), layers 2 and 3 of "late" itself
+    assert len({(f.parent, f.layer) for f in runs.forks if f.layer}) == 4  # fewer than every fork point at once
+    with pytest.raises(RuntimeError, match="run the variants in order"):
+        runs.new_batch()
+        runs.run(2, lambda: model(input_ids=ids).logits)  # before the 16-bit run it continues
+    assert all(not layer._forward_hooks and "forward" not in vars(layer) for layer in model.model.layers)
+
+
 def test_kls_equal_whole_forwards(setup):
     model, reference, cache = setup
     variants = _variants()
