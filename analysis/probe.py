@@ -23,6 +23,7 @@ from torch import nn
 
 from quantplan.common.files import atomic_write_text, staged_file
 
+from .finite_rows import finite_rows_absmax
 from .gram import add_upper, clear_lower, mirror_lower
 
 
@@ -55,13 +56,7 @@ class InputStats:
         return self.gram
 
     def update(self, x: torch.Tensor, sample_rows: int) -> None:
-        rows = x.reshape(-1, x.shape[-1])
-        finite = torch.isfinite(rows).all(dim=1)
-        nonfinite = 0
-        if not bool(finite.all()):
-            nonfinite = int((~finite).sum())
-            rows = rows[finite]
-        rows = rows.float()
+        rows, nonfinite, absmax = finite_rows_absmax(x.reshape(-1, x.shape[-1]).float())
         if self.mirrored:  # more tokens after a read: back to the triangle they add to
             clear_lower(self.gram)
             self.mirrored = False
@@ -71,8 +66,8 @@ class InputStats:
             self.pending.update(tokens=0, nonfinite=0, sample=None)
         p = self.pending
         add_upper(p["gram"], rows)
-        if len(rows):
-            torch.maximum(p["absmax"], rows.abs().amax(dim=0), out=p["absmax"])
+        if absmax is not None:
+            torch.maximum(p["absmax"], absmax, out=p["absmax"])
         p["tokens"] += len(rows)
         p["nonfinite"] += nonfinite
         if self.sample is None and p["sample"] is None and len(rows):
