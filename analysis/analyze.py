@@ -31,8 +31,8 @@ from .fisher import GradientProbe, loss_backward
 from .formats import NF4, format_to_dict
 from .measure import measure_module
 from .memory import non_module_bytes
-from .output_energy import OutputEnergy
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
+from .output_energy import OutputEnergy
 from .probe import InputProbe, partial_state_bytes
 from .reference import KLReference
 from .simulate import QuantCache
@@ -72,7 +72,7 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
 
     probe = InputProbe(model, candidates)
     grads = GradientProbe(model, candidates) if fisher else None
-    energy = OutputEnergy(model, candidates)
+    energy = OutputEnergy(model, [n for n in candidates if n != lm_head])  # as streamed: no head logits there
     shard = Shard.current()
     partial = shard.partial_folder(out_dir)
     if partial:

@@ -91,7 +91,7 @@ class Shard:
         if grads:
             _reduce_gradients(grads)
         if energy:
-            _reduce_energies(energy)
+            _reduce_energies(energy, probe.stats[owners[0]].gram.device if owners else torch.device("cpu"))
 
     def mine(self, items: list) -> list[tuple[int, object]]:
         """(position, item) pairs this process measures: every W-th one."""
@@ -115,15 +115,16 @@ def _reduce_gradients(grads) -> None:
         grads.tokens[name] = int(count[0])
 
 
-def _reduce_energies(energy) -> None:
+def _reduce_energies(energy, device) -> None:
     """Sum the output energies and their token counts (a module one process never ran counts 0 there)."""
     names = sorted(energy.names)
-    sums = torch.tensor([energy.sums.get(n, 0.0) for n in names], dtype=torch.float64)
-    tokens = torch.tensor([energy.tokens.get(n, 0) for n in names], dtype=torch.int64)
+    sums = torch.tensor([energy.sums.get(n, 0.0) for n in names], dtype=torch.float64, device=device)
+    tokens = torch.tensor([energy.tokens.get(n, 0) for n in names], dtype=torch.int64, device=device)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
-    energy.sums = {n: float(s) for n, s, t in zip(names, sums, tokens, strict=True) if t > 0}
-    energy.tokens = {n: int(t) for n, t in zip(names, tokens, strict=True) if t > 0}
+    sums, tokens = sums.tolist(), tokens.tolist()
+    energy.sums = {n: s for n, s, t in zip(names, sums, tokens, strict=True) if t > 0}
+    energy.tokens = {n: t for n, t in zip(names, tokens, strict=True) if t > 0}
 
 
 class ShardedCalibration:

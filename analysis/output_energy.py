@@ -10,7 +10,9 @@ its output row non-finite, so a finite sum proves the rows finite, as in :mod:`a
 Where the sum cannot stand in for the quadratic form :meth:`OutputEnergy.reference` returns None and the
 measurement falls back to it: a Linear with a bias (y − b loses the digits of a small xWᵀ next to a large
 bias in 16-bit), an output that overflowed, a token count that differs from the Gram matrix's (a partial
-state saved before this existed, a module the probe saw in another way).
+state saved before this existed, a module the probe saw in another way), and the lm_head, which callers
+leave out: the streamed analysis shows the probe its input without making the logits, and both paths
+must give the same table.
 """
 
 from __future__ import annotations
