@@ -100,11 +100,17 @@ class OutputEnergy:
 def _finite_energy(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
     """(Σ‖y_t‖² over the rows t whose input x_t is finite, their count); NaN where a finite row's output overflowed."""
     outputs = y.reshape(-1, y.shape[-1]) if y.dim() else y.reshape(1, 1)
-    energy = float(torch.linalg.vector_norm(outputs, dtype=torch.float32)) ** 2
+    energy = _squared_sum(outputs)
     if math.isfinite(energy):
         return energy, outputs.shape[0]
     finite = torch.isfinite(x.reshape(-1, x.shape[-1])).all(dim=1)
     if finite.shape[0] != outputs.shape[0]:
         return math.nan, 0
-    energy = float(torch.linalg.vector_norm(outputs[finite], dtype=torch.float32)) ** 2
+    energy = _squared_sum(outputs[finite])
     return (energy if math.isfinite(energy) else math.nan), int(finite.sum())
+
+
+def _squared_sum(outputs: torch.Tensor) -> float:
+    """Σ y² in float32 by torch's cascade sum (~1e-7 relative on a SmolLM2 down_proj's 1024 x 576 outputs, where
+    ``vector_norm`` and ``dot`` accumulate straight on and come out 1e-4 to 2e-4 low)."""
+    return float(outputs.float().square().sum())
