@@ -32,6 +32,7 @@ from .interrupts import DeferredInterrupt, InterruptNow
 from .measure import measure_module
 from .memory import non_module_bytes
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
+from .output_energy import OutputEnergy
 from .probe import InputProbe, partial_state_bytes
 from .reference import KLReference
 from .simulate import QuantCache
@@ -71,17 +72,18 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
 
     probe = InputProbe(model, candidates)
     grads = GradientProbe(model, candidates) if fisher else None
+    energy = OutputEnergy(model, [n for n in candidates if n != lm_head])  # as streamed: no head logits there
     shard = Shard.current()
     partial = shard.partial_folder(out_dir)
     if partial:
         sample_rows = min(probe.sample_rows, batch_size * calibration.meta.get("seq_len", probe.sample_rows))
         _announce_partial_size([i for i in infos if i.name in set(candidates)], sample_rows, fisher, partial)
     if resume:
-        _resume(probe, grads, partial, run_meta)
+        _resume(probe, grads, partial, run_meta, energy)
     with stage("calibration pass"):
         _run_calibration(model, shard.calibration(calibration), probe, grads, batch_size, partial, run_meta,
-                         checkpoint_seconds, progress, full_logits=lm_head in candidates)
-        shard.reduce(probe, grads)
+                         checkpoint_seconds, progress, full_logits=lm_head in candidates, energy=energy)
+        shard.reduce(probe, grads, energy)
 
     measured = {}
     weights = dict(model.named_parameters(remove_duplicate=False))
@@ -90,14 +92,14 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
             stats = probe.stats_for(info.name) if info.name in probe.owner else None
             grad_sq = grads.mean_squared_gradient(info.name) if grads else None
             measured[position] = measure_module(info, weights[info.name + ".weight"], stats, formats,
-                                                reasons[info.name], grad_sq)
+                                                reasons[info.name], grad_sq, energy.reference(info.name, stats))
     rows = [row for module_rows in shard.gather(measured) for row in module_rows]
     for row in rows:
         row.update({c: float("nan") for c in CONTEXT_COLUMNS})
     meta = _table_meta(model, model_id, fingerprint, calibration, formats, infos, fisher)
     if context:
         if partial:  # the calibration pass is done: a resume after a failure below skips it
-            probe.save(partial, run_meta, grads.state() if grads else None)
+            probe.save(partial, run_meta, _extra_state(grads, energy))
         with stage("quantized-context pass"):
             meta["context"] = _quantized_context(model, calibration, formats, rows, lm_head, batch_size, progress)
     table = SensitivityTable(pd.DataFrame(rows), meta)
@@ -136,7 +138,7 @@ def _is_tied(model) -> bool:
 
 
 def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_meta, checkpoint_seconds, progress,
-                     full_logits):
+                     full_logits, energy=None):
     """The one pass over the calibration batches, flushing partial statistics as it goes.
 
     Each batch adds straight into the statistics, so a state is saved only between batches: a Ctrl-C or
@@ -151,32 +153,37 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
     last_flush = time.monotonic()
     saved = probe.batches_done  # the batches partial/ holds: a resumed state, then each flush
     grad_context = grads.attached() if grads else nullcontext()
+    energy_context = energy.attached() if energy else nullcontext()
     no_grad = nullcontext() if grads else torch.inference_mode()
     stop = DeferredInterrupt()
     try:
-        with probe.attached(), grad_context, no_grad, stop:
+        with probe.attached(), grad_context, energy_context, no_grad, stop:
             bar = tqdm(total=total, initial=probe.batches_done, desc="calibration batches", disable=not progress)
             for position, (index, batch) in enumerate(_numbered_batches(calibration, batch_size)):
                 if position < probe.batches_done:
                     continue
                 stop.check()
                 probe.start_batch()
+                if energy:
+                    energy.start_batch()
                 if grads:
                     grads.start_batch()
                     backward(model, batch, device, seed=index)
                     grads.commit_batch()
                 else:
                     model(**batch_to(batch, device), **extra)
+                if energy:
+                    energy.commit_batch()
                 probe.commit_batch()
                 bar.update(1)
                 if partial and time.monotonic() - last_flush > checkpoint_seconds:
-                    probe.save(partial, run_meta, grads.state() if grads else None)
+                    probe.save(partial, run_meta, _extra_state(grads, energy))
                     saved, last_flush = probe.batches_done, time.monotonic()
             stop.check()
             bar.close()
     except BaseException as err:
         if partial and not probe.in_batch and not isinstance(err, InterruptNow) and probe.batches_done > saved:
-            probe.save(partial, run_meta, grads.state() if grads else None)
+            probe.save(partial, run_meta, _extra_state(grads, energy))
             saved = probe.batches_done
         note = _stop_note(probe, saved, total, partial, err)
         if isinstance(err, KeyboardInterrupt):  # the caller prints it once (quantplan.cli)
@@ -219,7 +226,12 @@ def _numbered_batches(calibration, batch_size):
     return enumerate(calibration.batches(batch_size))
 
 
-def _resume(probe, grads, partial, run_meta) -> None:
+def _extra_state(grads, energy) -> dict:
+    """The tensors saved with the probe's partial state: squared gradients and output energies."""
+    return {**(grads.state() if grads else {}), **(energy.state() if energy else {})}
+
+
+def _resume(probe, grads, partial, run_meta, energy=None) -> None:
     if partial is None or not (partial / "state.json").is_file():
         raise FileNotFoundError(
             f"--resume found no partial results in {partial}: run without --resume to start afresh"
@@ -227,6 +239,8 @@ def _resume(probe, grads, partial, run_meta) -> None:
     state, tensors = probe.load(partial)
     if grads:
         grads.load_state(tensors)
+    if energy:
+        energy.load_state(tensors)
     for key in ("model_fingerprint", "calibration", "formats", "batch_size", "candidates", "fisher"):
         if state.get(key) != run_meta[key]:
             raise TableMismatch(

@@ -67,7 +67,7 @@ class Shard:
             if self.rank == 0 and folder is not None and folder.parent.exists() and not any(folder.parent.iterdir()):
                 folder.parent.rmdir()
 
-    def reduce(self, probe, grads) -> None:
+    def reduce(self, probe, grads, energy=None) -> None:
         """Combine every process's statistics so each holds the totals over all batches."""
         if self.world == 1:
             return
@@ -90,6 +90,8 @@ class Shard:
             probe.stats[owner].sample = samples[0][owner]
         if grads:
             _reduce_gradients(grads)
+        if energy:
+            _reduce_energies(energy, probe.stats[owners[0]].gram.device if owners else torch.device("cpu"))
 
     def mine(self, items: list) -> list[tuple[int, object]]:
         """(position, item) pairs this process measures: every W-th one."""
@@ -111,6 +113,18 @@ def _reduce_gradients(grads) -> None:
         count = torch.tensor([grads.tokens.get(name, 0)], dtype=torch.int64)
         dist.all_reduce(count, op=dist.ReduceOp.SUM)
         grads.tokens[name] = int(count[0])
+
+
+def _reduce_energies(energy, device) -> None:
+    """Sum the output energies and their token counts (a module one process never ran counts 0 there)."""
+    names = sorted(energy.names)
+    sums = torch.tensor([energy.sums.get(n, 0.0) for n in names], dtype=torch.float64, device=device)
+    tokens = torch.tensor([energy.tokens.get(n, 0) for n in names], dtype=torch.int64, device=device)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
+    sums, tokens = sums.tolist(), tokens.tolist()
+    energy.sums = {n: s for n, s, t in zip(names, sums, tokens, strict=True) if t > 0}
+    energy.tokens = {n: t for n, t in zip(names, tokens, strict=True) if t > 0}
 
 
 class ShardedCalibration:

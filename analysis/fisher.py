@@ -18,6 +18,8 @@ from torch import nn
 
 from quantplan.common.batches import batch_to
 
+from .finite_rows import finite_squared_sum
+
 
 @dataclass
 class GradientProbe:
@@ -48,11 +50,9 @@ class GradientProbe:
 
     def _hook(self, name: str):
         def on_gradient(g):
-            rows = g.detach().reshape(-1, g.shape[-1]).float()
-            rows = rows[torch.isfinite(rows).all(dim=1)]
-            squared = rows.pow(2).sum(dim=0)
+            squared, count = finite_squared_sum(g.detach().reshape(-1, g.shape[-1]).float())
             previous = self._pending.get(name)
-            self._pending[name] = (squared + previous[0], len(rows) + previous[1]) if previous else (squared, len(rows))
+            self._pending[name] = (squared + previous[0], count + previous[1]) if previous else (squared, count)
 
         def hook(module, args, output):
             if torch.is_tensor(output) and output.requires_grad:
@@ -157,6 +157,23 @@ def sample_targets(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor
     in one piece (in memory) or in token chunks (:mod:`analysis.stream_head`), on any device
     (``torch.multinomial`` on CUDA draws differently when called chunk by chunk).
     """
-    cdf = logits.float().softmax(dim=-1).cumsum(dim=-1)
+    return _draw(logits.float().softmax(dim=-1), uniforms)
+
+
+def sampled_loss_gradient(logits: torch.Tensor, uniforms: torch.Tensor, tokens: int) -> torch.Tensor:
+    """∂L/∂logits for rows of logits, L = Σ_rows cross entropy(row, its :func:`sample_targets` target) / ``tokens``.
+
+    That gradient is (softmax(row) − onehot(target)) / tokens: the softmax the targets are drawn from gives it
+    directly, with no log-softmax and no autograd pass through the loss (the streamed head's chunks run this).
+    """
+    probs = logits.float().softmax(dim=-1)
+    target = _draw(probs, uniforms)
+    probs[torch.arange(len(target), device=probs.device), target] -= 1
+    return probs.div_(tokens).to(logits.dtype)
+
+
+def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Each row's index where its cumulative probability passes the row's uniform draw (scaled to the row's total)."""
+    cdf = probs.cumsum(dim=-1)
     points = (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, points).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+    return torch.searchsorted(cdf, points).squeeze(-1).clamp_(max=probs.shape[-1] - 1)

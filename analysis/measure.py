@@ -38,18 +38,22 @@ def measure_work_bytes(params: int, device_type: str = "cpu", *, roundtrip: bool
 
 
 def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | None, formats,
-                   reason: str | None, grad_sq: torch.Tensor | None = None) -> list[dict]:
+                   reason: str | None, grad_sq: torch.Tensor | None = None, energy: float | None = None) -> list[dict]:
     """Rows (one per format) for one module: identity, bytes, weight error, output error.
 
     The weight is read in chunks of output rows (:data:`CHUNK_ELEMENTS`), so beside the weight
-    the work space is one bitsandbytes round trip (bf16) plus a few float32 chunks.
+    the work space is one bitsandbytes round trip (bf16) plus a few float32 chunks. ``energy`` is ‖XWᵀ‖² over the
+    Gram matrix's tokens where the calibration pass summed it (:mod:`analysis.output_energy`); else it is
+    computed from the Gram matrix here.
     """
     base = identity_columns(info, reason)
     base.update(weight_outlier_columns(weight))
     base.update(input_columns(stats))
     rows = []
     weight = weight.detach()
-    reference = _output_energy(weight, stats) if stats is not None and reason is None else float("nan")
+    reference = float("nan")
+    if stats is not None and reason is None:
+        reference = energy if energy is not None else _output_energy(weight, stats)
     guard = _RoundTripGuard(weight)
     for fmt in formats:
         row = dict(base, format=fmt.name, bits=fmt.bits)

@@ -23,6 +23,7 @@ from torch import nn
 
 from quantplan.common.files import atomic_write_text, staged_file
 
+from .finite_rows import finite_rows_absmax
 from .gram import add_upper, clear_lower, mirror_lower
 
 
@@ -55,18 +56,14 @@ class InputStats:
 
     def update(self, x: torch.Tensor, sample_rows: int) -> None:
         """Add the finite rows of ``x`` to the totals (Gram matrix, channel max |x|, counts, first sample)."""
-        rows = x.reshape(-1, x.shape[-1])
-        finite = torch.isfinite(rows).all(dim=1)
-        if not bool(finite.all()):
-            self.nonfinite_tokens += int((~finite).sum())
-            rows = rows[finite]
-        rows = rows.float()
+        rows, nonfinite, absmax = finite_rows_absmax(x.reshape(-1, x.shape[-1]).float())
+        self.nonfinite_tokens += nonfinite
         if self.mirrored:  # more tokens after a read: back to the triangle they add to
             clear_lower(self.gram)
             self.mirrored = False
         add_upper(self.gram, rows)
-        if len(rows):
-            torch.maximum(self.channel_absmax, rows.abs().amax(dim=0), out=self.channel_absmax)
+        if absmax is not None:
+            torch.maximum(self.channel_absmax, absmax, out=self.channel_absmax)
         self.tokens += len(rows)
         if self.sample is None and len(rows):
             step = max(1, len(rows) // sample_rows)

@@ -14,16 +14,17 @@ The loss is the one :mod:`analysis.fisher` backpropagates in memory, the same nu
 pieces: each position's target is drawn from the model's own next-token distribution at the
 batch's seeded uniform draw for that position (:func:`analysis.fisher.sample_targets`: the
 same targets in chunks as in one piece, on the CPU and on CUDA), and the mean cross entropy
-over the batch's tokens is the sum of each chunk's summed cross entropy divided by the token count.
+over the batch's tokens is the sum of each chunk's summed cross entropy divided by the token count. Its
+gradient at a chunk's logits is (softmax − onehot(target)) / tokens, taken straight from the softmax the targets
+are drawn from (:func:`analysis.fisher.sampled_loss_gradient`: no log-softmax, no autograd through the loss).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .fisher import activations_need_grad, sample_targets, sampling_uniforms
+from .fisher import activations_need_grad, sampled_loss_gradient, sampling_uniforms
 from .modules import output_embedding_name
 from .stream_stages import final_norm
 from .stream_weights import StreamingUnsupported
@@ -94,11 +95,9 @@ def normed_gradient(model, probe, lm_head: str | None, normed: torch.Tensor, see
         for start in range(0, tokens, chunk):
             piece = flat[start:start + chunk].detach().requires_grad_()
             with torch.enable_grad():
-                logits = model.lm_head(piece).float()
-                with torch.no_grad():
-                    target = sample_targets(logits, uniforms[start:start + chunk])
-                loss = F.cross_entropy(logits, target, reduction="sum") / tokens
-                pieces.append(torch.autograd.grad(loss, piece)[0])
+                logits = model.lm_head(piece)
+            gradient = sampled_loss_gradient(logits.detach(), uniforms[start:start + chunk], tokens)
+            pieces.append(torch.autograd.grad(logits, piece, gradient)[0])
     return torch.cat(pieces).reshape(normed.shape)
 
 

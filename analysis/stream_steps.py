@@ -37,6 +37,7 @@ from quantplan.common.batches import batch_to
 from .analyze import CONTEXT_COLUMNS
 from .fisher import GradientProbe
 from .measure import measure_module
+from .output_energy import OutputEnergy
 from .probe import InputProbe
 from .stream_head import head_input_gradient, observe_head_input
 from .stream_mllama import capture_global_inputs
@@ -106,15 +107,21 @@ class StepContext:
 
 
 def run_batches(ctx: StepContext, stage, step: Step, folders: StepFolders, outputs: Path | None,
-                probe: InputProbe, grads: GradientProbe | None) -> None:
-    """Run every calibration batch through ``stage`` in the step's direction with the probes attached."""
+                probe: InputProbe, grads: GradientProbe | None, energy: OutputEnergy | None = None) -> None:
+    """Run every calibration batch through ``stage`` in the step's direction with the probes attached (``energy``
+    sums the measured Linears' outputs, :mod:`analysis.output_energy`, where the probe's pre-hooks see their inputs)."""
     backward = step.direction is Direction.BACKWARD
     if stage.kind is StageKind.HEAD and not backward and not probe.names:
         return  # lm_head is not measured (tied): nothing in this step needs the activations
-    inputs = nullcontext() if stage.kind is StageKind.HEAD else probe.attached()  # the head shows lm_head's input
-    with inputs, grads.attached() if grads else nullcontext(), nullcontext() if backward else torch.inference_mode():
+    hooked = stage.kind is not StageKind.HEAD  # the head shows lm_head's input to the probe itself
+    inputs = probe.attached() if hooked else nullcontext()
+    outputs_seen = energy.attached() if energy and hooked else nullcontext()
+    with inputs, outputs_seen, grads.attached() if grads else nullcontext(), \
+            nullcontext() if backward else torch.inference_mode():
         for index, batch in enumerate(ctx.calibration.batches(ctx.batch_size)):
             probe.start_batch()
+            if energy:
+                energy.start_batch()
             if grads:
                 grads.start_batch()
             hidden, kwargs = read_batch(folders.hidden, index, ctx.device) if folders.hidden else (None, {})
@@ -124,6 +131,8 @@ def run_batches(ctx: StepContext, stage, step: Step, folders: StepFolders, outpu
                 out, kwargs = _forward(ctx, stage, hidden, kwargs, batch, probe)
             if grads:
                 grads.commit_batch()
+            if energy:
+                energy.commit_batch()
             probe.commit_batch()
             if outputs is not None:
                 write_batch(outputs, index, out, kwargs)
@@ -198,7 +207,7 @@ def _backward(ctx: StepContext, stage, hidden, kwargs, batch, grad_folder: Path 
 
 
 def measure_stage(model, stage, infos, probe: InputProbe, grads: GradientProbe | None, formats,
-                  reasons) -> list[dict]:
+                  reasons, energy: OutputEnergy | None = None) -> list[dict]:
     """Rows of the stage's modules, computed as analyze() computes them."""
     weights = dict(model.named_parameters(remove_duplicate=False))
     rows = []
@@ -206,8 +215,9 @@ def measure_stage(model, stage, infos, probe: InputProbe, grads: GradientProbe |
         if info.name in stage.linears:
             stats = probe.stats_for(info.name) if info.name in probe.owner else None
             grad_sq = grads.mean_squared_gradient(info.name) if grads else None
+            reference = energy.reference(info.name, stats) if energy else None
             rows.extend(measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name],
-                                       grad_sq))
+                                       grad_sq, reference))
     for row in rows:  # the quantized-context pass runs the whole model: not available here
         row.update({c: float("nan") for c in CONTEXT_COLUMNS})
     return rows

@@ -55,6 +55,7 @@ from .fisher import GradientProbe
 from .formats import NF4, format_to_dict
 from .models import resolve_source
 from .modules import list_modules, output_embedding_name
+from .output_energy import OutputEnergy
 from .probe import InputProbe
 from .stream_head import chunk_tokens, refuse_logit_transforms
 from .stream_stages import VISION_KINDS, Stage, StageKind, stage_config, stages_of
@@ -127,8 +128,10 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
             outputs = store.output_folder(folders.target)
             probe = InputProbe(model, measured)  # a block that stops midway reruns whole
             grads = GradientProbe(model, measured) if step.direction is Direction.BACKWARD else None
-            run_batches(ctx, stage, step, folders, outputs, probe, grads)  # run the batches
-            rows[number] = measure_stage(model, stage, infos, probe, grads, formats, reasons) if step.measure else []
+            energy = OutputEnergy(model, measured)
+            run_batches(ctx, stage, step, folders, outputs, probe, grads, energy)  # run the batches
+            rows[number] = (measure_stage(model, stage, infos, probe, grads, formats, reasons, energy)
+                            if step.measure else [])
         finally:
             unload(model, stage.resident)  # off-load it
         store.commit(number, rows[number], outputs, folders.target, folders.consumed)

@@ -36,13 +36,13 @@ def test_no_batch_times_vocabulary_logits_in_memory(monkeypatch):
     chunk gets at least MIN_CHUNK_BYTES of work space (fewer kernel launches where the head is small)."""
     model = tiny_llama(layers=1, vocab=8192)
     rows = []
-    cross_entropy = torch.nn.functional.cross_entropy
+    gradient = stream_head.sampled_loss_gradient
 
     def recording(logits, *args, **kwargs):
         rows.append(logits.reshape(-1, logits.shape[-1]).shape[0])
-        return cross_entropy(logits, *args, **kwargs)
+        return gradient(logits, *args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording)
+    monkeypatch.setattr(stream_head, "sampled_loss_gradient", recording)
     monkeypatch.setattr(stream_head, "MIN_CHUNK_BYTES", 0)  # chunks of the head's weight bytes, as streamed
     analyze(model, random_calibration(samples=4, vocab=8192), [NF4], batch_size=4, progress=False, fisher=True)
     chunk = 64 * model.lm_head.weight.element_size() // 32  # the head's weight bytes / (vocabulary x 32 B per logit)
@@ -65,3 +65,15 @@ def test_a_head_that_changes_its_logits_keeps_the_whole_batch_loss_and_does_not_
     setattr(model.config, setting, None)
     assert plain_head(model)
     refuse_logit_transforms(model)
+
+
+def test_sampled_loss_gradient_is_the_cross_entropy_gradient():
+    """(softmax − onehot(sampled target)) / tokens is autograd's gradient of the summed cross entropy / tokens."""
+    from quantplan.analysis.fisher import sample_targets, sampled_loss_gradient, sampling_uniforms
+
+    logits = torch.randn(40, 300, dtype=torch.float64) * 4
+    uniforms = sampling_uniforms(40, "cpu", seed=3)
+    leaf = logits.clone().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(leaf, sample_targets(logits, uniforms), reduction="sum") / 100
+    loss.backward()
+    torch.testing.assert_close(sampled_loss_gradient(logits, uniforms, 100), leaf.grad)
