@@ -139,3 +139,32 @@ def test_a_vlm_compares_in_chunks_with_the_numbers_of_whole_forwards(arch, monke
     measured, seen = _assert_equal_to_whole_forwards(model, reference, variants)
     assert seen and max(seen) <= CHUNK
     assert measured.kld["language"] > 0 and measured.kld["vision"] > 0
+
+
+def test_another_model_compares_in_chunks_with_the_numbers_of_whole_forwards(monkeypatch):
+    """fidelity.measure (a real bitsandbytes load beside the 16-bit model) and model_kld chunk both heads."""
+    from quantplan.analysis.reference import model_kld
+    from quantplan.reports.fidelity import fidelity_of_self, measure
+
+    monkeypatch.setattr(head_chunks, "chunk_size", lambda model: CHUNK)
+    model16, other = tiny_llama(layers=LAYERS).float(), tiny_llama(layers=LAYERS).float()
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.mul_(1.1)
+        other.lm_head.weight.add_(0.01 * torch.randn_like(other.lm_head.weight))
+    reference = KLReference(model16, PaddedCalibration(), batch_size=4)
+    seen = []
+    for model in (model16, other):
+        model.lm_head.register_forward_hook(lambda module, args, output: seen.append(args[0][..., 0].numel()))
+    got, own, kld = measure(other, reference), fidelity_of_self(reference), model_kld(other, reference)
+    assert seen and max(seen) <= CHUNK
+    with torch.inference_mode():
+        pairs = [(b, forward_logits(model16, b), forward_logits(other, b)) for b in reference.batches()]
+    parts = [compare_tokens(p, q, b["input_ids"]) for b, p, q in pairs]
+    for field in ("kld", "nll"):
+        expected = torch.cat([getattr(p, field).flatten() for p in parts]).double()
+        assert torch.allclose(torch.from_numpy(getattr(got, field)), expected, rtol=1e-4, atol=1e-6), field
+    assert (got.same_top == torch.cat([p.same_top.flatten() for p in parts]).numpy()).all()
+    whole = sum(float(kl_sum(p, q, b)) for b, p, q in pairs) / reference.tokens
+    assert kld == pytest.approx(whole, rel=1e-5, abs=1e-7) and kld > 0
+    own_nll = torch.cat([compare_tokens(p, p, b["input_ids"]).nll.flatten() for b, p, _ in pairs]).double()
+    assert (own.kld == 0).all() and torch.allclose(torch.from_numpy(own.nll), own_nll, rtol=1e-5, atol=1e-6)
