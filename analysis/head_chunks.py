@@ -123,34 +123,31 @@ class VariantRuns:
     def _chunked(self, index: int, batch: dict) -> Iterator[HeadChunk]:
         """Each run's last hidden states, then lm_head chunk by chunk: the 16-bit logits once per chunk."""
         model, cache = self.model, self.cache
-        hidden = {}
+        hidden, restored = {}, {}
         cache.set_quantized(())
         with torch.inference_mode():
             hidden[None] = self.runs.run(0, partial(base_hidden, model, batch))
             for label, names in self.variants.items():
                 if names is not None:
                     cache.set_quantized(names, self.formats[label])
+                    if "lm_head" in names:  # its round trip, made by set_quantized: kept for the chunks
+                        restored.setdefault(self._head_format(label), model.lm_head.weight.data)
                     hidden[label] = self.runs.run(self.order[label], partial(base_hidden, model, batch))
         cache.set_quantized(())  # lm_head 16-bit again; each variant's head weight below
-        weights, bias = self._head_weights(), model.lm_head.bias
+        weights, bias = self._head_weights(restored), model.lm_head.bias
         heads = {label: None if names is None else (partial(F.linear, weight=weights[label], bias=bias), hidden[label])
                  for label, names in self.variants.items()}
         yield from head_chunks(index, batch, model.lm_head, hidden[None], heads, chunk_size(model))
 
-    def _head_weights(self) -> dict[str, torch.Tensor]:
-        """label -> the lm_head weight its chunks use: the 16-bit one, or its round trip (one per format)."""
-        cache, original = self.cache, self.model.lm_head.weight
-        restored, result = {}, {}
-        for label, names in self.variants.items():
-            if names is None or "lm_head" not in names:
-                result[label] = original
-                continue
-            fmt = (self.formats[label] or {}).get("lm_head") or cache.format
-            if fmt not in restored:
-                with torch.inference_mode():
-                    restored[fmt] = cache.restored("lm_head", fmt)
-            result[label] = restored[fmt]
-        return result
+    def _head_format(self, label: str):
+        """The format ``label`` round-trips lm_head in."""
+        return (self.formats[label] or {}).get("lm_head") or self.cache.format
+
+    def _head_weights(self, restored: dict) -> dict[str, torch.Tensor]:
+        """label -> the lm_head weight its chunks use: the 16-bit one, or its round trip (``restored``: format -> the
+        one the base runs set)."""
+        return {label: restored[self._head_format(label)] if names is not None and "lm_head" in names
+                else self.model.lm_head.weight for label, names in self.variants.items()}
 
 
 def head_chunks(index: int, batch: dict, head16, hidden16: torch.Tensor, heads: Mapping, step: int) -> Iterator[HeadChunk]:
