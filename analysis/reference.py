@@ -34,11 +34,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from quantplan.common.batches import batch_to, model_device
+
+if TYPE_CHECKING:
+    from .head_chunks import HeadChunk
 
 
 class KLReference:
@@ -75,7 +79,7 @@ class KLReference:
             yield batch, self.logits16(batch)
 
 
-def for_each_variant(reference: KLReference, cache, variants: Mapping[str, Iterable[str]]) -> Iterator:
+def for_each_variant(reference: KLReference, cache, variants: Mapping[str, Iterable[str]]) -> Iterator[HeadChunk]:
     """Per batch, every variant's logits beside the 16-bit ones, as :class:`~analysis.head_chunks.HeadChunk` values.
 
     ``cache`` (a :class:`~analysis.simulate.QuantCache` of the reference's model) swaps in the
