@@ -3,15 +3,24 @@
 :class:`KLReference` names the batches of a calibration set (the probe's end-to-end pass, the
 planner's refinement and verification) or of held-out windows (the fidelity scoreboard) that
 variants are compared on; ``max_batches`` bounds them. It keeps no logits: the 16-bit logits
-of a batch are computed when that batch is compared and dropped after it, so memory holds one
-batch × vocabulary at a time whatever the number of batches (a 262k vocabulary costs 0.5 MB
-per token in 16 bits; kept for a whole calibration set that was gigabytes). Several variants
-of one model (weights swapped by :class:`~analysis.simulate.QuantCache`) are compared against
-the same 16-bit batch before the next one is computed (:func:`calibration_klds`): one 16-bit
-forward per batch serves every variant, the same count as when the logits were kept, and its
-float32 log-probabilities are made once per batch for all of them (:class:`Logits16`). A variant
-runs from the first decoder layer where it differs from the 16-bit run or an earlier variant
-(:mod:`analysis.shared_prefix`), with the numbers of a whole forward.
+of a batch are computed when that batch is compared and dropped after it, whatever the number of
+batches. Several variants of one model (weights swapped by :class:`~analysis.simulate.QuantCache`)
+are compared against the same 16-bit batch before the next one is computed (:func:`calibration_klds`):
+one 16-bit forward per batch serves every variant, and its float32 log-probabilities are made
+once for all of them (:class:`Logits16`). A variant runs from the first decoder layer where it
+differs from the 16-bit run or an earlier variant (:mod:`analysis.shared_prefix`), with the
+numbers of a whole forward.
+
+Memory: where the logits are plain ``lm_head(last hidden state)`` (:func:`analysis.stream_head.plain_head`,
+most models) no tensor of a batch's tokens × vocabulary exists: each run stops at the base model's
+last hidden states (tokens × hidden, one per run of the batch), and lm_head is applied a chunk of
+tokens at a time (:mod:`analysis.head_chunks`), about :data:`~analysis.stream_head.MIN_CHUNK_BYTES`
+of logits work space a chunk: the 16-bit chunk's logits and log-probabilities once, then each
+variant's, compared before the next chunk (a 262k vocabulary × 1024 tokens was 1 GB per float32
+copy, several copies alive at once). A model that changes its logits after lm_head (soft-capping,
+scales: :func:`~analysis.stream_head.logit_transforms`) compares whole batches: one batch ×
+vocabulary of 16-bit log-probabilities plus one variant's logits at a time. The refinement's
+gradient pass (:func:`analysis.endtoend.restore_gains`) still makes one batch's logits whole.
 
 Per position t, with P the 16-bit and Q the variant's next-token distribution over the
 vocabulary both share (a padded vocabulary compares the shared part):
@@ -25,12 +34,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from quantplan.common.batches import batch_to, model_device
+
+if TYPE_CHECKING:
+    from .head_chunks import HeadChunk
 
 
 class KLReference:
@@ -67,18 +79,21 @@ class KLReference:
             yield batch, self.logits16(batch)
 
 
-def for_each_variant(reference: KLReference, cache, variants: Mapping[str, Iterable[str]]):
-    """Per batch: ``(label, batch, 16-bit logits, variant logits)`` for every variant, batch-outer.
+def for_each_variant(reference: KLReference, cache, variants: Mapping[str, Iterable[str]]) -> Iterator[HeadChunk]:
+    """Per batch, every variant's logits beside the 16-bit ones, as :class:`~analysis.head_chunks.HeadChunk` values.
 
     ``cache`` (a :class:`~analysis.simulate.QuantCache` of the reference's model) swaps in the
     round-tripped weights of each variant's module names in turn, changing only the modules
     that differ from the previous variant; the 16-bit weights are back when the loop ends.
     A variant whose names are None is the 16-bit model itself: its logits are the reference's; names
     given as a mapping (name -> 4-bit format) round-trip each module in its own format (a blocksize menu).
-    The 16-bit logits come as :class:`Logits16` (their log-probabilities made once for every variant),
-    and each variant starts at the first decoder layer where it differs from the 16-bit run or an
+    Each variant starts at the first decoder layer where it differs from the 16-bit run or an
     earlier variant (:class:`~analysis.shared_prefix.PrefixRuns`): the same numbers as whole forwards.
+    Batch-outer; within a batch, chunk by chunk of tokens, then variant by variant, the chunk's 16-bit
+    logits (:class:`Logits16`, their log-probabilities made once for every variant) shared by all
+    (:mod:`analysis.head_chunks`; one chunk covering the batch where the logits are transformed after lm_head).
     """
+    from .head_chunks import VariantRuns
     from .shared_prefix import PrefixRuns
 
     model = reference.model
@@ -87,23 +102,13 @@ def for_each_variant(reference: KLReference, cache, variants: Mapping[str, Itera
     configs = [{}] + [{n: (formats[label] or {}).get(n) or cache.format for n in names}
                       for label, names in ran.items()]
     runs = PrefixRuns(model, configs)
-    order = {label: i for i, label in enumerate(ran, 1)}
+    plan = VariantRuns(model, cache, runs, variants, formats, {label: i for i, label in enumerate(ran, 1)})
     try:
-        for batch in tqdm(reference.batches(), total=reference.count, desc=f"{len(variants)} variant(s) vs 16-bit",
-                          disable=not reference.progress, leave=False):
+        for index, batch in enumerate(tqdm(reference.batches(), total=reference.count,
+                                           desc=f"{len(variants)} variant(s) vs 16-bit",
+                                           disable=not reference.progress, leave=False)):
             runs.new_batch()
-            cache.set_quantized(())
-            with torch.inference_mode():
-                logits16 = Logits16(runs.run(0, partial(forward_logits, model, batch)))
-            for label, names in variants.items():
-                if names is None:
-                    yield label, batch, logits16, logits16.logits
-                    continue
-                cache.set_quantized(names, formats[label])
-                with torch.inference_mode():
-                    logits = runs.run(order[label], partial(forward_logits, model, batch))
-                yield label, batch, logits16, logits
-            del logits16
+            yield from plan.batch_chunks(index, batch)
         runs.new_batch()
     finally:
         cache.set_quantized(())
@@ -112,9 +117,9 @@ def for_each_variant(reference: KLReference, cache, variants: Mapping[str, Itera
 def calibration_klds(reference: KLReference, cache, variants: Mapping[str, Iterable[str]]) -> dict[str, float]:
     """Mean next-token KL divergence (nats per token) from 16-bit of each variant (label -> quantized names)."""
     totals = dict.fromkeys(variants, 0.0)
-    for label, batch, logits16, logits in for_each_variant(reference, cache, variants):
+    for chunk in for_each_variant(reference, cache, variants):
         with torch.inference_mode():
-            totals[label] += float(kl_sum(logits16, logits, batch))
+            totals[chunk.label] += float(chunk.kl_sum())
     return {label: total / max(reference.tokens, 1) for label, total in totals.items()}
 
 
@@ -180,10 +185,12 @@ def calibration_kld(reference: KLReference, cache, quantized: Iterable[str] = ()
 def model_kld(model, reference: KLReference) -> float:
     """Mean next-token KL divergence of ``model`` as it is now from the reference's model, which must be
     another, 16-bit one (two models in memory: for a model changed in ways a QuantCache does not express)."""
+    from .head_chunks import pair_chunks
+
     total = 0.0
-    with torch.inference_mode():
-        for batch, logits16 in reference.pairs():
-            total += float(kl_sum(logits16, forward_logits(model, batch), batch))
+    for chunk in pair_chunks(reference, model):
+        with torch.inference_mode():
+            total += float(chunk.kl_sum())
     return total / max(reference.tokens, 1)
 
 
@@ -244,10 +251,11 @@ def token_mask(batch: dict, like: torch.Tensor) -> torch.Tensor:
 
 def forward_logits(model, batch: dict) -> torch.Tensor:
     """``model``'s logits on one batch (on the model's device), without a KV cache where it keeps one."""
-    return model(**batch_to(batch, model_device(model)), **_no_cache(model)).logits
+    return model(**batch_to(batch, model_device(model)), **no_cache(model)).logits
 
 
-def _no_cache(model) -> dict:
+def no_cache(model) -> dict:
+    """``use_cache=False`` where ``model``'s forward takes it (no KV cache kept for a one-off forward)."""
     parameters = inspect.signature(model.forward).parameters.values()
     takes = any(p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
     return {"use_cache": False} if takes else {}

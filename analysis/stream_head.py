@@ -105,12 +105,10 @@ def plain_head(model: nn.Module) -> bool:
     """Whether the logits are ``lm_head(base model's last hidden state)`` and nothing more: an ``lm_head`` Linear
     beside a base model, no soft-capping or scaling after it (:data:`LOGIT_TRANSFORMS`). Only then can the head
     run in token chunks apart from the rest."""
-    if logit_transforms(model):
-        return False
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = getattr(model, "lm_head", None)
     return (isinstance(base, nn.Module) and base is not model and isinstance(head, nn.Linear)
-            and output_embedding_name(model) == "lm_head")
+            and output_embedding_name(model) == "lm_head" and not logit_transforms(model))
 
 
 def logit_transforms(model: nn.Module) -> list[str]:

@@ -39,10 +39,11 @@ from tqdm.auto import tqdm
 from quantplan.common.sizes import parse_size
 
 from .formats import FourBit
+from .head_chunks import HeadChunk
 from .measure import measure_work_bytes
 from .modules import list_modules, output_embedding_name
 from .probe import InputProbe
-from .reference import TokenComparison, VariantKLs, batch_tokens, log_probs, token_kl, token_mask
+from .reference import Logits16, VariantKLs, batch_tokens
 from .simulate import QuantCache
 from .stream_head import chunk_tokens, refuse_logit_transforms
 from .stream_stages import final_norm, stages_of
@@ -60,35 +61,6 @@ from .stream_weights import (
 
 #: the label of the 16-bit stream every variant is compared with, when the caller names none
 _REFERENCE = "\0 16-bit reference"
-
-
-@dataclass(frozen=True)
-class HeadChunk:
-    """One chunk of one batch's next-token logits of a variant, beside the 16-bit model's."""
-
-    label: str
-    index: int  # the batch's number
-    batch: dict  # the batch (model keyword arguments), as the calibration set gives it
-    rows: slice  # the positions it covers, counted over the batch flattened row-major (batch × seq)
-    shape: tuple[int, int]  # (batch, seq) of the whole batch
-    logits16: torch.Tensor  # [rows, vocab]
-    logits: torch.Tensor  # [rows, vocab]
-
-    def mask(self) -> torch.Tensor:
-        """The batch's attention mask at these positions (all ones without one), on the logits' device."""
-        whole = token_mask(self.batch, torch.empty(self.shape, device=self.logits.device))
-        return whole.reshape(-1)[self.rows]
-
-    def compare(self) -> TokenComparison:
-        """:func:`analysis.reference.compare_tokens` at these positions: KL and same top per position, the NLL of
-        the actual next token at each position that has one in its window (all but each window's last)."""
-        logp, logq = log_probs(self.logits16, self.logits)
-        seq = self.shape[1]
-        positions = torch.arange(self.rows.start, self.rows.start + logq.shape[0])
-        following = positions % seq != seq - 1
-        targets = self.batch["input_ids"].reshape(-1)[positions[following] + 1].to(logq.device)
-        nll = -logq[following.to(logq.device)].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return TokenComparison(token_kl(logp, logq), logp.argmax(-1) == logq.argmax(-1), nll)
 
 
 @dataclass(frozen=True)
@@ -129,8 +101,7 @@ def streamed_klds(path, calibration, variants: Mapping, fmt: FourBit,
     totals = dict.fromkeys(variants, 0.0)
     for chunk in variant_logit_chunks(path, calibration, variants, fmt, options):
         with torch.inference_mode():
-            per_token = token_kl(*log_probs(chunk.logits16, chunk.logits))
-            totals[chunk.label] += float((per_token * chunk.mask().to(per_token)).sum())
+            totals[chunk.label] += float(chunk.kl_sum())
     batches = FirstBatches(calibration, options.batch_size, options.max_batches)
     tokens = sum(batch_tokens(b) for b in batches.batches(options.batch_size))
     return VariantKLs({label: total / max(tokens, 1) for label, total in totals.items()}, tokens)
@@ -251,10 +222,10 @@ def _head_chunks(ctx: StepContext, head, wanted: dict, streams: dict, variants: 
                 rows = slice(start, start + ctx.head_chunk)
                 cache.set_quantized(())
                 with torch.inference_mode():
-                    logits16 = model.lm_head(flat[reference][rows])
+                    logits16 = Logits16(model.lm_head(flat[reference][rows]))
                 for label in variants:
                     if variants[label] is None:
-                        logits = logits16
+                        logits = logits16.logits
                     else:
                         cache.set_quantized(list(head_formats[label]), head_formats[label])
                         with torch.inference_mode():

@@ -13,9 +13,11 @@ with the lowest KL below all-4-bit's, or all-4-bit itself. The measurements go i
 plan, its siblings; the heuristics only after a failed check) over at most ``max_batches``
 calibration batches, plus the 16-bit logits, less the leading decoder layers a variant shares with
 the 16-bit run or an earlier variant; the variants are compared batch by batch
-(:func:`analysis.reference.calibration_klds`), so one batch's 16-bit logits are alive at a time.
-A plan over a blocksize menu (several 4-bit formats) is simulated with each module in its planned
-format; the all-4-bit reference and the heuristics use the first tier (blocksize 64).
+(:func:`analysis.reference.calibration_klds`), and where the logits are plain ``lm_head(hidden)``
+chunk of tokens by chunk (:mod:`analysis.head_chunks`): one chunk's logits are alive at a time,
+never a batch × vocabulary tensor. A plan over a blocksize menu (several 4-bit formats) is
+simulated with each module in its planned format; the all-4-bit reference and the heuristics use
+the first tier (blocksize 64).
 
 The KL measurement is injected (``measure``: variants -> :class:`analysis.reference.VariantKLs`):
 in a loaded model by default (:class:`analysis.reference.InMemoryKLs`), or block by block from

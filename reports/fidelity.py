@@ -1,9 +1,11 @@
 """Fidelity of a variant to the 16-bit model on held-out text: KL divergence, top-token agreement, perplexity.
 
 The held-out windows are a :class:`~analysis.reference.KLReference`: the 16-bit logits of one
-batch are computed, every variant is compared with them in float32 by
-:func:`~analysis.reference.compare_tokens`, and only the per-token results are kept, so one
-batch × vocabulary of logits is alive at a time. Simulated variants of the 16-bit model share
+batch are computed, every variant is compared with them in float32
+(:meth:`~analysis.head_chunks.HeadChunk.compare`, the numbers of
+:func:`~analysis.reference.compare_tokens`), and only the per-token results are kept. Where the
+logits are plain ``lm_head(hidden)`` they are made and compared one chunk of tokens at a time
+(:mod:`analysis.head_chunks`), so no batch × vocabulary tensor exists; otherwise one batch's. Simulated variants of the 16-bit model share
 each batch's 16-bit forward (:func:`measure_variants`); a separately loaded model (a real
 bitsandbytes load) is compared with the 16-bit model's logits recomputed per batch (:func:`measure`).
 Under a memory cap the simulated variants run block by block from disk instead
@@ -25,7 +27,8 @@ import numpy as np
 import torch
 
 from quantplan.analysis.calibration import CalibrationSet
-from quantplan.analysis.reference import KLReference, compare_tokens, for_each_variant, forward_logits
+from quantplan.analysis.head_chunks import pair_chunks
+from quantplan.analysis.reference import KLReference, for_each_variant
 from quantplan.analysis.simulate import QuantCache
 
 
@@ -61,27 +64,24 @@ def heldout_reference(model, input_ids: torch.Tensor, batch_size: int = 4) -> KL
 
 def measure(model, reference: KLReference) -> Fidelity:
     """Run ``model`` (a model other than the reference's, which must be 16-bit now) on the reference's
-    windows and compare it with the 16-bit logits, one batch at a time."""
+    windows and compare it with the 16-bit logits, one batch at a time (and, where both heads are plain
+    ``lm_head(hidden)``, one chunk of tokens at a time: :func:`~analysis.head_chunks.pair_chunks`)."""
     if model is reference.model:
         raise ValueError("measure() compares another model with the reference's 16-bit one; for weights swapped "
                          "into the reference's own model use measure_variants()")
-    parts = []
-    with torch.inference_mode():
-        for batch, logits16 in reference.pairs():
-            parts.append(compare_tokens(logits16, forward_logits(model, batch), batch["input_ids"]))
-    return _joined(parts)
+    return _joined([_compared(chunk) for chunk in pair_chunks(reference, model)])
 
 
 def measure_variants(reference: KLReference, cache: QuantCache, variants: Mapping) -> dict:
     """Fidelity of each simulated variant (key -> quantized module names; None: the 16-bit model itself).
 
-    Batch-outer: each batch's 16-bit logits are computed once and every variant is compared
-    with them before the next batch (:func:`~analysis.reference.for_each_variant`).
+    Batch-outer: each batch's 16-bit logits are computed once (chunk of tokens by chunk where the
+    head is plain) and every variant is compared with them before the next
+    (:func:`~analysis.reference.for_each_variant`).
     """
     parts = {key: [] for key in variants}
-    for key, batch, logits16, logits in for_each_variant(reference, cache, variants):
-        with torch.inference_mode():
-            parts[key].append(compare_tokens(logits16, logits, batch["input_ids"]))
+    for chunk in for_each_variant(reference, cache, variants):
+        parts[chunk.label].append(_compared(chunk))
     return {key: _joined(p) for key, p in parts.items()}
 
 
@@ -103,11 +103,12 @@ def measure_variants_streamed(path, input_ids: torch.Tensor, variants: Mapping, 
 
 def fidelity_of_self(reference: KLReference) -> Fidelity:
     """The 16-bit row: KLD 0 by definition, its own perplexity."""
-    parts = []
+    return _joined([_compared(chunk) for chunk in pair_chunks(reference)])
+
+
+def _compared(chunk):
     with torch.inference_mode():
-        for batch, logits16 in reference.pairs():
-            parts.append(compare_tokens(logits16, logits16, batch["input_ids"]))
-    return _joined(parts)
+        return chunk.compare()
 
 
 def _joined(parts) -> Fidelity:

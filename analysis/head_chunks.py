@@ -1,0 +1,205 @@
+"""Next-token logits compared a chunk of tokens at a time: no tensor of a batch's tokens × vocabulary.
+
+A batch's logits take tokens × vocabulary × 4 bytes per float32 copy (1024 tokens × Gemma-3's
+262 144 words: 1 GB), and a comparison makes several (the 16-bit log-probabilities and
+probabilities, each variant's logits and log-probabilities). Where the logits are plain
+``lm_head(base model's last hidden state)`` (:func:`analysis.stream_head.plain_head`), the
+in-memory comparison (:func:`analysis.reference.for_each_variant`) runs the base model of the
+16-bit run and of each variant to their (normed) last hidden states, tokens × hidden each, and
+applies lm_head to :func:`chunk_size` tokens at a time: per chunk the 16-bit logits (and their
+log-probabilities, :class:`~analysis.reference.Logits16`) are made once, then every variant's
+logits, and the caller compares them (KL, top token, NLL) before the next chunk. Memory then holds
+one batch of hidden states per run and one chunk of logits; the numbers are a whole forward's,
+row by row. A model whose logits change after lm_head (:func:`~analysis.stream_head.logit_transforms`)
+keeps whole-batch logits, as one chunk covering the batch. The streamed comparison
+(:mod:`analysis.stream_variants`) yields the same :class:`HeadChunk` values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from quantplan.common.batches import batch_to, model_device
+
+from .reference import (
+    Logits16,
+    TokenComparison,
+    as_logits16,
+    forward_logits,
+    log_probs,
+    no_cache,
+    token_kl,
+    token_mask,
+)
+from .stream_head import memory_chunk_tokens, plain_head
+
+
+@dataclass(frozen=True)
+class HeadChunk:
+    """One chunk of one batch's next-token logits of a variant, beside the 16-bit model's."""
+
+    label: str
+    index: int  # the batch's number
+    batch: dict  # the batch (model keyword arguments), as the calibration set gives it
+    rows: slice  # the positions it covers, counted over the batch flattened row-major (batch × seq)
+    shape: tuple[int, int]  # (batch, seq) of the whole batch
+    logits16: torch.Tensor | Logits16  # [rows, vocab]
+    logits: torch.Tensor  # [rows, vocab]
+
+    def mask(self) -> torch.Tensor:
+        """The batch's attention mask at these positions (all ones without one), on the logits' device."""
+        whole = token_mask(self.batch, torch.empty(self.shape, device=self.logits.device))
+        return whole.reshape(-1)[self.rows]
+
+    def compare(self) -> TokenComparison:
+        """:func:`analysis.reference.compare_tokens` at these positions: KL and same top per position, the NLL of
+        the actual next token at each position that has one in its window (all but each window's last)."""
+        reference = as_logits16(self.logits16)
+        logp, logq = log_probs(reference, self.logits)
+        seq = self.shape[1]
+        positions = torch.arange(self.rows.start, self.rows.start + logq.shape[0])
+        following = positions % seq != seq - 1
+        targets = self.batch["input_ids"].reshape(-1)[positions[following] + 1].to(logq.device)
+        nll = -logq[following.to(logq.device)].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        kl = token_kl(logp, logq, reference.probs(logq.shape[-1], logq.device))
+        return TokenComparison(kl, logp.argmax(-1) == logq.argmax(-1), nll)
+
+    def kl_sum(self) -> torch.Tensor:
+        """Σ over the chunk's unmasked positions of KL(P_16 ‖ Q), in float32."""
+        reference = as_logits16(self.logits16)
+        logp, logq = log_probs(reference, self.logits)
+        per_token = token_kl(logp, logq, reference.probs(logq.shape[-1], logq.device))
+        return (per_token * self.mask().to(per_token)).sum()
+
+
+@dataclass(frozen=True)
+class VariantRuns:
+    """How :func:`analysis.reference.for_each_variant` runs the variants of one model over a batch.
+
+    ``variants``: label -> module names round-tripped (None: the 16-bit model itself); ``formats``: label ->
+    name -> 4-bit format where given (None: the cache's); ``order``: label -> its run in ``runs``
+    (an :class:`~analysis.shared_prefix.PrefixRuns`, run 0 the 16-bit one).
+    """
+
+    model: torch.nn.Module
+    cache: object  # analysis.simulate.QuantCache of the model
+    runs: object  # analysis.shared_prefix.PrefixRuns
+    variants: Mapping
+    formats: Mapping
+    order: Mapping[str, int]
+
+    def chunked(self) -> bool:
+        """Whether the head runs in token chunks apart from the base model (:func:`plain_head`)."""
+        return plain_head(self.model)
+
+    def batch_chunks(self, index: int, batch: dict) -> Iterator[HeadChunk]:
+        """Every variant's chunks of one batch (the runs' recorded outputs must be cleared before)."""
+        return (self._chunked if self.chunked() else self._whole)(index, batch)
+
+    def _whole(self, index: int, batch: dict) -> Iterator[HeadChunk]:
+        """One chunk per variant covering the whole batch: its logits from the model's own forward."""
+        model, cache = self.model, self.cache
+        cache.set_quantized(())
+        with torch.inference_mode():
+            whole16 = self.runs.run(0, partial(forward_logits, model, batch))
+        shape, rows = tuple(whole16.shape[:2]), slice(0, whole16.shape[0] * whole16.shape[1])
+        logits16 = Logits16(whole16.reshape(rows.stop, -1))
+        del whole16
+        for label, names in self.variants.items():
+            if names is None:
+                yield HeadChunk(label, index, batch, rows, shape, logits16, logits16.logits)
+                continue
+            cache.set_quantized(names, self.formats[label])
+            with torch.inference_mode():
+                logits = self.runs.run(self.order[label], partial(forward_logits, model, batch))
+            yield HeadChunk(label, index, batch, rows, shape, logits16, logits.reshape(rows.stop, -1))
+            del logits
+
+    def _chunked(self, index: int, batch: dict) -> Iterator[HeadChunk]:
+        """Each run's last hidden states, then lm_head chunk by chunk: the 16-bit logits once per chunk."""
+        model, cache = self.model, self.cache
+        hidden, restored = {}, {}
+        cache.set_quantized(())
+        with torch.inference_mode():
+            hidden[None] = self.runs.run(0, partial(base_hidden, model, batch))
+            for label, names in self.variants.items():
+                if names is not None:
+                    cache.set_quantized(names, self.formats[label])
+                    if "lm_head" in names:  # its round trip, made by set_quantized: kept for the chunks
+                        restored.setdefault(self._head_format(label), model.lm_head.weight.data)
+                    hidden[label] = self.runs.run(self.order[label], partial(base_hidden, model, batch))
+        cache.set_quantized(())  # lm_head 16-bit again; each variant's head weight below
+        weights, bias = self._head_weights(restored), model.lm_head.bias
+        heads = {label: None if names is None else (partial(F.linear, weight=weights[label], bias=bias), hidden[label])
+                 for label, names in self.variants.items()}
+        yield from head_chunks(index, batch, model.lm_head, hidden[None], heads, chunk_size(model))
+
+    def _head_format(self, label: str):
+        """The format ``label`` round-trips lm_head in."""
+        return (self.formats[label] or {}).get("lm_head") or self.cache.format
+
+    def _head_weights(self, restored: dict) -> dict[str, torch.Tensor]:
+        """label -> the lm_head weight its chunks use: the 16-bit one, or its round trip (``restored``: format -> the
+        one the base runs set)."""
+        return {label: restored[self._head_format(label)] if names is not None and "lm_head" in names
+                else self.model.lm_head.weight for label, names in self.variants.items()}
+
+
+def head_chunks(index: int, batch: dict, head16, hidden16: torch.Tensor, heads: Mapping, step: int) -> Iterator[HeadChunk]:
+    """lm_head of each run, ``step`` tokens at a time: per chunk the 16-bit logits once (``head16`` of the 16-bit
+    run's last hidden states ``hidden16``), then each label's (``heads``: label -> (its head, its hidden states),
+    or None for the 16-bit logits themselves)."""
+    shape = tuple(hidden16.shape[:2])
+    flat16 = hidden16.reshape(-1, hidden16.shape[-1])
+    flat = {label: None if run is None else (run[0], run[1].reshape(-1, run[1].shape[-1])) for label, run in heads.items()}
+    for start in range(0, shape[0] * shape[1], step):
+        rows = slice(start, start + step)
+        with torch.inference_mode():
+            logits16 = Logits16(head16(flat16[rows]))
+        for label, run in flat.items():
+            if run is None:
+                logits = logits16.logits
+            else:
+                with torch.inference_mode():
+                    logits = run[0](run[1][rows])
+            yield HeadChunk(label, index, batch, rows, shape, logits16, logits)
+        del logits16
+
+
+def pair_chunks(reference, model=None) -> Iterator[HeadChunk]:
+    """Per batch of ``reference`` (a :class:`~analysis.reference.KLReference`), ``model``'s logits beside its
+    16-bit model's (``model`` None: the 16-bit logits themselves), labelled "", chunk by chunk where both
+    heads are plain (:func:`plain_head`), else one chunk a batch from whole forwards."""
+    model16 = reference.model
+    chunked = plain_head(model16) and (model is None or plain_head(model))
+    for index, batch in enumerate(reference.batches()):
+        if chunked:
+            with torch.inference_mode():
+                hidden16 = base_hidden(model16, batch)
+                run = None if model is None else (model.lm_head, base_hidden(model, batch))
+            yield from head_chunks(index, batch, model16.lm_head, hidden16, {"": run}, chunk_size(model16))
+            continue
+        with torch.inference_mode():
+            whole16 = forward_logits(model16, batch)
+            whole = whole16 if model is None else forward_logits(model, batch)
+        shape, rows = tuple(whole16.shape[:2]), slice(0, whole16.shape[0] * whole16.shape[1])
+        yield HeadChunk("", index, batch, rows, shape, Logits16(whole16.reshape(rows.stop, -1)),
+                        whole.reshape(rows.stop, -1))
+
+
+def chunk_size(model) -> int:
+    """Tokens per chunk of the head: about :data:`~analysis.stream_head.MIN_CHUNK_BYTES` of logits work space
+    or the head's weight bytes, whichever is larger (:func:`~analysis.stream_head.memory_chunk_tokens`)."""
+    head = model.lm_head
+    return memory_chunk_tokens(head.weight.numel() * head.weight.element_size(), head.out_features)
+
+
+def base_hidden(model, batch: dict) -> torch.Tensor:
+    """The base model's last hidden state on one batch (what lm_head reads in a :func:`plain_head` model)."""
+    base = getattr(model, model.base_model_prefix)
+    return base(**batch_to(batch, model_device(model)), **no_cache(base)).last_hidden_state

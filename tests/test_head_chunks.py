@@ -1,0 +1,170 @@
+"""The in-memory comparisons apply lm_head in token chunks (analysis.head_chunks) with the numbers of whole forwards.
+
+Where the logits are plain ``lm_head(last hidden state)``, the verification's KLs and the fidelity
+scoreboard's per-token KL, same top token and NLL come from the base model's hidden states and the
+head applied a few tokens at a time: they must equal those of one whole forward per batch and
+variant (tied and untied heads, padding, a variant round-tripping lm_head itself in one or two
+formats, a VLM), and no lm_head call may see more than a chunk of tokens. A model that changes its
+logits after lm_head (Gemma-2's soft-capping) keeps whole-batch logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_llama
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+from quantplan.analysis import head_chunks
+from quantplan.analysis.formats import NF4, NF4_BS32
+from quantplan.analysis.reference import InMemoryKLs, KLReference, compare_tokens, forward_logits, kl_sum
+from quantplan.analysis.simulate import QuantCache
+from quantplan.reports.fidelity import measure_variants
+
+LAYERS = 3
+CHUNK = 7  # tokens per chunk: each batch of 4 x 24 positions in 14 chunks, the last one short
+
+
+class PaddedCalibration:
+    """Random windows whose last positions are padding in every other row (an attention mask with zeros)."""
+
+    def __init__(self, samples: int = 6, seq_len: int = 24, vocab: int = 256):
+        self.ids = torch.randint(3, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(5))
+        self.mask = torch.ones_like(self.ids)
+        self.mask[::2, -5:] = 0
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self.ids) // batch_size)
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self.ids), batch_size):
+            yield {"input_ids": self.ids[start:start + batch_size], "attention_mask": self.mask[start:start + batch_size]}
+
+
+def _variants(model) -> dict:
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    body = [n for n in linears if n != "lm_head"]
+    late = [n for n in body if f".layers.{LAYERS - 1}." in n]
+    return {
+        "all": linears,  # lm_head round-tripped too
+        "late": late,  # forks after the 16-bit run's first layers
+        "16-bit": None,
+        "head": ["lm_head"],  # the base as the 16-bit run: only the head differs
+        "menu": {**dict.fromkeys(body), "lm_head": NF4_BS32},  # lm_head in a second format
+    }
+
+
+def _whole(model, reference, cache, names):
+    """Per batch: (batch, 16-bit logits, the variant's logits), each from one whole forward."""
+    for batch in reference.batches():
+        with torch.inference_mode():
+            logits16 = forward_logits(model, batch)
+            if names is None:
+                yield batch, logits16, logits16
+                continue
+            formats = {n: f for n, f in names.items() if f is not None} if isinstance(names, dict) else {}
+            with cache.quantized(list(names), formats):
+                yield batch, logits16, forward_logits(model, batch)
+
+
+def _assert_equal_to_whole_forwards(model, reference, variants):
+    """The comparisons' numbers equal whole forwards'; returns (the KLs, the tokens of each lm_head call they made)."""
+    cache = QuantCache(model, NF4)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: seen.append(args[0][..., 0].numel()))
+    try:
+        measured = InMemoryKLs(reference, cache)(variants)
+        scored = measure_variants(reference, cache, variants)
+    finally:
+        hook.remove()
+    for label, names in variants.items():
+        total, parts = 0.0, []
+        for batch, logits16, logits in _whole(model, reference, cache, names):
+            total += float(kl_sum(logits16, logits, batch))
+            parts.append(compare_tokens(logits16, logits, batch["input_ids"]))
+        for field in ("kld", "nll"):
+            expected = torch.cat([getattr(p, field).flatten() for p in parts]).double()
+            got = torch.from_numpy(getattr(scored[label], field))
+            assert got.shape == expected.shape, (label, field)
+            assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), (label, field)
+        same = torch.cat([p.same_top.flatten() for p in parts]).numpy()
+        assert (scored[label].same_top == same).all(), label
+        # a float32 Σ P (log P − log Q) carries ~1e-7 nats of rounding per token whatever the KL: the logits of a
+        # chunk of rows and of the whole batch differ in their last bits (BLAS), which that much absolute noise shows
+        assert measured.kld[label] == pytest.approx(total / reference.tokens, rel=1e-5, abs=1e-7), label
+    assert not cache._originals  # the 16-bit weights are back
+    return measured, seen
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_chunked_comparisons_equal_whole_forwards(tie, monkeypatch):
+    monkeypatch.setattr(head_chunks, "chunk_size", lambda model: CHUNK)
+    model = tiny_llama(layers=LAYERS, tie=tie).float()
+    reference = KLReference(model, PaddedCalibration(), batch_size=4)
+    measured, seen = _assert_equal_to_whole_forwards(model, reference, _variants(model))
+    assert seen and max(seen) <= CHUNK  # never a whole batch's logits, in any of the runs
+    assert measured.kld["16-bit"] == 0.0 and measured.kld["head"] > 0 and measured.kld["all"] > measured.kld["late"] > 0
+    assert measured.kld["menu"] != measured.kld["all"]  # lm_head's second format is the one used
+
+
+def test_a_model_transforming_its_logits_keeps_whole_batch_logits(monkeypatch):
+    monkeypatch.setattr(head_chunks, "chunk_size", lambda model: CHUNK)
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=3.0,
+                          pad_token_id=0)
+    model = Gemma2ForCausalLM(config).float().eval()
+    reference = KLReference(model, PaddedCalibration(), batch_size=4)
+    measured, seen = _assert_equal_to_whole_forwards(model, reference, _variants(model))
+    assert set(seen) == {4 * 24, 2 * 24}  # whole batches (6 windows: 4 + 2), the model's own forwards: soft-capped
+    assert measured.kld["all"] > 0
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava"])
+def test_a_vlm_compares_in_chunks_with_the_numbers_of_whole_forwards(arch, monkeypatch, tmp_path):
+    """The base model of a VLM (its language model fed the image features) gives the hidden states lm_head reads."""
+    from vlm_models import save_tiny_vlm
+
+    from quantplan.analysis import load_model, load_processor, resolve_source
+    from quantplan.analysis.vision import load_image_calibration
+
+    monkeypatch.setattr(head_chunks, "chunk_size", lambda model: CHUNK)
+    source = resolve_source(str(save_tiny_vlm(arch, tmp_path / arch)))
+    model = load_model(source).float()
+    calibration = load_image_calibration(load_processor(source), "default", samples=2)
+    reference = KLReference(model, calibration, batch_size=2)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    variants = {"16-bit": None, "language": [n for n in names if "language_model" in n or n == "lm_head"],
+                "vision": [n for n in names if "language_model" not in n and n != "lm_head"]}
+    measured, seen = _assert_equal_to_whole_forwards(model, reference, variants)
+    assert seen and max(seen) <= CHUNK
+    assert measured.kld["language"] > 0 and measured.kld["vision"] > 0
+
+
+def test_another_model_compares_in_chunks_with_the_numbers_of_whole_forwards(monkeypatch):
+    """fidelity.measure (a real bitsandbytes load beside the 16-bit model) and model_kld chunk both heads."""
+    from quantplan.analysis.reference import model_kld
+    from quantplan.reports.fidelity import fidelity_of_self, measure
+
+    monkeypatch.setattr(head_chunks, "chunk_size", lambda model: CHUNK)
+    model16, other = tiny_llama(layers=LAYERS).float(), tiny_llama(layers=LAYERS).float()
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.mul_(1.1)
+        other.lm_head.weight.add_(0.01 * torch.randn_like(other.lm_head.weight))
+    reference = KLReference(model16, PaddedCalibration(), batch_size=4)
+    seen = []
+    for model in (model16, other):
+        model.lm_head.register_forward_hook(lambda module, args, output: seen.append(args[0][..., 0].numel()))
+    got, own, kld = measure(other, reference), fidelity_of_self(reference), model_kld(other, reference)
+    assert seen and max(seen) <= CHUNK
+    with torch.inference_mode():
+        pairs = [(b, forward_logits(model16, b), forward_logits(other, b)) for b in reference.batches()]
+    parts = [compare_tokens(p, q, b["input_ids"]) for b, p, q in pairs]
+    for field in ("kld", "nll"):
+        expected = torch.cat([getattr(p, field).flatten() for p in parts]).double()
+        assert torch.allclose(torch.from_numpy(getattr(got, field)), expected, rtol=1e-4, atol=1e-6), field
+    assert (got.same_top == torch.cat([p.same_top.flatten() for p in parts]).numpy()).all()
+    whole = sum(float(kl_sum(p, q, b)) for b, p, q in pairs) / reference.tokens
+    assert kld == pytest.approx(whole, rel=1e-5, abs=1e-7) and kld > 0
+    own_nll = torch.cat([compare_tokens(p, p, b["input_ids"]).nll.flatten() for b, p, _ in pairs]).double()
+    assert (own.kld == 0).all() and torch.allclose(torch.from_numpy(own.nll), own_nll, rtol=1e-5, atol=1e-6)
