@@ -155,7 +155,7 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
     grad_context = grads.attached() if grads else nullcontext()
     energy_context = energy.attached() if energy else nullcontext()
     no_grad = nullcontext() if grads else torch.inference_mode()
-    stop = DeferredInterrupt()
+    stop = DeferredInterrupt(enabled=bool(partial))  # without an output folder there is nothing to wait and save for
     try:
         with probe.attached(), grad_context, energy_context, no_grad, stop:
             bar = tqdm(total=total, initial=probe.batches_done, desc="calibration batches", disable=not progress)

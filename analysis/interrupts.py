@@ -30,13 +30,14 @@ class DeferredInterrupt:
     process ignores (``SIG_IGN``, as for a job started in the background) stays ignored.
     """
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled  # False: signals act as usual (nothing would be saved, so nothing to wait for)
         self.requested: str | None = None  # the name of the first signal received, until raised
         self._seen: set[int] = set()
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> DeferredInterrupt:
-        for number in _NAMES:
+        for number in _NAMES if self.enabled else ():
             try:
                 previous = signal.getsignal(number)
                 if previous is signal.SIG_IGN:
@@ -47,10 +48,12 @@ class DeferredInterrupt:
             self._previous[number] = previous
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for number, previous in self._previous.items():
             signal.signal(number, signal.SIG_DFL if previous is None else previous)  # None: not set from Python
         self._previous.clear()
+        if exc_type is None:
+            self.check()  # a signal noted after the last check is not lost
 
     def check(self) -> None:
         """Raise ``KeyboardInterrupt`` if a signal came since the last check (call it between batches)."""

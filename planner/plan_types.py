@@ -172,6 +172,11 @@ class Verification:
     plans: tuple[str, ...] = ("plan",)  # labels of the planned candidates (the plan, its single-format siblings)
 
     @property
+    def sibling_shipped(self) -> bool:
+        """A single-format sibling of the plan ships (it measured lowest)."""
+        return self.chosen in self.plans[1:]
+
+    @property
     def plan_kld(self) -> float:
         """The measured calibration KL of the planned candidate that ships (the plan's when a heuristic won)."""
         return self.calibration_kld[self.chosen if self.chosen in self.plans else self.plans[0]]

@@ -72,7 +72,7 @@ def verify(table, chosen: Plan, model=None, calibration=None, *, batch_size: int
     measured = measure(_configs(variants))
     kld = dict(measured.kld)
     plans = (PLAN, *siblings)
-    if kld[min(plans, key=kld.get)] >= kld[nothing.label] and not chosen.vllm_safe:
+    if not kld[_best(kld, plans)] < kld[nothing.label] and not chosen.vllm_safe:
         # no planned candidate beats all-4-bit: measure the fallbacks (the heuristics do not know fused groups)
         fallbacks = {k.label: k for k in baseline_keep_sets(table, chosen, seeds=())}
         variants.update(fallbacks)
@@ -98,6 +98,12 @@ def verify(table, chosen: Plan, model=None, calibration=None, *, batch_size: int
     return replace(fallback, checks=replace(chosen.checks, verification=record))
 
 
+def _best(kld: dict[str, float], plans: tuple[str, ...]) -> str:
+    """The lowest-KL planned candidate, NaN ones left out (the plan on a tie, or when all are NaN)."""
+    measured = [label for label in plans if kld[label] == kld[label]]
+    return min(measured, key=kld.get) if measured else plans[0]  # min keeps the first of equal values
+
+
 def _configs(variants) -> dict[str, dict]:
     """label -> module -> its 4-bit format (None: the plan's), what a KL measurement takes."""
     return {label: {n: keep.formats.get(n) for n in sorted(keep.quantized)} for label, keep in variants.items()}
@@ -106,16 +112,18 @@ def _configs(variants) -> dict[str, dict]:
 def choose(kld: dict[str, float], plans: tuple[str, ...], all_4bit_label: str) -> str:
     """The lowest-KL planned candidate (``plans``: the plan first, then its siblings; the plan on a tie) if it is
     below all-4-bit's, else the lowest-KL variant below all-4-bit's, else all-4-bit."""
-    best = min(plans, key=lambda label: kld[label])  # min keeps the first of equal values: the plan
+    best = _best(kld, plans)
     if kld[best] < kld[all_4bit_label]:
         return best
     better = {label: v for label, v in kld.items() if label not in plans and v < kld[all_4bit_label]}
     return min(better, key=better.get) if better else all_4bit_label
 
 
-def single_format_siblings(table, chosen: Plan, plan_with_tiers: Callable[[tuple[str, ...]], Plan]) -> dict[str, Plan]:
+def single_format_siblings(table, chosen: Plan,
+                           plan_with_tiers: Callable[[tuple[str, ...]], Plan | None]) -> dict[str, Plan]:
     """The plans at ``chosen``'s budget that use one 4-bit format of its menu each (label -> plan), leaving out
-    any that makes the very same choices as ``chosen`` or an earlier sibling; none for a single-format plan.
+    any that makes the very same choices as ``chosen`` or an earlier sibling, or that cannot be planned
+    (``plan_with_tiers`` returns None: that format alone does not fit the bytes); none for a single-format plan.
 
     The table's scores rank the menu's formats against 16-bit keeps to first order; at equal bytes a
     uniform format can measure better (on SmolLM2 at +10 % blocksize 32 everywhere + keeps beat the
@@ -127,7 +135,7 @@ def single_format_siblings(table, chosen: Plan, plan_with_tiers: Callable[[tuple
     seen, siblings = [chosen.choices], {}
     for tier in chosen.tiers:
         sibling = plan_with_tiers((tier,))
-        if sibling.choices not in seen:
+        if sibling is not None and sibling.choices not in seen:
             seen.append(sibling.choices)
             siblings[f"{PLAN}, {tier} only"] = sibling
     return siblings

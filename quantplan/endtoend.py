@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 from quantplan.analysis.config import AnalyzeConfig, calibration_of
@@ -99,8 +100,8 @@ class EndToEnd:
         if not self.verify:
             return chosen
         with stage("verification"):
-            chosen = verify(table, chosen, model, calibration, siblings=siblings_of(table, config, chosen),
-                            **shared)
+            siblings = {} if self.refine else siblings_of(table, config, chosen)  # the refined plan stands alone
+            chosen = verify(table, chosen, model, calibration, siblings=siblings, **shared)
         if self.refine is None:
             chosen = self.refine_if_broken(table, budget, config, chosen, model, calibration, shared)
         return chosen
@@ -134,10 +135,26 @@ def siblings_of(table: SensitivityTable, config: PlanConfig, chosen: Plan) -> di
     from quantplan.planner.verify import single_format_siblings
 
     def plan_with(tiers):  # the plan's own byte budget (a relative one would be relative to the sibling's tier)
-        sibling = replace(config.weights_only(), tiers=tiers).plan(table, chosen.budget.bytes)
-        return replace(sibling, budget=chosen.budget, device=chosen.device)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the plan's own warnings were given already
+                sibling = replace(config.weights_only(), tiers=tiers).plan(table, chosen.budget.bytes)
+        except ValueError:  # BudgetError included: this format alone does not fit the bytes, or a pin splits a set
+            return None
+        return as_menu_plan(sibling, chosen)
 
     return single_format_siblings(table, chosen, plan_with)
+
+
+def as_menu_plan(sibling: Plan, chosen: Plan) -> Plan:
+    """``sibling`` (planned with one format of ``chosen``'s menu) with the menu plan's identity: its budget,
+    tiers and reference format (blocksize 64's all-4-bit, what ``+10%`` counts from and the report compares
+    with), so the choices alone differ and a shipped sibling reads like any menu plan."""
+    p = chosen.predicted
+    predicted = replace(sibling.predicted, bytes_all_4bit=p.bytes_all_4bit, error_all_4bit=p.error_all_4bit,
+                        over_all_4bit=sibling.predicted.bytes / p.bytes_all_4bit - 1)
+    return replace(sibling, budget=chosen.budget, device=chosen.device, tiers=list(chosen.tiers), quant=chosen.quant,
+                   formats=chosen.formats, predicted=predicted)
 
 
 def shipped_kld(verified: Plan) -> float:

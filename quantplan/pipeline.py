@@ -205,7 +205,9 @@ def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, config: 
     out_dir = Path(out_dir)
     config = config or PlanConfig()
     chosen = make_plan() if make_plan else config.plan(table, budget)
-    chosen = replace(chosen, compat=loader_compat(table, chosen, config))
+    record = chosen.checks.verification
+    planned_with = replace(config, tiers=tuple(chosen.used_formats)) if record and record.sibling_shipped else config
+    chosen = replace(chosen, compat=loader_compat(table, chosen, planned_with))
     chosen.save(out_dir / "plan.json")
     with stage("pareto curve"):
         pareto_curve(table, config=config).to_csv(out_dir / "pareto.csv", index=False)

@@ -239,10 +239,11 @@ def test_run_with_the_menu_verifies_and_exports_a_mixed_plan(tmp_path):
     chosen = out["plan_obj"]
     record = chosen.checks.verification
     assert record is not None and record.chosen in record.plans  # the menu plan or a single-format sibling
+    assert chosen.tiers == ["nf4", "nf4-bs32"]  # a shipped sibling keeps the menu's tiers and reference
     if record.chosen == "plan":
-        assert chosen.tiers == ["nf4", "nf4-bs32"] and chosen.mixed_blocksizes
+        assert chosen.mixed_blocksizes
     else:
-        assert list(chosen.tiers) == [record.chosen.removeprefix("plan, ").removesuffix(" only")]
+        assert chosen.used_formats == [record.chosen.removeprefix("plan, ").removesuffix(" only")]
     assert out["export"].checkpoint_bytes == pytest.approx(chosen.predicted.bytes, rel=0.01)
 
 

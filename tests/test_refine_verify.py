@@ -9,7 +9,7 @@ from quantplan.analysis import INT8, NF4, analyze
 from quantplan.analysis.formats import NF4_BS32
 from quantplan.analysis.reference import KLReference, VariantKLs, calibration_kld
 from quantplan.analysis.simulate import QuantCache
-from quantplan.endtoend import siblings_of
+from quantplan.endtoend import EndToEnd, siblings_of
 from quantplan.planner import KEEP, plan
 from quantplan.planner.baselines import all_4bit, plan_keep_set
 from quantplan.planner.config import PlanConfig
@@ -117,7 +117,7 @@ def test_single_format_siblings_of_a_menu_plan(menu_job):
     siblings = siblings_of(table, PlanConfig(), menu)
     assert set(siblings) <= {"plan, nf4 only", "plan, nf4-bs32 only"} and siblings
     for label, sibling in siblings.items():
-        assert list(sibling.tiers) == [label.split(", ")[1].removesuffix(" only")]
+        assert sibling.used_formats == [label.split(", ")[1].removesuffix(" only")] and sibling.tiers == menu.tiers
         assert sibling.choices != menu.choices and sibling.budget == menu.budget  # the same bytes, not "+10 %" of its own tier
         assert sibling.predicted.bytes <= menu.budget.bytes
     single = plan(table, "+10%", tiers=["nf4"])
@@ -145,3 +145,31 @@ def test_verify_ships_the_lowest_measured_sibling(menu_job, capsys):
     assert "nf4-bs32 only plan's KL 0.1000 < the plan's 0.5000" in capsys.readouterr().out
     restored = Checks.from_dict(shipped.checks.to_dict()).verification
     assert restored == shipped.checks.verification and restored.plan_kld == 0.1
+
+
+def test_siblings_that_cannot_fit_are_left_out_and_a_shipped_sibling_keeps_the_menu_reference(menu_job):
+    model, calibration, table, shared = menu_job
+    for budget in ("+0%", "+1%"):  # below all-nf4-bs32's bytes: that sibling cannot be planned, the run goes on
+        checked = EndToEnd(refine=0).run_checks(table, budget, PlanConfig(), model, calibration, **shared)
+        record = checked.checks.verification
+        assert "plan, nf4-bs32 only" not in record.calibration_kld and record.chosen in record.plans + (record.all_4bit,)
+    menu = plan(table, "+10%")
+    for sibling in siblings_of(table, PlanConfig(), menu).values():
+        assert sibling.tiers == menu.tiers and sibling.quant == menu.quant and sibling.budget == menu.budget
+        assert sibling.predicted.bytes_all_4bit == menu.predicted.bytes_all_4bit
+        assert sibling.predicted.error_all_4bit == menu.predicted.error_all_4bit
+        assert sibling.predicted.over_all_4bit == pytest.approx(sibling.predicted.bytes / menu.predicted.bytes_all_4bit - 1)
+        assert len(sibling.used_formats) == 1
+
+
+def test_a_nan_plan_kl_measures_the_fallbacks(menu_job):
+    _, _, table, _ = menu_job
+    measured = []
+
+    def measure(variants):
+        measured.extend(variants)
+        return VariantKLs({label: float("nan") if label == "plan" else 0.3 if label == "all-NF4" else 0.2
+                           for label in variants}, 64)
+
+    checked = verify(table, plan(table, "+10%", tiers=["nf4"]), measure=measure)
+    assert "first+last layers @ +10%" in measured and checked.checks.verification.chosen != "plan"
