@@ -19,6 +19,7 @@ from torch import nn
 from quantplan.common.batches import batch_to
 
 from .finite_rows import finite_squared_sum
+from .hooks import module_hooks
 
 
 @dataclass
@@ -40,13 +41,8 @@ class GradientProbe:
         A forward hook registers a gradient hook on each output tensor: cheaper than
         ``register_full_backward_hook``, which wraps every input and output in an extra autograd node.
         """
-        modules = dict(self.model.named_modules())
-        handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
-        try:
+        with module_hooks(self.model, {n: self._hook(n) for n in self.names}):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def _hook(self, name: str):
         def on_gradient(g):

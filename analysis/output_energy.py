@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .hooks import module_hooks
 from .probe import InputStats
 
 ENERGY_KEY, TOKENS_KEY = "energy", "energytokens"
@@ -45,13 +46,9 @@ class OutputEnergy:
     def attached(self):
         """Hook the outputs of the named bias-free modules for the duration of the block."""
         modules = dict(self.model.named_modules())
-        handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names
-                   if getattr(modules[n], "bias", None) is None]
-        try:
+        bias_free = [n for n in self.names if getattr(modules[n], "bias", None) is None]
+        with module_hooks(self.model, {n: self._hook(n) for n in bias_free}):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def _hook(self, name: str):
         def hook(module, args, output):

@@ -25,6 +25,7 @@ from quantplan.common.files import atomic_write_text, staged_file
 
 from .finite_rows import finite_rows_absmax
 from .gram import add_upper, clear_lower, mirror_lower
+from .hooks import module_hooks
 
 
 @dataclass
@@ -93,13 +94,8 @@ class InputProbe:
     @contextmanager
     def attached(self):
         """Register the pre-hooks for the duration of the block."""
-        modules = dict(self.model.named_modules())
-        handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
-        try:
+        with module_hooks(self.model, {n: self._hook(n) for n in self.names}, pre=True):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def start_batch(self) -> None:
         """A batch begins: forget the tensors seen in the previous one; until :meth:`commit_batch` the totals
