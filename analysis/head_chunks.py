@@ -9,8 +9,9 @@ in-memory comparison (:func:`analysis.reference.for_each_variant`) runs the base
 applies lm_head to :func:`chunk_size` tokens at a time: per chunk the 16-bit logits (and their
 log-probabilities, :class:`~analysis.reference.Logits16`) are made once, then every variant's
 logits, and the caller compares them (KL, top token, NLL) before the next chunk. Memory then holds
-one batch of hidden states per run and one chunk of logits; the numbers are a whole forward's,
-row by row. A model whose logits change after lm_head (:func:`~analysis.stream_head.logit_transforms`)
+one batch of hidden states per run and one chunk of logits (plus, where variants quantize
+lm_head, one round-tripped lm_head weight per distinct lm_head format: at most the menu's size); the
+numbers are a whole forward's, row by row. A model whose logits change after lm_head (:func:`~analysis.stream_head.logit_transforms`)
 keeps whole-batch logits, as one chunk covering the batch. The streamed comparison
 (:mod:`analysis.stream_variants`) yields the same :class:`HeadChunk` values.
 """
