@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_llama
+from tiny import PaddedCalibration, tiny_llama, whole_forwards
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from quantplan.analysis import head_chunks
@@ -23,22 +23,6 @@ from quantplan.reports.fidelity import measure_variants
 
 LAYERS = 3
 CHUNK = 7  # tokens per chunk: each batch of 4 x 24 positions in 14 chunks, the last one short
-
-
-class PaddedCalibration:
-    """Random windows whose last positions are padding in every other row (an attention mask with zeros)."""
-
-    def __init__(self, samples: int = 6, seq_len: int = 24, vocab: int = 256):
-        self.ids = torch.randint(3, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(5))
-        self.mask = torch.ones_like(self.ids)
-        self.mask[::2, -5:] = 0
-
-    def num_batches(self, batch_size: int) -> int:
-        return -(-len(self.ids) // batch_size)
-
-    def batches(self, batch_size: int):
-        for start in range(0, len(self.ids), batch_size):
-            yield {"input_ids": self.ids[start:start + batch_size], "attention_mask": self.mask[start:start + batch_size]}
 
 
 def _variants(model) -> dict:
@@ -54,19 +38,6 @@ def _variants(model) -> dict:
     }
 
 
-def _whole(model, reference, cache, names):
-    """Per batch: (batch, 16-bit logits, the variant's logits), each from one whole forward."""
-    for batch in reference.batches():
-        with torch.inference_mode():
-            logits16 = forward_logits(model, batch)
-            if names is None:
-                yield batch, logits16, logits16
-                continue
-            formats = {n: f for n, f in names.items() if f is not None} if isinstance(names, dict) else {}
-            with cache.quantized(list(names), formats):
-                yield batch, logits16, forward_logits(model, batch)
-
-
 def _assert_equal_to_whole_forwards(model, reference, variants):
     """The comparisons' numbers equal whole forwards'; returns (the KLs, the tokens of each lm_head call they made)."""
     cache = QuantCache(model, NF4)
@@ -79,7 +50,7 @@ def _assert_equal_to_whole_forwards(model, reference, variants):
         hook.remove()
     for label, names in variants.items():
         total, parts = 0.0, []
-        for batch, logits16, logits in _whole(model, reference, cache, names):
+        for batch, logits16, logits in whole_forwards(model, reference, cache, names):
             total += float(kl_sum(logits16, logits, batch))
             parts.append(compare_tokens(logits16, logits, batch["input_ids"]))
         for field in ("kld", "nll"):
@@ -100,7 +71,7 @@ def _assert_equal_to_whole_forwards(model, reference, variants):
 def test_chunked_comparisons_equal_whole_forwards(tie, monkeypatch):
     monkeypatch.setattr(head_chunks, "chunk_size", lambda model: CHUNK)
     model = tiny_llama(layers=LAYERS, tie=tie).float()
-    reference = KLReference(model, PaddedCalibration(), batch_size=4)
+    reference = KLReference(model, PaddedCalibration(seed=5), batch_size=4)
     measured, seen = _assert_equal_to_whole_forwards(model, reference, _variants(model))
     assert seen and max(seen) <= CHUNK  # never a whole batch's logits, in any of the runs
     assert measured.kld["16-bit"] == 0.0 and measured.kld["head"] > 0 and measured.kld["all"] > measured.kld["late"] > 0
@@ -114,7 +85,7 @@ def test_a_model_transforming_its_logits_keeps_whole_batch_logits(monkeypatch):
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=3.0,
                           pad_token_id=0)
     model = Gemma2ForCausalLM(config).float().eval()
-    reference = KLReference(model, PaddedCalibration(), batch_size=4)
+    reference = KLReference(model, PaddedCalibration(seed=5), batch_size=4)
     measured, seen = _assert_equal_to_whole_forwards(model, reference, _variants(model))
     assert set(seen) == {4 * 24, 2 * 24}  # whole batches (6 windows: 4 + 2), the model's own forwards: soft-capped
     assert measured.kld["all"] > 0
@@ -151,7 +122,7 @@ def test_another_model_compares_in_chunks_with_the_numbers_of_whole_forwards(mon
     with torch.no_grad():
         other.model.layers[1].mlp.down_proj.weight.mul_(1.1)
         other.lm_head.weight.add_(0.01 * torch.randn_like(other.lm_head.weight))
-    reference = KLReference(model16, PaddedCalibration(), batch_size=4)
+    reference = KLReference(model16, PaddedCalibration(seed=5), batch_size=4)
     seen = []
     for model in (model16, other):
         model.lm_head.register_forward_hook(lambda module, args, output: seen.append(args[0][..., 0].numel()))

@@ -11,31 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import tiny_llama
+from tiny import PaddedCalibration, tiny_llama, whole_forwards
 
 from quantplan.analysis.formats import NF4, NF4_BS32
-from quantplan.analysis.reference import InMemoryKLs, KLReference, batch_tokens, forward_logits
+from quantplan.analysis.reference import InMemoryKLs, KLReference, batch_tokens
 from quantplan.analysis.shared_prefix import Fork, PrefixRuns
 from quantplan.analysis.simulate import QuantCache
 from quantplan.reports.fidelity import measure_variants
 
 LAYERS = 4
-
-
-class PaddedCalibration:
-    """Random windows whose last positions are padding in every other row (an attention mask with zeros)."""
-
-    def __init__(self, samples: int = 6, seq_len: int = 24):
-        self.ids = torch.randint(3, 256, (samples, seq_len), generator=torch.Generator().manual_seed(3))
-        self.mask = torch.ones_like(self.ids)
-        self.mask[::2, -5:] = 0
-
-    def num_batches(self, batch_size: int) -> int:
-        return -(-len(self.ids) // batch_size)
-
-    def batches(self, batch_size: int):
-        for start in range(0, len(self.ids), batch_size):
-            yield {"input_ids": self.ids[start:start + batch_size], "attention_mask": self.mask[start:start + batch_size]}
 
 
 def _layer(i: int) -> list[str]:
@@ -65,22 +49,9 @@ def setup():
     return model, reference, QuantCache(model, NF4)
 
 
-def _whole(model, reference, cache, names):
-    """Per batch: (batch, 16-bit logits, the variant's logits), each from a whole forward."""
-    for batch in reference.batches():
-        with torch.inference_mode():
-            logits16 = forward_logits(model, batch)
-            if names is None:
-                yield batch, logits16, logits16
-                continue
-            formats = names if isinstance(names, dict) else {}
-            with cache.quantized(list(names), {n: f for n, f in formats.items() if f is not None}):
-                yield batch, logits16, forward_logits(model, batch)
-
-
 def _plain_kld(model, reference, cache, names) -> float:
     total = 0.0
-    for batch, logits16, logits in _whole(model, reference, cache, names):
+    for batch, logits16, logits in whole_forwards(model, reference, cache, names):
         per_token = F.kl_div(torch.log_softmax(logits.float(), -1), torch.log_softmax(logits16.float(), -1),
                              log_target=True, reduction="none").sum(-1)
         total += float((per_token * batch["attention_mask"]).sum())
@@ -147,7 +118,7 @@ def test_report_comparisons_equal_whole_forwards(setup):
     measured = measure_variants(reference, cache, variants)
     for label, names in variants.items():
         expected = []
-        for _batch, logits16, logits in _whole(model, reference, cache, names):
+        for _batch, logits16, logits in whole_forwards(model, reference, cache, names):
             logp, logq = torch.log_softmax(logits16.float(), -1), torch.log_softmax(logits.float(), -1)
             expected.append((logp.exp() * (logp - logq)).sum(-1).flatten())
         assert torch.allclose(torch.from_numpy(measured[label].kld).float(), torch.cat(expected),

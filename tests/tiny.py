@@ -84,3 +84,36 @@ LARGE_VOCAB = 262_144
 def large_vocab_llama(vocab: int = LARGE_VOCAB) -> LlamaForCausalLM:
     """A 2-layer, hidden-64 Llama with a ≥ 256k vocabulary: memory there is logits, not weights."""
     return tiny_llama(layers=2, hidden=64, intermediate=128, vocab=vocab)
+
+
+class PaddedCalibration:
+    """Random windows whose last positions are padding in every other row (an attention mask with zeros)."""
+
+    def __init__(self, samples: int = 6, seq_len: int = 24, vocab: int = 256, seed: int = 3):
+        self.ids = torch.randint(3, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
+        self.mask = torch.ones_like(self.ids)
+        self.mask[::2, -5:] = 0
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self.ids) // batch_size)
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self.ids), batch_size):
+            yield {"input_ids": self.ids[start:start + batch_size], "attention_mask": self.mask[start:start + batch_size]}
+
+
+def whole_forwards(model, reference, cache, names):
+    """Per batch of ``reference``: (batch, 16-bit logits, the variant's logits), each from one whole forward;
+    ``names``: the variant's quantized modules (a dict may give each its 4-bit format, None: the cache's), or
+    None for the 16-bit run itself. What the chunked and forked comparisons are checked against."""
+    from quantplan.analysis.reference import forward_logits
+
+    for batch in reference.batches():
+        with torch.inference_mode():
+            logits16 = forward_logits(model, batch)
+            if names is None:
+                yield batch, logits16, logits16
+                continue
+            formats = {n: f for n, f in names.items() if f is not None} if isinstance(names, dict) else {}
+            with cache.quantized(list(names), formats):
+                yield batch, logits16, forward_logits(model, batch)
