@@ -24,6 +24,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from quantplan.common.batches import batch_to, model_device
 
@@ -178,7 +179,9 @@ def pair_chunks(reference, model=None) -> Iterator[HeadChunk]:
     heads are plain (:func:`plain_head`), else one chunk a batch from whole forwards."""
     model16 = reference.model
     chunked = plain_head(model16) and (model is None or plain_head(model))
-    for index, batch in enumerate(reference.batches()):
+    batches = tqdm(reference.batches(), total=reference.count, desc="16-bit" if model is None else "model vs 16-bit",
+                   disable=not reference.progress, leave=False)
+    for index, batch in enumerate(batches):
         if chunked:
             with torch.inference_mode():
                 hidden16 = base_hidden(model16, batch)

@@ -151,7 +151,7 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
     if model16 is None:
         with stage("load model"):
             model16 = load_model(source, dtype=dtype, device=options.device)
-    reference = heldout_reference(model16, heldout.input_ids, options.batch_size)
+    reference = heldout_reference(model16, heldout.input_ids, options.batch_size, options.progress)
     footprint16 = footprint_16bit(model16)
     generations = {"16-bit": _generate(model16, processor, options)}
     cache = QuantCache(model16, fmt)

@@ -57,9 +57,10 @@ class Fidelity:
         }
 
 
-def heldout_reference(model, input_ids: torch.Tensor, batch_size: int = 4) -> KLReference:
-    """The 16-bit logits of ``model`` on held-out windows (``[samples, seq_len]`` token ids), cached per batch."""
-    return KLReference(model, CalibrationSet(input_ids, "heldout", 0), batch_size)
+def heldout_reference(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = False) -> KLReference:
+    """The 16-bit logits of ``model`` on held-out windows (``[samples, seq_len]`` token ids), cached per batch
+    (``progress``: a progress bar per pass over the windows)."""
+    return KLReference(model, CalibrationSet(input_ids, "heldout", 0), batch_size, progress=progress)
 
 
 def measure(model, reference: KLReference) -> Fidelity:

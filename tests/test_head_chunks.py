@@ -139,3 +139,15 @@ def test_another_model_compares_in_chunks_with_the_numbers_of_whole_forwards(mon
     assert kld == pytest.approx(whole, rel=1e-5, abs=1e-7) and kld > 0
     own_nll = torch.cat([compare_tokens(p, p, b["input_ids"]).nll.flatten() for b, p, _ in pairs]).double()
     assert (own.kld == 0).all() and torch.allclose(torch.from_numpy(own.nll), own_nll, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_comparing_another_model_shows_a_progress_bar_when_asked(progress, capsys):
+    """model_kld / fidelity.measure walk the batches with a bar when the reference has ``progress`` (a long
+    scoreboard row must not look hung), and print nothing otherwise."""
+    from quantplan.analysis.reference import model_kld
+
+    model16, other = tiny_llama(layers=1).float(), tiny_llama(layers=1).float()
+    model_kld(other, KLReference(model16, PaddedCalibration(seed=5), batch_size=4, progress=progress))
+    err = capsys.readouterr().err
+    assert ("model vs 16-bit" in err) is progress
