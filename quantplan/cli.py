@@ -15,6 +15,7 @@ from quantplan.common.noise import quiet_progress, silence_library_noise
 from quantplan.reports.compare import ReportDepth
 
 from .compare_cli import add_compare_args, add_compare_parser, compare_config_from_args
+from .endtoend import DEFAULT_TOKENS
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError, OSError)
 DEFAULT_MODEL_HELP = "hub id, local folder, or nothing for the offline default (SmolLM2-135M-Instruct)"
@@ -88,10 +89,30 @@ def _run(args) -> int:
     if args.dry_run:
         return _dry_run(args)
     compare = None if args.no_compare else compare_config_from_args(args)
-    end_to_end = EndToEnd(refine=args.refine, verify=not args.no_verify, max_batches=args.end_to_end_batches)
+    end_to_end = EndToEnd(refine=args.refine, verify=not args.no_verify, **_end_to_end_batches(args.end_to_end_batches))
     run(args.model, args.budget, args.out, analyze_config_from_args(args), plan_config=plan_config_from_args(args),
         compare=compare, end_to_end=end_to_end, overwrite=args.overwrite)
     return 0
+
+
+def _batches_or_all(text: str) -> int | str:
+    """``--end-to-end-batches``: a positive number of batches, or ``all``."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of batches of at least 1, or all")
+    return value
+
+
+def _end_to_end_batches(value: int | str | None) -> dict:
+    """EndToEnd's batch bound from ``--end-to-end-batches`` (None: the default token bound; all: none)."""
+    if value == "all":
+        return {"max_batches": None, "max_tokens": None}
+    return {} if value is None else {"max_batches": value}
 
 
 def _dry_run(args) -> int:
@@ -183,8 +204,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="re-plan on measured KL gradients in ROUNDS rounds (each one forward+backward pass "
                              "over the calibration batches). Default: 4 rounds, only when the verification finds "
                              "that 4-bit breaks the model badly (planner/auto_refine.py); 0: never")
-    checks.add_argument("--end-to-end-batches", type=int, default=None, metavar="N",
-                        help="calibration batches used by --refine and the verification (default: all)")
+    checks.add_argument("--end-to-end-batches", type=_batches_or_all, default=None, metavar="N|all",
+                        help="calibration batches used by --refine and the verification (default: the first "
+                             f"{DEFAULT_TOKENS} tokens' worth; all: every calibration batch)")
     out = run.add_argument_group("output")
     out.add_argument("--out", help="output folder (default: ./<model-name>-dynamic-bnb-4bit)")
     out.add_argument("--overwrite", action="store_true",

@@ -2,8 +2,9 @@
 
 ``refine`` rounds of measured KL gradients (:mod:`planner.refine`) when asked for, then the
 never-worse-than-all-4-bit check (:mod:`planner.verify`, on by default), both on the first
-``max_batches`` calibration batches (default: all of them), sharing one loaded model, one
-16-bit reference and one cache of 4-bit round trips. By default (``refine=None``) the verified
+calibration batches (:meth:`EndToEnd.batches`: by default those covering :data:`DEFAULT_TOKENS`
+tokens, so their cost does not grow with the calibration set the analysis reads), sharing one
+loaded model, one 16-bit reference and one cache of 4-bit round trips. By default (``refine=None``) the verified
 plan is checked by :class:`planner.auto_refine.AutoRefine`: where 4-bit breaks the model badly,
 the refinement runs by itself for a bounded number of rounds, is verified in turn, and the plan
 with the lower measured calibration KL ships; one line says why and what it cost. ``refine=0``
@@ -28,19 +29,34 @@ from quantplan.planner.auto_refine import AutoRefine
 from quantplan.planner.config import PlanConfig
 from quantplan.planner.plan_types import Plan
 
+#: calibration tokens the end-to-end steps measure by default: the verification's candidates and the
+#: refinement's gradients on the first windows covering them. Measured on SmolLM2-135M (benchmarks/README.md,
+#: "Verification on the first 4096 tokens"): the verification ships the same plans at +10 % and +33 % on 4096
+#: as on all 8192 calibration tokens, at half the cost (the verification was the largest stage after the analysis)
+DEFAULT_TOKENS = 4096
+
 
 @dataclass(frozen=True)
 class EndToEnd:
-    """Which end-to-end steps run, and on how many calibration batches."""
+    """Which end-to-end steps run, and on how many calibration batches (:meth:`batches`)."""
 
     refine: int | None = None  # rounds; 0 = off; None = automatic (``auto``) after the verification
     verify: bool = True
-    max_batches: int | None = None
+    max_batches: int | None = None  # given: these many batches; None: those covering ``max_tokens``
     auto: AutoRefine = AutoRefine()
+    max_tokens: int | None = DEFAULT_TOKENS  # None (with max_batches None): every calibration batch
 
     @property
     def active(self) -> bool:
         return bool(self.refine or self.verify)
+
+    def batches(self, analyze: AnalyzeConfig) -> int | None:
+        """Calibration batches the refinement and the verification run on (None: all): ``max_batches`` where
+        given, else the first batches holding ``max_tokens`` tokens in windows of ``analyze.seq_len``."""
+        if self.max_batches is not None or self.max_tokens is None:
+            return self.max_batches
+        windows = max(1, self.max_tokens // max(analyze.seq_len, 1))
+        return -(-windows // max(analyze.batch_size, 1))
 
     def plan(self, source: ModelSource, analyze: AnalyzeConfig, table: SensitivityTable, budget,
              config: PlanConfig, *, shared=None) -> Plan:
@@ -61,7 +77,7 @@ class EndToEnd:
             with stage("load model"):
                 model = load_model(source, dtype=dtype_from_name(analyze.dtype), device=analyze.device)
         calibration = calibration_of(source, analyze)
-        reference = KLReference(model, calibration, analyze.batch_size, self.max_batches, progress=analyze.progress)
+        reference = KLReference(model, calibration, analyze.batch_size, self.batches(analyze), progress=analyze.progress)
         cache = QuantCache(model, format_from_dict(chosen.quant))
         chosen = self.run_checks(table, budget, config, model, calibration, reference=reference, cache=cache,
                                  progress=analyze.progress)
@@ -79,7 +95,7 @@ class EndToEnd:
         if self.refine:
             raise ValueError("--refine runs the whole model, which --max-memory avoids: drop one of them")
         options = StreamOptions(dtype=dtype_from_name(analyze.dtype), batch_size=analyze.batch_size,
-                                max_batches=self.max_batches, device=analyze.device, max_memory=analyze.max_memory,
+                                max_batches=self.batches(analyze), device=analyze.device, max_memory=analyze.max_memory,
                                 progress=analyze.progress)
         measure = StreamedKLs(source.path, calibration_of(source, analyze), format_from_dict(chosen.quant), options)
         with stage("verification (streamed)"):

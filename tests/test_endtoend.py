@@ -75,3 +75,29 @@ def test_max_batches_bounds_the_reference(setup):
     model, calibration, *_ = setup
     reference = KLReference(model, calibration, batch_size=2, max_batches=1)
     assert reference.count == 1 and len(list(reference.batches())) == 1 and reference.tokens == 2 * 32
+
+
+@pytest.mark.parametrize(("end_to_end", "samples", "seq_len", "batches"), [
+    ({}, 32, 256, 4),  # the default job: 4096 of its 8192 calibration tokens
+    ({}, 8, 128, 8),  # a small calibration set: every batch it has (KLReference takes min(total, 8))
+    ({}, 4, 8192, 1),  # windows longer than the bound: one batch
+    ({"max_batches": 3}, 32, 256, 3),  # --end-to-end-batches 3
+    ({"max_tokens": None}, 32, 256, None),  # --end-to-end-batches all
+])
+def test_end_to_end_steps_run_on_the_first_tokens_by_default(end_to_end, samples, seq_len, batches):
+    from quantplan.analysis.config import AnalyzeConfig
+    from quantplan.endtoend import EndToEnd
+
+    assert EndToEnd(**end_to_end).batches(AnalyzeConfig(samples=samples, seq_len=seq_len)) == batches
+
+
+@pytest.mark.parametrize(("flag", "expected"), [
+    ([], {}), (["--end-to-end-batches", "2"], {"max_batches": 2}),
+    (["--end-to-end-batches", "all"], {"max_batches": None, "max_tokens": None})])
+def test_end_to_end_batches_flag(flag, expected):
+    from quantplan.cli import _end_to_end_batches, _parser
+
+    args = _parser().parse_args(["run", *flag])
+    assert _end_to_end_batches(args.end_to_end_batches) == expected
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["run", "--end-to-end-batches", "0"])
