@@ -132,3 +132,31 @@ def test_automatic_refinement_skips_itself_when_the_cap_cannot_hold_the_gradient
     out = capsys.readouterr().out
     assert "the automatic refinement cannot run under --max-memory" in out and "GB or more" in out
     assert checked.checks.verification is not None and checked.checks.refinement is None
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "mllama"])
+def test_streamed_gains_of_a_vlm_equal_in_memory_gains(arch, tmp_path):
+    """The reverse pass goes on through the splice into the vision blocks (Mllama: the cross-attention layers'
+    gradient of the image features summed before the projector), as the Fisher pass's does."""
+    import math
+
+    from vlm_models import save_tiny_vlm
+
+    from quantplan.analysis import load_processor
+    from quantplan.analysis.vision import load_image_calibration
+
+    folder = save_tiny_vlm(arch, tmp_path / arch)
+    source = resolve_source(str(folder))
+    model = load_model(source, dtype=torch.float32)
+    calibration = load_image_calibration(load_processor(source), "default", samples=2)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    expected = restore_gains(model, KLReference(model, calibration, 2), QuantCache(model, NF4), names,
+                             context_error=True)
+    got = streamed_restore_gains(folder, calibration, names, NF4, context_error=True,
+                                 options=StreamOptions(dtype=torch.float32, batch_size=2))
+    assert got.kld == pytest.approx(expected.kld, rel=1e-4)
+    vision = [n for n in names if "vision" in n or "visual" in n]
+    assert sum(math.isfinite(got.gains[n]) for n in vision) >= 10  # the gradient reached the tower
+    for name in names:
+        assert got.gains[name] == pytest.approx(expected.gains[name], rel=1e-3, abs=1e-10, nan_ok=True), name
+        assert got.context_error[name] == pytest.approx(expected.context_error[name], rel=1e-4, nan_ok=True), name
