@@ -24,6 +24,12 @@ variants of the model (some weights swapped for bitsandbytes' round trip by
   Ŵ_f is bitsandbytes' own round trip (the cache's), de-quantized inside the gradient hook one
   module at a time and freed.
 
+A model larger than memory gets the same numbers block by block from disk
+(:func:`analysis.stream_gains.streamed_restore_gains`): :class:`GainSums` holds the sums and makes
+the hooks against whichever :class:`~analysis.simulate.QuantCache` holds a module (the whole model's
+here, the loaded block's there), so one implementation folds the gradients of both passes. The
+planner's refinement takes either as a :data:`GainsMeasure`.
+
 Along the straight path from 16-bit to all-quantized the KL grows about quadratically, so the
 gains of all modules add up to about twice the KL (a module's gain counts its interactions with
 every other module); they rank modules, the KL itself is measured by
