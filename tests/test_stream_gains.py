@@ -160,3 +160,31 @@ def test_streamed_gains_of_a_vlm_equal_in_memory_gains(arch, tmp_path):
     for name in names:
         assert got.gains[name] == pytest.approx(expected.gains[name], rel=1e-3, abs=1e-10, nan_ok=True), name
         assert got.context_error[name] == pytest.approx(expected.context_error[name], rel=1e-4, nan_ok=True), name
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable RSS high-water mark")
+def test_streamed_gradient_pass_memory_does_not_grow_with_the_batches(tmp_path):
+    """A 262k vocabulary (0.5 MB of float32 logits a token): the head's KL and its gradient come chunk by chunk."""
+    from tiny import LARGE_VOCAB, large_vocab_llama
+
+    from quantplan.common.profile import recording, stage
+
+    folder = tmp_path / "big"
+    model = large_vocab_llama()
+    model.save_pretrained(folder)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    del model
+
+    def peak(batches: int) -> int:
+        calibration = random_calibration(samples=batches, seq_len=16, vocab=LARGE_VOCAB, seed=1)
+        with recording() as profile, stage("streamed gradient pass"):
+            got = streamed_restore_gains(folder, calibration, names, NF4,
+                                         options=StreamOptions(batch_size=1, max_memory="1GB"))
+        assert got.tokens == batches * 16 and got.kld > 0
+        return profile.stages[0].peak_rss_bytes
+
+    peak(1)  # warm up the allocator and the libraries
+    few, many = peak(2), peak(5)
+    logits_per_batch = 16 * LARGE_VOCAB * 4
+    # kept for every batch, 3 more batches would add 3 x 16 MB of logits alone (and their gradients); here nothing
+    assert many - few < 2 * logits_per_batch, (few, many)
