@@ -86,7 +86,7 @@ def streamed_restore_gains(path, calibration, quantized, fmt: FourBit, *, format
     stages = stages_of(model, list_modules(model), lm_head)
     sums = GainSums(quantized, formats, menu, context_error)
     wanted = _normalized({_QUANTIZED: {n: sums.formats.get(n) for n in sums.quantized}}, fmt, stages)
-    _refuse_unreachable(stages, wanted[_QUANTIZED])
+    refuse_unreachable(stages, wanted[_QUANTIZED])
     if options.max_memory is not None:
         check_gradient_fits(model, stages, set(wanted[_QUANTIZED]), parse_size(options.max_memory), calibration,
                             options, len({*wanted[_QUANTIZED].values(), *sums.menu.values()}) or 1)
@@ -119,9 +119,9 @@ class StreamedGains:
                                       options=self.options)
 
 
-def _refuse_unreachable(stages, formats: dict) -> None:
+def refuse_unreachable(stages, names) -> None:
     """The first stage only runs forward (the embeddings, a vision stem): a module there would get no gradient."""
-    if early := sorted(n for n in formats if n in set(stages[0].linears)):
+    if early := sorted(n for n in names if n in set(stages[0].linears)):
         raise StreamingUnsupported(f"the streamed gradient pass takes no gradient into {stages[0].label} ({early[:3]}): "
                                    f"run without --max-memory")
 

@@ -62,7 +62,7 @@ from .models import resolve_source
 from .modules import list_modules, output_embedding_name
 from .output_energy import OutputEnergy
 from .probe import InputProbe
-from .stream_gains import check_gradient_fits, streamed_restore_gains
+from .stream_gains import check_gradient_fits, refuse_unreachable, streamed_restore_gains
 from .stream_head import chunk_tokens, refuse_logit_transforms
 from .stream_stages import VISION_KINDS, Stage, StageKind, stage_config, stages_of
 from .stream_steps import Direction, StepContext, measure_stage, plan_steps, run_batches, step_folders
@@ -120,9 +120,11 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
         _check_fits(model, stages, candidates, parse_size(max_memory), calibration, batch_size, fisher, device.type)
     options = StreamOptions(dtype=dtype, batch_size=batch_size, device=str(device), max_memory=max_memory,
                             progress=progress)
-    if context and max_memory is not None:  # before the analysis spends any time
-        check_gradient_fits(model, stages, {n for n in candidates if n != lm_head}, parse_size(max_memory),
-                            calibration, options)
+    if context:  # before the analysis spends any time
+        refuse_unreachable(stages, candidates)
+        if max_memory is not None:
+            check_gradient_fits(model, stages, {n for n in candidates if n != lm_head}, parse_size(max_memory),
+                                calibration, options)
     fingerprint = model_fingerprint or resolve_source(str(path)).fingerprint
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
                 "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size,
