@@ -49,7 +49,7 @@ from .probe import InputProbe
 from .reference import Logits16, batch_tokens
 from .simulate import QuantCache
 from .stream_head import chunk_tokens, head_work_bytes, refuse_logit_transforms
-from .stream_stages import StageKind, final_norm, stage_config, stages_of
+from .stream_stages import VISION_KINDS, StageKind, final_norm, stage_config, stages_of
 from .stream_steps import Direction, Step, StepContext, StepFolders, run_batches
 from .stream_store import read_batch, write_batch
 from .stream_variants import _REFERENCE, FirstBatches, StreamOptions, _normalized, _run_stage
@@ -247,12 +247,14 @@ def _drop_others(folder: Path, keep: set) -> None:
 
 
 def gradient_need(model, stages, quantized: set, tokens: int, batch_size: int, device_type: str,
-                  formats: int = 1) -> tuple[int, str]:
+                  formats: int = 1, vision: tuple[int, int] | None = None) -> tuple[int, str]:
     """(bytes, label) of the stage the streamed gradient pass holds the most in: its weights, the packed 4-bit
     copies of its quantized Linears (one per format) and their de-quantized copies (all set at once), the
     larger of one round trip and the backward step's activations (:func:`analysis.stream_weights.stage_need`),
     the gradient hook's float32 copies of its largest quantized weight (the gradient, Ŵ, W and one menu step)
-    and, at the head, both streams' normed hidden states and one chunk of logits with their gradient."""
+    and, at the head, both streams' normed hidden states and one chunk of logits with their gradient. ``vision``:
+    (patches, images) of the largest batch a vision stage sees (default: as many as the language model's tokens
+    and sequences)."""
     text = model.config.get_text_config()
     hidden, vocab = getattr(text, "hidden_size", 0), getattr(text, "vocab_size", 0)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -269,7 +271,8 @@ def gradient_need(model, stages, quantized: set, tokens: int, batch_size: int, d
             head_weight = stage_bytes(model, [n for n in stage.params if n.endswith(".weight") and params[n].dim() == 2])
             activations = head_work_bytes(head_weight, vocab, tokens, hidden) + 2 * tokens * hidden * 4
         else:
-            activations = stage_need(model, [], [], tokens, batch_size, backward=stage is not stages[0],
+            seen = (vision or (tokens, batch_size)) if stage.kind in VISION_KINDS else (tokens, batch_size)
+            activations = stage_need(model, [], [], seen[0], max(seen[1], 1), backward=stage is not stages[0],
                                      device_type=device_type, config=stage_config(model, stage))["work"]
         total = weights + restored + packed + max(roundtrip, activations) + largest * 4 * 4
         if total > worst:
@@ -279,11 +282,13 @@ def gradient_need(model, stages, quantized: set, tokens: int, batch_size: int, d
 
 def check_gradient_fits(model, stages, quantized: set, cap: int, calibration, options: StreamOptions,
                         formats: int = 1) -> None:
-    """Refuse, naming the fix, when the streamed gradient pass's largest stage cannot fit under ``cap``."""
-    first = next(iter(calibration.batches(options.batch_size)), {"input_ids": torch.zeros(0, 0)})
-    tokens = options.batch_size * first["input_ids"].shape[-1]
-    need, label = gradient_need(model, stages, quantized, tokens, options.batch_size,
-                                torch.device(options.device).type, formats)
+    """Refuse, naming the fix, when the streamed gradient pass's largest stage cannot fit under ``cap`` (the
+    largest batch measured as the streamed analysis measures it, :class:`analysis.streaming.BatchShape`)."""
+    from .streaming import BatchShape
+
+    shape = BatchShape.of(calibration, options.batch_size, getattr(model.config, "vision_config", None))
+    need, label = gradient_need(model, stages, quantized, shape.tokens, shape.sequences,
+                                torch.device(options.device).type, formats, (shape.patches, shape.images))
     if need > cap:
         raise StreamingUnsupported(gradient_refusal(cap, need, label))
 

@@ -187,7 +187,7 @@ class BatchShape:
     @classmethod
     def of(cls, calibration, batch_size: int, vision_config=None) -> BatchShape:
         """From the calibration itself (image batches are processed once to count their tokens and patches)."""
-        seq_len = calibration.meta.get("seq_len")
+        seq_len = getattr(calibration, "meta", {}).get("seq_len")
         if seq_len:
             return cls(batch_size * seq_len, batch_size)
         shapes = [cls(int(b["input_ids"].numel()), int(b["input_ids"].shape[0]), _patches(b, vision_config),
