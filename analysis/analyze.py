@@ -112,17 +112,29 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
 
 def _quantized_context(model, calibration, formats, rows, lm_head, batch_size, progress) -> dict:
     """Fill the quantized-context columns of the first 4-bit format's rows; return what was measured."""
+    fmt, names = context_modules(formats, rows, lm_head)
+    reference = KLReference(model, calibration, batch_size, progress=progress)
+    result = restore_gains(model, reference, QuantCache(model, fmt), names, context_error=True, progress=progress)
+    return fill_context(rows, fmt, result)
+
+
+def context_modules(formats, rows, lm_head) -> tuple:
+    """(the first 4-bit format, the modules the quantized-context pass rounds to it: every supported one but lm_head);
+    refused, naming the fix, without a 4-bit format."""
     fmt = next((f for f in formats if f.bits == 4), None)
     if fmt is None:
         raise ValueError("the quantized-context pass needs a 4-bit format: add nf4 to --formats, or drop --context")
-    names = [r["name"] for r in rows if r["format"] == fmt.name and r["supported"] and r["name"] != lm_head]
-    reference = KLReference(model, calibration, batch_size, progress=progress)
-    result = restore_gains(model, reference, QuantCache(model, fmt), names, context_error=True, progress=progress)
+    return fmt, [r["name"] for r in rows if r["format"] == fmt.name and r["supported"] and r["name"] != lm_head]
+
+
+def fill_context(rows, fmt, result) -> dict:
+    """Write a quantized-context pass's gains and output errors (a :class:`~analysis.endtoend.RestoreGains`) into
+    ``fmt``'s rows; returns the table's ``meta["context"]``."""
     for row in rows:
         if row["format"] == fmt.name and row["name"] in result.gains:
             row["restore_gain"] = result.gains[row["name"]]
             row["context_output_rel_error"] = result.context_error[row["name"]]
-    return {"format": fmt.name, "all_4bit_kld": result.kld, "tokens": reference.tokens}
+    return {"format": fmt.name, "all_4bit_kld": result.kld, "tokens": result.tokens}
 
 
 def _reason(model, info, lm_head, formats) -> str | None:

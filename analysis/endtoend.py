@@ -24,6 +24,12 @@ variants of the model (some weights swapped for bitsandbytes' round trip by
   Ŵ_f is bitsandbytes' own round trip (the cache's), de-quantized inside the gradient hook one
   module at a time and freed.
 
+A model larger than memory gets the same numbers block by block from disk
+(:func:`analysis.stream_gains.streamed_restore_gains`): :class:`GainSums` holds the sums and makes
+the hooks against whichever :class:`~analysis.simulate.QuantCache` holds a module (the whole model's
+here, the loaded block's there), so one implementation folds the gradients of both passes. The
+planner's refinement takes either as a :data:`GainsMeasure`.
+
 Along the straight path from 16-bit to all-quantized the KL grows about quadratically, so the
 gains of all modules add up to about twice the KL (a module's gain counts its interactions with
 every other module); they rank modules, the KL itself is measured by
@@ -32,7 +38,7 @@ every other module); they rank modules, the KL itself is measured by
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -52,6 +58,7 @@ class RestoreGains:
     context_error: dict[str, float] = field(default_factory=dict)  # module -> ‖(W−Ŵ)x̂‖² / ‖Wx̂‖²
     moves: dict[str, dict[str, Move]] = field(default_factory=dict)  # module -> menu label -> Move (only the
     # modules a gradient reached)
+    tokens: int = 0  # the calibration positions the KL was summed over
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,58 @@ class Move:
     gain: float  # −⟨∂KL/∂W, Ŵ_f − Ŵ_cur⟩: first-order KL decrease, nats per token (0 for the current format)
     error_sq: float  # ‖Ŵ_f − W‖²
     overlap: float  # ⟨Ŵ_f − W, Ŵ_cur − W⟩ (= ‖Ŵ_cur − W‖² for the current format)
+
+
+#: (module names, their formats, menu) -> the gains of one gradient pass: what the planner's refinement measures,
+#: in a loaded model (:func:`restore_gains`) or block by block from disk (:class:`analysis.stream_gains.StreamedGains`)
+GainsMeasure = Callable[[list[str], Mapping, Mapping], RestoreGains]
+
+
+class GainSums:
+    """The running sums of one gradient pass, whichever way it runs (the whole model at once, or block by block).
+
+    Each quantized module's hooks are made against a :class:`~analysis.simulate.QuantCache` that holds it (the
+    whole model's, or the one of the block it sits in): ``cache.original(name)``, ``cache.restored(name, fmt)``
+    and ``cache.modules``. The weight-gradient hook (:meth:`folds`) folds ⟨∂KL/∂W, W−Ŵ⟩ and the menu moves as
+    each gradient arrives; :meth:`context_hooks` sums the output error; :meth:`finish` adds a module's
+    :class:`Move` geometry while its cache still holds it; :meth:`result` is the pass's :class:`RestoreGains`.
+    """
+
+    def __init__(self, quantized, formats: Mapping | None = None, menu: Mapping | None = None,
+                 context_error: bool = False):
+        self.quantized = list(quantized)
+        self.formats, self.menu = dict(formats or {}), dict(menu or {})
+        self.gains = {n: torch.zeros((), dtype=torch.float64) for n in self.quantized}
+        self.moved = {n: {label: torch.zeros((), dtype=torch.float64) for label in self.menu} for n in self.quantized}
+        self.reached: set[str] = set()
+        self.errors = {n: torch.zeros(2, dtype=torch.float64) for n in self.quantized} if context_error else {}
+        self.moves: dict[str, dict[str, Move]] = {}
+        self.total = 0.0  # Σ KL over the positions (nats)
+
+    def folds(self, cache, names) -> dict:
+        """name -> the gradient hook of each of ``names`` (:func:`weights_require_grad` registers them)."""
+        return {n: _fold_gradient(cache, n, self.gains, self.reached,
+                                  _targets(cache, n, self.formats, self.menu, self.moved[n])) for n in names}
+
+    def context_hooks(self, cache, names):
+        """The output-error forward hooks of ``names`` (none without ``context_error``)."""
+        return _context_error_hooks(cache, {n: self.errors[n] for n in names if n in self.errors})
+
+    def finish(self, cache, names) -> None:
+        """The :class:`Move` of each of ``names`` a gradient reached (with the 16-bit weights in the cache)."""
+        for n in names:
+            if n in self.reached and self.menu:
+                self.moves[n] = _moves(cache, n, self.formats.get(n), self.menu, self.moved[n])
+
+    def result(self, tokens: int) -> RestoreGains:
+        """The pass's gains over ``tokens`` positions (the KL's denominator)."""
+        return RestoreGains(
+            kld=self.total / max(tokens, 1),
+            gains={n: float(g) if n in self.reached else float("nan") for n, g in self.gains.items()},
+            context_error={n: float(e[0] / e[1]) if e[1] > 0 else float("nan") for n, e in self.errors.items()},
+            moves={n: self.moves[n] for n in self.quantized if n in self.moves},
+            tokens=tokens,
+        )
 
 
 def restore_gains(model, reference: KLReference, cache, quantized, *, formats: Mapping | None = None,
@@ -74,30 +133,19 @@ def restore_gains(model, reference: KLReference, cache, quantized, *, formats: M
     every entry as well. Weights are not trained: their gradients are consumed by a hook per
     module as soon as they are accumulated, so at most one weight gradient is alive.
     """
-    quantized = list(quantized)
-    formats, menu = dict(formats or {}), dict(menu or {})
-    gains = {n: torch.zeros((), dtype=torch.float64) for n in quantized}
-    moved = {n: {label: torch.zeros((), dtype=torch.float64) for label in menu} for n in quantized}
-    reached: set[str] = set()
-    errors = {n: torch.zeros(2, dtype=torch.float64) for n in quantized} if context_error else {}
-    total = 0.0
-    folds = {n: _fold_gradient(cache, n, gains, reached, _targets(cache, n, formats, menu, moved[n]))
-             for n in quantized}
-    with _weights_require_grad(model, cache, folds):
+    sums = GainSums(quantized, formats, menu, context_error)
+    quantized = sums.quantized
+    with weights_require_grad(model, cache, sums.folds(cache, quantized)):
         for batch in tqdm(reference.batches(), total=reference.count, desc="quantized-context gradients",
                           disable=not progress, leave=False):
             logits16 = reference.logits16(batch)  # 16-bit weights here; this batch's logits only
-            with cache.quantized(quantized, formats), _context_error_hooks(cache, errors), torch.enable_grad():
+            with cache.quantized(quantized, sums.formats), sums.context_hooks(cache, quantized), torch.enable_grad():
                 kl = kl_sum(logits16, forward_logits(model, batch), batch)
                 (kl / reference.tokens).backward()
-            total += float(kl.detach())
+            sums.total += float(kl.detach())
             del logits16, kl
-    return RestoreGains(
-        kld=total / max(reference.tokens, 1),
-        gains={n: float(g) if n in reached else float("nan") for n, g in gains.items()},
-        context_error={n: float(e[0] / e[1]) if e[1] > 0 else float("nan") for n, e in errors.items()},
-        moves={n: _moves(cache, n, formats.get(n), menu, moved[n]) for n in quantized if n in reached and menu},
-    )
+    sums.finish(cache, quantized)
+    return sums.result(reference.tokens)
 
 
 def _targets(cache, name, formats, menu, sums) -> list:
@@ -122,7 +170,7 @@ def _moves(cache, name, current, menu, sums) -> dict[str, Move]:
 
 
 @contextmanager
-def _weights_require_grad(model, cache, folds):
+def weights_require_grad(model, cache, folds):
     """Only the weights of ``folds`` (name -> gradient hook) get gradients; each is folded into its gains and
     freed on arrival (a module no gradient reached keeps no gain: NaN, not a misleading zero)."""
     names = list(folds)

@@ -218,6 +218,6 @@ def measure_stage(model, stage, infos, probe: InputProbe, grads: GradientProbe |
             reference = energy.reference(info.name, stats) if energy else None
             rows.extend(measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name],
                                        grad_sq, reference))
-    for row in rows:  # the quantized-context pass runs the whole model: not available here
+    for row in rows:  # filled after the last step where asked (the streamed gradient pass: analysis.stream_gains)
         row.update({c: float("nan") for c in CONTEXT_COLUMNS})
     return rows

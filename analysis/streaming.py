@@ -35,12 +35,17 @@ gradients on, backpropagates the stored gradient of its output with the same hoo
 ``analyze()`` and is measured there, storing the gradient of its input for the block below.
 For a vision-language model the gradient goes on through the splice into the vision blocks,
 as the in-memory backward pass lets it reach the vision tower (:func:`analysis.fisher.loss_backward`).
+
+The quantized-context scores (``context=True``, ``--context``) add the gradient pass of the all-4-bit
+model's KL from 16-bit, block by block (:mod:`analysis.stream_gains`: the 16-bit and the all-4-bit
+streams forward, the KL's gradient at the head in token chunks, then each block backward with the
+same hooks as :func:`analysis.endtoend.restore_gains`), and fill the same columns as ``analyze(context=True)``.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -49,7 +54,7 @@ from tqdm.auto import tqdm
 
 from quantplan.common.sizes import parse_size
 
-from .analyze import PARTIAL_DIR, _reason, _table_meta
+from .analyze import PARTIAL_DIR, _reason, _table_meta, context_modules, fill_context
 from .distributed import Shard
 from .fisher import GradientProbe
 from .formats import NF4, format_to_dict
@@ -57,10 +62,12 @@ from .models import resolve_source
 from .modules import list_modules, output_embedding_name
 from .output_energy import OutputEnergy
 from .probe import InputProbe
+from .stream_gains import check_gradient_fits, refuse_unreachable, streamed_restore_gains
 from .stream_head import chunk_tokens, refuse_logit_transforms
 from .stream_stages import VISION_KINDS, Stage, StageKind, stage_config, stages_of
 from .stream_steps import Direction, StepContext, measure_stage, plan_steps, run_batches, step_folders
 from .stream_store import StreamCheckpoint
+from .stream_variants import StreamOptions
 from .stream_weights import (
     DiskWeights,
     StreamingUnsupported,
@@ -78,7 +85,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
                       dtype: torch.dtype = torch.bfloat16, model_id: str | None = None,
                       model_fingerprint: str | None = None, batch_size: int = 4, out_dir: str | Path | None = None,
                       resume: bool = False, progress: bool = True, fisher: bool = False,
-                      device: str | torch.device = "cpu") -> SensitivityTable:
+                      device: str | torch.device = "cpu", context: bool = False) -> SensitivityTable:
     """Measure the model saved in ``path`` block by block; returns the table ``analyze()`` would.
 
     Each block runs on ``device`` (``"cuda"``: one block's weights, statistics and one batch on
@@ -87,7 +94,9 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     ``max_memory`` (``"2GB"``, ``"1500MiB"``, bytes) is checked against the largest stage's
     estimated need before anything runs. With ``out_dir`` every finished step is checkpointed
     in ``out_dir/partial`` and ``resume=True`` continues from the last one. ``fisher`` adds
-    the reverse pass that fills ``output_fisher_error`` as ``analyze(fisher=True)`` does.
+    the reverse pass that fills ``output_fisher_error`` as ``analyze(fisher=True)`` does; ``context`` the
+    quantized-context gradient pass that fills ``restore_gain`` and ``context_output_rel_error`` as
+    ``analyze(context=True)`` does (:mod:`analysis.stream_gains`).
     """
     if Shard.current().world > 1:
         raise StreamingUnsupported("streaming analysis runs in one process: launch it without torchrun, or drop "
@@ -109,6 +118,13 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
                       chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), vocab), device)
     if max_memory is not None:
         _check_fits(model, stages, candidates, parse_size(max_memory), calibration, batch_size, fisher, device.type)
+    options = StreamOptions(dtype=dtype, batch_size=batch_size, device=str(device), max_memory=max_memory,
+                            progress=progress)
+    if context:  # before the analysis spends any time
+        refuse_unreachable(stages, candidates)
+        if max_memory is not None:
+            check_gradient_fits(model, stages, {n for n in candidates if n != lm_head}, parse_size(max_memory),
+                                calibration, options)
     fingerprint = model_fingerprint or resolve_source(str(path)).fingerprint
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
                 "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size,
@@ -135,7 +151,13 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
         finally:
             unload(model, stage.resident)  # off-load it
         store.commit(number, rows[number], outputs, folders.target, folders.consumed)
-    table = SensitivityTable(pd.DataFrame(_in_module_order(rows, infos)), meta)
+    ordered = _in_module_order(rows, infos)
+    if context:
+        fmt, names = context_modules(formats, ordered, lm_head)
+        result = streamed_restore_gains(path, calibration, names, fmt, context_error=True,
+                                        options=replace(options, scratch=store.folder))
+        meta["context"] = fill_context(ordered, fmt, result)
+    table = SensitivityTable(pd.DataFrame(ordered), meta)
     if out_dir:
         table.save(out_dir)
     store.remove()
@@ -165,7 +187,7 @@ class BatchShape:
     @classmethod
     def of(cls, calibration, batch_size: int, vision_config=None) -> BatchShape:
         """From the calibration itself (image batches are processed once to count their tokens and patches)."""
-        seq_len = calibration.meta.get("seq_len")
+        seq_len = getattr(calibration, "meta", {}).get("seq_len")
         if seq_len:
             return cls(batch_size * seq_len, batch_size)
         shapes = [cls(int(b["input_ids"].numel()), int(b["input_ids"].shape[0]), _patches(b, vision_config),

@@ -17,13 +17,18 @@ at most ``max_batches`` calibration batches, each with the 16-bit forward of its
 16-bit logits are computed per batch and dropped, not kept across rounds: one forward more per
 round buys memory that does not grow with the calibration set); with a menu, one more
 de-quantization per module, batch and other entry.
+
+The gradient pass is injected (``gains``: :data:`analysis.endtoend.GainsMeasure`): in a loaded model
+by default, or block by block from disk for a model larger than memory
+(:class:`analysis.stream_gains.StreamedGains`, ``--max-memory``); the rounds are the same either way.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
-from quantplan.analysis.endtoend import restore_gains
+from quantplan.analysis.endtoend import GainsMeasure, RestoreGains, restore_gains
 from quantplan.analysis.formats import FourBit, format_from_dict
 from quantplan.analysis.reference import KLReference
 from quantplan.analysis.simulate import QuantCache
@@ -34,17 +39,25 @@ from .reasons import Reason, ReasonKind
 from .refine_scores import menu_scores
 
 
-def refine(table, budget, model, calibration, *, config: PlanConfig | None = None, rounds: int = 4,
+def refine(table, budget, model=None, calibration=None, *, config: PlanConfig | None = None, rounds: int = 4,
            batch_size: int = 4, max_batches: int | None = None, reference: KLReference | None = None,
-           cache: QuantCache | None = None, progress: bool = True) -> Plan:
-    """The plan for ``budget`` chosen by ``rounds`` rounds of measured restore gains (see module docstring)."""
+           cache: QuantCache | None = None, progress: bool = True, gains: GainsMeasure | None = None) -> Plan:
+    """The plan for ``budget`` chosen by ``rounds`` rounds of measured restore gains (see module docstring).
+
+    ``gains`` measures each round's gradient pass; without it, ``model`` (16-bit, loaded) and ``calibration``
+    (or ``reference`` and ``cache``) measure it in memory.
+    """
     if rounds < 1:
         raise ValueError(f"--refine {rounds}: give a number of rounds of at least 1 (0 turns refinement off)")
     config = config or PlanConfig()
     first = config.plan(table, budget)
     menu = _menu(first)
-    reference = reference or KLReference(model, calibration, batch_size, max_batches, progress=progress)
-    cache = cache or QuantCache(model, menu[first.tiers[0]])
+    if gains is None:
+        if model is None and reference is None:
+            raise ValueError("refine() measures in a loaded model (model=, calibration=) or with gains=: pass one")
+        reference = reference or KLReference(model, calibration, batch_size, max_batches, progress=progress)
+        cache = cache or QuantCache(reference.model, menu[first.tiers[0]])
+        gains = in_memory_gains(reference, cache, progress)
     measured = {n for n in first.kept if first.reasons[n].kind is ReasonKind.MEASURED}
     floor = config.weights_only().problem(table).floor  # every free module in its smallest format
     room = first.budget.bytes - floor
@@ -53,8 +66,7 @@ def refine(table, budget, model, calibration, *, config: PlanConfig | None = Non
     for r in range(1, rounds + 1):
         planned = {n: current.choices[n] if current.choices[n] in menu else first.tiers[0]
                    for n in free if n not in decided}  # the context: each module in its planned format
-        result = restore_gains(model, reference, cache, list(planned), formats={n: menu[t] for n, t in planned.items()},
-                               menu=menu, progress=progress)
+        result = gains(list(planned), {n: menu[t] for n, t in planned.items()}, menu)
         history.append(RefinementRound(round=r, kept_before=len(decided), kld_before=result.kld))
         if progress:
             print(f"quantplan: refinement round {r}/{rounds}: calibration KL {result.kld:.4f} with "
@@ -67,10 +79,20 @@ def refine(table, budget, model, calibration, *, config: PlanConfig | None = Non
                 decided[name] = Reason(ReasonKind.REFINED, f"kept in round {r}/{rounds} (measured KL gain "
                                        f"{result.gains.get(name, float('nan')):.3g} nats/token in the quantized "
                                        "context)")
-    refinement = Refinement(rounds=rounds, tokens=reference.tokens, history=tuple(history),
+    refinement = Refinement(rounds=rounds, tokens=result.tokens, history=tuple(history),
                             objective_before=first.objective)
     return replace(current, budget=first.budget, device=first.device,
                    checks=replace(current.checks, refinement=refinement))
+
+
+def in_memory_gains(reference: KLReference, cache: QuantCache, progress: bool = True) -> GainsMeasure:
+    """The gradient pass of each round in the loaded model of ``reference`` (:func:`analysis.endtoend.restore_gains`
+    with ``cache``'s round trips)."""
+    return partial(_in_memory, reference, cache, progress)
+
+
+def _in_memory(reference: KLReference, cache: QuantCache, progress: bool, quantized, formats, menu) -> RestoreGains:
+    return restore_gains(reference.model, reference, cache, quantized, formats=formats, menu=menu, progress=progress)
 
 
 def _menu(first: Plan) -> dict[str, FourBit]:

@@ -127,10 +127,13 @@ def verify_variants(formats) -> int:
     return VERIFY_VARIANTS + (len(four_bit) if len(four_bit) > 1 else 0)
 
 
-def check_streamed_run_fits(source: ModelSource, config: AnalyzeConfig, *, verify: bool, compare=None) -> None:
-    """Refuse a ``--max-memory`` cap the run's streamed verification or scoreboard could not keep, before the
-    analysis spends any time (each also checks its own stage when it starts; this is the early, whole-run check).
-    ``compare``: the scoreboard's :class:`reports.compare.CompareConfig`, None when the run makes no report."""
+def check_streamed_run_fits(source: ModelSource, config: AnalyzeConfig, *, verify: bool, compare=None,
+                            gradients: bool = False) -> None:
+    """Refuse a ``--max-memory`` cap the run's streamed verification, scoreboard or gradient pass could not keep,
+    before the analysis spends any time (each also checks its own stage when it starts; this is the early,
+    whole-run check). ``compare``: the scoreboard's :class:`reports.compare.CompareConfig`, None when the run makes
+    no report; ``gradients``: the run asks for the quantized-context gradient pass (``--refine N``; ``--context``
+    asks for it through ``config``). The automatic refinement is not checked here: it skips itself, saying so."""
     from quantplan.analysis.models import dtype_from_name
     from quantplan.analysis.stream_variants import variants_need
 
@@ -144,6 +147,8 @@ def check_streamed_run_fits(source: ModelSource, config: AnalyzeConfig, *, verif
     if compare is not None:  # 16-bit, all-4-bit, the plan, two heuristics, the random seeds
         checks.append(("streamed fidelity scoreboard", 5 + len(compare.seed_values), compare.batch_size,
                        compare.seq_len))
+    if gradients or config.context:
+        _check_gradient_pass_fits(source, config, cap)
     for what, variants, batch_size, seq_len in checks:
         need, label = variants_need(source.path, config.format_values(), variants=variants, dtype=dtype_from_name(config.dtype),
                                     batch_size=batch_size, seq_len=seq_len, device=config.device)
@@ -151,6 +156,17 @@ def check_streamed_run_fits(source: ModelSource, config: AnalyzeConfig, *, verif
             raise ValueError(f"--max-memory {cap / GB:.2f} GB is too small for the run's {what}: its largest block "
                              f"({label}) needs about {need / GB:.2f} GB: pass --max-memory {need / GB + 0.01:.2f}GB "
                              "or more, or a smaller batch size (or --no-verify / --no-compare to skip that step)")
+
+
+def _check_gradient_pass_fits(source: ModelSource, config: AnalyzeConfig, cap: int) -> None:
+    """Refuse a cap too small for the streamed quantized-context gradient pass (:mod:`analysis.stream_gains`)."""
+    from quantplan.analysis.models import dtype_from_name
+    from quantplan.analysis.stream_gains import gradient_pass_need, gradient_refusal
+
+    need, label = gradient_pass_need(source.path, config.format_values(), dtype=dtype_from_name(config.dtype),
+                                     batch_size=config.batch_size, seq_len=config.seq_len, device=config.device)
+    if need > cap:
+        raise ValueError(gradient_refusal(cap, need, label))
 
 
 def _action(max_memory: str | None, peak: int, available: int | None, stream_need: int | None, note: str) -> str:

@@ -9,9 +9,12 @@ plan is checked by :class:`planner.auto_refine.AutoRefine`: where 4-bit breaks t
 the refinement runs by itself for a bounded number of rounds, is verified in turn, and the plan
 with the lower measured calibration KL ships; one line says why and what it cost. ``refine=0``
 turns that off.
-Under ``--max-memory`` the model is never loaded whole: the verification's KLs are measured block
-by block from disk (:class:`analysis.stream_variants.StreamedKLs`, the same numbers); refinement,
-automatic or asked for, needs the whole model and does not run there.
+Under ``--max-memory`` the model is never loaded whole: the same steps run on measurements made block
+by block from disk, the verification's KLs (:class:`analysis.stream_variants.StreamedKLs`) and the
+refinement's gradient pass (:class:`analysis.stream_gains.StreamedGains`), the same numbers
+(:class:`Measures` carries either pair). Where a cap is too small for the gradient pass, or the model's
+gradient cannot stream, the automatic refinement is skipped with a line saying why (``--refine N`` is refused
+before the analysis, :func:`quantplan.dry_run.check_streamed_run_fits`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import gc
 import time
 import warnings
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from quantplan.analysis.config import AnalyzeConfig, calibration_of
 from quantplan.analysis.models import ModelSource, dtype_from_name, load_model
@@ -34,6 +38,42 @@ from quantplan.planner.plan_types import Plan
 #: "Verification on the first 4096 tokens"): the verification ships the same plans at +10 % and +33 % on 4096
 #: as on all 8192 calibration tokens, at half the cost (the verification was the largest stage after the analysis)
 DEFAULT_TOKENS = 4096
+
+if TYPE_CHECKING:
+    from quantplan.analysis.endtoend import GainsMeasure
+    from quantplan.planner.verify import KLMeasure
+
+
+@dataclass(frozen=True)
+class Measures:
+    """What the end-to-end steps measure with: the refinement's gradient pass and the verification's KLs, in a
+    loaded model (:meth:`in_memory`) or block by block from disk (:meth:`streamed`)."""
+
+    gains: GainsMeasure
+    klds: KLMeasure
+    progress: bool = True
+
+    @classmethod
+    def in_memory(cls, reference, cache, progress: bool = True) -> Measures:
+        """Both in the loaded model of ``reference`` (a :class:`~analysis.reference.KLReference`), with ``cache``'s
+        round trips."""
+        from quantplan.analysis.reference import InMemoryKLs
+        from quantplan.planner.refine import in_memory_gains
+
+        return cls(in_memory_gains(reference, cache, progress), InMemoryKLs(reference, cache), progress)
+
+    @classmethod
+    def streamed(cls, source: ModelSource, analyze: AnalyzeConfig, fmt, max_batches: int | None) -> Measures:
+        """Both block by block from ``source``'s safetensors under ``analyze.max_memory``."""
+        from quantplan.analysis.stream_gains import StreamedGains
+        from quantplan.analysis.stream_variants import StreamedKLs, StreamOptions
+
+        options = StreamOptions(dtype=dtype_from_name(analyze.dtype), batch_size=analyze.batch_size,
+                                max_batches=max_batches, device=analyze.device, max_memory=analyze.max_memory,
+                                progress=analyze.progress)
+        calibration = calibration_of(source, analyze)
+        return cls(StreamedGains(source.path, calibration, fmt, options),
+                   StreamedKLs(source.path, calibration, fmt, options), analyze.progress)
 
 
 @dataclass(frozen=True)
@@ -70,7 +110,9 @@ class EndToEnd:
         from quantplan.analysis.simulate import QuantCache
 
         if analyze.max_memory:
-            return self._verify_streamed(source, analyze, table, chosen, siblings_of(table, config, chosen))
+            with stage("end-to-end checks (streamed)"):
+                return self.checks(table, budget, config,
+                                   Measures.streamed(source, analyze, format_from_dict(chosen.quant), self.batches(analyze)))
         if shared is not None and shared.serves(analyze.dtype, analyze.device):
             model = shared.get()
         else:
@@ -85,46 +127,43 @@ class EndToEnd:
         gc.collect()
         return chosen
 
-    def _verify_streamed(self, source: ModelSource, analyze: AnalyzeConfig, table: SensitivityTable,
-                         chosen: Plan, siblings: dict[str, Plan]) -> Plan:
-        """The verification under ``analyze.max_memory``: each variant's KL measured block by block from disk."""
-        from quantplan.analysis.formats import format_from_dict
-        from quantplan.analysis.stream_variants import StreamedKLs, StreamOptions
-        from quantplan.planner.verify import verify
-
-        if self.refine:
-            raise ValueError("--refine runs the whole model, which --max-memory avoids: drop one of them")
-        options = StreamOptions(dtype=dtype_from_name(analyze.dtype), batch_size=analyze.batch_size,
-                                max_batches=self.batches(analyze), device=analyze.device, max_memory=analyze.max_memory,
-                                progress=analyze.progress)
-        measure = StreamedKLs(source.path, calibration_of(source, analyze), format_from_dict(chosen.quant), options)
-        with stage("verification (streamed)"):
-            return verify(table, chosen, measure=measure, progress=analyze.progress, siblings=siblings)
-
     def run_checks(self, table: SensitivityTable, budget, config: PlanConfig, model, calibration, *, reference,
                    cache, progress: bool = True) -> Plan:
         """The end-to-end steps on a loaded model (what :meth:`plan` runs; benchmarks call it directly)."""
+        return self.checks(table, budget, config, Measures.in_memory(reference, cache, progress))
+
+    def checks(self, table: SensitivityTable, budget, config: PlanConfig, measures: Measures) -> Plan:
+        """The refinement (asked for), the verification, then the automatic refinement where it fires, all on
+        ``measures``: one sequence of steps, in memory or streamed."""
         from quantplan.planner.refine import refine
         from quantplan.planner.verify import verify
 
-        shared = {"reference": reference, "cache": cache, "progress": progress}
         if self.refine:
             with stage("refinement"):
-                chosen = refine(table, budget, model, calibration, config=config, rounds=self.refine, **shared)
+                chosen = refine(table, budget, config=config, rounds=self.refine, gains=measures.gains,
+                                progress=measures.progress)
         else:
             chosen = config.plan(table, budget)
         if not self.verify:
             return chosen
         with stage("verification"):
             siblings = {} if self.refine else siblings_of(table, config, chosen)  # the refined plan stands alone
-            chosen = verify(table, chosen, model, calibration, siblings=siblings, **shared)
+            chosen = verify(table, chosen, measure=measures.klds, siblings=siblings, progress=measures.progress)
         if self.refine is None:
-            chosen = self.refine_if_broken(table, budget, config, chosen, model, calibration, shared)
+            chosen = self.refine_when_broken(table, budget, config, chosen, measures)
         return chosen
 
     def refine_if_broken(self, table, budget, config, verified: Plan, model, calibration, shared: dict) -> Plan:
-        """The automatic refinement when ``self.auto`` fires on the verified plan; the better-measured plan
-        (``shared``: reference, cache and progress, as :meth:`run_checks` passes them)."""
+        """:meth:`refine_when_broken` on a loaded model (``shared``: reference, cache and progress, as
+        :meth:`run_checks` passes them; ``model`` and ``calibration`` are the reference's)."""
+        return self.refine_when_broken(table, budget, config, verified,
+                                       Measures.in_memory(shared["reference"], shared["cache"],
+                                                          shared.get("progress", True)))
+
+    def refine_when_broken(self, table, budget, config, verified: Plan, measures: Measures) -> Plan:
+        """The automatic refinement when ``self.auto`` fires on the verified plan; the better-measured plan.
+        A streamed gradient pass that cannot run (a cap too small for it) skips it, saying why."""
+        from quantplan.analysis.stream_weights import StreamingUnsupported
         from quantplan.planner.refine import refine
         from quantplan.planner.verify import verify
 
@@ -133,8 +172,14 @@ class EndToEnd:
             return verified
         started = time.perf_counter()
         with stage("automatic refinement"):
-            refined = refine(table, budget, model, calibration, config=config, rounds=self.auto.rounds, **shared)
-            refined = verify(table, refined, model, calibration, **shared)
+            try:
+                refined = refine(table, budget, config=config, rounds=self.auto.rounds, gains=measures.gains,
+                                 progress=measures.progress)
+            except StreamingUnsupported as err:
+                print(f"quantplan: {trigger.sentence}, but the automatic refinement cannot run under --max-memory "
+                      f"({err}): the verified plan ships")
+                return verified
+            refined = verify(table, refined, measure=measures.klds, progress=measures.progress)
         seconds = time.perf_counter() - started
         before, after = shipped_kld(verified), shipped_kld(refined)
         record = replace(refined.checks.refinement, trigger=trigger, seconds=seconds, shipped=after <= before)

@@ -49,13 +49,12 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     parse_budget(budget)  # a malformed budget fails before anything is loaded
     source = resolve_source(model_spec)
     analyze_config = choose_max_memory(source, analyze_config)
-    if analyze_config.max_memory and end_to_end.refine:
-        raise ValueError("--refine runs the whole model, which --max-memory avoids: drop one of them")
     out_dir = Path(out_dir or f"./{source.short_name}-dynamic-bnb-4bit")
     checkpoint = out_dir / "checkpoint"
     check_out_dir(checkpoint, overwrite)  # before the analysis: the rule export applies, refused early
     check_budget_fits(source, budget, analyze_config, plan_config)
-    check_streamed_run_fits(source, analyze_config, verify=end_to_end.verify, compare=compare)
+    check_streamed_run_fits(source, analyze_config, verify=end_to_end.verify, compare=compare,
+                            gradients=bool(end_to_end.refine))
     with recording() as profile:
         result = _run_stages(source, budget, out_dir, analyze_config, plan_config, compare, end_to_end, overwrite)
     if "plan" in result:  # rank 0: the one that plans, exports and reports
@@ -189,13 +188,11 @@ def _matching_table(out_dir: Path, source, calibration, formats, fisher: bool, c
 def _analyze_streaming(source, calibration, formats, out_dir, config: AnalyzeConfig) -> SensitivityTable:
     from quantplan.analysis.streaming import analyze_streaming
 
-    if config.context:
-        raise ValueError("--context runs the whole all-4-bit model, which --max-memory avoids: drop one of them")
     return analyze_streaming(source.path, calibration, formats, max_memory=config.max_memory,
                              dtype=dtype_from_name(config.dtype), model_id=source.model_id,
                              model_fingerprint=source.fingerprint, batch_size=config.batch_size, out_dir=out_dir,
                              resume=config.resume, progress=config.progress, fisher=config.fisher,
-                             device=config.device)
+                             device=config.device, context=config.context)
 
 
 def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, config: PlanConfig | None = None,
