@@ -53,13 +53,15 @@ def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | N
     base = identity_columns(info, reason)
     base.update(moments.columns())
     base.update(input_columns(stats))
-    rows = []
     reference = float("nan")
     if stats is not None and reason is None:
         reference = energy if energy is not None else _output_energy(weight, stats)
     guard = _RoundTripGuard(moments.norm)
-    for fmt in formats:
-        row = dict(base, format=fmt.name, bits=fmt.bits)
+    rows = {}
+    # blocksize-64 formats first: the guard's reference for the others is then their own round trip, never a second one
+    for index in sorted(range(len(formats)), key=lambda i: not _RoundTripGuard.is_reference(formats[i])):
+        fmt = formats[index]
+        row = rows[index] = dict(base, format=fmt.name, bits=fmt.bits)
         unsupported = reason or fmt.unsupported_reason(info.shape)
         if unsupported is None:
             restored, nbytes = fmt.roundtrip(weight)
@@ -74,8 +76,7 @@ def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | N
         else:
             row.update(bytes=info.params * BYTES_16BIT, footprint_bytes=info.params * BYTES_16BIT)
             row.update({c: float("nan") for c in ERROR_COLUMNS})
-        rows.append(row)
-    return rows
+    return [rows[index] for index in range(len(formats))]
 
 
 def row_chunks(matrix: torch.Tensor):
@@ -93,12 +94,17 @@ class _RoundTripGuard:
         self.norm = norm  # ‖W‖ (WeightMoments.norm: no pass of its own)
         self.reference: dict[str, float] = {}  # quant type -> relative weight error at blocksize 64
 
+    @staticmethod
+    def is_reference(fmt) -> bool:
+        """Whether ``fmt`` is a reference the others are compared with (4-bit at blocksize 64)."""
+        return isinstance(fmt, FourBit) and fmt.blocksize == 64
+
     def implausible(self, fmt, delta_norm: float, weight: torch.Tensor) -> str | None:
         """Why this round trip is not offered (None if plausible); blocksize 64 is the reference itself."""
         if not isinstance(fmt, FourBit) or self.norm == 0:
             return None
         error = delta_norm / self.norm
-        if fmt.blocksize == 64:
+        if self.is_reference(fmt):
             self.reference[fmt.quant_type] = error
             return None
         if fmt.quant_type not in self.reference:

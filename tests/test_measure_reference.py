@@ -61,3 +61,20 @@ def test_columns_equal_the_float64_definitions(shape, fisher, with_sample):
                 assert math.isnan(row[column]), column
             else:
                 assert row[column] == pytest.approx(value, rel=2e-6), (fmt.name, column)
+
+
+def test_blocksize_64_reference_is_measured_first_and_never_twice(monkeypatch):
+    """A menu listing nf4-bs32 before nf4: one round trip per format (the guard reuses nf4's), rows in menu order."""
+    from quantplan.analysis.formats import FourBit
+
+    calls = []
+    original = FourBit.roundtrip
+    monkeypatch.setattr(FourBit, "roundtrip", lambda self, w: calls.append(self.name) or original(self, w))
+    torch.manual_seed(0)
+    weight = torch.randn(32, 128)
+    info = ModuleInfo("layer.proj", "mlp", 0, "proj", "Linear", 32, 128, True)
+    rows = measure_module(info, weight, None, [NF4_BS32, NF4], None)
+    assert calls == ["nf4", "nf4-bs32"]
+    assert [r["format"] for r in rows] == ["nf4-bs32", "nf4"]
+    alone = measure_module(info, weight, None, [NF4_BS32], None)  # the guard's own reference round trip
+    assert alone[0]["weight_rel_error"] == rows[0]["weight_rel_error"]
