@@ -8,7 +8,8 @@ splitting the columns into blocks and multiplying only the blocks on and above t
 36 of the 64 block products (56 %). :func:`add_upper` accumulates that way; the blocks below the diagonal stay
 untouched until :func:`mirror_lower` copies the transposed upper blocks into them, once, before the Gram
 matrix is read. The block boundaries depend on the width alone, so batches, resumed runs and distributed
-ranks all add into the same blocks.
+ranks all add into the same blocks. The measurement's quadratic forms diag(M·G·Mᵀ) take the same saving
+from the same blocks (:func:`quadratic_diag`).
 """
 
 from __future__ import annotations
@@ -52,3 +53,25 @@ def clear_lower(gram: torch.Tensor) -> None:
     with torch.inference_mode(gram.is_inference()):
         for start in range(0, width - step, step):
             gram[start + step:, start:start + step].zero_()
+
+
+def quadratic_diag(m: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """diag(M·G·Mᵀ) in float64 (each row of ``m``'s summed squared response) from the blocks of the symmetric
+    ``gram`` on and above the diagonal only, at about half the multiply-adds of ``(M @ G) * M``.
+
+    By symmetry the product of M's block i, G's block (i, j) and M's block j equals that of blocks j, (j, i),
+    i: each block column j adds ``M_j ∘ (M_j G_jj + 2 Σ_{i<j} M_i G_ij)``. The products run in ``m``'s dtype
+    (float32), so do the sums within a block; the blocks add up in float64. On SmolLM2's Linears (4096 tokens) the
+    module totals stay within 2e-7 of the float64 form, as close as the full float32 product came.
+    """
+    width = gram.shape[0]
+    step = block_width(width)
+    out = torch.zeros(m.shape[0], dtype=torch.float64, device=m.device)
+    for start in range(0, width, step):
+        end = min(start + step, width)
+        block = m[:, start:end]
+        response = block @ gram[start:end, start:end]
+        if start:
+            response.addmm_(m[:, :start], gram[:start, start:end], alpha=2)
+        out += response.mul_(block).sum(dim=1)  # float32 within a block, float64 across blocks
+    return out

@@ -98,7 +98,7 @@ _TIMED = [
     (FourBit, "roundtrip", "measure.bnb_roundtrip"),
     (Int8, "roundtrip", "measure.bnb_roundtrip"),
     (measure_mod, "_per_output", "measure.gram_quadratic"),
-    (measure_mod, "weight_outlier_columns", "measure.weight_stats"),
+    (measure_mod, "weight_moments", "measure.weight_stats"),
     (measure_mod, "input_columns", "measure.input_stats"),
 ]
 

@@ -92,3 +92,20 @@ def test_a_gram_made_under_inference_mode_is_read_and_extended_outside_it():
         second = torch.randn(8, width)
         stats.update(second, sample_rows=4)
     torch.testing.assert_close(stats.symmetric_gram(), first.T @ first + second.T @ second, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("width", [7, 128, 300, 1100])
+def test_quadratic_diag_is_the_full_quadratic_form_from_the_upper_blocks_only(width):
+    """diag(M G Mᵀ) over the upper block triangle equals the float64 full form, whatever lies below the diagonal."""
+    from quantplan.analysis.gram import quadratic_diag
+
+    torch.manual_seed(width)
+    x = torch.randn(400, width) + 2.0 * torch.randn(400, 1)  # a strong common direction: cross terms matter
+    m = torch.randn(50, width)
+    gram = torch.zeros(width, width)
+    add_upper(gram, x)
+    expected = ((m.double() @ (x.double().T @ x.double())) * m.double()).sum(dim=1)
+    step = block_width(width)
+    gram[step:, :step] = float("nan")  # below the diagonal blocks: never read
+    torch.testing.assert_close(quadratic_diag(m, gram), expected, rtol=2e-5, atol=0)
+    assert float(quadratic_diag(m, gram).sum()) == pytest.approx(float(expected.sum()), rel=1e-6)
