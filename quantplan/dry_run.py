@@ -44,6 +44,9 @@ class DryRun:
     action: str
     device: str = "cpu"  # where the analysis runs (and whose free memory ``available`` is)
     dtype: str = "bf16"  # what the model is analyzed in (``--dtype auto`` resolved for ``device``)
+    gradient_need: int | None = None  # bytes of the streamed gradient pass' largest block (None: cannot stream)
+    gradient_note: str = ""  # its largest block's name
+    cap: int | None = None  # the --max-memory cap the run would stream under (None: in memory)
 
 
 def dry_run(source: ModelSource, config: AnalyzeConfig) -> DryRun:
@@ -59,8 +62,10 @@ def dry_run(source: ModelSource, config: AnalyzeConfig) -> DryRun:
         cap = auto_cap(peak.total, available, stream_need)
         max_memory = str(cap) if cap else None
     action = _action(max_memory, peak.total, available, stream_need, stream_note)
+    gradient_need, gradient_note = _gradient_need(source, config) if stream_need is not None else (None, "")
     return DryRun(source.model_id, peak, sizes, checkpoint_bytes(source.path), available, stream_need, stream_note,
-                  action, config.device, config.dtype)
+                  action, config.device, config.dtype, gradient_need, gradient_note,
+                  parse_size(max_memory) if max_memory else None)
 
 
 def auto_cap(peak: int, available: int | None, stream_need: int | None) -> int | None:
@@ -113,6 +118,20 @@ def _stream_need(source: ModelSource, config: AnalyzeConfig) -> tuple[int | None
     except StreamingUnsupported as err:
         return None, str(err)
     return need["total"], label
+
+
+def _gradient_need(source: ModelSource, config: AnalyzeConfig) -> tuple[int | None, str]:
+    """(bytes, name) of the largest block of the streamed quantized-context gradient pass (``--refine``,
+    ``--context``, the automatic refinement under a cap), or (None, why it cannot stream)."""
+    from quantplan.analysis.models import dtype_from_name
+    from quantplan.analysis.stream_gains import gradient_pass_need
+    from quantplan.analysis.stream_weights import StreamingUnsupported
+
+    try:
+        return gradient_pass_need(source.path, config.format_values(), dtype=dtype_from_name(config.dtype),
+                                  batch_size=config.batch_size, seq_len=config.seq_len, device=config.device)
+    except StreamingUnsupported as err:
+        return None, str(err)
 
 
 #: streams a streamed verification carries at once: the 16-bit reference, all-4-bit and the plan (plus one
@@ -201,6 +220,13 @@ def describe(result: DryRun) -> str:
                      + (f" (safetensors on disk {result.on_disk / GB:.3f} GB)" if result.on_disk else ""))
     if result.stream_need is not None:
         lines.append(f"  streamed analysis: largest block {result.stream_note} needs ≈ {result.stream_need / GB:.2f} GB")
+    if result.gradient_need is not None:
+        line = (f"  streamed refinement (--refine, --context, the automatic refinement): largest block "
+                f"{result.gradient_note} needs ≈ {result.gradient_need / GB:.2f} GB")
+        if result.cap is not None and result.gradient_need > result.cap:
+            line += (f", above the {result.cap / GB:.2f} GB cap: --refine / --context would be refused and the "
+                     "automatic refinement skipped")
+        lines.append(line)
     if result.available is not None:
         lines.append(f"  memory available now on {result.device}: {result.available / GB:.2f} GB")
     lines.append(f"  the run would {result.action}")

@@ -184,3 +184,24 @@ def test_smollm2s_cap_of_150mb_fits_its_streamed_checks(tmp_path):
             need, label = variants_need(tmp_path, parse_formats("nf4,nf4-bs32"), variants=variants,
                                         dtype=torch.bfloat16, device=device)
             assert label == "norm + lm_head" and 2 * head < need < 150 * 10**6, (device, variants, need)
+
+
+def test_dry_run_gives_the_streamed_refinements_need_against_the_cap(tmp_path, no_weights_read):
+    """The gradient pass of --refine / --context / the automatic refinement under a cap: its largest block's need,
+    and what happens when it is above the cap (refused / skipped)."""
+    from quantplan.analysis.config import AnalyzeConfig
+    from quantplan.analysis.stream_gains import gradient_pass_need
+    from quantplan.dry_run import describe, dry_run
+
+    folder = save_tiny(tmp_path / "model", layers=2)
+    source = resolve_source(str(folder))
+    roomy = dry_run(source, AnalyzeConfig(max_memory="1GB"))
+    from quantplan.analysis.models import dtype_from_name
+
+    config = AnalyzeConfig(max_memory="1GB")
+    need, label = gradient_pass_need(folder, config.format_values(), dtype=dtype_from_name(config.dtype))
+    assert (roomy.gradient_need, roomy.gradient_note) == (need, label) and need > 0
+    assert f"streamed refinement (--refine, --context, the automatic refinement): largest block {label}" in describe(roomy)
+    assert "would be refused" not in describe(roomy)
+    tight = dry_run(source, AnalyzeConfig(max_memory=str(need - 1)))
+    assert "would be refused and the automatic refinement skipped" in describe(tight)
