@@ -109,6 +109,20 @@ class DiskWeights:
         with safe_open(self.files[key], "pt") as f:
             return _cast(f.get_tensor(key), dtype, device)
 
+    def raw(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The tensor saved under the checkpoint key ``key``, as saved (no cast): a quant state's float32 stays so."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[key], "pt") as f:
+            return f.get_tensor(key).to(device)
+
+    def numel(self, key: str) -> int:
+        """Elements of the tensor saved under ``key``, read from the file's header alone."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[key], "pt") as f:
+            return math.prod(f.get_slice(key).get_shape())
+
     def key(self, name: str) -> str:
         """The checkpoint key that holds the live parameter ``name`` (or one it is tied to)."""
         for live in [name, *self.aliases.get(name, [])]:
@@ -139,9 +153,10 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """A checkpoint tensor as ``from_pretrained(dtype=...)`` holds it: floating ones in ``dtype``, others as saved."""
-    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
+    """A checkpoint tensor as ``from_pretrained(dtype=...)`` holds it: floating ones in ``dtype``, others as saved
+    (``dtype`` None: every one as saved)."""
+    return tensor.to(device=device, dtype=dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype)
 
 
 def _saved_names(model: nn.Module) -> dict[str, str]:
