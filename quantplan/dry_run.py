@@ -143,15 +143,15 @@ def check_streamed_run_fits(source: ModelSource, config: AnalyzeConfig, *, verif
     checks = []
     if verify:
         checks.append(("streamed end-to-end check", verify_variants(config.format_values()), config.batch_size,
-                       config.seq_len))
-    if compare is not None:  # 16-bit, all-4-bit, the plan, two heuristics, the random seeds
-        checks.append(("streamed fidelity scoreboard", 5 + len(compare.seed_values), compare.batch_size,
-                       compare.seq_len))
+                       config.seq_len, 0))
+    if compare is not None:  # 16-bit, all-4-bit, the plan, two heuristics, the random seeds; the exported checkpoint
+        checks.append(("streamed fidelity scoreboard", 6 + len(compare.seed_values), compare.batch_size,
+                       compare.seq_len, 1))
     if gradients or config.context:
         _check_gradient_pass_fits(source, config, cap)
-    for what, variants, batch_size, seq_len in checks:
+    for what, variants, batch_size, seq_len, exported in checks:
         need, label = variants_need(source.path, config.format_values(), variants=variants, dtype=dtype_from_name(config.dtype),
-                                    batch_size=batch_size, seq_len=seq_len, device=config.device)
+                                    batch_size=batch_size, seq_len=seq_len, device=config.device, exported=exported)
         if need > cap:
             raise ValueError(f"--max-memory {cap / GB:.2f} GB is too small for the run's {what}: its largest block "
                              f"({label}) needs about {need / GB:.2f} GB: pass --max-memory {need / GB + 0.01:.2f}GB "

@@ -91,7 +91,8 @@ def report_blocks(table: SensitivityTable, plans: list[Plan], comparison: Compar
                         "generations are left out (`--report full` measures them).")]
                  if meta.get("report") == ReportDepth.QUICK.value else []),
                *([("p", f"Measured block by block under --max-memory {meta.get('max_memory')}: "
-                        + "; ".join(meta["skipped"].values()) + ".")] if meta.get("skipped") else []),
+                        + "; ".join([*([meta["measured"]["exported"]] if meta.get("measured") else []),
+                                     *meta["skipped"].values()]) + ".")] if meta.get("skipped") else []),
                ("table", display_frame(board), DISPLAY_NUMERIC),
                ("notes", footnotes(board)),
                ("list", comparison.verdicts or ["No heuristic baselines were measured."])]
