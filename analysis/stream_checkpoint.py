@@ -99,16 +99,35 @@ class CheckpointWeights:
         return found
 
     def stage(self, model: nn.Module, names: list[str], device: str | torch.device = "cpu") -> Swap:
-        """The checkpoint's version of the named parameters (a stage's): their 4-bit Linears built, the rest read."""
+        """The checkpoint's version of the named parameters (a stage's): their 4-bit Linears built, the rest read;
+        a tensor equal to the one ``model`` holds now (the 16-bit head, loaded in the checkpoint's dtype) is that
+        one, not a copy, so the head holds a second lm_head only where the checkpoint's differs."""
+        live = dict(model.named_parameters(remove_duplicate=False))
         params, modules = {}, {}
         for name in names:
             owner, _, _ = name.rpartition(".")
             if owner in self.four_bit:
                 if owner not in modules:
                     modules[owner] = self._linear4bit(model.get_submodule(owner), owner, device)
-            else:
-                params[name] = nn.Parameter(self.disk.read(name, None, device), requires_grad=False)
+                continue
+            tensor = self.disk.read(name, None, device)
+            mine = live[name]
+            same = mine.device.type != "meta" and mine.dtype == tensor.dtype and torch.equal(mine, tensor)
+            params[name] = mine if same else nn.Parameter(tensor, requires_grad=False)
         return Swap(params, modules)
+
+    def held_bytes(self, model: nn.Module, names: list[str], dtype: torch.dtype) -> int:
+        """Bytes :meth:`stage` holds for ``names`` beside ``model``'s own tensors loaded in ``dtype``: packed 4-bit
+        weights, and every other tensor saved in another dtype (one saved in ``dtype`` is the export's cast of the
+        same source weight: the same tensor, shared); from the files' headers, nothing read."""
+        total = 0
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            if owner in self.four_bit:
+                total += self.disk.numel(self.four_bit[owner].weight) if leaf == "weight" else 0
+            elif (saved := self.disk.dtype(self.disk.key(name))) != dtype:
+                total += self.disk.numel(self.disk.key(name)) * saved.itemsize
+        return total
 
     def _linear4bit(self, linear: nn.Linear, name: str, device) -> nn.Module:
         """A ``Linear4bit`` from its packed weight and quant state, as transformers' loader builds it: the config's

@@ -144,8 +144,9 @@ def variant_logit_chunks(path, calibration, variants: Mapping, fmt: FourBit,
                 if isinstance(v, ExportedCheckpoint)}
     wanted = _normalized({k: v for k, v in variants.items() if k not in exported}, fmt, stages)
     if options.max_memory is not None:
+        held = sum(c.held_bytes(model, stages[-1].params, options.dtype) for c in exported.values())
         _check_fits(model, stages, wanted, parse_size(options.max_memory), calibration, options, device.type,
-                    exported=len(exported))
+                    exported=len(exported), exported_head=held)
     chunk = chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), model.config.get_text_config().vocab_size)
     ctx = StepContext(model, calibration, options.batch_size, lm_head, chunk, device)
     scratch = tempfile.TemporaryDirectory(prefix="quantplan-variants-", dir=options.scratch)
@@ -276,15 +277,15 @@ def _exported_end(model, ctx: StepContext, folder: Path, swap, index: int):
 
 
 def _check_fits(model, stages, wanted: dict, cap: int, calibration, options: StreamOptions, device_type: str,
-                exported: int = 0) -> None:
+                exported: int = 0, exported_head: int = 0) -> None:
     """Refuse, naming the fix, when a block, its round trips and one batch per stream cannot fit under ``cap``
-    (``exported``: streams of exported checkpoints, each with its own head at the head)."""
+    (``exported``: streams of exported checkpoints; ``exported_head``: bytes their heads hold beside the 16-bit one)."""
     first = next(iter(calibration.batches(options.batch_size)), {"input_ids": torch.zeros(0, 0)})
     tokens = options.batch_size * first["input_ids"].shape[-1]
     quantized = {n for formats in wanted.values() for n in formats}
     menu = {f for formats in wanted.values() for f in formats.values()}
     worst, label = _largest_need(model, stages, quantized, len(wanted) + exported, tokens, options.batch_size,
-                                 device_type, formats=max(len(menu), 1), exported=exported)
+                                 device_type, formats=max(len(menu), 1), exported_head=exported_head)
     if worst > cap:
         gb = 1e9
         raise StreamingUnsupported(
@@ -294,11 +295,12 @@ def _check_fits(model, stages, wanted: dict, cap: int, calibration, options: Str
 
 
 def variants_need(path, formats, *, variants: int, dtype: torch.dtype = torch.bfloat16, batch_size: int = 4,
-                  seq_len: int = 256, device: str | torch.device = "cpu", exported: int = 0) -> tuple[int, str]:
+                  seq_len: int = 256, device: str | torch.device = "cpu",
+                  exported_dtype: torch.dtype | None = None) -> tuple[int, str]:
     """(bytes, label) of the largest block a streamed comparison of ``variants`` variants holds, from the config
     alone (every Linear that ``formats`` can quantize counted as quantized: an upper bound), so that a run can
-    refuse a cap its verification or scoreboard would refuse before its analysis spends any time (``exported``
-    of the variants are exported checkpoints, each holding its own head beside the 16-bit one)."""
+    refuse a cap its verification or scoreboard would refuse before its analysis spends any time
+    (``exported_dtype``: one of the variants is the checkpoint exported in that dtype, :func:`_exported_head`)."""
     from .analyze import _reason
 
     model = skeleton(path, dtype)
@@ -306,11 +308,27 @@ def variants_need(path, formats, *, variants: int, dtype: torch.dtype = torch.bf
     stages = stages_of(model, infos, lm_head)
     quantized = {i.name for i in infos if _reason(model, i, lm_head, list(formats)) is None}
     return _largest_need(model, stages, quantized, variants, batch_size * seq_len, batch_size,
-                         torch.device(device).type, formats=len(list(formats)), exported=exported)
+                         torch.device(device).type, formats=len(list(formats)),
+                         exported_head=_exported_head(model, stages[-1].params, lm_head, dtype, exported_dtype))
+
+
+def _exported_head(model, names: list[str], lm_head: str, dtype: torch.dtype, exported: torch.dtype | None) -> int:
+    """Most bytes an exported checkpoint's head holds beside the 16-bit one, before it is written
+    (:meth:`~analysis.stream_checkpoint.CheckpointWeights.held_bytes` once it is): an untied lm_head may be 4-bit
+    (its packed weight, half a byte a weight); every tensor saved in another dtype than the stream's is a copy."""
+    if exported is None:
+        return 0
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = params[lm_head + ".weight"] is model.get_input_embeddings().weight  # a tied lm_head stays 16-bit
+    total = 0
+    for name in names:
+        copy = 0 if exported == dtype else params[name].numel() * exported.itemsize
+        total += max(copy, params[name].numel() // 2) if name == lm_head + ".weight" and not tied else copy
+    return total
 
 
 def _largest_need(model, stages, quantized: set, variants: int, tokens: int, batch_size: int,
-                  device_type: str, formats: int = 1, exported: int = 0) -> tuple[int, str]:
+                  device_type: str, formats: int = 1, exported_head: int = 0) -> tuple[int, str]:
     """(bytes, label) of the stage that holds the most: its weights, the packed 4-bit copies of its quantized
     Linears (one per format) and their de-quantized copies (all set at once while a variant's batches run), and
     the work space (the bitsandbytes round trip of its largest quantized Linear, or one batch's activations) and,
@@ -319,7 +337,7 @@ def _largest_need(model, stages, quantized: set, variants: int, tokens: int, bat
     :func:`stage_need`, no input statistics and no description of the stage's other weights. An exported
     checkpoint's stream runs a stage once its 16-bit weights are off-loaded (its own tensors, 16-bit or packed, are
     no more than them and its Linear4bit de-quantizes one weight at a time: within the above), but at the head it
-    holds its norm and lm_head beside the 16-bit ones: ``exported`` more copies of the head's weights."""
+    holds its norm and lm_head beside the 16-bit ones where they differ: ``exported_head`` bytes."""
     hidden = getattr(model.config.get_text_config(), "hidden_size", 0)
     params = dict(model.named_parameters(remove_duplicate=False))
     worst, label = 0, ""
@@ -333,7 +351,7 @@ def _largest_need(model, stages, quantized: set, variants: int, tokens: int, bat
         activations = stage_need(model, [], [], tokens, batch_size, head=head, device_type=device_type)["work"]
         total = weights + restored + packed + max(roundtrip, activations)
         if head:
-            total += variants * tokens * hidden * 4 + weights + exported * weights
+            total += variants * tokens * hidden * 4 + weights + exported_head
         if total > worst:
             worst, label = total, stage.label
     return worst, label

@@ -123,6 +123,13 @@ class DiskWeights:
         with safe_open(self.files[key], "pt") as f:
             return math.prod(f.get_slice(key).get_shape())
 
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype of the tensor saved under ``key``, read from the file's header alone."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[key], "pt") as f:
+            return _SAFETENSORS_DTYPES[f.get_slice(key).get_dtype()]
+
     def key(self, name: str) -> str:
         """The checkpoint key that holds the live parameter ``name`` (or one it is tied to)."""
         for live in [name, *self.aliases.get(name, [])]:
@@ -130,6 +137,12 @@ class DiskWeights:
                 if key in self.files:
                     return key
         raise StreamingUnsupported(f"weight {name} is not in the checkpoint's safetensors files")
+
+
+#: safetensors' header dtype names (the ones a checkpoint of floating and packed weights holds)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                       "BOOL": torch.bool}
 
 
 def move_buffers(model: nn.Module, device: str | torch.device) -> None:

@@ -70,6 +70,11 @@ def test_streamed_checkpoint_equals_its_whole_load(tmp_path, dtype, tie, head):
     weights = CheckpointWeights(checkpoint, skeleton_model)
     assert weights.footprint(skeleton_model) == footprint_16bit(loaded)
     assert weights.formats() == {n: ("nf4", FORMATS[c].blocksize) for n, c in p.choices.items() if c != KEEP}
+    held = weights.held_bytes(skeleton_model, ["model.norm.weight", "lm_head.weight"], dtype)
+    if dtype == torch.bfloat16:  # saved in the stream's dtype: the 16-bit head's own tensors, shared
+        assert held == 0
+    else:  # the bf16 norm beside the fp32 one, and the packed 4-bit lm_head (half a byte a weight)
+        assert held == 64 * 2 + 256 * 64 // 2
 
 
 def test_a_cap_too_small_for_the_checkpoint_stream_is_refused_with_the_fix(tmp_path):
