@@ -23,6 +23,13 @@ embeddings) share one stream of hidden states. Memory holds one block (plus the 
 copies of its round-tripped Linears) and one batch, or at the head one batch per variant and one
 chunk of logits: nothing grows with tokens × vocabulary. Disk holds two layers' hidden states per
 stream. Not resumable: a killed pass starts again (it costs one forward per variant, no backward).
+
+A variant may also be a pre-quantized checkpoint exported from the model (the plan's
+``OUT/checkpoint``: :class:`~analysis.stream_checkpoint.ExportedCheckpoint`): its stream runs each
+stage with the checkpoint's own tensors, every 4-bit Linear bitsandbytes' ``Linear4bit`` on the
+packed bytes shipped, after the 16-bit weights of the stage are off-loaded (one or the other block
+in memory); at the head its norm and lm_head sit beside the 16-bit ones, sharing the tensors saved
+in the stream's dtype.
 """
 
 from __future__ import annotations
