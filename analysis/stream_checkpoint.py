@@ -160,8 +160,7 @@ class CheckpointWeights:
         for name, p in model.named_parameters():
             owner = owners[id(p)]
             if owner in self.four_bit and name.endswith(".weight"):
-                total += self.disk.numel(self.four_bit[owner].weight) * torch.empty(
-                    0, dtype=self.config.bnb_4bit_quant_storage).element_size()
+                total += self.disk.numel(self.four_bit[owner].weight) * self.config.bnb_4bit_quant_storage.itemsize
             else:
                 total += p.numel() * (BYTES_16BIT if p.is_floating_point() else p.element_size())
         return total

@@ -121,6 +121,9 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
     ``model16``: the 16-bit model already loaded as ``options`` says (borrowed: left as it was found);
     ``checkpoint``: the first plan's exported checkpoint, measured block by block under ``options.max_memory``."""
     options = options or CompareConfig()
+    if checkpoint is not None and not options.max_memory:
+        raise ValueError("an exported checkpoint is measured block by block under --max-memory: pass --max-memory "
+                         "SIZE, or leave --checkpoint out (in memory, the plans load through bitsandbytes themselves)")
     source = model if isinstance(model, ModelSource) else resolve_source(model)
     if not plans:
         raise ValueError("compare needs at least one plan: pass --plan plan.json")
@@ -142,9 +145,6 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
             "plans": [asdict(p.budget) for p in plans], "options": {**vars(options), "report": options.report.value},
             "report": options.report.value}
 
-    if checkpoint is not None and not options.max_memory:
-        raise ValueError("an exported checkpoint is measured block by block under --max-memory: pass --max-memory "
-                         "SIZE, or leave --checkpoint out (in memory, the plans load through bitsandbytes themselves)")
     if options.max_memory:
         from .compare_capped import compare_capped
 

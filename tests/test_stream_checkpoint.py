@@ -98,6 +98,14 @@ def test_a_checkpoint_of_another_plan_or_not_4bit_is_refused(tmp_path):
         CheckpointWeights(folder, skeleton(folder, torch.float32))
 
 
+def test_a_checkpoint_without_a_cap_is_refused_naming_the_fix(tmp_path):
+    from quantplan.reports.compare import CompareConfig, compare
+
+    with pytest.raises(ValueError, match="under --max-memory: pass --max-memory SIZE, or leave --checkpoint out"):
+        compare(str(tmp_path), [tmp_path / "plan.json"], checkpoint=tmp_path / "checkpoint",
+                options=CompareConfig(progress=False))
+
+
 def test_a_vlm_checkpoint_row_is_skipped_saying_why(tmp_path):
     from vlm_models import save_tiny_vlm
 
