@@ -118,6 +118,9 @@ def _exported(source, checkpoint, plan: Plan, options: CompareConfig) -> tuple[i
     if layout_of(model).vision is not None:
         return None, ("the exported checkpoint of a vision-language model is not measured under --max-memory "
                       "(decoder LLMs only): its row is left out")
+    if all(tier == KEEP for tier in plan.choices.values()):
+        return None, ("the plan keeps every module 16-bit, so its exported checkpoint is a plain 16-bit one (no "
+                      "bitsandbytes module to measure): its row is left out")
     weights = CheckpointWeights(checkpoint, model)
     check_checkpoint_follows(weights.formats(), plan, checkpoint)
     return weights.footprint(model), None

@@ -96,6 +96,12 @@ def test_a_checkpoint_of_another_plan_or_not_4bit_is_refused(tmp_path):
         check_checkpoint_follows({**formats, name: ("nf4", 32)}, p, checkpoint)
     with pytest.raises(StreamingUnsupported, match="not a bitsandbytes 4-bit checkpoint"):
         CheckpointWeights(folder, skeleton(folder, torch.float32))
+    from quantplan.reports.compare import CompareConfig
+    from quantplan.reports.compare_capped import _exported
+
+    all_kept = replace(p, choices=dict.fromkeys(p.choices, KEEP))  # exported as a plain 16-bit checkpoint: no row
+    footprint, why = _exported(resolve_source(str(folder)), folder, all_kept, CompareConfig(progress=False))
+    assert footprint is None and "plain 16-bit" in why
 
 
 def test_a_checkpoint_without_a_cap_is_refused_naming_the_fix(tmp_path):
