@@ -23,6 +23,13 @@ embeddings) share one stream of hidden states. Memory holds one block (plus the 
 copies of its round-tripped Linears) and one batch, or at the head one batch per variant and one
 chunk of logits: nothing grows with tokens × vocabulary. Disk holds two layers' hidden states per
 stream. Not resumable: a killed pass starts again (it costs one forward per variant, no backward).
+
+A variant may also be a pre-quantized checkpoint exported from the model (the plan's
+``OUT/checkpoint``: :class:`~analysis.stream_checkpoint.ExportedCheckpoint`): its stream runs each
+stage with the checkpoint's own tensors, every 4-bit Linear bitsandbytes' ``Linear4bit`` on the
+packed bytes shipped, after the 16-bit weights of the stage are off-loaded (one or the other block
+in memory); at the head its norm and lm_head sit beside the 16-bit ones, sharing the tensors saved
+in the stream's dtype.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from .modules import list_modules, output_embedding_name
 from .probe import InputProbe
 from .reference import Logits16, VariantKLs, batch_tokens
 from .simulate import QuantCache
+from .stream_checkpoint import CheckpointWeights, ExportedCheckpoint
 from .stream_head import chunk_tokens, refuse_logit_transforms
 from .stream_stages import final_norm, stages_of
 from .stream_steps import Direction, Step, StepContext, StepFolders, run_batches
@@ -126,7 +134,10 @@ def variant_logit_chunks(path, calibration, variants: Mapping, fmt: FourBit,
 
     ``calibration`` has ``batches(batch_size)`` and ``num_batches(batch_size)``; its first
     ``options.max_batches`` batches are compared. Chunks come batch by batch, then chunk by chunk,
-    then variant by variant; a variant given as None yields the 16-bit logits as its own.
+    then variant by variant; a variant given as None yields the 16-bit logits as its own. A variant given
+    as an :class:`~analysis.stream_checkpoint.ExportedCheckpoint` runs that pre-quantized checkpoint's own
+    tensors, its 4-bit Linears bitsandbytes' ``Linear4bit`` (:mod:`analysis.stream_checkpoint`): a stream of
+    its own, each stage run once its 16-bit weights are off-loaded, so the block in memory is one or the other.
     """
     calibration = FirstBatches(calibration, options.batch_size, options.max_batches)
     device = torch.device(options.device)
@@ -136,27 +147,36 @@ def variant_logit_chunks(path, calibration, variants: Mapping, fmt: FourBit,
     lm_head = output_embedding_name(model)
     refuse_logit_transforms(model)
     stages = stages_of(model, list_modules(model), lm_head)
-    wanted = _normalized(variants, fmt, stages)
+    exported = {label: CheckpointWeights(v.path, model) for label, v in variants.items()
+                if isinstance(v, ExportedCheckpoint)}
+    wanted = _normalized({k: v for k, v in variants.items() if k not in exported}, fmt, stages)
     if options.max_memory is not None:
-        _check_fits(model, stages, wanted, parse_size(options.max_memory), calibration, options, device.type)
+        held = sum(c.held_bytes(model, stages[-1].params, options.dtype) for c in exported.values())
+        _check_fits(model, stages, wanted, parse_size(options.max_memory), calibration, options, device.type,
+                    exported=len(exported), exported_head=held)
     chunk = chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), model.config.get_text_config().vocab_size)
     ctx = StepContext(model, calibration, options.batch_size, lm_head, chunk, device)
     scratch = tempfile.TemporaryDirectory(prefix="quantplan-variants-", dir=options.scratch)
     try:
         streams = dict.fromkeys(wanted)  # label -> folder of its hidden states (None: the batches themselves)
+        own = dict.fromkeys(exported)  # an exported checkpoint's label -> its own stream's folder
         for number in tqdm(range(len(stages) - 1), desc=f"{len(variants)} variant(s), streamed blocks",
                            disable=not options.progress, leave=False):
-            stage = stages[number]
+            stage, folder = stages[number], Path(scratch.name) / f"stage-{number:04d}"
             weights.load(model, stage.resident, options.dtype, device)
             try:
-                streams = _run_stage(ctx, stage, Path(scratch.name) / f"stage-{number:04d}", wanted, streams, fmt)
+                streams = _run_stage(ctx, stage, folder, wanted, streams, fmt)
             finally:
                 unload(model, stage.resident)
+            for i, (label, checkpoint) in enumerate(exported.items()):
+                own[label] = _run_exported(ctx, stage, checkpoint, own[label], folder / f"exported-{i:03d}")
             shutil.rmtree(Path(scratch.name) / f"stage-{number - 1:04d}", ignore_errors=True)
         head = stages[-1]
         weights.load(model, head.params, options.dtype, device)
         try:
-            yield from _head_chunks(ctx, head, wanted, streams, variants, fmt)
+            ends = {label: (own[label], checkpoint.stage(model, head.params, device))
+                    for label, checkpoint in exported.items()}
+            yield from _head_chunks(ctx, head, wanted, streams, variants, fmt, ends)
         finally:
             unload(model, head.params)
     finally:
@@ -203,9 +223,23 @@ def _run_stage(ctx: StepContext, stage, folder: Path, wanted: dict, streams: dic
     return result
 
 
+def _run_exported(ctx: StepContext, stage, checkpoint: CheckpointWeights, hidden: Path | None,
+                  target: Path) -> Path:
+    """Run every batch of an exported checkpoint's stream through ``stage`` with the checkpoint's tensors
+    (the stage's 16-bit weights off-loaded before); returns the folder of its outputs."""
+    target.mkdir(parents=True)
+    swap = checkpoint.stage(ctx.model, stage.resident, ctx.device)
+    with swap.applied(ctx.model):
+        run_batches(ctx, stage, Step(0, Direction.FORWARD, measure=False), StepFolders(hidden, None, target, ()),
+                    target, InputProbe(ctx.model, []), None)
+    return target
+
+
 def _head_chunks(ctx: StepContext, head, wanted: dict, streams: dict, variants: Mapping,
-                 fmt: FourBit) -> Iterator[HeadChunk]:
-    """Norm + lm_head of each stream, batch by batch and chunk by chunk, each chunk's 16-bit logits made once."""
+                 fmt: FourBit, exported: Mapping | None = None) -> Iterator[HeadChunk]:
+    """Norm + lm_head of each stream, batch by batch and chunk by chunk, each chunk's 16-bit logits made once
+    (``exported``: an exported checkpoint's label -> (its stream's folder, the checkpoint's head as a
+    :class:`~analysis.stream_checkpoint.Swap`): its norm and lm_head are the checkpoint's)."""
     model, cache = ctx.model, QuantCache(ctx.model, fmt)
     owned = set(head.linears)
     head_formats = {label: {n: f for n, f in formats.items() if n in owned} for label, formats in wanted.items()}
@@ -218,6 +252,8 @@ def _head_chunks(ctx: StepContext, head, wanted: dict, streams: dict, variants: 
                     hidden, _ = read_batch(folder, index, ctx.device)
                     shape = tuple(hidden.shape[:2])
                     flat[folder] = final_norm(model)(hidden).reshape(-1, hidden.shape[-1])
+                ends = {label: _exported_end(model, ctx, folder, swap, index)
+                        for label, (folder, swap) in (exported or {}).items()}
             for start in range(0, shape[0] * shape[1], ctx.head_chunk):
                 rows = slice(start, start + ctx.head_chunk)
                 cache.set_quantized(())
@@ -226,24 +262,37 @@ def _head_chunks(ctx: StepContext, head, wanted: dict, streams: dict, variants: 
                 for label in variants:
                     if variants[label] is None:
                         logits = logits16.logits
+                    elif label in ends:
+                        with torch.inference_mode():
+                            logits = ends[label][0](ends[label][1][rows])
                     else:
                         cache.set_quantized(list(head_formats[label]), head_formats[label])
                         with torch.inference_mode():
                             logits = model.lm_head(flat[streams[label]][rows])
                     yield HeadChunk(label, index, batch, rows, shape, logits16, logits)
-            del flat
+            del flat, ends
     finally:
         cache.set_quantized(())
 
 
-def _check_fits(model, stages, wanted: dict, cap: int, calibration, options: StreamOptions, device_type: str) -> None:
-    """Refuse, naming the fix, when a block, its round trips and one batch per stream cannot fit under ``cap``."""
+def _exported_end(model, ctx: StepContext, folder: Path, swap, index: int):
+    """(the checkpoint's lm_head, its normed hidden states of batch ``index``, flat) for an exported stream."""
+    hidden, _ = read_batch(folder, index, ctx.device)
+    with swap.applied(model):
+        flat = final_norm(model)(hidden).reshape(-1, hidden.shape[-1])
+    return swap.linear(ctx.lm_head), flat
+
+
+def _check_fits(model, stages, wanted: dict, cap: int, calibration, options: StreamOptions, device_type: str,
+                exported: int = 0, exported_head: int = 0) -> None:
+    """Refuse, naming the fix, when a block, its round trips and one batch per stream cannot fit under ``cap``
+    (``exported``: streams of exported checkpoints; ``exported_head``: bytes their heads hold beside the 16-bit one)."""
     first = next(iter(calibration.batches(options.batch_size)), {"input_ids": torch.zeros(0, 0)})
     tokens = options.batch_size * first["input_ids"].shape[-1]
     quantized = {n for formats in wanted.values() for n in formats}
     menu = {f for formats in wanted.values() for f in formats.values()}
-    worst, label = _largest_need(model, stages, quantized, len(wanted), tokens, options.batch_size, device_type,
-                                 formats=max(len(menu), 1))
+    worst, label = _largest_need(model, stages, quantized, len(wanted) + exported, tokens, options.batch_size,
+                                 device_type, formats=max(len(menu), 1), exported_head=exported_head)
     if worst > cap:
         gb = 1e9
         raise StreamingUnsupported(
@@ -253,10 +302,12 @@ def _check_fits(model, stages, wanted: dict, cap: int, calibration, options: Str
 
 
 def variants_need(path, formats, *, variants: int, dtype: torch.dtype = torch.bfloat16, batch_size: int = 4,
-                  seq_len: int = 256, device: str | torch.device = "cpu") -> tuple[int, str]:
+                  seq_len: int = 256, device: str | torch.device = "cpu",
+                  exported_dtype: torch.dtype | None = None) -> tuple[int, str]:
     """(bytes, label) of the largest block a streamed comparison of ``variants`` variants holds, from the config
     alone (every Linear that ``formats`` can quantize counted as quantized: an upper bound), so that a run can
-    refuse a cap its verification or scoreboard would refuse before its analysis spends any time."""
+    refuse a cap its verification or scoreboard would refuse before its analysis spends any time
+    (``exported_dtype``: one of the variants is the checkpoint exported in that dtype, :func:`_exported_head`)."""
     from .analyze import _reason
 
     model = skeleton(path, dtype)
@@ -264,17 +315,36 @@ def variants_need(path, formats, *, variants: int, dtype: torch.dtype = torch.bf
     stages = stages_of(model, infos, lm_head)
     quantized = {i.name for i in infos if _reason(model, i, lm_head, list(formats)) is None}
     return _largest_need(model, stages, quantized, variants, batch_size * seq_len, batch_size,
-                         torch.device(device).type, formats=len(list(formats)))
+                         torch.device(device).type, formats=len(list(formats)),
+                         exported_head=_exported_head(model, stages[-1].params, lm_head, dtype, exported_dtype))
+
+
+def _exported_head(model, names: list[str], lm_head: str, dtype: torch.dtype, exported: torch.dtype | None) -> int:
+    """Most bytes an exported checkpoint's head holds beside the 16-bit one, before it is written
+    (:meth:`~analysis.stream_checkpoint.CheckpointWeights.held_bytes` once it is): an untied lm_head may be 4-bit
+    (its packed weight, half a byte a weight); every tensor saved in another dtype than the stream's is a copy."""
+    if exported is None:
+        return 0
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = params[lm_head + ".weight"] is model.get_input_embeddings().weight  # a tied lm_head stays 16-bit
+    total = 0
+    for name in names:
+        copy = 0 if exported == dtype else params[name].numel() * exported.itemsize
+        total += max(copy, params[name].numel() // 2) if name == lm_head + ".weight" and not tied else copy
+    return total
 
 
 def _largest_need(model, stages, quantized: set, variants: int, tokens: int, batch_size: int,
-                  device_type: str, formats: int = 1) -> tuple[int, str]:
+                  device_type: str, formats: int = 1, exported_head: int = 0) -> tuple[int, str]:
     """(bytes, label) of the stage that holds the most: its weights, the packed 4-bit copies of its quantized
     Linears (one per format) and their de-quantized copies (all set at once while a variant's batches run), and
     the work space (the bitsandbytes round trip of its largest quantized Linear, or one batch's activations) and,
     at the head, one batch of normed hidden states per variant and one chunk's comparison (about the head's
     weight bytes: :func:`analysis.stream_head.chunk_tokens`). Nothing is measured here: unlike the analysis'
-    :func:`stage_need`, no input statistics and no description of the stage's other weights."""
+    :func:`stage_need`, no input statistics and no description of the stage's other weights. An exported
+    checkpoint's stream runs a stage once its 16-bit weights are off-loaded (its own tensors, 16-bit or packed, are
+    no more than them and its Linear4bit de-quantizes one weight at a time: within the above), but at the head it
+    holds its norm and lm_head beside the 16-bit ones where they differ: ``exported_head`` bytes."""
     hidden = getattr(model.config.get_text_config(), "hidden_size", 0)
     params = dict(model.named_parameters(remove_duplicate=False))
     worst, label = 0, ""
@@ -288,7 +358,7 @@ def _largest_need(model, stages, quantized: set, variants: int, tokens: int, bat
         activations = stage_need(model, [], [], tokens, batch_size, head=head, device_type=device_type)["work"]
         total = weights + restored + packed + max(roundtrip, activations)
         if head:
-            total += variants * tokens * hidden * 4 + weights
+            total += variants * tokens * hidden * 4 + weights + exported_head
         if total > worst:
             worst, label = total, stage.label
     return worst, label

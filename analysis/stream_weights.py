@@ -109,6 +109,27 @@ class DiskWeights:
         with safe_open(self.files[key], "pt") as f:
             return _cast(f.get_tensor(key), dtype, device)
 
+    def raw(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The tensor saved under the checkpoint key ``key``, as saved (no cast): a quant state's float32 stays so."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[key], "pt") as f:
+            return f.get_tensor(key).to(device)
+
+    def numel(self, key: str) -> int:
+        """Elements of the tensor saved under ``key``, read from the file's header alone."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[key], "pt") as f:
+            return math.prod(f.get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype of the tensor saved under ``key``, read from the file's header alone."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[key], "pt") as f:
+            return _SAFETENSORS_DTYPES[f.get_slice(key).get_dtype()]
+
     def key(self, name: str) -> str:
         """The checkpoint key that holds the live parameter ``name`` (or one it is tied to)."""
         for live in [name, *self.aliases.get(name, [])]:
@@ -116,6 +137,12 @@ class DiskWeights:
                 if key in self.files:
                     return key
         raise StreamingUnsupported(f"weight {name} is not in the checkpoint's safetensors files")
+
+
+#: safetensors' header dtype names (the ones a checkpoint of floating and packed weights holds)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                       "BOOL": torch.bool}
 
 
 def move_buffers(model: nn.Module, device: str | torch.device) -> None:
@@ -139,9 +166,10 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """A checkpoint tensor as ``from_pretrained(dtype=...)`` holds it: floating ones in ``dtype``, others as saved."""
-    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
+    """A checkpoint tensor as ``from_pretrained(dtype=...)`` holds it: floating ones in ``dtype``, others as saved
+    (``dtype`` None: every one as saved)."""
+    return tensor.to(device=device, dtype=dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype)
 
 
 def _saved_names(model: nn.Module) -> dict[str, str]:

@@ -36,7 +36,11 @@ def add_compare_parser(subparsers, formatter_class=None):
     group.add_argument("--quiet", action="store_true", help="no progress lines (results still print)")
     group.add_argument("--max-memory", metavar="SIZE", default=None,
                        help="a model larger than memory: measure the simulated rows block by block under this cap "
-                            "(e.g. 2GB); real bitsandbytes loads, generations and single-module checks are skipped")
+                            "(e.g. 2GB); real all-INT8/all-4-bit loads, generations and single-module checks are "
+                            "skipped")
+    group.add_argument("--checkpoint", metavar="DIR", default=None,
+                       help="with --max-memory: the first plan's exported checkpoint (OUT/checkpoint), measured block "
+                            "by block through bitsandbytes")
     p.set_defaults(handler=run_compare)
     return p
 
@@ -86,5 +90,6 @@ def run_compare(args) -> int:
     folder = first if first.is_dir() else first.parent
     compare_and_report(args.model, args.table or folder, args.plan, args.out,
                        pareto=Path(args.table or folder) / "pareto.csv",
-                       options=replace(compare_config_from_args(args), max_memory=args.max_memory))
+                       options=replace(compare_config_from_args(args), max_memory=args.max_memory),
+                       checkpoint=args.checkpoint)
     return 0

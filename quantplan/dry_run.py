@@ -162,19 +162,27 @@ def check_streamed_run_fits(source: ModelSource, config: AnalyzeConfig, *, verif
     checks = []
     if verify:
         checks.append(("streamed end-to-end check", verify_variants(config.format_values()), config.batch_size,
-                       config.seq_len))
-    if compare is not None:  # 16-bit, all-4-bit, the plan, two heuristics, the random seeds
-        checks.append(("streamed fidelity scoreboard", 5 + len(compare.seed_values), compare.batch_size,
-                       compare.seq_len))
+                       config.seq_len, None))
+    if compare is not None:  # 16-bit, all-4-bit, the plan, two heuristics, the random seeds; the exported checkpoint
+        checks.append(("streamed fidelity scoreboard", 6 + len(compare.seed_values), compare.batch_size,
+                       compare.seq_len, export_dtype(config)))
     if gradients or config.context:
         _check_gradient_pass_fits(source, config, cap)
-    for what, variants, batch_size, seq_len in checks:
+    for what, variants, batch_size, seq_len, exported in checks:
         need, label = variants_need(source.path, config.format_values(), variants=variants, dtype=dtype_from_name(config.dtype),
-                                    batch_size=batch_size, seq_len=seq_len, device=config.device)
+                                    batch_size=batch_size, seq_len=seq_len, device=config.device,
+                                    exported_dtype=exported)
         if need > cap:
             raise ValueError(f"--max-memory {cap / GB:.2f} GB is too small for the run's {what}: its largest block "
                              f"({label}) needs about {need / GB:.2f} GB: pass --max-memory {need / GB + 0.01:.2f}GB "
                              "or more, or a smaller batch size (or --no-verify / --no-compare to skip that step)")
+
+
+def export_dtype(config: AnalyzeConfig):
+    """The dtype ``run`` exports the checkpoint's 16-bit tensors in: the analysis dtype, bf16 for an fp32 analysis."""
+    from quantplan.analysis.models import dtype_from_name
+
+    return dtype_from_name(config.dtype if config.dtype != "fp32" else "bf16")
 
 
 def _check_gradient_pass_fits(source: ModelSource, config: AnalyzeConfig, cap: int) -> None:

@@ -27,7 +27,7 @@ from quantplan.planner.pareto import pareto_curve
 from quantplan.planner.plan_types import Plan
 from quantplan.planner.priors import kept_summary
 
-from .dry_run import check_streamed_run_fits, choose_max_memory
+from .dry_run import check_streamed_run_fits, choose_max_memory, export_dtype
 from .endtoend import EndToEnd
 from .shared_model import SharedModel
 
@@ -93,8 +93,7 @@ def _steps(source, budget, out_dir: Path, checkpoint: Path, analyze_config: Anal
         shared.release()  # no later step borrows it: the export does not hold it beside the 4-bit model
     with stage("export"):
         result = export(source, chosen, checkpoint, overwrite=overwrite, device=analyze_config.device,
-                        compute_dtype=dtype_from_name(analyze_config.dtype if analyze_config.dtype != "fp32"
-                                                      else "bf16"),
+                        compute_dtype=export_dtype(analyze_config),
                         max_memory=parse_size(analyze_config.max_memory) if analyze_config.max_memory else None)
     print(export_summary(checkpoint, chosen, result))
     reports = {}
@@ -105,7 +104,8 @@ def _steps(source, budget, out_dir: Path, checkpoint: Path, analyze_config: Anal
             compare = replace(compare, max_memory=analyze_config.max_memory)
         with stage("compare + report"):
             reports = compare_and_report(source, table, [chosen], out_dir, pareto=out_dir / "pareto.csv",
-                                         options=compare, model16=shared.get() if lend else None)
+                                         options=compare, model16=shared.get() if lend else None,
+                                         checkpoint=checkpoint if analyze_config.max_memory else None)
     return {**reports, "out": out_dir, "table": out_dir / TABLE_FILE, "plan": out_dir / "plan.json",
             "pareto": out_dir / "pareto.csv", "checkpoint": checkpoint, "export": result, "plan_obj": chosen}
 

@@ -19,9 +19,10 @@ beyond the scoreboard: the single-module checks of step 2, the random baseline's
 first, and the generations; the report says so.
 
 With ``max_memory`` (``quantplan run --max-memory``) the 16-bit model is never loaded whole: the
-simulated variants of step 2 run block by block from disk (:mod:`reports.compare_capped`), and
-what needs the whole model (steps 1's generations and 3, the single-module checks) is skipped with
-a line saying so.
+simulated variants of step 2 run block by block from disk (:mod:`reports.compare_capped`), the
+plan's exported checkpoint (``checkpoint``) runs beside them block by block through bitsandbytes'
+own 4-bit Linears, and what needs the whole model (steps 1's generations and 3's all-INT8 and
+all-4-bit loads, the single-module checks) is skipped with a line saying so.
 
 The held-out text must not be the calibration text the plan was measured on.
 """
@@ -115,10 +116,14 @@ class CompareConfig:
 
 def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None = None, *,
             table: SensitivityTable | str | Path | None = None, options: CompareConfig | None = None,
-            model16=None) -> Comparison:
+            model16=None, checkpoint: str | Path | None = None) -> Comparison:
     """Measure every variant; with ``out_dir`` write scoreboard.csv/.md, generations, agreement there.
-    ``model16``: the 16-bit model already loaded as ``options`` says (borrowed: left as it was found)."""
+    ``model16``: the 16-bit model already loaded as ``options`` says (borrowed: left as it was found);
+    ``checkpoint``: the first plan's exported checkpoint, measured block by block under ``options.max_memory``."""
     options = options or CompareConfig()
+    if checkpoint is not None and not options.max_memory:
+        raise ValueError("an exported checkpoint is measured block by block under --max-memory: pass --max-memory "
+                         "SIZE, or leave --checkpoint out (in memory, the plans load through bitsandbytes themselves)")
     source = model if isinstance(model, ModelSource) else resolve_source(model)
     if not plans:
         raise ValueError("compare needs at least one plan: pass --plan plan.json")
@@ -143,7 +148,7 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
     if options.max_memory:
         from .compare_capped import compare_capped
 
-        comparison = compare_capped(source, table, plans, fmt, heldout, meta, options)
+        comparison = compare_capped(source, table, plans, fmt, heldout, meta, options, checkpoint)
         if out_dir is not None:
             comparison.save(out_dir)
         return comparison

@@ -82,7 +82,8 @@ def report_blocks(table: SensitivityTable, plans: list[Plan], comparison: Compar
                      "`llama-perplexity` (value ± standard error over tokens). KLD in nats; Size is the predicted "
                      "checkpoint size of the weights; Footprint is `get_memory_footprint()` (measured for "
                      "bitsandbytes loads, predicted for simulated rows). *bitsandbytes* rows were loaded through "
-                     "`BitsAndBytesConfig`; *simulated* rows replace the weights of the 16-bit model by bitsandbytes' "
+                     "`BitsAndBytesConfig` (under --max-memory, the exported checkpoint's row runs its own tensors "
+                     "block by block, its 4-bit Linears bitsandbytes' `Linear4bit`); *simulated* rows replace the weights of the 16-bit model by bitsandbytes' "
                      "own quantize/de-quantize round trip (what its CPU kernels compute). *Simulated KLD* is that "
                      "simulation's mean KLD, also for all-4-bit and the plans, so that the verdicts below compare "
                      "plans and heuristics like for like. Heuristic baselines spend the same bytes as their "
@@ -91,7 +92,8 @@ def report_blocks(table: SensitivityTable, plans: list[Plan], comparison: Compar
                         "generations are left out (`--report full` measures them).")]
                  if meta.get("report") == ReportDepth.QUICK.value else []),
                *([("p", f"Measured block by block under --max-memory {meta.get('max_memory')}: "
-                        + "; ".join(meta["skipped"].values()) + ".")] if meta.get("skipped") else []),
+                        + "; ".join([*([meta["measured"]["exported"]] if meta.get("measured") else []),
+                                     *meta["skipped"].values()]) + ".")] if meta.get("skipped") else []),
                ("table", display_frame(board), DISPLAY_NUMERIC),
                ("notes", footnotes(board)),
                ("list", comparison.verdicts or ["No heuristic baselines were measured."])]

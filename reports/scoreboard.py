@@ -18,7 +18,8 @@ COLUMNS = {
     "variant": "row name: 16-bit, all-INT8, all-NF4, dynamic <budget>, <heuristic> @ <budget>",
     "kind": "reference | uniform | dynamic | heuristic",
     "plan": "budget spec of the dynamic plan the row belongs to (empty for the references)",
-    "measured_with": "bitsandbytes (a real quantized load) | simulated (bitsandbytes round trip in a 16-bit model) | 16-bit",
+    "measured_with": "bitsandbytes (a real quantized load) | bitsandbytes (exported checkpoint, block by block) | "
+                     "simulated (bitsandbytes round trip in a 16-bit model) | 16-bit",
     "kept_16bit": "Linear modules kept 16-bit",
     "bytes": "predicted checkpoint bytes of the weights (the planner's unit; equal-bytes comparisons use it)",
     "footprint_bytes": "model.get_memory_footprint(): measured for bitsandbytes loads, predicted for simulated rows",
@@ -129,10 +130,11 @@ def verdicts(board: pd.DataFrame) -> list[str]:
     """For each dynamic plan: does it beat every heuristic baseline at equal bytes (lower mean KLD)?
 
     Plans and heuristics are compared like for like: on ``simulated_mean_kld`` when both have
-    it (the heuristics are only ever simulated), else on ``mean_kld``.
+    it (the heuristics are only ever simulated), else on ``mean_kld``. A plan with two rows (under
+    ``--max-memory``: simulated, and its exported checkpoint) gets one verdict, from its first row.
     """
     lines = []
-    for _, dyn in board[board["kind"] == "dynamic"].iterrows():
+    for _, dyn in board[board["kind"] == "dynamic"].drop_duplicates("plan").iterrows():
         rivals = board[(board["kind"] == "heuristic") & (board["plan"] == dyn["plan"])]
         simulated = np.isfinite(dyn.get("simulated_mean_kld", np.nan)) and rivals["simulated_mean_kld"].notna().all()
         column = "simulated_mean_kld" if simulated else "mean_kld"

@@ -184,6 +184,15 @@ def test_smollm2s_cap_of_150mb_fits_its_streamed_checks(tmp_path):
             need, label = variants_need(tmp_path, parse_formats("nf4,nf4-bs32"), variants=variants,
                                         dtype=torch.bfloat16, device=device)
             assert label == "norm + lm_head" and 2 * head < need < 150 * 10**6, (device, variants, need)
+        # the scoreboard's exported checkpoint (bf16, tied head kept 16-bit): its head is the 16-bit one, shared
+        need, _ = variants_need(tmp_path, parse_formats("nf4,nf4-bs32"), variants=9, dtype=torch.bfloat16,
+                                device=device, exported_dtype=torch.bfloat16)
+        assert need < 150 * 10**6, (device, need)
+        fp32, _ = variants_need(tmp_path, parse_formats("nf4,nf4-bs32"), variants=9, dtype=torch.float32,
+                                device=device, exported_dtype=torch.bfloat16)
+        plain, _ = variants_need(tmp_path, parse_formats("nf4,nf4-bs32"), variants=9, dtype=torch.float32,
+                                 device=device)
+        assert fp32 >= plain + head  # an fp32 stream holds the checkpoint's bf16 head beside its own
 
 
 def test_dry_run_gives_the_streamed_refinements_need_against_the_cap(tmp_path, no_weights_read):

@@ -74,7 +74,7 @@ def test_a_device_override_chooses_the_scoreboard_dtype_again(monkeypatch):
     class Captured(Exception):
         pass
 
-    def fake_compare(model, plans, out_dir, *, table, options, model16):
+    def fake_compare(model, plans, out_dir, *, table, options, model16, checkpoint=None):
         seen["options"] = options
         raise Captured
 

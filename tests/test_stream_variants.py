@@ -96,7 +96,13 @@ def test_run_under_the_cap_verifies_and_scores_as_in_memory(tmp_path):
     board, memory = boards["1GB"], boards[None]
     assert {"reference", "uniform", "dynamic", "heuristic"} <= set(board["kind"])
     assert "all-INT8" not in " ".join(board.index)  # a real bitsandbytes load: skipped under the cap
-    assert (board.loc[board["kind"] != "reference", "measured_with"].str.startswith("simulated")).all()
+    exported = board["measured_with"] == "bitsandbytes (exported checkpoint, block by block)"
+    assert exported.sum() == 1  # the plan's exported checkpoint, measured through bitsandbytes block by block
+    assert (board.loc[(board["kind"] != "reference") & ~exported, "measured_with"].str.startswith("simulated")).all()
+    row, plan_row = board[exported].iloc[0], board.loc[board.index[exported][0].removesuffix(" (exported checkpoint)")]
+    assert row["kind"] == "dynamic" and row["mean_kld"] > 0 and row["footprint_bytes"] > 0
+    assert row["mean_kld"] == pytest.approx(plan_row["mean_kld"], rel=0.5)  # close to its simulation
+    assert row["simulated_mean_kld"] == plan_row["mean_kld"]
     # the simulated KLs in memory (simulated_mean_kld of every row that has one) = the streamed ones
     shared = memory.index[memory["simulated_mean_kld"].notna()].intersection(board.index)
     assert len(shared) >= 3
@@ -104,13 +110,14 @@ def test_run_under_the_cap_verifies_and_scores_as_in_memory(tmp_path):
                                rtol=1e-4)
     assert board.loc["16-bit", "ppl"] == pytest.approx(memory.loc["16-bit", "ppl"], rel=1e-5)
     report = results["1GB"]["md"].read_text()
-    assert "under --max-memory" in report and "real bitsandbytes loads" in report
+    assert "under --max-memory" in report and "real bitsandbytes loads of all-INT8 and all-4-bit" in report
+    assert "exported checkpoint is measured block by block" in report and "(exported checkpoint)" in report
 
     from quantplan.cli import main  # `quantplan compare --max-memory` measures the same capped scoreboard
 
     assert main(["compare", str(folder), "--plan", str(results["1GB"]["plan"]), "--out", str(tmp_path / "cmp"),
                  "--max-memory", "1GB", "--report", "quick", "--heldout-samples", "4", "--heldout-seq-len", "32",
-                 "--quiet"]) == 0
+                 "--checkpoint", str(results["1GB"]["checkpoint"]), "--quiet"]) == 0
     again = pd.read_csv(tmp_path / "cmp" / "scoreboard.csv").set_index("variant")
     pd.testing.assert_series_equal(again["mean_kld"], board["mean_kld"])
 
