@@ -48,15 +48,14 @@ from .modules import list_modules, output_embedding_name
 from .probe import InputProbe
 from .reference import Logits16, batch_tokens
 from .simulate import QuantCache
-from .stream_head import chunk_tokens, head_work_bytes, refuse_logit_transforms
+from .stream_head import chunk_tokens, head_work_bytes
 from .stream_stages import VISION_KINDS, StageKind, final_norm, stage_config, stages_of
 from .stream_steps import Direction, Step, StepContext, StepFolders, run_batches
 from .stream_store import read_batch, write_batch
-from .stream_variants import _REFERENCE, FirstBatches, StreamOptions, _normalized, _run_stage
+from .stream_variants import _REFERENCE, FirstBatches, StreamOptions, _normalized, _run_stage, open_streamed
 from .stream_weights import (
     DiskWeights,
     StreamingUnsupported,
-    move_buffers,
     skeleton,
     stage_bytes,
     stage_need,
@@ -77,13 +76,7 @@ def streamed_restore_gains(path, calibration, quantized, fmt: FourBit, *, format
     largest block's need.
     """
     calibration = FirstBatches(calibration, options.batch_size, options.max_batches)
-    device = torch.device(options.device)
-    model = skeleton(path, options.dtype)
-    move_buffers(model, device)
-    weights = DiskWeights(path, model)
-    lm_head = output_embedding_name(model)
-    refuse_logit_transforms(model)
-    stages = stages_of(model, list_modules(model), lm_head)
+    model, weights, lm_head, stages, device = open_streamed(path, options)
     sums = GainSums(quantized, formats, menu, context_error)
     wanted = _normalized({_QUANTIZED: {n: sums.formats.get(n) for n in sums.quantized}}, fmt, stages)
     refuse_unreachable(stages, wanted[_QUANTIZED])

@@ -39,6 +39,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -128,6 +129,28 @@ class StreamedKLs:
         return streamed_klds(self.path, self.calibration, variants, self.fmt, self.options)
 
 
+class StreamedModel(NamedTuple):
+    """A model saved as safetensors, opened for a block-by-block pass (nothing loaded but its buffers)."""
+
+    model: torch.nn.Module  # the meta-device skeleton, buffers on ``device``
+    weights: DiskWeights  # its tensors, read from disk stage by stage
+    lm_head: str | None  # the output embedding's module name
+    stages: list  # analysis.stream_stages.Stage, in order
+    device: torch.device
+
+
+def open_streamed(path, options: StreamOptions) -> StreamedModel:
+    """The model in ``path`` as a skeleton in ``options.dtype`` with its stages, refused (naming why) when its logits
+    change after lm_head: what every block-by-block pass over variants starts from."""
+    device = torch.device(options.device)
+    model = skeleton(path, options.dtype)
+    move_buffers(model, device)
+    lm_head = output_embedding_name(model)
+    refuse_logit_transforms(model)
+    return StreamedModel(model, DiskWeights(path, model), lm_head, stages_of(model, list_modules(model), lm_head),
+                         device)
+
+
 def variant_logit_chunks(path, calibration, variants: Mapping, fmt: FourBit,
                          options: StreamOptions = StreamOptions()) -> Iterator[HeadChunk]:
     """Every (variant, batch, token chunk) of the variants' logits beside the 16-bit ones (module docstring).
@@ -140,13 +163,7 @@ def variant_logit_chunks(path, calibration, variants: Mapping, fmt: FourBit,
     its own, each stage run once its 16-bit weights are off-loaded, so the block in memory is one or the other.
     """
     calibration = FirstBatches(calibration, options.batch_size, options.max_batches)
-    device = torch.device(options.device)
-    model = skeleton(path, options.dtype)
-    move_buffers(model, device)
-    weights = DiskWeights(path, model)
-    lm_head = output_embedding_name(model)
-    refuse_logit_transforms(model)
-    stages = stages_of(model, list_modules(model), lm_head)
+    model, weights, lm_head, stages, device = open_streamed(path, options)
     exported = {label: CheckpointWeights(v.path, model) for label, v in variants.items()
                 if isinstance(v, ExportedCheckpoint)}
     wanted = _normalized({k: v for k, v in variants.items() if k not in exported}, fmt, stages)
