@@ -36,7 +36,7 @@ from quantplan.planner.plan_types import Plan
 #: calibration tokens the end-to-end steps measure by default: the verification's candidates and the
 #: refinement's gradients on the first windows covering them. Measured on SmolLM2-135M (benchmarks/README.md,
 #: "Verification on the first 4096 tokens"): the verification ships the same plans at +10 % and +33 % on 4096
-#: as on all 8192 calibration tokens, at half the cost (the verification was the largest stage after the analysis)
+#: as on all 8192 calibration tokens, at ~0.65x the CPU time (the verification was the largest stage after the analysis)
 DEFAULT_TOKENS = 4096
 
 if TYPE_CHECKING:
