@@ -31,6 +31,7 @@ from .formats import NF4, format_to_dict
 from .interrupts import DeferredInterrupt, InterruptNow
 from .measure import measure_module
 from .memory import non_module_bytes
+from .micro_batches import activation_budget, sequences_per_micro_batch, splittable
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
 from .output_energy import OutputEnergy
 from .probe import InputProbe, partial_state_bytes
@@ -160,7 +161,7 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
     """
     extra = _forward_options(model, full_logits)
     device = model_device(model)
-    backward = _fisher_backward(model, probe)
+    backward = _fisher_backward(model, probe, device) if grads else None
     total = calibration.num_batches(batch_size)
     last_flush = time.monotonic()
     saved = probe.batches_done  # the batches partial/ holds: a resumed state, then each flush
@@ -262,12 +263,19 @@ def _resume(probe, grads, partial, run_meta, energy=None) -> None:
     print(f"quantplan: resuming after {probe.batches_done} calibration batches")
 
 
-def _fisher_backward(model, probe):
+def _fisher_backward(model, probe, device):
     """The Fisher pass's backward step: the head in token chunks where the logits are plain (no batch × vocabulary
-    tensor: :func:`analysis.stream_head.chunked_loss_backward`), else the whole-batch loss."""
-    if plain_head(model):
-        return lambda model, batch, device, seed: chunked_loss_backward(model, batch, device, probe, seed)
-    return loss_backward
+    tensor: :func:`analysis.stream_head.chunked_loss_backward`), a text batch a few sequences at a time so their saved
+    activations fit :func:`analysis.micro_batches.activation_budget`; else the whole-batch loss."""
+    if not plain_head(model):
+        return loss_backward
+    budget, text = activation_budget(device), model.config.get_text_config()
+
+    def backward(model, batch, device, seed):
+        sequences = sequences_per_micro_batch(text, batch["input_ids"].shape[-1], budget) if splittable(batch) else None
+        chunked_loss_backward(model, batch, device, probe, seed, sequences)
+
+    return backward
 
 
 def _forward_options(model, full_logits: bool) -> dict:

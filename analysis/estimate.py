@@ -15,6 +15,7 @@ from torch import nn
 
 from .formats import BYTES_16BIT
 from .memory import non_module_bytes
+from .micro_batches import CPU_ACTIVATION_BUDGET, sequence_activation_bytes, sequences_per_micro_batch
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
 from .stream_head import BYTES_PER_LOGIT, MIN_CHUNK_BYTES, head_work_bytes, plain_head
 
@@ -69,8 +70,9 @@ class PeakEstimate:
     ``statistics`` is Σ d_in² x 4 bytes over the distinct Linear inputs: each input's float32 Gram
     matrix, which every batch adds to in place (no second copy), plus its channel max |x| and 256-row
     sample. ``activations`` is one batch's
-    hidden states, attention scores and MLP widths (every layer's, which autograd keeps, with
-    Fisher scores) plus its logits when they are made.
+    hidden states, attention scores and MLP widths (with Fisher scores every layer's, which autograd keeps, for the
+    sequences of one micro-batch on a text model: :mod:`analysis.micro_batches`, sized for the CPU) plus its
+    logits when they are made.
     """
 
     weights: int
@@ -100,16 +102,25 @@ def estimate_peak(model: nn.Module, formats, *, dtype_bytes: int, batch_size: in
     weights = sum(p.numel() * (dtype_bytes if p.is_floating_point() else p.element_size()) for p in unique)
     text = model.config.get_text_config()
     tokens = batch_size * seq_len
-    per_layer = (tokens * (getattr(text, "hidden_size", 0) * 8 + getattr(text, "intermediate_size", 0) * 4) * 4
-                 + batch_size * getattr(text, "num_attention_heads", 1) * seq_len * seq_len * 4)
-    layers = getattr(text, "num_hidden_layers", 1) if fisher else 1
+    per_sequence = sequence_activation_bytes(text, seq_len)  # every layer's, which autograd keeps for the backward
+    sequences = batch_size
+    if fisher and plain_head(model) and not _has_vision(model.config):  # text batches run in micro-batches
+        sequences = min(batch_size, sequences_per_micro_batch(text, seq_len, CPU_ACTIVATION_BUDGET))
+    layers = max(getattr(text, "num_hidden_layers", 1), 1)
+    activations = per_sequence * sequences if fisher else per_sequence // layers * batch_size  # else one layer's
     vocab = getattr(text, "vocab_size", 0)
     measured_head = any(i.name == lm_head for i in candidates)
     logits = tokens * vocab * (BYTES_PER_LOGIT if fisher else 2 if measured_head else 0)
     if fisher and plain_head(model):  # the Fisher pass makes its logits in token chunks (analysis.stream_head)
         hidden = getattr(text, "hidden_size", 0)
-        logits = head_work_bytes(max(vocab * hidden * dtype_bytes, MIN_CHUNK_BYTES), vocab, tokens, hidden)
-    return PeakEstimate(int(weights), int(statistics), int(per_layer * layers + logits), len(widths))
+        logits = head_work_bytes(max(vocab * hidden * dtype_bytes, MIN_CHUNK_BYTES), vocab, sequences * seq_len,
+                                 hidden)
+    return PeakEstimate(int(weights), int(statistics), int(activations + logits), len(widths))
+
+
+def _has_vision(config) -> bool:
+    """Whether the model reads images (its calibration batches then run whole: :mod:`analysis.micro_batches`)."""
+    return getattr(config, "vision_config", None) is not None
 
 
 def checkpoint_bytes(path: str | Path) -> int | None:

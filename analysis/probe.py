@@ -27,6 +27,8 @@ from .finite_rows import finite_rows_absmax
 from .gram import add_upper, clear_lower, mirror_lower
 from .hooks import module_hooks
 
+#: the sample keeps every SAMPLE_STRIDE-th finite input row (the default 4 × 256-token batch: 256 rows across it)
+SAMPLE_STRIDE = 4
 
 @dataclass
 class InputStats:
@@ -43,7 +45,7 @@ class InputStats:
 
     gram: torch.Tensor  # [in, in] float32: Σ xᵀx over finite tokens (upper block triangle unless ``mirrored``)
     channel_absmax: torch.Tensor  # [in] float32
-    sample: torch.Tensor | None = None  # [<=sample_rows, in] float32, from the first batch
+    sample: torch.Tensor | None = None  # [<=sample_rows, in] float32: every SAMPLE_STRIDE-th finite row seen
     tokens: int = 0
     nonfinite_tokens: int = 0
     mirrored: bool = False  # the blocks below the diagonal hold their mirror image (see symmetric_gram)
@@ -65,10 +67,17 @@ class InputStats:
         add_upper(self.gram, rows)
         if absmax is not None:
             torch.maximum(self.channel_absmax, absmax, out=self.channel_absmax)
+        self._add_sample(rows, sample_rows)
         self.tokens += len(rows)
-        if self.sample is None and len(rows):
-            step = max(1, len(rows) // sample_rows)
-            self.sample = rows[::step][:sample_rows].detach().cpu().clone()
+
+    def _add_sample(self, rows: torch.Tensor, sample_rows: int) -> None:
+        """Keep every :data:`SAMPLE_STRIDE`-th finite row seen, counted over the whole pass, until ``sample_rows``:
+        the same rows however the tokens come in batches, micro-batches or blocks."""
+        taken = 0 if self.sample is None else len(self.sample)
+        if taken >= sample_rows or not len(rows):
+            return
+        picked = rows[(-self.tokens) % SAMPLE_STRIDE::SAMPLE_STRIDE][:sample_rows - taken].detach().cpu()
+        self.sample = picked.clone() if self.sample is None else torch.cat([self.sample, picked])
 
 
 @dataclass

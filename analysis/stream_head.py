@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .fisher import activations_need_grad, sampled_loss_gradient, sampling_uniforms
+from .micro_batches import micro_batches, splittable
 from .modules import output_embedding_name
 from .stream_stages import final_norm
 from .stream_weights import StreamingUnsupported
@@ -75,24 +76,27 @@ def head_input_gradient(model, probe, lm_head: str | None, hidden: torch.Tensor,
     leaf = hidden.detach().requires_grad_()
     with torch.enable_grad():
         normed = final_norm(model)(leaf)
-    normed.backward(normed_gradient(model, probe, lm_head, normed.detach(), seed, chunk))
+    tokens = normed.shape[:-1].numel()
+    uniforms = sampling_uniforms(tokens, normed.device, seed)
+    normed.backward(normed_gradient(model, probe, lm_head, normed.detach(), uniforms, tokens, chunk))
     return leaf.grad
 
 
-def normed_gradient(model, probe, lm_head: str | None, normed: torch.Tensor, seed: int, chunk: int) -> torch.Tensor:
-    """∂L/∂normed, ``normed`` the lm_head's input for one batch, the logits made ``chunk`` tokens at a time.
+def normed_gradient(model, probe, lm_head: str | None, normed: torch.Tensor, uniforms: torch.Tensor, tokens: int,
+                    chunk: int) -> torch.Tensor:
+    """∂L/∂normed, ``normed`` the lm_head's input for (part of) one batch, the logits made ``chunk`` tokens at a time.
 
+    ``uniforms`` are the sampling draws of ``normed``'s tokens (:func:`analysis.fisher.sampling_uniforms` of the
+    whole batch, sliced to this part) and ``tokens`` the whole batch's token count the mean loss divides by.
     The probe (if lm_head is measured) sees the whole input once, as a whole-batch forward shows it;
     gradient hooks on lm_head (a GradientProbe attached by the caller) fire once per chunk and add up.
     """
     flat = normed.detach().reshape(-1, normed.shape[-1])
     if lm_head in probe.names:
         probe.observe(lm_head, flat)
-    tokens = flat.shape[0]
-    uniforms = sampling_uniforms(tokens, flat.device, seed)
     pieces = []
     with probe.paused(lm_head):
-        for start in range(0, tokens, chunk):
+        for start in range(0, flat.shape[0], chunk):
             piece = flat[start:start + chunk].detach().requires_grad_()
             with torch.enable_grad():
                 logits = model.lm_head(piece)
@@ -130,13 +134,24 @@ def refuse_logit_transforms(model: nn.Module) -> None:
                                    f"which the streamed head does not reproduce: run without --max-memory")
 
 
-def chunked_loss_backward(model, batch: dict, device, probe, seed: int = 0) -> None:
+def chunked_loss_backward(model, batch: dict, device, probe, seed: int = 0, sequences: int | None = None) -> None:
     """:func:`analysis.fisher.loss_backward` (sampled targets) for a :func:`plain_head` model, its logits in token
     chunks: the base model runs with its graph, ∂L/∂(its last hidden state) comes chunk by chunk from
-    :func:`normed_gradient`, and one backward runs through the base model. No whole batch's logits exist."""
+    :func:`normed_gradient`, and one backward runs through the base model. No whole batch's logits exist.
+
+    With ``sequences`` a text batch runs that many sequences at a time (:mod:`analysis.micro_batches`): each part's
+    loss is its share of the batch's mean, its targets the batch's draws for its tokens, so the gradients are the
+    whole batch's while only one part's activations are kept for the backward."""
     head = model.lm_head
     chunk = memory_chunk_tokens(head.weight.numel() * head.weight.element_size(), head.out_features)
     base = getattr(model, model.base_model_prefix)
-    with activations_need_grad(model, batch, device) as inputs:
-        hidden = base(**inputs, use_cache=False).last_hidden_state
-        hidden.backward(normed_gradient(model, probe, "lm_head", hidden.detach(), seed, chunk))
+    split = splittable(batch) and sequences is not None
+    tokens, uniforms = (batch["input_ids"].numel() if split else None), None
+    for offset, part in micro_batches(batch, sequences) if split else [(0, batch)]:
+        with activations_need_grad(model, part, device) as inputs:
+            hidden = base(**inputs, use_cache=False).last_hidden_state
+            if uniforms is None:  # drawn where the logits are, as in one piece
+                tokens = tokens or hidden.shape[:-1].numel()
+                uniforms = sampling_uniforms(tokens, hidden.device, seed)
+            mine = uniforms[offset:offset + hidden.shape[:-1].numel()]
+            hidden.backward(normed_gradient(model, probe, "lm_head", hidden.detach(), mine, tokens, chunk))

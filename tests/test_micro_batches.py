@@ -1,0 +1,97 @@
+"""The in-memory Fisher pass runs text batches a few sequences at a time (analysis/micro_batches.py)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pandas as pd
+import pytest
+import torch
+from tiny import random_calibration, tiny_llama
+
+from quantplan.analysis import NF4, analyze
+from quantplan.analysis.estimate import estimate_peak
+from quantplan.analysis.micro_batches import (
+    micro_batches,
+    sequence_activation_bytes,
+    sequences_per_micro_batch,
+    splittable,
+)
+from quantplan.analysis.probe import InputStats
+
+micro = importlib.import_module("quantplan.analysis.micro_batches")
+
+
+def _forward_sizes(model) -> list[int]:
+    """The batch size of every forward of the model's base (filled while hooked)."""
+    sizes: list[int] = []
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(len(kwargs["input_ids"])),
+                                          with_kwargs=True)
+    return sizes
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_one_sequence_at_a_time_gives_the_whole_batch_table(monkeypatch, tie):
+    """Every column (Fisher sums, Gram matrices, the input sample, energies) as with whole batches of 4 and 2."""
+    model = tiny_llama(layers=2, tie=tie, vocab=512)
+    calibration = random_calibration(samples=6, vocab=512)
+    sizes = _forward_sizes(model)
+    whole = analyze(model, calibration, [NF4], batch_size=4, progress=False, fisher=True)
+    assert sizes == [4, 2]  # a tiny model's sequences fit the budget together
+    sizes.clear()
+    monkeypatch.setattr(micro, "CPU_ACTIVATION_BUDGET", 1)
+    split = analyze(model, calibration, [NF4], batch_size=4, progress=False, fisher=True)
+    assert sizes == [1] * 6
+    assert split.df["output_fisher_error"].notna().sum() > 0
+    pd.testing.assert_frame_equal(split.df, whole.df, rtol=1e-5)
+
+
+def test_the_budget_sets_how_many_sequences_run_together(monkeypatch):
+    model = tiny_llama(layers=2)
+    per_sequence = sequence_activation_bytes(model.config, 32)
+    assert per_sequence == 2 * (32 * (64 * 8 + 128 * 4) * 4 + 4 * 32 * 32 * 4)  # two layers of the peak model
+    assert sequences_per_micro_batch(model.config, 32, 3 * per_sequence - 1) == 2
+    assert sequences_per_micro_batch(model.config, 32, 0) == 1  # at least one sequence
+    monkeypatch.setattr(micro, "CPU_ACTIVATION_BUDGET", 2 * per_sequence)
+    sizes = _forward_sizes(model)
+    analyze(model, random_calibration(samples=5), [NF4], batch_size=4, progress=False, fisher=True)
+    assert sizes == [2, 2, 1]
+
+
+def test_a_batch_with_images_or_other_tensors_runs_whole():
+    ids = torch.ones(4, 8, dtype=torch.long)
+    assert splittable({"input_ids": ids, "attention_mask": torch.ones(4, 8)})
+    for batch in ({"input_ids": ids, "pixel_values": torch.zeros(4, 3, 2, 2)},  # images need not follow sequences
+                  {"input_ids": ids, "attention_mask": torch.ones(4, 7)}, {"input_ids": ids[0]}):
+        assert not splittable(batch)
+        assert [offset for offset, _ in micro_batches(batch, 1)] == [0]
+    parts = list(micro_batches({"input_ids": ids, "attention_mask": torch.zeros(4, 8)}, 3))
+    assert [(offset, len(part["input_ids"]), len(part["attention_mask"])) for offset, part in parts] == [(0, 3, 3),
+                                                                                                        (24, 1, 1)]
+
+
+def test_the_estimate_counts_one_micro_batch_of_activations(monkeypatch):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = tiny_llama(layers=2)
+    whole = estimate_peak(model, [NF4], dtype_bytes=4, batch_size=4, seq_len=32, fisher=True)
+    monkeypatch.setattr(micro, "CPU_ACTIVATION_BUDGET", 1)
+    monkeypatch.setattr(importlib.import_module("quantplan.analysis.estimate"), "CPU_ACTIVATION_BUDGET", 1)
+    one = estimate_peak(model, [NF4], dtype_bytes=4, batch_size=4, seq_len=32, fisher=True)
+    assert whole.activations - one.activations >= 3 * sequence_activation_bytes(model.config, 32)
+
+
+def test_the_input_sample_is_the_same_however_the_rows_come():
+    rows = torch.randn(300, 6)
+    rows[5] = float("nan")  # a non-finite row is skipped and not counted
+    pieces = [(0, 300), (0, 7), (7, 100), (100, 300)]
+    samples = []
+    for parts in ([pieces[0]], pieces[1:]):
+        stats = InputStats(torch.zeros(6, 6), torch.zeros(6))
+        for start, stop in parts:
+            stats.update(rows[start:stop], sample_rows=50)
+        samples.append(stats.sample)
+    finite = torch.cat([rows[:5], rows[6:]])
+    torch.testing.assert_close(samples[0], finite[::4][:50], rtol=0, atol=0)
+    torch.testing.assert_close(samples[1], samples[0], rtol=0, atol=0)
