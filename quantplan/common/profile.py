@@ -1,8 +1,9 @@
 """Stage profile: wall seconds and peak memory of each step of a run, for ``quantplan run``'s last lines.
 
 ``with recording() as profile:`` collects; inside it, ``with stage("measure"):`` times one step
-(anywhere in the code: without a recording it costs nothing and records nothing, so the rooms
-may mark their steps without depending on the application layer). Stages nest: an inner
+(anywhere in the code: without a recording it records nothing, so the rooms may mark their steps
+without depending on the application layer). Either way a stage's end hands the heap's freed pages
+back to the operating system (:func:`quantplan.common.heap.release_freed_memory`). Stages nest: an inner
 stage's seconds are part of its parent's, and it is listed after it with its depth.
 
 Peak memory is the process's resident-set high-water mark (VmHWM) during the stage. On Linux
@@ -32,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .files import atomic_write_text
+from .heap import release_freed_memory
 
 PROFILE_FILE = "profile.json"
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -107,10 +109,14 @@ def recording():
 
 @contextmanager
 def stage(name: str):
-    """Time the block as stage ``name`` of the current recording (a no-op without one)."""
+    """Time the block as stage ``name`` of the current recording; at its end the heap's freed pages go back to the
+    operating system (:mod:`quantplan.common.heap`), so a stage does not inherit the last one's temporaries."""
     profile = _current.get()
     if profile is None:
-        yield
+        try:
+            yield
+        finally:
+            release_freed_memory()
         return
     _fold_peak(profile)  # the parents keep the peak reached so far before the mark is reset
     _reset_peak()
@@ -125,6 +131,7 @@ def stage(name: str):
     finally:
         seconds = time.perf_counter() - start
         _fold_peak(profile)
+        release_freed_memory()
         profile._open.pop()
         for parent in profile._open:
             parent["peak"] = max(parent["peak"], entry["peak"])
