@@ -50,6 +50,7 @@ class StageTime:
     peak_rss_bytes: int
     peak_gpu_bytes: int | None = None
     peak_anon_bytes: int | None = None  # sampled peak of anonymous RSS (Linux), without file-backed pages
+    cpu_seconds: float | None = None  # the process's CPU time (all threads): on a shared machine, what load does not inflate
 
 
 @dataclass
@@ -81,8 +82,9 @@ class Profile:
 
     def to_dict(self) -> dict:
         """The JSON form of ``profile.json``."""
-        return {"version": 1, "rss_scope": self.rss_scope, "total_seconds": sum(s.seconds for s in self.top_level()),
-                "stages": [asdict(s) for s in self.stages]}
+        top = self.top_level()
+        return {"version": 1, "rss_scope": self.rss_scope, "total_seconds": sum(s.seconds for s in top),
+                "total_cpu_seconds": sum(s.cpu_seconds or 0.0 for s in top), "stages": [asdict(s) for s in self.stages]}
 
     def save(self, path: str | Path) -> Path:
         """Write ``profile.json`` (atomically) and return its path."""
@@ -125,11 +127,11 @@ def stage(name: str):
     entry = {"peak": 0, "gpu": None, "anon": None, "index": len(profile.stages)}
     profile._open.append(entry)
     profile.stages.append(None)  # the slot keeps start order; filled at the end
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         yield
     finally:
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         _fold_peak(profile)
         release_freed_memory()
         profile._open.pop()
@@ -138,7 +140,7 @@ def stage(name: str):
             parent["gpu"] = _larger(parent["gpu"], entry["gpu"])
             parent["anon"] = _larger(parent["anon"], entry["anon"])
         profile.stages[entry["index"]] = StageTime(name, len(profile._open), seconds, entry["peak"], entry["gpu"],
-                                                   entry["anon"])
+                                                   entry["anon"], cpu)
 
 
 def _fold_peak(profile: Profile) -> None:
