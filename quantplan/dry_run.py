@@ -2,7 +2,7 @@
 
 Everything comes from the model's config (the model built on the meta device) and its
 safetensors index: the estimated peak memory of the in-memory analysis (weights, the float32
-Gram statistics, one batch's activations and logits; :func:`analysis.estimate.estimate_peak`),
+Gram statistics, one (micro-)batch's activations and logits; :func:`analysis.estimate.estimate_peak`),
 the all-4-bit and 16-bit checkpoint sizes, the largest block of a streamed analysis, and
 whether the run would analyze in memory or stream under ``--max-memory``.
 """
@@ -221,7 +221,7 @@ def describe(result: DryRun) -> str:
              f"  in-memory analysis peak ≈ {p.total / GB:.2f} GB: weights {p.weights / GB:.2f} GB "
              f"(in {result.dtype} on {result.device}) + Gram statistics "
              f"{p.statistics / GB:.2f} GB ({p.distinct_inputs} distinct Linear inputs, d_in² × 4 bytes each) "
-             f"+ one batch's activations and logits {p.activations / GB:.2f} GB"]
+             f"+ activations and logits {p.activations / GB:.2f} GB (one micro-batch's, with Fisher scores)"]
     if result.sizes is not None:
         lines.append(f"  checkpoint: all-4-bit {result.sizes.bytes_all_4bit / GB:.3f} GB, 16-bit "
                      f"{result.sizes.bytes_16bit / GB:.3f} GB"
