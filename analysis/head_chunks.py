@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantplan.common.batches import batch_to, model_device
+from quantplan.common.heap import release_if_grown
 
 from .reference import (
     Logits16,
@@ -160,6 +161,7 @@ def head_chunks(index: int, batch: dict, head16, hidden16: torch.Tensor, heads: 
     flat16 = hidden16.reshape(-1, hidden16.shape[-1])
     flat = {label: None if run is None else (run[0], run[1].reshape(-1, run[1].shape[-1])) for label, run in heads.items()}
     for start in range(0, shape[0] * shape[1], step):
+        release_if_grown()  # chunk-sized temporaries between small results fragment glibc's heap
         rows = slice(start, start + step)
         with torch.inference_mode():
             logits16 = Logits16(head16(flat16[rows]))
