@@ -8,7 +8,7 @@ fragments the heap, which then grows without bound (the scoreboard's comparison 
 windows: 4.8 GB resident, 1.9 GB of it in use). ``malloc_trim(0)`` returns every free page at once.
 :func:`release_freed_memory` runs at each stage's end (:func:`quantplan.common.profile.stage`);
 :func:`release_if_grown` is cheap enough for every chunk of a loop (a read of ``/proc/self/statm``) and
-trims only when the resident set has grown by :data:`SLACK_BYTES` since the last trim, so the pages a
+trims only when the resident set has grown by :data:`SLACK_BYTES` (256 MiB) since the last trim, so the pages a
 trim gives back are faulted in again at most once per that much growth. Forcing big tensors into their
 own mappings instead (``M_MMAP_THRESHOLD``) cost 13-15 % more CPU in that comparison, every tensor's
 pages faulted in afresh. Other C libraries have no such call and keep their own policy.
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 #: resident growth since the last trim that makes :func:`release_if_grown` trim again
-SLACK_BYTES = 512 << 20
+SLACK_BYTES = 256 << 20
 _STATM = Path("/proc/self/statm")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _floor: list[int | None] = [None]  # the resident set just after the last trim
