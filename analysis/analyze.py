@@ -34,7 +34,7 @@ from .memory import non_module_bytes
 from .micro_batches import activation_budget, sequences_per_micro_batch, splittable
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
 from .output_energy import OutputEnergy
-from .probe import InputProbe, partial_state_bytes
+from .probe import SAMPLE_STRIDE, InputProbe, partial_state_bytes
 from .reference import KLReference
 from .simulate import QuantCache
 from .stream_head import chunked_loss_backward, plain_head
@@ -77,7 +77,8 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     shard = Shard.current()
     partial = shard.partial_folder(out_dir)
     if partial:
-        sample_rows = min(probe.sample_rows, batch_size * calibration.meta.get("seq_len", probe.sample_rows))
+        tokens = calibration.meta.get("tokens", probe.sample_rows * SAMPLE_STRIDE)
+        sample_rows = min(probe.sample_rows, -(-tokens // SAMPLE_STRIDE))  # every SAMPLE_STRIDE-th row, up to a cap
         _announce_partial_size([i for i in infos if i.name in set(candidates)], sample_rows, fisher, partial)
     if resume:
         _resume(probe, grads, partial, run_meta, energy)
