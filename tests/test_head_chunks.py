@@ -10,9 +10,13 @@ logits after lm_head (Gemma-2's soft-capping) keeps whole-batch logits.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from tiny import PaddedCalibration, tiny_llama, whole_forwards
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from quantplan.analysis import head_chunks
@@ -151,3 +155,56 @@ def test_comparing_another_model_shows_a_progress_bar_when_asked(progress, capsy
     model_kld(other, KLReference(model16, PaddedCalibration(seed=5), batch_size=4, progress=progress))
     err = capsys.readouterr().err
     assert ("model vs 16-bit" in err) is progress
+
+
+class _LiveLogits(TorchDispatchMode):
+    """Tensors over the vocabulary (last dimension ``vocab``, not lm_head's weight shape) that ops make: how many
+    (``made``), and their bytes alive at once: the most seen (``peak``) and the shapes alive then."""
+
+    def __init__(self, vocab: int, weight_shape: tuple):
+        super().__init__()
+        self.vocab, self.weight_shape, self.live, self.peak, self.shapes, self._alive = vocab, weight_shape, 0, 0, [], {}
+        self.made = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.data_ptr() for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        if (isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-1] == self.vocab
+                and tuple(out.shape) != self.weight_shape and out.data_ptr() not in inputs):
+            size = out.numel() * out.element_size()
+            self.made += 1
+            self.live += size
+            self._alive[id(out)] = tuple(out.shape)
+            weakref.finalize(out, self._freed, id(out), size)
+            if self.live > self.peak:
+                self.peak, self.shapes = self.live, list(self._alive.values())
+        return out
+
+    def _freed(self, key, size):
+        self.live -= size
+        self._alive.pop(key, None)
+
+
+def test_the_scoreboard_holds_a_few_chunks_of_logits_at_a_time(monkeypatch):
+    """measure_variants on a 262k vocabulary: at most the 16-bit chunk's logits, log-probabilities and probabilities,
+    one variant's logits and log-probabilities and one temporary (the KL's difference) alive at once, never a whole
+    batch's logits (16 chunks here); and no other rows × vocabulary temporary made per comparison (the KL's product,
+    the NLL's copy of the rows that have a next token: freed at once, such a copy of nearly a chunk's bytes was
+    left by glibc's malloc in its heap each time, 0.6 GiB over the 262k model's scoreboard)."""
+    from tiny import LARGE_VOCAB, large_vocab_llama, random_calibration
+
+    chunk = 4
+    monkeypatch.setattr(head_chunks, "chunk_size", lambda model: chunk)
+    model = large_vocab_llama().float()
+    reference = KLReference(model, random_calibration(samples=2, seq_len=32, vocab=LARGE_VOCAB), batch_size=2)
+    body = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    variants = {"16-bit": None, "body": body, "late": [n for n in body if ".layers.1." in n], "all": [*body, "lm_head"]}
+    tracker = _LiveLogits(LARGE_VOCAB, tuple(model.lm_head.weight.shape))
+    with tracker:
+        scored = measure_variants(reference, QuantCache(model, NF4), variants)
+    assert len(scored["all"].kld) == 64 and scored["all"].kld.mean() > scored["late"].kld.mean() > 0
+    copy = chunk * LARGE_VOCAB * 4
+    assert tracker.peak <= 6 * copy, (tracker.peak / copy, tracker.shapes)
+    # per chunk of tokens: the 16-bit logits, log-probabilities, probabilities and its own row's KL difference, then
+    # per variant its logits, log-probabilities and KL difference
+    assert tracker.made <= 64 // chunk * (4 + 3 * 3), tracker.made
