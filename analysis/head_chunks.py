@@ -65,10 +65,13 @@ class HeadChunk:
         reference = as_logits16(self.logits16)
         logp, logq = log_probs(reference, self.logits)
         seq = self.shape[1]
+        ids = self.batch["input_ids"].reshape(-1)
         positions = torch.arange(self.rows.start, self.rows.start + logq.shape[0])
         following = positions % seq != seq - 1
-        targets = self.batch["input_ids"].reshape(-1)[positions[following] + 1].to(logq.device)
-        nll = -logq[following.to(logq.device)].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        # gathered at every position (a window's last reads any token), then the ones with a next token kept:
+        # no copy of the chunk's rows × vocabulary, as indexing logq by ``following`` first would make
+        targets = ids[(positions + 1).clamp(max=ids.numel() - 1)].to(logq.device)
+        nll = -logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[following.to(logq.device)]
         kl = token_kl(logp, logq, reference.probs(logq.shape[-1], logq.device))
         return TokenComparison(kl, logp.argmax(-1) == logq.argmax(-1), nll)
 

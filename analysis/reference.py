@@ -229,8 +229,14 @@ def kl_sum(logits16: torch.Tensor | Logits16, logits: torch.Tensor, batch: dict)
 
 
 def token_kl(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(P ‖ Q) per position from log-probabilities over the last dimension (``p``: exp(logp) when made already)."""
-    return ((logp.exp() if p is None else p) * (logp - logq)).sum(-1)
+    """KL(P ‖ Q) per position from log-probabilities over the last dimension (``p``: exp(logp) when made already).
+
+    Without gradients the product is taken in place in the difference: one positions × vocabulary
+    temporary instead of two (the same numbers: the product is the same float multiplication).
+    """
+    diff = logp - logq
+    p = logp.exp() if p is None else p
+    return (diff * p if diff.requires_grad else diff.mul_(p)).sum(-1)
 
 
 def log_probs(logits16: torch.Tensor | Logits16, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,6 +244,8 @@ def log_probs(logits16: torch.Tensor | Logits16, logits: torch.Tensor) -> tuple[
     reference = as_logits16(logits16)
     vocab = min(reference.logits.shape[-1], logits.shape[-1])
     logp = reference.log_probs(vocab, logits.device)
+    if logits is reference.logits and logp.shape[-1] == logits.shape[-1]:  # the 16-bit row: the same log-softmax
+        return logp, logp
     logq = torch.log_softmax(logits[..., :vocab].float(), dim=-1)
     return logp, logq
 

@@ -70,7 +70,7 @@ def measure(model, reference: KLReference) -> Fidelity:
     if model is reference.model:
         raise ValueError("measure() compares another model with the reference's 16-bit one; for weights swapped "
                          "into the reference's own model use measure_variants()")
-    return _joined([_compared(chunk) for chunk in pair_chunks(reference, model)])
+    return _gathered(pair_chunks(reference, model), {"": None}, reference.tokens)[""]
 
 
 def measure_variants(reference: KLReference, cache: QuantCache, variants: Mapping) -> dict:
@@ -80,10 +80,7 @@ def measure_variants(reference: KLReference, cache: QuantCache, variants: Mappin
     head is plain) and every variant is compared with them before the next
     (:func:`~analysis.reference.for_each_variant`).
     """
-    parts = {key: [] for key in variants}
-    for chunk in for_each_variant(reference, cache, variants):
-        parts[chunk.label].append(_compared(chunk))
-    return {key: _joined(p) for key, p in parts.items()}
+    return _gathered(for_each_variant(reference, cache, variants), variants, reference.tokens)
 
 
 def measure_variants_streamed(path, input_ids: torch.Tensor, variants: Mapping, fmt, options) -> dict:
@@ -94,26 +91,54 @@ def measure_variants_streamed(path, input_ids: torch.Tensor, variants: Mapping, 
     """
     from quantplan.analysis.stream_variants import variant_logit_chunks
 
-    parts = {key: [] for key in variants}
     windows = CalibrationSet(input_ids, "heldout", 0)
-    for chunk in variant_logit_chunks(path, windows, variants, fmt, options):
-        with torch.inference_mode():
-            parts[chunk.label].append(chunk.compare())
-    return {key: _joined(p) for key, p in parts.items()}
+    return _gathered(variant_logit_chunks(path, windows, variants, fmt, options), variants, input_ids.numel())
 
 
 def fidelity_of_self(reference: KLReference) -> Fidelity:
     """The 16-bit row: KLD 0 by definition, its own perplexity."""
-    return _joined([_compared(chunk) for chunk in pair_chunks(reference)])
+    return _gathered(pair_chunks(reference), {"": None}, reference.tokens)[""]
 
 
-def _compared(chunk):
-    with torch.inference_mode():
-        return chunk.compare()
+def _gathered(chunks, labels, tokens: int) -> dict:
+    """label -> :class:`Fidelity` of the :class:`~analysis.head_chunks.HeadChunk` values ``chunks`` (compared one by
+    one, each label's in order), for ``labels``; ``tokens``: about how many positions each label has."""
+    columns = {label: _Columns(tokens) for label in labels}
+    for chunk in chunks:
+        with torch.inference_mode():
+            columns[chunk.label].add(chunk.compare())
+    return {label: c.fidelity() for label, c in columns.items()}
 
 
-def _joined(parts) -> Fidelity:
-    def joined(field: str) -> np.ndarray:
-        return np.concatenate([getattr(p, field).flatten().cpu().numpy() for p in parts])
+class _Columns:
+    """One variant's per-token results, copied chunk by chunk into arrays made before the pass (doubled when full).
 
-    return Fidelity(joined("kld").astype(np.float64), joined("same_top"), joined("nll").astype(np.float64))
+    Not a list of each chunk's small result tensors: each of those, kept to the end, was allocated while the
+    chunk's rows × vocabulary temporaries came and went, and glibc's malloc placed it in the space one of them had
+    freed, so the next temporary no longer fit there and took new memory: a scoreboard on SmolLM2's vocabulary
+    grew by its temporaries' bytes at every chunk (a tiny model with 49k words over 2 batches: 1.9 GiB peak,
+    0.66 GiB with nothing kept).
+    """
+
+    DTYPES = {"kld": np.float64, "same_top": np.bool_, "nll": np.float64}
+
+    def __init__(self, capacity: int):
+        self.arrays = {field: np.empty(max(capacity, 1), dtype) for field, dtype in self.DTYPES.items()}
+        self.used = dict.fromkeys(self.DTYPES, 0)
+
+    def add(self, comparison) -> None:
+        """Append one chunk's :class:`~analysis.reference.TokenComparison`."""
+        for field in self.DTYPES:
+            values = getattr(comparison, field).flatten().cpu().numpy()
+            start, end = self.used[field], self.used[field] + len(values)
+            if end > len(self.arrays[field]):
+                grown = np.empty(max(2 * len(self.arrays[field]), end), self.DTYPES[field])
+                grown[:start] = self.arrays[field][:start]
+                self.arrays[field] = grown
+            self.arrays[field][start:end] = values
+            self.used[field] = end
+
+    def fidelity(self) -> Fidelity:
+        """The gathered results."""
+        kld, same, nll = (self.arrays[field][: self.used[field]].copy() for field in self.DTYPES)
+        return Fidelity(kld, same, nll)
