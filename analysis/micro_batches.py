@@ -7,7 +7,8 @@ few sequences at a time, each part's loss scaled by its share of the tokens, giv
 (sequences do not see each other) and the same Fisher sums; only the largest part's activations are ever alive.
 
 Only text batches are split (their tensors are ``[batch, seq_len]`` and nothing else): a vision-language batch's
-pixel values and image grids do not line up with its sequences, so it runs whole.
+pixel values and image grids do not line up with its sequences, so it runs whole; so does a model whose logits are
+not plain ``lm_head(h)`` (:func:`analysis.stream_head.plain_head`: its loss runs on whole-batch logits).
 """
 
 from __future__ import annotations
