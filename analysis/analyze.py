@@ -34,7 +34,7 @@ from .memory import non_module_bytes
 from .micro_batches import activation_budget, sequences_per_micro_batch, splittable
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
 from .output_energy import OutputEnergy
-from .probe import SAMPLE_STRIDE, InputProbe, partial_state_bytes
+from .probe import InputProbe, partial_state_bytes
 from .reference import KLReference
 from .simulate import QuantCache
 from .stream_head import chunked_loss_backward, plain_head
@@ -77,8 +77,7 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     shard = Shard.current()
     partial = shard.partial_folder(out_dir)
     if partial:
-        tokens = calibration.meta.get("tokens", probe.sample_rows * SAMPLE_STRIDE)
-        sample_rows = min(probe.sample_rows, -(-tokens // SAMPLE_STRIDE))  # every SAMPLE_STRIDE-th row, up to a cap
+        sample_rows = min(probe.sample_rows, batch_size * calibration.meta.get("seq_len", probe.sample_rows))
         _announce_partial_size([i for i in infos if i.name in set(candidates)], sample_rows, fisher, partial)
     if resume:
         _resume(probe, grads, partial, run_meta, energy)
@@ -177,7 +176,7 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
                 if position < probe.batches_done:
                     continue
                 stop.check()
-                probe.start_batch()
+                probe.start_batch(batch["input_ids"].numel() if grads and splittable(batch) else None)
                 if energy:
                     energy.start_batch()
                 if grads:

@@ -27,8 +27,6 @@ from .finite_rows import finite_rows_absmax
 from .gram import add_upper, clear_lower, mirror_lower
 from .hooks import module_hooks
 
-#: the sample keeps every SAMPLE_STRIDE-th finite input row (the default 4 × 256-token batch: 256 rows across it)
-SAMPLE_STRIDE = 4
 
 @dataclass
 class InputStats:
@@ -45,7 +43,7 @@ class InputStats:
 
     gram: torch.Tensor  # [in, in] float32: Σ xᵀx over finite tokens (upper block triangle unless ``mirrored``)
     channel_absmax: torch.Tensor  # [in] float32
-    sample: torch.Tensor | None = None  # [<=sample_rows, in] float32: every SAMPLE_STRIDE-th finite row seen
+    sample: torch.Tensor | None = None  # [<=sample_rows, in] float32, from the first batch
     tokens: int = 0
     nonfinite_tokens: int = 0
     mirrored: bool = False  # the blocks below the diagonal hold their mirror image (see symmetric_gram)
@@ -57,8 +55,12 @@ class InputStats:
             self.mirrored = True
         return self.gram
 
-    def update(self, x: torch.Tensor, sample_rows: int) -> None:
-        """Add the finite rows of ``x`` to the totals (Gram matrix, channel max |x|, counts, first sample)."""
+    def update(self, x: torch.Tensor, sample_rows: int, sample_stride: int | None = 0) -> None:
+        """Add the finite rows of ``x`` to the totals (Gram matrix, channel max |x|, counts, first sample).
+
+        The sample keeps every ``sample_stride``-th finite row (counted over the pass) while it has room: 0 for a
+        stride from ``x``'s own rows (its whole batch), None to add nothing (a later batch).
+        """
         rows, nonfinite, absmax = finite_rows_absmax(x.reshape(-1, x.shape[-1]).float())
         self.nonfinite_tokens += nonfinite
         if self.mirrored:  # more tokens after a read: back to the triangle they add to
@@ -67,16 +69,17 @@ class InputStats:
         add_upper(self.gram, rows)
         if absmax is not None:
             torch.maximum(self.channel_absmax, absmax, out=self.channel_absmax)
-        self._add_sample(rows, sample_rows)
+        if sample_stride is not None:
+            self._add_sample(rows, sample_rows, sample_stride or max(1, x.reshape(-1, x.shape[-1]).shape[0] // sample_rows))
         self.tokens += len(rows)
 
-    def _add_sample(self, rows: torch.Tensor, sample_rows: int) -> None:
-        """Keep every :data:`SAMPLE_STRIDE`-th finite row seen, counted over the whole pass, until ``sample_rows``:
-        the same rows however the tokens come in batches, micro-batches or blocks."""
+    def _add_sample(self, rows: torch.Tensor, sample_rows: int, stride: int) -> None:
+        """Keep every ``stride``-th finite row, counted from the pass's first, until ``sample_rows``: the same rows
+        whether the first batch comes whole or in micro-batches."""
         taken = 0 if self.sample is None else len(self.sample)
         if taken >= sample_rows or not len(rows):
             return
-        picked = rows[(-self.tokens) % SAMPLE_STRIDE::SAMPLE_STRIDE][:sample_rows - taken].detach().cpu()
+        picked = rows[(-self.tokens) % stride::stride][:sample_rows - taken].detach().cpu()
         self.sample = picked.clone() if self.sample is None else torch.cat([self.sample, picked])
 
 
@@ -95,6 +98,8 @@ class InputProbe:
     def __post_init__(self):
         self._seen: dict[tuple, tuple] = {}
         self._paused: set[str] = set()
+        self._sampling: dict[str, int] = {}  # owner -> the batch its sample is taken from
+        self._stride = 0  # the sample's stride in this batch (0: from each call's own rows)
 
     def stats_for(self, name: str) -> InputStats:
         """Input statistics of a module (shared ones resolved)."""
@@ -106,11 +111,13 @@ class InputProbe:
         with module_hooks(self.model, {n: self._hook(n) for n in self.names}, pre=True):
             yield self
 
-    def start_batch(self) -> None:
+    def start_batch(self, rows: int | None = None) -> None:
         """A batch begins: forget the tensors seen in the previous one; until :meth:`commit_batch` the totals
-        hold part of a batch and :meth:`save` refuses."""
+        hold part of a batch and :meth:`save` refuses. ``rows``: the batch's tokens, when it comes in micro-batches
+        (:mod:`analysis.micro_batches`), so the input sample takes the rows it would take from the whole batch."""
         self._seen.clear()
         self.in_batch = True
+        self._stride = max(1, rows // self.sample_rows) if rows else 0
 
     def commit_batch(self) -> None:
         """The batch ran to the end: its statistics are whole in the totals."""
@@ -156,7 +163,10 @@ class InputProbe:
                 torch.zeros(width, width, dtype=torch.float32, device=x.device),
                 torch.zeros(width, dtype=torch.float32, device=x.device),
             )
-        self.stats[name].update(x.detach(), self.sample_rows)
+        stats = self.stats[name]
+        if stats.sample is None:  # the sample comes from the first batch that shows this input
+            self._sampling[name] = self.batches_done
+        stats.update(x.detach(), self.sample_rows, self._stride if self._sampling.get(name) == self.batches_done else None)
         self._seen[key] = (weakref.ref(x), name)
 
     # -- partial results: flushed on interruption, read back by --resume -------------------

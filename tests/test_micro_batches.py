@@ -17,7 +17,6 @@ from quantplan.analysis.micro_batches import (
     sequences_per_micro_batch,
     splittable,
 )
-from quantplan.analysis.probe import InputStats
 
 micro = importlib.import_module("quantplan.analysis.micro_batches")
 
@@ -82,16 +81,21 @@ def test_the_estimate_counts_one_micro_batch_of_activations(monkeypatch):
     assert whole.activations - one.activations >= 3 * sequence_activation_bytes(model.config, 32)
 
 
-def test_the_input_sample_is_the_same_however_the_rows_come():
-    rows = torch.randn(300, 6)
-    rows[5] = float("nan")  # a non-finite row is skipped and not counted
-    pieces = [(0, 300), (0, 7), (7, 100), (100, 300)]
+def test_the_input_sample_is_the_first_batchs_however_it_comes():
+    """Told the batch's rows, a probe samples from its micro-batches the rows it samples from the whole batch."""
+    from quantplan.analysis.probe import InputProbe
+
+    rows = torch.randn(2, 300, 6)
+    rows[0, 5] = float("nan")  # a non-finite row is skipped and not counted
     samples = []
-    for parts in ([pieces[0]], pieces[1:]):
-        stats = InputStats(torch.zeros(6, 6), torch.zeros(6))
-        for start, stop in parts:
-            stats.update(rows[start:stop], sample_rows=50)
-        samples.append(stats.sample)
-    finite = torch.cat([rows[:5], rows[6:]])
-    torch.testing.assert_close(samples[0], finite[::4][:50], rtol=0, atol=0)
+    for pieces, told in (([(0, 300)], None), ([(0, 7), (7, 100), (100, 300)], 300)):
+        probe = InputProbe(torch.nn.Linear(6, 6), ["x"], sample_rows=50)
+        for batch in rows:
+            probe.start_batch(told)
+            for start, stop in pieces:
+                probe.observe("x", batch[start:stop])
+            probe.commit_batch()
+        samples.append(probe.stats["x"].sample)
+    finite = torch.cat([rows[0, :5], rows[0, 6:]])
+    torch.testing.assert_close(samples[0], finite[::6][:50], rtol=0, atol=0)  # 300 rows // 50: every 6th
     torch.testing.assert_close(samples[1], samples[0], rtol=0, atol=0)
