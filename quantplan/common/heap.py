@@ -1,11 +1,11 @@
 """Hand the C heap's freed pages back to the operating system: between stages, and when a loop's heap has grown.
 
 glibc's malloc keeps freed memory for reuse once its threshold for direct mappings has grown past a
-tensor's size. Two ways that shows: after the Fisher pass of SmolLM2 the process held 4.2 GB of which
-1.1 GB was alive, so every later stage looked (and, for the rest of the machine, was) 3 GB larger; and a
+tensor's size. Two ways that shows: after the Fisher pass of SmolLM2 the process held 4.2 GiB of which
+1.1 GiB was alive, so every later stage looked (and, for the rest of the machine, was) 3 GiB larger; and a
 loop that makes tensors of ~32 MiB chunk after chunk while small results stay alive between them
 fragments the heap, which then grows without bound (the scoreboard's comparison of SmolLM2 on 8 held-out
-windows: 4.8 GB resident, 1.9 GB of it in use). ``malloc_trim(0)`` returns every free page at once.
+windows: 4.8 GiB resident, 1.9 GiB of it in use). ``malloc_trim(0)`` returns every free page at once.
 :func:`release_freed_memory` runs at each stage's end (:func:`quantplan.common.profile.stage`);
 :func:`release_if_grown` is cheap enough for every chunk of a loop (a read of ``/proc/self/statm``) and
 trims only when the resident set has grown by :data:`SLACK_BYTES` (256 MiB) since the last trim, so the pages a
