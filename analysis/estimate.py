@@ -18,6 +18,7 @@ from .memory import non_module_bytes
 from .micro_batches import CPU_ACTIVATION_BUDGET, sequence_activation_bytes, sequences_per_micro_batch
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
 from .stream_head import BYTES_PER_LOGIT, MIN_CHUNK_BYTES, head_work_bytes, plain_head
+from .vision import is_vision_language
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def estimate_peak(model: nn.Module, formats, *, dtype_bytes: int, batch_size: in
     tokens = batch_size * seq_len
     per_sequence = sequence_activation_bytes(text, seq_len)  # every layer's, which autograd keeps for the backward
     sequences = batch_size
-    if fisher and plain_head(model) and not _has_vision(model.config):  # text batches run in micro-batches
+    if fisher and plain_head(model) and not is_vision_language(model.config):  # text batches: micro-batches
         sequences = min(batch_size, sequences_per_micro_batch(text, seq_len, CPU_ACTIVATION_BUDGET))
     layers = max(getattr(text, "num_hidden_layers", 1), 1)
     activations = per_sequence * sequences if fisher else per_sequence // layers * batch_size  # else one layer's
@@ -117,10 +118,6 @@ def estimate_peak(model: nn.Module, formats, *, dtype_bytes: int, batch_size: in
                                  hidden)
     return PeakEstimate(int(weights), int(statistics), int(activations + logits), len(widths))
 
-
-def _has_vision(config) -> bool:
-    """Whether the model reads images (its calibration batches then run whole: :mod:`analysis.micro_batches`)."""
-    return getattr(config, "vision_config", None) is not None
 
 
 def checkpoint_bytes(path: str | Path) -> int | None:

@@ -70,7 +70,7 @@ class InputStats:
         if absmax is not None:
             torch.maximum(self.channel_absmax, absmax, out=self.channel_absmax)
         if sample_stride is not None:
-            self._add_sample(rows, sample_rows, sample_stride or max(1, x.reshape(-1, x.shape[-1]).shape[0] // sample_rows))
+            self._add_sample(rows, sample_rows, sample_stride or max(1, x.shape[:-1].numel() // sample_rows))
         self.tokens += len(rows)
 
     def _add_sample(self, rows: torch.Tensor, sample_rows: int, stride: int) -> None:
