@@ -66,11 +66,11 @@ def _interrupt_after(monkeypatch, batches: int):
     seen = {"n": 0}
     original = analyze_module.InputProbe.start_batch
 
-    def start_batch(self):
+    def start_batch(self, *args):
         if seen["n"] == batches:
             raise KeyboardInterrupt
         seen["n"] += 1
-        return original(self)
+        return original(self, *args)
 
     monkeypatch.setattr(analyze_module.InputProbe, "start_batch", start_batch)
 
