@@ -136,10 +136,11 @@ class VariantRuns:
             for label, names in self.variants.items():
                 if names is not None:
                     cache.set_quantized(names, self.formats[label])
-                    if "lm_head" in names:  # its round trip, made by set_quantized: kept for the chunks
-                        restored.setdefault(self._head_format(label), model.lm_head.weight.data)
+                    if "lm_head" in names:  # its round trip, kept for the chunks
+                        fmt = self._head_format(label)
+                        restored.setdefault(fmt, cache.restored("lm_head", fmt))
                     hidden[label] = self.runs.run(self.order[label], partial(base_hidden, model, batch))
-        cache.set_quantized(())  # lm_head 16-bit again; each variant's head weight below
+        cache.set_quantized(())  # every module 16-bit again; each variant's head weight below
         weights, bias = self._head_weights(restored), model.lm_head.bias
         heads = {label: None if names is None else (partial(F.linear, weight=weights[label], bias=bias), hidden[label])
                  for label, names in self.variants.items()}
@@ -151,7 +152,7 @@ class VariantRuns:
 
     def _head_weights(self, restored: dict) -> dict[str, torch.Tensor]:
         """label -> the lm_head weight its chunks use: the 16-bit one, or its round trip (``restored``: format -> the
-        one the base runs set)."""
+        round trip made during the base runs)."""
         return {label: restored[self._head_format(label)] if names is not None and "lm_head" in names
                 else self.model.lm_head.weight for label, names in self.variants.items()}
 

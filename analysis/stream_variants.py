@@ -354,7 +354,7 @@ def _exported_head(model, names: list[str], lm_head: str, dtype: torch.dtype, ex
 def _largest_need(model, stages, quantized: set, variants: int, tokens: int, batch_size: int,
                   device_type: str, formats: int = 1, exported_head: int = 0) -> tuple[int, str]:
     """(bytes, label) of the stage that holds the most: its weights, the packed 4-bit copies of its quantized
-    Linears (one per format) and their de-quantized copies (all set at once while a variant's batches run), and
+    Linears (one per format) and the de-quantized copy of the one that runs (:meth:`QuantCache.set_quantized`), and
     the work space (the bitsandbytes round trip of its largest quantized Linear, or one batch's activations) and,
     at the head, one batch of normed hidden states per variant and one chunk's comparison (about the head's
     weight bytes: :func:`analysis.stream_head.chunk_tokens`). Nothing is measured here: unlike the analysis'
@@ -369,8 +369,8 @@ def _largest_need(model, stages, quantized: set, variants: int, tokens: int, bat
         head = stage.kind == "head"
         mine = [n for n in stage.linears if n in quantized]
         weights = stage_bytes(model, stage.params)
-        restored = stage_bytes(model, [n + ".weight" for n in mine])  # QuantCache.set_quantized: every one at once
-        packed = restored // 4 * formats  # the QuantCache's packed 4-bit copies, per (module, format)
+        packed = stage_bytes(model, [n + ".weight" for n in mine]) // 4 * formats  # per (module, format)
+        restored = max((stage_bytes(model, [n + ".weight"]) for n in mine), default=0)  # one alive at a time
         roundtrip = max((measure_work_bytes(params[n + ".weight"].numel(), device_type) for n in mine), default=0)
         activations = stage_need(model, [], [], tokens, batch_size, head=head, device_type=device_type)["work"]
         total = weights + restored + packed + max(roundtrip, activations)

@@ -115,5 +115,9 @@ def whole_forwards(model, reference, cache, names):
                 yield batch, logits16, logits16
                 continue
             formats = {n: f for n, f in names.items() if f is not None} if isinstance(names, dict) else {}
-            with cache.quantized(list(names), formats):
-                yield batch, logits16, forward_logits(model, batch)
+            cache.set_quantized(list(names), formats)  # as the comparisons round-trip: a module while it runs
+            try:
+                logits = forward_logits(model, batch)
+            finally:
+                cache.set_quantized(())
+            yield batch, logits16, logits
