@@ -34,6 +34,7 @@ from .memory import non_module_bytes
 from .micro_batches import activation_budget, sequences_per_micro_batch, splittable
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
 from .output_energy import OutputEnergy
+from .packed import PackedWeights
 from .probe import InputProbe, partial_state_bytes
 from .reference import KLReference
 from .simulate import QuantCache
@@ -48,7 +49,7 @@ CONTEXT_COLUMNS = ("restore_gain", "context_output_rel_error")
 def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
             model_fingerprint: str | None = None, batch_size: int = 4, out_dir: str | Path | None = None,
             resume: bool = False, checkpoint_seconds: float = 300.0, progress: bool = True,
-            fisher: bool = False, context: bool = False) -> SensitivityTable:
+            fisher: bool = False, context: bool = False, packed: PackedWeights | None = None) -> SensitivityTable:
     """Measure weight and output error of every candidate module for each format.
 
     ``calibration`` is a :class:`~analysis.calibration.CalibrationSet` (or anything with
@@ -59,7 +60,9 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     the batches are shared by the processes and rank 0 writes the table (:mod:`analysis.distributed`).
     ``context`` adds a forward and backward pass of the all-4-bit model (first 4-bit format)
     against the 16-bit logits and fills ``restore_gain`` and ``context_output_rel_error`` for
-    that format (see :mod:`analysis.endtoend`).
+    that format (see :mod:`analysis.endtoend`). ``packed``: a :class:`~analysis.packed.PackedWeights` of ``model``
+    that keeps the packed 4-bit weights the measurement makes, for the steps after it (a run's verification and
+    scoreboard); without it they are dropped module by module.
     """
     formats = list(formats)
     infos = list_modules(model)
@@ -93,7 +96,8 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
             stats = probe.stats_for(info.name) if info.name in probe.owner else None
             grad_sq = grads.mean_squared_gradient(info.name) if grads else None
             measured[position] = measure_module(info, weights[info.name + ".weight"], stats, formats,
-                                                reasons[info.name], grad_sq, energy.reference(info.name, stats))
+                                                reasons[info.name], grad_sq, energy.reference(info.name, stats),
+                                                packed)
     rows = [row for module_rows in shard.gather(measured) for row in module_rows]
     for row in rows:
         row.update({c: float("nan") for c in CONTEXT_COLUMNS})
@@ -102,7 +106,8 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
         if partial:  # the calibration pass is done: a resume after a failure below skips it
             probe.save(partial, run_meta, _extra_state(grads, energy))
         with stage("quantized-context pass"):
-            meta["context"] = _quantized_context(model, calibration, formats, rows, lm_head, batch_size, progress)
+            meta["context"] = _quantized_context(model, calibration, formats, rows, lm_head, batch_size, progress,
+                                                 packed)
     table = SensitivityTable(pd.DataFrame(rows), meta)
     if out_dir:
         if shard.rank == 0:
@@ -111,11 +116,12 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     return table
 
 
-def _quantized_context(model, calibration, formats, rows, lm_head, batch_size, progress) -> dict:
+def _quantized_context(model, calibration, formats, rows, lm_head, batch_size, progress, packed=None) -> dict:
     """Fill the quantized-context columns of the first 4-bit format's rows; return what was measured."""
     fmt, names = context_modules(formats, rows, lm_head)
     reference = KLReference(model, calibration, batch_size, progress=progress)
-    result = restore_gains(model, reference, QuantCache(model, fmt), names, context_error=True, progress=progress)
+    result = restore_gains(model, reference, QuantCache(model, fmt, packed), names, context_error=True,
+                           progress=progress)
     return fill_context(rows, fmt, result)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .formats import BYTES_16BIT
+from .formats import BYTES_16BIT, FourBit
 from .memory import non_module_bytes
 from .micro_batches import CPU_ACTIVATION_BUDGET, sequence_activation_bytes, sequences_per_micro_batch
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
@@ -73,7 +73,8 @@ class PeakEstimate:
     sample. ``activations`` is one batch's
     hidden states, attention scores and MLP widths (with Fisher scores every layer's, which autograd keeps, for the
     sequences of one micro-batch on a text model: :mod:`analysis.micro_batches`, sized for the CPU) plus its
-    logits when they are made.
+    logits when they are made, or, where it is larger, what a run keeps of the measurement after the pass: the
+    packed 4-bit weights of every candidate in every 4-bit format (:mod:`analysis.packed`).
     """
 
     weights: int
@@ -116,7 +117,8 @@ def estimate_peak(model: nn.Module, formats, *, dtype_bytes: int, batch_size: in
         hidden = getattr(text, "hidden_size", 0)
         logits = head_work_bytes(max(vocab * hidden * dtype_bytes, MIN_CHUNK_BYTES), vocab, sequences * seq_len,
                                  hidden)
-    return PeakEstimate(int(weights), int(statistics), int(activations + logits), len(widths))
+    packed = sum(f.storage_bytes(i.shape) for i in candidates for f in formats if isinstance(f, FourBit))
+    return PeakEstimate(int(weights), int(statistics), int(max(activations + logits, packed)), len(widths))
 
 
 

@@ -58,11 +58,12 @@ class FourBit:
             compress_statistics=self.double_quant,
         )
 
-    def roundtrip(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The weight as bitsandbytes would restore it, and its exact checkpoint bytes."""
+    def roundtrip(self, weight: torch.Tensor, quantized: tuple | None = None) -> tuple[torch.Tensor, int]:
+        """The weight as bitsandbytes would restore it, and its exact checkpoint bytes (``quantized``: this
+        format's :meth:`quantize` of ``weight`` where made already)."""
         import bitsandbytes.functional as bnbf
 
-        packed, state = self.quantize(weight)
+        packed, state = quantized if quantized is not None else self.quantize(weight)
         restored = bnbf.dequantize_4bit(packed, state).to(weight.dtype)
         state_bytes = sum(_tensor_bytes(v) for v in state.as_dict(packed=True).values())
         return restored, _tensor_bytes(packed) + state_bytes

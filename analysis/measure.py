@@ -14,6 +14,7 @@ import torch
 from .formats import BYTES_16BIT, FourBit
 from .gram import quadratic_diag
 from .modules import ModuleInfo
+from .packed import PackedWeights
 from .probe import InputStats
 
 #: an input channel is an outlier when its max |x| exceeds this multiple of the median channel's
@@ -40,13 +41,15 @@ def measure_work_bytes(params: int, device_type: str = "cpu", *, roundtrip: bool
 
 
 def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | None, formats,
-                   reason: str | None, grad_sq: torch.Tensor | None = None, energy: float | None = None) -> list[dict]:
+                   reason: str | None, grad_sq: torch.Tensor | None = None, energy: float | None = None,
+                   packed: PackedWeights | None = None) -> list[dict]:
     """Rows (one per format) for one module: identity, bytes, weight error, output error.
 
     The weight is read in chunks of output rows (:data:`CHUNK_ELEMENTS`), so beside the weight
     the work space is one bitsandbytes round trip (bf16) plus a few float32 chunks. ``energy`` is ‖XWᵀ‖² over the
     Gram matrix's tokens where the calibration pass summed it (:mod:`analysis.output_energy`); else it is
-    computed from the Gram matrix here.
+    computed from the Gram matrix here. ``packed``: where each 4-bit round trip's packed weight is kept for the
+    steps after the analysis (:mod:`analysis.packed`), and taken from when made before.
     """
     weight = weight.detach()
     moments = weight_moments(weight)
@@ -64,7 +67,8 @@ def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | N
         row = rows[index] = dict(base, format=fmt.name, bits=fmt.bits)
         unsupported = reason or fmt.unsupported_reason(info.shape)
         if unsupported is None:
-            restored, nbytes = fmt.roundtrip(weight)
+            made = packed.get(info.name, fmt, weight) if packed is not None and isinstance(fmt, FourBit) else None
+            restored, nbytes = fmt.roundtrip(weight, made) if made is not None else fmt.roundtrip(weight)
             errors = _DeltaErrors.of(weight, restored, stats, grad_sq)
             del restored
             unsupported = guard.implausible(fmt, errors.norm, weight)

@@ -29,16 +29,18 @@ import torch
 from torch import nn
 
 from quantplan.analysis.formats import FourBit
+from quantplan.analysis.packed import PackedWeights
 
 
 class QuantCache:
     """Packed 4-bit weights of a model's Linears (in ``fmt`` unless told otherwise), quantized once on first use."""
 
-    def __init__(self, model: nn.Module, fmt: FourBit):
+    def __init__(self, model: nn.Module, fmt: FourBit, packed: PackedWeights | None = None):
+        """``packed``: the packed weights made before for this model (by the analysis or another cache), reused."""
         self.model = model
         self.format = fmt
         self.modules = dict(model.named_modules())
-        self._packed: dict[tuple[str, FourBit], tuple] = {}
+        self._packed = packed if packed is not None else PackedWeights()
         self._originals: dict[str, torch.Tensor] = {}  # 16-bit weights swapped out while round-tripped
         self._current: dict[str, FourBit] = {}  # the format each module set by `set_quantized` computes in
         self._hooks: dict[str, tuple] = {}  # the hook handles `set_quantized` made, per module
@@ -52,10 +54,7 @@ class QuantCache:
         import bitsandbytes.functional as bnbf
 
         weight = self.modules[name].weight
-        key = (name, fmt or self.format)
-        if key not in self._packed:
-            self._packed[key] = key[1].quantize(self.original(name))
-        packed, state = self._packed[key]
+        packed, state = self._packed.get(name, fmt or self.format, self.original(name))
         return bnbf.dequantize_4bit(packed, state).to(weight.dtype).view_as(weight)
 
     def set_quantized(self, names, formats: Mapping[str, FourBit] | None = None) -> None:

@@ -113,14 +113,15 @@ class EndToEnd:
             with stage("end-to-end checks (streamed)"):
                 return self.checks(table, budget, config,
                                    Measures.streamed(source, analyze, format_from_dict(chosen.quant), self.batches(analyze)))
+        packed = None
         if shared is not None and shared.serves(analyze.dtype, analyze.device):
-            model = shared.get()
+            model, packed = shared.get(), shared.packed
         else:
             with stage("load model"):
                 model = load_model(source, dtype=dtype_from_name(analyze.dtype), device=analyze.device)
         calibration = calibration_of(source, analyze)
         reference = KLReference(model, calibration, analyze.batch_size, self.batches(analyze), progress=analyze.progress)
-        cache = QuantCache(model, format_from_dict(chosen.quant))
+        cache = QuantCache(model, format_from_dict(chosen.quant), packed)
         chosen = self.run_checks(table, budget, config, model, calibration, reference=reference, cache=cache,
                                  progress=analyze.progress)
         del model, reference, cache

@@ -105,6 +105,7 @@ def _steps(source, budget, out_dir: Path, checkpoint: Path, analyze_config: Anal
         with stage("compare + report"):
             reports = compare_and_report(source, table, [chosen], out_dir, pareto=out_dir / "pareto.csv",
                                          options=compare, model16=shared.get() if lend else None,
+                                         packed=shared.packed if lend else None,
                                          checkpoint=checkpoint if analyze_config.max_memory else None)
     return {**reports, "out": out_dir, "table": out_dir / TABLE_FILE, "plan": out_dir / "plan.json",
             "pareto": out_dir / "pareto.csv", "checkpoint": checkpoint, "export": result, "plan_obj": chosen}
@@ -153,14 +154,15 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
         table = _analyze_streaming(source, calibration, formats, out_dir, config)
     else:
         init_from_environment(config.device)  # torchrun / accelerate launch: share the batches
+        packed = None
         if shared is not None and shared.serves(config.dtype, config.device):
-            model = shared.get()
+            model, packed = shared.get(), shared.packed
         else:
             with stage("load model"):
                 model = load_model(source, dtype=dtype_from_name(config.dtype), device=config.device)
         table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
                         batch_size=config.batch_size, out_dir=out_dir, resume=config.resume,
-                        progress=config.progress, fisher=fisher, context=config.context)
+                        progress=config.progress, fisher=fisher, context=config.context, packed=packed)
         del model
         gc.collect()
     print(summarize(table))

@@ -6,7 +6,9 @@ it again (seconds on SmolLM2, minutes for a 70B model read from disk). :class:`S
 on first use, in the analysis dtype and device, and hands out the same object until the run releases
 it. Every step leaves the weights as it found them (the simulated variants swap round-tripped weights
 in and back, the Fisher and refinement passes restore ``requires_grad``); tests/test_shared_model.py
-checks the weights after a whole run. A streamed run (``--max-memory``) never holds the whole model
+checks the weights after a whole run. With the model it lends the packed 4-bit weights the analysis made
+(:class:`~analysis.packed.PackedWeights`), so the verification and the scoreboard de-quantize instead of quantizing
+every Linear again. A streamed run (``--max-memory``) never holds the whole model
 and does not use it; the export reads the checkpoint from disk (transformers quantizes while loading).
 """
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from quantplan.analysis.models import ModelSource, dtype_from_name, load_model
+from quantplan.analysis.packed import PackedWeights
 from quantplan.common.profile import stage
 
 
@@ -30,6 +33,8 @@ class SharedModel:
     device: str
     loads: int = 0  # how many times the weights were read (1 in a whole run)
     _model: nn.Module | None = field(default=None, repr=False)
+    #: the packed 4-bit weights the analysis made, de-quantized by the verification and the scoreboard
+    packed: PackedWeights = field(default_factory=PackedWeights, repr=False)
 
     def get(self) -> nn.Module:
         """The loaded model (loading it now if no step has yet)."""
@@ -44,6 +49,7 @@ class SharedModel:
         return (dtype, str(device)) == (self.dtype, str(self.device))
 
     def release(self) -> None:
-        """Drop the model (the run's remaining steps do not need it)."""
+        """Drop the model and its packed weights (the run's remaining steps do not need them)."""
         self._model = None
+        self.packed = PackedWeights()
         gc.collect()

@@ -116,9 +116,10 @@ class CompareConfig:
 
 def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None = None, *,
             table: SensitivityTable | str | Path | None = None, options: CompareConfig | None = None,
-            model16=None, checkpoint: str | Path | None = None) -> Comparison:
+            model16=None, checkpoint: str | Path | None = None, packed=None) -> Comparison:
     """Measure every variant; with ``out_dir`` write scoreboard.csv/.md, generations, agreement there.
-    ``model16``: the 16-bit model already loaded as ``options`` says (borrowed: left as it was found);
+    ``model16``: the 16-bit model already loaded as ``options`` says (borrowed: left as it was found), ``packed``
+    its packed 4-bit weights made before (:class:`~analysis.packed.PackedWeights`, reused by the simulations);
     ``checkpoint``: the first plan's exported checkpoint, measured block by block under ``options.max_memory``."""
     options = options or CompareConfig()
     if checkpoint is not None and not options.max_memory:
@@ -154,12 +155,13 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         return comparison
     # 1. the 16-bit model, 2. everything simulated in it, batch by batch against its logits
     if model16 is None:
+        packed = None  # packed weights belong to the model they were made from
         with stage("load model"):
             model16 = load_model(source, dtype=dtype, device=options.device)
     reference = heldout_reference(model16, heldout.input_ids, options.batch_size, options.progress)
     footprint16 = footprint_16bit(model16)
     generations = {"16-bit": _generate(model16, processor, options)}
-    cache = QuantCache(model16, fmt)
+    cache = QuantCache(model16, fmt, packed)
     uniform, dynamic, heuristics = keep_sets(table, plans, fmt, options)
     # like-for-like with the heuristic rows; a blocksize-menu plan has no BitsAndBytesConfig, so its row is simulated
     simulated = [uniform, *dynamic] if options.baselines else [uniform, *(k for k in dynamic if k.mixed_formats)]

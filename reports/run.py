@@ -19,14 +19,15 @@ from .report import write_report
 def compare_and_report(model: str | ModelSource | None, table: SensitivityTable | str | Path | None, plans,
                        out_dir: str | Path, *, pareto: pd.DataFrame | str | Path | None = None,
                        options: CompareConfig | None = None, model16=None, checkpoint: str | Path | None = None,
-                       **option_overrides) -> dict[str, Path]:
+                       packed=None, **option_overrides) -> dict[str, Path]:
     """Measure the variants (:func:`~reports.compare.compare`) and write the report into ``out_dir``.
 
     ``plans`` are Plan objects or plan.json paths; ``table`` a SensitivityTable or its folder
     (None: the folder of the first plan path). ``pareto`` is a DataFrame, a ``pareto.csv``
     path (ignored when missing) or None (computed from the table). ``option_overrides`` set
     fields of :class:`CompareConfig` (e.g. ``device="cuda"``, ``samples=16``). ``model16``: the 16-bit model
-    already loaded in ``options.dtype`` on ``options.device`` (a run's), instead of loading it again;
+    already loaded in ``options.dtype`` on ``options.device`` (a run's), instead of loading it again, and
+    ``packed`` its packed 4-bit weights made before (:class:`~analysis.packed.PackedWeights`);
     ``checkpoint``: the first plan's exported checkpoint, measured block by block under ``options.max_memory``.
     """
     if "device" in option_overrides:  # a dtype chosen for the former device ("auto") is chosen again
@@ -42,7 +43,7 @@ def compare_and_report(model: str | ModelSource | None, table: SensitivityTable 
     plans = [p if isinstance(p, Plan) else Plan.load(p) for p in plans]
     with stage("compare"):
         comparison = compare(model, plans, out_dir, table=table, options=options, model16=model16,
-                             checkpoint=checkpoint)
+                             checkpoint=checkpoint, packed=packed)
     if isinstance(pareto, str | Path):
         pareto = pd.read_csv(pareto) if Path(pareto).is_file() else None
     with stage("write report"):

@@ -64,6 +64,36 @@ def test_the_steps_leave_the_borrowed_weights_as_they_were(tmp_path):
     assert all(p.grad is None for p in borrowed.parameters())
 
 
+def test_each_weight_is_quantized_once_per_format_across_the_steps(tmp_path, monkeypatch):
+    """The analysis' packed 4-bit weights (SharedModel.packed) serve the verification and the scoreboard: no
+    (weight, format) is quantized twice, and every one the later steps simulate was made by the analysis."""
+    from quantplan.analysis.formats import FourBit
+    from quantplan.endtoend import EndToEnd
+    from quantplan.pipeline import analyze_model
+    from quantplan.planner.config import PlanConfig
+    from quantplan.reports.compare import compare as compare_variants
+
+    made, quantize = [], FourBit.quantize
+
+    def counted(fmt, weight):
+        made.append((fmt, weight.data_ptr()))
+        return quantize(fmt, weight)
+
+    monkeypatch.setattr(FourBit, "quantize", counted)
+    folder = save_tiny_english(tmp_path / "model", layers=2)
+    source = resolve_source(str(folder))
+    config = AnalyzeConfig(samples=4, seq_len=32, dtype="fp32", progress=False)
+    shared = SharedModel(source, "fp32", "cpu")
+    table = analyze_model(source, tmp_path / "job", config, shared=shared)
+    analyzed = len(made)
+    chosen = EndToEnd().plan(source, config, table, "+10%", PlanConfig(), shared=shared)
+    compare_variants(source, [chosen], table=table, model16=shared.get(), packed=shared.packed,
+                     options=CompareConfig(samples=2, seq_len=32, dtype="fp32", report=ReportDepth.QUICK,
+                                           progress=False))
+    assert analyzed == len(shared.packed) > 0  # every candidate in both menu formats, kept
+    assert len(made) == len(set(made)) == analyzed  # the verification and the scoreboard quantized nothing again
+
+
 def test_a_device_override_chooses_the_scoreboard_dtype_again(monkeypatch):
     """CompareConfig resolves dtype "auto" for its device when built; moving it to another device re-resolves."""
     import quantplan.reports.run as report_run
@@ -74,7 +104,7 @@ def test_a_device_override_chooses_the_scoreboard_dtype_again(monkeypatch):
     class Captured(Exception):
         pass
 
-    def fake_compare(model, plans, out_dir, *, table, options, model16, checkpoint=None):
+    def fake_compare(model, plans, out_dir, *, table, options, model16, checkpoint=None, packed=None):
         seen["options"] = options
         raise Captured
 
