@@ -14,6 +14,10 @@ lm_head, one round-tripped lm_head weight per distinct lm_head format: at most t
 numbers are a whole forward's, row by row. A model whose logits change after lm_head (:func:`~analysis.stream_head.logit_transforms`)
 keeps whole-batch logits, as one chunk covering the batch. The streamed comparison
 (:mod:`analysis.stream_variants`) yields the same :class:`HeadChunk` values.
+
+The 16-bit run's last hidden states of each batch are kept in the reference
+(:meth:`analysis.reference.KLReference.hidden16`, tokens × hidden a batch): a model compared later
+(:func:`pair_chunks`, the scoreboard's bitsandbytes loads) takes them instead of a 16-bit base forward.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from quantplan.common.batches import batch_to, model_device
 from quantplan.common.heap import release_if_grown
 
 from .reference import (
+    KLReference,
     Logits16,
     TokenComparison,
     as_logits16,
@@ -87,17 +92,23 @@ class HeadChunk:
 class VariantRuns:
     """How :func:`analysis.reference.for_each_variant` runs the variants of one model over a batch.
 
-    ``variants``: label -> module names round-tripped (None: the 16-bit model itself); ``formats``: label ->
-    name -> 4-bit format where given (None: the cache's); ``order``: label -> its run in ``runs``
-    (an :class:`~analysis.shared_prefix.PrefixRuns`, run 0 the 16-bit one).
+    ``reference``: the :class:`~analysis.reference.KLReference` whose model the variants swap weights in (it
+    keeps the 16-bit run's hidden states); ``variants``: label -> module names round-tripped (None: the 16-bit model
+    itself); ``formats``: label -> name -> 4-bit format where given (None: the cache's); ``order``: label -> its run
+    in ``runs`` (an :class:`~analysis.shared_prefix.PrefixRuns`, run 0 the 16-bit one).
     """
 
-    model: torch.nn.Module
+    reference: KLReference
     cache: object  # analysis.simulate.QuantCache of the model
     runs: object  # analysis.shared_prefix.PrefixRuns
     variants: Mapping
     formats: Mapping
     order: Mapping[str, int]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The reference's model."""
+        return self.reference.model
 
     def chunked(self) -> bool:
         """Whether the head runs in token chunks apart from the base model (:func:`plain_head`)."""
@@ -127,12 +138,17 @@ class VariantRuns:
             del logits
 
     def _chunked(self, index: int, batch: dict) -> Iterator[HeadChunk]:
-        """Each run's last hidden states, then lm_head chunk by chunk: the 16-bit logits once per chunk."""
+        """Each run's last hidden states, then lm_head chunk by chunk: the 16-bit logits once per chunk.
+
+        The 16-bit run's (run 0, every module 16-bit) is kept in the reference as computed: no later run writes it
+        (a run continuing run 0's layers reads copies of their outputs, :class:`~analysis.shared_prefix.PrefixRuns`).
+        """
         model, cache = self.model, self.cache
         hidden, restored = {}, {}
         cache.set_quantized(())
         with torch.inference_mode():
             hidden[None] = self.runs.run(0, partial(base_hidden, model, batch))
+            self.reference.keep_hidden16(index, hidden[None])
             for label, names in self.variants.items():
                 if names is not None:
                     cache.set_quantized(names, self.formats[label])
@@ -182,15 +198,17 @@ def head_chunks(index: int, batch: dict, head16, hidden16: torch.Tensor, heads: 
 def pair_chunks(reference, model=None) -> Iterator[HeadChunk]:
     """Per batch of ``reference`` (a :class:`~analysis.reference.KLReference`), ``model``'s logits beside its
     16-bit model's (``model`` None: the 16-bit logits themselves), labelled "", chunk by chunk where both
-    heads are plain (:func:`plain_head`), else one chunk a batch from whole forwards."""
+    heads are plain (:func:`plain_head`), else one chunk a batch from whole forwards. In chunks the 16-bit
+    hidden states are the reference's (:meth:`~analysis.reference.KLReference.hidden16`): kept from an
+    earlier comparison of the batch, else computed (the reference's model must be 16-bit now) and kept."""
     model16 = reference.model
     chunked = plain_head(model16) and (model is None or plain_head(model))
     batches = tqdm(reference.batches(), total=reference.count, desc="16-bit" if model is None else "model vs 16-bit",
                    disable=not reference.progress, leave=False)
     for index, batch in enumerate(batches):
         if chunked:
+            hidden16 = reference.hidden16(index, batch)
             with torch.inference_mode():
-                hidden16 = base_hidden(model16, batch)
                 run = None if model is None else (model.lm_head, base_hidden(model, batch))
             yield from head_chunks(index, batch, model16.lm_head, hidden16, {"": run}, chunk_size(model16))
             continue

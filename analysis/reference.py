@@ -4,9 +4,12 @@
 planner's refinement and verification) or of held-out windows (the fidelity scoreboard) that
 variants are compared on; ``max_batches`` bounds them. It keeps no logits: the 16-bit logits
 of a batch are computed when that batch is compared and dropped after it, whatever the number of
-batches. Several variants of one model (weights swapped by :class:`~analysis.simulate.QuantCache`)
-are compared against the same 16-bit batch before the next one is computed (:func:`calibration_klds`):
-one 16-bit forward per batch serves every variant, and its float32 log-probabilities are made
+batches. Where the head is plain (below) it keeps each batch's 16-bit last hidden state once a
+comparison has computed it (:meth:`KLReference.hidden16`): a model compared after the variants (the
+scoreboard's bitsandbytes loads, :func:`analysis.head_chunks.pair_chunks`) reads the 16-bit run's
+states instead of running the 16-bit base model again on every batch. Several variants of one
+model (weights swapped by :class:`~analysis.simulate.QuantCache`) are compared against the same
+16-bit batch before the next one is computed (:func:`calibration_klds`): one 16-bit forward per batch serves every variant, and its float32 log-probabilities are made
 once for all of them (:class:`Logits16`). A variant runs from the first decoder layer where it
 differs from the 16-bit run or an earlier variant (:mod:`analysis.shared_prefix`), with the
 numbers of a whole forward.
@@ -21,6 +24,10 @@ copy, several copies alive at once). A model that changes its logits after lm_he
 scales: :func:`~analysis.stream_head.logit_transforms`) compares whole batches: one batch ×
 vocabulary of 16-bit log-probabilities plus one variant's logits at a time. The refinement's
 gradient pass (:func:`analysis.endtoend.restore_gains`) still makes one batch's logits whole.
+The kept 16-bit hidden states stay for the reference's life, on the model's device: its tokens ×
+hidden × the states' element size (SmolLM2's held-out scoreboard, 2048 tokens × 576 × 4 B in
+float32: 4.7 MB; a verification's 4096 tokens twice that), none where the logits are transformed
+after lm_head.
 
 Per position t, with P the 16-bit and Q the variant's next-token distribution over the
 vocabulary both share (a padded vocabulary compares the shared part):
@@ -52,6 +59,10 @@ class KLReference:
     in the same order) and ``num_batches(batch_size)``: a calibration set, image + prompt
     calibration, or held-out windows (:class:`~analysis.calibration.CalibrationSet`).
     ``tokens`` counts the compared (unmasked) positions.
+
+    Everything it computes or keeps is the 16-bit model's: whoever asks for it sets the model's weights
+    16-bit first (a :class:`~analysis.simulate.QuantCache` round-tripping nothing), and the 16-bit
+    weights themselves never change while the reference is in use.
     """
 
     def __init__(self, model, calibration, batch_size: int = 4, max_batches: int | None = None,
@@ -60,6 +71,7 @@ class KLReference:
         self.count = total if max_batches is None else min(total, max_batches)
         self.model, self.calibration, self.batch_size, self.progress = model, calibration, batch_size, progress
         self.tokens = sum(batch_tokens(batch) for batch in self.batches())
+        self._hidden16: dict[int, torch.Tensor] = {}  # batch index -> the 16-bit last hidden state (hidden16)
 
     def batches(self) -> Iterator[dict]:
         """The calibration batches this reference covers, in order."""
@@ -72,6 +84,29 @@ class KLReference:
         """The model's logits on ``batch`` with its weights as they are now (call it with the 16-bit ones)."""
         with torch.inference_mode():
             return forward_logits(self.model, batch).detach()
+
+    def hidden16(self, index: int, batch: dict) -> torch.Tensor:
+        """The 16-bit model's last hidden state on batch ``index`` (``batch``), what lm_head reads in a
+        :func:`~analysis.stream_head.plain_head` model (:func:`analysis.head_chunks.base_hidden`): the one an
+        earlier comparison kept, else computed now (the model must be 16-bit now, as for :meth:`logits16`) and kept.
+
+        A kept state is the 16-bit one whatever the weights are now; one computed with round-tripped weights must
+        never be kept (:meth:`keep_hidden16`). Memory: tokens × hidden × element size per batch, kept (module docstring).
+        """
+        if index not in self._hidden16:
+            from .head_chunks import base_hidden
+
+            with torch.inference_mode():
+                self.keep_hidden16(index, base_hidden(self.model, batch))
+        return self._hidden16[index]
+
+    def keep_hidden16(self, index: int, hidden: torch.Tensor) -> None:
+        """Keep ``hidden``, the model's last hidden state on batch ``index`` computed with its 16-bit weights (never
+        a variant's: every later :meth:`hidden16` of the batch returns it), for later comparisons of that batch.
+
+        Kept as given, not copied: nothing may change it in place afterwards (a run's own output, read only).
+        """
+        self._hidden16[index] = hidden
 
     def pairs(self, desc: str = "16-bit logits") -> Iterator[tuple[dict, torch.Tensor]]:
         """Each batch with its 16-bit logits, computed one batch at a time (the model must be 16-bit now)."""
@@ -92,6 +127,7 @@ def for_each_variant(reference: KLReference, cache, variants: Mapping[str, Itera
     Batch-outer; within a batch, chunk by chunk of tokens, then variant by variant, the chunk's 16-bit
     logits (:class:`Logits16`, their log-probabilities made once for every variant) shared by all
     (:mod:`analysis.head_chunks`; one chunk covering the batch where the logits are transformed after lm_head).
+    In chunks, the 16-bit run's last hidden states are kept in the reference (:meth:`KLReference.keep_hidden16`).
     """
     from .head_chunks import VariantRuns
     from .shared_prefix import PrefixRuns
@@ -102,7 +138,7 @@ def for_each_variant(reference: KLReference, cache, variants: Mapping[str, Itera
     configs = [{}] + [{n: (formats[label] or {}).get(n) or cache.format for n in names}
                       for label, names in ran.items()]
     runs = PrefixRuns(model, configs)
-    plan = VariantRuns(model, cache, runs, variants, formats, {label: i for i, label in enumerate(ran, 1)})
+    plan = VariantRuns(reference, cache, runs, variants, formats, {label: i for i, label in enumerate(ran, 1)})
     try:
         for index, batch in enumerate(tqdm(reference.batches(), total=reference.count,
                                            desc=f"{len(variants)} variant(s) vs 16-bit",

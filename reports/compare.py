@@ -11,7 +11,8 @@ The loop, in the order it runs:
    (:func:`~reports.fidelity.measure_variants`), so the logits of one batch are alive at a time;
 3. load all-INT8, all-4-bit and each dynamic plan for real through transformers'
    ``BitsAndBytesConfig`` (no checkpoint on disk needed), one at a time beside the 16-bit model
-   whose logits are recomputed per batch, and measure fidelity, footprint and generations. A
+   whose logits are made again per batch (from the 16-bit hidden states step 2 kept, where the
+   head is plain), and measure fidelity, footprint and generations. A
    variant that fails to load or run gets a row that says why.
 
 ``report=ReportDepth.QUICK`` (``--report quick``, ``run``'s default) leaves out what costs most
@@ -181,7 +182,7 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         say(f"  {keep.label}{'' if keep.seed is None else f' seed {keep.seed}'}: mean KLD {rows[-1]['mean_kld']:.6f}")
     agreement, meta["agreement"] = _agreement(table, plans[0], cache, model16, heldout, options)
 
-    # 3. real bitsandbytes loads, one at a time, each against the 16-bit logits recomputed per batch
+    # 3. real bitsandbytes loads, one at a time, each against the 16-bit logits made again per batch (step 2's hidden states)
     quantized = [(all_int8(table), _int8_config()), (uniform, _uniform_config(uniform, fmt, dtype))]
     quantized += [(keep, bnb_config(p, dtype)) for keep, p in zip(dynamic, plans, strict=True)
                   if not keep.mixed_formats]

@@ -7,7 +7,10 @@ batch are computed, every variant is compared with them in float32
 logits are plain ``lm_head(hidden)`` they are made and compared one chunk of tokens at a time
 (:mod:`analysis.head_chunks`), so no batch × vocabulary tensor exists; otherwise one batch's. Simulated variants of the 16-bit model share
 each batch's 16-bit forward (:func:`measure_variants`); a separately loaded model (a real
-bitsandbytes load) is compared with the 16-bit model's logits recomputed per batch (:func:`measure`).
+bitsandbytes load) is compared with the 16-bit model's logits made again per batch (:func:`measure`):
+where the head is plain, lm_head of the 16-bit last hidden states that :func:`measure_variants` kept
+in the reference (:meth:`~analysis.reference.KLReference.hidden16`: no 16-bit base forward again),
+else a whole 16-bit forward.
 Under a memory cap the simulated variants run block by block from disk instead
 (:func:`measure_variants_streamed`, :mod:`analysis.stream_variants`): the same numbers.
 
@@ -66,7 +69,8 @@ def heldout_reference(model, input_ids: torch.Tensor, batch_size: int = 4, progr
 def measure(model, reference: KLReference) -> Fidelity:
     """Run ``model`` (a model other than the reference's, which must be 16-bit now) on the reference's
     windows and compare it with the 16-bit logits, one batch at a time (and, where both heads are plain
-    ``lm_head(hidden)``, one chunk of tokens at a time: :func:`~analysis.head_chunks.pair_chunks`)."""
+    ``lm_head(hidden)``, one chunk of tokens at a time from the reference's kept 16-bit hidden states:
+    :func:`~analysis.head_chunks.pair_chunks`)."""
     if model is reference.model:
         raise ValueError("measure() compares another model with the reference's 16-bit one; for weights swapped "
                          "into the reference's own model use measure_variants()")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.utils._pytree as pytree
@@ -82,13 +83,18 @@ def test_chunked_comparisons_equal_whole_forwards(tie, monkeypatch):
     assert measured.kld["menu"] != measured.kld["all"]  # lm_head's second format is the one used
 
 
-def test_a_model_transforming_its_logits_keeps_whole_batch_logits(monkeypatch):
-    monkeypatch.setattr(head_chunks, "chunk_size", lambda model: CHUNK)
-    torch.manual_seed(0)
+def _soft_capped_gemma2(seed: int = 0) -> Gemma2ForCausalLM:
+    """A tiny Gemma-2 whose logits are soft-capped after lm_head (not a plain head)."""
+    torch.manual_seed(seed)
     config = Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=3.0,
                           pad_token_id=0)
-    model = Gemma2ForCausalLM(config).float().eval()
+    return Gemma2ForCausalLM(config).float().eval()
+
+
+def test_a_model_transforming_its_logits_keeps_whole_batch_logits(monkeypatch):
+    monkeypatch.setattr(head_chunks, "chunk_size", lambda model: CHUNK)
+    model = _soft_capped_gemma2()
     reference = KLReference(model, PaddedCalibration(seed=5), batch_size=4)
     measured, seen = _assert_equal_to_whole_forwards(model, reference, _variants(model))
     assert set(seen) == {4 * 24, 2 * 24}  # whole batches (6 windows: 4 + 2), the model's own forwards: soft-capped
@@ -143,6 +149,62 @@ def test_another_model_compares_in_chunks_with_the_numbers_of_whole_forwards(mon
     assert kld == pytest.approx(whole, rel=1e-5, abs=1e-7) and kld > 0
     own_nll = torch.cat([compare_tokens(p, p, b["input_ids"]).nll.flatten() for b, p, _ in pairs]).double()
     assert (own.kld == 0).all() and torch.allclose(torch.from_numpy(own.nll), own_nll, rtol=1e-5, atol=1e-6)
+
+
+def _base_forwards(model) -> list:
+    """One entry per forward of ``model``'s base model (what :func:`head_chunks.base_hidden` runs) from now on."""
+    seen = []
+    getattr(model, model.base_model_prefix).register_forward_hook(lambda module, args, output: seen.append(1))
+    return seen
+
+
+def _same_fidelity(got, expected) -> None:
+    for field in ("kld", "same_top", "nll"):
+        assert np.array_equal(getattr(got, field), getattr(expected, field)), field
+
+
+def test_a_model_compared_after_the_variants_reads_their_16_bit_hidden_states(monkeypatch):
+    """The scoreboard's bitsandbytes rows (fidelity.measure after measure_variants on the same reference) take the
+    16-bit run's last hidden states the variants' pass kept: no 16-bit base forward again, the same numbers bit for
+    bit as a fresh reference's, and the 16-bit row's own numbers from them too."""
+    from quantplan.reports.fidelity import fidelity_of_self, measure
+
+    monkeypatch.setattr(head_chunks, "chunk_size", lambda model: CHUNK)
+    model16, other = tiny_llama(layers=LAYERS).float(), tiny_llama(layers=LAYERS, seed=1).float()
+    variants = _variants(model16)  # round trips before and after the 16-bit run, one forking from its layers
+    shared = KLReference(model16, PaddedCalibration(seed=5), batch_size=4)
+    scored = measure_variants(shared, QuantCache(model16, NF4), variants)
+    forwards = _base_forwards(model16)
+    got, own = measure(other, shared), fidelity_of_self(shared)
+    assert not forwards  # every batch's 16-bit hidden states kept by the variants' 16-bit run
+    fresh = KLReference(model16, shared.calibration, batch_size=4)
+    expected = measure(other, fresh)
+    assert len(forwards) == fresh.count == 2  # a fresh reference runs the 16-bit base model once per batch ...
+    _same_fidelity(got, expected)
+    _same_fidelity(fidelity_of_self(fresh), own)
+    assert len(forwards) == 2  # ... and keeps what it ran
+    _same_fidelity(own, scored["16-bit"])
+    assert got.kld.mean() > 0
+
+
+def test_a_soft_capped_model_compared_after_the_variants_runs_its_16_bit_forwards(monkeypatch):
+    """Where the logits are transformed after lm_head (Gemma-2's soft-capping) every comparison is a whole forward:
+    fidelity.measure after measure_variants runs the 16-bit model per batch and gives a fresh reference's numbers."""
+    from quantplan.reports.fidelity import measure
+
+    monkeypatch.setattr(head_chunks, "chunk_size", lambda model: CHUNK)
+    model16, other = _soft_capped_gemma2(), _soft_capped_gemma2(seed=1)
+    shared = KLReference(model16, PaddedCalibration(seed=5), batch_size=4)
+    measure_variants(shared, QuantCache(model16, NF4), _variants(model16))
+    forwards = _base_forwards(model16)
+    got = measure(other, shared)
+    assert len(forwards) == shared.count == 2  # the 16-bit model's own forward on every batch
+    _same_fidelity(got, measure(other, KLReference(model16, shared.calibration, batch_size=4)))
+    with torch.inference_mode():
+        parts = [compare_tokens(forward_logits(model16, b), forward_logits(other, b), b["input_ids"])
+                 for b in shared.batches()]
+    expected = torch.cat([p.kld.flatten() for p in parts]).double()
+    assert torch.allclose(torch.from_numpy(got.kld), expected, rtol=1e-4, atol=1e-6) and got.kld.mean() > 0
 
 
 @pytest.mark.parametrize("progress", [True, False])
