@@ -36,5 +36,9 @@ class PackedWeights:
             made = self._entries[key] = (weight.data_ptr(), fmt.quantize(weight))
         return made[1]
 
+    def clear(self) -> None:
+        """Drop every packed weight (the last step that round-trips is done with them)."""
+        self._entries.clear()
+
     def __len__(self) -> int:
         return len(self._entries)

@@ -49,6 +49,11 @@ class QuantCache:
         """The 16-bit weight of ``name``, also while it is swapped for its round trip."""
         return self._originals.get(name, self.modules[name].weight.data)
 
+    def drop_packed(self) -> None:
+        """Drop the packed weights this cache reads (a shared :class:`PackedWeights` is emptied): no one round-trips
+        this model any more, and its next user needs the memory."""
+        self._packed.clear()
+
     def restored(self, name: str, fmt: FourBit | None = None) -> torch.Tensor:
         """The weight of ``name`` as bitsandbytes would restore it from ``fmt`` (default: the cache's format)."""
         import bitsandbytes.functional as bnbf

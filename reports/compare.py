@@ -120,7 +120,8 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
             model16=None, checkpoint: str | Path | None = None, packed=None) -> Comparison:
     """Measure every variant; with ``out_dir`` write scoreboard.csv/.md, generations, agreement there.
     ``model16``: the 16-bit model already loaded as ``options`` says (borrowed: left as it was found), ``packed``
-    its packed 4-bit weights made before (:class:`~analysis.packed.PackedWeights`, reused by the simulations);
+    its packed 4-bit weights made before (:class:`~analysis.packed.PackedWeights`, reused by the simulations and
+    emptied after them: the scoreboard is a run's last step, :meth:`quantplan.shared_model.SharedModel.take_packed`);
     ``checkpoint``: the first plan's exported checkpoint, measured block by block under ``options.max_memory``."""
     options = options or CompareConfig()
     if checkpoint is not None and not options.max_memory:
@@ -181,6 +182,8 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         rows.append(_row(keep, measured[i], "simulated"))
         say(f"  {keep.label}{'' if keep.seed is None else f' seed {keep.seed}'}: mean KLD {rows[-1]['mean_kld']:.6f}")
     agreement, meta["agreement"] = _agreement(table, plans[0], cache, model16, heldout, options)
+    cache.drop_packed()  # the simulations are done: their packed 4-bit weights go before a bitsandbytes model loads
+    del cache
 
     # 3. real bitsandbytes loads, one at a time, each against the 16-bit logits made again per batch (step 2's hidden states)
     quantized = [(all_int8(table), _int8_config()), (uniform, _uniform_config(uniform, fmt, dtype))]
@@ -196,7 +199,7 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         say(f"  {keep.label}: mean KLD {row.get('mean_kld', float('nan')):.6f}, "
             f"footprint {row['footprint_bytes']:,} bytes {row['note']}")
 
-    del model16, cache, reference
+    del model16, reference
     gc.collect()
     comparison = Comparison(scoreboard_frame(_ordered(rows)), generations, agreement, meta)
     if out_dir is not None:
