@@ -24,8 +24,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantplan.common.heap import release_freed_memory
-
 from .fisher import activations_need_grad, sampled_loss_gradient, sampling_uniforms
 from .micro_batches import micro_batches, splittable
 from .modules import output_embedding_name
@@ -143,10 +141,7 @@ def chunked_loss_backward(model, batch: dict, device, probe, seed: int = 0, sequ
 
     With ``sequences`` a text batch runs that many sequences at a time (:mod:`analysis.micro_batches`): each part's
     loss is its share of the batch's mean, its targets the batch's draws for its tokens, so the gradients are the
-    whole batch's while only one part's activations are kept for the backward. After each part the C heap's
-    free pages go back to the system (:func:`quantplan.common.heap.release_freed_memory`): glibc otherwise keeps the
-    parts' freed activations in a fragmented heap (SmolLM2's Fisher analysis, fp32, one sequence a part: peak RSS
-    2.08 → 1.91 GiB, CPU +3 % in one A/B pair, mostly pages faulted in again)."""
+    whole batch's while only one part's activations are kept for the backward."""
     head = model.lm_head
     chunk = memory_chunk_tokens(head.weight.numel() * head.weight.element_size(), head.out_features)
     base = getattr(model, model.base_model_prefix)
@@ -160,5 +155,3 @@ def chunked_loss_backward(model, batch: dict, device, probe, seed: int = 0, sequ
                 uniforms = sampling_uniforms(tokens, hidden.device, seed)
             mine = uniforms[offset:offset + hidden.shape[:-1].numel()]
             hidden.backward(normed_gradient(model, probe, "lm_head", hidden.detach(), mine, tokens, chunk))
-        del hidden
-        release_freed_memory()  # the part's freed activations back to the system before the next part's

@@ -57,20 +57,6 @@ def test_the_budget_sets_how_many_sequences_run_together(monkeypatch):
     assert sizes == [2, 2, 1]
 
 
-def test_the_heap_is_trimmed_after_every_micro_batch(monkeypatch):
-    """Each part's freed activations go back to the system before the next part runs (glibc's malloc_trim)."""
-    stream_head = importlib.import_module("quantplan.analysis.stream_head")
-    model = tiny_llama(layers=2)
-    sizes, events = _forward_sizes(model), []
-    model.model.register_forward_pre_hook(lambda module, args, kwargs: events.append("forward"), with_kwargs=True)
-    monkeypatch.setattr(stream_head, "release_freed_memory", lambda: events.append("trim"))
-    monkeypatch.setattr(micro, "CPU_ACTIVATION_BUDGET", 1)
-    analyze(model, random_calibration(samples=5), [NF4], batch_size=4, progress=False, fisher=True)
-    assert sizes == [1] * 5
-    fisher = events[events.index("trim") - 1:]  # the Fisher pass's forwards, each followed by its trim
-    assert fisher == ["forward", "trim"] * 5
-
-
 def test_a_batch_with_images_or_other_tensors_runs_whole():
     ids = torch.ones(4, 8, dtype=torch.long)
     assert splittable({"input_ids": ids, "attention_mask": torch.ones(4, 8)})
