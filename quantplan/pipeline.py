@@ -105,7 +105,7 @@ def _steps(source, budget, out_dir: Path, checkpoint: Path, analyze_config: Anal
         with stage("compare + report"):
             reports = compare_and_report(source, table, [chosen], out_dir, pareto=out_dir / "pareto.csv",
                                          options=compare, model16=shared.get() if lend else None,
-                                         packed=shared.take_packed() if lend else None,
+                                         packed=shared.packed if lend else None,
                                          checkpoint=checkpoint if analyze_config.max_memory else None)
     return {**reports, "out": out_dir, "table": out_dir / TABLE_FILE, "plan": out_dir / "plan.json",
             "pareto": out_dir / "pareto.csv", "checkpoint": checkpoint, "export": result, "plan_obj": chosen}

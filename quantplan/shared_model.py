@@ -48,12 +48,6 @@ class SharedModel:
         """Whether a step that wants the model in ``dtype`` on ``device`` can borrow this one."""
         return (dtype, str(device)) == (self.dtype, str(self.device))
 
-    def take_packed(self) -> PackedWeights:
-        """The packed weights, handed to the run's last step that simulates (the scoreboard), which drops them when
-        its simulations are done, before it loads a bitsandbytes model beside this one."""
-        packed, self.packed = self.packed, PackedWeights()
-        return packed
-
     def release(self) -> None:
         """Drop the model and its packed weights (the run's remaining steps do not need them)."""
         self._model = None

@@ -121,7 +121,7 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
     """Measure every variant; with ``out_dir`` write scoreboard.csv/.md, generations, agreement there.
     ``model16``: the 16-bit model already loaded as ``options`` says (borrowed: left as it was found), ``packed``
     its packed 4-bit weights made before (:class:`~analysis.packed.PackedWeights`, reused by the simulations and
-    emptied after them: the scoreboard is a run's last step, :meth:`quantplan.shared_model.SharedModel.take_packed`);
+    emptied after them, before a bitsandbytes model loads beside the 16-bit one: the scoreboard is a run's last step);
     ``checkpoint``: the first plan's exported checkpoint, measured block by block under ``options.max_memory``."""
     options = options or CompareConfig()
     if checkpoint is not None and not options.max_memory:
