@@ -79,7 +79,7 @@ class Shard:
                                "model and calibration set")
         for owner in owners:
             stats = probe.stats[owner]
-            dist.all_reduce(stats.symmetric_gram(), op=dist.ReduceOp.SUM)  # every rank mirrored: same form
+            dist.all_reduce(stats.gram.data, op=dist.ReduceOp.SUM)  # the same block layout on every rank
             dist.all_reduce(stats.channel_absmax, op=dist.ReduceOp.MAX)
             counts = torch.tensor([stats.tokens, stats.nonfinite_tokens], dtype=torch.int64)
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -91,7 +91,7 @@ class Shard:
         if grads:
             _reduce_gradients(grads)
         if energy:
-            _reduce_energies(energy, probe.stats[owners[0]].gram.device if owners else torch.device("cpu"))
+            _reduce_energies(energy, probe.stats[owners[0]].gram.data.device if owners else torch.device("cpu"))
 
     def mine(self, items: list) -> list[tuple[int, object]]:
         """(position, item) pairs this process measures: every W-th one."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from .formats import BYTES_16BIT, FourBit
+from .gram import upper_elements
 from .memory import non_module_bytes
 from .micro_batches import CPU_ACTIVATION_BUDGET, sequence_activation_bytes, sequences_per_micro_batch
 from .modules import list_modules, not_quantizable_reason, output_embedding_name
@@ -68,8 +69,9 @@ SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "query": "qkv
 class PeakEstimate:
     """Resident bytes of the in-memory analysis (``analyze()``), part by part, from the config alone.
 
-    ``statistics`` is Σ d_in² x 4 bytes over the distinct Linear inputs: each input's float32 Gram
-    matrix, which every batch adds to in place (no second copy), plus its channel max |x| and 256-row
+    ``statistics`` is 4 bytes per float over the distinct Linear inputs: each input's float32 Gram
+    matrix as stored (its upper blocks, :func:`analysis.gram.upper_elements`; every batch adds to it in place, no
+    second copy), plus its channel max |x| and 256-row
     sample. ``activations`` is one batch's
     hidden states, attention scores and MLP widths (with Fisher scores every layer's, which autograd keeps, for the
     sequences of one micro-batch on a text model: :mod:`analysis.micro_batches`, sized for the CPU) plus its
@@ -99,7 +101,7 @@ def estimate_peak(model: nn.Module, formats, *, dtype_bytes: int, batch_size: in
     for info in candidates:
         parent, _, leaf = info.name.rpartition(".")
         widths[(parent, SHARED_INPUT.get(leaf, leaf))] = info.in_features
-    statistics = sum(d * d * 4 + 257 * d * 4 for d in widths.values())
+    statistics = sum(upper_elements(d) * 4 + 257 * d * 4 for d in widths.values())
     unique = {id(p): p for p in model.parameters()}.values()
     weights = sum(p.numel() * (dtype_bytes if p.is_floating_point() else p.element_size()) for p in unique)
     text = model.config.get_text_config()

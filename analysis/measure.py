@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import BYTES_16BIT, FourBit
-from .gram import quadratic_diag
+from .gram import UpperGram, quadratic_diag
 from .modules import ModuleInfo
 from .packed import PackedWeights
 from .probe import InputStats
@@ -154,7 +154,7 @@ class _DeltaErrors:
             errors.squares += _sum_squares(delta)
             errors.max_abs = max(errors.max_abs, _abs_max(delta))
             if measured:
-                per_output = _per_output(delta, stats.symmetric_gram())
+                per_output = _per_output(delta, stats.gram)
                 errors.output += float(per_output.sum())
                 if grad_sq is not None:
                     rows = grad_sq[errors.rows:errors.rows + delta.shape[0]]
@@ -276,14 +276,14 @@ def input_columns(stats: InputStats | None) -> dict:
 
 def _output_energy(weight: torch.Tensor, stats: InputStats) -> float:
     """‖XWᵀ‖² = tr(W·G·Wᵀ) from the Gram matrix, one row chunk at a time."""
-    return sum(float(_per_output(chunk, stats.symmetric_gram()).sum()) for chunk in row_chunks(weight))
+    return sum(float(_per_output(chunk, stats.gram).sum()) for chunk in row_chunks(weight))
 
 
-def _per_output(m: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def _per_output(m: torch.Tensor, gram: UpperGram) -> torch.Tensor:
     """diag(M·G·Mᵀ): each output channel's summed squared response.
 
-    The products run in float32 over the Gram matrix's upper block triangle (:func:`analysis.gram.quadratic_diag`:
+    The products run in float32 over the Gram matrix's stored upper blocks (:func:`analysis.gram.quadratic_diag`:
     about half the multiply-adds of ``(M @ G) * M``); float32 keeps the module totals within ~2e-7 of float64
     at half the cost (G is positive semi-definite), and the blocks add up in float64."""
     m32 = m.float()
-    return quadratic_diag(m32, gram.to(m32.device, torch.float32))
+    return quadratic_diag(m32, gram)

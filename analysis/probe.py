@@ -24,7 +24,7 @@ from torch import nn
 from quantplan.common.files import atomic_write_text, staged_file
 
 from .finite_rows import finite_rows_absmax
-from .gram import add_upper, clear_lower, mirror_lower
+from .gram import UpperGram, upper_elements
 from .hooks import module_hooks
 
 
@@ -37,23 +37,20 @@ class InputStats:
     batch and refuses to save then, so a flushed state never holds part of a batch (the in-memory pass
     lets a Ctrl-C finish the running batch first, :mod:`analysis.interrupts`; a streamed analysis reruns
     the whole block).
-    The Gram matrix accumulates as its upper block triangle (:mod:`analysis.gram`, half the
-    multiply-adds); :meth:`symmetric_gram` mirrors it once before it is read.
+    The Gram matrix is kept as its blocks on and above the diagonal (:class:`analysis.gram.UpperGram`: half
+    the multiply-adds and about half the memory of the full matrix).
     """
 
-    gram: torch.Tensor  # [in, in] float32: Σ xᵀx over finite tokens (upper block triangle unless ``mirrored``)
+    gram: UpperGram  # Σ xᵀx over finite tokens
     channel_absmax: torch.Tensor  # [in] float32
     sample: torch.Tensor | None = None  # [<=sample_rows, in] float32, from the first batch
     tokens: int = 0
     nonfinite_tokens: int = 0
-    mirrored: bool = False  # the blocks below the diagonal hold their mirror image (see symmetric_gram)
 
-    def symmetric_gram(self) -> torch.Tensor:
-        """The full, symmetric Gram matrix Σ xᵀx (mirrors the accumulated upper triangle the first time)."""
-        if not self.mirrored:
-            mirror_lower(self.gram)
-            self.mirrored = True
-        return self.gram
+    @classmethod
+    def empty(cls, width: int, device=None) -> InputStats:
+        """Statistics of an input ``width`` wide before any token."""
+        return cls(UpperGram.zeros(width, device), torch.zeros(width, dtype=torch.float32, device=device))
 
     def update(self, x: torch.Tensor, sample_rows: int, sample_stride: int | None = 0) -> None:
         """Add the finite rows of ``x`` to the totals (Gram matrix, channel max |x|, counts, first sample).
@@ -63,10 +60,7 @@ class InputStats:
         """
         rows, nonfinite, absmax = finite_rows_absmax(x.reshape(-1, x.shape[-1]).float())
         self.nonfinite_tokens += nonfinite
-        if self.mirrored:  # more tokens after a read: back to the triangle they add to
-            clear_lower(self.gram)
-            self.mirrored = False
-        add_upper(self.gram, rows)
+        self.gram.add(rows)
         if absmax is not None:
             torch.maximum(self.channel_absmax, absmax, out=self.channel_absmax)
         if sample_stride is not None:
@@ -158,11 +152,7 @@ class InputProbe:
                 "the model's forward is not deterministic in structure, which quantplan cannot probe"
             )
         if name not in self.stats:
-            width = x.shape[-1]
-            self.stats[name] = InputStats(
-                torch.zeros(width, width, dtype=torch.float32, device=x.device),
-                torch.zeros(width, dtype=torch.float32, device=x.device),
-            )
+            self.stats[name] = InputStats.empty(x.shape[-1], x.device)
         stats = self.stats[name]
         if stats.sample is None:  # the sample comes from the first batch that shows this input
             self._sampling[name] = self.batches_done
@@ -184,11 +174,11 @@ class InputProbe:
         for owner, s in self.stats.items():
             if s.tokens == 0 and s.nonfinite_tokens == 0:
                 continue
-            tensors[f"{owner}::gram"] = s.gram.cpu().contiguous()
+            tensors[f"{owner}::gram"] = s.gram.data.cpu().contiguous()
             tensors[f"{owner}::absmax"] = s.channel_absmax.cpu().contiguous()
             if s.sample is not None:
                 tensors[f"{owner}::sample"] = s.sample.contiguous()
-            counts[owner] = [s.tokens, s.nonfinite_tokens, s.mirrored]
+            counts[owner] = [s.tokens, s.nonfinite_tokens]
         # the tensors go to a file named after the batch count and state.json, replaced last, names
         # it: a process killed between the two writes (SIGKILL) leaves the previous pair intact
         tensor_file = f"state-{self.batches_done:06d}.safetensors"
@@ -208,27 +198,28 @@ class InputProbe:
         self.owner = dict(state["owner"])
         self.batches_done = int(state["batches_done"])
         self.stats = {}
-        for owner, (tokens, nonfinite, *mirrored) in state["counts"].items():
-            self.stats[owner] = InputStats(
-                tensors[f"{owner}::gram"],
-                tensors[f"{owner}::absmax"],
-                tensors.get(f"{owner}::sample"),
-                tokens,
-                nonfinite,
-                mirrored=bool(mirrored[0]) if mirrored else True,  # states written before: full Gram matrices
-            )
+        for owner, (tokens, nonfinite, *_) in state["counts"].items():
+            absmax = tensors[f"{owner}::absmax"]
+            self.stats[owner] = InputStats(_saved_gram(tensors[f"{owner}::gram"], len(absmax)), absmax,
+                                           tensors.get(f"{owner}::sample"), tokens, nonfinite)
         return state, tensors
+
+
+def _saved_gram(tensor: torch.Tensor, width: int) -> UpperGram:
+    """A saved Gram matrix: the flat upper blocks, or a ``[width, width]`` matrix (states written before they were
+    stored apart: full, or filled on and above the diagonal blocks only; the upper blocks are the same in both)."""
+    return UpperGram.from_matrix(tensor) if tensor.dim() == 2 else UpperGram(tensor, width)
 
 
 def partial_state_bytes(infos, sample_rows: int = 256, fisher: bool = False) -> int:
     """Bytes one flush of partial statistics writes for the candidate Linears ``infos`` (an upper bound).
 
-    Per input a float32 Gram matrix (d_in²), channel max |x| (d_in) and ``sample_rows`` input rows
+    Per input a float32 Gram matrix (its upper blocks, :func:`analysis.gram.upper_elements`), channel max |x| (d_in) and ``sample_rows`` input rows
     (the probe's sample, at most one batch's tokens); with ``fisher`` each Linear's squared output gradients (d_out). Linears fed one tensor share
     one Gram matrix, but which do is only seen once a batch has run: each is counted here, so for a
     Llama block (q/k/v and gate/up sharing) the file is ~25-30% smaller than this.
     """
-    floats = sum(i.in_features * (i.in_features + 1 + sample_rows) + (i.out_features if fisher else 0)
+    floats = sum(upper_elements(i.in_features) + i.in_features * (1 + sample_rows) + (i.out_features if fisher else 0)
                  for i in infos)
     return 4 * floats
 

@@ -222,7 +222,7 @@ def stage_need(model: nn.Module, param_names: list[str], linears: list[str], bat
                config=None) -> dict:
     """Estimated resident bytes while one stage runs and is measured (weights + statistics + work space).
 
-    Statistics: one float32 Gram matrix (plus absmax and a 256-row sample) per hooked Linear,
+    Statistics: one float32 Gram matrix as stored (its upper blocks; plus absmax and a 256-row sample) per hooked Linear,
     counted without sharing, so the estimate errs high. Work space: the larger of the
     measurement (one bitsandbytes round trip of the largest weight on ``device_type`` plus a few
     row chunks, :func:`analysis.measure.measure_work_bytes`) and one batch's activations
@@ -233,13 +233,14 @@ def stage_need(model: nn.Module, param_names: list[str], linears: list[str], bat
     language model's; a vision block passes the vision tower's). ``runtime`` (:data:`RUNTIME_BYTES`) is reported
     but not in ``total``: with Python and the libraries (~0.5 GB) it is what the cap leaves out.
     """
+    from .gram import upper_elements
     from .measure import measure_work_bytes
     from .stream_head import head_work_bytes
 
     config = config or model.config.get_text_config()
     modules = dict(model.named_modules())
     shapes = [modules[n].weight.shape for n in linears]
-    stats = sum(s[1] * s[1] * 4 + s[1] * 4 * 257 + (s[0] * 4 if backward else 0) for s in shapes)
+    stats = sum(upper_elements(s[1]) * 4 + s[1] * 4 * 257 + (s[0] * 4 if backward else 0) for s in shapes)
     params = dict(model.named_parameters(remove_duplicate=False))
     described = max((params[n].numel() for n in param_names if params[n].dim() == 2), default=0)
     measure = max([measure_work_bytes(s[0] * s[1], device_type) for s in shapes]

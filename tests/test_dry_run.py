@@ -34,7 +34,7 @@ def test_statistics_estimate_counts_the_grams_the_probe_makes(tmp_path, tie):
     with probe.attached(), torch.inference_mode():
         model(**next(random_calibration().batches(4)))
     assert estimate.distinct_inputs == len(probe.stats)  # q/k/v and gate/up share one input
-    assert estimate.statistics == sum(s.gram.numel() * 4 + 257 * s.gram.shape[0] * 4 for s in probe.stats.values())
+    assert estimate.statistics == sum(s.gram.data.numel() * 4 + 257 * s.gram.width * 4 for s in probe.stats.values())
     assert estimate.weights == sum(p.numel() * 2 for p in model.parameters())  # tied weights once
 
 

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from quantplan.analysis import NF4, analyze
+from quantplan.analysis.gram import upper_elements
 from quantplan.analysis.interrupts import InterruptNow
 from quantplan.analysis.probe import InputProbe
 
@@ -125,22 +126,28 @@ def test_a_probe_refuses_to_save_inside_a_batch(tmp_path):
 
 
 class SquareAllocations(TorchDispatchMode):
-    """Counts new float32 [w, w] tensors (not views, not an input written in place) for the widths ``w``."""
+    """Counts new float32 Gram-sized tensors (not views, not an input written in place) for the widths ``w``: a
+    full [w, w] matrix or a flat buffer of its upper blocks."""
 
     def __init__(self, widths):
         super().__init__()
         self.widths, self.count = set(widths), 0
+        self.flat = {upper_elements(w) for w in widths}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
                  if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 2
-                    and t.shape[0] == t.shape[1] and t.shape[0] in self.widths and not t._is_view()
-                    and t.untyped_storage().data_ptr() not in given):
+            if (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and not t._is_view()
+                    and t.untyped_storage().data_ptr() not in given and self._gram_sized(t)):
                 self.count += 1
         return out
+
+    def _gram_sized(self, t: torch.Tensor) -> bool:
+        if t.dim() == 1:
+            return t.numel() in self.flat
+        return t.dim() == 2 and t.shape[0] == t.shape[1] and t.shape[0] in self.widths
 
 
 def test_one_gram_per_input_and_no_second_copy(monkeypatch):

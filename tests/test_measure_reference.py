@@ -46,7 +46,7 @@ def test_columns_equal_the_float64_definitions(shape, fisher, with_sample):
     # correlated inputs with a large common direction and one outlier channel, as real activations have
     x = torch.randn(200, in_features) + 3.0 * torch.randn(200, 1)
     x[:, 5] *= 30
-    stats = InputStats(torch.zeros(in_features, in_features), torch.zeros(in_features))
+    stats = InputStats.empty(in_features)
     stats.update(x, sample_rows=32)
     if not with_sample:
         stats.sample = None

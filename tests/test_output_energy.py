@@ -11,6 +11,7 @@ import torch
 from tiny import random_calibration, tiny_llama
 
 from quantplan.analysis import NF4, analyze
+from quantplan.analysis.gram import UpperGram
 from quantplan.analysis.output_energy import OutputEnergy, _finite_energy
 from quantplan.analysis.probe import InputStats
 
@@ -90,10 +91,10 @@ def test_quadratic_form_where_the_sum_cannot_stand_in():
         model(torch.tensor([[5, 6, 7, 8]]))
         energy.commit_batch()
     assert set(energy.sums) == {names[1]} and energy.tokens[names[1]] == 4
-    stats = InputStats(torch.zeros(64, 64), torch.zeros(64), tokens=4)
+    stats = InputStats(UpperGram.zeros(64), torch.zeros(64), tokens=4)
     assert energy.reference(names[1], stats) == energy.sums[names[1]]
     assert energy.reference(names[0], stats) is None
-    assert energy.reference(names[1], InputStats(torch.zeros(64, 64), torch.zeros(64), tokens=8)) is None
+    assert energy.reference(names[1], InputStats(UpperGram.zeros(64), torch.zeros(64), tokens=8)) is None
     energy.sums[names[1]] = math.nan
     assert energy.reference(names[1], stats) is None
     restored = OutputEnergy(model, names)
