@@ -149,12 +149,13 @@ class _DeltaErrors:
         measured = stats is not None and stats.tokens > 0
         sample = stats.sample.to(weight.device, torch.float32) if measured and stats.sample is not None else None
         errors = cls(has_fisher=grad_sq is not None, has_sample=sample is not None)
+        gram = stats.gram.to(weight.device) if measured else None  # moved once, not per row chunk
         for w, r in zip(row_chunks(weight), row_chunks(restored), strict=True):
             delta = w.float() - r.float()
             errors.squares += _sum_squares(delta)
             errors.max_abs = max(errors.max_abs, _abs_max(delta))
             if measured:
-                per_output = _per_output(delta, stats.gram)
+                per_output = _per_output(delta, gram)
                 errors.output += float(per_output.sum())
                 if grad_sq is not None:
                     rows = grad_sq[errors.rows:errors.rows + delta.shape[0]]
@@ -276,7 +277,8 @@ def input_columns(stats: InputStats | None) -> dict:
 
 def _output_energy(weight: torch.Tensor, stats: InputStats) -> float:
     """‖XWᵀ‖² = tr(W·G·Wᵀ) from the Gram matrix, one row chunk at a time."""
-    return sum(float(_per_output(chunk, stats.gram).sum()) for chunk in row_chunks(weight))
+    gram = stats.gram.to(weight.device)
+    return sum(float(_per_output(chunk, gram).sum()) for chunk in row_chunks(weight))
 
 
 def _per_output(m: torch.Tensor, gram: UpperGram) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 from quantplan.common.files import atomic_write_text, staged_file
 
 from .finite_rows import finite_rows_absmax
-from .gram import UpperGram, upper_elements
+from .gram import UpperGram, damaged, upper_elements
 from .hooks import module_hooks
 
 
@@ -51,6 +51,11 @@ class InputStats:
     def empty(cls, width: int, device=None) -> InputStats:
         """Statistics of an input ``width`` wide before any token."""
         return cls(UpperGram.zeros(width, device), torch.zeros(width, dtype=torch.float32, device=device))
+
+    def move_to(self, device) -> None:
+        """Move the totals to ``device`` in place (statistics resumed onto the CPU, for a model on a GPU)."""
+        self.gram = self.gram.to(device)
+        self.channel_absmax = self.channel_absmax.to(device)
 
     def update(self, x: torch.Tensor, sample_rows: int, sample_stride: int | None = 0) -> None:
         """Add the finite rows of ``x`` to the totals (Gram matrix, channel max |x|, counts, first sample).
@@ -154,6 +159,8 @@ class InputProbe:
         if name not in self.stats:
             self.stats[name] = InputStats.empty(x.shape[-1], x.device)
         stats = self.stats[name]
+        if stats.channel_absmax.device != x.device:  # resumed from a saved state: read onto the CPU
+            stats.move_to(x.device)
         if stats.sample is None:  # the sample comes from the first batch that shows this input
             self._sampling[name] = self.batches_done
         stats.update(x.detach(), self.sample_rows, self._stride if self._sampling.get(name) == self.batches_done else None)
@@ -198,17 +205,21 @@ class InputProbe:
         self.owner = dict(state["owner"])
         self.batches_done = int(state["batches_done"])
         self.stats = {}
-        for owner, (tokens, nonfinite, *_) in state["counts"].items():
-            absmax = tensors[f"{owner}::absmax"]
-            self.stats[owner] = InputStats(_saved_gram(tensors[f"{owner}::gram"], len(absmax)), absmax,
-                                           tensors.get(f"{owner}::sample"), tokens, nonfinite)
+        for owner, counts in state["counts"].items():
+            try:
+                tokens, nonfinite = counts[:2]
+                absmax, gram = tensors[f"{owner}::absmax"], tensors[f"{owner}::gram"]
+            except (KeyError, ValueError) as error:
+                raise ValueError(damaged(f"the statistics of {owner} are incomplete ({error!r})")) from error
+            self.stats[owner] = InputStats(_saved_gram(gram, len(absmax)), absmax, tensors.get(f"{owner}::sample"),
+                                           tokens, nonfinite)
         return state, tensors
 
 
 def _saved_gram(tensor: torch.Tensor, width: int) -> UpperGram:
-    """A saved Gram matrix: the flat upper blocks, or a ``[width, width]`` matrix (states written before they were
-    stored apart: full, or filled on and above the diagonal blocks only; the upper blocks are the same in both)."""
-    return UpperGram.from_matrix(tensor) if tensor.dim() == 2 else UpperGram(tensor, width)
+    """A saved Gram matrix: the flat upper blocks, or a ``[width, width]`` matrix (states written before the
+    blocks were stored apart: full, or filled on and above the diagonal blocks only; the same upper blocks)."""
+    return UpperGram.from_matrix(tensor, width) if tensor.dim() == 2 else UpperGram(tensor, width)
 
 
 def partial_state_bytes(infos, sample_rows: int = 256, fisher: bool = False) -> int:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .gram import upper_elements
+
 
 class StreamingUnsupported(ValueError):
     """The model or request cannot be analyzed block by block."""
@@ -233,7 +235,6 @@ def stage_need(model: nn.Module, param_names: list[str], linears: list[str], bat
     language model's; a vision block passes the vision tower's). ``runtime`` (:data:`RUNTIME_BYTES`) is reported
     but not in ``total``: with Python and the libraries (~0.5 GB) it is what the cap leaves out.
     """
-    from .gram import upper_elements
     from .measure import measure_work_bytes
     from .stream_head import head_work_bytes
 

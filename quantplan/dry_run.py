@@ -220,7 +220,8 @@ def describe(result: DryRun) -> str:
     lines = [f"dry run: {result.model_id} (no weights loaded)",
              f"  in-memory analysis peak ≈ {p.total / GB:.2f} GB: weights {p.weights / GB:.2f} GB "
              f"(in {result.dtype} on {result.device}) + Gram statistics "
-             f"{p.statistics / GB:.2f} GB ({p.distinct_inputs} distinct Linear inputs, d_in² × 4 bytes each) "
+             f"{p.statistics / GB:.2f} GB ({p.distinct_inputs} distinct Linear inputs, float32 blocks on and above the "
+             f"diagonal: ≈ 0.6 × d_in² × 4 bytes each from 576 inputs wide) "
              f"+ activations and logits {p.activations / GB:.2f} GB (one micro-batch's, with Fisher scores)"]
     if result.sizes is not None:
         lines.append(f"  checkpoint: all-4-bit {result.sizes.bytes_all_4bit / GB:.3f} GB, 16-bit "

@@ -33,12 +33,29 @@ def test_only_the_blocks_on_and_above_the_diagonal_are_stored(width):
     else:
         assert upper_elements(width) < 0.62 * width * width  # 576: 5 blocks, 60.5 %; 1536: 8 blocks, 56 %
     assert sum(s.numel() for s in gram.strips()) == gram.data.numel()
-    assert all(s.data_ptr() >= gram.data.data_ptr() for s in gram.strips())  # views, no copies
+    storage = gram.data.untyped_storage().data_ptr()
+    assert all(s.untyped_storage().data_ptr() == storage for s in gram.strips())  # views, no copies
+
+
+@pytest.mark.parametrize("width", [7, 260, 1100])
+def test_the_saved_layout_is_the_column_strips_in_block_order(width):
+    """Saved states and distributed ranks rely on this order: column block after column block, row-major."""
+    torch.manual_seed(width)
+    x = torch.randn(50, width)
+    gram = UpperGram.zeros(width)
+    gram.add(x)
+    full = x.T @ x
+    expected = torch.cat([full[:end, start:end].flatten() for start, end in column_blocks(width)])
+    torch.testing.assert_close(gram.data, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_a_matrix_of_the_wrong_size_is_refused_with_the_fix():
-    with pytest.raises(ValueError, match="analyze again"):
-        UpperGram(torch.zeros(10), 7)
+    for bad in (lambda: UpperGram(torch.zeros(10), 7), lambda: UpperGram(torch.zeros(49, dtype=torch.float64), 7),
+                lambda: UpperGram.from_matrix(torch.zeros(9, 9), 10), lambda: UpperGram.from_matrix(torch.zeros(10, 9), 10)):
+        with pytest.raises(ValueError, match="without --resume"):
+            bad()
+    with pytest.raises(ValueError, match="width 7"):
+        quadratic_diag(torch.ones(2, 8), UpperGram.zeros(7))
 
 
 def test_stats_read_between_batches_stay_exact():
@@ -77,9 +94,9 @@ def test_saved_partial_state_resumes_in_every_form(tmp_path):
     resumed.load(tmp_path)
     torch.testing.assert_close(resumed.stats_for("0").gram.full(), expected, rtol=1e-5, atol=1e-4)
     full = probe.stats_for("0").gram.full()
-    upper_only = full.clone()
-    step = block_width(260)
-    upper_only[step:, :step] = 0  # the triangle form: blocks below the diagonal never filled
+    upper_only = torch.full_like(full, float("nan"))  # the triangle form: blocks below the diagonal never filled
+    for start, end in column_blocks(260):
+        upper_only[:end, start:end] = full[:end, start:end]
     for old_gram, counts in ((full, 2), (upper_only, 3)):  # full matrices had two counts, the triangle three
         tensors = load_file(str(tmp_path / state["tensors"]))
         tensors["0::gram"] = old_gram
@@ -93,6 +110,20 @@ def test_saved_partial_state_resumes_in_every_form(tmp_path):
             model(x)
             old.commit_batch()
         torch.testing.assert_close(old.stats_for("0").gram.full(), 2 * expected, rtol=1e-5, atol=1e-4)
+
+
+def test_damaged_saved_statistics_name_the_fix(tmp_path):
+    """A Gram of the wrong size (flat or square) or a missing tensor: one error saying to start afresh."""
+    model = torch.nn.Sequential(torch.nn.Linear(260, 3))
+    _probe_one_batch(model, torch.randn(2, 9, 260)).save(tmp_path, {})
+    state = json.loads((tmp_path / "state.json").read_text())
+    good = load_file(str(tmp_path / state["tensors"]))
+    for damage in ({"0::gram": torch.zeros(9, 9)}, {"0::gram": torch.zeros(upper_elements(260) - 1)},
+                   {"0::gram": None}):
+        tensors = {k: v for k, v in {**good, **damage}.items() if v is not None}
+        save_file(tensors, str(tmp_path / state["tensors"]))
+        with pytest.raises(ValueError, match="without --resume to start afresh"):
+            InputProbe(model, ["0"]).load(tmp_path)
 
 
 def test_a_gram_made_under_inference_mode_is_read_and_extended_outside_it():
