@@ -184,6 +184,7 @@ def test_gram_update(tmp_path):
     assert [r["width"] for r in result["rows"]] == [300, 64]
     for row in result["rows"]:
         assert row["full_s"] > 0 and row["upper_s"] > 0 and row["max_rel_difference"] < 1e-5
+    assert [r["stored_share"] for r in result["rows"]] == [pytest.approx(0.693, abs=0.001), 1.0]  # 300: 3 blocks
 
 
 def test_cpu_dtype(tmp_path, tiny_model):
