@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     for fmt in parse_formats("nf4,nf4-bs32"):
         restored, _ = fmt.roundtrip(weight.detach())
         measure_mod._per_output(weight.detach().float() - restored.float(),
-                                UpperGram.from_matrix(torch.eye(weight.shape[1], device=weight.device)))
+                                UpperGram.from_matrix(torch.eye(weight.shape[1], device=weight.device), weight.shape[1]))
 
     # interleave the measurements so slow drift of the machine affects them alike
     forward_runs: list[dict] = []
