@@ -225,12 +225,13 @@ def _saved_gram(tensor: torch.Tensor, width: int) -> UpperGram:
 def partial_state_bytes(infos, sample_rows: int = 256, fisher: bool = False) -> int:
     """Bytes one flush of partial statistics writes for the candidate Linears ``infos`` (an upper bound).
 
-    Per input a float32 Gram matrix (its upper blocks, :func:`analysis.gram.upper_elements`), channel max |x| (d_in) and ``sample_rows`` input rows
-    (the probe's sample, at most one batch's tokens); with ``fisher`` each Linear's squared output gradients (d_out). Linears fed one tensor share
-    one Gram matrix, but which do is only seen once a batch has run: each is counted here, so for a
-    Llama block (q/k/v and gate/up sharing) the file is ~25-30% smaller than this.
+    Per input a float32 Gram matrix (its upper blocks, :func:`analysis.gram.upper_elements`), channel max |x|
+    (d_in) and ``sample_rows`` input rows (the probe's sample, at most one batch's tokens); with ``fisher`` each
+    Linear's squared output gradients (d_out). Linears fed one tensor share one Gram matrix, but which do is
+    only seen once a batch has run: each is counted here, so for a Llama block (q/k/v and gate/up sharing) the
+    file is ~25-30% smaller than this.
     """
-    floats = sum(upper_elements(i.in_features) + i.in_features * (1 + sample_rows) + (i.out_features if fisher else 0)
-                 for i in infos)
+    floats = sum(upper_elements(i.in_features) + i.in_features * (1 + sample_rows)
+                 + (i.out_features if fisher else 0) for i in infos)
     return 4 * floats
 
