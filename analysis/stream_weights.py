@@ -224,8 +224,8 @@ def stage_need(model: nn.Module, param_names: list[str], linears: list[str], bat
                config=None) -> dict:
     """Estimated resident bytes while one stage runs and is measured (weights + statistics + work space).
 
-    Statistics: one float32 Gram matrix as stored (its upper blocks; plus absmax and a 256-row sample) per hooked Linear,
-    counted without sharing, so the estimate errs high. Work space: the larger of the
+    Statistics: one float32 Gram matrix as stored (its upper blocks; plus absmax and a 256-row sample) per
+    hooked Linear, counted without sharing, so the estimate errs high. Work space: the larger of the
     measurement (one bitsandbytes round trip of the largest weight on ``device_type`` plus a few
     row chunks, :func:`analysis.measure.measure_work_bytes`) and one batch's activations
     (in and out of the block, the attention scores, the MLP's intermediate width), twice that
