@@ -29,6 +29,7 @@ from .endtoend import restore_gains
 from .fisher import GradientProbe, loss_backward
 from .formats import NF4, format_to_dict
 from .interrupts import DeferredInterrupt, InterruptNow
+from .kept_hidden import KeptHidden
 from .measure import measure_module
 from .memory import non_module_bytes
 from .micro_batches import activation_budget, sequences_per_micro_batch, splittable
@@ -49,7 +50,8 @@ CONTEXT_COLUMNS = ("restore_gain", "context_output_rel_error")
 def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
             model_fingerprint: str | None = None, batch_size: int = 4, out_dir: str | Path | None = None,
             resume: bool = False, checkpoint_seconds: float = 300.0, progress: bool = True,
-            fisher: bool = False, context: bool = False, packed: PackedWeights | None = None) -> SensitivityTable:
+            fisher: bool = False, context: bool = False, packed: PackedWeights | None = None,
+            hidden: KeptHidden | None = None) -> SensitivityTable:
     """Measure weight and output error of every candidate module for each format.
 
     ``calibration`` is a :class:`~analysis.calibration.CalibrationSet` (or anything with
@@ -62,7 +64,8 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     against the 16-bit logits and fills ``restore_gain`` and ``context_output_rel_error`` for
     that format (see :mod:`analysis.endtoend`). ``packed``: a :class:`~analysis.packed.PackedWeights` of ``model``
     that keeps the packed 4-bit weights the measurement makes, for the steps after it (a run's verification and
-    scoreboard); without it they are dropped module by module.
+    scoreboard); without it they are dropped module by module. ``hidden``: a :class:`~analysis.kept_hidden.KeptHidden`
+    that keeps the 16-bit last hidden states of the first calibration batches for the run's verification.
     """
     formats = list(formats)
     infos = list_modules(model)
@@ -86,7 +89,8 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
         _resume(probe, grads, partial, run_meta, energy)
     with stage("calibration pass"):
         _run_calibration(model, shard.calibration(calibration), probe, grads, batch_size, partial, run_meta,
-                         checkpoint_seconds, progress, full_logits=lm_head in candidates, energy=energy)
+                         checkpoint_seconds, progress, full_logits=lm_head in candidates, energy=energy,
+                         hidden=hidden.attached(model, calibration, batch_size) if hidden else None)
         shard.reduce(probe, grads, energy)
 
     measured = {}
@@ -157,13 +161,14 @@ def _is_tied(model) -> bool:
 
 
 def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_meta, checkpoint_seconds, progress,
-                     full_logits, energy=None):
+                     full_logits, energy=None, hidden=None):
     """The one pass over the calibration batches, flushing partial statistics as it goes.
 
     Each batch adds straight into the statistics, so a state is saved only between batches: a Ctrl-C or
     SIGTERM lets the running batch finish, then the state is saved and the interrupt raised
     (:mod:`analysis.interrupts`); an error midway (or a second Ctrl-C) keeps the last flush, which
-    ``--resume`` continues from.
+    ``--resume`` continues from. ``hidden``: an attached :class:`~analysis.kept_hidden.KeptHidden` context, told
+    where each batch starts and ends.
     """
     extra = _forward_options(model, full_logits)
     device = model_device(model)
@@ -173,10 +178,11 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
     saved = probe.batches_done  # the batches partial/ holds: a resumed state, then each flush
     grad_context = grads.attached() if grads else nullcontext()
     energy_context = energy.attached() if energy else nullcontext()
+    kept_context = hidden or nullcontext()
     no_grad = nullcontext() if grads else torch.inference_mode()
     stop = DeferredInterrupt(enabled=bool(partial))  # without an output folder there is nothing to wait and save for
     try:
-        with probe.attached(), grad_context, energy_context, no_grad, stop:
+        with probe.attached(), grad_context, energy_context, kept_context as kept, no_grad, stop:
             bar = tqdm(total=total, initial=probe.batches_done, desc="calibration batches", disable=not progress)
             for position, (index, batch) in enumerate(_numbered_batches(calibration, batch_size)):
                 if position < probe.batches_done:
@@ -185,6 +191,8 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
                 probe.start_batch(batch["input_ids"].numel() if grads and splittable(batch) else None)
                 if energy:
                     energy.start_batch()
+                if kept:
+                    kept.start_batch(index)
                 if grads:
                     grads.start_batch()
                     backward(model, batch, device, seed=index)
@@ -193,6 +201,8 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
                     model(**batch_to(batch, device), **extra)
                 if energy:
                     energy.commit_batch()
+                if kept:
+                    kept.commit_batch()
                 probe.commit_batch()
                 bar.update(1)
                 if partial and time.monotonic() - last_flush > checkpoint_seconds:

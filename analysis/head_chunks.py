@@ -142,13 +142,18 @@ class VariantRuns:
 
         The 16-bit run's (run 0, every module 16-bit) is kept in the reference as computed: no later run writes it
         (a run continuing run 0's layers reads copies of their outputs, :class:`~analysis.shared_prefix.PrefixRuns`).
+        Where the reference keeps it already (an earlier comparison of the batch, or the analysis' calibration pass:
+        :class:`~analysis.kept_hidden.KeptHidden`) and no variant continues run 0's layers, run 0 is not run.
         """
         model, cache = self.model, self.cache
         hidden, restored = {}, {}
         cache.set_quantized(())
         with torch.inference_mode():
-            hidden[None] = self.runs.run(0, partial(base_hidden, model, batch))
-            self.reference.keep_hidden16(index, hidden[None])
+            if self.reference.has_hidden16(index) and not self.runs.continued(0):
+                hidden[None] = self.reference.hidden16(index, batch)
+            else:
+                hidden[None] = self.runs.run(0, partial(base_hidden, model, batch))
+                self.reference.keep_hidden16(index, hidden[None])
             for label, names in self.variants.items():
                 if names is not None:
                     cache.set_quantized(names, self.formats[label])

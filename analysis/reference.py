@@ -100,6 +100,11 @@ class KLReference:
                 self.keep_hidden16(index, base_hidden(self.model, batch))
         return self._hidden16[index]
 
+    def has_hidden16(self, index: int) -> bool:
+        """Whether batch ``index``'s 16-bit last hidden state is kept (an earlier comparison's, or lent by the
+        analysis' calibration pass: :class:`~analysis.kept_hidden.KeptHidden`)."""
+        return index in self._hidden16
+
     def keep_hidden16(self, index: int, hidden: torch.Tensor) -> None:
         """Keep ``hidden``, the model's last hidden state on batch ``index`` computed with its 16-bit weights (never
         a variant's: every later :meth:`hidden16` of the batch returns it), for later comparisons of that batch.

@@ -91,6 +91,10 @@ class PrefixRuns:
         self.last_use = {(f.parent, f.layer - 1): i for i, f in enumerate(self.forks) if f.layer}  # the last wins
         self.kept: dict[tuple[int, int], object] = {}  # (run, layer) -> its output, while a later run needs it
 
+    def continued(self, index: int) -> bool:
+        """Whether a later run starts from run ``index``'s decoder layers (so run ``index`` must run first)."""
+        return bool(self.keep[index])
+
     def new_batch(self) -> None:
         """Forget the outputs recorded on the previous batch."""
         self.kept.clear()

@@ -114,13 +114,16 @@ class EndToEnd:
                 return self.checks(table, budget, config,
                                    Measures.streamed(source, analyze, format_from_dict(chosen.quant), self.batches(analyze)))
         packed = None
-        if shared is not None and shared.serves(analyze.dtype, analyze.device):
+        borrowed = shared is not None and shared.serves(analyze.dtype, analyze.device)
+        if borrowed:
             model, packed = shared.get(), shared.packed
         else:
             with stage("load model"):
                 model = load_model(source, dtype=dtype_from_name(analyze.dtype), device=analyze.device)
         calibration = calibration_of(source, analyze)
         reference = KLReference(model, calibration, analyze.batch_size, self.batches(analyze), progress=analyze.progress)
+        if borrowed:  # the analysis' 16-bit states of these batches: the verification's 16-bit run is not run again
+            shared.hidden.lend(reference, calibration)
         cache = QuantCache(model, format_from_dict(chosen.quant), packed)
         chosen = self.run_checks(table, budget, config, model, calibration, reference=reference, cache=cache,
                                  progress=analyze.progress)

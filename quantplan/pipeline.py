@@ -13,6 +13,7 @@ from pathlib import Path
 from quantplan.analysis import analyze, load_model, resolve_source
 from quantplan.analysis.config import AnalyzeConfig, calibration_of
 from quantplan.analysis.distributed import init_from_environment, is_main_process
+from quantplan.analysis.kept_hidden import KeptHidden
 from quantplan.analysis.models import ModelSource, dtype_from_name
 from quantplan.analysis.summary import summarize
 from quantplan.analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
@@ -68,7 +69,8 @@ def _run_stages(source, budget, out_dir: Path, analyze_config: AnalyzeConfig, pl
                 end_to_end: EndToEnd, overwrite: bool) -> dict:
     """The steps of :func:`run` after its early checks, each a stage of the profile."""
     checkpoint = out_dir / "checkpoint"
-    shared = None if analyze_config.max_memory else SharedModel(source, analyze_config.dtype, analyze_config.device)
+    shared = None if analyze_config.max_memory else SharedModel(source, analyze_config.dtype, analyze_config.device,
+                                                                 hidden=KeptHidden(verified_batches(end_to_end, analyze_config)))
     try:
         return _steps(source, budget, out_dir, checkpoint, analyze_config, plan_config, compare, end_to_end, overwrite,
                       shared)
@@ -88,6 +90,8 @@ def _steps(source, budget, out_dir: Path, checkpoint: Path, analyze_config: Anal
         chosen = plan_and_save(table, budget, out_dir, plan_config,
                                lambda: end_to_end.plan(source, analyze_config, table, budget, plan_config,
                                                        shared=shared))
+    if shared is not None:
+        shared.hidden.clear()  # the verification was their only reader
     lend = compare is not None and shared is not None and shared.serves(compare.dtype, compare.device)
     if shared is not None and not lend:
         shared.release()  # no later step borrows it: the export does not hold it beside the 4-bit model
@@ -109,6 +113,12 @@ def _steps(source, budget, out_dir: Path, checkpoint: Path, analyze_config: Anal
                                          checkpoint=checkpoint if analyze_config.max_memory else None)
     return {**reports, "out": out_dir, "table": out_dir / TABLE_FILE, "plan": out_dir / "plan.json",
             "pareto": out_dir / "pareto.csv", "checkpoint": checkpoint, "export": result, "plan_obj": chosen}
+
+
+def verified_batches(end_to_end: EndToEnd, config: AnalyzeConfig) -> int | None:
+    """How many calibration batches the verification and refinement read (None: all; 0 when neither runs): the
+    batches whose 16-bit last hidden states the analysis keeps for them (:class:`~analysis.kept_hidden.KeptHidden`)."""
+    return end_to_end.batches(config) if end_to_end.active else 0
 
 
 def check_budget_fits(source: ModelSource, budget, config: AnalyzeConfig, plan_config: PlanConfig | None = None) -> None:
@@ -155,14 +165,16 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
     else:
         init_from_environment(config.device)  # torchrun / accelerate launch: share the batches
         packed = None
+        hidden = None
         if shared is not None and shared.serves(config.dtype, config.device):
-            model, packed = shared.get(), shared.packed
+            model, packed, hidden = shared.get(), shared.packed, shared.hidden
         else:
             with stage("load model"):
                 model = load_model(source, dtype=dtype_from_name(config.dtype), device=config.device)
         table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
                         batch_size=config.batch_size, out_dir=out_dir, resume=config.resume,
-                        progress=config.progress, fisher=fisher, context=config.context, packed=packed)
+                        progress=config.progress, fisher=fisher, context=config.context, packed=packed,
+                        hidden=hidden)
         del model
         gc.collect()
     print(summarize(table))

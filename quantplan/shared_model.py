@@ -8,7 +8,8 @@ it. Every step leaves the weights as it found them (the simulated variants swap 
 in and back, the Fisher and refinement passes restore ``requires_grad``); tests/test_shared_model.py
 checks the weights after a whole run. With the model it lends the packed 4-bit weights the analysis made
 (:class:`~analysis.packed.PackedWeights`), so the verification and the scoreboard de-quantize instead of quantizing
-every Linear again. A streamed run (``--max-memory``) never holds the whole model
+every Linear again; and the 16-bit last hidden states the analysis' calibration pass computed on the first batches
+(:class:`~analysis.kept_hidden.KeptHidden`), so the verification does not run the 16-bit model over them again. A streamed run (``--max-memory``) never holds the whole model
 and does not use it; the export reads the checkpoint from disk (transformers quantizes while loading).
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from quantplan.analysis.kept_hidden import KeptHidden
 from quantplan.analysis.models import ModelSource, dtype_from_name, load_model
 from quantplan.analysis.packed import PackedWeights
 from quantplan.common.profile import stage
@@ -35,6 +37,8 @@ class SharedModel:
     _model: nn.Module | None = field(default=None, repr=False)
     #: the packed 4-bit weights the analysis made, de-quantized by the verification and the scoreboard
     packed: PackedWeights = field(default_factory=PackedWeights, repr=False)
+    #: the analysis' 16-bit last hidden states of the batches the verification reads (none kept by default)
+    hidden: KeptHidden = field(default_factory=KeptHidden, repr=False)
 
     def get(self) -> nn.Module:
         """The loaded model (loading it now if no step has yet)."""
@@ -49,7 +53,8 @@ class SharedModel:
         return (dtype, str(device)) == (self.dtype, str(self.device))
 
     def release(self) -> None:
-        """Drop the model and its packed weights (the run's remaining steps do not need them)."""
+        """Drop the model, its packed weights and kept states (the run's remaining steps do not need them)."""
         self._model = None
         self.packed = PackedWeights()
+        self.hidden = KeptHidden()
         gc.collect()
