@@ -11,8 +11,9 @@ largest weight error; :mod:`planner.baselines`), the planner says so and returns
 with the lowest KL below all-4-bit's, or all-4-bit itself. The measurements go into
 ``plan.checks.verification`` (``plan.json``). Cost: one forward pass per variant (all-4-bit, the
 plan, its siblings; the heuristics only after a failed check) over at most ``max_batches``
-calibration batches, plus the 16-bit logits, less the leading decoder layers a variant shares with
-the 16-bit run or an earlier variant; the variants are compared batch by batch
+calibration batches, plus the 16-bit logits (their base forward is skipped where the analysis' calibration
+pass of the same run kept the 16-bit last hidden states: :mod:`analysis.kept_hidden`), less the leading decoder
+layers a variant shares with the 16-bit run or an earlier variant; the variants are compared batch by batch
 (:func:`analysis.reference.calibration_klds`), and where the logits are plain ``lm_head(hidden)``
 chunk of tokens by chunk (:mod:`analysis.head_chunks`): one chunk's logits are alive at a time,
 never a batch × vocabulary tensor. A plan over a blocksize menu (several 4-bit formats) is
