@@ -9,6 +9,7 @@ GGUF keeps a GGUF quantizer attached and cannot be re-quantized or saved. Its we
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -68,9 +69,18 @@ def resolve_dtype(name: str, device: str) -> str:
     if name != AUTO_DTYPE:
         dtype_from_name(name)  # an unknown name fails here, with the choices
         return name
-    if not str(device).startswith("cpu"):
-        return "bf16"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return "bf16" if computes_bf16(device) else "fp32"
+
+
+def computes_bf16(device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively: a GPU, or a CPU oneDNN runs bf16 kernels on
+    (AVX512-BF16/AMX on x86, Arm's bf16 extension); elsewhere every bf16 matmul is emulated."""
+    return not str(device).startswith("cpu") or _cpu_computes_bf16()
+
+
+@functools.cache
+def _cpu_computes_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def dtype_from_name(name: str) -> torch.dtype:

@@ -24,7 +24,7 @@ from torch import nn
 from quantplan.common.files import atomic_write_text, staged_file
 
 from .finite_rows import finite_rows_absmax
-from .gram import UpperGram, damaged, upper_elements
+from .gram import UpperGram, damaged, product_dtype, upper_elements
 from .hooks import module_hooks
 
 
@@ -65,7 +65,7 @@ class InputStats:
         """
         rows, nonfinite, absmax = finite_rows_absmax(x.reshape(-1, x.shape[-1]).float())
         self.nonfinite_tokens += nonfinite
-        self.gram.add(rows)
+        self.gram.add(rows, product_dtype(x))
         if absmax is not None:
             torch.maximum(self.channel_absmax, absmax, out=self.channel_absmax)
         if sample_stride is not None:

@@ -1,12 +1,20 @@
 """The Gram matrix kept as its upper column blocks equals the full Σ xᵀx, however it is read and resumed."""
 
+import importlib
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantplan.analysis.gram import UpperGram, block_width, column_blocks, quadratic_diag, upper_elements
+from quantplan.analysis.gram import (
+    UpperGram,
+    block_width,
+    column_blocks,
+    product_dtype,
+    quadratic_diag,
+    upper_elements,
+)
 from quantplan.analysis.probe import InputProbe, InputStats
 
 
@@ -152,3 +160,49 @@ def test_quadratic_diag_is_the_full_quadratic_form_from_the_upper_blocks(width):
     expected = ((m.double() @ (x.double().T @ x.double())) * m.double()).sum(dim=1)
     torch.testing.assert_close(quadratic_diag(m, gram), expected, rtol=2e-5, atol=0)
     assert float(quadratic_diag(m, gram).sum()) == pytest.approx(float(expected.sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("width", [7, 576, 1100])
+def test_bf16_products_round_each_batch_once(width):
+    """bf16 rows multiplied in bf16: every stored entry within one bf16 rounding per batch of the exact sum."""
+    torch.manual_seed(width)
+    batches = [torch.randn(rows, width).bfloat16().float() for rows in (5, 300, 64)]  # bf16 values
+    gram = UpperGram.zeros(width)
+    for rows in batches:
+        gram.add(rows, torch.bfloat16)
+    exact = sum(rows.double().T @ rows.double() for rows in batches)
+    per_batch = sum((rows.double().T @ rows.double()).abs() for rows in batches)
+    error = (gram.full().double() - exact).abs()
+    assert (error <= per_batch * 2.0**-8 + 1e-6).all()  # 2⁻⁹ per rounding, a factor 2 for the float32 sums
+    assert error.max() > 0  # the bf16 path ran (float32 products of these rows are far closer)
+
+
+def test_bf16_products_only_for_bf16_activations_on_native_hardware(monkeypatch):
+    models = importlib.import_module("quantplan.analysis.models")
+    x = torch.ones(2, 3)
+    assert product_dtype(x) == product_dtype(x.half()) == torch.float32  # fp16 sums of squares would overflow
+    monkeypatch.setattr(models, "_cpu_computes_bf16", lambda: True)
+    assert product_dtype(x.bfloat16()) == torch.bfloat16
+    monkeypatch.setattr(models, "_cpu_computes_bf16", lambda: False)  # AVX2: bf16 matmuls are emulated, slower
+    assert product_dtype(x.bfloat16()) == torch.float32
+
+
+def test_the_probe_of_a_bf16_model_multiplies_as_the_hardware_allows(monkeypatch):
+    """The same statistics (within bf16 rounding) whichever product the hardware gets."""
+    models = importlib.import_module("quantplan.analysis.models")
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(160, 32)).bfloat16()
+    inputs = [torch.randn(4, 50, 160).bfloat16() for _ in range(3)]
+    grams = {}
+    for native in (True, False):
+        monkeypatch.setattr(models, "_cpu_computes_bf16", lambda native=native: native)
+        probe = InputProbe(layer, ["0"])
+        with probe.attached(), torch.inference_mode():
+            for x in inputs:
+                probe.start_batch()
+                layer(x)
+                probe.commit_batch()
+        grams[native] = probe.stats_for("0").gram.full()
+    scale = float(grams[False].abs().max())  # per-entry bf16 rounding of each batch's products: relative to their size
+    torch.testing.assert_close(grams[True], grams[False], rtol=2.0**-7, atol=2.0**-7 * scale)
+    assert not torch.equal(grams[True], grams[False])
