@@ -36,10 +36,17 @@ def test_smollm2_all_210_linears_measured(smol_table):
 
 
 def test_smollm2_output_error_equals_linear4bit_swap(smol_model, smol_table, smol_calibration):
+    """The Gram-matrix output error is the real swap's: to 1e-3 with float32 Gram products; with the bf16 products of
+    a bf16 model on bf16 hardware (analysis.gram.product_dtype: one bf16 rounding of each batch's products) to 3e-3
+    (measured 1.3e-3 on layer 12's v_proj, one batch of 512 tokens)."""
+    from quantplan.analysis.gram import product_dtype
+
     rows = smol_table.for_format("nf4").set_index("name")
+    weight = smol_model.get_submodule("model.layers.0.mlp.down_proj").weight
+    tolerance = 1e-3 if product_dtype(weight) == torch.float32 else 3e-3
     for name in ["model.layers.0.mlp.down_proj", "model.layers.12.self_attn.v_proj"]:
         exact = swapped_output_error(smol_model, name, smol_calibration, torch.float32)
-        assert rows.loc[name, "output_rel_error"] == pytest.approx(exact, rel=1e-3), name
+        assert rows.loc[name, "output_rel_error"] == pytest.approx(exact, rel=tolerance), name
 
 
 def test_smollm2_run_reload_generate(smol_source, tmp_path):
