@@ -90,9 +90,10 @@ class KeptHidden:
         fingerprint = getattr(calibration, "fingerprint", None)
         if fingerprint is None or (reference.batch_size, fingerprint) != (self.batch_size, self.calibration):
             return 0
-        lent = [i for i in sorted(self.states) if i < reference.count]
+        first = reference.first_batch
+        lent = [i for i in sorted(self.states) if first <= i < first + reference.count]
         for index in lent:
-            reference.keep_hidden16(index, self.states[index])
+            reference.keep_hidden16(index - first, self.states[index])
         return len(lent)
 
     def clear(self) -> None:

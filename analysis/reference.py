@@ -58,7 +58,9 @@ class KLReference:
     ``calibration`` is anything with ``batches(batch_size)`` (model keyword arguments, always
     in the same order) and ``num_batches(batch_size)``: a calibration set, image + prompt
     calibration, or held-out windows (:class:`~analysis.calibration.CalibrationSet`).
-    ``tokens`` counts the compared (unmasked) positions.
+    ``tokens`` counts the compared (unmasked) positions. ``first_batch`` skips the batches before it (the
+    held-back batches of :class:`quantplan.endtoend.EndToEnd` follow those the refinement fits); the indices of
+    :meth:`hidden16` count from it.
 
     Everything it computes or keeps is the 16-bit model's: whoever asks for it sets the model's weights
     16-bit first (a :class:`~analysis.simulate.QuantCache` round-tripping nothing), and the 16-bit
@@ -66,19 +68,21 @@ class KLReference:
     """
 
     def __init__(self, model, calibration, batch_size: int = 4, max_batches: int | None = None,
-                 progress: bool = False):
-        total = calibration.num_batches(batch_size)
-        self.count = total if max_batches is None else min(total, max_batches)
+                 progress: bool = False, first_batch: int = 0):
+        available = max(0, calibration.num_batches(batch_size) - first_batch)
+        self.count = available if max_batches is None else min(available, max_batches)
+        self.first_batch = first_batch  # batches before it are not this reference's (held back for another use)
         self.model, self.calibration, self.batch_size, self.progress = model, calibration, batch_size, progress
         self.tokens = sum(batch_tokens(batch) for batch in self.batches())
         self._hidden16: dict[int, torch.Tensor] = {}  # batch index -> the 16-bit last hidden state (hidden16)
 
     def batches(self) -> Iterator[dict]:
-        """The calibration batches this reference covers, in order."""
+        """The calibration batches this reference covers (``count`` from ``first_batch`` on), in order."""
         for index, batch in enumerate(self.calibration.batches(self.batch_size)):
-            if index >= self.count:
+            if index >= self.first_batch + self.count:
                 return
-            yield batch
+            if index >= self.first_batch:
+                yield batch
 
     def logits16(self, batch: dict) -> torch.Tensor:
         """The model's logits on ``batch`` with its weights as they are now (call it with the 16-bit ones)."""

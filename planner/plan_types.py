@@ -148,7 +148,11 @@ class Refinement:
     objective_before: str
     trigger: Trigger | None = None  # why it ran by itself; None: asked for (--refine N)
     seconds: float | None = None  # wall time of the rounds, when timed (automatic refinement)
-    shipped: bool = True  # False: the automatic refinement measured worse than the first plan, which shipped
+    shipped: bool = True  # False: the refinement measured worse than the first plan, which shipped
+    #: the mean KL of the first and the refined plan on the held-back calibration batches that chose between them
+    #: (labels "first plan", "refined"); None: chosen on the batches the refinement fitted (too few batches, streamed)
+    heldback_kld: dict[str, float] | None = None
+    heldback_tokens: int | None = None
 
     def to_dict(self) -> dict:
         return {**asdict(self), "trigger": self.trigger.to_dict() if self.trigger else None}

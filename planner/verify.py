@@ -70,14 +70,14 @@ def verify(table, chosen: Plan, model=None, calibration=None, *, batch_size: int
     siblings = dict(siblings or {})
     variants = {nothing.label: nothing, PLAN: plan_keep_set(table, chosen)}
     variants.update({label: plan_keep_set(table, sibling) for label, sibling in siblings.items()})
-    measured = measure(_configs(variants))
+    measured = measure(variant_configs(variants))
     kld = dict(measured.kld)
     plans = (PLAN, *siblings)
     if not kld[_best(kld, plans)] < kld[nothing.label] and not chosen.vllm_safe:
         # no planned candidate beats all-4-bit: measure the fallbacks (the heuristics do not know fused groups)
         fallbacks = {k.label: k for k in baseline_keep_sets(table, chosen, seeds=())}
         variants.update(fallbacks)
-        kld.update(measure(_configs(fallbacks)).kld)
+        kld.update(measure(variant_configs(fallbacks)).kld)
     winner = choose(kld, plans, nothing.label)
     record = Verification(calibration_kld=kld, tokens=measured.tokens, all_4bit=nothing.label, chosen=winner,
                           plans=plans)
@@ -105,7 +105,7 @@ def _best(kld: dict[str, float], plans: tuple[str, ...]) -> str:
     return min(measured, key=kld.get) if measured else plans[0]  # min keeps the first of equal values
 
 
-def _configs(variants) -> dict[str, dict]:
+def variant_configs(variants) -> dict[str, dict]:
     """label -> module -> its 4-bit format (None: the plan's), what a KL measurement takes."""
     return {label: {n: keep.formats.get(n) for n in sorted(keep.quantized)} for label, keep in variants.items()}
 
