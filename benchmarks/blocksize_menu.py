@@ -116,7 +116,7 @@ def main(argv=None) -> None:
                     "menu (nf4 + nf4-bs32)": plan(table, budget),
                     "bs32 everywhere + keeps (same bytes)": plan(table, skip_only.budget.bytes, tiers=["nf4-bs32"])}
         checks = {"reference": KLReference(model, calibration, 4, args.end_to_end_batches),
-                  "cache": QuantCache(model, NF4), "progress": False}
+                  "cache": QuantCache(model, NF4), "progress": False, "heldback": _heldback(model, calibration, args)}
         for rounds in ([0] if args.verify else []) + ([args.refine] if args.refine else []):
             shipped, record = _end_to_end(rounds, table, budget, model, calibration, checks)
             verified[budget if not rounds else f"{budget} --refine {rounds}"] = record
@@ -146,6 +146,13 @@ def main(argv=None) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1))
     print(markdown(summary))
+
+
+def _heldback(model, calibration, args):
+    """The calibration batches after the end-to-end ones, which choose between a refined and the first plan as in
+    ``quantplan run`` (None with all batches end to end)."""
+    batches = args.end_to_end_batches
+    return None if batches is None else KLReference(model, calibration, 4, batches, first_batch=batches)
 
 
 def _end_to_end(rounds, table, budget, model, calibration, checks):

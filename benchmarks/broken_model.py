@@ -83,8 +83,10 @@ def main(argv=None) -> None:
     table, analysis = _table(model, calibration, source, args.table)
     heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
     measure = _measurer(heldout_reference(model, heldout.input_ids), QuantCache(model, NF4), table)
-    shared = {"reference": KLReference(model, calibration, 4, args.end_to_end_batches),
-              "cache": QuantCache(model, NF4), "progress": False}
+    batches = args.end_to_end_batches  # the batches after them choose between a refined and the first plan
+    shared = {"reference": KLReference(model, calibration, 4, batches), "cache": QuantCache(model, NF4),
+              "progress": False,
+              "heldback": None if batches is None else KLReference(model, calibration, 4, batches, first_batch=batches)}
     auto = EndToEnd(refine=None, auto=AutoRefine(rounds=args.refine))
     rows, checks = [], {}
 

@@ -205,11 +205,11 @@ class EndToEnd:
         return replace(winner, checks=replace(winner.checks, refinement=record))
 
     def refine_if_broken(self, table, budget, config, verified: Plan, model, calibration, shared: dict) -> Plan:
-        """:meth:`refine_when_broken` on a loaded model (``shared``: reference, cache and progress, as
-        :meth:`run_checks` passes them; ``model`` and ``calibration`` are the reference's)."""
+        """:meth:`refine_when_broken` on a loaded model (``shared``: reference, cache, progress and heldback, as
+        :meth:`run_checks` takes them; ``model`` and ``calibration`` are the reference's)."""
         return self.refine_when_broken(table, budget, config, verified,
                                        Measures.in_memory(shared["reference"], shared["cache"],
-                                                          shared.get("progress", True)))
+                                                          shared.get("progress", True), shared.get("heldback")))
 
     def refine_when_broken(self, table, budget, config, verified: Plan, measures: Measures) -> Plan:
         """The automatic refinement when ``self.auto`` fires on the verified plan; the better-measured plan.
