@@ -73,13 +73,22 @@ def _checks_text(plan) -> str:
         lines.append(f"Refined{why} in {refinement.rounds} rounds of measured KL gradients on "
                      f"{refinement.tokens} calibration tokens" + ("." if refinement.shipped else
                                                                  "; the refined plan measured worse, so the first "
-                                                                 "plan ships."))
+                                                                 "plan ships.") + _heldback_text(refinement))
     if verification := plan.checks.verification:
         kld = verification.calibration_kld
         measured = ", ".join(f"{label} {value:.4f}" for label, value in kld.items())
         lines.append(f"Checked on {verification.tokens} calibration tokens (mean KL divergence from 16-bit, "
                      f"nats/token: {measured}); shipped: {verification.chosen}.")
     return "\n" + "\n\n".join(lines) + "\n" if lines else ""
+
+
+def _heldback_text(refinement) -> str:
+    """The held-back comparison that chose between the refined and the first plan, when one ran."""
+    if not refinement.heldback_kld:
+        return ""
+    kld = refinement.heldback_kld
+    return (f" Chosen on {refinement.heldback_tokens} held-back calibration tokens the refinement did not fit "
+            f"(KL {kld['refined']:.4f} refined, {kld['first plan']:.4f} first plan).")
 
 
 #: LoRA on the attention and MLP projections (Llama, Qwen, Mistral, ... names)

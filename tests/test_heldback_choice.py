@@ -13,6 +13,7 @@ from quantplan.analysis.reference import KLReference, VariantKLs
 from quantplan.analysis.simulate import QuantCache
 from quantplan.endtoend import EndToEnd, Measures
 from quantplan.planner.config import PlanConfig
+from quantplan.planner.modelcard import _checks_text
 from quantplan.planner.plan_types import Checks
 
 
@@ -75,6 +76,7 @@ def test_the_held_back_kls_choose_what_ships(job, refined_wins, capsys):
     assert record.shipped is refined_wins and record.heldback_kld == kld and record.heldback_tokens == 128
     assert shipped.choices == (refined if refined_wins else unrefined).choices
     assert f"the {'refined' if refined_wins else 'first'} plan ships" in capsys.readouterr().out
+    assert "on 128 held-back calibration tokens" in _checks_text(shipped)  # the model card says how it was chosen
 
 
 def test_the_measured_choice_on_a_real_held_back_batch(job):
