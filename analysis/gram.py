@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from .models import computes_bf16
+
 #: the narrowest block: below it the smaller products lose more to overhead than they save
 MIN_BLOCK = 128
 #: at most this many column blocks (their count sets the share: (k + 1) / 2k of the full product)
@@ -119,8 +121,6 @@ def product_dtype(activations: torch.Tensor) -> torch.dtype:
     """The dtype a Gram update multiplies ``activations`` in: bf16 for bf16 activations on a device that multiplies
     bf16 natively (exact products, float32 sums inside the matmul, one bf16 rounding per batch: module docstring),
     else float32. fp16 stays float32: a batch's sums of squares overflow its range."""
-    from .models import computes_bf16
-
     if activations.dtype != torch.bfloat16 or not computes_bf16(activations.device):
         return torch.float32
     return torch.bfloat16

@@ -8,8 +8,9 @@ it. Every step leaves the weights as it found them (the simulated variants swap 
 in and back, the Fisher and refinement passes restore ``requires_grad``); tests/test_shared_model.py
 checks the weights after a whole run. With the model it lends the packed 4-bit weights the analysis made
 (:class:`~analysis.packed.PackedWeights`), so the verification and the scoreboard de-quantize instead of quantizing
-every Linear again; and the 16-bit last hidden states the analysis' calibration pass computed on the first batches
-(:class:`~analysis.kept_hidden.KeptHidden`), so the verification does not run the 16-bit model over them again. A streamed run (``--max-memory``) never holds the whole model
+every Linear again; and the 16-bit last hidden states the analysis' calibration pass computed on the first
+batches (:class:`~analysis.kept_hidden.KeptHidden`), so the verification does not run the 16-bit model over them
+again. A streamed run (``--max-memory``) never holds the whole model
 and does not use it; the export reads the checkpoint from disk (transformers quantizes while loading).
 """
 
