@@ -10,7 +10,8 @@ The loop, in the order it runs:
    batch's 16-bit logits computed once and every variant compared with them before the next
    (:func:`~reports.fidelity.measure_variants`), so the logits of one batch are alive at a time;
 3. load all-INT8, all-4-bit and each dynamic plan for real through transformers'
-   ``BitsAndBytesConfig`` (no checkpoint on disk needed), one at a time beside the 16-bit model
+   ``BitsAndBytesConfig``, their weights read from the 16-bit model in memory, not from its files
+   again (:func:`~analysis.models.load_quantized_from`), one at a time beside the 16-bit model
    whose logits are made again per batch (from the 16-bit hidden states step 2 kept, where the
    head is plain), and measure fidelity, footprint and generations. A
    variant that fails to load or run gets a row that says why.
@@ -43,9 +44,10 @@ import torch
 from quantplan.analysis import load_calibration, load_model, load_processor, resolve_source
 from quantplan.analysis.formats import FourBit, format_from_dict
 from quantplan.analysis.memory import footprint_16bit
-from quantplan.analysis.models import ModelSource, dtype_from_name, resolve_dtype
+from quantplan.analysis.models import ModelSource, dtype_from_name, load_quantized_from, resolve_dtype
 from quantplan.analysis.simulate import QuantCache
 from quantplan.analysis.table import SensitivityTable, TableMismatch
+from quantplan.common.heap import release_freed_memory
 from quantplan.common.profile import stage
 from quantplan.planner.baselines import (
     KeepSet,
@@ -191,7 +193,7 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
                   if not keep.mixed_formats]
     for keep, config in quantized:
         with stage(f"bitsandbytes {keep.label}"):
-            row, generations[keep.label] = _measure_bnb(source, keep, config, reference, processor, options)
+            row, generations[keep.label] = _measure_bnb(source, model16, keep, config, reference, processor, options)
         row["simulated_mean_kld"] = simulated_kld.get(keep.label, float("nan"))
         rows.append(row)
         if keep is uniform:
@@ -232,13 +234,16 @@ def _generate(model, processor, options: CompareConfig) -> dict[str, str]:
     return generate(model, processor, options.prompts, options.max_new_tokens)
 
 
-def _measure_bnb(source, keep: KeepSet, config, reference, processor, options) -> tuple[dict, dict]:
-    """Load one variant through bitsandbytes and measure it; a failure becomes a row that says so."""
+def _measure_bnb(source, model16, keep: KeepSet, config, reference, processor, options) -> tuple[dict, dict]:
+    """Load one variant through bitsandbytes, its weights read from ``model16`` in memory where the loader takes
+    them back (else from ``source``'s files), and measure it; a failure becomes a row that says so."""
     model = None
+    dtype = dtype_from_name(options.dtype)
     try:
         with _quiet_int8_cast():
-            model = load_model(source, dtype=dtype_from_name(options.dtype), device=options.device,
-                               quantization_config=config)
+            model = (load_quantized_from(model16, config, dtype, options.device)
+                     or load_model(source, dtype=dtype, device=options.device, quantization_config=config))
+            release_freed_memory()  # the load's quantization temporaries, freed between the weights it keeps
             fidelity = measure(model, reference)
             answers = _generate(model, processor, options)
         return _row(keep, fidelity, "bitsandbytes", footprint_16bit(model)), answers
