@@ -136,9 +136,9 @@ def restore_gains(model, reference: KLReference, cache, quantized, *, formats: M
     sums = GainSums(quantized, formats, menu, context_error)
     quantized = sums.quantized
     with weights_require_grad(model, cache, sums.folds(cache, quantized)):
-        for batch in tqdm(reference.batches(), total=reference.count, desc="quantized-context gradients",
-                          disable=not progress, leave=False):
-            logits16 = reference.logits16(batch)  # 16-bit weights here; this batch's logits only
+        for index, batch in enumerate(tqdm(reference.batches(), total=reference.count, desc="quantized-context gradients",
+                                           disable=not progress, leave=False)):
+            logits16 = reference.logits16(batch, index)  # 16-bit weights here (or kept states); this batch's only
             with cache.quantized(quantized, sums.formats), sums.context_hooks(cache, quantized), torch.enable_grad():
                 kl = kl_sum(logits16, forward_logits(model, batch), batch)
                 (kl / reference.tokens).backward()

@@ -8,15 +8,18 @@ verification's comparison reads only that state (:mod:`analysis.head_chunks`), s
 :class:`KeptHidden` keeps it from the calibration pass for the first ``batches`` batches and lends
 it to the verification's :class:`~analysis.reference.KLReference`, which then skips its 16-bit run
 (one base forward per batch, a fifth of the verification's forwards) wherever no variant continues
-that run's layers (:class:`analysis.shared_prefix.PrefixRuns`).
+that run's layers (:class:`analysis.shared_prefix.PrefixRuns`), and whose refinement rounds take their
+16-bit logits from it (``lm_head`` of the state). Where a refinement may run (``--refine N``, or the
+automatic one), as many batches after those are kept too, for the reference of the held-back choice
+(:meth:`quantplan.endtoend.EndToEnd.heldback_reference`).
 
 The states are the same numbers: the pass runs the same 16-bit weights over the same batches, in
 pieces of whole sequences (:mod:`analysis.micro_batches`) joined back in order, and a sequence's
 states do not depend on the others in its batch (bit for bit on the CPUs here, in fp32 and bf16;
 tests/test_kept_hidden.py). They are lent only to a reference over the same calibration set
 (fingerprint) and batch size. Memory: tokens × hidden × the model's element size for the kept
-batches (SmolLM2's default verification, 4096 tokens × 576 in bf16: 4.7 MB; a 70B model's 4096 × 8192:
-67 MB), on the model's device, until the run releases the model.
+batches (SmolLM2's default run, 2 × 4096 tokens × 576 in bf16: 9.4 MB; a 70B model's 2 × 4096 × 8192:
+134 MB), on the model's device, until the verification is done.
 """
 
 from __future__ import annotations

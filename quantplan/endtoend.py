@@ -96,6 +96,11 @@ class EndToEnd:
     def active(self) -> bool:
         return bool(self.refine or self.verify)
 
+    @property
+    def may_refine(self) -> bool:
+        """Whether a verified refinement can run: asked for (``--refine N``) or automatic (where 4-bit breaks the model)."""
+        return self.refine != 0 and self.verify
+
     def batches(self, analyze: AnalyzeConfig) -> int | None:
         """Calibration batches the refinement and the verification run on (None: all): ``max_batches`` where
         given, else the first batches holding ``max_tokens`` tokens in windows of ``analyze.seq_len``."""
@@ -128,11 +133,13 @@ class EndToEnd:
                 model = load_model(source, dtype=dtype_from_name(analyze.dtype), device=analyze.device)
         calibration = calibration_of(source, analyze)
         reference = KLReference(model, calibration, analyze.batch_size, self.batches(analyze), progress=analyze.progress)
-        if borrowed:  # the analysis' 16-bit states of these batches: the verification's 16-bit run is not run again
-            shared.hidden.lend(reference, calibration)
+        heldback = self.heldback_reference(model, calibration, analyze)
+        if borrowed:  # the analysis' 16-bit states of these batches: the 16-bit runs over them are not run again
+            for lent_to in (reference, heldback) if heldback is not None else (reference,):
+                shared.hidden.lend(lent_to, calibration)
         cache = QuantCache(model, format_from_dict(chosen.quant), packed)
         chosen = self.run_checks(table, budget, config, model, calibration, reference=reference, cache=cache,
-                                 progress=analyze.progress, heldback=self.heldback_reference(model, calibration, analyze))
+                                 progress=analyze.progress, heldback=heldback)
         del model, reference, cache
         gc.collect()
         return chosen
@@ -144,7 +151,7 @@ class EndToEnd:
         from quantplan.analysis.reference import KLReference
 
         count = self.batches(analyze)
-        if self.refine == 0 or not self.verify or count is None or calibration.num_batches(analyze.batch_size) <= count:
+        if not self.may_refine or count is None or calibration.num_batches(analyze.batch_size) <= count:
             return None
         return KLReference(model, calibration, analyze.batch_size, count, progress=analyze.progress, first_batch=count)
 

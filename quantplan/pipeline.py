@@ -116,9 +116,13 @@ def _steps(source, budget, out_dir: Path, checkpoint: Path, analyze_config: Anal
 
 
 def verified_batches(end_to_end: EndToEnd, config: AnalyzeConfig) -> int | None:
-    """How many calibration batches the verification and refinement read (None: all; 0 when neither runs): the
-    batches whose 16-bit last hidden states the analysis keeps for them (:class:`~analysis.kept_hidden.KeptHidden`)."""
-    return end_to_end.batches(config) if end_to_end.active else 0
+    """How many calibration batches the verification and refinement read (None: all; 0 when neither runs), and as
+    many after them where a refinement may run (its held-back choice reads those: :meth:`EndToEnd.heldback_reference`):
+    the batches whose 16-bit last hidden states the analysis keeps for them (:class:`~analysis.kept_hidden.KeptHidden`)."""
+    if not end_to_end.active:
+        return 0
+    count = end_to_end.batches(config)
+    return count if count is None or not end_to_end.may_refine else 2 * count
 
 
 def check_budget_fits(source: ModelSource, budget, config: AnalyzeConfig, plan_config: PlanConfig | None = None) -> None:

@@ -10,9 +10,11 @@ from tiny import random_calibration, save_tiny_english, tiny_llama
 
 from quantplan.analysis import NF4, analyze, resolve_source
 from quantplan.analysis.config import AnalyzeConfig
+from quantplan.analysis.endtoend import restore_gains
 from quantplan.analysis.head_chunks import base_hidden
 from quantplan.analysis.kept_hidden import KeptHidden
 from quantplan.analysis.reference import KLReference
+from quantplan.analysis.simulate import QuantCache
 from quantplan.endtoend import EndToEnd
 from quantplan.pipeline import analyze_model, verified_batches
 from quantplan.planner.config import PlanConfig
@@ -90,8 +92,55 @@ def test_the_verification_skips_its_16bit_run_on_lent_states(tmp_path):
     assert shared.loads == 1
 
 
+def test_the_refinement_and_its_held_back_choice_read_lent_states(tmp_path):
+    """``--refine``: the same refined plan and held-back KLs with the analysis' states as without, and the held-back
+    batches do not run the 16-bit base model again."""
+    folder = save_tiny_english(tmp_path / "model", layers=2)
+    source = resolve_source(str(folder))
+    config = AnalyzeConfig(samples=8, seq_len=32, batch_size=2, dtype="fp32", progress=False)
+    end_to_end = EndToEnd(max_batches=2, refine=1)
+    shared = SharedModel(source, "fp32", "cpu", hidden=KeptHidden(verified_batches(end_to_end, config)))
+    table = analyze_model(source, tmp_path / "job", config, shared=shared)
+    assert sorted(shared.hidden.states) == [0, 1, 2, 3]  # 2 refined and verified on, 2 held back
+    calls = _base_calls(shared.get())
+    lent = end_to_end.plan(source, config, table, "+30%", PlanConfig(), shared=shared)
+    with_states = len(calls)
+    shared.hidden.clear()
+    calls.clear()
+    own = end_to_end.plan(source, config, table, "+30%", PlanConfig(), shared=shared)
+    assert len(calls) - with_states == 2 + 2  # the verification's and the held-back batches' 16-bit runs
+    assert lent.choices == own.choices
+    ours, theirs = lent.checks.refinement, own.checks.refinement
+    assert ours.heldback_kld == pytest.approx(theirs.heldback_kld, rel=1e-6)
+    assert ours.shipped == theirs.shipped
+
+
+def test_the_refinement_rounds_read_kept_states_not_a_16bit_forward():
+    """restore_gains' 16-bit logits come from the kept states (lm_head of them) where they are kept: the same gains,
+    one base forward a batch fewer."""
+    model = tiny_llama(layers=2).float()
+    calibration = random_calibration(samples=4)
+    cache = QuantCache(model, NF4)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    calls = _base_calls(model)
+    own = restore_gains(model, KLReference(model, calibration, batch_size=2), cache, names)
+    forwards = len(calls)
+    reference = KLReference(model, calibration, batch_size=2)
+    for index, batch in enumerate(reference.batches()):
+        with torch.inference_mode():
+            reference.keep_hidden16(index, base_hidden(model, batch))
+        torch.testing.assert_close(reference.logits16(batch, index), reference.logits16(batch), rtol=0, atol=0)
+    calls.clear()
+    kept = restore_gains(model, reference, cache, names)
+    assert forwards - len(calls) == 2  # one 16-bit forward per batch
+    assert kept.kld == pytest.approx(own.kld, rel=1e-6)
+    assert kept.gains == pytest.approx(own.gains, rel=1e-5)
+
+
 def test_a_run_keeps_the_batches_its_end_to_end_steps_read():
     config = AnalyzeConfig(samples=32, seq_len=256, batch_size=4)
-    assert verified_batches(EndToEnd(), config) == 4  # 4096 tokens of 4 x 256
-    assert verified_batches(EndToEnd(max_batches=3), config) == 3
+    assert verified_batches(EndToEnd(), config) == 8  # 4096 tokens of 4 x 256, as many held back (automatic refinement)
+    assert verified_batches(EndToEnd(refine=0), config) == 4  # no refinement: the verification's only
+    assert verified_batches(EndToEnd(max_batches=3), config) == 6
+    assert verified_batches(EndToEnd(refine=2, verify=False), config) == 4  # no verification: no held-back choice
     assert verified_batches(EndToEnd(verify=False, refine=0), config) == 0
