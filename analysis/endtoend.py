@@ -7,8 +7,10 @@ The 16-bit model's logits on the calibration batches come from a
 variants of the model (some weights swapped for bitsandbytes' round trip by
 :class:`~analysis.simulate.QuantCache`). Against it:
 
-- :func:`restore_gains` runs, per batch, the 16-bit forward (the reference logits of that batch)
-  and one forward and backward pass of the KL with the named modules quantized, and gives every quantized module i the first-order decrease of the KL if
+- :func:`restore_gains` reads, per batch, the 16-bit reference (where the logits are plain ``lm_head(hidden)``: the
+  16-bit last hidden states, kept by the analysis or an earlier comparison, else computed once and kept, and
+  lm_head in token chunks, so no batch × vocabulary tensor exists; else the batch's 16-bit logits), runs one
+  forward and backward pass of the KL with the named modules quantized, and gives every quantized module i the first-order decrease of the KL if
   it alone went back to 16-bit: ``gain_i = −⟨∂KL/∂W_i, W_i − Ŵ_i⟩``. Measured with every module
   quantized this is the *quantized-context* score: the module's input carries all upstream
   rounding and its gradient all downstream rounding, so propagation and interaction are in it
@@ -45,7 +47,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .head_chunks import base_hidden, chunk_size, head_kl_gradient
 from .reference import KLReference, forward_logits, kl_sum
+from .stream_head import plain_head
 
 
 @dataclass
@@ -135,10 +139,14 @@ def restore_gains(model, reference: KLReference, cache, quantized, *, formats: M
     """
     sums = GainSums(quantized, formats, menu, context_error)
     quantized = sums.quantized
+    chunked = plain_head(model)
     with weights_require_grad(model, cache, sums.folds(cache, quantized)):
         for index, batch in enumerate(tqdm(reference.batches(), total=reference.count, desc="quantized-context gradients",
                                            disable=not progress, leave=False)):
-            logits16 = reference.logits16(batch, index)  # 16-bit weights here (or kept states); this batch's only
+            if chunked:
+                sums.total += _chunked_batch(model, reference, cache, sums, quantized, index, batch)
+                continue
+            logits16 = reference.logits16(batch)  # 16-bit weights here; this batch's logits only
             with cache.quantized(quantized, sums.formats), sums.context_hooks(cache, quantized), torch.enable_grad():
                 kl = kl_sum(logits16, forward_logits(model, batch), batch)
                 (kl / reference.tokens).backward()
@@ -146,6 +154,23 @@ def restore_gains(model, reference: KLReference, cache, quantized, *, formats: M
             del logits16, kl
     sums.finish(cache, quantized)
     return sums.result(reference.tokens)
+
+
+def _chunked_batch(model, reference: KLReference, cache, sums: GainSums, quantized, index: int, batch: dict) -> float:
+    """One batch of :func:`restore_gains` for a :func:`~analysis.stream_head.plain_head` model: the quantized body's
+    last hidden states with their graph, the KL's gradient at them from lm_head in token chunks against the 16-bit
+    states (:meth:`~analysis.reference.KLReference.hidden16`: kept, else computed now, with the 16-bit weights), then
+    one backward through the body; its KL sum. No batch × vocabulary logits exist (SmolLM2's refinement: 3.25 GiB
+    peak with whole-batch logits)."""
+    hidden16 = reference.hidden16(index, batch)
+    head = model.lm_head
+    with cache.quantized(quantized, sums.formats), sums.context_hooks(cache, quantized), torch.enable_grad():
+        weight16 = cache.original("lm_head") if "lm_head" in cache.modules else head.weight.detach()
+        hidden = base_hidden(model, batch)
+        grad, kl = head_kl_gradient(head, weight16, hidden16, hidden, batch, index, reference.tokens,
+                                    chunk_size(model))
+        hidden.backward(grad)
+    return kl
 
 
 def _targets(cache, name, formats, menu, sums) -> list:

@@ -200,6 +200,31 @@ def head_chunks(index: int, batch: dict, head16, hidden16: torch.Tensor, heads: 
         del logits16
 
 
+def head_kl_gradient(head, weight16: torch.Tensor, hidden16: torch.Tensor, hidden: torch.Tensor, batch: dict,
+                     index: int, tokens: int, step: int) -> tuple[torch.Tensor, float]:
+    """∂(KL sum / ``tokens``)/∂``hidden`` and the KL sum of batch ``index``, its logits ``step`` tokens at a time.
+
+    ``hidden``: a quantized run's last hidden states ([batch, seq, hidden], what ``head`` reads); ``hidden16``: the
+    16-bit run's, read by ``weight16`` (the head's 16-bit weight, also while ``head`` is round-tripped). No whole
+    batch × vocabulary tensor exists; the caller backpropagates the returned gradient through the body once. A
+    gradient hook on the head's weight, where it requires one, fires once per chunk."""
+    shape = tuple(hidden.shape[:2])
+    flat, flat16 = hidden.detach().reshape(-1, hidden.shape[-1]), hidden16.reshape(-1, hidden16.shape[-1])
+    pieces, total = [], 0.0
+    for start in range(0, flat.shape[0], step):
+        rows = slice(start, start + step)
+        piece = flat[rows].detach().requires_grad_()
+        with torch.no_grad():
+            logits16 = Logits16(F.linear(flat16[rows], weight16, head.bias))
+        with torch.enable_grad():
+            kl = HeadChunk("", index, batch, rows, shape, logits16, head(piece)).kl_sum()
+            (kl / tokens).backward()
+        total += float(kl.detach())
+        pieces.append(piece.grad)
+        del logits16, kl
+    return torch.cat(pieces).reshape(hidden.shape), total
+
+
 def pair_chunks(reference, model=None) -> Iterator[HeadChunk]:
     """Per batch of ``reference`` (a :class:`~analysis.reference.KLReference`), ``model``'s logits beside its
     16-bit model's (``model`` None: the 16-bit logits themselves), labelled "", chunk by chunk where both

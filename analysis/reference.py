@@ -48,8 +48,6 @@ from tqdm.auto import tqdm
 
 from quantplan.common.batches import batch_to, model_device
 
-from .stream_head import plain_head
-
 if TYPE_CHECKING:
     from .head_chunks import HeadChunk
 
@@ -86,13 +84,9 @@ class KLReference:
             if index >= self.first_batch:
                 yield batch
 
-    def logits16(self, batch: dict, index: int | None = None) -> torch.Tensor:
-        """The model's logits on ``batch`` with its weights as they are now (call it with the 16-bit ones); where
-        batch ``index``'s 16-bit last hidden state is kept (:meth:`has_hidden16`) and the logits are plain
-        ``lm_head(hidden)``, ``lm_head`` of that state: the same numbers without the base model's forward."""
+    def logits16(self, batch: dict) -> torch.Tensor:
+        """The model's logits on ``batch`` with its weights as they are now (call it with the 16-bit ones)."""
         with torch.inference_mode():
-            if index is not None and self.has_hidden16(index) and plain_head(self.model):
-                return self.model.lm_head(self._hidden16[index]).detach()
             return forward_logits(self.model, batch).detach()
 
     def hidden16(self, index: int, batch: dict) -> torch.Tensor:

@@ -35,18 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantplan.common.sizes import parse_size
 
 from .endtoend import GainSums, RestoreGains, weights_require_grad
 from .formats import FourBit
-from .head_chunks import HeadChunk
+from .head_chunks import head_kl_gradient
 from .measure import measure_work_bytes
 from .modules import list_modules, output_embedding_name
 from .probe import InputProbe
-from .reference import Logits16, batch_tokens
+from .reference import batch_tokens
 from .simulate import QuantCache
 from .stream_head import chunk_tokens, head_work_bytes
 from .stream_stages import VISION_KINDS, StageKind, final_norm, stage_config, stages_of
@@ -184,25 +183,14 @@ class _Pass:
         head = model.get_submodule(ctx.lm_head)
         with torch.no_grad():
             hidden16, _ = read_batch(streams[_REFERENCE], index, ctx.device)
-            flat16 = final_norm(model)(hidden16).reshape(-1, hidden16.shape[-1])
+            normed16 = final_norm(model)(hidden16)
         hidden, _ = read_batch(streams[_QUANTIZED], index, ctx.device)
         leaf = hidden.detach().requires_grad_()
         with torch.enable_grad():
             normed = final_norm(model)(leaf)
-        flat, shape = normed.detach().reshape(-1, normed.shape[-1]), tuple(hidden.shape[:2])
-        pieces = []
-        for start in range(0, flat.shape[0], ctx.head_chunk):
-            rows = slice(start, start + ctx.head_chunk)
-            piece = flat[rows].detach().requires_grad_()
-            with torch.no_grad():
-                logits16 = Logits16(F.linear(flat16[rows], weight16, head.bias))
-            with torch.enable_grad():
-                kl = HeadChunk("", index, batch, rows, shape, logits16, head(piece)).kl_sum()
-                (kl / self.tokens).backward()
-            self.sums.total += float(kl.detach())
-            pieces.append(piece.grad)
-            del logits16, kl
-        normed.backward(torch.cat(pieces).reshape(normed.shape))
+        grad, kl = head_kl_gradient(head, weight16, normed16, normed, batch, index, self.tokens, ctx.head_chunk)
+        self.sums.total += kl
+        normed.backward(grad)
         return leaf.grad
 
     def reverse(self, inputs: dict[int, Path | None], grad: Path) -> None:

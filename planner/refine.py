@@ -13,10 +13,9 @@ with those scores within r/rounds of the bytes the budget allows beyond the smal
 keeping the 16-bit choices of earlier rounds (the 4-bit entries stay open: they are re-chosen
 each round on the newest gradient). Modules restored early change the scores of the rest
 (interactions and propagation are re-measured). Cost: ``rounds`` forward+backward passes over
-at most ``max_batches`` calibration batches, each with the 16-bit logits of its batch (computed per
-batch and dropped, not kept across rounds, so memory does not grow with the calibration set: ``lm_head``
-of the batch's kept 16-bit last hidden state where the analysis or the verification kept it
-(:meth:`analysis.reference.KLReference.logits16`), else one 16-bit forward); with a menu, one more
+at most ``max_batches`` calibration batches against the 16-bit reference (where the logits are plain
+``lm_head(hidden)``, the 16-bit last hidden states the analysis or the verification kept, lm_head run in token
+chunks; else each batch's 16-bit logits from one more forward, dropped after it); with a menu, one more
 de-quantization per module, batch and other entry.
 
 The gradient pass is injected (``gains``: :data:`analysis.endtoend.GainsMeasure`): in a loaded model

@@ -101,3 +101,17 @@ def test_end_to_end_batches_flag(flag, expected):
     assert _end_to_end_batches(args.end_to_end_batches) == expected
     with pytest.raises(SystemExit):
         _parser().parse_args(["run", "--end-to-end-batches", "0"])
+
+
+def test_gains_with_the_head_in_token_chunks_equal_whole_batch_logits(setup, monkeypatch):
+    """A plain head runs in token chunks against the 16-bit hidden states: the same KL and gains as whole logits."""
+    import quantplan.analysis.endtoend as endtoend
+
+    model, calibration, _, cache, names = setup
+    monkeypatch.setattr(endtoend, "chunk_size", lambda model: 7)  # several chunks a batch, one across two windows
+    chunked = restore_gains(model, KLReference(model, calibration, 2), cache, names, context_error=True)
+    monkeypatch.setattr(endtoend, "plain_head", lambda model: False)
+    whole = restore_gains(model, KLReference(model, calibration, 2), cache, names, context_error=True)
+    assert chunked.kld == pytest.approx(whole.kld, rel=1e-5)
+    assert chunked.gains == pytest.approx(whole.gains, rel=1e-4, abs=1e-9)
+    assert chunked.context_error == pytest.approx(whole.context_error, rel=1e-5)

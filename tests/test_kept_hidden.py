@@ -116,8 +116,8 @@ def test_the_refinement_and_its_held_back_choice_read_lent_states(tmp_path):
 
 
 def test_the_refinement_rounds_read_kept_states_not_a_16bit_forward():
-    """restore_gains' 16-bit logits come from the kept states (lm_head of them) where they are kept: the same gains,
-    one base forward a batch fewer."""
+    """restore_gains reads the 16-bit last hidden states where they are kept: the same gains, one base forward a batch
+    fewer."""
     model = tiny_llama(layers=2).float()
     calibration = random_calibration(samples=4)
     cache = QuantCache(model, NF4)
@@ -129,7 +129,6 @@ def test_the_refinement_rounds_read_kept_states_not_a_16bit_forward():
     for index, batch in enumerate(reference.batches()):
         with torch.inference_mode():
             reference.keep_hidden16(index, base_hidden(model, batch))
-        torch.testing.assert_close(reference.logits16(batch, index), reference.logits16(batch), rtol=0, atol=0)
     calls.clear()
     kept = restore_gains(model, reference, cache, names)
     assert forwards - len(calls) == 2  # one 16-bit forward per batch
