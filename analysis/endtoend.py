@@ -47,7 +47,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from quantplan.common.batches import model_device
+
 from .head_chunks import base_hidden, chunk_size, head_kl_gradient
+from .micro_batches import activation_budget, micro_batches, sequences_per_micro_batch, splittable
 from .reference import KLReference, forward_logits, kl_sum
 from .stream_head import plain_head
 
@@ -157,20 +160,28 @@ def restore_gains(model, reference: KLReference, cache, quantized, *, formats: M
 
 
 def _chunked_batch(model, reference: KLReference, cache, sums: GainSums, quantized, index: int, batch: dict) -> float:
-    """One batch of :func:`restore_gains` for a :func:`~analysis.stream_head.plain_head` model: the quantized body's
-    last hidden states with their graph, the KL's gradient at them from lm_head in token chunks against the 16-bit
-    states (:meth:`~analysis.reference.KLReference.hidden16`: kept, else computed now, with the 16-bit weights), then
-    one backward through the body; its KL sum. No batch × vocabulary logits exist (SmolLM2's refinement: 3.25 GiB
-    peak with whole-batch logits)."""
+    """One batch of :func:`restore_gains` for a :func:`~analysis.stream_head.plain_head` model, its KL sum: the quantized
+    body's last hidden states with their graph, the KL's gradient at them from lm_head in token chunks against the
+    16-bit states (:meth:`~analysis.reference.KLReference.hidden16`: kept, else computed now, with the 16-bit
+    weights), then one backward through the body; a text batch a few sequences at a time, so their saved activations
+    fit :func:`~analysis.micro_batches.activation_budget` as in the Fisher pass (the KL is a sum over tokens: the
+    same gradients; the gradient hooks fold once per part). No batch × vocabulary logits exist."""
     hidden16 = reference.hidden16(index, batch)
-    head = model.lm_head
+    head, seq_len = model.lm_head, hidden16.shape[1]
+    sequences = (sequences_per_micro_batch(model.config.get_text_config(), seq_len, activation_budget(model_device(model)))
+                 if splittable(batch) else len(hidden16))
+    total = 0.0
     with cache.quantized(quantized, sums.formats), sums.context_hooks(cache, quantized), torch.enable_grad():
         weight16 = cache.original("lm_head") if "lm_head" in cache.modules else head.weight.detach()
-        hidden = base_hidden(model, batch)
-        grad, kl = head_kl_gradient(head, weight16, hidden16, hidden, batch, index, reference.tokens,
-                                    chunk_size(model))
-        hidden.backward(grad)
-    return kl
+        for offset, part in micro_batches(batch, sequences):
+            hidden = base_hidden(model, part)
+            first = offset // seq_len
+            grad, kl = head_kl_gradient(head, weight16, hidden16[first:first + len(hidden)], hidden, part, index,
+                                        reference.tokens, chunk_size(model))
+            hidden.backward(grad)
+            total += kl
+            del hidden, grad
+    return total
 
 
 def _targets(cache, name, formats, menu, sums) -> list:

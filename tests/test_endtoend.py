@@ -115,3 +115,16 @@ def test_gains_with_the_head_in_token_chunks_equal_whole_batch_logits(setup, mon
     assert chunked.kld == pytest.approx(whole.kld, rel=1e-5)
     assert chunked.gains == pytest.approx(whole.gains, rel=1e-4, abs=1e-9)
     assert chunked.context_error == pytest.approx(whole.context_error, rel=1e-5)
+
+
+def test_gains_in_micro_batches_of_sequences_equal_whole_batches(setup, monkeypatch):
+    """One sequence at a time (a tiny activation budget), the same KL, gains and context errors as whole batches."""
+    import quantplan.analysis.endtoend as endtoend
+
+    model, calibration, _, cache, names = setup
+    whole = restore_gains(model, KLReference(model, calibration, 2), cache, names, context_error=True)
+    monkeypatch.setattr(endtoend, "activation_budget", lambda device: 1)
+    parts = restore_gains(model, KLReference(model, calibration, 2), cache, names, context_error=True)
+    assert parts.kld == pytest.approx(whole.kld, rel=1e-5)
+    assert parts.gains == pytest.approx(whole.gains, rel=1e-4, abs=1e-9)
+    assert parts.context_error == pytest.approx(whole.context_error, rel=1e-5)
