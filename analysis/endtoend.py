@@ -235,17 +235,31 @@ def _fold_gradient(cache, name, gains, reached, targets):
     def hook(weight):
         reached.add(name)
         with torch.no_grad():
-            grad, current = weight.grad.float(), weight.detach().float()
-            delta = cache.original(name).float() - current  # W − Ŵ: the step back to 16-bit
-            gains[name] -= (grad * delta).sum(dtype=torch.float64).cpu()
+            grad, current = weight.grad.float().reshape(-1), weight.detach().float().reshape(-1)
+            delta = cache.original(name).float().reshape(-1) - current  # W − Ŵ: the step back to 16-bit
+            gains[name] -= _dot(grad, delta)
             del delta
             for fmt, total in targets:  # the step to another 4-bit format: Ŵ_f − Ŵ_cur, one at a time
-                step = cache.restored(name, fmt).float() - current
-                total -= (grad * step).sum(dtype=torch.float64).cpu()
+                step = cache.restored(name, fmt).float().reshape(-1) - current
+                total -= _dot(grad, step)
                 del step
         weight.grad = None
 
     return hook
+
+
+#: elements per float32 dot product in :func:`_dot`, whose results add up in float64
+DOT_CHUNK = 1 << 20
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """⟨a, b⟩ of two flat float32 tensors as a float64 scalar on the CPU: float32 dot products of
+    :data:`DOT_CHUNK` elements (BLAS, no product tensor) summed in float64. A gradient pass in micro-batches folds
+    every weight's gradient once per part, so this runs often: half the time of a float64 ``(a * b).sum()``."""
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for start in range(0, a.numel(), DOT_CHUNK):
+        total += torch.dot(a[start:start + DOT_CHUNK], b[start:start + DOT_CHUNK]).double()
+    return total.cpu()
 
 
 @contextmanager
