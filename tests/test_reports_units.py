@@ -235,13 +235,38 @@ def test_a_variant_that_fails_to_load_becomes_a_row(tiny, monkeypatch):
     def no_int8(*args, **kwargs):
         raise RuntimeError("no 8-bit kernel for this device")
 
-    monkeypatch.setattr(compare_module, "load_model", no_int8)
+    monkeypatch.setattr(compare_module, "load_quantized_from", no_int8)  # from the 16-bit model in memory
+    monkeypatch.setattr(compare_module, "load_model", no_int8)  # or from the files
     keep = KeepSet("all-INT8 (bnb 8-bit)", "uniform", frozenset(), frozenset(), 1000, 900)
-    row, answers = compare_module._measure_bnb(source, keep, None, None, None, CompareConfig(prompts=("Hi",)))
+    row, answers = compare_module._measure_bnb(source, None, keep, None, None, None, CompareConfig(prompts=("Hi",)))
     assert "bitsandbytes failed on cpu: RuntimeError: no 8-bit kernel" in row["note"]
     assert "mean_kld" not in row and answers == {"Hi": "(not run: variant failed)"}
     board = scoreboard_frame([row])
     assert np.isnan(board["mean_kld"][0]) and "n/a" in to_markdown(board)
+
+
+def test_a_bitsandbytes_row_loads_from_the_16bit_model_in_memory(tiny, monkeypatch):
+    """The all-INT8 row is measured without reading the checkpoint files again (they are not loaded at all here)."""
+    from transformers import BitsAndBytesConfig
+
+    from quantplan.analysis import load_model
+    from quantplan.planner.baselines import KeepSet
+    from quantplan.reports import compare as compare_module
+    from quantplan.reports.compare import CompareConfig
+    from quantplan.reports.fidelity import heldout_reference
+
+    source, _, _ = tiny
+    model16 = load_model(source)
+
+    def no_files(*args, **kwargs):
+        raise AssertionError("the files were read again")
+
+    monkeypatch.setattr(compare_module, "load_model", no_files)
+    reference = heldout_reference(model16, torch.randint(3, 40, (2, 16)), batch_size=2)
+    keep = KeepSet("all-INT8 (bnb 8-bit)", "uniform", frozenset(), frozenset(), 1000, 900)
+    row, _ = compare_module._measure_bnb(source, model16, keep, BitsAndBytesConfig(load_in_8bit=True), reference,
+                                         None, CompareConfig(report=compare_module.ReportDepth.QUICK))
+    assert row["note"] == "" and 0 < row["mean_kld"] < 1
 
 
 def test_heldout_text_must_not_be_the_calibration_text(tiny):
