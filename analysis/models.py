@@ -106,25 +106,44 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.bfloat16, device:
 
 def load_quantized_from(model, quantization_config, dtype: torch.dtype, device: str = "cpu"):
     """``model`` again, quantized by bitsandbytes through transformers' loader, its weights read from ``model``
-    itself (its state dict: no copy) instead of the checkpoint files; None where the loader does not take every
-    name of that state dict back (a checkpoint conversion that does not round-trip): load from the files then.
+    itself (its state dict: no copy) instead of the checkpoint files; None where that cannot be trusted: a weight not
+    in memory (offloaded), a checkpoint conversion of the model's type that transforms tensors (transposes, merges:
+    it would apply to already converted ones a second time), a loader that does not take every name back, or any
+    error of that load. Load from the files then.
 
     Why: loading the files beside a 16-bit model already in memory maps them a second time, and the variant's
     plain 16-bit parameters (embeddings, norms) keep that mapping resident while it lives (SmolLM2's all-INT8
     row: +0.25 GiB peak RSS). From memory, those parameters are the 16-bit model's own tensors, shared, and the
-    quantized Linears come out the same (tested against a load from the files)."""
+    quantized Linears come out the same (tested against a load from the files). The generation settings are
+    ``model``'s (``from_pretrained`` without a folder would not read generation_config.json)."""
     import copy
 
-    if any(p.device.type == "meta" for p in model.parameters()):  # offloaded: its weights are not in memory
+    if any(p.device.type == "meta" for p in model.parameters()) or _converts_tensors(model):
         return None
-    loaded, info = type(model).from_pretrained(
-        None, config=copy.deepcopy(model.config), state_dict=model.state_dict(), dtype=dtype, device_map=device,
-        quantization_config=quantization_config, output_loading_info=True)
-    if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+    try:
+        loaded, info = type(model).from_pretrained(
+            None, config=copy.deepcopy(model.config), state_dict=model.state_dict(), dtype=dtype, device_map=device,
+            quantization_config=quantization_config, output_loading_info=True)
+    except Exception:  # noqa: BLE001 - the files are the way that is known to work
+        return None
+    if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")):
         del loaded
         return None
+    if getattr(model, "generation_config", None) is not None:
+        loaded.generation_config = copy.deepcopy(model.generation_config)
     loaded.eval()
     return loaded
+
+
+def _converts_tensors(model) -> bool:
+    """Whether transformers' loader converts ``model``'s checkpoint tensors by more than renaming them (its
+    ``WeightConverter`` entries: MoE experts merged or transposed); renamings leave converted names as they are."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # a transformers without conversion mappings loads names as they are
+        return False
+    return any(isinstance(c, WeightConverter) for c in get_model_conversion_mapping(model))
 
 
 def check_weight_files(folder: str | Path) -> None:

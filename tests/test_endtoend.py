@@ -128,3 +128,18 @@ def test_gains_in_micro_batches_of_sequences_equal_whole_batches(setup, monkeypa
     assert parts.kld == pytest.approx(whole.kld, rel=1e-5)
     assert parts.gains == pytest.approx(whole.gains, rel=1e-4, abs=1e-9)
     assert parts.context_error == pytest.approx(whole.context_error, rel=1e-5)
+
+
+def test_gains_of_the_head_alone_quantized(setup, monkeypatch):
+    """Only lm_head quantized (a refinement's last round): the body has no graph to backpropagate into; the head's
+    gain is the one whole logits give."""
+    import quantplan.analysis.endtoend as endtoend
+
+    model, calibration, _, cache, _ = setup
+    monkeypatch.setattr(endtoend, "chunk_size", lambda model: 7)
+    chunked = restore_gains(model, KLReference(model, calibration, 2), cache, ["lm_head"])
+    monkeypatch.setattr(endtoend, "plain_head", lambda model: False)
+    whole = restore_gains(model, KLReference(model, calibration, 2), cache, ["lm_head"])
+    assert chunked.kld == pytest.approx(whole.kld, rel=1e-4) and chunked.kld > 0
+    assert chunked.gains["lm_head"] == pytest.approx(whole.gains["lm_head"], rel=1e-4)
+    assert chunked.gains["lm_head"] > 0
