@@ -71,22 +71,28 @@ def test_states_are_lent_only_to_a_reference_over_the_same_batches():
     assert reference.has_hidden16(0) and not reference.has_hidden16(1)
 
 
-def test_the_verification_skips_its_16bit_run_on_lent_states(tmp_path):
-    """Same verification KLs with the analysis' states as with its own 16-bit run, one base forward a batch fewer."""
-    folder = save_tiny_english(tmp_path / "model", layers=2)
-    source = resolve_source(str(folder))
-    config = AnalyzeConfig(samples=8, seq_len=32, dtype="fp32", progress=False)
-    end_to_end = EndToEnd(max_batches=2, refine=0)
-    shared = SharedModel(source, "fp32", "cpu", hidden=KeptHidden(verified_batches(end_to_end, config)))
-    table = analyze_model(source, tmp_path / "job", config, shared=shared)
-    assert sorted(shared.hidden.states) == [0, 1]
+def _with_and_without_lent_states(tmp_path, end_to_end: EndToEnd, budget: str, **config):
+    """On the tiny English model: (the plan with the analysis' 16-bit states lent, the plan with the end-to-end steps'
+    own 16-bit runs, the base forwards the lent states saved, the run's SharedModel, the batches the analysis kept)."""
+    source = resolve_source(str(save_tiny_english(tmp_path / "model", layers=2)))
+    analyze_config = AnalyzeConfig(samples=8, seq_len=32, dtype="fp32", progress=False, **config)
+    shared = SharedModel(source, "fp32", "cpu", hidden=KeptHidden(verified_batches(end_to_end, analyze_config)))
+    table = analyze_model(source, tmp_path / "job", analyze_config, shared=shared)
+    kept = sorted(shared.hidden.states)
     calls = _base_calls(shared.get())
-    lent = end_to_end.plan(source, config, table, "+0%", PlanConfig(), shared=shared)
+    lent = end_to_end.plan(source, analyze_config, table, budget, PlanConfig(), shared=shared)
     with_states = len(calls)
     shared.hidden.clear()
     calls.clear()
-    own = end_to_end.plan(source, config, table, "+0%", PlanConfig(), shared=shared)
-    assert len(calls) - with_states == 2  # the 16-bit run of each of the 2 batches
+    own = end_to_end.plan(source, analyze_config, table, budget, PlanConfig(), shared=shared)
+    return lent, own, len(calls) - with_states, shared, kept
+
+
+def test_the_verification_skips_its_16bit_run_on_lent_states(tmp_path):
+    """Same verification KLs with the analysis' states as with its own 16-bit run, one base forward a batch fewer."""
+    lent, own, saved, shared, kept = _with_and_without_lent_states(tmp_path, EndToEnd(max_batches=2, refine=0), "+0%")
+    assert kept == [0, 1]
+    assert saved == 2  # the 16-bit run of each of the 2 batches
     assert lent.checks.verification.calibration_kld == pytest.approx(own.checks.verification.calibration_kld,
                                                                        rel=1e-6)
     assert shared.loads == 1
@@ -95,20 +101,10 @@ def test_the_verification_skips_its_16bit_run_on_lent_states(tmp_path):
 def test_the_refinement_and_its_held_back_choice_read_lent_states(tmp_path):
     """``--refine``: the same refined plan and held-back KLs with the analysis' states as without, and the held-back
     batches do not run the 16-bit base model again."""
-    folder = save_tiny_english(tmp_path / "model", layers=2)
-    source = resolve_source(str(folder))
-    config = AnalyzeConfig(samples=8, seq_len=32, batch_size=2, dtype="fp32", progress=False)
-    end_to_end = EndToEnd(max_batches=2, refine=1)
-    shared = SharedModel(source, "fp32", "cpu", hidden=KeptHidden(verified_batches(end_to_end, config)))
-    table = analyze_model(source, tmp_path / "job", config, shared=shared)
-    assert sorted(shared.hidden.states) == [0, 1, 2, 3]  # 2 refined and verified on, 2 held back
-    calls = _base_calls(shared.get())
-    lent = end_to_end.plan(source, config, table, "+30%", PlanConfig(), shared=shared)
-    with_states = len(calls)
-    shared.hidden.clear()
-    calls.clear()
-    own = end_to_end.plan(source, config, table, "+30%", PlanConfig(), shared=shared)
-    assert len(calls) - with_states == 2 + 2  # the verification's and the held-back batches' 16-bit runs
+    lent, own, saved, _, kept = _with_and_without_lent_states(tmp_path, EndToEnd(max_batches=2, refine=1), "+30%",
+                                                              batch_size=2)
+    assert kept == [0, 1, 2, 3]  # 2 refined and verified on, 2 held back
+    assert saved == 2 + 2  # the verification's and the held-back batches' 16-bit runs
     assert lent.choices == own.choices
     ours, theirs = lent.checks.refinement, own.checks.refinement
     assert ours.heldback_kld == pytest.approx(theirs.heldback_kld, rel=1e-6)
