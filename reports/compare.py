@@ -241,8 +241,9 @@ def _measure_bnb(source, model16, keep: KeepSet, config, reference, processor, o
     dtype = dtype_from_name(options.dtype)
     try:
         with _quiet_int8_cast():
-            model = (load_quantized_from(model16, config, dtype, options.device)
-                     or load_model(source, dtype=dtype, device=options.device, quantization_config=config))
+            model = None if model16 is None else load_quantized_from(model16, config, dtype, options.device)
+            if model is None:
+                model = load_model(source, dtype=dtype, device=options.device, quantization_config=config)
             release_freed_memory()  # the load's quantization temporaries, freed between the weights it keeps
             fidelity = measure(model, reference)
             answers = _generate(model, processor, options)
