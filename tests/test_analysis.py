@@ -174,6 +174,22 @@ def test_measurement_in_row_chunks_gives_the_same_rows(monkeypatch):
             assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-4, abs=1e-12), column
 
 
+@pytest.mark.parametrize("vocab", [5, 256, 300, 1000, 49155])
+def test_two_level_draw_finds_the_index_a_whole_row_cumulative_sum_finds(vocab):
+    from quantplan.analysis.fisher import _draw, sampling_uniforms
+
+    torch.manual_seed(vocab)
+    probs = (torch.randn(400, vocab) * 3).softmax(dim=-1)
+    uniforms = sampling_uniforms(400, "cpu", seed=1)
+    cdf = probs.cumsum(dim=-1)
+    whole = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=vocab - 1)
+    drawn = _draw(probs, uniforms)
+    assert int((drawn != whole).sum()) <= 1  # a point within rounding of a boundary may fall on either side
+    last = torch.zeros(3, vocab)
+    last[:, -1] = 1.0  # all the mass on the last entry, in the last (partial) block
+    assert _draw(last, torch.tensor([0.0, 0.5, 1.0])).tolist() == [0, vocab - 1, vocab - 1]
+
+
 def test_sampled_targets_are_the_same_in_chunks_and_follow_the_distribution():
     from quantplan.analysis.fisher import sample_targets, sampling_uniforms
 
