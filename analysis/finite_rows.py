@@ -25,8 +25,8 @@ def finite_rows_absmax(rows: torch.Tensor) -> tuple[torch.Tensor, int, torch.Ten
 
 def finite_squared_sum(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(Σ_t rows[t]² per column over the finite rows of ``rows`` [tokens, width], how many rows that is)."""
-    squared = rows.pow(2).sum(dim=0)
+    squared = (rows * rows).sum(dim=0)  # a product, not ``pow(2)``: half the time on the CPU
     if bool(torch.isfinite(squared).all()):
         return squared, rows.shape[0]
     rows = rows[torch.isfinite(rows).all(dim=1)]
-    return rows.pow(2).sum(dim=0), rows.shape[0]
+    return (rows * rows).sum(dim=0), rows.shape[0]
