@@ -63,11 +63,13 @@ class InputStats:
         The sample keeps every ``sample_stride``-th finite row (counted over the pass) while it has room: 0 for a
         stride from ``x``'s own rows (its whole batch), None to add nothing (a later batch).
         """
-        rows, nonfinite, absmax = finite_rows_absmax(x.reshape(-1, x.shape[-1]).float())
+        product = product_dtype(x)
+        flat = x.reshape(-1, x.shape[-1])  # bf16 activations stay bf16 where the Gram multiplies them so: no copies
+        rows, nonfinite, absmax = finite_rows_absmax(flat if product == flat.dtype else flat.float())
         self.nonfinite_tokens += nonfinite
-        self.gram.add(rows, product_dtype(x))
-        if absmax is not None:
-            torch.maximum(self.channel_absmax, absmax, out=self.channel_absmax)
+        self.gram.add(rows, product)
+        if absmax is not None:  # a max of |x| is exact in any dtype
+            torch.maximum(self.channel_absmax, absmax.float(), out=self.channel_absmax)
         if sample_stride is not None:
             self._add_sample(rows, sample_rows, sample_stride or max(1, x.shape[:-1].numel() // sample_rows))
         self.tokens += len(rows)
@@ -78,7 +80,7 @@ class InputStats:
         taken = 0 if self.sample is None else len(self.sample)
         if taken >= sample_rows or not len(rows):
             return
-        picked = rows[(-self.tokens) % stride::stride][:sample_rows - taken].detach().cpu()
+        picked = rows[(-self.tokens) % stride::stride][:sample_rows - taken].detach().cpu().float()
         self.sample = picked.clone() if self.sample is None else torch.cat([self.sample, picked])
 
 
