@@ -102,11 +102,34 @@ class GainSums:
         self.errors = {n: torch.zeros(2, dtype=torch.float64) for n in self.quantized} if context_error else {}
         self.moves: dict[str, dict[str, Move]] = {}
         self.total = 0.0  # Σ KL over the positions (nats)
+        self._hooks: dict = {}  # name -> its weight-gradient hook (:meth:`folds`)
+        self._deferred: set[str] = set()  # names whose gradient accumulates for now (:meth:`one_fold`)
 
     def folds(self, cache, names) -> dict:
         """name -> the gradient hook of each of ``names`` (:func:`weights_require_grad` registers them)."""
-        return {n: _fold_gradient(cache, n, self.gains, self.reached,
-                                  _targets(cache, n, self.formats, self.menu, self.moved[n])) for n in names}
+        hooks = {n: _fold_gradient(cache, n, self.gains, self.reached,
+                                   _targets(cache, n, self.formats, self.menu, self.moved[n]), self._deferred)
+                 for n in names}
+        self._hooks.update(hooks)
+        return hooks
+
+    @contextmanager
+    def one_fold(self, cache, name: str | None):
+        """Inside the block the weight gradient of ``name`` accumulates, and is folded once at its end, instead of as
+        each backward brings a part: the head's gradient comes once per chunk of tokens, and each fold reads the whole
+        vocabulary × hidden weight and de-quantizes every menu entry of it. (Nothing to do if ``name`` is not
+        quantized in this pass.)"""
+        if name not in self._hooks:
+            yield
+            return
+        self._deferred.add(name)
+        try:
+            yield
+        finally:
+            self._deferred.discard(name)
+        weight = cache.modules[name].weight
+        if weight.grad is not None:
+            self._hooks[name](weight)
 
     def context_hooks(self, cache, names):
         """The output-error forward hooks of ``names`` (none without ``context_error``)."""
@@ -171,7 +194,8 @@ def _chunked_batch(model, reference: KLReference, cache, sums: GainSums, quantiz
     sequences = (sequences_per_micro_batch(model.config.get_text_config(), seq_len, activation_budget(model_device(model)))
                  if splittable(batch) else len(hidden16))
     total = 0.0
-    with cache.quantized(quantized, sums.formats), sums.context_hooks(cache, quantized), torch.enable_grad():
+    with cache.quantized(quantized, sums.formats), sums.context_hooks(cache, quantized), torch.enable_grad(), \
+            sums.one_fold(cache, "lm_head"):
         weight16 = cache.original("lm_head") if "lm_head" in cache.modules else head.weight.detach()
         for offset, part in micro_batches(batch, sequences):
             hidden = base_hidden(model, part)
@@ -232,21 +256,35 @@ def weights_require_grad(model, cache, folds):
             p.requires_grad_(True)
 
 
-def _fold_gradient(cache, name, gains, reached, targets):
+def _fold_gradient(cache, name, gains, reached, targets, deferred=frozenset()):
+    """The weight-gradient hook of ``name``: fold ⟨∂KL/∂W, W − Ŵ⟩ into its gain and each menu move's, then free the
+    gradient; while ``name`` is in ``deferred`` the gradient accumulates instead (:meth:`GainSums.one_fold`)."""
     def hook(weight):
         reached.add(name)
+        if name in deferred:
+            return
         with torch.no_grad():
-            grad, current = weight.grad.float().reshape(-1), weight.detach().float().reshape(-1)
-            delta = cache.original(name).float().reshape(-1) - current  # W − Ŵ: the step back to 16-bit
-            gains[name] -= _dot(grad, delta)
-            del delta
-            for fmt, total in targets:  # the step to another 4-bit format: Ŵ_f − Ŵ_cur, one at a time
-                step = cache.restored(name, fmt).float().reshape(-1) - current
-                total -= _dot(grad, step)
-                del step
+            grad, current = weight.grad.reshape(-1), weight.detach().reshape(-1)
+            gains[name] -= _step_dot(grad, cache.original(name).reshape(-1), current)  # W − Ŵ: back to 16-bit
+            for fmt, total in targets:  # the step to another 4-bit format: Ŵ_f − Ŵ_cur, one restored weight at a time
+                total -= _step_dot(grad, cache.restored(name, fmt).reshape(-1), current)
         weight.grad = None
 
     return hook
+
+
+#: elements per block of :func:`_step_dot`: its float32 temporaries are a few of these, whatever the weight's size
+FOLD_BLOCK = 1 << 22
+
+
+def _step_dot(grad: torch.Tensor, target: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """⟨grad, target − current⟩ (flat tensors of the weight's dtype) as a float64 scalar, :data:`FOLD_BLOCK` elements
+    at a time in float32: no weight-sized float32 copy (a 262k-vocabulary lm_head's is gigabytes)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, grad.numel(), FOLD_BLOCK):
+        part = slice(start, start + FOLD_BLOCK)
+        total += _dot(grad[part].float(), target[part].float() - current[part].float())
+    return total
 
 
 #: elements per float32 dot product in :func:`_dot`, whose results add up in float64

@@ -143,3 +143,31 @@ def test_gains_of_the_head_alone_quantized(setup, monkeypatch):
     assert chunked.kld == pytest.approx(whole.kld, rel=1e-4) and chunked.kld > 0
     assert chunked.gains["lm_head"] == pytest.approx(whole.gains["lm_head"], rel=1e-4)
     assert chunked.gains["lm_head"] > 0
+
+
+def test_the_heads_gradient_is_folded_once_per_batch_not_once_per_chunk(setup, monkeypatch):
+    """A quantized lm_head's weight gradient arrives once per chunk of tokens; it accumulates over the batch and is
+    folded once (each fold reads the whole vocabulary × hidden weight and de-quantizes every menu entry), with the
+    gains and menu moves of folding every chunk."""
+    import contextlib
+
+    import quantplan.analysis.endtoend as endtoend
+    from quantplan.analysis.formats import NF4_BS32
+
+    model, calibration, _, cache, names = setup
+    monkeypatch.setattr(endtoend, "chunk_size", lambda model: 7)  # 64 tokens a batch: 10 chunks
+    reads = []  # de-quantized lm_head weights: one per fold per other menu entry (and a few per batch and pass besides)
+    restored = cache.restored
+    monkeypatch.setattr(cache, "restored", lambda name, fmt=None: reads.append(name) or restored(name, fmt))
+    quantized, menu = [*names, "lm_head"], {"nf4": NF4, "nf4-bs32": NF4_BS32}
+    once = restore_gains(model, KLReference(model, calibration, 2), cache, quantized, menu=menu)
+    read_once = reads.count("lm_head")
+    monkeypatch.setattr(endtoend.GainSums, "one_fold", lambda self, cache, name: contextlib.nullcontext())
+    reads.clear()
+    every = restore_gains(model, KLReference(model, calibration, 2), cache, quantized, menu=menu)
+    assert reads.count("lm_head") - read_once == 2 * 10 - 2  # 2 batches: a fold per chunk, not one per batch
+    assert once.gains == pytest.approx(every.gains, rel=1e-4, abs=1e-9)
+    for name in quantized:
+        assert once.moves[name]["nf4-bs32"].gain == pytest.approx(every.moves[name]["nf4-bs32"].gain, rel=1e-4,
+                                                                 abs=1e-9)
+    assert model.lm_head.weight.grad is None  # folded and freed
