@@ -78,7 +78,7 @@ class HeadChunk:
         targets = ids[(positions + 1).clamp(max=ids.numel() - 1)].to(logq.device)
         nll = -logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[following.to(logq.device)]
         kl = token_kl(logp, logq, reference.probs(logq.shape[-1], logq.device))
-        return TokenComparison(kl, logp.argmax(-1) == logq.argmax(-1), nll)
+        return TokenComparison(kl, reference.top(logq.shape[-1], logq.device) == logq.argmax(-1), nll)
 
     def kl_sum(self) -> torch.Tensor:
         """Σ over the chunk's unmasked positions of KL(P_16 ‖ Q), in float32."""

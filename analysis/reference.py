@@ -190,6 +190,13 @@ class Logits16:
             self._made[key] = self.log_probs(vocab, device).exp()
         return self._made[key]
 
+    def top(self, vocab: int, device) -> torch.Tensor:
+        """The most likely token of each row (argmax of :meth:`log_probs`)."""
+        key = ("top", vocab, str(device))
+        if key not in self._made:
+            self._made[key] = self.log_probs(vocab, device).argmax(-1)
+        return self._made[key]
+
 
 def as_logits16(logits16: torch.Tensor | Logits16) -> Logits16:
     """``logits16`` as :class:`Logits16` (a bare tensor wrapped for one comparison)."""
@@ -259,9 +266,10 @@ class TokenComparison:
 
 def compare_tokens(logits16: torch.Tensor | Logits16, logits: torch.Tensor, input_ids: torch.Tensor) -> TokenComparison:
     """KL, same top token and next-token NLL at every position (what the fidelity scoreboard reports)."""
-    logp, logq = log_probs(logits16, logits)
+    reference = as_logits16(logits16)
+    logp, logq = log_probs(reference, logits)
     targets = input_ids[:, 1:].to(logq.device).unsqueeze(-1)
-    return TokenComparison(token_kl(logp, logq), logp.argmax(-1) == logq.argmax(-1),
+    return TokenComparison(token_kl(logp, logq), reference.top(logq.shape[-1], logq.device) == logq.argmax(-1),
                            -logq[:, :-1].gather(-1, targets).squeeze(-1))
 
 
