@@ -207,7 +207,8 @@ def head_kl_gradient(head, weight16: torch.Tensor, hidden16: torch.Tensor, hidde
     ``hidden``: a quantized run's last hidden states ([batch, seq, hidden], what ``head`` reads); ``hidden16``: the
     16-bit run's, read by ``weight16`` (the head's 16-bit weight, also while ``head`` is round-tripped). No whole
     batch × vocabulary tensor exists; the caller backpropagates the returned gradient through the body once. A
-    gradient hook on the head's weight, where it requires one, fires once per chunk."""
+    gradient hook on the head's weight, where it requires one, fires once per chunk (the refinement lets it add up and
+    folds it once a batch: :meth:`analysis.endtoend.GainSums.one_fold`)."""
     shape = tuple(hidden.shape[:2])
     flat, flat16 = hidden.detach().reshape(-1, hidden.shape[-1]), hidden16.reshape(-1, hidden16.shape[-1])
     pieces, total = [], 0.0
