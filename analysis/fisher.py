@@ -150,8 +150,10 @@ def sample_targets(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor
     """Each row's target drawn from softmax(row) by inverting its CDF at the row's uniform draw.
 
     The draws are fixed before the logits exist, so targets are the same whether the rows come
-    in one piece (in memory) or in token chunks (:mod:`analysis.stream_head`), on any device
-    (``torch.multinomial`` on CUDA draws differently when called chunk by chunk).
+    in one piece (in memory) or in token chunks (:mod:`analysis.stream_head`): each row is drawn on its own
+    (``torch.multinomial`` on CUDA draws differently when called chunk by chunk). On CUDA a row's sums may
+    round differently with the number of rows reduced at once, which can move a draw that lies within rounding
+    of a boundary to the neighbouring token.
     """
     return _draw(logits.float().softmax(dim=-1), uniforms)
 
@@ -182,7 +184,7 @@ def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """
     rows, vocab = probs.shape
     full = vocab - vocab % DRAW_BLOCK
-    sums = [probs[:, :full].reshape(rows, -1, DRAW_BLOCK).sum(-1)] if full else []
+    sums = [probs[:, :full].reshape(rows, full // DRAW_BLOCK, DRAW_BLOCK).sum(-1)] if full else []
     if full < vocab:
         sums.append(probs[:, full:].sum(-1, keepdim=True))
     block_cdf = torch.cat(sums, dim=-1).cumsum(dim=-1)
@@ -192,5 +194,7 @@ def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     columns = block * DRAW_BLOCK + torch.arange(DRAW_BLOCK, device=probs.device)
     past_end = columns >= vocab  # the last block's columns beyond the row (a partial block): probability 0
     inside = probs.gather(-1, columns.clamp(max=vocab - 1)).masked_fill_(past_end, 0)
-    within = torch.searchsorted(inside.cumsum(dim=-1), points - before)
+    inside_cdf = inside.cumsum(dim=-1)
+    # the block's sum and its cumulative sum round differently: a point past the latter falls on its last nonzero entry
+    within = torch.searchsorted(inside_cdf, torch.minimum(points - before, inside_cdf[:, -1:]))
     return (block.squeeze(-1) * DRAW_BLOCK + within.squeeze(-1)).clamp_(max=vocab - 1)

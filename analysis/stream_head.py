@@ -13,7 +13,7 @@ model whose logits are plain ``lm_head(last hidden state)`` (:func:`plain_head`;
 The loss is the one :mod:`analysis.fisher` backpropagates in memory, the same numbers in
 pieces: each position's target is drawn from the model's own next-token distribution at the
 batch's seeded uniform draw for that position (:func:`analysis.fisher.sample_targets`: the
-same targets in chunks as in one piece, on the CPU and on CUDA), and the mean cross entropy
+same targets in chunks as in one piece, but for rounding at a boundary on CUDA), and the mean cross entropy
 over the batch's tokens is the sum of each chunk's summed cross entropy divided by the token count. Its
 gradient at a chunk's logits is (softmax − onehot(target)) / tokens, taken straight from the softmax the targets
 are drawn from (:func:`analysis.fisher.sampled_loss_gradient`: no log-softmax, no autograd through the loss).

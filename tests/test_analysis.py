@@ -188,6 +188,23 @@ def test_two_level_draw_finds_the_index_a_whole_row_cumulative_sum_finds(vocab):
     last = torch.zeros(3, vocab)
     last[:, -1] = 1.0  # all the mass on the last entry, in the last (partial) block
     assert _draw(last, torch.tensor([0.0, 0.5, 1.0])).tolist() == [0, vocab - 1, vocab - 1]
+    pieces = torch.cat([_draw(probs[i:i + 7], uniforms[i:i + 7]) for i in range(0, 400, 7)])
+    assert torch.equal(pieces, drawn)  # each row on its own: the same in chunks
+
+
+def test_two_level_draw_never_lands_on_a_zero_probability_entry_after_a_block():
+    """A draw at the end of a block whose later entries are zero stays on the block's last nonzero entry, although
+    the block's sum and its cumulative sum round differently (the whole-row cumulative sum never picks such an entry)."""
+    from quantplan.analysis.fisher import DRAW_BLOCK, _draw
+
+    torch.manual_seed(0)
+    probs = torch.zeros(20000, DRAW_BLOCK + 44)
+    probs[:, :DRAW_BLOCK] = torch.rand(20000, DRAW_BLOCK)
+    probs[:, -1] = torch.rand(20000)  # mass again at the very end, after a run of zeros
+    first = probs[:, :DRAW_BLOCK].sum(-1)
+    uniforms = (first / probs.sum(-1)).clamp(max=1 - 1e-7)  # every draw at the first block's end, within rounding
+    drawn = _draw(probs, uniforms)
+    assert bool((probs.gather(-1, drawn.unsqueeze(-1)) > 0).all())
 
 
 def test_sampled_targets_are_the_same_in_chunks_and_follow_the_distribution():
