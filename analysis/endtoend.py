@@ -102,16 +102,13 @@ class GainSums:
         self.errors = {n: torch.zeros(2, dtype=torch.float64) for n in self.quantized} if context_error else {}
         self.moves: dict[str, dict[str, Move]] = {}
         self.total = 0.0  # Σ KL over the positions (nats)
-        self._hooks: dict = {}  # name -> its weight-gradient hook (:meth:`folds`)
         self._deferred: set[str] = set()  # names whose gradient accumulates for now (:meth:`one_fold`)
 
     def folds(self, cache, names) -> dict:
         """name -> the gradient hook of each of ``names`` (:func:`weights_require_grad` registers them)."""
-        hooks = {n: _fold_gradient(cache, n, self.gains, self.reached,
-                                   _targets(cache, n, self.formats, self.menu, self.moved[n]), self._deferred)
-                 for n in names}
-        self._hooks.update(hooks)
-        return hooks
+        return {n: _fold_gradient(cache, n, self.gains, self.reached,
+                                  _targets(cache, n, self.formats, self.menu, self.moved[n]), self._deferred)
+                for n in names}
 
     @contextmanager
     def one_fold(self, cache, name: str | None):
@@ -120,7 +117,7 @@ class GainSums:
         vocabulary × hidden weight and de-quantizes every menu entry of it. (Nothing to do if ``name`` is not
         quantized in this pass.) The gradient adds up in the weight's dtype: on a bf16 262k-vocabulary tiny Llama the
         head's gain moved by 2e-4 relative, and the pass took 24 instead of 93 CPU s."""
-        if name not in self._hooks:
+        if name not in self.quantized or name not in cache.modules:
             yield
             return
         self._deferred.add(name)
@@ -129,8 +126,9 @@ class GainSums:
         finally:
             self._deferred.discard(name)
         weight = cache.modules[name].weight
-        if weight.grad is not None:
-            self._hooks[name](weight)
+        if weight.grad is not None:  # made here, not kept: a hook holds its cache (a streamed pass has one per stage)
+            _fold_gradient(cache, name, self.gains, self.reached,
+                           _targets(cache, name, self.formats, self.menu, self.moved[name]))(weight)
 
     def context_hooks(self, cache, names):
         """The output-error forward hooks of ``names`` (none without ``context_error``)."""
@@ -162,7 +160,8 @@ def restore_gains(model, reference: KLReference, cache, quantized, *, formats: M
     ``formats[name]`` where given, else the cache's format), every other module with its 16-bit
     weight. ``menu`` (label -> 4-bit format) asks for each quantized module's :class:`Move` to
     every entry as well. Weights are not trained: their gradients are consumed by a hook per
-    module as soon as they are accumulated, so at most one weight gradient is alive.
+    module as soon as they are accumulated, so at most one weight gradient is alive beside a quantized lm_head's,
+    which adds up over each batch's token chunks and is folded once a batch (:meth:`GainSums.one_fold`).
     """
     sums = GainSums(quantized, formats, menu, context_error)
     quantized = sums.quantized
@@ -189,7 +188,8 @@ def _chunked_batch(model, reference: KLReference, cache, sums: GainSums, quantiz
     16-bit states (:meth:`~analysis.reference.KLReference.hidden16`: kept, else computed now, with the 16-bit
     weights), then one backward through the body; a text batch a few sequences at a time, so their saved activations
     fit :func:`~analysis.micro_batches.activation_budget` as in the Fisher pass (the KL is a sum over tokens: the
-    same gradients; the gradient hooks fold once per part). No batch × vocabulary logits exist."""
+    same gradients; the gradient hooks fold once per part, a quantized lm_head's once per batch). No batch ×
+    vocabulary logits exist."""
     hidden16 = reference.hidden16(index, batch)
     head, seq_len = model.lm_head, hidden16.shape[1]
     sequences = (sequences_per_micro_batch(model.config.get_text_config(), seq_len, activation_budget(model_device(model)))

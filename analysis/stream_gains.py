@@ -167,10 +167,11 @@ class _Pass:
             cache = QuantCache(model, self.fmt)
             names, formats = self.mine(head)
             with weights_require_grad(model, cache, self.sums.folds(cache, names)), cache.quantized(names, formats), \
-                    self.sums.context_hooks(cache, names), self.sums.one_fold(cache, ctx.lm_head):
+                    self.sums.context_hooks(cache, names):
                 weight16 = cache.original(ctx.lm_head)  # the 16-bit logits', also while lm_head is round-tripped
                 for index, batch in enumerate(ctx.calibration.batches(ctx.batch_size)):
-                    grad = self._head_batch(index, batch, streams, weight16)
+                    with self.sums.one_fold(cache, ctx.lm_head):  # a quantized head's gradient: one fold a batch
+                        grad = self._head_batch(index, batch, streams, weight16)
                     write_batch(target, index, grad, {})
             self.sums.finish(cache, names)
         finally:

@@ -171,3 +171,23 @@ def test_the_heads_gradient_is_folded_once_per_batch_not_once_per_chunk(setup, m
         assert once.moves[name]["nf4-bs32"].gain == pytest.approx(every.moves[name]["nf4-bs32"].gain, rel=1e-4,
                                                                  abs=1e-9)
     assert model.lm_head.weight.grad is None  # folded and freed
+
+
+def test_a_pass_keeps_no_cache_of_a_finished_stage(setup):
+    """The running sums hold no gradient hook beyond the stage that registered it: a streamed pass makes one cache
+    per block, each holding its packed weights, and only the running block's may stay alive."""
+    import gc
+    import weakref
+
+    from quantplan.analysis.endtoend import GainSums
+
+    model, _, _, _, names = setup
+    sums = GainSums([*names, "lm_head"], menu={"nf4": NF4})
+    stage = QuantCache(model, NF4)
+    sums.folds(stage, names)
+    with sums.one_fold(stage, "lm_head"):
+        pass
+    alive = weakref.ref(stage)
+    del stage
+    gc.collect()
+    assert alive() is None
