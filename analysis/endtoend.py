@@ -106,9 +106,12 @@ class GainSums:
 
     def folds(self, cache, names) -> dict:
         """name -> the gradient hook of each of ``names`` (:func:`weights_require_grad` registers them)."""
-        return {n: _fold_gradient(cache, n, self.gains, self.reached,
-                                  _targets(cache, n, self.formats, self.menu, self.moved[n]), self._deferred)
-                for n in names}
+        return {n: self._fold(cache, n, self._deferred) for n in names}
+
+    def _fold(self, cache, name: str, deferred=frozenset()):
+        """The gradient hook of ``name`` against ``cache`` (:func:`_fold_gradient`)."""
+        return _fold_gradient(cache, name, self.gains, self.reached,
+                              _targets(cache, name, self.formats, self.menu, self.moved[name]), deferred)
 
     @contextmanager
     def one_fold(self, cache, name: str | None):
@@ -127,8 +130,7 @@ class GainSums:
             self._deferred.discard(name)
         weight = cache.modules[name].weight
         if weight.grad is not None:  # made here, not kept: a hook holds its cache (a streamed pass has one per stage)
-            _fold_gradient(cache, name, self.gains, self.reached,
-                           _targets(cache, name, self.formats, self.menu, self.moved[name]))(weight)
+            self._fold(cache, name)(weight)
 
     def context_hooks(self, cache, names):
         """The output-error forward hooks of ``names`` (none without ``context_error``)."""
