@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import BYTES_16BIT, FourBit
-from .gram import UpperGram, quadratic_diag
+from .gram import UpperGram, product_dtype, quadratic_diag
 from .modules import ModuleInfo
 from .packed import PackedWeights
 from .probe import InputStats
@@ -150,12 +150,13 @@ class _DeltaErrors:
         sample = stats.sample.to(weight.device, torch.float32) if measured and stats.sample is not None else None
         errors = cls(has_fisher=grad_sq is not None, has_sample=sample is not None)
         gram = stats.gram.to(weight.device) if measured else None  # moved once, not per row chunk
+        product = product_dtype(weight)
         for w, r in zip(row_chunks(weight), row_chunks(restored), strict=True):
             delta = w.float() - r.float()
             errors.squares += _sum_squares(delta)
             errors.max_abs = max(errors.max_abs, _abs_max(delta))
             if measured:
-                per_output = _per_output(delta, gram)
+                per_output = _per_output(delta, gram, product)
                 errors.output += float(per_output.sum())
                 if grad_sq is not None:
                     rows = grad_sq[errors.rows:errors.rows + delta.shape[0]]
@@ -278,14 +279,13 @@ def input_columns(stats: InputStats | None) -> dict:
 def _output_energy(weight: torch.Tensor, stats: InputStats) -> float:
     """‖XWᵀ‖² = tr(W·G·Wᵀ) from the Gram matrix, one row chunk at a time."""
     gram = stats.gram.to(weight.device)
-    return sum(float(_per_output(chunk, gram).sum()) for chunk in row_chunks(weight))
+    product = product_dtype(weight)
+    return sum(float(_per_output(chunk, gram, product).sum()) for chunk in row_chunks(weight))
 
 
-def _per_output(m: torch.Tensor, gram: UpperGram) -> torch.Tensor:
-    """diag(M·G·Mᵀ): each output channel's summed squared response.
-
-    The products run in float32 over the Gram matrix's stored upper blocks (:func:`analysis.gram.quadratic_diag`:
-    about half the multiply-adds of ``(M @ G) * M``); float32 keeps the module totals within ~2e-7 of float64
-    at half the cost (G is positive semi-definite), and the blocks add up in float64."""
-    m32 = m.float()
-    return quadratic_diag(m32, gram)
+def _per_output(m: torch.Tensor, gram: UpperGram, product: torch.dtype) -> torch.Tensor:
+    """diag(M·G·Mᵀ): each output channel's summed squared response, over the Gram matrix's stored upper blocks
+    (:func:`analysis.gram.quadratic_diag`: about half the multiply-adds of ``(M @ G) * M``), the products in
+    ``product``: float32, or bf16 for a bf16 weight on bf16 hardware (:func:`analysis.gram.product_dtype`: a third of
+    the time, module totals within ~1e-3); the blocks add up in float64."""
+    return quadratic_diag(m.float(), gram, product)

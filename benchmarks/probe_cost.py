@@ -49,7 +49,7 @@ from quantplan.analysis import (  # noqa: E402
     resolve_source,
 )
 from quantplan.analysis.formats import FourBit, Int8  # noqa: E402
-from quantplan.analysis.gram import UpperGram  # noqa: E402
+from quantplan.analysis.gram import UpperGram, product_dtype  # noqa: E402
 from quantplan.analysis.models import dtype_from_name, resolve_dtype  # noqa: E402
 from quantplan.common.batches import batch_to  # noqa: E402
 
@@ -194,7 +194,8 @@ def main(argv=None) -> int:
     for fmt in parse_formats("nf4,nf4-bs32"):
         restored, _ = fmt.roundtrip(weight.detach())
         measure_mod._per_output(weight.detach().float() - restored.float(),
-                                UpperGram.from_matrix(torch.eye(weight.shape[1], device=weight.device), weight.shape[1]))
+                                UpperGram.from_matrix(torch.eye(weight.shape[1], device=weight.device), weight.shape[1]),
+                                product_dtype(weight))
 
     # interleave the measurements so slow drift of the machine affects them alike
     forward_runs: list[dict] = []

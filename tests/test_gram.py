@@ -162,6 +162,25 @@ def test_quadratic_diag_is_the_full_quadratic_form_from_the_upper_blocks(width):
     assert float(quadratic_diag(m, gram).sum()) == pytest.approx(float(expected.sum()), rel=1e-6)
 
 
+@pytest.mark.parametrize("width", [7, 300, 1100])
+def test_quadratic_diag_in_bf16_is_the_form_of_its_rounded_operands(width):
+    """bf16 products (a bf16 weight on bf16 hardware): each row within three bf16 roundings of Σ|m||G||m| of the
+    float64 form, the total within 1e-2; and the products did run in bf16 (not the float32 result)."""
+    torch.manual_seed(width)
+    x = torch.randn(400, width) + 2.0 * torch.randn(400, 1)
+    m = torch.randn(50, width) * 1e-3  # weight errors are small
+    gram = UpperGram.zeros(width)
+    gram.add(x)
+    g = gram.full().double()
+    expected = ((m.double() @ g) * m.double()).sum(dim=1)
+    bound = 3 * 2.0 ** -8 * ((m.double().abs() @ g.abs()) * m.double().abs()).sum(dim=1)
+    low = quadratic_diag(m, gram, torch.bfloat16)
+    assert low.dtype == torch.float64
+    assert ((low - expected).abs() <= bound).all()
+    assert float(low.sum()) == pytest.approx(float(expected.sum()), rel=1e-2)
+    assert not torch.equal(low, quadratic_diag(m, gram))
+
+
 @pytest.mark.parametrize("width", [7, 576, 1100])
 def test_bf16_products_round_each_batch_once(width):
     """bf16 rows multiplied in bf16: every stored entry within one bf16 rounding per batch of the exact sum."""
