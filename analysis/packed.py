@@ -1,11 +1,13 @@
 """bitsandbytes' packed 4-bit weights of one loaded model, made once and reused by every step that round-trips them.
 
-A ``quantplan run`` quantizes each Linear in each menu format three times over: the analysis
-measures its round trip, the verification simulates the plan's variants with it, and the
-scoreboard simulates the report's variants with it (≈ 10 s of bitsandbytes' CPU ``quantize_4bit``
-per pass on SmolLM2, most of it ``torch.bucketize``). :class:`PackedWeights` keeps the packed weight
-and quant state of each (module, format) the first time one is made, so the later steps
-de-quantize what the analysis quantized. The application layer owns one per loaded 16-bit model
+A ``quantplan run`` quantized each Linear in each menu format up to four times over: the analysis
+measures its round trip, the verification simulates the plan's variants with it, the export writes
+the plan's format into the checkpoint, and the scoreboard simulates the report's variants with it
+(≈ 2.5 s of bitsandbytes' CPU ``quantize_4bit`` per format and pass on SmolLM2, most of it
+``torch.bucketize``). :class:`PackedWeights` keeps the packed weight and quant state of each (module,
+format) the first time one is made, so the later steps de-quantize what the analysis quantized, and
+the export writes it (:meth:`PackedWeights.made_for`: only where the values it reads from disk are
+exactly those it was made from). The application layer owns one per loaded 16-bit model
 (:class:`quantplan.shared_model.SharedModel`) and drops it with the model.
 
 Memory: a quarter of the 16-bit bytes of the quantized Linears per format, on the weights'
@@ -17,9 +19,15 @@ detected, so a store is only shared by steps that leave the weights as they foun
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .formats import FourBit
+
+
+#: elements compared at a time by :meth:`PackedWeights.made_for` (two float32 copies of this many)
+COMPARE_ELEMENTS = 1 << 22
 
 
 class PackedWeights:
@@ -35,6 +43,24 @@ class PackedWeights:
         if made is None or made[0] != weight.data_ptr():
             made = self._entries[key] = (weight.data_ptr(), fmt.quantize(weight))
         return made[1]
+
+    def made_for(self, name: str, fmt: FourBit, weight: torch.Tensor, values: torch.Tensor) -> tuple | None:
+        """The (packed weight, quant state) made before for module ``name`` from ``weight``, reused for ``values``: the
+        same parameter read again (the export reads it from disk, in the checkpoint's dtype). bitsandbytes quantizes
+        in float32, so it makes the same packed bytes from ``values`` exactly when their float32 values are the
+        weight's; the quant state is then a copy that de-quantizes to ``values``' dtype. None when nothing was made
+        from ``weight`` or any value differs (e.g. a float32 source run in bf16): the caller quantizes ``values``."""
+        made = self._entries.get((name, fmt))
+        if made is None or made[0] != weight.data_ptr() or tuple(values.shape) != tuple(weight.shape):
+            return None
+        rows = max(1, COMPARE_ELEMENTS // max(1, weight[0].numel())) if weight.dim() else 1
+        for mine, theirs in zip(weight.detach().split(rows), values.split(rows), strict=True):
+            if not torch.equal(mine.float(), theirs.to(mine.device).float()):
+                return None
+        packed, state = made[1]
+        state = copy.copy(state)  # the kept one still de-quantizes to the weight's dtype for the scoreboard
+        state.dtype = values.dtype
+        return packed, state
 
     def clear(self) -> None:
         """Drop every packed weight (the last step that round-trips is done with them)."""

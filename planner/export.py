@@ -37,7 +37,7 @@ from quantplan.common.modes import apply_umask, staging_dir
 from .modelcard import write_model_card
 from .plan_types import KEEP, Plan
 from .prequantized import MenuExportError, check_blocksizes, menu_formats, write_prequantized
-from .prequantized_stream import shard_bytes_for, write_streamed
+from .prequantized_stream import Reuse, shard_bytes_for, write_streamed
 
 PLAN_MARKER = "quantplan_plan.json"  # in every exported folder: what makes it quantplan's to replace
 
@@ -78,9 +78,11 @@ def bnb_config(plan: Plan, compute_dtype: torch.dtype = torch.bfloat16):
 
 def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: bool = False,
            compute_dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-           max_memory: int | None = None) -> ExportResult:
+           max_memory: int | None = None, reuse: Reuse | None = None) -> ExportResult:
     """Quantize ``source`` as ``plan`` says and save it to ``out_dir`` (atomically, verified); ``max_memory``
-    (bytes, a run's ``--max-memory``) bounds the output shards a blocksize-menu plan is written in."""
+    (bytes, a run's ``--max-memory``) bounds the output shards a blocksize-menu plan is written in; ``reuse``: the
+    packed 4-bit weights a run's analysis made, taken where they were made from the very values written
+    (:func:`planner.prequantized_stream.write_streamed`)."""
     out_dir = Path(out_dir).resolve()
     plan.check_model(source.fingerprint)
     check_out_dir(out_dir, overwrite)
@@ -94,7 +96,7 @@ def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: b
     staging = staging_dir(out_dir.parent, prefix=f".{out_dir.name}.partial-")
     try:
         if config is None:
-            _write_menu(source, plan, staging, compute_dtype, device, max_memory)
+            _write_menu(source, plan, staging, compute_dtype, device, max_memory, reuse)
         else:
             model = _load_quantized(source.path, config, compute_dtype, device)
             check_module_types(model, plan)
@@ -180,11 +182,11 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I1
 
 
 def _write_menu(source: ModelSource, plan: Plan, staging: Path, compute_dtype: torch.dtype, device: str,
-                max_memory: int | None = None) -> None:
+                max_memory: int | None = None, reuse: Reuse | None = None) -> None:
     """A menu plan's pre-quantized checkpoint, streamed tensor by tensor from the source's safetensors files;
     a source the stream cannot read (``.bin`` weights) is loaded whole in 16-bit instead, saying so."""
     try:
-        write_streamed(source.path, plan, staging, compute_dtype, device, shard_bytes_for(max_memory))
+        write_streamed(source.path, plan, staging, compute_dtype, device, shard_bytes_for(max_memory), reuse)
     except StreamingUnsupported as err:
         print(f"quantplan: export: {err}, so the blocksize-menu checkpoint is written from the 16-bit model "
               "loaded whole (re-save the model with save_pretrained to stream it)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ from quantplan.analysis.stream_weights import DiskWeights, StreamingUnsupported,
 from .plan_types import Plan
 from .prequantized import MenuExportError, menu_formats, menu_quantization_config, planned_weight_keys
 
+#: (weight key, 4-bit format, the values read) -> bitsandbytes' (packed weight, quant state) made before, or None
+Reuse = Callable[[str, FourBit, torch.Tensor], "tuple | None"]
 #: most tensor bytes one output shard holds (transformers' naming: ``model-00001-of-00003.safetensors``)
 MAX_SHARD_BYTES = 10**9
 #: smallest shard :func:`shard_bytes_for` picks under a memory cap
@@ -51,10 +54,12 @@ def shard_bytes_for(max_memory: int | None) -> int:
 
 
 def write_streamed(path: str | Path, plan: Plan, folder: Path, compute_dtype: torch.dtype,
-                   device: str | torch.device = "cpu", max_shard_bytes: int | None = None) -> None:
+                   device: str | torch.device = "cpu", max_shard_bytes: int | None = None,
+                   reuse: Reuse | None = None) -> None:
     """Write the model saved in ``path`` as ``plan`` says, pre-quantized, into ``folder`` (config, weights,
     generation config), one tensor in memory at a time; 4-bit modules are quantized on ``device``; output
-    shards of at most ``max_shard_bytes`` (default :data:`MAX_SHARD_BYTES`)."""
+    shards of at most ``max_shard_bytes`` (default :data:`MAX_SHARD_BYTES`). ``reuse(key, fmt, values)``: the packed
+    weight and quant state bitsandbytes made before from exactly these values (a run's analysis), or None."""
     formats = menu_formats(plan)
     path = Path(path)
     if not any(path.glob("*.safetensors")):
@@ -73,19 +78,21 @@ def write_streamed(path: str | Path, plan: Plan, folder: Path, compute_dtype: to
         if key in buffers:
             entries = {key: _buffer(weights, key, buffers[key])}
         else:
-            entries = _weight_entries(weights, key, planned.get(key), compute_dtype, device)
+            entries = _weight_entries(weights, key, planned.get(key), compute_dtype, device, reuse)
         shards.add({names[k]: t.detach().to("cpu").contiguous() for k, t in entries.items()})
     shards.close(model.num_parameters())
     _write_configs(model, plan, path, folder, compute_dtype)
 
 
 def _weight_entries(weights: DiskWeights, key: str, fmt: FourBit | None, dtype: torch.dtype,
-                    device: str | torch.device) -> dict[str, torch.Tensor]:
+                    device: str | torch.device, reuse: Reuse | None = None) -> dict[str, torch.Tensor]:
     """The tensors saved for one parameter: read and cast; in 4-bit (``fmt``), bitsandbytes' packed weight
-    quantized on ``device`` and its quant state."""
+    quantized on ``device`` (or made before from the same values: ``reuse``) and its quant state."""
     if fmt is None:
         return {key: weights.read(key, dtype)}
-    packed, state = fmt.quantize(weights.read(key, dtype, device))
+    values = weights.read(key, dtype, device)
+    made = reuse(key, fmt, values) if reuse is not None else None
+    packed, state = made if made is not None else fmt.quantize(values)
     return {key: packed, **{f"{key}.{part}": t for part, t in state.as_dict(packed=True).items()}}
 
 

@@ -98,7 +98,8 @@ def _steps(source, budget, out_dir: Path, checkpoint: Path, analyze_config: Anal
     with stage("export"):
         result = export(source, chosen, checkpoint, overwrite=overwrite, device=analyze_config.device,
                         compute_dtype=export_dtype(analyze_config),
-                        max_memory=parse_size(analyze_config.max_memory) if analyze_config.max_memory else None)
+                        max_memory=parse_size(analyze_config.max_memory) if analyze_config.max_memory else None,
+                        reuse=shared.export_reuse() if lend else None)
     print(export_summary(checkpoint, chosen, result))
     reports = {}
     if compare is not None:

@@ -53,6 +53,20 @@ class SharedModel:
         """Whether a step that wants the model in ``dtype`` on ``device`` can borrow this one."""
         return (dtype, str(device)) == (self.dtype, str(self.device))
 
+    def export_reuse(self):
+        """For the export (:func:`planner.export.export`'s ``reuse``): the packed weight the analysis made for a
+        weight key, where the values the export read are exactly those it was made from; None while no model is
+        loaded (nothing was made)."""
+        if self._model is None:
+            return None
+        params = dict(self._model.named_parameters(remove_duplicate=False))
+        packed = self.packed
+
+        def reuse(key: str, fmt, values):
+            weight = params.get(key)
+            return None if weight is None else packed.made_for(key.removesuffix(".weight"), fmt, weight, values)
+        return reuse
+
     def release(self) -> None:
         """Drop the model, its packed weights and kept states (the run's remaining steps do not need them)."""
         self._model = None

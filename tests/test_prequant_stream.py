@@ -153,3 +153,51 @@ def test_export_under_a_memory_cap_writes_shards_of_an_eighth_of_it(base_plan, t
             sizes = [f.get_slice(k).get_shape() for k in f.keys()]
         assert len(sizes) == 1 or shard.stat().st_size <= cap // 8 + 4096, shard.name  # a lone big tensor alone
     assert tensors(tmp_path / "capped").keys() == tensors(tmp_path / "whole").keys()
+
+
+@pytest.mark.parametrize("source_dtype, run_dtype, reused", [
+    ("bf16", "bf16", True),   # the default run: the analysis' packed weights are the export's
+    ("bf16", "fp32", True),   # --dtype fp32 of a bf16 model: the same values upcast; the quant state says bf16
+    ("fp32", "fp32", False),  # a float32 model written in bf16: the values differ, so it is quantized again
+])
+def test_a_runs_export_reuses_the_packed_weights_made_from_the_values_it_writes(
+        base_plan, tmp_path, monkeypatch, source_dtype, run_dtype, reused):
+    """The export takes the analysis' packed weight exactly where bitsandbytes would make the same bytes from what it
+    reads: the checkpoint is the one written without reuse, byte for byte, quant states included."""
+    from tiny import tiny_llama, word_tokenizer
+
+    from quantplan.shared_model import SharedModel
+
+    folder = tmp_path / "model"
+    model = tiny_llama(layers=2)  # bf16 values
+    if source_dtype == "fp32":  # values bf16 cannot hold
+        model = model.float()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.mul_(1 + 2.0 ** -12)
+    model.save_pretrained(folder)
+    word_tokenizer(256).save_pretrained(folder)
+    source = resolve_source(str(folder))
+    p = cycled(base_plan, source, head=NF4_BS32.name)
+    (tmp_path / "plain").mkdir()
+    write_streamed(folder, p, tmp_path / "plain", torch.bfloat16)
+
+    shared = SharedModel(source, run_dtype, "cpu")
+    loaded, formats = shared.get(), {NF4.name: NF4, NF4_BS32.name: NF4_BS32}
+    planned = {n: formats[t] for n, t in p.choices.items() if t != KEEP}
+    for name, fmt in planned.items():  # what the analysis leaves in the store
+        shared.packed.get(name, fmt, loaded.get_submodule(name).weight)
+    made = []
+    monkeypatch.setattr(type(NF4), "quantize", lambda self, w, real=type(NF4).quantize: made.append(w) or real(self, w))
+    (tmp_path / "reused").mkdir()
+    write_streamed(folder, p, tmp_path / "reused", torch.bfloat16, reuse=shared.export_reuse())
+
+    made = [w for w in made if w.shape[0] > 1]  # not the one-row probe of each format's state entries
+    assert len(made) == (0 if reused else len(planned))
+    plain, written = tensors(tmp_path / "plain"), tensors(tmp_path / "reused")
+    assert written.keys() == plain.keys()
+    for key, tensor in plain.items():
+        assert written[key].dtype == tensor.dtype and torch.equal(written[key], tensor), key
+    # the store still de-quantizes to the run's dtype (the scoreboard reads it after the export)
+    name, fmt = next(iter(planned.items()))
+    assert shared.packed.get(name, fmt, loaded.get_submodule(name).weight)[1].dtype == loaded.dtype

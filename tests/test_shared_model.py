@@ -18,7 +18,21 @@ def _load_stages(profile: dict) -> list[str]:
     return [s["name"] for s in profile["stages"] if s["name"] == "load model"]
 
 
-def test_a_whole_run_loads_the_16bit_model_once(tmp_path):
+def _hand_over(monkeypatch) -> list:
+    """Record the ``reuse`` each run hands its export (the analysis' packed weights, or None)."""
+    from quantplan import pipeline
+
+    handed, export = [], pipeline.export
+
+    def recorded(*args, reuse=None, **kwargs):
+        handed.append(reuse)
+        return export(*args, reuse=reuse, **kwargs)
+    monkeypatch.setattr(pipeline, "export", recorded)
+    return handed
+
+
+def test_a_whole_run_loads_the_16bit_model_once(tmp_path, monkeypatch):
+    handed = _hand_over(monkeypatch)
     folder = save_tiny_english(tmp_path / "model", layers=2)
     config = AnalyzeConfig(samples=4, seq_len=32, dtype="fp32", progress=False)
     compare = CompareConfig(samples=2, seq_len=32, dtype="fp32", report=ReportDepth.QUICK, progress=False)
@@ -27,6 +41,15 @@ def test_a_whole_run_loads_the_16bit_model_once(tmp_path):
     assert len(_load_stages(profile)) == 1  # analysis, verification and scoreboard shared one load
     assert {"analysis", "plan + verification", "export", "compare + report"} <= {
         s["name"] for s in profile["stages"] if s["depth"] == 0}
+    assert len(handed) == 1 and callable(handed[0])  # the export may take the analysis' packed weights
+
+
+def test_a_run_whose_model_is_released_before_the_export_hands_it_no_packed_weights(tmp_path, monkeypatch):
+    handed = _hand_over(monkeypatch)
+    folder = save_tiny_english(tmp_path / "model", layers=2)
+    config = AnalyzeConfig(samples=4, seq_len=32, dtype="fp32", progress=False)
+    run(str(folder), "+10%", tmp_path / "job", config, compare=None)
+    assert handed == [None]
 
 
 def test_a_scoreboard_in_another_dtype_loads_its_own(tmp_path):
