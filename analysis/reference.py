@@ -269,7 +269,8 @@ def compare_tokens(logits16: torch.Tensor | Logits16, logits: torch.Tensor, inpu
     reference = as_logits16(logits16)
     logp, logq = log_probs(reference, logits)
     targets = input_ids[:, 1:].to(logq.device).unsqueeze(-1)
-    return TokenComparison(token_kl(logp, logq), reference.top(logq.shape[-1], logq.device) == logq.argmax(-1),
+    return TokenComparison(token_kl(logp, logq, reference.probs(logq.shape[-1], logq.device)),
+                           reference.top(logq.shape[-1], logq.device) == logq.argmax(-1),
                            -logq[:, :-1].gather(-1, targets).squeeze(-1))
 
 
