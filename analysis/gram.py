@@ -108,6 +108,16 @@ class UpperGram:
         moved = self.data.to(device)
         return self if moved is self.data else UpperGram(moved, self.width)
 
+    def rounded(self, dtype: torch.dtype) -> UpperGram:
+        """This Gram matrix with its entries rounded once to ``dtype`` (the measurement's bf16 products,
+        :func:`quadratic_diag`: a copy of half its bytes, made once per module and format rather than per row chunk);
+        itself when already in ``dtype``. The copy is for reading only (never saved, resumed or added to)."""
+        if dtype == self.data.dtype:
+            return self
+        copy = object.__new__(UpperGram)
+        copy.data, copy.width = self.data.to(dtype), self.width
+        return copy
+
     def full(self) -> torch.Tensor:
         """The symmetric ``[width, width]`` matrix (a new tensor: width² floats)."""
         out = torch.empty(self.width, self.width, dtype=self.data.dtype, device=self.data.device)
@@ -144,8 +154,11 @@ def quadratic_diag(m: torch.Tensor, gram: UpperGram, product: torch.dtype = torc
       float32 inside the matmul. On SmolLM2's 210 Linears in bf16 (2048 tokens, AVX512-BF16 CPU, 1 thread) the
       measurement's quadratic forms took 0.89 s instead of 2.28 s for two formats; the module totals moved by 1.7e-4
       (median; 95th percentile 1.5e-3, max 2.5e-3) and a module's blocksize-64 minus blocksize-32 error by 4.7e-4
-      (median; max 7.2e-3): ten times below the sampled Fisher labels' own spread (benchmarks/README.md).
-    A ``gram`` on another device than ``m`` is copied over per call: callers with many row chunks move it once first.
+      (median; max 7.2e-3): ten times below the sampled Fisher labels' own spread (benchmarks/README.md). Measured on
+      a CPU; on a GPU, cuBLAS may also reduce in bf16 (torch's ``allow_bf16_reduced_precision_reduction``), as in
+      the Gram updates.
+    A ``gram`` on another device or in another dtype than the products is copied per call: callers with many row
+    chunks move it once first (:meth:`UpperGram.to`) and round it once (:meth:`UpperGram.rounded`).
     """
     if m.shape[-1] != gram.width:
         raise ValueError(f"a [{m.shape[0]}, {m.shape[-1]}] matrix has no quadratic form with a Gram matrix of "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import BYTES_16BIT, FourBit
-from .gram import UpperGram, product_dtype, quadratic_diag
+from .gram import UpperGram, product_dtype, quadratic_diag, upper_elements
 from .modules import ModuleInfo
 from .packed import PackedWeights
 from .probe import InputStats
@@ -33,11 +33,14 @@ CHUNK_ELEMENTS = 1 << 21
 ROUNDTRIP_BYTES_PER_PARAM = {"cpu": 15, "cuda": 4}
 
 
-def measure_work_bytes(params: int, device_type: str = "cpu", *, roundtrip: bool = True) -> int:
+def measure_work_bytes(params: int, device_type: str = "cpu", *, roundtrip: bool = True, width: int = 0) -> int:
     """Work space of :func:`measure_module` on a ``params``-element weight: one bitsandbytes round trip (unless
-    ``roundtrip=False``: a module only described, e.g. a tied embedding) and four float32 row chunks."""
+    ``roundtrip=False``: a module only described, e.g. a tied embedding), four float32 row chunks, and for an input
+    ``width`` > 0 its Gram matrix rounded to bf16 (:meth:`analysis.gram.UpperGram.rounded`; counted whatever the
+    dtype: the estimate errs high)."""
     per_param = ROUNDTRIP_BYTES_PER_PARAM.get(device_type, max(ROUNDTRIP_BYTES_PER_PARAM.values()))
-    return (params * per_param if roundtrip else 0) + 4 * 4 * min(params, CHUNK_ELEMENTS)
+    rounded_gram = 2 * upper_elements(width) if width else 0
+    return (params * per_param if roundtrip else 0) + 4 * 4 * min(params, CHUNK_ELEMENTS) + rounded_gram
 
 
 def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | None, formats,
@@ -152,7 +155,7 @@ class _DeltaErrors:
         product = product_dtype(weight)
         sample = stats.sample.to(weight.device, product) if measured and stats.sample is not None else None
         errors = cls(has_fisher=grad_sq is not None, has_sample=sample is not None)
-        gram = stats.gram.to(weight.device) if measured else None  # moved once, not per row chunk
+        gram = stats.gram.to(weight.device).rounded(product) if measured else None  # once, not per row chunk
         for w, r in zip(row_chunks(weight), row_chunks(restored), strict=True):
             delta = w.float() - r.float()
             errors.squares += _sum_squares(delta)
@@ -281,8 +284,8 @@ def input_columns(stats: InputStats | None) -> dict:
 
 def _output_energy(weight: torch.Tensor, stats: InputStats) -> float:
     """‖XWᵀ‖² = tr(W·G·Wᵀ) from the Gram matrix, one row chunk at a time."""
-    gram = stats.gram.to(weight.device)
     product = product_dtype(weight)
+    gram = stats.gram.to(weight.device).rounded(product)
     return sum(float(_per_output(chunk, gram, product).sum()) for chunk in row_chunks(weight))
 
 

@@ -6,8 +6,8 @@ the plan's format into the checkpoint, and the scoreboard simulates the report's
 (≈ 2.5 s of bitsandbytes' CPU ``quantize_4bit`` per format and pass on SmolLM2, most of it
 ``torch.bucketize``). :class:`PackedWeights` keeps the packed weight and quant state of each (module,
 format) the first time one is made, so the later steps de-quantize what the analysis quantized, and
-the export writes it (:meth:`PackedWeights.made_for`: only where the values it reads from disk are
-exactly those it was made from). The application layer owns one per loaded 16-bit model
+the export writes it (:meth:`PackedWeights.made_for`: only where the values it reads from disk equal the
+weight's it was made from). The application layer owns one per loaded 16-bit model
 (:class:`quantplan.shared_model.SharedModel`) and drops it with the model.
 
 Memory: a quarter of the 16-bit bytes of the quantized Linears per format, on the weights'
@@ -24,7 +24,6 @@ import copy
 import torch
 
 from .formats import FourBit
-
 
 #: elements compared at a time by :meth:`PackedWeights.made_for` (two float32 copies of this many)
 COMPARE_ELEMENTS = 1 << 22
@@ -46,12 +45,17 @@ class PackedWeights:
 
     def made_for(self, name: str, fmt: FourBit, weight: torch.Tensor, values: torch.Tensor) -> tuple | None:
         """The (packed weight, quant state) made before for module ``name`` from ``weight``, reused for ``values``: the
-        same parameter read again (the export reads it from disk, in the checkpoint's dtype). bitsandbytes quantizes
-        in float32, so it makes the same packed bytes from ``values`` exactly when their float32 values are the
-        weight's; the quant state is then a copy that de-quantizes to ``values``' dtype. None when nothing was made
-        from ``weight`` or any value differs (e.g. a float32 source run in bf16): the caller quantizes ``values``."""
+        same parameter read again (the export reads it from disk, in the checkpoint's dtype). bitsandbytes' CPU
+        ``quantize_4bit`` works on the float32 upcast, so it makes the same packed bytes from ``values`` exactly when
+        their float32 values are the weight's current ones; the quant state is then a copy that de-quantizes to
+        ``values``' dtype. On other devices bitsandbytes runs one kernel per dtype: values in another dtype than the
+        weight's are not taken there (not verified). None when nothing was made from ``weight`` or any value differs
+        (e.g. a float32 source run in bf16): the caller quantizes ``values``. As for :meth:`get`, an in-place edit of
+        the weight after it was packed is not detected."""
         made = self._entries.get((name, fmt))
         if made is None or made[0] != weight.data_ptr() or tuple(values.shape) != tuple(weight.shape):
+            return None
+        if values.dtype != weight.dtype and weight.device.type != "cpu":
             return None
         rows = max(1, COMPARE_ELEMENTS // max(1, weight[0].numel())) if weight.dim() else 1
         for mine, theirs in zip(weight.detach().split(rows), values.split(rows), strict=True):

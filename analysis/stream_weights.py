@@ -244,7 +244,7 @@ def stage_need(model: nn.Module, param_names: list[str], linears: list[str], bat
     stats = sum(upper_elements(s[1]) * 4 + s[1] * 4 * 257 + (s[0] * 4 if backward else 0) for s in shapes)
     params = dict(model.named_parameters(remove_duplicate=False))
     described = max((params[n].numel() for n in param_names if params[n].dim() == 2), default=0)
-    measure = max([measure_work_bytes(s[0] * s[1], device_type) for s in shapes]
+    measure = max([measure_work_bytes(s[0] * s[1], device_type, width=s[1]) for s in shapes]
                   + [measure_work_bytes(described, device_type, roundtrip=False)])  # every weight is described
     hidden, intermediate, heads = _widths(config)
     weights = stage_bytes(model, param_names)

@@ -55,8 +55,8 @@ class SharedModel:
 
     def export_reuse(self):
         """For the export (:func:`planner.export.export`'s ``reuse``): the packed weight the analysis made for a
-        weight key, where the values the export read are exactly those it was made from; None while no model is
-        loaded (nothing was made)."""
+        weight key, where the values the export read equal the loaded weight's (:meth:`PackedWeights.made_for`); None
+        while no model is loaded (nothing was made)."""
         if self._model is None:
             return None
         params = dict(self._model.named_parameters(remove_duplicate=False))

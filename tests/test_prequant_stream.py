@@ -187,8 +187,12 @@ def test_a_runs_export_reuses_the_packed_weights_made_from_the_values_it_writes(
     planned = {n: formats[t] for n, t in p.choices.items() if t != KEEP}
     for name, fmt in planned.items():  # what the analysis leaves in the store
         shared.packed.get(name, fmt, loaded.get_submodule(name).weight)
-    made = []
-    monkeypatch.setattr(type(NF4), "quantize", lambda self, w, real=type(NF4).quantize: made.append(w) or real(self, w))
+    made, quantize = [], type(NF4).quantize
+
+    def counted(fmt, weight):
+        made.append(weight)
+        return quantize(fmt, weight)
+    monkeypatch.setattr(type(NF4), "quantize", counted)
     (tmp_path / "reused").mkdir()
     write_streamed(folder, p, tmp_path / "reused", torch.bfloat16, reuse=shared.export_reuse())
 

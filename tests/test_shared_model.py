@@ -19,12 +19,21 @@ def _load_stages(profile: dict) -> list[str]:
 
 
 def _hand_over(monkeypatch) -> list:
-    """Record the ``reuse`` each run hands its export (the analysis' packed weights, or None)."""
+    """Record the ``reuse`` each run hands its export (the analysis' packed weights, or None), and each answer it
+    gives (a packed weight, or None) in ``handed[i].answers``."""
     from quantplan import pipeline
 
     handed, export = [], pipeline.export
 
     def recorded(*args, reuse=None, **kwargs):
+        if reuse is not None:
+            given = reuse
+
+            def reuse(key, fmt, values):
+                answer = given(key, fmt, values)
+                reuse.answers.append(answer)
+                return answer
+            reuse.answers = []
         handed.append(reuse)
         return export(*args, reuse=reuse, **kwargs)
     monkeypatch.setattr(pipeline, "export", recorded)
@@ -42,6 +51,23 @@ def test_a_whole_run_loads_the_16bit_model_once(tmp_path, monkeypatch):
     assert {"analysis", "plan + verification", "export", "compare + report"} <= {
         s["name"] for s in profile["stages"] if s["depth"] == 0}
     assert len(handed) == 1 and callable(handed[0])  # the export may take the analysis' packed weights
+
+
+def test_a_runs_menu_export_writes_the_analysis_packed_weights(tmp_path, monkeypatch):
+    """A plan in nf4-bs32 (no BitsAndBytesConfig realises it) is written by quantplan itself: every 4-bit weight the
+    export writes is the one the analysis packed, none quantized again."""
+    from quantplan.planner.config import PlanConfig
+
+    handed = _hand_over(monkeypatch)
+    folder = save_tiny_english(tmp_path / "model", layers=2)
+    config = AnalyzeConfig(samples=4, seq_len=32, dtype="fp32", progress=False)
+    compare = CompareConfig(samples=2, seq_len=32, dtype="fp32", report=ReportDepth.QUICK, progress=False)
+    result = run(str(folder), "+10%", tmp_path / "job", config, plan_config=PlanConfig(tiers=("nf4-bs32",)),
+                 compare=compare)
+    chosen = result["plan_obj"]
+    assert chosen.mixed_blocksizes
+    answers = handed[0].answers
+    assert len(answers) == len(chosen.choices) - len(chosen.kept) > 0 and all(a is not None for a in answers)
 
 
 def test_a_run_whose_model_is_released_before_the_export_hands_it_no_packed_weights(tmp_path, monkeypatch):
