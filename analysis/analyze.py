@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quantplan.common.batches import batch_to, model_device
+from quantplan.common.heap import release_if_grown
 from quantplan.common.profile import stage
 
 from .attention import attention_config
@@ -102,6 +103,7 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
             measured[position] = measure_module(info, weights[info.name + ".weight"], stats, formats,
                                                 reasons[info.name], grad_sq, energy.reference(info.name, stats),
                                                 packed)
+            release_if_grown()  # round-trip temporaries between the packed weights kept fragment glibc's heap
     rows = [row for module_rows in shard.gather(measured) for row in module_rows]
     for row in rows:
         row.update({c: float("nan") for c in CONTEXT_COLUMNS})

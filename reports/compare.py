@@ -18,7 +18,8 @@ The loop, in the order it runs:
 
 ``report=ReportDepth.QUICK`` (``--report quick``, ``run``'s default) leaves out what costs most
 beyond the scoreboard: the single-module checks of step 2, the random baseline's seeds after the
-first, and the generations; the report says so.
+first, the generations, and step 3's real load of all-4-bit (its row is step 2's simulation, which
+tests/test_reports.py checks against the real load); the report says so.
 
 With ``max_memory`` (``quantplan run --max-memory``) the 16-bit model is never loaded whole: the
 simulated variants of step 2 run block by block from disk (:mod:`reports.compare_capped`), the
@@ -81,6 +82,8 @@ QUICK_SKIPS = {
                  "forward per module): run with --report full to measure them",
     "seeds": "--report quick measures the random baseline with one seed (--report full: all seeds)",
     "generations": "skipped by --report quick (greedy generations of every variant): run with --report full",
+    "simulation check": "simulated (bitsandbytes round trip): --report quick skips its real bitsandbytes load, the "
+                        "check that the simulation matches it (--report full measures both)",
 }
 
 
@@ -179,6 +182,9 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         if keep.mixed_formats:
             rows.append(_row(keep, measured[i], "simulated"))
             rows[-1]["note"] = "per-module blocksizes: simulated (the exported checkpoint loads them)"
+        elif keep is uniform and options.report is ReportDepth.QUICK:
+            rows.append(_row(keep, measured[i], "simulated"))
+            rows[-1]["note"] = QUICK_SKIPS["simulation check"]
     meta["simulation_check"] = {"variant": uniform.label, "simulated_mean_kld": simulated_kld[uniform.label]}
     for i, keep in enumerate(heuristics, start=len(simulated)):
         rows.append(_row(keep, measured[i], "simulated"))
@@ -188,7 +194,9 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
     del cache
 
     # 3. real bitsandbytes loads, one at a time, each against the 16-bit logits made again per batch (step 2's hidden states)
-    quantized = [(all_int8(table), _int8_config()), (uniform, _uniform_config(uniform, fmt, dtype))]
+    quantized = [(all_int8(table), _int8_config())]
+    if options.report is ReportDepth.FULL:  # the simulation check: all-4-bit through a real load too
+        quantized.append((uniform, _uniform_config(uniform, fmt, dtype)))
     quantized += [(keep, bnb_config(p, dtype)) for keep, p in zip(dynamic, plans, strict=True)
                   if not keep.mixed_formats]
     for keep, config in quantized:

@@ -89,6 +89,11 @@ def test_a_tiny_run_writes_its_stage_profile_and_a_quick_report(tmp_path, capsys
     report = (tmp_path / "job" / "report.md").read_text()
     assert "--report quick" in report and "predicted-vs-measured" in report
     assert "predicted vs measured" not in names
+    # quick: all-4-bit is step 2's simulation, its real bitsandbytes load (the simulation check) left to --report full
+    nf4 = board.set_index("variant").loc["all-NF4"]
+    assert nf4["measured_with"].startswith("simulated") and "--report full" in nf4["note"] and nf4["mean_kld"] > 0
+    assert "bitsandbytes all-NF4" not in names and "bitsandbytes all-INT8 (bnb 8-bit)" in names
+    assert "Simulation check" not in report and "the simulation check" in report
 
 
 def test_a_parent_stage_keeps_the_gpu_peak_of_its_children_and_of_before_them(monkeypatch):
