@@ -283,10 +283,10 @@ def input_columns(stats: InputStats | None) -> dict:
 
 
 def _output_energy(weight: torch.Tensor, stats: InputStats) -> float:
-    """‖XWᵀ‖² = tr(W·G·Wᵀ) from the Gram matrix, one row chunk at a time."""
-    product = product_dtype(weight)
-    gram = stats.gram.to(weight.device).rounded(product)
-    return sum(float(_per_output(chunk, gram, product).sum()) for chunk in row_chunks(weight))
+    """‖XWᵀ‖² = tr(W·G·Wᵀ) from the Gram matrix, one row chunk at a time, in float32 products: the reference the
+    output errors are divided by, made once per module (where the calibration pass did not sum it: lm_head)."""
+    gram = stats.gram.to(weight.device)
+    return sum(float(_per_output(chunk, gram, torch.float32).sum()) for chunk in row_chunks(weight))
 
 
 def _per_output(m: torch.Tensor, gram: UpperGram, product: torch.dtype) -> torch.Tensor:
