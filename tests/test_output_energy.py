@@ -100,3 +100,15 @@ def test_quadratic_form_where_the_sum_cannot_stand_in():
     restored = OutputEnergy(model, names)
     restored.load_state({**energy.state(), "other::gradsq": torch.zeros(3)})
     assert restored.tokens == energy.tokens and math.isnan(restored.sums[names[1]])
+
+
+@pytest.mark.parametrize("shape", [(4, 257, 1536), (3, 1030, 576), (1000,)])
+def test_squared_sum_over_row_chunks_is_the_whole_sum(monkeypatch, shape):
+    """Σ y² over row chunks (no whole-batch float32 copy) is the float64 sum to 1e-6, whatever the chunk size."""
+    from quantplan.analysis import output_energy
+
+    y = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+    exact = float((y.double() ** 2).sum())
+    assert output_energy._squared_sum(y) == pytest.approx(exact, rel=1e-6)
+    monkeypatch.setattr(output_energy, "SQUARE_CHUNK_ELEMENTS", 1000)  # many chunks, a remainder in the last
+    assert output_energy._squared_sum(y) == pytest.approx(exact, rel=1e-6)
