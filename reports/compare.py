@@ -82,8 +82,9 @@ QUICK_SKIPS = {
                  "forward per module): run with --report full to measure them",
     "seeds": "--report quick measures the random baseline with one seed (--report full: all seeds)",
     "generations": "skipped by --report quick (greedy generations of every variant): run with --report full",
-    "simulation check": "simulated (bitsandbytes round trip): --report quick skips its real bitsandbytes load, the "
-                        "check that the simulation matches it (--report full measures both)",
+    "simulation check": "simulated (bitsandbytes round trip), as is the recovery every row is given against it: "
+                        "--report quick skips its real bitsandbytes load, the check that the simulation matches it "
+                        "(--report full measures both)",
 }
 
 
@@ -182,9 +183,10 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         if keep.mixed_formats:
             rows.append(_row(keep, measured[i], "simulated"))
             rows[-1]["note"] = "per-module blocksizes: simulated (the exported checkpoint loads them)"
-        elif keep is uniform and options.report is ReportDepth.QUICK:
-            rows.append(_row(keep, measured[i], "simulated"))
-            rows[-1]["note"] = QUICK_SKIPS["simulation check"]
+    simulated_uniform = None  # --report quick: all-4-bit's row is its simulation, added after step 3's rows
+    if options.report is ReportDepth.QUICK and not uniform.mixed_formats:
+        simulated_uniform = _row(uniform, measured[simulated.index(uniform)], "simulated")
+        simulated_uniform["note"] = QUICK_SKIPS["simulation check"]
     meta["simulation_check"] = {"variant": uniform.label, "simulated_mean_kld": simulated_kld[uniform.label]}
     for i, keep in enumerate(heuristics, start=len(simulated)):
         rows.append(_row(keep, measured[i], "simulated"))
@@ -195,7 +197,7 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
 
     # 3. real bitsandbytes loads, one at a time, each against the 16-bit logits made again per batch (step 2's hidden states)
     quantized = [(all_int8(table), _int8_config())]
-    if options.report is ReportDepth.FULL:  # the simulation check: all-4-bit through a real load too
+    if options.report is ReportDepth.FULL and not uniform.mixed_formats:  # the simulation check: a real load too
         quantized.append((uniform, _uniform_config(uniform, fmt, dtype)))
     quantized += [(keep, bnb_config(p, dtype)) for keep, p in zip(dynamic, plans, strict=True)
                   if not keep.mixed_formats]
@@ -208,6 +210,8 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
             meta["simulation_check"]["bitsandbytes_mean_kld"] = row.get("mean_kld", float("nan"))
         say(f"  {keep.label}: mean KLD {row.get('mean_kld', float('nan')):.6f}, "
             f"footprint {row['footprint_bytes']:,} bytes {row['note']}")
+    if simulated_uniform is not None:
+        rows.append(simulated_uniform)
 
     del model16, reference
     gc.collect()

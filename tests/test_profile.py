@@ -90,6 +90,7 @@ def test_a_tiny_run_writes_its_stage_profile_and_a_quick_report(tmp_path, capsys
     assert "--report quick" in report and "predicted-vs-measured" in report
     assert "predicted vs measured" not in names
     # quick: all-4-bit is step 2's simulation, its real bitsandbytes load (the simulation check) left to --report full
+    assert list(board["variant"][:3]) == ["16-bit", "all-INT8 (bnb 8-bit)", "all-NF4"]  # as a full report orders them
     nf4 = board.set_index("variant").loc["all-NF4"]
     assert nf4["measured_with"].startswith("simulated") and "--report full" in nf4["note"] and nf4["mean_kld"] > 0
     assert "bitsandbytes all-NF4" not in names and "bitsandbytes all-INT8 (bnb 8-bit)" in names
