@@ -59,7 +59,9 @@ class PackedWeights:
             return None
         rows = max(1, COMPARE_ELEMENTS // max(1, weight[0].numel())) if weight.dim() else 1
         for mine, theirs in zip(weight.detach().split(rows), values.split(rows), strict=True):
-            if not torch.equal(mine.float(), theirs.to(mine.device).float()):
+            theirs = theirs.to(mine.device)
+            same = torch.equal(mine, theirs) if mine.dtype == theirs.dtype else torch.equal(mine.float(), theirs.float())
+            if not same:
                 return None
         packed, state = made[1]
         state = copy.copy(state)  # the kept one still de-quantizes to the weight's dtype for the scoreboard
