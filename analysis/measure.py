@@ -86,10 +86,10 @@ def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | N
     return [rows[index] for index in range(len(formats))]
 
 
-def row_chunks(matrix: torch.Tensor):
-    """Consecutive blocks of output rows of ``matrix`` holding about :data:`CHUNK_ELEMENTS` elements each."""
+def row_chunks(matrix: torch.Tensor, elements: int = CHUNK_ELEMENTS):
+    """Consecutive blocks of output rows of ``matrix`` holding about ``elements`` elements each."""
     width = matrix[0].numel() if matrix.dim() > 1 and matrix.shape[0] else 1
-    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    step = max(1, elements // max(width, 1))
     for start in range(0, matrix.shape[0], step):
         yield matrix[start:start + step]
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .hooks import module_hooks
+from .measure import row_chunks
 from .probe import InputStats
 
 ENERGY_KEY, TOKENS_KEY = "energy", "energytokens"
@@ -119,9 +120,8 @@ def _squared_sum(outputs: torch.Tensor) -> float:
     SmolLM2's 1024 x 1536 MLP outputs) were fresh pages from the C library every call: 12.6 ms of page faults
     per MLP output per batch, 20x the arithmetic (measured in the calibration pass' profile, 2026-11-27)."""
     flat = outputs.reshape(-1, outputs.shape[-1]) if outputs.dim() > 1 else outputs.reshape(1, -1)
-    rows = max(1, SQUARE_CHUNK_ELEMENTS // max(1, flat.shape[1]))
     total = 0.0
-    for chunk in flat.split(rows):
+    for chunk in row_chunks(flat, SQUARE_CHUNK_ELEMENTS):
         values = chunk.float()
         total += float((values * values).sum())
     return total
