@@ -16,6 +16,7 @@ from .gram import UpperGram, product_dtype, quadratic_diag, upper_elements
 from .modules import ModuleInfo
 from .packed import PackedWeights
 from .probe import InputStats
+from .row_chunks import row_chunks
 
 #: an input channel is an outlier when its max |x| exceeds this multiple of the median channel's
 OUTLIER_FACTOR = 10.0
@@ -86,14 +87,6 @@ def measure_module(info: ModuleInfo, weight: torch.Tensor, stats: InputStats | N
     return [rows[index] for index in range(len(formats))]
 
 
-def row_chunks(matrix: torch.Tensor, elements: int = CHUNK_ELEMENTS):
-    """Consecutive blocks of output rows of ``matrix`` holding about ``elements`` elements each."""
-    width = matrix[0].numel() if matrix.dim() > 1 and matrix.shape[0] else 1
-    step = max(1, elements // max(width, 1))
-    for start in range(0, matrix.shape[0], step):
-        yield matrix[start:start + step]
-
-
 class _RoundTripGuard:
     """Flags a 4-bit round trip whose weight error is implausible next to the same quant type at blocksize 64."""
 
@@ -156,7 +149,7 @@ class _DeltaErrors:
         sample = stats.sample.to(weight.device, product) if measured and stats.sample is not None else None
         errors = cls(has_fisher=grad_sq is not None, has_sample=sample is not None)
         gram = stats.gram.to(weight.device).rounded(product) if measured else None  # once, not per row chunk
-        for w, r in zip(row_chunks(weight), row_chunks(restored), strict=True):
+        for w, r in zip(row_chunks(weight, CHUNK_ELEMENTS), row_chunks(restored, CHUNK_ELEMENTS), strict=True):
             delta = w.float() - r.float()
             errors.squares += _sum_squares(delta)
             errors.max_abs = max(errors.max_abs, _abs_max(delta))
@@ -239,9 +232,9 @@ def weight_moments(weight: torch.Tensor) -> WeightMoments:
     count = weight.numel()
     if count == 0:
         return WeightMoments(0, 0.0, 0.0, 0.0, 0.0)
-    mean = sum(_sum(c.float()) for c in row_chunks(weight)) / count
+    mean = sum(_sum(c.float()) for c in row_chunks(weight, CHUNK_ELEMENTS)) / count
     second = fourth = absmax = 0.0
-    for chunk in row_chunks(weight):
+    for chunk in row_chunks(weight, CHUNK_ELEMENTS):
         squared = (chunk.float() - mean).square_()
         second += _sum(squared)
         fourth += _sum(squared.square_())
@@ -286,7 +279,7 @@ def _output_energy(weight: torch.Tensor, stats: InputStats) -> float:
     """‖XWᵀ‖² = tr(W·G·Wᵀ) from the Gram matrix, one row chunk at a time, in float32 products: the reference the
     output errors are divided by, made once per module (where the calibration pass did not sum it: lm_head)."""
     gram = stats.gram.to(weight.device)
-    return sum(float(_per_output(chunk, gram, torch.float32).sum()) for chunk in row_chunks(weight))
+    return sum(float(_per_output(chunk, gram, torch.float32).sum()) for chunk in row_chunks(weight, CHUNK_ELEMENTS))
 
 
 def _per_output(m: torch.Tensor, gram: UpperGram, product: torch.dtype) -> torch.Tensor:

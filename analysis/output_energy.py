@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .hooks import module_hooks
-from .measure import row_chunks
 from .probe import InputStats
+from .row_chunks import row_chunks
 
 ENERGY_KEY, TOKENS_KEY = "energy", "energytokens"
 

@@ -24,6 +24,7 @@ import copy
 import torch
 
 from .formats import FourBit
+from .row_chunks import row_chunks
 
 #: elements compared at a time by :meth:`PackedWeights.made_for` (two float32 copies of this many)
 COMPARE_ELEMENTS = 1 << 22
@@ -57,8 +58,8 @@ class PackedWeights:
             return None
         if values.dtype != weight.dtype and weight.device.type != "cpu":
             return None
-        rows = max(1, COMPARE_ELEMENTS // max(1, weight[0].numel())) if weight.dim() else 1
-        for mine, theirs in zip(weight.detach().split(rows), values.split(rows), strict=True):
+        pairs = zip(row_chunks(weight.detach(), COMPARE_ELEMENTS), row_chunks(values, COMPARE_ELEMENTS), strict=True)
+        for mine, theirs in pairs:
             theirs = theirs.to(mine.device)
             same = torch.equal(mine, theirs) if mine.dtype == theirs.dtype else torch.equal(mine.float(), theirs.float())
             if not same:
