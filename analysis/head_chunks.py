@@ -159,7 +159,8 @@ class VariantRuns:
                     cache.set_quantized(names, self.formats[label])
                     if "lm_head" in names:  # its round trip, kept for the chunks
                         fmt = self._head_format(label)
-                        restored.setdefault(fmt, cache.restored("lm_head", fmt))
+                        if fmt not in restored:  # not ``setdefault``: that would de-quantize it every time
+                            restored[fmt] = cache.restored("lm_head", fmt)
                     hidden[label] = self.runs.run(self.order[label], partial(base_hidden, model, batch))
         cache.set_quantized(())  # every module 16-bit again; each variant's head weight below
         weights, bias = self._head_weights(restored), model.lm_head.bias

@@ -291,3 +291,19 @@ def test_the_scoreboard_holds_a_few_chunks_of_logits_at_a_time(monkeypatch):
     # twice the chunks, about as many tensors alive at once (3 results x 4 variants x 8 chunks = 96 more if each
     # chunk's were kept)
     assert two.most_alive - one.most_alive < 48, (one.most_alive, two.most_alive)
+
+
+def test_a_quantized_head_is_restored_once_per_format_and_batch(monkeypatch):
+    """Several variants round-trip lm_head in one format: its de-quantized weight is made once a batch for them all."""
+    monkeypatch.setattr(head_chunks, "chunk_size", lambda model: CHUNK)
+    model = tiny_llama(layers=LAYERS).float()
+    reference = KLReference(model, PaddedCalibration(seed=5), batch_size=4)
+    cache = QuantCache(model, NF4)
+    calls = []
+    restored = cache.restored
+    monkeypatch.setattr(cache, "restored", lambda name, fmt=None: calls.append((name, fmt)) or restored(name, fmt))
+    variants = _variants(model)
+    variants["head, again"] = ["lm_head"]  # a third variant with lm_head in the cache's format
+    InMemoryKLs(reference, cache)(variants)
+    heads = [fmt for name, fmt in calls if name == "lm_head"]
+    assert len(heads) == 2 * reference.count  # NF4 (three variants) and NF4_BS32 (one), each once a batch
