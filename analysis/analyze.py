@@ -287,10 +287,11 @@ def _fisher_backward(model, probe, device):
     activations fit :func:`analysis.micro_batches.activation_budget`; else the whole-batch loss."""
     if not plain_head(model):
         return loss_backward
-    budget, text = activation_budget(device), model.config.get_text_config()
+    text = model.config.get_text_config()
 
-    def backward(model, batch, device, seed):
-        sequences = sequences_per_micro_batch(text, batch["input_ids"].shape[-1], budget) if splittable(batch) else None
+    def backward(model, batch, device, seed):  # the budget read each batch: the first one allocates the statistics
+        sequences = (sequences_per_micro_batch(text, batch["input_ids"].shape[-1], activation_budget(device))
+                     if splittable(batch) else None)
         chunked_loss_backward(model, batch, device, probe, seed, sequences)
 
     return backward

@@ -21,8 +21,12 @@ import torch.distributed as dist
 
 
 def init_from_environment(device: str = "cpu") -> None:
-    """Join the process group a launcher (torchrun, accelerate launch) describes in the environment."""
+    """Join the process group a launcher (torchrun, accelerate launch) describes in the environment. On GPUs each
+    process takes the GPU of its ``LOCAL_RANK`` for ``--device cuda`` (no index): else every process would use
+    GPU 0, which NCCL refuses."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        if device == "cuda" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("gloo" if device == "cpu" else "nccl")
 
 
@@ -81,7 +85,7 @@ class Shard:
             stats = probe.stats[owner]
             dist.all_reduce(stats.gram.data, op=dist.ReduceOp.SUM)  # the same block layout on every rank
             dist.all_reduce(stats.channel_absmax, op=dist.ReduceOp.MAX)
-            counts = torch.tensor([stats.tokens, stats.nonfinite_tokens], dtype=torch.int64)
+            counts = torch.tensor([stats.tokens, stats.nonfinite_tokens], dtype=torch.int64, device=stats.gram.data.device)
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
             stats.tokens, stats.nonfinite_tokens = int(counts[0]), int(counts[1])
         samples = [{owner: probe.stats[owner].sample for owner in owners}]
@@ -110,7 +114,7 @@ class Shard:
 def _reduce_gradients(grads) -> None:
     for name in sorted(grads.sums):
         dist.all_reduce(grads.sums[name], op=dist.ReduceOp.SUM)
-        count = torch.tensor([grads.tokens.get(name, 0)], dtype=torch.int64)
+        count = torch.tensor([grads.tokens.get(name, 0)], dtype=torch.int64, device=grads.sums[name].device)
         dist.all_reduce(count, op=dist.ReduceOp.SUM)
         grads.tokens[name] = int(count[0])
 

@@ -194,12 +194,13 @@ def _chunked_batch(model, reference: KLReference, cache, sums: GainSums, quantiz
     vocabulary logits exist."""
     hidden16 = reference.hidden16(index, batch)
     head, seq_len = model.lm_head, hidden16.shape[1]
-    sequences = (sequences_per_micro_batch(model.config.get_text_config(), seq_len, activation_budget(model_device(model)))
-                 if splittable(batch) else len(hidden16))
     total = 0.0
     with cache.quantized(quantized, sums.formats), sums.context_hooks(cache, quantized), torch.enable_grad(), \
             sums.one_fold(cache, "lm_head"):
         weight16 = cache.original("lm_head") if "lm_head" in cache.modules else head.weight.detach()
+        budget = activation_budget(model_device(model))  # read here: the plan's de-quantized weights now exist
+        sequences = (sequences_per_micro_batch(model.config.get_text_config(), seq_len, budget)
+                     if splittable(batch) else len(hidden16))
         for offset, part in micro_batches(batch, sequences):
             hidden = base_hidden(model, part)
             first = offset // seq_len

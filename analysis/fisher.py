@@ -62,7 +62,8 @@ class GradientProbe:
     def commit_batch(self) -> None:
         """The backward pass finished: fold the batch into the totals."""
         for name, (squared, count) in self._pending.items():
-            self.sums[name] = self.sums[name] + squared if name in self.sums else squared
+            # a resumed sum was read onto the CPU (:meth:`load_state`): it joins the gradients' device here
+            self.sums[name] = self.sums[name].to(squared.device) + squared if name in self.sums else squared
             self.tokens[name] = self.tokens.get(name, 0) + count
         self._pending.clear()
 

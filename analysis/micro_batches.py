@@ -36,11 +36,14 @@ def sequence_activation_bytes(text_config, seq_len: int) -> int:
 
 def activation_budget(device) -> int:
     """Activation bytes one micro-batch may hold on ``device``: :data:`CPU_ACTIVATION_BUDGET` on the CPU, a quarter of
-    the free memory on a GPU."""
+    the free memory on a GPU, counting as free the blocks torch's allocator holds but no tensor uses (what the last
+    batch's activations left). Read it where the batch runs, after what else it needs is allocated (the statistics,
+    a plan's de-quantized weights)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * GPU_FREE_SHARE)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int((free + max(cached, 0)) * GPU_FREE_SHARE)
     return CPU_ACTIVATION_BUDGET
 
 

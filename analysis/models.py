@@ -61,7 +61,8 @@ AUTO_DTYPE = "auto"
 
 
 def resolve_dtype(name: str, device: str) -> str:
-    """``name``, or for ``auto`` the dtype the 16-bit model runs fastest in on ``device``: bf16 on a GPU and on
+    """``name``, or for ``auto`` the dtype the 16-bit model runs fastest in on ``device``: bf16 on any GPU (on one that
+    emulates bf16 matmuls too: float32 would double the weights' bytes on a card whose memory is the limit) and on
     CPUs that compute bf16 natively (oneDNN's check: AVX512-BF16/AMX on x86, Arm's bf16 extension); fp32 on
     other CPUs, where every bf16 matmul is emulated (7x slower than fp32 on the AVX2 CPUs of this project's
     machines). fp32 loses nothing: bf16 weights widen exactly, so the 16-bit model's function is computed more
@@ -69,13 +70,25 @@ def resolve_dtype(name: str, device: str) -> str:
     if name != AUTO_DTYPE:
         dtype_from_name(name)  # an unknown name fails here, with the choices
         return name
-    return "bf16" if computes_bf16(device) else "fp32"
+    return "bf16" if not str(device).startswith("cpu") or computes_bf16(device) else "fp32"
 
 
 def computes_bf16(device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices natively: a GPU, or a CPU oneDNN runs bf16 kernels on
-    (AVX512-BF16/AMX on x86, Arm's bf16 extension); elsewhere every bf16 matmul is emulated."""
-    return not str(device).startswith("cpu") or _cpu_computes_bf16()
+    """Whether ``device`` multiplies bf16 matrices natively: a GPU (NVIDIA from Ampere on: a T4 or V100 emulates
+    them), or a CPU oneDNN runs bf16 kernels on (AVX512-BF16/AMX on x86, Arm's bf16 extension); elsewhere every bf16
+    matmul is emulated."""
+    name = str(device)
+    if name.startswith("cpu"):
+        return _cpu_computes_bf16()
+    if name.startswith("cuda"):
+        return _cuda_computes_bf16(torch.device(name))
+    return True
+
+
+def _cuda_computes_bf16(device: torch.device) -> bool:
+    if not torch.cuda.is_available():
+        return True  # no GPU to ask: the answer of a GPU that has it (nothing runs there anyway)
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 @functools.cache

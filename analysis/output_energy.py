@@ -120,8 +120,8 @@ def _squared_sum(outputs: torch.Tensor) -> float:
     SmolLM2's 1024 x 1536 MLP outputs) were fresh pages from the C library every call: 12.6 ms of page faults
     per MLP output per batch, 20x the arithmetic (measured in the calibration pass' profile, 2026-11-27)."""
     flat = outputs.reshape(-1, outputs.shape[-1]) if outputs.dim() > 1 else outputs.reshape(1, -1)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)  # on the outputs' device: one GPU wait a call
     for chunk in row_chunks(flat, SQUARE_CHUNK_ELEMENTS):
         values = chunk.float()
-        total += float((values * values).sum())
-    return total
+        total += (values * values).sum()
+    return float(total)

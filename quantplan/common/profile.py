@@ -181,14 +181,16 @@ def _reset_peak() -> None:
         pass
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()
+        for index in range(torch.cuda.device_count()):  # the run's device need not be the current one (cuda:1)
+            torch.cuda.reset_peak_memory_stats(index)
 
 
 def _gpu_peak() -> int | None:
+    """The highest allocation peak of any GPU since :func:`_reset_peak` (one GPU per run: its peak); None without CUDA."""
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
-    return int(torch.cuda.max_memory_allocated())
+    return max(int(torch.cuda.max_memory_allocated(index)) for index in range(torch.cuda.device_count()))
 
 
 def anon_rss_bytes() -> int | None:
