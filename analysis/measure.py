@@ -143,26 +143,30 @@ class _DeltaErrors:
            grad_sq: torch.Tensor | None) -> _DeltaErrors:
         """Accumulate every statistic of ``weight − restored`` one row chunk at a time. The weight's error norm and
         max are float32; the output errors' products run in :func:`analysis.gram.product_dtype` of the weight (bf16 for
-        a bf16 weight on bf16 hardware: ΔW and the sampled inputs rounded once, module totals within ~1e-3)."""
+        a bf16 weight on bf16 hardware: ΔW and the sampled inputs rounded once, module totals within ~1e-3). The totals
+        stay on the weight's device until the end: on a GPU one wait per round trip, not several per row chunk."""
         measured = stats is not None and stats.tokens > 0
         product = product_dtype(weight)
         sample = stats.sample.to(weight.device, product) if measured and stats.sample is not None else None
         errors = cls(has_fisher=grad_sq is not None, has_sample=sample is not None)
         gram = stats.gram.to(weight.device).rounded(product) if measured else None  # once, not per row chunk
+        squares, max_abs, output, fisher, sample_max = torch.zeros(5, dtype=torch.float64, device=weight.device)
         for w, r in zip(row_chunks(weight, CHUNK_ELEMENTS), row_chunks(restored, CHUNK_ELEMENTS), strict=True):
             delta = w.float() - r.float()
-            errors.squares += _sum_squares(delta)
-            errors.max_abs = max(errors.max_abs, _abs_max(delta))
+            squares = squares + _sum(delta.square())
+            max_abs = torch.maximum(max_abs, _abs_max(delta))
             if measured:
                 low = delta.to(product)
                 per_output = _per_output(low, gram, product)
-                errors.output += float(per_output.sum())
+                output = output + per_output.sum()
                 if grad_sq is not None:
                     rows = grad_sq[errors.rows:errors.rows + delta.shape[0]]
-                    errors.fisher += float((per_output * rows.to(per_output)).sum())
+                    fisher = fisher + (per_output * rows.to(per_output)).sum()
                 if sample is not None:
-                    errors.sample_max = max(errors.sample_max, _abs_max(sample @ low.T))
+                    sample_max = torch.maximum(sample_max, _abs_max(sample @ low.T))
             errors.rows += delta.shape[0]
+        totals = torch.stack([squares, max_abs, output, fisher, sample_max]).tolist()
+        errors.squares, errors.max_abs, errors.output, errors.fisher, errors.sample_max = totals
         return errors
 
     def columns(self, weight_norm: float, stats: InputStats | None, reference: float) -> dict:
@@ -232,30 +236,28 @@ def weight_moments(weight: torch.Tensor) -> WeightMoments:
     count = weight.numel()
     if count == 0:
         return WeightMoments(0, 0.0, 0.0, 0.0, 0.0)
-    mean = sum(_sum(c.float()) for c in row_chunks(weight, CHUNK_ELEMENTS)) / count
-    second = fourth = absmax = 0.0
+    zero = torch.zeros((), dtype=torch.float64, device=weight.device)  # totals on the weight's device (see _DeltaErrors)
+    mean = float(sum((_sum(c.float()) for c in row_chunks(weight, CHUNK_ELEMENTS)), zero)) / count
+    second = fourth = absmax = zero
     for chunk in row_chunks(weight, CHUNK_ELEMENTS):
         squared = (chunk.float() - mean).square_()
-        second += _sum(squared)
-        fourth += _sum(squared.square_())
-        absmax = max(absmax, _abs_max(chunk))
+        second = second + _sum(squared)
+        fourth = fourth + _sum(squared.square_())
+        absmax = torch.maximum(absmax, _abs_max(chunk))
+    second, fourth, absmax = torch.stack([second, fourth, absmax]).tolist()
     return WeightMoments(count, mean, second, fourth, absmax)
 
 
-def _sum(chunk: torch.Tensor) -> float:
-    """Σ of a row chunk: float32 sums along its rows, float64 across them (as accurate, a third of the time)."""
-    return float(chunk.sum(dim=-1).sum(dtype=torch.float64))
+def _sum(chunk: torch.Tensor) -> torch.Tensor:
+    """Σ of a row chunk as a float64 scalar tensor: float32 sums along its rows, float64 across them (as accurate, a
+    third of the time)."""
+    return chunk.sum(dim=-1).sum(dtype=torch.float64)
 
 
-def _sum_squares(chunk: torch.Tensor) -> float:
-    """Σ x² of a float row chunk (see :func:`_sum`)."""
-    return _sum(chunk.square())
-
-
-def _abs_max(chunk: torch.Tensor) -> float:
-    """max |x| of a non-empty chunk from its min and max (no |x| copy)."""
+def _abs_max(chunk: torch.Tensor) -> torch.Tensor:
+    """max |x| of a non-empty chunk from its min and max (no |x| copy), as a float64 scalar tensor (exact)."""
     low, high = torch.aminmax(chunk)
-    return max(-float(low), float(high))
+    return torch.maximum(-low, high).double()
 
 
 def input_columns(stats: InputStats | None) -> dict:
@@ -279,7 +281,10 @@ def _output_energy(weight: torch.Tensor, stats: InputStats) -> float:
     """‖XWᵀ‖² = tr(W·G·Wᵀ) from the Gram matrix, one row chunk at a time, in float32 products: the reference the
     output errors are divided by, made once per module (where the calibration pass did not sum it: lm_head)."""
     gram = stats.gram.to(weight.device)
-    return sum(float(_per_output(chunk, gram, torch.float32).sum()) for chunk in row_chunks(weight, CHUNK_ELEMENTS))
+    total = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for chunk in row_chunks(weight, CHUNK_ELEMENTS):
+        total = total + _per_output(chunk, gram, torch.float32).sum()
+    return float(total)
 
 
 def _per_output(m: torch.Tensor, gram: UpperGram, product: torch.dtype) -> torch.Tensor:
