@@ -267,11 +267,13 @@ def input_columns(stats: InputStats | None) -> dict:
                 "input_outlier_channels": 0, "tokens": 0,
                 "nonfinite_tokens": stats.nonfinite_tokens if stats else 0}
     absmax = stats.channel_absmax.float()
-    median = absmax.median().item()
+    median = absmax.median()
+    outliers = (absmax > OUTLIER_FACTOR * median).sum()
+    median, largest, outliers = torch.stack([median, absmax.max(), outliers.float()]).tolist()  # one GPU wait
     return {
-        "input_max_abs": absmax.max().item(),
-        "input_outlier_ratio": absmax.max().item() / median if median > 0 else float("inf"),
-        "input_outlier_channels": int((absmax > OUTLIER_FACTOR * median).sum()),
+        "input_max_abs": largest,
+        "input_outlier_ratio": largest / median if median > 0 else float("inf"),
+        "input_outlier_channels": int(outliers),
         "tokens": stats.tokens,
         "nonfinite_tokens": stats.nonfinite_tokens,
     }
