@@ -20,13 +20,20 @@ import torch
 import torch.distributed as dist
 
 
+def bind_local_gpu(device: str) -> None:
+    """Under a launcher (torchrun, accelerate launch) with ``--device cuda`` (no index), make ``cuda`` this process's
+    GPU, that of its ``LOCAL_RANK``: else every process would use GPU 0, which NCCL refuses. Called before anything
+    touches CUDA (``--max-memory auto`` reads the free memory of ``cuda``), and again by
+    :func:`init_from_environment`; an explicit index is the user's choice."""
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
 def init_from_environment(device: str = "cpu") -> None:
-    """Join the process group a launcher (torchrun, accelerate launch) describes in the environment. On GPUs each
-    process takes the GPU of its ``LOCAL_RANK`` for ``--device cuda`` (no index): else every process would use
-    GPU 0, which NCCL refuses."""
+    """Join the process group a launcher (torchrun, accelerate launch) describes in the environment, each process on
+    its own GPU (:func:`bind_local_gpu`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
-        if device == "cuda" and "LOCAL_RANK" in os.environ:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        bind_local_gpu(device)
         dist.init_process_group("gloo" if device == "cpu" else "nccl")
 
 
@@ -76,6 +83,8 @@ class Shard:
         if self.world == 1:
             return
         owners = sorted(probe.stats)
+        if dist.get_backend() == "nccl":  # statistics resumed onto the CPU, no batch run since: NCCL takes GPU tensors
+            _to_gpu(probe, grads)
         everyone = [None] * self.world
         dist.all_gather_object(everyone, (owners, dict(probe.owner), sorted(grads.sums) if grads else []))
         if any(other != everyone[0] for other in everyone):
@@ -109,6 +118,15 @@ class Shard:
         dist.all_gather_object(everyone, measured)
         merged = {i: rows for part in everyone for i, rows in part.items()}
         return [merged[i] for i in sorted(merged)]
+
+
+def _to_gpu(probe, grads) -> None:
+    """Move every statistic to this process's GPU in place (a no-op for those already there)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    for stats in probe.stats.values():
+        stats.move_to(device)
+    if grads:
+        grads.sums = {name: s.to(device) for name, s in grads.sums.items()}
 
 
 def _reduce_gradients(grads) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from quantplan.analysis import analyze, load_model, resolve_source
 from quantplan.analysis.config import AnalyzeConfig, calibration_of
-from quantplan.analysis.distributed import init_from_environment, is_main_process
+from quantplan.analysis.distributed import bind_local_gpu, init_from_environment, is_main_process
 from quantplan.analysis.kept_hidden import KeptHidden
 from quantplan.analysis.models import ModelSource, dtype_from_name
 from quantplan.analysis.summary import summarize
@@ -49,6 +49,7 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     end_to_end = end_to_end or EndToEnd()
     parse_budget(budget)  # a malformed budget fails before anything is loaded
     source = resolve_source(model_spec)
+    bind_local_gpu(analyze_config.device)  # before --max-memory auto reads a GPU's free memory
     analyze_config = choose_max_memory(source, analyze_config)
     out_dir = Path(out_dir or f"./{source.short_name}-dynamic-bnb-4bit")
     checkpoint = out_dir / "checkpoint"
@@ -158,6 +159,7 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
     """Measure a model (or reuse the matching table already in ``out_dir``); ``max_memory="auto"`` streams it
     when the estimated in-memory peak exceeds the available memory (:mod:`quantplan.dry_run`). ``shared``: the
     run's 16-bit model, borrowed instead of loaded (and kept for the steps after)."""
+    bind_local_gpu(config.device)  # before --max-memory auto reads a GPU's free memory
     config = choose_max_memory(source, config)
     formats = config.format_values()
     calibration = calibration_of(source, config)

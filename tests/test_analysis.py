@@ -222,3 +222,18 @@ def test_sampled_targets_are_the_same_in_chunks_and_follow_the_distribution():
     drawn = sample_targets(peaked, sampling_uniforms(2000, "cpu", seed=0))
     assert set(drawn[1000:].tolist()) == {2}
     assert 400 < int((drawn[:1000] == 4).sum()) < 600 and set(drawn[:1000].tolist()) == {2, 4}
+
+
+def test_a_nan_weight_entry_gives_nan_errors_not_the_other_chunks_max(monkeypatch):
+    """A NaN in a later row chunk makes the max errors NaN: a max over chunks must not skip it (Python's ``max``
+    did, reporting the other chunks' finite max)."""
+    import math
+
+    from quantplan.analysis import measure
+
+    monkeypatch.setattr(measure, "CHUNK_ELEMENTS", 8)  # two rows of 4 per chunk
+    weight = torch.randn(6, 4)
+    weight[5, 1] = float("nan")  # in the last chunk
+    errors = measure._DeltaErrors.of(weight, torch.zeros_like(weight), None, None)
+    assert math.isnan(errors.max_abs) and math.isnan(errors.norm)
+    assert math.isnan(measure.weight_moments(weight).absmax)

@@ -88,3 +88,14 @@ def test_a_resumed_fisher_sum_joins_the_gradients_device():
     probe._pending["x"] = (torch.ones(3, device="meta"), 2)
     probe.commit_batch()
     assert probe.sums["x"].device.type == "meta" and probe.tokens["x"] == 6
+
+
+@pytest.mark.parametrize("world, expected", [("2", [1]), ("1", [])])
+def test_a_launched_process_binds_its_gpu_before_anything_asks_cuda(monkeypatch, world, expected):
+    """``quantplan run`` binds it first: ``--max-memory auto`` reads the free memory of ``cuda`` before the analysis."""
+    chosen = []
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    distributed.bind_local_gpu("cuda")
+    assert chosen == expected
