@@ -150,9 +150,11 @@ def main(argv=None) -> None:
 
 def _heldback(model, calibration, args):
     """The calibration batches after the end-to-end ones, which choose between a refined and the first plan as in
-    ``quantplan run`` (None with all batches end to end)."""
+    ``quantplan run`` (None with all batches end to end, or none left after them: the refined plan then ships)."""
     batches = args.end_to_end_batches
-    return None if batches is None else KLReference(model, calibration, 4, batches, first_batch=batches)
+    if batches is None or calibration.num_batches(4) <= batches:
+        return None
+    return KLReference(model, calibration, 4, batches, first_batch=batches)
 
 
 def _end_to_end(rounds, table, budget, model, calibration, checks):
