@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 
 import pytest
@@ -10,6 +11,16 @@ from tiny import save_tiny
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def sigint_delivered():
+    """Ctrl-C as in a terminal. A suite started in the background (``nohup``, ``&`` without job control) inherits SIGINT
+    ignored, which the analysis rightly leaves ignored (``analysis.interrupts``); the tests that press Ctrl-C
+    (``os.kill(pid, SIGINT)``) need it delivered."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")
