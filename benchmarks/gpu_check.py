@@ -10,7 +10,10 @@ a fresh child process:
    GPU: analysis, verification, export, report); both measure the default blocksize menu (NF4 at
    blocksize 64 and 32), so the tables and the per-module formats compare;
 3. a reload of the exported checkpoint with plain ``from_pretrained(device_map=DEVICE)`` and
-   a few greedy tokens (its blocksizes: both menu entries when the plan uses both).
+   a few greedy tokens (its blocksizes: both menu entries when the plan uses both);
+4. the Fisher analysis of the menu stopped by Ctrl-C after its second batch and continued with
+   ``--resume`` (the saved statistics are read onto the CPU, the next batches run on the GPU): the
+   resumed table against an uninterrupted one, column by column.
 
 It records each run's stage profile (seconds, peak resident memory, peak GPU memory
 allocated), the largest relative difference between the streamed and the in-memory tables
@@ -94,6 +97,7 @@ def main(argv=None) -> int:
             steps.cli(f"run streamed (--max-memory {cap})", [str(folder), "--out", str(streamed), "--max-memory", cap,
                                                              *common], streamed)
             steps.run("reload + generate", ["reload", str(memory / "checkpoint"), args.device])
+            steps.run("Ctrl-C + --resume", ["resume", str(folder), args.device, str(args.samples), str(args.seq_len)])
             result["models"][name] = {"shape": shape, "max_memory": cap, "budget": budget, "steps": steps.done,
                                       "agreement": _agreement(memory, streamed)}
             print(json.dumps({name: result["models"][name]}, indent=1), flush=True)
@@ -194,6 +198,57 @@ def child_reload(checkpoint: str, device: str) -> dict:
     return {"linear4bit": len(four_bit), "blocksizes": blocksizes, "footprint_bytes": model.get_memory_footprint(),
             "generated_tokens": int(out.shape[1] - inputs["input_ids"].shape[1]),
             "device": str(next(model.parameters()).device)}
+
+
+def child_resume(folder: str, device: str, samples: str, seq_len: str) -> dict:
+    """The default analysis (Fisher, the blocksize menu) on ``device``, stopped by Ctrl-C during its second batch and
+    resumed; the largest relative difference per score column against an uninterrupted run, and the batches saved."""
+    import signal
+
+    import numpy as np
+    import torch
+
+    from quantplan.analysis import (
+        analyze,
+        load_calibration,
+        load_model,
+        load_processor,
+        parse_formats,
+        resolve_source,
+    )
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # delivered even if this process was started ignoring it
+    source = resolve_source(folder)
+    model = load_model(source, dtype=torch.bfloat16, device=device)
+    calibration = load_calibration(load_processor(source), None, int(samples), int(seq_len))
+    common = {"batch_size": 4, "progress": False, "fisher": True, "model_fingerprint": source.fingerprint}
+    formats = parse_formats("nf4,nf4-bs32")
+    whole = analyze(model, calibration, formats, **common).df
+    calls = []
+
+    def press_ctrl_c(module, args, output):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handle = model.model.layers[0].register_forward_hook(press_ctrl_c)
+    with tempfile.TemporaryDirectory(prefix="quantplan-resume-") as out:
+        try:
+            analyze(model, calibration, formats, out_dir=out, checkpoint_seconds=0, **common)
+            stopped = False
+        except KeyboardInterrupt:
+            stopped = True
+        handle.remove()
+        saved = json.loads((Path(out) / "partial" / "state.json").read_text()).get("batches_done") if stopped else None
+        resumed = analyze(model, calibration, formats, out_dir=out, resume=True, **common).df
+    columns = ["weight_rel_error", "output_rel_error", "output_mse", "output_fisher_error"]
+    differences = {}
+    for column in columns:
+        a, b = whole[column].to_numpy(float), resumed[column].to_numpy(float)
+        both = np.isfinite(a) & np.isfinite(b)
+        differences[column] = float(np.max(np.abs(a[both] - b[both]) / np.maximum(np.abs(a[both]), 1e-30)))
+    return {"stopped": stopped, "batches_saved": saved, "batches": calibration.num_batches(4),
+            "same_rows": list(whole["name"]) == list(resumed["name"]), "max_rel_difference": differences}
 
 
 def child_measure_work(device: str) -> dict:

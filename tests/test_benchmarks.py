@@ -131,14 +131,18 @@ def test_streaming_fisher(tmp_path, tiny_model):
 
 
 def test_gpu_check(tmp_path):
-    """The GPU check script's CPU smoke run: in-memory and streamed runs agree, the export reloads."""
+    """The GPU check script's CPU smoke run: in-memory and streamed runs agree, the export reloads, a Ctrl-C'd
+    analysis resumes to the uninterrupted table."""
     result = run_benchmark("gpu_check.py", tmp_path / "gpu.json", "--device", "cpu", "--shape", "tiny", "--models",
-                           "smol", "--samples", "2", "--seq-len", "16", "--no-compare")
+                           "smol", "--samples", "12", "--seq-len", "16", "--no-compare")
     model = result["models"]["smol"]
     assert all(step["ok"] for step in model["steps"].values()), model["steps"]
     assert model["agreement"]["same_plan"] and model["agreement"]["other_columns_equal"]
     assert max(model["agreement"]["max_rel_difference"].values()) < 1e-4
     assert model["steps"]["reload + generate"]["linear4bit"] > 0
+    resume = model["steps"]["Ctrl-C + --resume"]
+    assert resume["stopped"] and 0 < resume["batches_saved"] < resume["batches"] == 3 and resume["same_rows"]
+    assert max(resume["max_rel_difference"].values()) < 1e-6
     assert "analysis" in {s["name"] for s in model["steps"]["run in memory"]["profile"]["stages"]}
 
 
