@@ -11,7 +11,7 @@ a fresh child process:
    blocksize 64 and 32), so the tables and the per-module formats compare;
 3. a reload of the exported checkpoint with plain ``from_pretrained(device_map=DEVICE)`` and
    a few greedy tokens (its blocksizes: both menu entries when the plan uses both);
-4. the Fisher analysis of the menu stopped by Ctrl-C after its second batch and continued with
+4. the Fisher analysis of the menu stopped by Ctrl-C in its first batches and continued with
    ``--resume`` (the saved statistics are read onto the CPU, the next batches run on the GPU): the
    resumed table against an uninterrupted one, column by column.
 
@@ -201,8 +201,9 @@ def child_reload(checkpoint: str, device: str) -> dict:
 
 
 def child_resume(folder: str, device: str, samples: str, seq_len: str) -> dict:
-    """The default analysis (Fisher, the blocksize menu) on ``device``, stopped by Ctrl-C during its second batch and
-    resumed; the largest relative difference per score column against an uninterrupted run, and the batches saved."""
+    """The default analysis (Fisher, the blocksize menu) on ``device``, stopped by Ctrl-C at the second forward of its
+    first layer (the second batch, or the first one's second micro-batch) and resumed; the largest relative difference
+    per score column against an uninterrupted run, and the batches saved."""
     import signal
 
     import numpy as np
