@@ -20,7 +20,7 @@ def sigint_delivered():
     (``os.kill(pid, SIGINT)``) need it delivered."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
-    signal.signal(signal.SIGINT, previous)
+    signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
 
 
 @pytest.fixture(scope="session")

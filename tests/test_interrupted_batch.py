@@ -166,3 +166,15 @@ def test_one_gram_per_input_and_no_second_copy(monkeypatch):
     analyze(model, random_calibration(samples=6, seq_len=SEQ), [NF4], progress=False, batch_size=BATCH)
     assert seen["inputs"] == 9  # per layer q/k/v, o, gate/up, down; and the lm_head
     assert seen["allocations"] == seen["inputs"]
+
+
+def test_an_ignored_ctrl_c_stays_ignored(tmp_path):
+    """A run started in the background (``nohup``, ``&`` without job control) ignores SIGINT: the pass must not
+    install its handler over that, so a Ctrl-C meant for the terminal's foreground job does not stop it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the suite's fixture restores Ctrl-C afterwards
+    model = tiny_llama()
+    model.model.layers[0].register_forward_hook(AtBatch(2, _send(signal.SIGINT)))
+    table = analyze(model, random_calibration(samples=6), [NF4], batch_size=BATCH, out_dir=tmp_path,
+                    checkpoint_seconds=1e9, progress=False)
+    assert len(table.df) and not (tmp_path / "partial").exists()  # ran to the end
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
