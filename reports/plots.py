@@ -44,7 +44,7 @@ def plot_layer_errors(table, fmt: str | None = None, column: str = "output_rel_e
         for _, r in flagged.iterrows():
             ax.annotate(r["module_type"], (r["layer"], r[column]), textcoords="offset points", xytext=(4, 6),
                         fontsize=7, color="red")
-        ax.set_yscale("log")
+        _log_scale_or_note(ax, part[column])
         ax.set_title(TITLES.get(group, group))
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -89,7 +89,7 @@ def plot_input_outliers(table) -> Figure:
             ax = axes[row][col]
             for name, series in _shared_inputs(part, column).items():
                 ax.plot(series.index, series.values, marker=".", lw=1.2, label=name)
-            ax.set_yscale("log")
+            _log_scale_or_note(ax, part[column])
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             if col == 0:
@@ -98,7 +98,8 @@ def plot_input_outliers(table) -> Figure:
                 ax.set_title(TITLES.get(group, group))
             else:
                 ax.set_xlabel("layer")
-        axes[0][col].legend(fontsize=7, ncols=2)
+        if axes[0][col].get_legend_handles_labels()[0]:  # no line where nothing was measured
+            axes[0][col].legend(fontsize=7, ncols=2)
     fig.suptitle("Input outliers per layer (modules reading the same input share a line)")
     return fig
 
@@ -144,6 +145,23 @@ def plot_pareto(pareto: pd.DataFrame, scoreboard: pd.DataFrame | None = None, pl
         ax.legend(fontsize=8)
     fig.suptitle("Pareto curve: bytes vs predicted error, with measured KLD")
     return fig
+
+
+def _measured(values: pd.Series) -> bool:
+    """Whether any value is positive and finite: a group no calibration token reached (a VLM's vision tower
+    under ``--text-only``) has only NaN activation statistics."""
+    values = pd.to_numeric(values, errors="coerce")
+    return bool(((values > 0) & np.isfinite(values)).any())
+
+
+def _log_scale_or_note(ax, values: pd.Series) -> None:
+    """A log y-axis where ``values`` has something to show, else a note on the empty panel (matplotlib refuses a
+    log scale over no positive value)."""
+    if _measured(values):
+        ax.set_yscale("log")
+        return
+    ax.text(0.5, 0.5, "not measured:\nno calibration token reached\nthese modules (text-only data?)",
+            transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.4")
 
 
 def _padded(low: float, high: float, share: float = 0.08) -> tuple[float, float]:

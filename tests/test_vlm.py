@@ -21,6 +21,7 @@ from quantplan.analysis.vision import calibration_for_model, process_pair
 from quantplan.planner import export, plan
 from quantplan.planner.priors import kept_by, rule_priors
 from quantplan.planner.reasons import Reason, ReasonKind
+from quantplan.reports import plots
 
 #: per architecture: Linear count per group, one live module name per group, a checkpoint key prefix
 ARCHITECTURES = {
@@ -125,9 +126,15 @@ def test_text_only_calibration_of_a_vlm(tmp_path):
     model = load_model(source)
     calibration = calibration_for_model(model.config, load_processor(source), text_only=True, samples=2, seq_len=16)
     assert calibration.input_ids.shape == (2, 16)
-    rows = analyze(model, calibration, [NF4], progress=False).modules().set_index("name")
+    table = analyze(model, calibration, [NF4], progress=False)
+    rows = table.modules().set_index("name")
     assert rows.loc["model.visual.blocks.0.attn.qkv", "tokens"] == 0  # ranked by weight error instead
     assert rows.loc["model.language_model.layers.0.mlp.down_proj", "tokens"] == 32
+    # the report's plots: the tower's panels say it was not measured (a log scale over NaN only raised)
+    for figure in (plots.plot_layer_errors(table), plots.plot_input_outliers(table)):
+        notes = [t.get_text() for ax in figure.axes for t in ax.texts if t.get_text().startswith("not measured")]
+        assert len(notes) == (1 if len(figure.axes) == 2 else 2)
+        assert plots.save_figure(figure, tmp_path, "plot")["png"].stat().st_size > 0
 
 
 def test_odd_vision_dims_are_kept_16bit_not_a_crash(tmp_path):
