@@ -134,10 +134,14 @@ class DiskWeights:
 
     def key(self, name: str) -> str:
         """The checkpoint key that holds the live parameter ``name`` (or one it is tied to)."""
-        for live in [name, *self.aliases.get(name, [])]:
+        lives = [name, *self.aliases.get(name, [])]
+        for live in lives:
             for key in (live, self.saved.get(live)):
                 if key in self.files:
                     return key
+        if not any(live in self.saved for live in lives):
+            raise StreamingUnsupported(f"weight {name} is saved split or merged with others (as transformers saves "
+                                       "fused MoE experts: one tensor per expert), which the stream cannot read")
         raise StreamingUnsupported(f"weight {name} is not in the checkpoint's safetensors files")
 
 
@@ -191,8 +195,22 @@ def saved_names(model: nn.Module, names: list[str]) -> dict[str, str]:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers 4: the live names are the saved names
         return {n: n for n in names}
-    saved = revert_weight_conversion(model, {n: torch.tensor(i) for i, n in enumerate(names)})
-    return {names[int(v)]: k for k, v in saved.items() if torch.is_tensor(v) and v.dim() == 0}
+
+    def traced(part: list[str]) -> dict[str, str]:
+        saved = revert_weight_conversion(model, {n: torch.tensor(names.index(n)) for n in part})
+        return {names[int(v)]: k for k, v in saved.items() if torch.is_tensor(v) and v.dim() == 0}
+
+    try:
+        return traced(names)
+    except (IndexError, RuntimeError, ValueError):  # a split (fused MoE experts, saved per expert) fails on an index
+        pass
+    mapped: dict[str, str] = {}
+    for name in names:  # key by key, leaving out the ones the reversal splits
+        try:
+            mapped.update(traced([name]))
+        except (IndexError, RuntimeError, ValueError):
+            continue
+    return mapped
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:

@@ -189,7 +189,7 @@ def _write_menu(source: ModelSource, plan: Plan, staging: Path, compute_dtype: t
         write_streamed(source.path, plan, staging, compute_dtype, device, shard_bytes_for(max_memory), reuse)
     except StreamingUnsupported as err:
         print(f"quantplan: export: {err}, so the blocksize-menu checkpoint is written from the 16-bit model "
-              "loaded whole (re-save the model with save_pretrained to stream it)")
+              "loaded whole")
         model = _load_16bit(source, compute_dtype, device)
         write_prequantized(model, plan, staging, compute_dtype)
 

@@ -63,7 +63,8 @@ def write_streamed(path: str | Path, plan: Plan, folder: Path, compute_dtype: to
     formats = menu_formats(plan)
     path = Path(path)
     if not any(path.glob("*.safetensors")):
-        raise StreamingUnsupported(f"{path} holds no safetensors files")
+        raise StreamingUnsupported(f"{path} holds no safetensors files (re-save the model with save_pretrained "
+                                   "to stream it)")
     model = skeleton(path, compute_dtype)
     weights = DiskWeights(path, model)
     planned = {key: formats[tier] for key, tier in planned_weight_keys(plan).items()}
@@ -122,7 +123,8 @@ def _output_names(model: nn.Module, keys: list[str], formats: dict[str, FourBit]
             live.extend(f"{key}.{part}" for part in parts[formats[key]])
     names = saved_names(model, live)
     if missing := [k for k in live if k not in names]:
-        raise StreamingUnsupported(f"transformers converts {missing[0]} by more than a renaming when it saves")
+        raise StreamingUnsupported(f"transformers converts {missing[0]} by more than a renaming when it saves "
+                                   "(e.g. fused MoE experts, saved one tensor per expert)")
     return names
 
 

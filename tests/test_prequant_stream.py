@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import random_calibration, save_tiny
+from tiny import random_calibration, save_tiny, word_tokenizer
 from transformers import AutoModelForCausalLM
 from vlm_models import save_tiny_vlm
 
@@ -205,3 +205,36 @@ def test_a_runs_export_reuses_the_packed_weights_made_from_the_values_it_writes(
     # the store still de-quantizes to the run's dtype (the scoreboard reads it after the export)
     name, fmt = next(iter(planned.items()))
     assert shared.packed.get(name, fmt, loaded.get_submodule(name).weight)[1].dtype == loaded.dtype
+
+
+def test_fused_moe_experts_are_written_from_the_loaded_model_saying_why(base_plan, tmp_path, capsys):
+    """transformers 5 holds a Mixtral layer's experts as one 3-D parameter and saves them one tensor per expert:
+    tracing the saved names failed on that split (IndexError out of the export); now the stream says it cannot
+    read them, the checkpoint is written from the loaded model and reloads at the planned blocksizes."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from quantplan.analysis.stream_weights import DiskWeights, StreamingUnsupported, saved_names
+    from quantplan.analysis.streaming import skeleton
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "moe")
+    word_tokenizer().save_pretrained(tmp_path / "moe")
+    source = resolve_source(str(tmp_path / "moe"))
+    model = skeleton(source.path, torch.bfloat16)
+    names = [n for n, _ in model.named_parameters()]
+    mapped = saved_names(model, names)
+    experts = next(n for n in names if ".experts." in n)
+    assert experts not in mapped and mapped["model.layers.0.self_attn.q_proj.weight"].endswith("q_proj.weight")
+    with pytest.raises(StreamingUnsupported, match="saved split or merged.*MoE experts"):
+        DiskWeights(source.path, model).key(experts)
+
+    p = cycled(base_plan, source)
+    assert p.mixed_blocksizes
+    export(source, p, tmp_path / "out")
+    assert "more than a renaming when it saves (e.g. fused MoE experts" in capsys.readouterr().out
+    reloaded = load_model(resolve_source(str(tmp_path / "out")), dtype="auto")
+    assert check_blocksizes(reloaded, p) == []
+    assert torch.isfinite(reloaded(torch.tensor([[5, 6, 7, 8]])).logits).all()
