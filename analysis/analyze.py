@@ -34,7 +34,7 @@ from .kept_hidden import KeptHidden
 from .measure import measure_module
 from .memory import non_module_bytes
 from .micro_batches import activation_budget, sequences_per_micro_batch, splittable
-from .modules import list_modules, not_quantizable_reason, output_embedding_name
+from .modules import check_something_to_quantize, list_modules, not_quantizable_reason, output_embedding_name
 from .output_energy import OutputEnergy
 from .packed import PackedWeights
 from .probe import InputProbe, partial_state_bytes
@@ -72,6 +72,7 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     infos = list_modules(model)
     lm_head = output_embedding_name(model)
     reasons = {i.name: _reason(model, i, lm_head, formats) for i in infos}
+    check_something_to_quantize(infos, reasons, lm_head)
     candidates = [i.name for i in infos if reasons[i.name] is None]
     fingerprint = model_fingerprint or _structure_fingerprint(model)
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,

@@ -33,7 +33,8 @@ class ModuleInfo:
     kind: str  # class name (Linear, Embedding, Conv2d, ...)
     out_features: int
     in_features: int
-    is_linear: bool
+    is_linear: bool  # a plain nn.Linear: what transformers' bitsandbytes integration replaces
+    linear_subclass: bool = False  # a subclass of nn.Linear (FalconLinear, ...), left in 16-bit by transformers
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,7 +55,7 @@ def list_modules(model: nn.Module) -> list[ModuleInfo]:
             continue
         if any(isinstance(child, nn.Module) and child is not module for child in module.children()):
             continue
-        is_linear = isinstance(module, nn.Linear)
+        is_linear = type(module) is nn.Linear  # transformers' own test: a subclass is left in 16-bit
         out_features, in_features = weight.shape[0], math.prod(weight.shape[1:])
         infos.append(
             ModuleInfo(
@@ -66,6 +67,7 @@ def list_modules(model: nn.Module) -> list[ModuleInfo]:
                 out_features=out_features,
                 in_features=in_features,
                 is_linear=is_linear,
+                linear_subclass=isinstance(module, nn.Linear) and not is_linear,
             )
         )
     return _number_stacks(infos)
@@ -129,9 +131,34 @@ def _number_stacks(infos: list[ModuleInfo]) -> list[ModuleInfo]:
 
 def not_quantizable_reason(info: ModuleInfo, formats) -> str | None:
     """Why no candidate format can hold this module (None if at least one can)."""
+    if info.kind == "Conv1D":
+        return ("a GPT-2-style Conv1D (weight stored transposed): transformers quantizes it, quantplan does not "
+                "measure it yet")
+    if not info.is_linear and info.linear_subclass:
+        return (f"{info.kind}, a subclass of nn.Linear: transformers' bitsandbytes integration replaces only "
+                "plain nn.Linear layers, so it stays 16-bit")
     if not info.is_linear:
         return f"not a Linear ({info.kind}): bitsandbytes replaces only nn.Linear layers"
     reasons = [f.unsupported_reason(info.shape) for f in formats]
     if all(reasons):
         return reasons[0]
     return None
+
+
+class NothingToQuantize(ValueError):
+    """The model has no module bitsandbytes can quantize besides its output head: there is nothing to plan."""
+
+
+def check_something_to_quantize(infos: list[ModuleInfo], reasons: dict[str, str | None], lm_head: str | None) -> None:
+    """Refuse, before any pass over the calibration data, a model where nothing but the head could be 4-bit
+    (Falcon's FalconLinear, GPT-2's Conv1D): its plan would be the 16-bit model. The error counts the reasons."""
+    if any(reasons[i.name] is None and i.name != lm_head for i in infos):
+        return
+    counts: dict[str, int] = {}
+    for info in infos:
+        if info.name != lm_head and reasons[info.name]:
+            counts[reasons[info.name]] = counts.get(reasons[info.name], 0) + 1
+    reason, count = max(counts.items(), key=lambda kv: kv[1], default=("it holds no weight matrix", 0))
+    raise NothingToQuantize(f"nothing in this model can be quantized to 4-bit besides its output head ({count} "
+                            f"module(s): {reason}): quantplan plans models whose layers are plain nn.Linear")
+

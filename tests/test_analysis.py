@@ -237,3 +237,26 @@ def test_a_nan_weight_entry_gives_nan_errors_not_the_other_chunks_max(monkeypatc
     errors = measure._DeltaErrors.of(weight, torch.zeros_like(weight), None, None)
     assert math.isnan(errors.max_abs) and math.isnan(errors.norm)
     assert math.isnan(measure.weight_moments(weight).absmax)
+
+
+def test_a_linear_subclass_stays_16bit_counted_once_and_a_model_of_them_is_refused():
+    """transformers' bitsandbytes integration replaces plain nn.Linear only (Falcon's FalconLinear stays 16-bit):
+    such a row is not quantizable, its bytes count with the rest of the 16-bit model (they were counted nowhere), and
+    a model where nothing but the head could be 4-bit is refused before the calibration pass."""
+    from quantplan.analysis.modules import NothingToQuantize
+
+    subclass = type("FalconLikeLinear", (torch.nn.Linear,), {})
+    model = tiny_llama()
+    model.model.layers[0].mlp.down_proj.__class__ = subclass
+    table = analyze(model, random_calibration(), [NF4], progress=False)
+    rows = table.for_format("nf4").set_index("name")
+    row = rows.loc["model.layers.0.mlp.down_proj"]
+    assert not row["quantizable"] and "subclass of nn.Linear" in row["reason"] and row["kind"] == "FalconLikeLinear"
+    linear = rows[rows["kind"] == "Linear"]
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert table.meta["other_bytes"] + int(linear["params"].sum()) * 2 == model_bytes
+    for module in model.model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = subclass
+    with pytest.raises(NothingToQuantize, match="besides its output head .*FalconLikeLinear, a subclass of nn.Linear"):
+        analyze(model, random_calibration(), [NF4], progress=False)
