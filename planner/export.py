@@ -22,6 +22,7 @@ transformers path (its ``BitsAndBytesConfig`` is the one ``plan.json`` shows, re
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: b
             model.save_pretrained(staging)
             del model
         load_processor(source).save_pretrained(staging)
+        keep_processor_files(Path(source.path), staging)
         gc.collect()
         plan.save(staging / PLAN_MARKER)
         reloaded = _load_plain(staging, device)
@@ -119,6 +121,28 @@ def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: b
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return result
+
+
+#: processor files a source may hold beside what its re-saved processor writes: the image processor's own file
+#: (hub folders; the video processor falls back to it) and the video processor's
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+VIDEO_ENTRY = "video_processor"
+
+
+def keep_processor_files(source_dir: Path, staging: Path) -> None:
+    """Copy the source's processor files the re-saved processor did not write, and its ``processor_config.json``'s
+    video entry. Without torchvision quantplan loads a VLM's processor for images only (:mod:`analysis.processors`),
+    which saves no video half; ``AutoProcessor`` then refuses the checkpoint (no video processor configuration) even
+    where torchvision is installed."""
+    for name in PROCESSOR_FILES:
+        if (source_dir / name).is_file() and not (staging / name).exists():
+            shutil.copyfile(source_dir / name, staging / name)
+    source_config, saved_config = source_dir / "processor_config.json", staging / "processor_config.json"
+    if source_config.is_file() and saved_config.is_file():
+        video = json.loads(source_config.read_text()).get(VIDEO_ENTRY)
+        saved = json.loads(saved_config.read_text())
+        if video is not None and VIDEO_ENTRY not in saved:
+            saved_config.write_text(json.dumps({**saved, VIDEO_ENTRY: video}, indent=2, sort_keys=True) + "\n")
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:

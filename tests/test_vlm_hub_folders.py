@@ -94,3 +94,25 @@ def test_cli_run_on_a_hub_folder_with_the_shipped_images(tmp_path):
     assert json.loads((out / "checkpoint" / "processor_config.json").read_text())["processor_class"] == \
         "Qwen2VLProcessor"
     assert (out / "checkpoint" / "chat_template.jinja").is_file()
+    # the checkpoint carries the video processor's configuration (the hub folder's preprocessor_config.json): only
+    # torchvision is missing to load it whole, where before AutoProcessor found no video processor at all (OSError)
+    with pytest.raises(ImportError, match="(?i)torchvision"):
+        AutoProcessor.from_pretrained(out / "checkpoint")
+    assert type(load_processor(resolve_source(str(out / "checkpoint")))).__name__ == "Qwen2VLProcessor"
+
+
+def test_the_export_keeps_the_source_processor_files_its_image_only_processor_does_not_write(tmp_path):
+    from quantplan.planner.export import keep_processor_files
+
+    source, staging = tmp_path / "source", tmp_path / "staging"
+    source.mkdir(), staging.mkdir()
+    for name, content in [("preprocessor_config.json", {"size": 1}), ("video_preprocessor_config.json", {"fps": 2}),
+                          ("processor_config.json", {"processor_class": "P", "video_processor": {"fps": 2}})]:
+        (source / name).write_text(json.dumps(content))
+    (staging / "preprocessor_config.json").write_text(json.dumps({"size": 3}))  # written by the export: kept
+    (staging / "processor_config.json").write_text(json.dumps({"processor_class": "P", "image_processor": {}}))
+    keep_processor_files(source, staging)
+    assert json.loads((staging / "preprocessor_config.json").read_text()) == {"size": 3}
+    assert json.loads((staging / "video_preprocessor_config.json").read_text()) == {"fps": 2}
+    assert json.loads((staging / "processor_config.json").read_text()) == {
+        "processor_class": "P", "image_processor": {}, "video_processor": {"fps": 2}}
