@@ -200,11 +200,14 @@ _ANNOUNCED: set[str] = set()
 
 
 def _vlm_processor_without_torchvision(source: ModelSource, config, err: Exception):
-    """The image-only processor when torchvision is what is missing; otherwise one error naming the fix."""
+    """The image-only processor when torchvision or the video processor's configuration is what is missing (a folder
+    saved for images only); otherwise one error naming the fix."""
     from .processors import load_image_only_processor
 
     first = (str(err).strip().splitlines() or [""])[0]
-    if isinstance(err, ImportError) and importlib.util.find_spec("torchvision") is None:
+    no_torchvision = isinstance(err, ImportError) and importlib.util.find_spec("torchvision") is None
+    no_video_config = isinstance(err, OSError) and "video processor" in first  # saved for images only
+    if no_torchvision or no_video_config:
         try:
             processor = load_image_only_processor(source.path, config)
         except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as again:
@@ -215,9 +218,10 @@ def _vlm_processor_without_torchvision(source: ModelSource, config, err: Excepti
                                f"the torchvision build matching your torch") from again
         if source.path not in _ANNOUNCED:
             _ANNOUNCED.add(source.path)
-            print(f"quantplan: without torchvision transformers cannot build {type(processor).__name__}'s video "
-                  f"half; using it for images only (image processor {type(processor.image_processor).__name__}, "
-                  f"tokenizer and chat template from the folder)")
+            why = ("without torchvision transformers cannot build" if no_torchvision else
+                   "the folder holds no configuration of")
+            print(f"quantplan: {why} {type(processor).__name__}'s video half; using it for images only (image "
+                  f"processor {type(processor.image_processor).__name__}, tokenizer and chat template from the folder)")
         return processor
     raise RuntimeError(f"cannot load the processor of this vision-language model ({type(err).__name__}: {first}); "
                        "the folder must hold the model's processor files (preprocessor_config.json, "

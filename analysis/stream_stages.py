@@ -112,8 +112,8 @@ def layout_of(model: nn.Module) -> Layout:
     language = getattr(base, "language_model", None)
     tower = getattr(base, "visual", None)
     if _is_decoder(language) and isinstance(getattr(tower, "blocks", None), nn.ModuleList) and hasattr(
-            base, "get_image_features"):
-        return Layout("model.language_model", "model.visual", Tower.BLOCKS)
+            base, "get_image_features") and not hasattr(tower, "deepstack_merger_list"):  # Qwen3-VL: mergers between
+        return Layout("model.language_model", "model.visual", Tower.BLOCKS)       # blocks, fed to text layers
     llava = _llava_blocks(base)
     if _is_decoder(language) and llava:
         from .stream_features import feature_layers

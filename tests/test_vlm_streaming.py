@@ -223,6 +223,19 @@ def test_a_vlm_whose_tower_streaming_does_not_know_is_refused_with_the_fix():
         layout_of(model)
 
 
+def test_qwen3_vl_is_refused_with_the_fix_not_run_on_unloaded_weights(tmp_path):
+    """Qwen3-VL's tower has Qwen2-VL's blocks plus deepstack mergers it runs between them, whose weights a stage
+    of blocks never loads: streaming it failed on meta tensors midway."""
+    from quantplan.analysis.vision import calibration_for_model
+
+    folder = save_tiny_vlm("qwen3_vl", tmp_path / "qwen3_vl")
+    source = resolve_source(str(folder))
+    calibration = calibration_for_model(load_model(source).config, load_processor(source), images="default",
+                                        samples=2)
+    with pytest.raises(StreamingUnsupported, match="not Qwen3VLForConditionalGeneration's: run without --max-memory"):
+        analyze_streaming(folder, calibration, [NF4], progress=False, batch_size=BATCH)
+
+
 def test_a_vlm_streamed_on_text_alone_is_refused_with_the_fix(tmp_path):
     from quantplan.analysis.vision import calibration_for_model
 

@@ -83,6 +83,34 @@ def _qwen2_5_vl(layers: int = 2):
     return _qwen2_vl("2.5", layers)
 
 
+def _qwen3_vl(layers: int = 2):
+    """Qwen3-VL: a Qwen2-VL-style tower whose deepstack mergers feed block outputs into the first text layers
+    (the processor: quantplan's image-only twin of ``Qwen3VLProcessor``, as it loads a hub folder here)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from quantplan.analysis.processors import image_only_class, real_processor_class
+
+    special = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    tokenizer = word_tokenizer(special)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    text = dict(TEXT, num_hidden_layers=layers, head_dim=16, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    vision = dict(depth=layers, hidden_size=HIDDEN, intermediate_size=128, num_heads=4, out_hidden_size=HIDDEN,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"]))
+    images = Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=128 * 128, patch_size=16, merge_size=2,
+                                      temporal_patch_size=2)
+    processor = image_only_class(real_processor_class("Qwen3VLProcessor"))(
+        image_processor=images, tokenizer=tokenizer,
+        chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
+    return model, processor
+
+
 def _mllama(layers: int | None = None):
     """Llama 3.2 Vision layout. Default: three text layers, the middle one a cross-attention layer; two local
     and one global vision layer. ``layers``: that many text layers (cross-attention at 1 and ``layers`` - 3)
@@ -235,7 +263,7 @@ def save_smollm2_llava(folder: Path, smol_path: str) -> Path:
     return folder
 
 
-BUILDERS = {"qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "mllama": _mllama, "llava": _llava,
+BUILDERS = {"qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "mllama": _mllama, "llava": _llava,
             "llava_pixtral": _llava_pixtral, "idefics3": _idefics3, "smolvlm": _smolvlm}
 
 
