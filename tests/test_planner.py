@@ -127,6 +127,16 @@ def test_vllm_safe_keeps_fused_sets_together(table):
     assert free.predicted.error <= p.predicted.error  # constraints never help the objective
 
 
+def test_fused_sets_per_parent_include_deepseeks_latent_attention():
+    from quantplan.planner.groups import fused_groups
+
+    names = [f"model.layers.{i}.self_attn.{m}" for i in (0, 1)
+             for m in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")]
+    groups = sorted(sorted(g) for g in fused_groups(names))
+    assert ["model.layers.0.self_attn.kv_a_proj_with_mqa", "model.layers.0.self_attn.q_a_proj"] in groups
+    assert len(groups) == 8  # per layer: vLLM's fused_qkv_a_proj plus three singletons
+
+
 def test_whole_blocks_share_one_format(table):
     p = plan(table, "+40%", whole_blocks=True)
     for layer in range(4):
