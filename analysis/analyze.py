@@ -34,7 +34,14 @@ from .kept_hidden import KeptHidden
 from .measure import measure_module
 from .memory import non_module_bytes
 from .micro_batches import activation_budget, sequences_per_micro_batch, splittable
-from .modules import check_something_to_quantize, list_modules, not_quantizable_reason, output_embedding_name
+from .modules import (
+    bare_matrices,
+    check_something_to_quantize,
+    list_modules,
+    not_quantizable_reason,
+    output_embedding_name,
+    warn_bare_matrices,
+)
 from .output_energy import OutputEnergy
 from .packed import PackedWeights
 from .probe import InputProbe, partial_state_bytes
@@ -73,6 +80,7 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     lm_head = output_embedding_name(model)
     reasons = {i.name: _reason(model, i, lm_head, formats) for i in infos}
     check_something_to_quantize(infos, reasons, lm_head)
+    warn_bare_matrices(model, infos)
     candidates = [i.name for i in infos if reasons[i.name] is None]
     fingerprint = model_fingerprint or _structure_fingerprint(model)
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
@@ -329,6 +337,7 @@ def _table_meta(model, model_id, fingerprint, calibration, formats, infos, fishe
         "tied_lm_head": _is_tied(model),
         "attention": attention_config(model.config),  # the KV-cache model of --kv-context (planner.kv_cache)
         "checkpoint_prefixes": checkpoint_prefixes(model, [i.name for i in infos if i.is_linear]),
+        "bare_matrices": bare_matrices(model, infos),  # 16-bit in every plan, in other_bytes
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "bitsandbytes": bitsandbytes.__version__},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

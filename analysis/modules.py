@@ -2,13 +2,17 @@
 
 bitsandbytes (through transformers) replaces ``nn.Linear`` layers only. Every Linear becomes
 a row; other modules that hold a matrix (embeddings, convolutions) are listed too, marked not
-quantizable with the reason, so nothing disappears from the table silently.
+quantizable with the reason, so nothing disappears from the table silently. Matrices held as bare
+parameters (transformers 5's fused MoE experts, a projection kept as a parameter) are no module's
+weight: :func:`bare_matrices` names them for the table's metadata, and a warning says so where they hold a
+large share of the model (every plan, all-4-bit included, keeps them 16-bit).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, replace
 
 from torch import nn
@@ -161,4 +165,34 @@ def check_something_to_quantize(infos: list[ModuleInfo], reasons: dict[str, str 
     reason, count = max(counts.items(), key=lambda kv: kv[1], default=("it holds no weight matrix", 0))
     raise NothingToQuantize(f"nothing in this model can be quantized to 4-bit besides its output head ({count} "
                             f"module(s): {reason}): quantplan plans models whose layers are plain nn.Linear")
+
+
+#: share of the model's parameter bytes in bare matrices above which the analysis warns
+BARE_SHARE_WARNING = 0.25
+
+
+def bare_matrices(model: nn.Module, infos: list[ModuleInfo]) -> dict[str, list[int]]:
+    """Parameters of two or more dimensions that are no listed module's ``weight`` (name -> shape): bitsandbytes
+    cannot replace them, so they stay 16-bit in every plan (counted with the rest of the 16-bit bytes)."""
+    modules = dict(model.named_modules())
+    listed = {id(modules[i.name].weight) for i in infos}
+    seen, bare = set(), {}
+    for name, param in model.named_parameters():
+        if param.dim() >= 2 and id(param) not in listed and id(param) not in seen:
+            seen.add(id(param))
+            bare[name] = list(param.shape)
+    return bare
+
+
+def warn_bare_matrices(model: nn.Module, infos: list[ModuleInfo]) -> None:
+    """Warn, before any pass, where bare matrices (:func:`bare_matrices`) hold a large share of the model's bytes:
+    a 4-bit checkpoint then saves little, and no budget changes it."""
+    bare = bare_matrices(model, infos)
+    total = sum(p.numel() for p in model.parameters())
+    held = sum(math.prod(shape) for shape in bare.values())
+    if total and held / total >= BARE_SHARE_WARNING:
+        names = ", ".join(list(bare)[:2]) + (", ..." if len(bare) > 2 else "")
+        warnings.warn(f"{held / total:.0%} of this model's parameters are in {len(bare)} matrices no Linear holds "
+                      f"({names}; e.g. fused MoE experts): transformers' bitsandbytes 4-bit leaves them 16-bit, so "
+                      "every plan, all-4-bit included, keeps them 16-bit", stacklevel=2)
 

@@ -59,7 +59,7 @@ from .distributed import Shard
 from .fisher import GradientProbe
 from .formats import NF4, format_to_dict
 from .models import resolve_source
-from .modules import check_something_to_quantize, list_modules, output_embedding_name
+from .modules import check_something_to_quantize, list_modules, output_embedding_name, warn_bare_matrices
 from .output_energy import OutputEnergy
 from .probe import InputProbe
 from .stream_gains import check_gradient_fits, refuse_unreachable, streamed_restore_gains
@@ -112,6 +112,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     refuse_logit_transforms(model)
     reasons = {i.name: _reason(model, i, lm_head, formats) for i in infos}
     check_something_to_quantize(infos, reasons, lm_head)
+    warn_bare_matrices(model, infos)
     candidates = [i.name for i in infos if reasons[i.name] is None]
     stages = stages_of(model, infos, lm_head)
     vocab = model.config.get_text_config().vocab_size

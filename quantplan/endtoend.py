@@ -170,7 +170,7 @@ class EndToEnd:
         first = None
         if self.refine and self.verify and measures.heldback is not None:  # what ships without --refine, to choose
             with stage("verification"):
-                unrefined = config.plan(table, budget)
+                unrefined = _replanned(config, table, budget)
                 first = verify(table, unrefined, measure=measures.klds, siblings=siblings_of(table, config, unrefined),
                                progress=measures.progress)
         if self.refine:
@@ -178,7 +178,7 @@ class EndToEnd:
                 chosen = refine(table, budget, config=config, rounds=self.refine, gains=measures.gains,
                                 progress=measures.progress)
         else:
-            chosen = config.plan(table, budget)
+            chosen = _replanned(config, table, budget)
         if not self.verify:
             return chosen
         with stage("verification"):
@@ -249,6 +249,14 @@ class EndToEnd:
             return self.held_back_choice(table, verified, refined, record, measures)
         winner = refined if record.shipped else verified
         return replace(winner, checks=replace(winner.checks, refinement=record))
+
+
+def _replanned(config: PlanConfig, table: SensitivityTable, budget) -> Plan:
+    """``config.plan`` again, its warnings (a budget that reaches the 16-bit size) given once already by
+    :meth:`EndToEnd.plan`'s first plan."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return config.plan(table, budget)
 
 
 def siblings_of(table: SensitivityTable, config: PlanConfig, chosen: Plan) -> dict[str, Plan]:

@@ -260,3 +260,22 @@ def test_a_linear_subclass_stays_16bit_counted_once_and_a_model_of_them_is_refus
             module.__class__ = subclass
     with pytest.raises(NothingToQuantize, match="besides its output head .*FalconLikeLinear, a subclass of nn.Linear"):
         analyze(model, random_calibration(), [NF4], progress=False)
+
+
+def test_fused_moe_experts_are_named_and_warned_about_before_the_pass():
+    """transformers 5 holds a Mixtral layer's experts as 3-D parameters no Linear owns: bitsandbytes leaves them
+    16-bit, so they hold most of an "all-4-bit" model; the analysis warns first and the table's metadata names them."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).to(torch.bfloat16).eval()
+    with pytest.warns(UserWarning, match=r"\d+% of this model's parameters are in 4 matrices no Linear holds "
+                                         r"\(model.layers.0.mlp.experts.gate_up_proj, .*fused MoE experts"):
+        table = analyze(model, random_calibration(), [NF4], progress=False)
+    assert table.meta["bare_matrices"]["model.layers.1.mlp.experts.down_proj"] == [4, 64, 128]
+    from quantplan.analysis.modules import bare_matrices, list_modules
+
+    llama = tiny_llama()
+    assert bare_matrices(llama, list_modules(llama)) == {}  # a dense model: every matrix is some module's weight
