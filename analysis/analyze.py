@@ -27,7 +27,7 @@ from .attention import attention_config
 from .checkpoint_names import checkpoint_prefixes
 from .distributed import Shard
 from .endtoend import restore_gains
-from .fisher import GradientProbe, loss_backward
+from .fisher import GradientProbe, fisher_weights, loss_backward
 from .formats import NF4, format_to_dict
 from .interrupts import DeferredInterrupt, InterruptNow
 from .kept_hidden import KeptHidden
@@ -108,7 +108,7 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     with stage("measure"):
         for position, info in tqdm(shard.mine(infos), desc="measure modules", disable=not progress, leave=False):
             stats = probe.stats_for(info.name) if info.name in probe.owner else None
-            grad_sq = grads.mean_squared_gradient(info.name) if grads else None
+            grad_sq = fisher_weights(grads, info.name, info.out_features, stats, weights[info.name + ".weight"].device)
             measured[position] = measure_module(info, weights[info.name + ".weight"], stats, formats,
                                                 reasons[info.name], grad_sq, energy.reference(info.name, stats),
                                                 packed)

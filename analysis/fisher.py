@@ -199,3 +199,17 @@ def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     # the block's sum and its cumulative sum round differently: a point past the latter falls on its last nonzero entry
     within = torch.searchsorted(inside_cdf, torch.minimum(points - before, inside_cdf[:, -1:]))
     return (block.squeeze(-1) * DRAW_BLOCK + within.squeeze(-1)).clamp_(max=vocab - 1)
+
+
+def fisher_weights(grads: GradientProbe | None, name: str, out_features: int, stats, device=None):
+    """f_o of module ``name`` (:meth:`GradientProbe.mean_squared_gradient`; None without a Fisher pass or where the
+    module never ran); zeros where it ran on calibration tokens (``stats``) and no gradient reached it: its output
+    feeds nothing the loss reads (LLaVA's last vision layer under ``vision_feature_layer`` -2), so its error costs
+    nothing, where a NaN made the objective rank it by weight error and spend bytes on it."""
+    if grads is None:
+        return None
+    found = grads.mean_squared_gradient(name)
+    if found is None and stats is not None and stats.tokens > 0:
+        return torch.zeros(out_features, dtype=torch.float32, device=device)
+    return found
+

@@ -35,7 +35,7 @@ import torch
 from quantplan.common.batches import batch_to
 
 from .analyze import CONTEXT_COLUMNS
-from .fisher import GradientProbe
+from .fisher import GradientProbe, fisher_weights
 from .measure import measure_module
 from .output_energy import OutputEnergy
 from .probe import InputProbe
@@ -214,7 +214,7 @@ def measure_stage(model, stage, infos, probe: InputProbe, grads: GradientProbe |
     for info in infos:
         if info.name in stage.linears:
             stats = probe.stats_for(info.name) if info.name in probe.owner else None
-            grad_sq = grads.mean_squared_gradient(info.name) if grads else None
+            grad_sq = fisher_weights(grads, info.name, info.out_features, stats, weights[info.name + ".weight"].device)
             reference = energy.reference(info.name, stats) if energy else None
             rows.extend(measure_module(info, weights[info.name + ".weight"], stats, formats, reasons[info.name],
                                        grad_sq, reference))
