@@ -101,8 +101,17 @@ class PlanProblem:
             raise BudgetError(
                 f"budget {parsed.spec} = {format_bytes(capacity)} is below this model's minimum of "
                 f"{format_bytes(self.floor)} ({self.floor} bytes: every quantizable module in its smallest format, "
-                "pins, priors and non-quantizable modules 16-bit): raise the budget to at least that")
+                f"pins, priors and non-quantizable modules 16-bit): raise the budget to at least that{self._priors_hint()}")
         return capacity
+
+    def _priors_hint(self) -> str:
+        """Where rule priors hold part of the minimum, how much, and the flag that plans without them."""
+        held = [n for n, r in self.reasons.items() if r.kind is ReasonKind.PRIOR]
+        if not held:
+            return ""
+        size = int(sum(self.model.loc[n, "bytes_16bit"] for n in held))
+        return (f", or plan without the rule priors (--priors none): they keep {len(held)} module(s) 16-bit, "
+                f"{format_bytes(size)} ({held[0]}{', ...' if len(held) > 1 else ''})")
 
     def choose(self, capacity: int) -> dict:
         """Module -> KEEP or tier: the exact solver's picks within ``capacity`` bytes, plus the fixed modules."""

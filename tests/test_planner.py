@@ -89,8 +89,13 @@ def test_plan_spends_budget_and_beats_all_4bit(table):
 
 def test_budget_below_minimum_states_the_minimum(table):
     floor = plan(table, "+0%").predicted.bytes_all_4bit
-    with pytest.raises(BudgetError, match=rf"minimum of .*\({floor} bytes"):
+    with pytest.raises(BudgetError, match=rf"minimum of .*\({floor} bytes.*raise the budget to at least that$"):
         plan(table, floor - 1)
+    # where rule priors hold part of the minimum, the error says how much and how to plan without them
+    down = "model.layers.0.mlp.down_proj"
+    with pytest.raises(BudgetError, match=rf"or plan without the rule priors \(--priors none\): they keep 1 "
+                                          rf"module\(s\) 16-bit, .* \({down}\)"):
+        plan(table, floor, priors={down: "a test rule"})
 
 
 def test_budget_above_16bit_warns_and_keeps_everything(table):
