@@ -40,6 +40,7 @@ from .modules import (
     list_modules,
     not_quantizable_reason,
     output_embedding_name,
+    refuse_quantized,
     warn_bare_matrices,
 )
 from .output_energy import OutputEnergy
@@ -76,6 +77,7 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     that keeps the 16-bit last hidden states of the first calibration batches for the run's verification.
     """
     formats = list(formats)
+    refuse_quantized(model)
     infos = list_modules(model)
     lm_head = output_embedding_name(model)
     reasons = {i.name: _reason(model, i, lm_head, formats) for i in infos}

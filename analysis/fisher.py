@@ -208,8 +208,6 @@ def fisher_weights(grads: GradientProbe | None, name: str, out_features: int, st
     nothing, where a NaN made the objective rank it by weight error and spend bytes on it."""
     if grads is None:
         return None
-    found = grads.mean_squared_gradient(name)
-    if found is None and stats is not None and stats.tokens > 0:
+    if name not in grads.sums and stats is not None and stats.tokens > 0:  # the gradient hook never fired
         return torch.zeros(out_features, dtype=torch.float32, device=device)
-    return found
-
+    return grads.mean_squared_gradient(name)  # None also where every gradient row was non-finite: unknown, not 0

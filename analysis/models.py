@@ -192,21 +192,21 @@ def load_processor(source: ModelSource):
         # a text model falls back to its tokenizer; a VLM without its processor cannot calibrate
         config = AutoConfig.from_pretrained(source.path)
         if is_vision_language(config):
-            return _vlm_processor_without_torchvision(source, config, err)
+            return _image_only_processor(source, config, err)
     return AutoTokenizer.from_pretrained(source.path)
 
 
 _ANNOUNCED: set[str] = set()
 
 
-def _vlm_processor_without_torchvision(source: ModelSource, config, err: Exception):
+def _image_only_processor(source: ModelSource, config, err: Exception):
     """The image-only processor when torchvision or the video processor's configuration is what is missing (a folder
     saved for images only); otherwise one error naming the fix."""
     from .processors import load_image_only_processor
 
     first = (str(err).strip().splitlines() or [""])[0]
     no_torchvision = isinstance(err, ImportError) and importlib.util.find_spec("torchvision") is None
-    no_video_config = isinstance(err, OSError) and "video processor" in first  # saved for images only
+    no_video_config = isinstance(err, OSError) and "load video processor" in first  # saved for images only
     if no_torchvision or no_video_config:
         try:
             processor = load_image_only_processor(source.path, config)

@@ -67,7 +67,7 @@ def list_modules(model: nn.Module) -> list[ModuleInfo]:
                 group=module_group(name, lm_head),
                 layer=layer_index(name),
                 module_type=name.rsplit(".", 1)[-1],
-                kind=type(module).__name__,
+                kind=_kind(module, is_linear),
                 out_features=out_features,
                 in_features=in_features,
                 is_linear=is_linear,
@@ -75,6 +75,15 @@ def list_modules(model: nn.Module) -> list[ModuleInfo]:
             )
         )
     return _number_stacks(infos)
+
+
+def _kind(module: nn.Module, is_linear: bool) -> str:
+    """The class name; a subclass of nn.Linear that is itself named ``Linear`` (remote code) gets its module's name
+    in front, since "Linear" in the table means a plain nn.Linear (the planner's byte count reads it)."""
+    name = type(module).__name__
+    if name == "Linear" and not is_linear:
+        return f"{type(module).__module__.rsplit('.', 1)[-1]}.{name}"
+    return name
 
 
 def output_embedding_name(model: nn.Module) -> str | None:
@@ -138,7 +147,7 @@ def not_quantizable_reason(info: ModuleInfo, formats) -> str | None:
     if info.kind == "Conv1D":
         return ("a GPT-2-style Conv1D (weight stored transposed): transformers quantizes it, quantplan does not "
                 "measure it yet")
-    if not info.is_linear and info.linear_subclass:
+    if info.linear_subclass:
         return (f"{info.kind}, a subclass of nn.Linear: transformers' bitsandbytes integration replaces only "
                 "plain nn.Linear layers, so it stays 16-bit")
     if not info.is_linear:
@@ -164,7 +173,16 @@ def check_something_to_quantize(infos: list[ModuleInfo], reasons: dict[str, str 
             counts[reasons[info.name]] = counts.get(reasons[info.name], 0) + 1
     reason, count = max(counts.items(), key=lambda kv: kv[1], default=("it holds no weight matrix", 0))
     raise NothingToQuantize(f"nothing in this model can be quantized to 4-bit besides its output head ({count} "
-                            f"module(s): {reason}): quantplan plans models whose layers are plain nn.Linear")
+                            f"module(s): {reason})")
+
+
+def refuse_quantized(model: nn.Module) -> None:
+    """Refuse a model loaded already quantized (a bitsandbytes checkpoint, an export): its Linears are packed, and
+    the analysis measures rounding a 16-bit weight."""
+    config = getattr(model, "config", None)
+    if getattr(model, "is_quantized", False) or getattr(config, "quantization_config", None) is not None:
+        raise ValueError("this model is already quantized (its config holds a quantization_config): pass the 16-bit "
+                         "model it was made from")
 
 
 #: share of the model's parameter bytes in bare matrices above which the analysis warns
@@ -195,4 +213,3 @@ def warn_bare_matrices(model: nn.Module, infos: list[ModuleInfo]) -> None:
         warnings.warn(f"{held / total:.0%} of this model's parameters are in {len(bare)} matrices no Linear holds "
                       f"({names}; e.g. fused MoE experts): transformers' bitsandbytes 4-bit leaves them 16-bit, so "
                       "every plan, all-4-bit included, keeps them 16-bit", stacklevel=2)
-

@@ -112,8 +112,8 @@ def layout_of(model: nn.Module) -> Layout:
     language = getattr(base, "language_model", None)
     tower = getattr(base, "visual", None)
     if _is_decoder(language) and isinstance(getattr(tower, "blocks", None), nn.ModuleList) and hasattr(
-            base, "get_image_features") and not hasattr(tower, "deepstack_merger_list"):  # Qwen3-VL: mergers between
-        return Layout("model.language_model", "model.visual", Tower.BLOCKS)       # blocks, fed to text layers
+            base, "get_image_features"):
+        return Layout("model.language_model", "model.visual", Tower.BLOCKS)
     llava = _llava_blocks(base)
     if _is_decoder(language) and llava:
         from .stream_features import feature_layers
@@ -178,6 +178,11 @@ def vision_blocks(model: nn.Module) -> nn.ModuleList:
 def stages_of(model: nn.Module, infos, lm_head: str | None) -> list[Stage]:
     """The model's stages in the order the data flows through them (module docstring)."""
     layout = layout_of(model)
+    if layout.vision and hasattr(model.get_submodule(layout.vision), "deepstack_merger_list"):
+        raise StreamingUnsupported(  # the layout's other readers (the in-memory shared prefix) take Qwen3-VL
+            f"streaming analysis handles the vision towers of {STREAMED_VLMS}, not {type(model).__name__}'s (its "
+            "deepstack mergers run between the tower's blocks and feed the first text layers): run without "
+            "--max-memory")
     if lm_head is None:
         raise StreamingUnsupported(f"streaming analysis needs an lm_head, and {type(model).__name__} has none: "
                                    f"run without --max-memory")

@@ -132,6 +132,15 @@ class DiskWeights:
         with safe_open(self.files[key], "pt") as f:
             return _SAFETENSORS_DTYPES[f.get_slice(key).get_dtype()]
 
+    def check_readable(self, names: list[str]) -> None:
+        """Every named parameter has its checkpoint key (:meth:`key`), or one StreamingUnsupported naming the fix
+        before any work (fused MoE experts, saved one tensor per expert, failed after the embedding stage)."""
+        for name in names:
+            try:
+                self.key(name)
+            except StreamingUnsupported as err:
+                raise StreamingUnsupported(f"{err}: run without --max-memory") from None
+
     def key(self, name: str) -> str:
         """The checkpoint key that holds the live parameter ``name`` (or one it is tied to)."""
         lives = [name, *self.aliases.get(name, [])]

@@ -59,7 +59,13 @@ from .distributed import Shard
 from .fisher import GradientProbe
 from .formats import NF4, format_to_dict
 from .models import resolve_source
-from .modules import check_something_to_quantize, list_modules, output_embedding_name, warn_bare_matrices
+from .modules import (
+    check_something_to_quantize,
+    list_modules,
+    output_embedding_name,
+    refuse_quantized,
+    warn_bare_matrices,
+)
 from .output_energy import OutputEnergy
 from .probe import InputProbe
 from .stream_gains import check_gradient_fits, refuse_unreachable, streamed_restore_gains
@@ -106,6 +112,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     device = torch.device(device)
     model = skeleton(path, dtype)
     move_buffers(model, device)
+    refuse_quantized(model)
     weights = DiskWeights(path, model)
     infos = list_modules(model)
     lm_head = output_embedding_name(model)
@@ -115,6 +122,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     warn_bare_matrices(model, infos)
     candidates = [i.name for i in infos if reasons[i.name] is None]
     stages = stages_of(model, infos, lm_head)
+    weights.check_readable([n for stage in stages for n in stage.resident])  # before the first batch runs
     vocab = model.config.get_text_config().vocab_size
     ctx = StepContext(model, calibration, batch_size, lm_head,
                       chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), vocab), device)

@@ -252,10 +252,10 @@ class EndToEnd:
 
 
 def _replanned(config: PlanConfig, table: SensitivityTable, budget) -> Plan:
-    """``config.plan`` again, its warnings (a budget that reaches the 16-bit size) given once already by
-    :meth:`EndToEnd.plan`'s first plan."""
+    """``config.plan`` again, without repeating the warning of a budget that reaches the 16-bit size, which
+    :meth:`EndToEnd.plan`'s first plan gave (a direct caller of :meth:`EndToEnd.run_checks` gets none)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", message=r"budget .* reaches the 16-bit size")
         return config.plan(table, budget)
 
 

@@ -255,6 +255,10 @@ def test_a_linear_subclass_stays_16bit_counted_once_and_a_model_of_them_is_refus
     linear = rows[rows["kind"] == "Linear"]
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert table.meta["other_bytes"] + int(linear["params"].sum()) * 2 == model_bytes
+    remote = type("Linear", (torch.nn.Linear,), {"__module__": "remote_code"})  # named like the plain class
+    model.model.layers[1].mlp.up_proj.__class__ = remote
+    rows = analyze(model, random_calibration(), [NF4], progress=False).for_format("nf4").set_index("name")
+    assert rows.loc["model.layers.1.mlp.up_proj", "kind"] == "remote_code.Linear"
     for module in model.model.modules():
         if type(module) is torch.nn.Linear:
             module.__class__ = subclass
@@ -279,3 +283,32 @@ def test_fused_moe_experts_are_named_and_warned_about_before_the_pass():
 
     llama = tiny_llama()
     assert bare_matrices(llama, list_modules(llama)) == {}  # a dense model: every matrix is some module's weight
+
+
+def test_fisher_weights_are_zero_only_where_no_gradient_hook_fired():
+    """0 for a module that ran and never got a gradient (its output reaches no loss); unknown (None, ranked by
+    weight error) where gradients came but every row was non-finite, or where the module never ran."""
+    from types import SimpleNamespace
+
+    from quantplan.analysis.fisher import GradientProbe, fisher_weights
+
+    grads = GradientProbe(None, ["reached", "nonfinite", "unreached"])
+    grads.sums.update(reached=torch.full((4,), 2.0), nonfinite=torch.zeros(4))
+    grads.tokens.update(reached=2, nonfinite=0)
+    ran, idle = SimpleNamespace(tokens=8), SimpleNamespace(tokens=0)
+    assert fisher_weights(grads, "reached", 4, ran).tolist() == [1.0] * 4
+    assert fisher_weights(grads, "unreached", 4, ran).tolist() == [0.0] * 4
+    assert fisher_weights(grads, "nonfinite", 4, ran) is None
+    assert fisher_weights(grads, "unreached", 4, idle) is None and fisher_weights(grads, "unreached", 4, None) is None
+    assert fisher_weights(None, "reached", 4, ran) is None
+
+
+def test_an_already_quantized_model_is_refused_naming_the_16bit_source(tmp_path):
+    from tiny import save_tiny
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    save_tiny(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map="cpu",
+                                                 quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    with pytest.raises(ValueError, match="already quantized .*pass the 16-bit model it was made from"):
+        analyze(model, random_calibration(), [NF4], progress=False)

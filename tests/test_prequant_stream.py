@@ -214,7 +214,7 @@ def test_fused_moe_experts_are_written_from_the_loaded_model_saying_why(base_pla
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from quantplan.analysis.stream_weights import DiskWeights, StreamingUnsupported, saved_names
-    from quantplan.analysis.streaming import skeleton
+    from quantplan.analysis.streaming import analyze_streaming, skeleton
 
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -230,6 +230,9 @@ def test_fused_moe_experts_are_written_from_the_loaded_model_saying_why(base_pla
     assert experts not in mapped and mapped["model.layers.0.self_attn.q_proj.weight"].endswith("q_proj.weight")
     with pytest.raises(StreamingUnsupported, match="saved split or merged.*MoE experts"):
         DiskWeights(source.path, model).key(experts)
+    with pytest.warns(UserWarning, match="no Linear holds"), pytest.raises(  # before any batch runs
+            StreamingUnsupported, match="saved split or merged.*run without --max-memory"):
+        analyze_streaming(source.path, random_calibration(samples=2), [NF4], progress=False)
 
     p = cycled(base_plan, source)
     assert p.mixed_blocksizes
