@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -152,6 +153,19 @@ quant state too (per its loader code; untested here). Tools that rebuild a check
 """
 
 
+def _bare_text(plan) -> str:
+    """A paragraph on the matrices no Linear holds (fused MoE experts), 16-bit in this checkpoint as in any
+    bitsandbytes load; empty where there are none."""
+    if not plan.bare_matrices:
+        return ""
+    params = sum(math.prod(shape) for shape in plan.bare_matrices.values())
+    share = params * 2 / plan.predicted.bytes_16bit if plan.predicted.bytes_16bit else 0.0
+    first = next(iter(plan.bare_matrices))
+    return (f"\n{len(plan.bare_matrices)} weight matrices are no Linear's ({params:,} parameters, {share:.0%} of the "
+            f"16-bit model; e.g. `{first}`, such as fused MoE experts): bitsandbytes does not quantize them, so they "
+            "are 16-bit here, as in any bitsandbytes 4-bit load.\n")
+
+
 def write_model_card(path: Path, source, plan, result) -> None:
     """Write a Hugging Face model card for a dynamic-bnb-4bit export."""
     predicted = plan.predicted
@@ -177,7 +191,7 @@ bitsandbytes {fmt.upper()} (double quant: {plan.quant.get('double_quant', True)}
 {len(plan.kept)} modules below, which stay 16-bit. They were chosen by measuring each module's
 output error on calibration data and solving exactly for the least predicted error within the
 budget `{plan.budget.spec}` ({format_bytes(plan.budget.bytes)}); objective: `{plan.objective}`.
-
+{_bare_text(plan)}
 ## Size
 
 | | bytes |

@@ -228,6 +228,7 @@ class Plan:
     device: DeviceBudget | None = None  # the device budget split, when planned with --kv-context
     compat: LoaderCompat | None = None  # loader compatibility, when computed (planner.compat)
     formats: dict = field(default_factory=dict)  # tier name -> format dict (analysis.formats.format_to_dict)
+    bare_matrices: dict = field(default_factory=dict)  # matrices no Linear holds (MoE experts): 16-bit, name -> shape
 
     @property
     def kept(self) -> list[str]:
@@ -284,7 +285,8 @@ class Plan:
                 "model_id": self.model_id, "model_fingerprint": self.model_fingerprint, "quant": dict(self.quant),
                 "vllm_safe": self.vllm_safe, "checks": self.checks.to_dict(), "formats": dict(self.formats),
                 "device": asdict(self.device) if self.device else None,
-                "compat": asdict(self.compat) if self.compat else None, "bnb_config": self.bnb_config_code()}
+                "compat": asdict(self.compat) if self.compat else None, "bare_matrices": dict(self.bare_matrices),
+                "bnb_config": self.bnb_config_code()}
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
@@ -304,7 +306,8 @@ class Plan:
             checks=Checks.from_dict(data.get("checks", {})),
             device=DeviceBudget(**data["device"]) if data.get("device") else None,
             compat=LoaderCompat.from_dict(data["compat"]) if data.get("compat") else None,
-            formats=dict(data.get("formats") or ({data["quant"]["name"]: data["quant"]} if data.get("quant") else {})))
+            formats=dict(data.get("formats") or ({data["quant"]["name"]: data["quant"]} if data.get("quant") else {})),
+            bare_matrices=dict(data.get("bare_matrices") or {}))
 
     def save(self, path: str | Path) -> Path:
         """Write plan.json (atomically)."""

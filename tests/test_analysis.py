@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from fixtures import swapped_output_error
@@ -279,6 +281,15 @@ def test_fused_moe_experts_are_named_and_warned_about_before_the_pass():
                                          r"\(model.layers.0.mlp.experts.gate_up_proj, .*fused MoE experts"):
         table = analyze(model, random_calibration(), [NF4], progress=False)
     assert table.meta["bare_matrices"]["model.layers.1.mlp.experts.down_proj"] == [4, 64, 128]
+    # the plan carries them into plan.json and the model card, which says they stay 16-bit
+    from quantplan.planner import plan
+    from quantplan.planner.modelcard import _bare_text
+    from quantplan.planner.plan_types import Plan
+
+    p = plan(table, "+0%")
+    assert Plan.from_dict(p.to_dict()).bare_matrices == table.meta["bare_matrices"]
+    assert re.search(r"4 weight matrices are no Linear's \(196,608 parameters, \d+% of the 16-bit model; e.g. "
+                     r"`model.layers.0.mlp.experts.gate_up_proj`.*they are 16-bit here", _bare_text(p))
     from quantplan.analysis.modules import bare_matrices, list_modules
 
     llama = tiny_llama()
