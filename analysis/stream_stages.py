@@ -33,7 +33,7 @@ concatenates to its output) travel with them under a name marked :data:`CARRY_MA
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from torch import nn
@@ -175,9 +175,13 @@ def vision_blocks(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(f"{layout.vision}.{layout.blocks}")
 
 
-def stages_of(model: nn.Module, infos, lm_head: str | None) -> list[Stage]:
-    """The model's stages in the order the data flows through them (module docstring)."""
+def stages_of(model: nn.Module, infos, lm_head: str | None, text_only: bool = False) -> list[Stage]:
+    """The model's stages in the order the data flows through them (module docstring). ``text_only``: a
+    vision-language model's stages for batches without images (the held-out text of the scoreboard): the
+    language model alone, as its forward runs without pixel values (no tower, no cross-attention layer)."""
     layout = layout_of(model)
+    if text_only:
+        layout = replace(layout, vision=None, tower=None)
     if layout.vision and hasattr(model.get_submodule(layout.vision), "deepstack_merger_list"):
         raise StreamingUnsupported(  # the layout's other readers (the in-memory shared prefix) take Qwen3-VL
             f"streaming analysis handles the vision towers of {STREAMED_VLMS}, not {type(model).__name__}'s (its "
@@ -209,11 +213,13 @@ def stages_of(model: nn.Module, infos, lm_head: str | None) -> list[Stage]:
         carried = tuple(s.emits for s in stages if s.emits)
         stages.append(Stage("merger + embeddings", StageKind.SPLICE, first, borrowed=run, grad_kwargs=carried))
     else:
-        stages.append(Stage("embeddings", StageKind.EMBED, first))
+        tower = layout_of(model).vision if text_only else None  # its weights stay on disk
+        stages.append(Stage("embeddings", StageKind.EMBED,
+                            [n for n in first if not (tower and n.startswith(tower + "."))]))
     cross = set(getattr(model.config.get_text_config(), "cross_attention_layers", None) or [])
     stages += [Stage(f"layer {i}", StageKind.LAYER, [n for n in names if n.startswith(f"{language}layers.{i}.")],
                      layers[i], grad_kwargs=("cross_attention_states",) if i in cross else ())
-               for i in range(len(layers))]
+               for i in range(len(layers)) if not (text_only and i in cross)]
     stages.append(Stage("norm + lm_head", StageKind.HEAD, head))
     for stage in stages:
         owned = set(stage.params)

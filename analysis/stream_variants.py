@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from quantplan.common.sizes import parse_size
 
+from .calibration import CalibrationSet
 from .formats import FourBit
 from .head_chunks import HeadChunk
 from .measure import measure_work_bytes
@@ -139,16 +140,17 @@ class StreamedModel(NamedTuple):
     device: torch.device
 
 
-def open_streamed(path, options: StreamOptions) -> StreamedModel:
+def open_streamed(path, options: StreamOptions, text_only: bool = False) -> StreamedModel:
     """The model in ``path`` as a skeleton in ``options.dtype`` with its stages, refused (naming why) when its logits
-    change after lm_head: what every block-by-block pass over variants starts from."""
+    change after lm_head: what every block-by-block pass over variants starts from (``text_only``: a vision-language
+    model's stages for batches without images, :func:`~analysis.stream_stages.stages_of`)."""
     device = torch.device(options.device)
     model = skeleton(path, options.dtype)
     move_buffers(model, device)
     lm_head = output_embedding_name(model)
     refuse_logit_transforms(model)
-    return StreamedModel(model, DiskWeights(path, model), lm_head, stages_of(model, list_modules(model), lm_head),
-                         device)
+    return StreamedModel(model, DiskWeights(path, model), lm_head,
+                         stages_of(model, list_modules(model), lm_head, text_only), device)
 
 
 def variant_logit_chunks(path, calibration, variants: Mapping, fmt: FourBit,
@@ -162,8 +164,9 @@ def variant_logit_chunks(path, calibration, variants: Mapping, fmt: FourBit,
     tensors, its 4-bit Linears bitsandbytes' ``Linear4bit`` (:mod:`analysis.stream_checkpoint`): a stream of
     its own, each stage run once its 16-bit weights are off-loaded, so the block in memory is one or the other.
     """
+    text_only = isinstance(calibration, CalibrationSet)  # token windows: a VLM runs its language model alone
     calibration = FirstBatches(calibration, options.batch_size, options.max_batches)
-    model, weights, lm_head, stages, device = open_streamed(path, options)
+    model, weights, lm_head, stages, device = open_streamed(path, options, text_only)
     exported = {label: CheckpointWeights(v.path, model) for label, v in variants.items()
                 if isinstance(v, ExportedCheckpoint)}
     wanted = _normalized({k: v for k, v in variants.items() if k not in exported}, fmt, stages)

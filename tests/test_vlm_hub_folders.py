@@ -116,3 +116,17 @@ def test_the_export_keeps_the_source_processor_files_its_image_only_processor_do
     assert json.loads((staging / "video_preprocessor_config.json").read_text()) == {"fps": 2}
     assert json.loads((staging / "processor_config.json").read_text()) == {
         "processor_class": "P", "image_processor": {}, "video_processor": {"fps": 2}}
+
+
+@needs_no_torchvision
+def test_a_streamed_vlm_run_ends_with_its_scoreboard(tmp_path):
+    """`--max-memory` on a VLM: analysis and checks on images, block by block, then the scoreboard on held-out text
+    through the language model alone (it failed there, after the checkpoint was written)."""
+    from quantplan.cli import main
+
+    folder = save_hub_folder("qwen2_vl", tmp_path / "model")
+    out = tmp_path / "job"
+    code = main(["run", str(folder), "--images", "default", "--samples", "2", "--budget", "+50%", "--quiet",
+                 "--max-memory", "50MB", "--heldout-samples", "2", "--report", "quick", "--out", str(out)])
+    assert code == 0
+    assert (out / "checkpoint" / "config.json").is_file() and (out / "report.md").is_file()

@@ -250,3 +250,29 @@ def test_a_vlm_streamed_on_text_alone_is_refused_with_the_fix(tmp_path):
                                         seq_len=16)
     with pytest.raises(StreamingUnsupported, match="pass --images, or run --text-only without --max-memory"):
         analyze_streaming(folder, calibration, [NF4], progress=False, batch_size=BATCH)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "mllama", "llava"])
+def test_the_streamed_scoreboard_of_a_vlm_runs_its_language_model_on_the_heldout_text(arch, tmp_path):
+    """The scoreboard's held-out windows are text: streamed, a VLM runs its language model alone, as its forward
+    does without pixel values (no tower, no Mllama cross-attention layer); it refused every text batch, so a
+    streamed VLM run failed after writing its checkpoint. The numbers equal the in-memory scoreboard's."""
+    import numpy as np
+
+    from quantplan.analysis.simulate import QuantCache
+    from quantplan.analysis.stream_variants import StreamOptions
+    from quantplan.reports.fidelity import heldout_reference, measure_variants, measure_variants_streamed
+
+    folder = save_tiny_vlm(arch, tmp_path / arch)
+    model = load_model(resolve_source(str(folder)))
+    ids = torch.randint(10, 200, (3, 16), generator=torch.Generator().manual_seed(0))
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    language = [n for n in linears if ".language_model." in n or ".text_model." in n]
+    variants = {"16-bit": None, "all": linears, "language": language,
+                "tower only": [n for n in linears if n not in language]}
+    expected = measure_variants(heldout_reference(model, ids, 2), QuantCache(model, NF4), variants)
+    got = measure_variants_streamed(folder, ids, variants, NF4, StreamOptions(batch_size=2))
+    for label in variants:
+        np.testing.assert_allclose(got[label].kld, expected[label].kld, rtol=1e-4, atol=1e-6, err_msg=label)
+        np.testing.assert_allclose(got[label].nll, expected[label].nll, rtol=1e-5, err_msg=label)
+    assert got["all"].kld.mean() > 0 and got["tower only"].kld.max() == 0
