@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from quantplan.common.sizes import parse_size
 
 from .analyze import PARTIAL_DIR, _reason, _table_meta, context_modules, fill_context
+from .calibration import CalibrationSet
 from .distributed import Shard
 from .fisher import GradientProbe
 from .formats import NF4, format_to_dict
@@ -122,6 +123,9 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     warn_bare_matrices(model, infos)
     candidates = [i.name for i in infos if reasons[i.name] is None]
     stages = stages_of(model, infos, lm_head)
+    if isinstance(calibration, CalibrationSet) and any(s.kind in VISION_KINDS for s in stages):
+        raise StreamingUnsupported("a vision-language model calibrated on text (--text-only) is analyzed in memory "
+                                   "only: run --text-only without --max-memory, or calibrate with --images")
     weights.check_readable([n for stage in stages for n in stage.resident])  # before the first batch runs
     vocab = model.config.get_text_config().vocab_size
     ctx = StepContext(model, calibration, batch_size, lm_head,

@@ -96,7 +96,9 @@ def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: b
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(out_dir.parent, prefix=f".{out_dir.name}.partial-")
     try:
-        if config is None:
+        if not plan.used_formats:  # every module 16-bit: a plain 16-bit checkpoint, as the plan's warning says
+            _load_16bit(source, compute_dtype, device).save_pretrained(staging)
+        elif config is None:
             _write_menu(source, plan, staging, compute_dtype, device, max_memory, reuse)
         else:
             model = _load_quantized(source.path, config, compute_dtype, device)

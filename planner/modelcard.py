@@ -161,9 +161,9 @@ def _bare_text(plan) -> str:
     params = sum(math.prod(shape) for shape in plan.bare_matrices.values())
     share = params * 2 / plan.predicted.bytes_16bit if plan.predicted.bytes_16bit else 0.0
     first = next(iter(plan.bare_matrices))
-    return (f"\n{len(plan.bare_matrices)} weight matrices are no Linear's ({params:,} parameters, {share:.0%} of the "
-            f"16-bit model; e.g. `{first}`, such as fused MoE experts): bitsandbytes does not quantize them, so they "
-            "are 16-bit here, as in any bitsandbytes 4-bit load.\n")
+    return (f"\n{len(plan.bare_matrices)} weight matrices belong to no Linear ({params:,} parameters, {share:.0%} of "
+            f"the 16-bit model; e.g. `{first}`, such as fused MoE experts): bitsandbytes does not quantize them, so "
+            "they are 16-bit here, as in any bitsandbytes 4-bit load.\n")
 
 
 def write_model_card(path: Path, source, plan, result) -> None:

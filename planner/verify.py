@@ -85,14 +85,14 @@ def verify(table, chosen: Plan, model=None, calibration=None, *, batch_size: int
         shipped = siblings.get(winner, chosen)
         if winner != PLAN:
             print(f"quantplan: verified on calibration data: at the plan's bytes the {winner.removeprefix(PLAN + ', ')} "
-                  f"plan's KL {kld[winner]:.4f} < the plan's {kld[PLAN]:.4f} (all-4-bit {kld[nothing.label]:.4f} "
+                  f"plan's KL {kld[winner]:.4g} < the plan's {kld[PLAN]:.4g} (all-4-bit {kld[nothing.label]:.4g} "
                   "nats/token): it ships")
         elif progress:
-            print(f"quantplan: verified on calibration data: the plan's KL {kld[PLAN]:.4f} < all-4-bit "
-                  f"{kld[nothing.label]:.4f} nats/token")
+            print(f"quantplan: verified on calibration data: the plan's KL {kld[PLAN]:.4g} < all-4-bit "
+                  f"{kld[nothing.label]:.4g} nats/token")
         return replace(shipped, checks=replace(chosen.checks, verification=record))
-    print(f"quantplan: the plan's calibration KL {kld[PLAN]:.4f} is not below all-4-bit's {kld[nothing.label]:.4f} "
-          f"nats/token: falling back to {winner} ({kld[winner]:.4f}). Try more or other calibration data "
+    print(f"quantplan: the plan's calibration KL {kld[PLAN]:.4g} is not below all-4-bit's {kld[nothing.label]:.4g} "
+          f"nats/token: falling back to {winner} ({kld[winner]:.4g}). Try more or other calibration data "
           f"(--calib), --refine, or another --objective.")
     reason = Reason(ReasonKind.FALLBACK, f"{winner} (measured calibration KL {kld[winner]:.4g} vs plan {kld[PLAN]:.4g})")
     fallback = replan_keeping(table, chosen, variants[winner].kept, reason)

@@ -288,7 +288,7 @@ def test_fused_moe_experts_are_named_and_warned_about_before_the_pass():
 
     p = plan(table, "+0%")
     assert Plan.from_dict(p.to_dict()).bare_matrices == table.meta["bare_matrices"]
-    assert re.search(r"4 weight matrices are no Linear's \(196,608 parameters, \d+% of the 16-bit model; e.g. "
+    assert re.search(r"4 weight matrices belong to no Linear \(196,608 parameters, \d+% of the 16-bit model; e.g. "
                      r"`model.layers.0.mlp.experts.gate_up_proj`.*they are 16-bit here", _bare_text(p))
     from quantplan.analysis.modules import bare_matrices, list_modules
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 
 import pytest
@@ -59,6 +60,8 @@ def test_budget_above_16bit_is_one_warning_line_saying_plain_16bit(tiny_dir, tmp
     assert len(warnings) == 1 and warnings[0].startswith("quantplan: warning:")
     assert "plain 16-bit checkpoint" in warnings[0]
     assert "UserWarning" not in err and ".py:" not in err
+    config = json.loads((tmp_path / "job" / "checkpoint" / "config.json").read_text())
+    assert "quantization_config" not in config  # as the warning says (it held a bnb config skipping every module)
 
 
 def _interrupt_after(monkeypatch, batches: int):

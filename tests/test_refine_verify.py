@@ -142,7 +142,7 @@ def test_verify_ships_the_lowest_measured_sibling(menu_job, capsys):
     shipped = verify(table, menu, measure=measure, siblings=siblings)
     assert shipped.checks.verification.chosen == "plan, nf4-bs32 only"
     assert shipped.choices == siblings["plan, nf4-bs32 only"].choices
-    assert "nf4-bs32 only plan's KL 0.1000 < the plan's 0.5000" in capsys.readouterr().out
+    assert "nf4-bs32 only plan's KL 0.1 < the plan's 0.5" in capsys.readouterr().out
     restored = Checks.from_dict(shipped.checks.to_dict()).verification
     assert restored == shipped.checks.verification and restored.plan_kld == 0.1
 

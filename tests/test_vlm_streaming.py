@@ -248,8 +248,10 @@ def test_a_vlm_streamed_on_text_alone_is_refused_with_the_fix(tmp_path):
     source = resolve_source(str(folder))
     calibration = calibration_for_model(load_model(source).config, load_processor(source), text_only=True, samples=2,
                                         seq_len=16)
-    with pytest.raises(StreamingUnsupported, match="pass --images, or run --text-only without --max-memory"):
-        analyze_streaming(folder, calibration, [NF4], progress=False, batch_size=BATCH)
+    with pytest.raises(StreamingUnsupported, match="calibrated on text \\(--text-only\\) is analyzed in memory only: "
+                                                   "run --text-only without --max-memory, or calibrate with --images"):
+        analyze_streaming(folder, calibration, [NF4], progress=False, batch_size=BATCH, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before any partial state is written
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "mllama", "llava"])
