@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from quantplan.common.sizes import parse_size
 
+from .calibration import CalibrationSet
 from .endtoend import GainSums, RestoreGains, weights_require_grad
 from .formats import FourBit
 from .head_chunks import head_kl_gradient
@@ -74,8 +75,9 @@ def streamed_restore_gains(path, calibration, quantized, fmt: FourBit, *, format
     batches of ``calibration`` are used. Refused, naming the fix, when ``options.max_memory`` is below the
     largest block's need.
     """
+    text_only = isinstance(calibration, CalibrationSet)  # token windows: a VLM runs its language model alone
     calibration = FirstBatches(calibration, options.batch_size, options.max_batches)
-    model, weights, lm_head, stages, device = open_streamed(path, options)
+    model, weights, lm_head, stages, device = open_streamed(path, options, text_only)
     sums = GainSums(quantized, formats, menu, context_error)
     wanted = _normalized({_QUANTIZED: {n: sums.formats.get(n) for n in sums.quantized}}, fmt, stages)
     refuse_unreachable(stages, wanted[_QUANTIZED])

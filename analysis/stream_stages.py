@@ -214,8 +214,11 @@ def stages_of(model: nn.Module, infos, lm_head: str | None, text_only: bool = Fa
         stages.append(Stage("merger + embeddings", StageKind.SPLICE, first, borrowed=run, grad_kwargs=carried))
     else:
         tower = layout_of(model).vision if text_only else None  # its weights stay on disk
-        stages.append(Stage("embeddings", StageKind.EMBED,
-                            [n for n in first if not (tower and n.startswith(tower + "."))]))
+        base = layout.language.rpartition(".")[0] or "model"
+        device_of = next((f"{base}.{n}" for n, _ in model.get_submodule(base).named_parameters()), None)
+        stages.append(Stage("embeddings", StageKind.EMBED, [n for n in first if not (tower and n.startswith(tower + "."))],
+                            # Idefics3's forward reads self.device from its first parameter, the tower's
+                            borrowed=[device_of] if tower and device_of and device_of.startswith(tower + ".") else []))
     cross = set(getattr(model.config.get_text_config(), "cross_attention_layers", None) or [])
     stages += [Stage(f"layer {i}", StageKind.LAYER, [n for n in names if n.startswith(f"{language}layers.{i}.")],
                      layers[i], grad_kwargs=("cross_attention_states",) if i in cross else ())

@@ -87,7 +87,7 @@ def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: b
     out_dir = Path(out_dir).resolve()
     plan.check_model(source.fingerprint)
     check_out_dir(out_dir, overwrite)
-    config = None if plan.mixed_blocksizes else bnb_config(plan, compute_dtype)
+    config = None if plan.mixed_blocksizes or not plan.used_formats else bnb_config(plan, compute_dtype)
     if config is None:
         try:
             menu_formats(plan)  # an unwritable plan fails before any model is loaded

@@ -77,7 +77,7 @@ def _checks_text(plan) -> str:
                                                                  "plan ships.") + _heldback_text(refinement))
     if verification := plan.checks.verification:
         kld = verification.calibration_kld
-        measured = ", ".join(f"{label} {value:.4f}" for label, value in kld.items())
+        measured = ", ".join(f"{label} {value:.4g}" for label, value in kld.items())
         lines.append(f"Checked on {verification.tokens} calibration tokens (mean KL divergence from 16-bit, "
                      f"nats/token: {measured}); shipped: {verification.chosen}.")
     return "\n" + "\n\n".join(lines) + "\n" if lines else ""
@@ -89,7 +89,7 @@ def _heldback_text(refinement) -> str:
         return ""
     kld = refinement.heldback_kld
     return (f" Chosen on {refinement.heldback_tokens} held-back calibration tokens the refinement did not fit "
-            f"(KL {kld['refined']:.4f} refined, {kld['first plan']:.4f} first plan).")
+            f"(KL {kld['refined']:.4g} refined, {kld['first plan']:.4g} first plan).")
 
 
 #: LoRA on the attention and MLP projections (Llama, Qwen, Mistral, ... names)
@@ -166,6 +166,14 @@ def _bare_text(plan) -> str:
             "they are 16-bit here, as in any bitsandbytes 4-bit load.\n")
 
 
+def _plain_text(plan) -> str:
+    """Where the budget reached the 16-bit size: the checkpoint is plain 16-bit, whatever the sections below say."""
+    if plan.used_formats:
+        return ""
+    return ("\n**This checkpoint is plain 16-bit:** the budget reached the 16-bit size, so every module stayed 16-bit "
+            "and `config.json` holds no quantization config; what follows about 4-bit modules does not apply.\n")
+
+
 def write_model_card(path: Path, source, plan, result) -> None:
     """Write a Hugging Face model card for a dynamic-bnb-4bit export."""
     predicted = plan.predicted
@@ -191,7 +199,7 @@ bitsandbytes {fmt.upper()} (double quant: {plan.quant.get('double_quant', True)}
 {len(plan.kept)} modules below, which stay 16-bit. They were chosen by measuring each module's
 output error on calibration data and solving exactly for the least predicted error within the
 budget `{plan.budget.spec}` ({format_bytes(plan.budget.bytes)}); objective: `{plan.objective}`.
-{_bare_text(plan)}
+{_bare_text(plan)}{_plain_text(plan)}
 ## Size
 
 | | bytes |

@@ -69,7 +69,7 @@ def refine(table, budget, model=None, calibration=None, *, config: PlanConfig | 
         result = gains(list(planned), {n: menu[t] for n, t in planned.items()}, menu)
         history.append(RefinementRound(round=r, kept_before=len(decided), kld_before=result.kld))
         if progress:
-            print(f"quantplan: refinement round {r}/{rounds}: calibration KL {result.kld:.4f} with "
+            print(f"quantplan: refinement round {r}/{rounds}: calibration KL {result.kld:.4g} with "
                   f"{len(decided)} module(s) restored so far")
         limit = floor + room * r // rounds if r < rounds else first.budget.bytes
         current = config.weights_only().plan(table, int(limit), scores=menu_scores(result, planned),

@@ -111,6 +111,8 @@ def _stream_need(source: ModelSource, config: AnalyzeConfig) -> tuple[int | None
     from quantplan.analysis.stream_weights import StreamingUnsupported
     from quantplan.analysis.streaming import streaming_need
 
+    if config.text_only and _is_vision_language(source):  # its streamed analysis needs images
+        return None, "a vision-language model calibrated on text (--text-only) is analyzed in memory"
     try:
         need, label = streaming_need(source.path, config.format_values(), dtype=dtype_from_name(config.dtype),
                                      batch_size=config.batch_size, seq_len=config.seq_len, fisher=config.fisher,
@@ -118,6 +120,14 @@ def _stream_need(source: ModelSource, config: AnalyzeConfig) -> tuple[int | None
     except StreamingUnsupported as err:
         return None, str(err)
     return need["total"], label
+
+
+def _is_vision_language(source: ModelSource) -> bool:
+    from transformers import AutoConfig
+
+    from quantplan.analysis.vision import is_vision_language
+
+    return is_vision_language(AutoConfig.from_pretrained(source.path))
 
 
 def _gradient_need(source: ModelSource, config: AnalyzeConfig) -> tuple[int | None, str]:

@@ -205,7 +205,7 @@ class EndToEnd:
         kld = {label: float(v) for label, v in measured.kld.items()}
         shipped = kld["refined"] < kld["first plan"]
         print(f"quantplan: on {measured.tokens} held-back calibration tokens the refined plan's KL is "
-              f"{kld['refined']:.4f} against the first plan's {kld['first plan']:.4f} nats/token: "
+              f"{kld['refined']:.4g} against the first plan's {kld['first plan']:.4g} nats/token: "
               f"the {'refined' if shipped else 'first'} plan ships")
         winner = refined if shipped else first
         record = replace(record, shipped=shipped, heldback_kld=kld, heldback_tokens=measured.tokens)
@@ -242,7 +242,7 @@ class EndToEnd:
         before, after = shipped_kld(verified), shipped_kld(refined)
         record = replace(refined.checks.refinement, trigger=trigger, seconds=seconds, shipped=after <= before)
         print(f"quantplan: {trigger.sentence}, so the plan was refined automatically: {self.auto.rounds} rounds, "
-              f"{seconds:.0f} s; calibration KL {before:.4f} -> {after:.4f} nats/token"
+              f"{seconds:.0f} s; calibration KL {before:.4g} -> {after:.4g} nats/token"
               f"{'' if record.shipped or measures.heldback else ' (not better: the first plan ships)'}; "
               "--refine 0 turns this off")
         if measures.heldback is not None:

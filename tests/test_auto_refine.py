@@ -77,7 +77,7 @@ def test_default_refines_by_itself_when_a_check_fires(job, capsys):
     assert checked.checks.verification is not None
     line = [x for x in capsys.readouterr().out.splitlines() if "refined automatically" in x]
     assert len(line) == 1 and "2 rounds" in line[0] and "--refine 0 turns this off" in line[0]
-    assert f"calibration KL {shipped_kld(first):.4f} -> " in line[0]
+    assert f"calibration KL {shipped_kld(first):.4g} -> " in line[0]
     assert shipped_kld(checked) <= shipped_kld(first)  # the better-measured plan ships
     if not record.shipped:
         assert checked.choices == first.choices

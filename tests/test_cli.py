@@ -62,6 +62,7 @@ def test_budget_above_16bit_is_one_warning_line_saying_plain_16bit(tiny_dir, tmp
     assert "UserWarning" not in err and ".py:" not in err
     config = json.loads((tmp_path / "job" / "checkpoint" / "config.json").read_text())
     assert "quantization_config" not in config  # as the warning says (it held a bnb config skipping every module)
+    assert "**This checkpoint is plain 16-bit:**" in (tmp_path / "job" / "checkpoint" / "README.md").read_text()
 
 
 def _interrupt_after(monkeypatch, batches: int):

@@ -214,3 +214,19 @@ def test_dry_run_gives_the_streamed_refinements_need_against_the_cap(tmp_path, n
     assert "would be refused" not in describe(roomy)
     tight = dry_run(source, AnalyzeConfig(max_memory=str(need - 1)))
     assert "would be refused and the automatic refinement skipped" in describe(tight)
+
+
+def test_a_vlm_calibrated_on_text_is_never_streamed_by_auto(tmp_path):
+    """Its streamed analysis needs images: --max-memory auto keeps a --text-only VLM in memory, saying why, instead
+    of streaming it into a refusal that names a flag the user never passed."""
+    from vlm_models import save_tiny_vlm
+
+    from quantplan import dry_run as module
+    from quantplan.analysis.config import AnalyzeConfig
+
+    source = resolve_source(str(save_tiny_vlm("qwen2_vl", tmp_path / "qwen")))
+    need, why = module._stream_need(source, AnalyzeConfig(text_only=True))
+    assert need is None and "calibrated on text (--text-only) is analyzed in memory" in why
+    assert module._stream_need(source, AnalyzeConfig())[0] > 0
+    llm = resolve_source(str(save_tiny(tmp_path / "llm", layers=1)))
+    assert module._stream_need(llm, AnalyzeConfig(text_only=True))[0] > 0  # an LLM streams as ever

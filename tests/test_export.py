@@ -255,3 +255,23 @@ def device_budget_for(folder, over_4bit: float, context: int) -> int:
     attention = attention_config(AutoConfig.from_pretrained(folder))
     weights = estimate_sizes(folder, NF4).bytes_all_4bit * (1 + over_4bit)
     return int(weights + kv_cache_bytes(attention, context) + activation_bytes(attention, context))
+
+
+def test_an_all_16bit_plan_over_blocksize_32_exports_plain_16bit(tmp_path):
+    """A plan that keeps every module 16-bit exports no quantization config, whatever its formats: over nf4-bs32
+    alone it asked transformers' BitsAndBytesConfig for blocksize 32 first and failed."""
+    import json
+
+    from tiny import random_calibration, save_tiny
+
+    from quantplan.analysis import analyze, load_model, resolve_source
+    from quantplan.analysis.formats import NF4_BS32
+    from quantplan.planner import export, plan
+
+    source = resolve_source(str(save_tiny(tmp_path / "model", layers=1)))
+    table = analyze(load_model(source), random_calibration(samples=2), [NF4_BS32], progress=False,
+                    model_fingerprint=source.fingerprint)
+    with pytest.warns(UserWarning, match="plain 16-bit checkpoint"):
+        p = plan(table, "2.0x")
+    export(source, p, tmp_path / "out")
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())

@@ -254,7 +254,7 @@ def test_a_vlm_streamed_on_text_alone_is_refused_with_the_fix(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before any partial state is written
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "mllama", "llava"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "mllama", "llava", "idefics3"])
 def test_the_streamed_scoreboard_of_a_vlm_runs_its_language_model_on_the_heldout_text(arch, tmp_path):
     """The scoreboard's held-out windows are text: streamed, a VLM runs its language model alone, as its forward
     does without pixel values (no tower, no Mllama cross-attention layer); it refused every text batch, so a
