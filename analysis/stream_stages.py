@@ -213,12 +213,7 @@ def stages_of(model: nn.Module, infos, lm_head: str | None, text_only: bool = Fa
         carried = tuple(s.emits for s in stages if s.emits)
         stages.append(Stage("merger + embeddings", StageKind.SPLICE, first, borrowed=run, grad_kwargs=carried))
     else:
-        tower = layout_of(model).vision if text_only else None  # its weights stay on disk
-        base = layout.language.rpartition(".")[0] or "model"
-        device_of = next((f"{base}.{n}" for n, _ in model.get_submodule(base).named_parameters()), None)
-        stages.append(Stage("embeddings", StageKind.EMBED, [n for n in first if not (tower and n.startswith(tower + "."))],
-                            # Idefics3's forward reads self.device from its first parameter, the tower's
-                            borrowed=[device_of] if tower and device_of and device_of.startswith(tower + ".") else []))
+        stages.append(_embed_stage(model, layout.language, first, layout_of(model).vision if text_only else None))
     cross = set(getattr(model.config.get_text_config(), "cross_attention_layers", None) or [])
     stages += [Stage(f"layer {i}", StageKind.LAYER, [n for n in names if n.startswith(f"{language}layers.{i}.")],
                      layers[i], grad_kwargs=("cross_attention_states",) if i in cross else ())
@@ -228,6 +223,18 @@ def stages_of(model: nn.Module, infos, lm_head: str | None, text_only: bool = Fa
         owned = set(stage.params)
         stage.linears = [i.name for i in infos if i.name + ".weight" in owned]
     return stages
+
+
+def _embed_stage(model: nn.Module, language: str, first: list[str], tower: str | None) -> Stage:
+    """The token embeddings' stage (``first``: the parameters before the first decoder layer). For a VLM run on text,
+    ``tower`` names its vision tower, whose weights stay on disk, but for the one parameter the forward reads its
+    device from (Idefics3's ``self.device``: its first parameter, in the tower)."""
+    if tower is None:
+        return Stage("embeddings", StageKind.EMBED, first)
+    base = language.rpartition(".")[0] or "model"
+    device_of = next((f"{base}.{n}" for n, _ in model.get_submodule(base).named_parameters()), None)
+    return Stage("embeddings", StageKind.EMBED, [n for n in first if not n.startswith(tower + ".")],
+                 borrowed=[device_of] if device_of and device_of.startswith(tower + ".") else [])
 
 
 def _vision_stages(model: nn.Module, layout: Layout, names: list[str]) -> list[Stage]:
