@@ -123,6 +123,7 @@ def _stream_need(source: ModelSource, config: AnalyzeConfig) -> tuple[int | None
 
 
 def _is_vision_language(source: ModelSource) -> bool:
+    """Whether the source's config is a vision-language model's (read from its config alone)."""
     from transformers import AutoConfig
 
     from quantplan.analysis.vision import is_vision_language
