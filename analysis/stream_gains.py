@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 
 from quantplan.common.sizes import parse_size
 
-from .calibration import CalibrationSet
 from .endtoend import GainSums, RestoreGains, weights_require_grad
 from .formats import FourBit
 from .head_chunks import head_kl_gradient
@@ -52,7 +51,15 @@ from .stream_head import chunk_tokens, head_work_bytes
 from .stream_stages import VISION_KINDS, StageKind, final_norm, stage_config, stages_of
 from .stream_steps import Direction, Step, StepContext, StepFolders, run_batches
 from .stream_store import read_batch, write_batch
-from .stream_variants import _REFERENCE, FirstBatches, StreamOptions, _normalized, _run_stage, open_streamed
+from .stream_variants import (
+    _REFERENCE,
+    FirstBatches,
+    StreamOptions,
+    _normalized,
+    _run_stage,
+    open_streamed,
+    without_images,
+)
 from .stream_weights import (
     DiskWeights,
     StreamingUnsupported,
@@ -75,7 +82,7 @@ def streamed_restore_gains(path, calibration, quantized, fmt: FourBit, *, format
     batches of ``calibration`` are used. Refused, naming the fix, when ``options.max_memory`` is below the
     largest block's need.
     """
-    text_only = isinstance(calibration, CalibrationSet)  # token windows: a VLM runs its language model alone
+    text_only = without_images(calibration)
     calibration = FirstBatches(calibration, options.batch_size, options.max_batches)
     model, weights, lm_head, stages, device = open_streamed(path, options, text_only)
     sums = GainSums(quantized, formats, menu, context_error)

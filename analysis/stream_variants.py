@@ -140,6 +140,12 @@ class StreamedModel(NamedTuple):
     device: torch.device
 
 
+def without_images(calibration) -> bool:
+    """Whether ``calibration`` is token windows alone (a :class:`~analysis.calibration.CalibrationSet`, not image +
+    prompt pairs): a vision-language model then runs its language model alone (``stages_of(..., text_only=True)``)."""
+    return isinstance(calibration, CalibrationSet)
+
+
 def open_streamed(path, options: StreamOptions, text_only: bool = False) -> StreamedModel:
     """The model in ``path`` as a skeleton in ``options.dtype`` with its stages, refused (naming why) when its logits
     change after lm_head: what every block-by-block pass over variants starts from (``text_only``: a vision-language
@@ -164,7 +170,7 @@ def variant_logit_chunks(path, calibration, variants: Mapping, fmt: FourBit,
     tensors, its 4-bit Linears bitsandbytes' ``Linear4bit`` (:mod:`analysis.stream_checkpoint`): a stream of
     its own, each stage run once its 16-bit weights are off-loaded, so the block in memory is one or the other.
     """
-    text_only = isinstance(calibration, CalibrationSet)  # token windows: a VLM runs its language model alone
+    text_only = without_images(calibration)
     calibration = FirstBatches(calibration, options.batch_size, options.max_batches)
     model, weights, lm_head, stages, device = open_streamed(path, options, text_only)
     exported = {label: CheckpointWeights(v.path, model) for label, v in variants.items()
