@@ -27,6 +27,7 @@ from .attention import attention_config
 from .checkpoint_names import checkpoint_prefixes
 from .distributed import Shard
 from .endtoend import restore_gains
+from .equalize import Equalization, mean_abs_exponent, measure_equalization
 from .fisher import GradientProbe, fisher_weights, loss_backward
 from .formats import NF4, format_to_dict
 from .interrupts import DeferredInterrupt, InterruptNow
@@ -60,7 +61,7 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
             model_fingerprint: str | None = None, batch_size: int = 4, out_dir: str | Path | None = None,
             resume: bool = False, checkpoint_seconds: float = 300.0, progress: bool = True,
             fisher: bool = False, context: bool = False, packed: PackedWeights | None = None,
-            hidden: KeptHidden | None = None) -> SensitivityTable:
+            hidden: KeptHidden | None = None, equalize: bool = False) -> SensitivityTable:
     """Measure weight and output error of every candidate module for each format.
 
     ``calibration`` is a :class:`~analysis.calibration.CalibrationSet` (or anything with
@@ -75,6 +76,9 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     that keeps the packed 4-bit weights the measurement makes, for the steps after it (a run's verification and
     scoreboard); without it they are dropped module by module. ``hidden``: a :class:`~analysis.kept_hidden.KeptHidden`
     that keeps the 16-bit last hidden states of the first calibration batches for the run's verification.
+    ``equalize`` first scales the model's norm-fed and up_proj-fed input channels by powers of two, in place and
+    without changing its outputs (:mod:`analysis.equalize`); the table's metadata holds the scales, which every later
+    step applies to the model it loads.
     """
     formats = list(formats)
     refuse_quantized(model)
@@ -85,9 +89,11 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     warn_bare_matrices(model, infos)
     candidates = [i.name for i in infos if reasons[i.name] is None]
     fingerprint = model_fingerprint or _structure_fingerprint(model)
+    four_bit = [f for f in formats if f.bits == 4]
+    equalization = _equalized(model, calibration, batch_size, candidates, lm_head, four_bit) if equalize else None
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
                 "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size, "candidates": candidates,
-                "fisher": fisher}
+                "fisher": fisher, "equalization": equalization.fingerprint() if equalization else None}
 
     probe = InputProbe(model, candidates)
     grads = GradientProbe(model, candidates) if fisher else None
@@ -119,6 +125,8 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     for row in rows:
         row.update({c: float("nan") for c in CONTEXT_COLUMNS})
     meta = _table_meta(model, model_id, fingerprint, calibration, formats, infos, fisher)
+    if equalization is not None:  # asked for (the streamed analysis never is): the scales, or why there are none
+        meta["equalization"] = equalization.to_dict()
     if context:
         if partial:  # the calibration pass is done: a resume after a failure below skips it
             probe.save(partial, run_meta, _extra_state(grads, energy))
@@ -283,7 +291,7 @@ def _resume(probe, grads, partial, run_meta, energy=None) -> None:
         grads.load_state(tensors)
     if energy:
         energy.load_state(tensors)
-    for key in ("model_fingerprint", "calibration", "formats", "batch_size", "candidates", "fisher"):
+    for key in ("model_fingerprint", "calibration", "formats", "batch_size", "candidates", "fisher", "equalization"):
         if state.get(key) != run_meta[key]:
             raise TableMismatch(
                 f"the partial results in {partial} were made with another {key.replace('_', ' ')}: "
@@ -306,6 +314,28 @@ def _fisher_backward(model, probe, device):
         chunked_loss_backward(model, batch, device, probe, seed, sequences)
 
     return backward
+
+
+def _equalized(model, calibration, batch_size: int, candidates: list[str], lm_head: str | None,
+               formats: list) -> Equalization:
+    """Scale ``model`` in place (:func:`analysis.equalize.measure_equalization`) from its first calibration batch, and
+    say in one line what moved."""
+    if lm_head is None:
+        return Equalization(note="the model has no output head to check the scales' outputs on")
+    if not formats:
+        return Equalization(note="no 4-bit format is measured")
+    with stage("equalize"):
+        _, batch = next(iter(_numbered_batches(calibration, batch_size)))
+        extra, device = _forward_options(model, full_logits=False), model_device(model)
+        with torch.inference_mode(False), torch.no_grad():
+            equalization = measure_equalization(model, batch, set(candidates),
+                                                lambda m, b: m(**batch_to(b, device), **extra), formats)
+    if equalization:
+        print(f"quantplan: equalized {len(equalization.groups)} shared inputs (power-of-two channel scales, "
+              f"mean |log2| {mean_abs_exponent(equalization):.2f}); the 16-bit outputs are unchanged")
+    else:
+        print(f"quantplan: no channel scales: {equalization.note}")
+    return equalization
 
 
 def _forward_options(model, full_logits: bool) -> dict:

@@ -38,6 +38,7 @@ class AnalyzeConfig:
     text_only: bool = False
     max_memory: str | None = None  # stream block by block under this cap (analysis.streaming); "auto": when needed
     context: bool = False  # quantized-context pass: restore_gain, context_output_rel_error (objective "restore")
+    equalize: bool | None = None  # power-of-two channel scales first (analysis.equalize); None: see `equalizes`
 
     def __post_init__(self):
         from .models import resolve_dtype
@@ -56,6 +57,19 @@ class AnalyzeConfig:
             return parse_formats(self.formats, self.blocksize, self.double_quant)
         menu = self.blocksize == 64 and self.double_quant and not self.context
         return parse_formats(DEFAULT_FORMATS if menu else "nf4", self.blocksize, self.double_quant)
+
+    @property
+    def equalizes(self) -> bool:
+        """Whether the analysis scales the model's channels first (:mod:`analysis.equalize`): by default with the
+        blocksize menu in memory. Not with ``--formats`` (a skip-list-only plan promises a BitsAndBytesConfig that
+        reproduces the checkpoint from the source weights), nor under ``--max-memory`` (the streamed steps read the
+        source weights as they are)."""
+        if self.max_memory:
+            if self.equalize:
+                raise ValueError("--equalize is not available with --max-memory yet (the streamed steps read the "
+                                 "source weights as they are): drop --equalize, or run in memory")
+            return False
+        return self.equalize if self.equalize is not None else self.formats is None and len(self.format_values()) > 1
 
 
 def calibration_of(source, config: AnalyzeConfig):

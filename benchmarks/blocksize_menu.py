@@ -46,6 +46,7 @@ warnings.filterwarnings("ignore")
 from plan_quality import _machine, _timed  # noqa: E402
 
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
+from quantplan.analysis.equalize import apply_equalization, equalization_of  # noqa: E402
 from quantplan.analysis.formats import NF4_BS32  # noqa: E402
 from quantplan.analysis.models import DTYPES  # noqa: E402
 from quantplan.analysis.reference import KLReference  # noqa: E402
@@ -76,6 +77,10 @@ def main(argv=None) -> None:
                                         "with --no-cost the run then times nothing)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype the model runs in")
+    parser.add_argument("--no-equalize", dest="equalize", action="store_false",
+                        help="analyze the source weights as they are (quantplan run --no-equalize); by default the "
+                             "analysis scales channels first, as quantplan run does, and the recovery is also given "
+                             "against plain all-NF4 of the source weights")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocksize_menu.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -86,15 +91,19 @@ def main(argv=None) -> None:
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
     common = {"progress": False, "fisher": True, "model_fingerprint": source.fingerprint}
     costs = {}
+    heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
+    reference = heldout_reference(model, heldout.input_ids)  # the same logits after the scales (bit-identical)
+    source_nf4 = float(measure_variants(reference, QuantCache(model, NF4), {"v": all_4bit_names(model)})["v"].kld.mean())
+    print(f"all-NF4 of the source weights: KLD {source_nf4:.4f}", flush=True)
     if args.table and (Path(args.table) / "sensitivity.json").is_file():
         table = SensitivityTable.load(args.table)
+        apply_equalization(model, equalization_of(table.meta))  # the weights the table measured
     else:
-        table, cost = _timed(lambda: analyze(model, calibration, [NF4, NF4_BS32], out_dir=args.table, **common))
+        table, cost = _timed(lambda: analyze(model, calibration, [NF4, NF4_BS32], out_dir=args.table,
+                                             equalize=args.equalize, **common))
         costs["nf4,nf4-bs32"] = cost
         print(f"menu analysis: CPU {cost['cpu_s']:.1f} s, wall {cost['wall_s']:.1f} s", flush=True)
 
-    heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
-    reference = heldout_reference(model, heldout.input_ids)
     cache = QuantCache(model, NF4)
 
     def kld(keep) -> np.ndarray:
@@ -134,18 +143,27 @@ def main(argv=None) -> None:
             else:
                 row["vs_skip_list"], row["vs_skip_list_se"] = _paired(per_token - skip_kld, windows)
             rows.append(row)
-            print(_line(rows[-1]), flush=True)
+            print(_line(rows[-1]) + f" (vs source all-NF4 {1 - row['kld'] / source_nf4:.1%})", flush=True)
+    for row in rows:  # what a user gets without quantplan: plain NF4 of the source weights
+        row["recovery_vs_source_nf4"] = 1 - row["kld"] / source_nf4
     if not args.no_cost and costs:  # after the rows: the held-out numbers come first on a slow machine
         costs["nf4"] = _timed(lambda: analyze(model, calibration, [NF4], **common))[1]
         print("analysis CPU s: " + ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in costs.items()), flush=True)
     summary = {"model": source.model_id, "dtype": args.dtype, "calibration_tokens": calibration.tokens,
-               "heldout_tokens": heldout.tokens, "all_nf4_kld": all_nf4, "analysis": costs, "rows": rows, "verification": verified,
+               "heldout_tokens": heldout.tokens, "all_nf4_kld": all_nf4, "source_all_nf4_kld": source_nf4,
+               "equalization": bool(equalization_of(table.meta)), "analysis": costs, "rows": rows, "verification": verified,
                "machine": _machine()}
     if "nf4" in costs and "nf4,nf4-bs32" in costs:
         summary["menu_analysis_cost_over_one_format"] = costs["nf4,nf4-bs32"]["cpu_s"] / costs["nf4"]["cpu_s"] - 1
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1))
     print(markdown(summary))
+
+
+def all_4bit_names(model) -> list[str]:
+    """Every plain Linear but the output head: all-NF4 of the weights as they are."""
+    head = model.get_output_embeddings()
+    return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
 
 
 def _heldback(model, calibration, args):
@@ -188,15 +206,17 @@ def _line(row) -> str:
 
 def markdown(summary: dict) -> str:
     """The results as a Markdown table."""
-    lines = [f"all-NF4 (blocksize 64) KLD {summary['all_nf4_kld']:.4f}", "",
-             "| budget | variant | 16-bit | in nf4-bs32 | bytes over all-NF4 | KLD | recovery | KLD − skip-list "
-             "(± SE) | predicted error |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"all-NF4 (blocksize 64) KLD {summary['all_nf4_kld']:.4f} (of the source weights: "
+             f"{summary['source_all_nf4_kld']:.4f}; channel scales: {summary['equalization']})", "",
+             "| budget | variant | 16-bit | in nf4-bs32 | bytes over all-NF4 | KLD | recovery | recovery vs source "
+             "all-NF4 | KLD − skip-list (± SE) | predicted error |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
         paired = f"{r['vs_skip_list']:+.4f} ± {r['vs_skip_list_se']:.4f}" if "vs_skip_list" in r else "–"
         predicted = f"{r['predicted_error']:.4g}" if "predicted_error" in r else "–"
         lines.append(f"| {r['budget']} | {r['variant']} | {r['kept']} | {r['formats'].get('nf4-bs32', '–')} | "
-                     f"{r['over_all_nf4']:+.1%} | {r['kld']:.4f} | {r['recovery']:.0%} | {paired} | {predicted} |")
+                     f"{r['over_all_nf4']:+.1%} | {r['kld']:.4f} | {r['recovery']:.0%} | "
+                     f"{r['recovery_vs_source_nf4']:.1%} | {paired} | {predicted} |")
     if "menu_analysis_cost_over_one_format" in summary:
         lines.append(f"\nanalysis CPU time, menu over one format: {summary['menu_analysis_cost_over_one_format']:+.1%}")
     return "\n".join(lines)

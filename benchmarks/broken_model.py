@@ -39,10 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 warnings.filterwarnings("ignore")
 
+from blocksize_menu import all_4bit_names  # noqa: E402
 from broken_standin import build, default_folder  # noqa: E402
 from plan_quality import _machine, _timed, random_mean  # noqa: E402
 
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
+from quantplan.analysis.equalize import apply_equalization, equalization_of  # noqa: E402
 from quantplan.analysis.formats import NF4_BS32  # noqa: E402
 from quantplan.analysis.models import dtype_from_name  # noqa: E402
 from quantplan.analysis.reference import KLReference  # noqa: E402
@@ -72,6 +74,10 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="fp32",
                         help="dtype the model runs in (fp32: CPU bf16 matmuls are ~50x slower single-threaded)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
+    parser.add_argument("--no-equalize", dest="equalize", action="store_false",
+                        help="analyze the weights as they are (quantplan run --no-equalize); by default the analysis "
+                             "scales channels first, as quantplan run does, and recovery is counted from plain all-NF4 "
+                             "of the source weights")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "broken_model.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -80,9 +86,14 @@ def main(argv=None) -> None:
     source = resolve_source(spec)
     model, tokenizer = load_model(source, dtype=dtype_from_name(args.dtype)), load_processor(source)
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
-    table, analysis = _table(model, calibration, source, args.table)
     heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
-    measure = _measurer(heldout_reference(model, heldout.input_ids), QuantCache(model, NF4), table)
+    reference = heldout_reference(model, heldout.input_ids)  # the same logits after the scales (bit-identical)
+    source_nf4 = float(measure_variants(reference, QuantCache(model, NF4), {"v": all_4bit_names(model)})["v"].kld.mean())
+    table, analysis = _table(model, calibration, source, args.table, args.equalize)
+    measure = _measurer(reference, QuantCache(model, NF4), table)
+    equalized = bool(equalization_of(table.meta))
+    if equalized:  # recovery from what a user gets without quantplan: plain NF4 of the source weights
+        measure.all_nf4_equalized, measure.all_nf4 = measure.all_nf4, source_nf4
     batches = args.end_to_end_batches  # the batches after them choose between a refined and the first plan
     shared = {"reference": KLReference(model, calibration, 4, batches), "cache": QuantCache(model, NF4),
               "progress": False,
@@ -95,7 +106,7 @@ def main(argv=None) -> None:
         print(f"{name}: {label:<44} kept {rows[-1]['kept']:>3}  KLD {rows[-1]['kld']:.4f}  "
               f"recovery {rows[-1]['recovery']:.0%}", flush=True)
 
-    add("all-NF4", all_4bit(table, "nf4"))
+    add("all-NF4" + (" (equalized)" if equalized else ""), all_4bit(table, "nf4"))
     nf4 = PlanConfig(tiers=("nf4",))
     before, cost = _timed(lambda: EndToEnd(refine=0).run_checks(table, BUDGET, nf4, model, calibration, **shared))
     add("default before (fisher + verify)", plan_keep_set(table, before), cost["wall_s"], before)
@@ -125,7 +136,7 @@ def main(argv=None) -> None:
         add(keep.label.split(" @ ")[0] + (f" (seed {keep.seed})" if keep.seed is not None else ""), keep)
     summary = {"model": name, "model_id": source.model_id, "calibration_tokens": calibration.tokens,
                "heldout_tokens": heldout.tokens, "end_to_end_tokens": shared["reference"].tokens, "budget": BUDGET,
-               "all_nf4_kld": measure.all_nf4,
+               "all_nf4_kld": measure.all_nf4, "source_all_nf4_kld": source_nf4, "equalized": equalized,
                "analysis": analysis, "auto_refine": asdict(auto.auto), "checks": checks, "rows": rows,
                "machine": _machine()}
     _merge(Path(args.out), name, summary)
@@ -144,12 +155,15 @@ def _model_spec(model: str) -> tuple[str, str | None]:
     return Path(model).name, model
 
 
-def _table(model, calibration, source, folder):
-    """The Fisher table over nf4 and nf4-bs32 (reused from ``folder`` when saved there) and its analysis cost."""
+def _table(model, calibration, source, folder, equalize: bool = True):
+    """The Fisher table over nf4 and nf4-bs32 (reused from ``folder`` when saved there, ``model`` then scaled as it
+    says) and its analysis cost."""
     if folder and (Path(folder) / "sensitivity.json").is_file():
-        return SensitivityTable.load(folder), None
+        table = SensitivityTable.load(folder)
+        apply_equalization(model, equalization_of(table.meta))
+        return table, None
     return _timed(lambda: analyze(model, calibration, [NF4, NF4_BS32], progress=False, fisher=True,
-                                  model_fingerprint=source.fingerprint, out_dir=folder))
+                                  model_fingerprint=source.fingerprint, out_dir=folder, equalize=equalize))
 
 
 def _measurer(reference, cache, table):

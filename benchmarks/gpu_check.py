@@ -91,6 +91,7 @@ def main(argv=None) -> int:
             steps.run("build", ["build", str(folder), json.dumps(shape), str(tokenizer), args.device])
             common = ["--device", args.device, "--budget", budget, "--samples", str(args.samples),
                       "--seq-len", str(args.seq_len), "--quiet", "--overwrite", "--heldout-samples", "8",
+                      "--no-equalize",  # streamed runs read the source weights as they are: the same measurement
                       *(["--no-compare"] if args.no_compare else [])]
             memory, streamed = Path(work) / f"{name}-memory", Path(work) / f"{name}-streamed"
             steps.cli("run in memory", [str(folder), "--out", str(memory), "--max-memory", "auto", *common], memory)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantplan.analysis.equalize import Equalization, apply_equalization
 from quantplan.analysis.models import ModelSource, load_processor
 from quantplan.analysis.stream_weights import StreamingUnsupported
 from quantplan.common.modes import apply_umask, staging_dir
@@ -87,7 +88,8 @@ def export(source: ModelSource, plan: Plan, out_dir: str | Path, *, overwrite: b
     out_dir = Path(out_dir).resolve()
     plan.check_model(source.fingerprint)
     check_out_dir(out_dir, overwrite)
-    config = None if plan.mixed_blocksizes or not plan.used_formats else bnb_config(plan, compute_dtype)
+    # scaled weights are written by quantplan's own writer: transformers would quantize the source's
+    config = None if plan.mixed_blocksizes or plan.equalized or not plan.used_formats else bnb_config(plan, compute_dtype)
     if config is None:
         try:
             menu_formats(plan)  # an unwritable plan fails before any model is loaded
@@ -217,6 +219,7 @@ def _write_menu(source: ModelSource, plan: Plan, staging: Path, compute_dtype: t
         print(f"quantplan: export: {err}, so the blocksize-menu checkpoint is written from the 16-bit model "
               "loaded whole")
         model = _load_16bit(source, compute_dtype, device)
+        apply_equalization(model, Equalization.from_dict(plan.equalization))
         write_prequantized(model, plan, staging, compute_dtype)
 
 

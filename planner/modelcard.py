@@ -166,6 +166,21 @@ def _bare_text(plan) -> str:
             "they are 16-bit here, as in any bitsandbytes 4-bit load.\n")
 
 
+def _equalized_text(plan) -> str:
+    """Where the weights were channel-scaled (:mod:`analysis.equalize`): what differs from the source, and what it
+    means for adapters; empty otherwise."""
+    if not plan.equalized or not plan.used_formats:
+        return ""
+    groups = plan.equalization["groups"]
+    return (f"\n**Channel-scaled weights.** Before quantizing, {len(groups)} inputs were equalized: power-of-two "
+            "scales between each norm and the Linears it feeds, and between `up_proj` and `down_proj`, chosen from the "
+            "activations' size (`quantplan_plan.json`, `equalization`). The 16-bit function is unchanged to the last "
+            "bit, the 4-bit error is lower. So this checkpoint's norm weights, `up_proj` rows and the Linears' input "
+            "columns differ from the source's: LoRA adapters trained on this checkpoint apply to it (and to its "
+            "de-quantized weights), not to the source model's. `quantplan run --no-equalize` keeps the source "
+            "weights.\n")
+
+
 def _plain_text(plan) -> str:
     """Where the budget reached the 16-bit size: the checkpoint is plain 16-bit, whatever the sections below say."""
     if plan.used_formats:
@@ -199,7 +214,7 @@ bitsandbytes {fmt.upper()} (double quant: {plan.quant.get('double_quant', True)}
 {len(plan.kept)} modules below, which stay 16-bit. They were chosen by measuring each module's
 output error on calibration data and solving exactly for the least predicted error within the
 budget `{plan.budget.spec}` ({format_bytes(plan.budget.bytes)}); objective: `{plan.objective}`.
-{_bare_text(plan)}{_plain_text(plan)}
+{_bare_text(plan)}{_plain_text(plan)}{_equalized_text(plan)}
 ## Size
 
 | | bytes |

@@ -284,4 +284,5 @@ def _assemble(table, bytes_model: ByteModel, model, choices, reasons, budget: Pl
         quant=next(f for f in table.meta["formats"] if f["name"] == tiers[0]) if tiers else {},
         formats={f["name"]: dict(f) for f in table.meta["formats"] if f["name"] in tiers},
         bare_matrices=dict(table.meta.get("bare_matrices") or {}),
+        equalization=dict(table.meta.get("equalization") or {}),
     )

@@ -229,6 +229,12 @@ class Plan:
     compat: LoaderCompat | None = None  # loader compatibility, when computed (planner.compat)
     formats: dict = field(default_factory=dict)  # tier name -> format dict (analysis.formats.format_to_dict)
     bare_matrices: dict = field(default_factory=dict)  # matrices no Linear holds (MoE experts): 16-bit, name -> shape
+    equalization: dict = field(default_factory=dict)  # the table's channel scales (analysis.equalize), {} for none
+
+    @property
+    def equalized(self) -> bool:
+        """Whether the checkpoint holds channel-scaled weights (:mod:`analysis.equalize`), not the source's own."""
+        return bool(self.equalization.get("groups"))
 
     @property
     def kept(self) -> list[str]:
@@ -266,6 +272,9 @@ class Plan:
         note = ("# this plan uses per-module blocksizes (" + ", ".join(self.used_formats) + "), which no\n"
                 "# BitsAndBytesConfig expresses: load the exported checkpoint. This config gives its skip list\n"
                 "# with every other module at blocksize 64.\n" if self.mixed_blocksizes else "")
+        if self.equalized:
+            note += ("# the exported checkpoint holds channel-scaled weights (quantplan's equalization), so this\n"
+                     "# config over the source weights gives another model: load the exported checkpoint.\n")
         return (
             note + "import torch\nfrom transformers import BitsAndBytesConfig\n\n"
             "quantization_config = BitsAndBytesConfig(\n"
@@ -286,7 +295,7 @@ class Plan:
                 "vllm_safe": self.vllm_safe, "checks": self.checks.to_dict(), "formats": dict(self.formats),
                 "device": asdict(self.device) if self.device else None,
                 "compat": asdict(self.compat) if self.compat else None, "bare_matrices": dict(self.bare_matrices),
-                "bnb_config": self.bnb_config_code()}
+                "equalization": dict(self.equalization) or None, "bnb_config": self.bnb_config_code()}
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
@@ -307,7 +316,8 @@ class Plan:
             device=DeviceBudget(**data["device"]) if data.get("device") else None,
             compat=LoaderCompat.from_dict(data["compat"]) if data.get("compat") else None,
             formats=dict(data.get("formats") or ({data["quant"]["name"]: data["quant"]} if data.get("quant") else {})),
-            bare_matrices=dict(data.get("bare_matrices") or {}))
+            bare_matrices=dict(data.get("bare_matrices") or {}),
+            equalization=dict(data.get("equalization") or {}))
 
     def save(self, path: str | Path) -> Path:
         """Write plan.json (atomically)."""

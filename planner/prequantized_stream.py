@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantplan.analysis.equalize import Equalization, scale_tensor
 from quantplan.analysis.formats import FourBit
 from quantplan.analysis.stream_weights import DiskWeights, StreamingUnsupported, saved_names, skeleton
 
@@ -67,6 +68,7 @@ def write_streamed(path: str | Path, plan: Plan, folder: Path, compute_dtype: to
                                    "to stream it)")
     model = skeleton(path, compute_dtype)
     weights = DiskWeights(path, model)
+    equalization = Equalization.from_dict(plan.equalization)
     planned = {key: formats[tier] for key, tier in planned_weight_keys(plan).items()}
     keys = _saved_keys(model, planned)
     names = _output_names(model, keys, planned)
@@ -79,19 +81,22 @@ def write_streamed(path: str | Path, plan: Plan, folder: Path, compute_dtype: to
         if key in buffers:
             entries = {key: _buffer(weights, key, buffers[key])}
         else:
-            entries = _weight_entries(weights, key, planned.get(key), compute_dtype, device, reuse)
+            entries = _weight_entries(weights, key, planned.get(key), compute_dtype, device, reuse, equalization)
         shards.add({names[k]: t.detach().to("cpu").contiguous() for k, t in entries.items()})
     shards.close(model.num_parameters())
     _write_configs(model, plan, path, folder, compute_dtype)
 
 
 def _weight_entries(weights: DiskWeights, key: str, fmt: FourBit | None, dtype: torch.dtype,
-                    device: str | torch.device, reuse: Reuse | None = None) -> dict[str, torch.Tensor]:
-    """The tensors saved for one parameter: read and cast; in 4-bit (``fmt``), bitsandbytes' packed weight
-    quantized on ``device`` (or made before from the same values: ``reuse``) and its quant state."""
+                    device: str | torch.device, reuse: Reuse | None = None,
+                    equalization: Equalization | None = None) -> dict[str, torch.Tensor]:
+    """The tensors saved for one parameter: read, cast and scaled as the plan's ``equalization`` says; in 4-bit
+    (``fmt``), bitsandbytes' packed weight quantized on ``device`` (or made before from the same values: ``reuse``)
+    and its quant state."""
+    equalization = equalization or Equalization()
     if fmt is None:
-        return {key: weights.read(key, dtype)}
-    values = weights.read(key, dtype, device)
+        return {key: scale_tensor(equalization, key, weights.read(key, dtype))}
+    values = scale_tensor(equalization, key, weights.read(key, dtype, device))
     made = reuse(key, fmt, values) if reuse is not None else None
     packed, state = made if made is not None else fmt.quantize(values)
     return {key: packed, **{f"{key}.{part}": t for part, t in state.as_dict(packed=True).items()}}

@@ -132,7 +132,8 @@ def analyze_config_from_args(args):
                          device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                          resume=args.resume, progress=not args.quiet, fisher=not args.no_fisher,
                          images=args.images, prompt=args.prompt, text_only=args.text_only,
-                         max_memory=args.max_memory, context=args.context)
+                         max_memory=args.max_memory, context=args.context,
+                         equalize=getattr(args, "equalize", None))
 
 
 def plan_config_from_args(args):
@@ -250,6 +251,15 @@ def _analyze_args(p):
     measure.add_argument("--no-fisher", action="store_true",
                          help="skip the backward pass of the next-token loss (Fisher-weighted scores, ~2x the forward "
                               "cost): faster, but plans fall back to the weaker output-error objective")
+    scales = measure.add_mutually_exclusive_group()
+    scales.add_argument("--no-equalize", dest="equalize", action="store_false", default=None,
+                        help="keep the source's weights as they are (default with the blocksize menu: power-of-two "
+                             "channel scales between each norm and its Linears, and between up_proj and down_proj, "
+                             "that leave the 16-bit outputs unchanged and lower the 4-bit error; the checkpoint then "
+                             "holds the scaled weights)")
+    scales.add_argument("--equalize", dest="equalize", action="store_true", default=None,
+                        help="scale the channels with --formats too (a skip-list-only plan's BitsAndBytesConfig then "
+                             "no longer reproduces the checkpoint from the source weights)")
     measure.add_argument("--context", action="store_true",
                          help="also measure each module in the all-4-bit model (restore_gain, context_output_rel_error;"
                               " one more forward+backward pass; enables --objective restore)")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from quantplan.analysis.config import AnalyzeConfig, calibration_of
+from quantplan.analysis.equalize import apply_equalization, equalization_of
 from quantplan.analysis.models import ModelSource, dtype_from_name, load_model
 from quantplan.analysis.table import SensitivityTable
 from quantplan.common.profile import stage
@@ -131,6 +132,7 @@ class EndToEnd:
         else:
             with stage("load model"):
                 model = load_model(source, dtype=dtype_from_name(analyze.dtype), device=analyze.device)
+                apply_equalization(model, equalization_of(table.meta))  # the weights the table measured
         calibration = calibration_of(source, analyze)
         reference = KLReference(model, calibration, analyze.batch_size, self.batches(analyze), progress=analyze.progress)
         heldback = self.heldback_reference(model, calibration, analyze)

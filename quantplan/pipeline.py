@@ -13,6 +13,7 @@ from pathlib import Path
 from quantplan.analysis import analyze, load_model, resolve_source
 from quantplan.analysis.config import AnalyzeConfig, calibration_of
 from quantplan.analysis.distributed import bind_local_gpu, init_from_environment, is_main_process
+from quantplan.analysis.equalize import equalization_of
 from quantplan.analysis.kept_hidden import KeptHidden
 from quantplan.analysis.models import ModelSource, dtype_from_name
 from quantplan.analysis.summary import summarize
@@ -165,7 +166,10 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
     calibration = calibration_of(source, config)
     out_dir = Path(out_dir)
     fisher = config.fisher
-    if reuse and (table := _matching_table(out_dir, source, calibration, formats, fisher, config.context)):
+    if reuse and (table := _matching_table(out_dir, source, calibration, formats, fisher, config.context,
+                                           config.equalizes)):
+        if shared is not None:
+            shared.equalization = equalization_of(table.meta)  # the verification's model is scaled as measured
         return table
     if config.max_memory:
         table = _analyze_streaming(source, calibration, formats, out_dir, config)
@@ -181,14 +185,16 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
         table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
                         batch_size=config.batch_size, out_dir=out_dir, resume=config.resume,
                         progress=config.progress, fisher=fisher, context=config.context, packed=packed,
-                        hidden=hidden)
+                        hidden=hidden, equalize=config.equalizes)
+        if shared is not None:
+            shared.equalization = equalization_of(table.meta)  # applied in place already; again on a reload
         del model
         gc.collect()
     print(summarize(table))
     return table
 
 
-def _matching_table(out_dir: Path, source, calibration, formats, fisher: bool, context: bool):
+def _matching_table(out_dir: Path, source, calibration, formats, fisher: bool, context: bool, equalize: bool):
     """The table saved in ``out_dir`` if it was made for this model, calibration and formats; else None."""
     if not ((out_dir / TABLE_FILE).is_file() and (out_dir / META_FILE).is_file()):
         return None
@@ -199,6 +205,9 @@ def _matching_table(out_dir: Path, source, calibration, formats, fisher: bool, c
             raise TableMismatch("the saved table has no Fisher scores")
         if context and not table.meta.get("context"):
             raise TableMismatch("the saved table has no quantized-context scores")
+        if equalize != (table.meta.get("equalization") is not None):
+            raise TableMismatch("the saved table was measured " + ("without" if equalize else "with") +
+                                " channel scales (--no-equalize)")
     except TableMismatch as err:
         print(f"quantplan: not reusing {out_dir / TABLE_FILE}: {err}")
         return None

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from quantplan.analysis.equalize import Equalization, apply_equalization
 from quantplan.analysis.kept_hidden import KeptHidden
 from quantplan.analysis.models import ModelSource, dtype_from_name, load_model
 from quantplan.analysis.packed import PackedWeights
@@ -40,12 +41,16 @@ class SharedModel:
     packed: PackedWeights = field(default_factory=PackedWeights, repr=False)
     #: the analysis' 16-bit last hidden states of the batches the verification reads (none kept by default)
     hidden: KeptHidden = field(default_factory=KeptHidden, repr=False)
+    #: the channel scales of the run's table, applied to the weights whenever they are read (the analysis applies
+    #: them itself to the model it borrows)
+    equalization: Equalization = field(default_factory=Equalization, repr=False)
 
     def get(self) -> nn.Module:
-        """The loaded model (loading it now if no step has yet)."""
+        """The loaded model (loading it now if no step has yet), with the run's channel scales."""
         if self._model is None:
             with stage("load model"):
                 self._model = load_model(self.source, dtype=dtype_from_name(self.dtype), device=self.device)
+                apply_equalization(self._model, self.equalization)
             self.loads += 1
         return self._model
 

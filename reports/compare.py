@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 
 from quantplan.analysis import load_calibration, load_model, load_processor, resolve_source
+from quantplan.analysis.equalize import apply_equalization, equalization_of
 from quantplan.analysis.formats import FourBit, format_from_dict
 from quantplan.analysis.memory import footprint_16bit
 from quantplan.analysis.models import ModelSource, dtype_from_name, load_quantized_from, resolve_dtype
@@ -67,6 +68,8 @@ from .fidelity import Fidelity, heldout_reference, measure, measure_variants
 from .generations import PROMPTS, generate
 from .result import Comparison
 from .scoreboard import scoreboard_frame
+from .source_baseline import NOTE as SOURCE_NOTE
+from .source_baseline import equalized_label, source_all_4bit
 
 
 class ReportDepth(Enum):
@@ -82,7 +85,7 @@ QUICK_SKIPS = {
                  "forward per module): run with --report full to measure them",
     "seeds": "--report quick measures the random baseline with one seed (--report full: all seeds)",
     "generations": "skipped by --report quick (greedy generations of every variant): run with --report full",
-    "simulation check": "simulated (bitsandbytes round trip), as is the recovery every row is given against it: "
+    "simulation check": "simulated (bitsandbytes round trip), as is the all-4-bit row recovery is counted from: "
                         "--report quick skips its real bitsandbytes load, the check that the simulation matches it "
                         "(--report full measures both)",
 }
@@ -162,15 +165,18 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
             comparison.save(out_dir)
         return comparison
     # 1. the 16-bit model, 2. everything simulated in it, batch by batch against its logits
+    equalization = equalization_of(table.meta)
     if model16 is None:
         packed = None  # packed weights belong to the model they were made from
         with stage("load model"):
             model16 = load_model(source, dtype=dtype, device=options.device)
+            apply_equalization(model16, equalization)  # the weights the plans were measured on
     reference = heldout_reference(model16, heldout.input_ids, options.batch_size, options.progress)
     footprint16 = footprint_16bit(model16)
     generations = {"16-bit": _generate(model16, processor, options)}
     cache = QuantCache(model16, fmt, packed)
     uniform, dynamic, heuristics = keep_sets(table, plans, fmt, options)
+    uniform = equalized_label(uniform, equalization)
     # like-for-like with the heuristic rows; a blocksize-menu plan has no BitsAndBytesConfig, so its row is simulated
     simulated = [uniform, *dynamic] if options.baselines else [uniform, *(k for k in dynamic if k.mixed_formats)]
     with stage("simulated variants"):
@@ -192,7 +198,13 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         rows.append(_row(keep, measured[i], "simulated"))
         say(f"  {keep.label}{'' if keep.seed is None else f' seed {keep.seed}'}: mean KLD {rows[-1]['mean_kld']:.6f}")
     agreement, meta["agreement"] = _agreement(table, plans[0], cache, model16, heldout, options)
-    cache.drop_packed()  # the simulations are done: their packed 4-bit weights go before a bitsandbytes model loads
+    cache.drop_packed()
+    meta["equalized"] = bool(equalization)
+    if equalization:
+        with stage("all-4-bit of the source weights"):
+            keep, fidelity = source_all_4bit(model16, equalization, uniform, reference, fmt)
+        rows.append({**_row(keep, fidelity, "simulated"), "note": SOURCE_NOTE, "recovery_base": True})
+        say(f"  {keep.label}: mean KLD {rows[-1]['mean_kld']:.6f}")  # the simulations are done: their packed 4-bit weights go before a bitsandbytes model loads
     del cache
 
     # 3. real bitsandbytes loads, one at a time, each against the 16-bit logits made again per batch (step 2's hidden states)

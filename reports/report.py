@@ -92,6 +92,11 @@ def report_blocks(table: SensitivityTable, plans: list[Plan], comparison: Compar
                         "generations" + ("" if meta.get("skipped") else " and the real bitsandbytes load of all-4-bit "
                                          "(the simulation check)") + " are left out (`--report full` measures them).")]
                  if meta.get("report") == ReportDepth.QUICK.value else []),
+               *([("p", "Channel scales: the checkpoint holds equalized weights (power-of-two scales between each "
+                        "norm and its Linears, and between up_proj and down_proj, that leave the 16-bit outputs "
+                        "unchanged and lower the 4-bit error). Every row runs on those weights, the heuristics "
+                        "included, but the all-4-bit row of the source weights: plain bitsandbytes without quantplan, "
+                        "the row recovery is counted from.")] if meta.get("equalized") else []),
                *([("p", f"Measured block by block under --max-memory {meta.get('max_memory')}: "
                         + "; ".join([*([meta["measured"]["exported"]] if meta.get("measured") else []),
                                      *meta["skipped"].values()]) + ".")] if meta.get("skipped") else []),

@@ -87,7 +87,7 @@ def test_blocksize_menu(tmp_path, tiny_model):
                            "--samples", "2", "--seq-len", "16", "--heldout", "2", "--threads", "1", "--dtype", "fp32",
                            "--refine", "1", "--end-to-end-batches", "1")
     assert {"all_nf4_kld", "rows", "analysis", "menu_analysis_cost_over_one_format"} <= set(result)
-    assert result["dtype"] == "fp32"
+    assert result["dtype"] == "fp32" and result["source_all_nf4_kld"] > 0  # plain NF4 of the unscaled weights
     variants = {(row["budget"], row["variant"]) for row in result["rows"]}
     for budget in ("+10%", "+33%"):
         assert {(budget, "skip-list only (nf4)"), (budget, "menu (nf4 + nf4-bs32)")} <= variants
@@ -98,6 +98,7 @@ def test_blocksize_menu(tmp_path, tiny_model):
         assert (budget, f"shipped by `quantplan run --refine 1` (verification chose: {refined['chosen']})") in variants
     for row in result["rows"]:
         assert {"kept", "kld", "recovery", "bytes", "over_all_nf4", "formats"} <= set(row)
+    assert all("recovery_vs_source_nf4" in row for row in result["rows"])
 
 
 @pytest.mark.slow  # four fresh Python processes (build + analyze at two depths): ~30 s alone, more when loaded
@@ -181,6 +182,7 @@ def test_broken_model(tiny_model, tmp_path):
                      "random (seed 0)"):
         assert any(label.startswith(expected) for label in labels), (expected, labels)
     assert {"all_4bit_calibration_kld", "recovery_share", "fires"} <= set(entry["checks"]["before"])
+    assert entry["source_all_nf4_kld"] > 0 and "equalized" in entry
 
 
 def test_gram_update(tmp_path):

@@ -9,6 +9,7 @@ from tiny import save_tiny_english
 
 from quantplan.analysis import load_model, resolve_source
 from quantplan.analysis.config import AnalyzeConfig
+from quantplan.analysis.equalize import apply_equalization, equalization_of
 from quantplan.pipeline import run
 from quantplan.reports.compare import CompareConfig, ReportDepth
 from quantplan.shared_model import SharedModel
@@ -89,7 +90,8 @@ def test_a_scoreboard_in_another_dtype_loads_its_own(tmp_path):
 
 def test_the_steps_leave_the_borrowed_weights_as_they_were(tmp_path):
     """Analysis (Fisher), verification and scoreboard on one shared model: its weights and requires_grad
-    equal a fresh load's afterwards."""
+    equal a fresh load's afterwards, scaled as the table's channel scales say (the scoreboard undoes them for its
+    source-weights row and puts them back)."""
     from quantplan.endtoend import EndToEnd
     from quantplan.pipeline import analyze_model
     from quantplan.planner.config import PlanConfig
@@ -106,6 +108,9 @@ def test_the_steps_leave_the_borrowed_weights_as_they_were(tmp_path):
                                            progress=False))
     assert shared.loads == 1
     fresh = load_model(source, dtype=torch.float32)
+    equalization = equalization_of(table.meta)
+    assert equalization  # the analysis scaled the borrowed model in place, once: the other steps leave it so
+    apply_equalization(fresh, equalization)
     borrowed = shared.get()
     for (name, a), (_, b) in zip(borrowed.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -131,7 +136,8 @@ def test_each_weight_is_quantized_once_per_format_across_the_steps(tmp_path, mon
     monkeypatch.setattr(FourBit, "quantize", counted)
     folder = save_tiny_english(tmp_path / "model", layers=2)
     source = resolve_source(str(folder))
-    config = AnalyzeConfig(samples=4, seq_len=32, dtype="fp32", progress=False)
+    # without channel scales: with them the scoreboard's source-weights row quantizes the unscaled weights once more
+    config = AnalyzeConfig(samples=4, seq_len=32, dtype="fp32", progress=False, equalize=False)
     shared = SharedModel(source, "fp32", "cpu")
     table = analyze_model(source, tmp_path / "job", config, shared=shared)
     analyzed = len(made)
