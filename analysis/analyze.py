@@ -10,6 +10,7 @@ interrupted, so ``resume=True`` continues where it stopped.
 from __future__ import annotations
 
 import inspect
+import json
 import time
 from contextlib import nullcontext
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from .attention import attention_config
 from .checkpoint_names import checkpoint_prefixes
 from .distributed import Shard
 from .endtoend import restore_gains
-from .equalize import Equalization, mean_abs_exponent, measure_equalization
+from .equalize import Equalization, apply_equalization, mean_abs_exponent, measure_equalization
 from .fisher import GradientProbe, fisher_weights, loss_backward
 from .formats import NF4, format_to_dict
 from .interrupts import DeferredInterrupt, InterruptNow
@@ -89,17 +90,23 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     warn_bare_matrices(model, infos)
     candidates = [i.name for i in infos if reasons[i.name] is None]
     fingerprint = model_fingerprint or _structure_fingerprint(model)
-    four_bit = [f for f in formats if f.bits == 4]
-    equalization = _equalized(model, calibration, batch_size, candidates, lm_head, four_bit) if equalize else None
+    shard = Shard.current()
+    partial = shard.partial_folder(out_dir)
+    equalization = None
+    if equalize:  # a resumed pass continues on the scales its statistics were summed with, not new ones
+        saved = _saved_equalization(partial) if resume else None
+        equalization = saved if saved is not None else _equalized(model, calibration, batch_size, candidates,
+                                                                  lm_head, [f for f in formats if f.bits == 4])
+        if saved is not None:
+            apply_equalization(model, saved)
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
                 "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size, "candidates": candidates,
-                "fisher": fisher, "equalization": equalization.fingerprint() if equalization else None}
+                "fisher": fisher, "equalization": equalization.fingerprint() if equalization else None,
+                **({"equalization_scales": equalization.to_dict()} if equalization else {})}
 
     probe = InputProbe(model, candidates)
     grads = GradientProbe(model, candidates) if fisher else None
     energy = OutputEnergy(model, [n for n in candidates if n != lm_head])  # as streamed: no head logits there
-    shard = Shard.current()
-    partial = shard.partial_folder(out_dir)
     if partial:
         sample_rows = min(probe.sample_rows, batch_size * calibration.meta.get("seq_len", probe.sample_rows))
         _announce_partial_size([i for i in infos if i.name in set(candidates)], sample_rows, fisher, partial)
@@ -314,6 +321,15 @@ def _fisher_backward(model, probe, device):
         chunked_loss_backward(model, batch, device, probe, seed, sequences)
 
     return backward
+
+
+def _saved_equalization(partial: Path | None) -> Equalization | None:
+    """The channel scales an interrupted analysis saved with its partial statistics (None: none saved)."""
+    state = partial / "state.json" if partial else None
+    if state is None or not state.is_file():
+        return None
+    saved = json.loads(state.read_text()).get("equalization_scales")
+    return Equalization.from_dict(saved) if saved else None
 
 
 def _equalized(model, calibration, batch_size: int, candidates: list[str], lm_head: str | None,

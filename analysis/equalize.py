@@ -7,10 +7,12 @@ get finer steps when they are made larger. The same holds for ``down_proj``'s in
 rows (the MLP multiplies ``act(gate)·up`` channel by channel). Per channel ``s_c = rms_c^½`` (the activation's root
 mean square over the first calibration batch), normalised around 1 and rounded to a power of two, so that both
 products are exact in bf16, fp16 and fp32 and the 16-bit model's outputs stay the same to the last bit: the
-measurement checks it on that batch and undoes the scales where they are not (an architecture whose norm is not a
-plain ``γ ⊙ n``, e.g. Gemma's ``(1 + γ) ⊙ n``).
+measurement compares the hidden states the output head reads (the first sequence of that batch where it is text
+only) before and after, and undoes every scale if they differ (an architecture whose norm is not a plain ``γ ⊙ n``,
+e.g. Gemma's ``(1 + γ) ⊙ n``). An input keeps its scales only where bitsandbytes' own round trips say they lower
+its Linears' error (:func:`_helpful`).
 
-SmolLM2-135M, 48 held-out windows (benchmarks/README.md): all-NF4 mean KLD 0.329 → 0.216 at the same bytes.
+SmolLM2-135M, 48 held-out windows (benchmarks/README.md): all-NF4 mean KLD 0.329 → 0.211 at the same bytes.
 The exported checkpoint holds the scaled weights: adapters trained on it apply to it, not to the source weights.
 """
 
@@ -145,7 +147,7 @@ def measure_equalization(model: nn.Module, batch: dict, candidates: set[str], fo
 
     handles = [modules[linears[0]].register_forward_pre_hook(collect(source)) for source, _, linears in inputs]
     try:
-        before = _head_input(model, batch, forward)
+        forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -155,10 +157,11 @@ def measure_equalization(model: nn.Module, batch: dict, candidates: set[str], fo
     if not groups:
         return Equalization(note="no shared input's scales lower the expected 4-bit error (its channels are alike)")
     equalization = Equalization(groups)
-    apply_equalization(model, equalization)
     check = {k: v[:1] for k, v in batch.items()} if splittable(batch) else batch  # a text batch: its first sequence
+    before = _head_input(model, check, forward)
+    apply_equalization(model, equalization)
     after = _head_input(model, check, forward)
-    if not _same(before[: after.shape[0]], after):
+    if before is None or after is None or not _same(before, after):
         apply_equalization(model, equalization, inverse=True)
         return Equalization(note="the scaled model's outputs differed from the 16-bit ones (a norm other than γ ⊙ n?)"
                                  ": measured without scales")
@@ -204,8 +207,9 @@ def _exponents(total: torch.Tensor, count: int) -> tuple[int, ...]:
     return tuple(int(e) for e in torch.round(log_scale).clamp(-MAX_EXPONENT, MAX_EXPONENT).tolist())
 
 
-def _head_input(model: nn.Module, batch: dict, forward) -> torch.Tensor:
-    """The output head's input (the last hidden states the head reads) on ``batch``."""
+def _head_input(model: nn.Module, batch: dict, forward) -> torch.Tensor | None:
+    """The output head's input (the last hidden states the head reads) on ``batch``; None where the head module is
+    not called (nothing to check on)."""
     head = model.get_output_embeddings()
     seen = []
     handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().float().cpu()))
@@ -213,7 +217,7 @@ def _head_input(model: nn.Module, batch: dict, forward) -> torch.Tensor:
         forward(model, batch)
     finally:
         handle.remove()
-    return torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
+    return torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]) if seen else None
 
 
 def _same(before: torch.Tensor, after: torch.Tensor) -> bool:

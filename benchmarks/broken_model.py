@@ -61,7 +61,8 @@ BUDGET = "+10%"
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="standin", help="standin, smollm2, or a model folder")
+    parser.add_argument("--model", default="standin", help="standin, standin-deep (broken even after the channel "
+                                                             "equalization), smollm2, or a model folder")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=16, help="held-out windows of --seq-len tokens")
@@ -143,15 +144,22 @@ def main(argv=None) -> None:
     print(markdown(summary))
 
 
+#: the stand-ins by name and their damage factors. ``standin`` (16 / 32) is broken for plain NF4 (all-NF4 KLD 0.70),
+#: but the channel equalization of ``quantplan run`` (analysis/equalize.py) undoes most of its damage (0.24);
+#: ``standin-deep`` (1024 / 4096) stays as broken after equalization (0.70) as ``standin`` is without it
+STANDINS = {"standin": (16.0, 32.0), "standin-deep": (1024.0, 4096.0)}
+
+
 def _model_spec(model: str) -> tuple[str, str | None]:
     """The label and the resolve_source spec; builds the stand-in when its folder is missing."""
     if model == "smollm2":
         return "SmolLM2-135M", None
-    if model == "standin":
-        folder = default_folder()
+    if model in STANDINS:
+        scales = STANDINS[model]
+        folder = default_folder(scales=scales)
         if not (folder / "config.json").is_file():
-            build(folder, measure_original=False)  # SmolLM2's all-NF4 KLD is its own run's row
-        return "stand-in (broken_standin.py)", str(folder)
+            build(folder, scales=scales, measure_original=False)  # SmolLM2's all-NF4 KLD is its own run's row
+        return f"stand-in (broken_standin.py{'' if model == 'standin' else ' --scales 1024,4096'})", str(folder)
     return Path(model).name, model
 
 

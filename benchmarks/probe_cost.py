@@ -48,6 +48,7 @@ from quantplan.analysis import (  # noqa: E402
     parse_formats,
     resolve_source,
 )
+from quantplan.analysis.equalize import apply_equalization, equalization_of  # noqa: E402
 from quantplan.analysis.formats import FourBit, Int8  # noqa: E402
 from quantplan.analysis.gram import UpperGram, product_dtype  # noqa: E402
 from quantplan.analysis.models import dtype_from_name, resolve_dtype  # noqa: E402
@@ -61,9 +62,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "probe_cost.json"
 TARGET_OUTPUT = 2.0  # output-error analysis / plain forward
 TARGET_FISHER = 4.0  # Fisher analysis (the default) / plain forward
 TARGET_PER_EXTRA_FORMAT = 0.10
-#: label -> (formats, Fisher scores): one format and the default blocksize menu, each without and with Fisher
-RUNS = {"output nf4": ("nf4", False), "output menu": ("nf4,nf4-bs32", False),
-        "fisher nf4": ("nf4", True), "fisher menu": ("nf4,nf4-bs32", True)}
+#: label -> (formats, Fisher scores, channel equalization): one format and the blocksize menu, each without and with
+#: Fisher, and `quantplan run`'s default analysis (the Fisher menu after its equalization stage, analysis.equalize)
+RUNS = {"output nf4": ("nf4", False, False), "output menu": ("nf4,nf4-bs32", False, False),
+        "fisher nf4": ("nf4", True, False), "fisher menu": ("nf4,nf4-bs32", True, False),
+        "default (menu + equalize)": ("nf4,nf4-bs32", True, True)}
 
 
 def forward_options(model) -> dict:
@@ -131,16 +134,20 @@ def instrumented():
             setattr(owner, attr, fn)
 
 
-def analyze_once(model, calibration, formats, batch_size: int, fingerprint: str, fisher: bool) -> dict:
+def analyze_once(model, calibration, formats, batch_size: int, fingerprint: str, fisher: bool,
+                 equalize: bool = False) -> dict:
+    """One timed analyze() (with ``equalize``, the model's scales are undone afterwards: every run measures the same
+    weights)."""
     load_before = os.getloadavg()[0]
     device = next(model.parameters()).device
     with instrumented() as (times, calls):
         synchronize(device)
         start, cpu = time.perf_counter(), time.process_time()
         table = analyze(model, calibration, formats, model_fingerprint=fingerprint, batch_size=batch_size,
-                        progress=False, fisher=fisher)
+                        progress=False, fisher=fisher, equalize=equalize)
         synchronize(device)
         total, cpu = time.perf_counter() - start, time.process_time() - cpu
+    apply_equalization(model, equalization_of(table.meta), inverse=True)
     parts = {k.removeprefix("measure."): v for k, v in times.items() if k.startswith("measure.")}
     parts["rest"] = times["measure"] - sum(parts.values())
     return {"total": total, "cpu": cpu, "calibration": times["calibration"], "measure": times["measure"],
@@ -205,9 +212,9 @@ def main(argv=None) -> int:
             print(f"stopping after {repeat} repeats: --max-seconds {args.max_seconds:.0f} reached", flush=True)
             break
         forward_runs.append(plain_forward(model, calibration, args.batch_size, options))
-        for label, (spec, fisher) in RUNS.items():
+        for label, (spec, fisher, equalize) in RUNS.items():
             analyze_runs[label].append(analyze_once(model, calibration, parse_formats(spec), args.batch_size,
-                                                    source.fingerprint, fisher))
+                                                    source.fingerprint, fisher, equalize))
         print(f"repeat {repeat + 1}/{args.repeats}: forward {forward_runs[-1]['total']:.2f}s, "
               + ", ".join(f"{label} {analyze_runs[label][-1]['total']:.2f}s" for label in RUNS)
               + f" (load average {os.getloadavg()[0]:.1f})", flush=True)
@@ -242,11 +249,11 @@ def main(argv=None) -> int:
 
 
 
-def _result(run: tuple[str, bool], runs: list[dict], forward: float, forward_cpu: float) -> dict:
+def _result(run: tuple[str, bool, bool], runs: list[dict], forward: float, forward_cpu: float) -> dict:
     """One analysis configuration's best timings and its ratios to the plain forward."""
-    spec, fisher = run
+    spec, fisher, equalize = run
     b = best(runs)
-    return {"formats": spec.split(","), "fisher": fisher, "best": b, "runs": runs,
+    return {"formats": spec.split(","), "fisher": fisher, "equalize": equalize, "best": b, "runs": runs,
             "best_calibration_s": min(r["calibration"] for r in runs),
             "best_measure_s": min(r["measure"] for r in runs),
             "ratio_total": b["total"] / forward,
@@ -263,7 +270,11 @@ def _summary(results: dict, forward: float, forward_cpu: float) -> dict:
     return {"forward_s": forward, "forward_cpu_s": forward_cpu,
             "ratio_output": out["ratio_total"], "ratio_output_cpu": out["ratio_cpu"],
             "ratio_fisher": fisher["ratio_total"], "ratio_fisher_cpu": fisher["ratio_cpu"],
-            "ratio_default": results["fisher menu"]["ratio_total"],
+            "ratio_default": results["default (menu + equalize)"]["ratio_total"],
+            "ratio_default_cpu": results["default (menu + equalize)"]["ratio_cpu"],
+            "ratio_menu_without_equalize": results["fisher menu"]["ratio_total"],
+            "equalize_extra": (results["default (menu + equalize)"]["best"]["total"]
+                               - results["fisher menu"]["best"]["total"]) / results["fisher menu"]["best"]["total"],
             "hook_overhead_ratio": out["ratio_calibration_pass"],  # output-only calibration pass / forward
             "menu_extra_output": extra["output"], "menu_extra_fisher": extra["fisher"],
             "targets": {"output": TARGET_OUTPUT, "fisher": TARGET_FISHER, "per_extra_format": TARGET_PER_EXTRA_FORMAT},
@@ -291,7 +302,8 @@ def _print(results: dict, summary: dict, forward: float, forward_cpu: float) -> 
           f"{'met' if summary['meets_output'] else 'MISSED'})")
     print(f"Fisher analysis / forward:       {summary['ratio_fisher']:.2f}x (target <= {t['fisher']:.1f}x: "
           f"{'met' if summary['meets_fisher'] else 'MISSED'})")
-    print(f"the default (Fisher, menu) / forward: {summary['ratio_default']:.2f}x")
+    print(f"the default (Fisher, menu, equalized) / forward: {summary['ratio_default']:.2f}x "
+          f"(the equalization stage: {summary['equalize_extra']:+.1%} over the menu analysis without it)")
     print(f"second menu entry: output +{100 * summary['menu_extra_output']:.1f} %, Fisher "
           f"+{100 * summary['menu_extra_fisher']:.1f} % (target <= +{100 * t['per_extra_format']:.0f} %: "
           f"{'met' if summary['meets_per_extra_format'] else 'MISSED'})")

@@ -119,7 +119,9 @@ def skip_list_sentence(plan: Plan) -> str:
     blocksize = plan.compat.blocksizes.get(alt.tier, "?")
     own = plan.predicted.error
     change = f"{own / alt.error - 1:+.1%}" if alt.error > 0 else "n/a"
-    return (f"**Skip-list-only mode at the same bytes** (predicted from the same table, no model run): with "
+    scaled = (", on its channel-scaled weights; `--formats` alone measures the source weights" if plan.equalized
+              else "")
+    return (f"**Skip-list-only mode at the same bytes** (predicted from the same table{scaled}, no model run): with "
             f"every 4-bit module in `{alt.tier}` (blocksize {blocksize}; `--formats {alt.tier}`, a "
             f"`BitsAndBytesConfig` you can paste) the plan keeps {alt.kept} modules 16-bit in "
             f"{format_bytes(alt.bytes)}, predicted error {alt.error:.4g}; this menu plan keeps {len(plan.kept)} "

@@ -181,6 +181,15 @@ def _equalized_text(plan) -> str:
             "weights.\n")
 
 
+def _yourself(plan) -> str:
+    """What the pasteable config below gives when applied to the source model."""
+    if plan.equalized:
+        return ("the config below gives only the skip list: over the original model's weights (not channel-scaled) "
+                "it makes another model than this one")
+    return ("to quantize the original model " + ("with the same skip list (at blocksize 64 only)"
+                                                  if plan.mixed_blocksizes else "the same way") + " yourself")
+
+
 def _plain_text(plan) -> str:
     """Where the budget reached the 16-bit size: the checkpoint is plain 16-bit, whatever the sections below say."""
     if plan.used_formats:
@@ -239,8 +248,7 @@ from transformers import AutoModelForCausalLM  # or the model's own Auto class
 model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", device_map="auto")
 ```
 
-The quantization config (with the skip list) is stored in `config.json`; to quantize the
-original model {"with the same skip list (at blocksize 64 only)" if plan.mixed_blocksizes else "the same way"} yourself:
+The quantization config (with the skip list) is stored in `config.json`; {_yourself(plan)}:
 
 ```python
 {plan.bnb_config_code().strip()}

@@ -234,7 +234,7 @@ class Plan:
     @property
     def equalized(self) -> bool:
         """Whether the checkpoint holds channel-scaled weights (:mod:`analysis.equalize`), not the source's own."""
-        return bool(self.equalization.get("groups"))
+        return bool(self.equalization.get("groups")) and bool(self.used_formats)  # all 16-bit: the source as it is
 
     @property
     def kept(self) -> list[str]:

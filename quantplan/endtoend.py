@@ -121,6 +121,10 @@ class EndToEnd:
         from quantplan.analysis.reference import KLReference
         from quantplan.analysis.simulate import QuantCache
 
+        if analyze.max_memory and equalization_of(table.meta):
+            raise ValueError("this table was measured on channel-scaled weights (quantplan's equalization), which the "
+                             "streamed end-to-end checks do not read yet: run without --max-memory, or analyze with "
+                             "--no-equalize")
         if analyze.max_memory:
             with stage("end-to-end checks (streamed)"):
                 return self.checks(table, budget, config,

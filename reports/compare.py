@@ -157,6 +157,10 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
             "plans": [asdict(p.budget) for p in plans], "options": {**vars(options), "report": options.report.value},
             "report": options.report.value}
 
+    if options.max_memory and equalization_of(table.meta):
+        raise ValueError("this table was measured on channel-scaled weights (quantplan's equalization), which the "
+                         "--max-memory scoreboard does not stream yet: compare without --max-memory, or analyze with "
+                         "--no-equalize")
     if options.max_memory:
         from .compare_capped import compare_capped
 
@@ -215,7 +219,8 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
                   if not keep.mixed_formats]
     for keep, config in quantized:
         with stage(f"bitsandbytes {keep.label}"):
-            row, generations[keep.label] = _measure_bnb(source, model16, keep, config, reference, processor, options)
+            row, generations[keep.label] = _measure_bnb(source, model16, keep, config, reference, processor, options,
+                                                        scaled=bool(equalization))
         row["simulated_mean_kld"] = simulated_kld.get(keep.label, float("nan"))
         rows.append(row)
         if keep is uniform:
@@ -258,14 +263,23 @@ def _generate(model, processor, options: CompareConfig) -> dict[str, str]:
     return generate(model, processor, options.prompts, options.max_new_tokens)
 
 
-def _measure_bnb(source, model16, keep: KeepSet, config, reference, processor, options) -> tuple[dict, dict]:
+class NotFromMemory(RuntimeError):
+    """A real bitsandbytes row that only the source files could give, where they hold other weights than the plans'."""
+
+
+def _measure_bnb(source, model16, keep: KeepSet, config, reference, processor, options,
+                 scaled: bool = False) -> tuple[dict, dict]:
     """Load one variant through bitsandbytes, its weights read from ``model16`` in memory where the loader takes
-    them back (else from ``source``'s files), and measure it; a failure becomes a row that says so."""
+    them back (else from ``source``'s files, unless ``model16`` holds channel-scaled weights the files do not: the
+    row then says it was not measured), and measure it; a failure becomes a row that says so."""
     model = None
     dtype = dtype_from_name(options.dtype)
     try:
         with _quiet_int8_cast():
             model = None if model16 is None else load_quantized_from(model16, config, dtype, options.device)
+            if model is None and scaled:
+                raise NotFromMemory("this model's bitsandbytes loader reads the source files, whose weights are not "
+                                    "channel-scaled as the plans' are (the simulated rows are)")
             if model is None:
                 model = load_model(source, dtype=dtype, device=options.device, quantization_config=config)
             release_freed_memory()  # the load's quantization temporaries, freed between the weights it keeps
@@ -273,7 +287,8 @@ def _measure_bnb(source, model16, keep: KeepSet, config, reference, processor, o
             answers = _generate(model, processor, options)
         return _row(keep, fidelity, "bitsandbytes", footprint_16bit(model)), answers
     except Exception as err:  # e.g. bitsandbytes 8-bit without a CPU kernel: report it, do not crash
-        note = f"bitsandbytes failed on {options.device}: {type(err).__name__}: {str(err)[:200]}"
+        note = (f"not measured: {err}" if isinstance(err, NotFromMemory) else
+                f"bitsandbytes failed on {options.device}: {type(err).__name__}: {str(err)[:200]}")
         row = _row(keep, None, "bitsandbytes", keep.footprint_bytes)
         row["note"] = note
         return row, {} if options.report is ReportDepth.QUICK else {p: "(not run: variant failed)"

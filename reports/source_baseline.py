@@ -24,16 +24,20 @@ NOTE = ("the source's own weights, as plain bitsandbytes quantizes them: what th
 
 
 def source_all_4bit(model16, equalization: Equalization, uniform: KeepSet, reference, fmt):
-    """(the keep set, its :class:`~reports.fidelity.Fidelity`) of all-4-bit over ``model16``'s unscaled weights."""
+    """(the keep set, its :class:`~reports.fidelity.Fidelity`) of all-4-bit over ``model16``'s unscaled weights
+    (``model16`` holds ``equalization``'s scales, as :func:`reports.compare.compare` gives it)."""
     keep = replace(uniform, label=f"{uniform.label.removesuffix(EQUALIZED)}, source weights")
     apply_equalization(model16, equalization, inverse=True)
-    cache = QuantCache(model16, fmt)  # no packed weights: those were made from the scaled ones
     try:
-        measured = measure_variants(reference, cache, {"source": {n: uniform.formats.get(n) for n in uniform.quantized}})
+        cache = QuantCache(model16, fmt)  # no packed weights: those were made from the scaled ones
+        try:
+            variant = {n: uniform.formats.get(n) for n in uniform.quantized}
+            measured = measure_variants(reference, cache, {"source": variant})
+        finally:
+            cache.set_quantized(())
+            cache.drop_packed()
     finally:
-        cache.set_quantized(())
-        cache.drop_packed()
-        apply_equalization(model16, equalization)
+        apply_equalization(model16, equalization)  # the borrowed model as it was found, whatever happened
     return keep, measured["source"]
 
 

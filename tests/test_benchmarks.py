@@ -50,9 +50,9 @@ def test_probe_cost(tmp_path, tiny_model):
     result = run_benchmark("probe_cost.py", tmp_path / "probe.json", "--model", str(tiny_model), "--samples", "2",
                            "--seq-len", "16", "--repeats", "1", "--threads", "1")
     assert {"summary", "analyze", "forward_runs", "model", "machine"} <= set(result)
-    assert {"ratio_output", "ratio_fisher", "ratio_default", "menu_extra_fisher", "hook_overhead_ratio"} <= set(
-        result["summary"])
-    for label in ("output nf4", "output menu", "fisher nf4", "fisher menu"):
+    assert {"ratio_output", "ratio_fisher", "ratio_default", "menu_extra_fisher", "hook_overhead_ratio",
+            "equalize_extra"} <= set(result["summary"])
+    for label in ("output nf4", "output menu", "fisher nf4", "fisher menu", "default (menu + equalize)"):
         best = result["analyze"][label]["best"]
         # every wrapped part of analyze() was found and called
         assert best["calibration"] > 0 and best["measure"] > 0 and best["modules_measured"] > 0, label

@@ -3,8 +3,10 @@ undone where a norm is not γ ⊙ n, and written into the checkpoint as the anal
 
 from __future__ import annotations
 
+import importlib
 import json
 
+import pandas as pd
 import pytest
 import torch
 from tiny import random_calibration, save_tiny_english, tiny_llama
@@ -197,3 +199,50 @@ def test_scales_that_do_not_lower_the_error_are_not_applied():
     assert len(equalization.groups) < 6
     untouched = {n for n in _linears(model)} - set(equalization.scaled_modules)
     assert untouched and all(torch.equal(model.get_submodule(n).weight, weights[n + ".weight"]) for n in untouched)
+
+
+def test_a_resumed_analysis_continues_on_the_scales_it_saved(tmp_path, monkeypatch):
+    """Ctrl-C midway, then --resume on a fresh load: the saved scales are applied again, not measured again (a GPU
+    could round one differently), and the table equals an uninterrupted run's."""
+    from test_analysis_inputs import Interrupt
+
+    from quantplan.analysis import analyze
+
+    calibration = random_calibration(samples=12, seq_len=32)
+    expected = analyze(_outlier_llama(), calibration, MENU, progress=False, batch_size=2, equalize=True)
+    assert expected.meta["equalization"]["groups"]
+    model = _outlier_llama()
+    handle = model.model.layers[0].register_forward_hook(Interrupt(at=4))
+    with pytest.raises(KeyboardInterrupt, match="--resume"):
+        analyze(model, calibration, MENU, progress=False, batch_size=2, out_dir=tmp_path, equalize=True)
+    handle.remove()
+    measured = []
+    monkeypatch.setattr(importlib.import_module("quantplan.analysis.analyze"), "measure_equalization",
+                        lambda *a, **k: measured.append(a))
+    resumed = analyze(_outlier_llama(), calibration, MENU, progress=False, batch_size=2, out_dir=tmp_path,
+                      resume=True, equalize=True)
+    assert not measured and resumed.meta["equalization"] == expected.meta["equalization"]
+    columns = ["output_rel_error", "weight_rel_error", "tokens", "input_max_abs"]
+    pd.testing.assert_frame_equal(resumed.df[columns], expected.df[columns], rtol=1e-9)
+
+
+def test_real_bitsandbytes_rows_never_read_unscaled_source_files(english, tmp_path, every_scale, monkeypatch):
+    """Where transformers cannot quantize from the model in memory (MoE checkpoints' converted tensors), a real
+    bitsandbytes row would load the source files, whose weights are not the plans' scaled ones: it says so instead.
+    A streamed scoreboard of a scaled table is refused with the fix."""
+    import quantplan.reports.compare as compare_module
+    from quantplan.pipeline import analyze_model
+    from quantplan.planner import plan
+    from quantplan.reports.compare import CompareConfig, ReportDepth
+
+    source = resolve_source(str(english))
+    table = analyze_model(source, tmp_path / "job", AnalyzeConfig(samples=8, seq_len=64, dtype="fp32", progress=False))
+    monkeypatch.setattr(compare_module, "load_quantized_from", lambda *a, **k: None)
+    options = CompareConfig(samples=2, seq_len=32, dtype="fp32", report=ReportDepth.QUICK, progress=False)
+    board = compare_module.compare(source, [plan(table, "+10%")], table=table, options=options).scoreboard
+    int8 = board[board["variant"].str.contains("INT8")].iloc[0]
+    assert int8["note"].startswith("not measured") and "channel-scaled" in int8["note"]
+    with pytest.raises(ValueError, match="--no-equalize"):
+        compare_module.compare(source, [plan(table, "+10%")], table=table,
+                               options=CompareConfig(samples=2, seq_len=32, dtype="fp32", max_memory="1GB",
+                                                     progress=False))
