@@ -92,13 +92,13 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     fingerprint = model_fingerprint or _structure_fingerprint(model)
     shard = Shard.current()
     partial = shard.partial_folder(out_dir)
+    # a resumed pass continues on the scales its statistics were summed with (applied once its state is checked)
+    saved = _saved_equalization(partial) if equalize and resume else None
     equalization = None
-    if equalize:  # a resumed pass continues on the scales its statistics were summed with, not new ones
-        saved = _saved_equalization(partial) if resume else None
-        equalization = saved if saved is not None else _equalized(model, calibration, batch_size, candidates,
-                                                                  lm_head, [f for f in formats if f.bits == 4])
-        if saved is not None:
-            apply_equalization(model, saved)
+    if equalize and saved is None:
+        equalization = _equalized(model, calibration, batch_size, candidates, lm_head,
+                                  [f for f in formats if f.bits == 4], shard)
+    equalization = saved if saved is not None else equalization
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
                 "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size, "candidates": candidates,
                 "fisher": fisher, "equalization": equalization.fingerprint() if equalization else None,
@@ -112,6 +112,8 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
         _announce_partial_size([i for i in infos if i.name in set(candidates)], sample_rows, fisher, partial)
     if resume:
         _resume(probe, grads, partial, run_meta, energy)
+    if saved is not None:
+        apply_equalization(model, saved)
     with stage("calibration pass"):
         _run_calibration(model, shard.calibration(calibration), probe, grads, batch_size, partial, run_meta,
                          checkpoint_seconds, progress, full_logits=lm_head in candidates, energy=energy,
@@ -302,7 +304,9 @@ def _resume(probe, grads, partial, run_meta, energy=None) -> None:
         if state.get(key) != run_meta[key]:
             raise TableMismatch(
                 f"the partial results in {partial} were made with another {key.replace('_', ' ')}: "
-                f"run with the same arguments as before, or without --resume to start afresh"
+                f"run with the same arguments as before"
+                + (" (--no-equalize where they were made without channel scales)" if key == "equalization" else "")
+                + ", or without --resume to start afresh"
             )
     print(f"quantplan: resuming after {probe.batches_done} calibration batches")
 
@@ -333,9 +337,9 @@ def _saved_equalization(partial: Path | None) -> Equalization | None:
 
 
 def _equalized(model, calibration, batch_size: int, candidates: list[str], lm_head: str | None,
-               formats: list) -> Equalization:
+               formats: list, shard: Shard) -> Equalization:
     """Scale ``model`` in place (:func:`analysis.equalize.measure_equalization`) from its first calibration batch, and
-    say in one line what moved."""
+    say in one line what moved. Under torchrun every process takes rank 0's scales."""
     if lm_head is None:
         return Equalization(note="the model has no output head to check the scales' outputs on")
     if not formats:
@@ -343,9 +347,16 @@ def _equalized(model, calibration, batch_size: int, candidates: list[str], lm_he
     with stage("equalize"):
         _, batch = next(iter(_numbered_batches(calibration, batch_size)))
         extra, device = _forward_options(model, full_logits=False), model_device(model)
+        full = _forward_options(model, full_logits=True)  # the check compares every position the head reads
         with torch.inference_mode(False), torch.no_grad():
             equalization = measure_equalization(model, batch, set(candidates),
-                                                lambda m, b: m(**batch_to(b, device), **extra), formats)
+                                                lambda m, b: m(**batch_to(b, device), **extra), formats,
+                                                check_forward=lambda m, b: m(**batch_to(b, device), **full))
+            chosen = Equalization.from_dict(shard.agree(equalization.to_dict()))
+            if chosen != equalization:  # another process decided: its scales, on every process
+                apply_equalization(model, equalization, inverse=True)
+                apply_equalization(model, chosen)
+                equalization = chosen
     if equalization:
         print(f"quantplan: equalized {len(equalization.groups)} shared inputs (power-of-two channel scales, "
               f"mean |log2| {mean_abs_exponent(equalization):.2f}); the 16-bit outputs are unchanged")

@@ -58,6 +58,12 @@ class AnalyzeConfig:
         menu = self.blocksize == 64 and self.double_quant and not self.context
         return parse_formats(DEFAULT_FORMATS if menu else "nf4", self.blocksize, self.double_quant)
 
+    def check_equalize(self) -> None:
+        """Refuse an explicit ``--equalize`` that a streamed analysis cannot honour (``max_memory`` resolved)."""
+        if self.max_memory and self.equalize:
+            raise ValueError("--equalize is not available with --max-memory yet (the streamed steps read the source "
+                             "weights as they are): drop --equalize, or run in memory")
+
     @property
     def equalizes(self) -> bool:
         """Whether the analysis scales the model's channels first (:mod:`analysis.equalize`): by default with the
@@ -65,9 +71,6 @@ class AnalyzeConfig:
         reproduces the checkpoint from the source weights), nor under ``--max-memory`` (the streamed steps read the
         source weights as they are)."""
         if self.max_memory:
-            if self.equalize:
-                raise ValueError("--equalize is not available with --max-memory yet (the streamed steps read the "
-                                 "source weights as they are): drop --equalize, or run in memory")
             return False
         return self.equalize if self.equalize is not None else self.formats is None and len(self.format_values()) > 1
 

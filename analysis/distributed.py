@@ -106,6 +106,15 @@ class Shard:
         if energy:
             _reduce_energies(energy, probe.stats[owners[0]].gram.data.device if owners else torch.device("cpu"))
 
+    def agree(self, mine: dict | None) -> dict | None:
+        """Rank 0's value of ``mine`` on every rank (``mine`` itself when alone): one decision for all processes,
+        where each could round a near tie another way."""
+        if self.world == 1:
+            return mine
+        chosen = [mine]
+        dist.broadcast_object_list(chosen, src=0)
+        return chosen[0]
+
     def mine(self, items: list) -> list[tuple[int, object]]:
         """(position, item) pairs this process measures: every W-th one."""
         return [(i, item) for i, item in enumerate(items) if i % self.world == self.rank]

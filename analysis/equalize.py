@@ -127,12 +127,18 @@ def _absorbs(module: nn.Module, kind: ScaleSource, first: nn.Linear) -> bool:
 
 
 @torch.no_grad()
-def measure_equalization(model: nn.Module, batch: dict, candidates: set[str], forward, formats) -> Equalization:
+def measure_equalization(model: nn.Module, batch: dict, candidates: set[str], forward, formats,
+                         check_forward=None) -> Equalization:
     """Scales for ``model``'s shared inputs from one calibration ``batch`` (``forward(model, batch)`` runs it), kept
     where they lower the 4-bit error in ``formats`` (bitsandbytes :class:`~analysis.formats.FourBit` values), applied
     to ``model`` in place when they keep its outputs (checked on the batch's first sequence where it is text only: the
-    head's inputs there); the scales applied (empty, with a note, where none are)."""
+    head's inputs there, run by ``check_forward``, default ``forward``: give one whose head reads every position); the
+    scales applied (empty, with a note, where none are). Not for fp16 weights: a power of two can make one of them
+    subnormal, and the function would move."""
     inputs = shared_inputs(model, candidates)
+    if any(p.dtype == torch.float16 for p in model.parameters()):
+        return Equalization(note="fp16 weights: a power-of-two scale can round one to a subnormal (bf16 and fp32 "
+                                 "have the range); analyze in bf16 or fp32 to equalize")
     if not inputs:
         return Equalization(note="no norm-fed or up_proj-fed Linear inputs (Llama-style decoder layers)")
     modules = dict(model.named_modules())
@@ -158,10 +164,14 @@ def measure_equalization(model: nn.Module, batch: dict, candidates: set[str], fo
         return Equalization(note="no shared input's scales lower the expected 4-bit error (its channels are alike)")
     equalization = Equalization(groups)
     check = {k: v[:1] for k, v in batch.items()} if splittable(batch) else batch  # a text batch: its first sequence
-    before = _head_input(model, check, forward)
+    check_forward = check_forward or forward
+    before = _head_input(model, check, check_forward)
     apply_equalization(model, equalization)
-    after = _head_input(model, check, forward)
-    if before is None or after is None or not _same(before, after):
+    after = _head_input(model, check, check_forward)
+    if before is None or after is None:
+        apply_equalization(model, equalization, inverse=True)
+        return Equalization(note="the output head's inputs could not be read to check the scales: measured without")
+    if not _same(before, after):
         apply_equalization(model, equalization, inverse=True)
         return Equalization(note="the scaled model's outputs differed from the 16-bit ones (a norm other than γ ⊙ n?)"
                                  ": measured without scales")

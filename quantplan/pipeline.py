@@ -162,6 +162,7 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
     run's 16-bit model, borrowed instead of loaded (and kept for the steps after)."""
     bind_local_gpu(config.device)  # before --max-memory auto reads a GPU's free memory
     config = choose_max_memory(source, config)
+    config.check_equalize()  # an explicit --equalize that streaming cannot honour, refused before any work
     formats = config.format_values()
     calibration = calibration_of(source, config)
     out_dir = Path(out_dir)

@@ -203,7 +203,7 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         say(f"  {keep.label}{'' if keep.seed is None else f' seed {keep.seed}'}: mean KLD {rows[-1]['mean_kld']:.6f}")
     agreement, meta["agreement"] = _agreement(table, plans[0], cache, model16, heldout, options)
     cache.drop_packed()
-    meta["equalized"] = bool(equalization)
+    meta["equalized"] = any(p.equalized for p in plans)  # an all-16-bit plan's checkpoint holds the source weights
     if equalization:
         with stage("all-4-bit of the source weights"):
             keep, fidelity = source_all_4bit(model16, equalization, uniform, reference, fmt)

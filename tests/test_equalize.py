@@ -246,3 +246,40 @@ def test_real_bitsandbytes_rows_never_read_unscaled_source_files(english, tmp_pa
         compare_module.compare(source, [plan(table, "+10%")], table=table,
                                options=CompareConfig(samples=2, seq_len=32, dtype="fp32", max_memory="1GB",
                                                      progress=False))
+
+
+def test_a_resume_into_another_models_partial_state_is_refused_before_any_scale(tmp_path):
+    """The saved scales name another model's modules: the state check refuses first, with the fix."""
+    from test_analysis_inputs import Interrupt
+
+    from quantplan.analysis import analyze
+    from quantplan.analysis.table import TableMismatch
+
+    calibration = random_calibration(samples=12, seq_len=32)
+    model = _outlier_llama()
+    handle = model.model.layers[0].register_forward_hook(Interrupt(at=4))
+    with pytest.raises(KeyboardInterrupt):
+        analyze(model, calibration, MENU, progress=False, batch_size=2, out_dir=tmp_path, equalize=True)
+    handle.remove()
+    other = tiny_llama(layers=1, hidden=128, intermediate=256)
+    weights = _state(other)
+    with pytest.raises(TableMismatch, match="another"):
+        analyze(other, calibration, MENU, progress=False, batch_size=2, out_dir=tmp_path, resume=True, equalize=True)
+    assert all(torch.equal(v, weights[k]) for k, v in other.state_dict().items())
+
+
+def test_fp16_weights_are_not_scaled():
+    model = _outlier_llama().to(torch.float16)
+    weights = _state(model)
+    equalization = measure_equalization(model, {"input_ids": random_calibration(4, 32).input_ids}, _linears(model),
+                                        _forward, MENU)
+    assert not equalization and "fp16" in equalization.note
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_an_explicit_equalize_under_a_memory_cap_is_refused():
+    config = AnalyzeConfig(max_memory="1GB", equalize=True)
+    assert not config.equalizes
+    with pytest.raises(ValueError, match="--max-memory"):
+        config.check_equalize()
+    AnalyzeConfig(max_memory="1GB").check_equalize()  # the default: streamed runs simply measure the source weights
