@@ -202,14 +202,15 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         rows.append(_row(keep, measured[i], "simulated"))
         say(f"  {keep.label}{'' if keep.seed is None else f' seed {keep.seed}'}: mean KLD {rows[-1]['mean_kld']:.6f}")
     agreement, meta["agreement"] = _agreement(table, plans[0], cache, model16, heldout, options)
-    cache.drop_packed()
+    cache.drop_packed()  # the simulations are done: their packed 4-bit weights go before a bitsandbytes model loads
+    del cache
     meta["equalized"] = any(p.equalized for p in plans)  # an all-16-bit plan's checkpoint holds the source weights
+    source_row = None  # all-4-bit of the source weights, beside the scaled all-4-bit row (after step 3's rows)
     if equalization:
         with stage("all-4-bit of the source weights"):
             keep, fidelity = source_all_4bit(model16, equalization, uniform, reference, fmt)
-        rows.append({**_row(keep, fidelity, "simulated"), "note": SOURCE_NOTE, "recovery_base": True})
-        say(f"  {keep.label}: mean KLD {rows[-1]['mean_kld']:.6f}")  # the simulations are done: their packed 4-bit weights go before a bitsandbytes model loads
-    del cache
+        source_row = {**_row(keep, fidelity, "simulated"), "note": SOURCE_NOTE, "recovery_base": True}
+        say(f"  {keep.label}: mean KLD {source_row['mean_kld']:.6f}")
 
     # 3. real bitsandbytes loads, one at a time, each against the 16-bit logits made again per batch (step 2's hidden states)
     quantized = [(all_int8(table), _int8_config())]
@@ -227,8 +228,7 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
             meta["simulation_check"]["bitsandbytes_mean_kld"] = row.get("mean_kld", float("nan"))
         say(f"  {keep.label}: mean KLD {row.get('mean_kld', float('nan')):.6f}, "
             f"footprint {row['footprint_bytes']:,} bytes {row['note']}")
-    if simulated_uniform is not None:
-        rows.append(simulated_uniform)
+    rows += [row for row in (source_row, simulated_uniform) if row is not None]
 
     del model16, reference
     gc.collect()
