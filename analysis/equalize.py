@@ -132,7 +132,8 @@ def measure_equalization(model: nn.Module, batch: dict, candidates: set[str], fo
     """Scales for ``model``'s shared inputs from one calibration ``batch`` (``forward(model, batch)`` runs it), kept
     where they lower the 4-bit error in ``formats`` (bitsandbytes :class:`~analysis.formats.FourBit` values), applied
     to ``model`` in place when they keep its outputs (checked on the batch's first sequence where it is text only: the
-    head's inputs there, run by ``check_forward``, default ``forward``: give one whose head reads every position); the
+    head's inputs there, run by ``check_forward``, default ``forward``: give one whose head reads every position; an
+    image batch is checked whole, by ``forward``); the
     scales applied (empty, with a note, where none are). Not for fp16 weights: a power of two can make one of them
     subnormal, and the function would move."""
     inputs = shared_inputs(model, candidates)
@@ -163,8 +164,9 @@ def measure_equalization(model: nn.Module, batch: dict, candidates: set[str], fo
     if not groups:
         return Equalization(note="no shared input's scales lower the expected 4-bit error (its channels are alike)")
     equalization = Equalization(groups)
-    check = {k: v[:1] for k, v in batch.items()} if splittable(batch) else batch  # a text batch: its first sequence
-    check_forward = check_forward or forward
+    text = splittable(batch)
+    check = {k: v[:1] for k, v in batch.items()} if text else batch  # a text batch: its first sequence
+    check_forward = (check_forward or forward) if text else forward  # a whole image batch: not every position's logits
     before = _head_input(model, check, check_forward)
     apply_equalization(model, equalization)
     after = _head_input(model, check, check_forward)

@@ -173,6 +173,9 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
             shared.equalization = equalization_of(table.meta)  # the verification's model is scaled as measured
         return table
     if config.max_memory:
+        if replace(config, max_memory=None).equalizes:  # what the same run in memory would do
+            print("quantplan: --max-memory: the channel equalization of an in-memory run is not streamed yet, so this "
+                  "run measures and plans the source weights as they are")
         table = _analyze_streaming(source, calibration, formats, out_dir, config)
     else:
         init_from_environment(config.device)  # torchrun / accelerate launch: share the batches
@@ -207,8 +210,9 @@ def _matching_table(out_dir: Path, source, calibration, formats, fisher: bool, c
         if context and not table.meta.get("context"):
             raise TableMismatch("the saved table has no quantized-context scores")
         if equalize != (table.meta.get("equalization") is not None):
-            raise TableMismatch("the saved table was measured " + ("without" if equalize else "with") +
-                                " channel scales (--no-equalize)")
+            raise TableMismatch("the saved table was measured without channel scales and this run equalizes"
+                                if equalize else "the saved table was measured on channel-scaled weights and this run "
+                                "keeps the source weights (--no-equalize, --formats or --max-memory)")
     except TableMismatch as err:
         print(f"quantplan: not reusing {out_dir / TABLE_FILE}: {err}")
         return None

@@ -283,3 +283,12 @@ def test_an_explicit_equalize_under_a_memory_cap_is_refused():
     with pytest.raises(ValueError, match="--max-memory"):
         config.check_equalize()
     AnalyzeConfig(max_memory="1GB").check_equalize()  # the default: streamed runs simply measure the source weights
+
+
+def test_a_streamed_analysis_says_it_measures_the_source_weights(english, tmp_path, capsys):
+    from quantplan.pipeline import analyze_model
+
+    source = resolve_source(str(english))
+    table = analyze_model(source, tmp_path / "job", AnalyzeConfig(samples=4, seq_len=32, dtype="fp32", progress=False,
+                                                                  max_memory="1GB", fisher=False))
+    assert "not streamed yet" in capsys.readouterr().out and not equalize.equalization_of(table.meta)
