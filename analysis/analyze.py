@@ -346,6 +346,7 @@ def _equalized(model, calibration, batch_size: int, candidates: list[str], lm_he
         return Equalization(note="no 4-bit format is measured")
     with stage("equalize"):
         _, batch = next(iter(_numbered_batches(calibration, batch_size)))
+        batch = {k: v for k, v in batch.items() if k != "labels"}  # PaliGemma's processor adds them: no loss is made
         extra, device = _forward_options(model, full_logits=False), model_device(model)
         full = _forward_options(model, full_logits=True)  # the check compares every position the head reads
         with torch.inference_mode(False), torch.no_grad():
