@@ -94,11 +94,8 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     partial = shard.partial_folder(out_dir)
     # a resumed pass continues on the scales its statistics were summed with (applied once its state is checked)
     saved = _saved_equalization(partial) if equalize and resume else None
-    equalization = None
-    if equalize and saved is None:
-        equalization = _equalized(model, calibration, batch_size, candidates, lm_head,
-                                  [f for f in formats if f.bits == 4], shard)
-    equalization = saved if saved is not None else equalization
+    equalization = saved if saved is not None or not equalize else _equalized(
+        model, calibration, batch_size, candidates, lm_head, [f for f in formats if f.bits == 4], shard)
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
                 "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size, "candidates": candidates,
                 "fisher": fisher, "equalization": equalization.fingerprint() if equalization else None,

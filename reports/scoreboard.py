@@ -61,8 +61,9 @@ def _recovery(frame: pd.DataFrame) -> pd.Series:
     """Share of the all-4-bit KL gap each row closes (NaN without an all-4-bit row): from the source weights' all-4-bit
     row where the plans hold channel-scaled ones (:mod:`reports.source_baseline`)."""
     four = frame[(frame["kind"] == "uniform") & ~frame["variant"].str.contains("INT8")] if "kind" in frame else frame[:0]
-    if "recovery_base" in frame and frame["recovery_base"].fillna(False).astype(bool).any():
-        four = frame[frame["recovery_base"].fillna(False).astype(bool)]
+    base = frame["recovery_base"].fillna(False).astype(bool) if "recovery_base" in frame else None
+    if base is not None and base.any():
+        four = frame[base]
     if four.empty or not np.isfinite(four["mean_kld"].iloc[0]) or four["mean_kld"].iloc[0] <= 0:
         return pd.Series(np.nan, index=frame.index)
     return 100 * (1 - frame["mean_kld"] / four["mean_kld"].iloc[0])
