@@ -62,14 +62,17 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
             model_fingerprint: str | None = None, batch_size: int = 4, out_dir: str | Path | None = None,
             resume: bool = False, checkpoint_seconds: float = 300.0, progress: bool = True,
             fisher: bool = False, context: bool = False, packed: PackedWeights | None = None,
-            hidden: KeptHidden | None = None, equalize: bool = False) -> SensitivityTable:
+            hidden: KeptHidden | None = None, equalize: bool = False,
+            fisher_samples: int | None = None) -> SensitivityTable:
     """Measure weight and output error of every candidate module for each format.
 
     ``calibration`` is a :class:`~analysis.calibration.CalibrationSet` (or anything with
     ``batches(batch_size)``, ``num_batches(batch_size)`` and ``meta``). With ``out_dir`` the
     table is saved there; ``resume`` continues from ``out_dir/partial`` after an interruption.
     ``fisher`` adds a backward pass of the next-token loss per batch and fills
-    ``output_fisher_error`` (see :mod:`analysis.fisher`). Under torchrun / accelerate launch
+    ``output_fisher_error`` (see :mod:`analysis.fisher`); ``fisher_samples`` limits that backward pass to the first
+    batches holding that many calibration windows (rounded up to whole batches; None: every batch), which still run
+    forward for the Gram matrices (:func:`fisher_batches`). Under torchrun / accelerate launch
     the batches are shared by the processes and rank 0 writes the table (:mod:`analysis.distributed`).
     ``context`` adds a forward and backward pass of the all-4-bit model (first 4-bit format)
     against the 16-bit logits and fills ``restore_gain`` and ``context_output_rel_error`` for
@@ -96,9 +99,11 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     saved = _saved_equalization(partial) if equalize and resume else None
     equalization = saved if saved is not None or not equalize else _equalized(
         model, calibration, batch_size, candidates, lm_head, [f for f in formats if f.bits == 4], shard)
+    backward_batches = fisher_batches(calibration, batch_size, fisher_samples) if fisher else 0
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
                 "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size, "candidates": candidates,
-                "fisher": fisher, "equalization": equalization.fingerprint() if equalization else None,
+                "fisher": fisher, "fisher_batches": backward_batches,
+                "equalization": equalization.fingerprint() if equalization else None,
                 **({"equalization_scales": equalization.to_dict()} if equalization else {})}
 
     probe = InputProbe(model, candidates)
@@ -114,6 +119,7 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     with stage("calibration pass"):
         _run_calibration(model, shard.calibration(calibration), probe, grads, batch_size, partial, run_meta,
                          checkpoint_seconds, progress, full_logits=lm_head in candidates, energy=energy,
+                         backward_batches=backward_batches,
                          hidden=hidden.attached(model, calibration, batch_size) if hidden else None)
         shard.reduce(probe, grads, energy)
 
@@ -131,6 +137,8 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     for row in rows:
         row.update({c: float("nan") for c in CONTEXT_COLUMNS})
     meta = _table_meta(model, model_id, fingerprint, calibration, formats, infos, fisher)
+    if fisher:
+        meta["fisher_samples"] = fisher_windows(calibration, batch_size, backward_batches)
     if equalization is not None:  # asked for (the streamed analysis never is): the scales, or why there are none
         meta["equalization"] = equalization.to_dict()
     if context:
@@ -188,14 +196,15 @@ def _is_tied(model) -> bool:
 
 
 def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_meta, checkpoint_seconds, progress,
-                     full_logits, energy=None, hidden=None):
+                     full_logits, energy=None, hidden=None, backward_batches: int = 0):
     """The one pass over the calibration batches, flushing partial statistics as it goes.
 
     Each batch adds straight into the statistics, so a state is saved only between batches: a Ctrl-C or
     SIGTERM lets the running batch finish, then the state is saved and the interrupt raised
     (:mod:`analysis.interrupts`); an error midway (or a second Ctrl-C) keeps the last flush, which
     ``--resume`` continues from. ``hidden``: an attached :class:`~analysis.kept_hidden.KeptHidden` context, told
-    where each batch starts and ends.
+    where each batch starts and ends. With ``grads``, the batches numbered below ``backward_batches`` run forward and
+    backward; the others forward only, without an autograd graph.
     """
     extra = _forward_options(model, full_logits)
     device = model_device(model)
@@ -207,6 +216,7 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
     energy_context = energy.attached() if energy else nullcontext()
     kept_context = hidden or nullcontext()
     no_grad = nullcontext() if grads else torch.inference_mode()
+    forward_only = torch.no_grad if grads else nullcontext
     stop = DeferredInterrupt(enabled=bool(partial))  # without an output folder there is nothing to wait and save for
     try:
         with probe.attached(), grad_context, energy_context, kept_context as kept, no_grad, stop:
@@ -215,17 +225,19 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
                 if position < probe.batches_done:
                     continue
                 stop.check()
-                probe.start_batch(batch["input_ids"].numel() if grads and splittable(batch) else None)
+                backward_pass = grads is not None and index < backward_batches
+                probe.start_batch(batch["input_ids"].numel() if backward_pass and splittable(batch) else None)
                 if energy:
                     energy.start_batch()
                 if kept:
                     kept.start_batch(index)
-                if grads:
+                if backward_pass:
                     grads.start_batch()
                     backward(model, batch, device, seed=index)
                     grads.commit_batch()
                 else:
-                    model(**batch_to(batch, device), **extra)
+                    with forward_only():
+                        model(**batch_to(batch, device), **extra)
                 if energy:
                     energy.commit_batch()
                 if kept:
@@ -275,6 +287,28 @@ def _announce_partial_size(infos, sample_rows: int, fisher: bool, partial: Path)
               "they are removed when the analysis finishes")
 
 
+def fisher_batches(calibration, batch_size: int, fisher_samples: int | None) -> int:
+    """How many leading batches the Fisher pass runs backward: those holding the first ``fisher_samples`` calibration
+    windows, rounded up to whole batches (None: all of them).
+
+    f_o, the mean squared gradient per output channel, is one number per channel and settles on fewer tokens than the
+    Gram matrices (a matrix per input), while the backward is two thirds of the pass: benchmarks/README.md measures
+    what fewer backward windows cost the plans.
+    """
+    total = calibration.num_batches(batch_size)
+    if fisher_samples is None:
+        return total
+    if fisher_samples < 1:
+        raise ValueError(f"--fisher-samples {fisher_samples}: give at least 1 calibration window (or leave it out "
+                         "for a backward pass on every window)")
+    return min(total, -(-fisher_samples // batch_size))
+
+
+def fisher_windows(calibration, batch_size: int, backward_batches: int) -> int:
+    """The calibration windows in the first ``backward_batches`` batches (the last batch may be short)."""
+    return min(calibration.meta.get("samples", backward_batches * batch_size), backward_batches * batch_size)
+
+
 def _numbered_batches(calibration, batch_size):
     """(batch index in the whole set, batch): a process's share keeps the global index (Fisher seeds)."""
     if hasattr(calibration, "numbered_batches"):
@@ -297,7 +331,8 @@ def _resume(probe, grads, partial, run_meta, energy=None) -> None:
         grads.load_state(tensors)
     if energy:
         energy.load_state(tensors)
-    for key in ("model_fingerprint", "calibration", "formats", "batch_size", "candidates", "fisher", "equalization"):
+    for key in ("model_fingerprint", "calibration", "formats", "batch_size", "candidates", "fisher", "fisher_batches",
+                "equalization"):
         if state.get(key) != run_meta[key]:
             raise TableMismatch(
                 f"the partial results in {partial} were made with another {key.replace('_', ' ')}: "

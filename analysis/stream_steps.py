@@ -104,21 +104,26 @@ class StepContext:
     lm_head: str | None
     head_chunk: int  # tokens per lm_head chunk (analysis.stream_head.chunk_tokens)
     device: torch.device = torch.device("cpu")  # where each block runs (its weights, one batch, its statistics)
+    backward_batches: int | None = None  # the leading batches a backward step backpropagates (None: every one)
 
 
 def run_batches(ctx: StepContext, stage, step: Step, folders: StepFolders, outputs: Path | None,
                 probe: InputProbe, grads: GradientProbe | None, energy: OutputEnergy | None = None) -> None:
     """Run every calibration batch through ``stage`` in the step's direction with the probes attached (``energy``
-    sums the measured Linears' outputs, :mod:`analysis.output_energy`, where the probe's pre-hooks see their inputs)."""
-    backward = step.direction is Direction.BACKWARD
-    if stage.kind is StageKind.HEAD and not backward and not probe.names:
+    sums the measured Linears' outputs, :mod:`analysis.output_energy`, where the probe's pre-hooks see their inputs).
+
+    A backward step backpropagates only the first ``ctx.backward_batches`` batches (analyze()'s ``fisher_samples``);
+    it runs the others forward without gradients, for the input statistics, and writes no gradient for them."""
+    reverse = step.direction is Direction.BACKWARD
+    if stage.kind is StageKind.HEAD and not reverse and not probe.names:
         return  # lm_head is not measured (tied): nothing in this step needs the activations
     hooked = stage.kind is not StageKind.HEAD  # the head shows lm_head's input to the probe itself
     inputs = probe.attached() if hooked else nullcontext()
     outputs_seen = energy.attached() if energy and hooked else nullcontext()
     with inputs, outputs_seen, grads.attached() if grads else nullcontext(), \
-            nullcontext() if backward else torch.inference_mode():
+            nullcontext() if reverse else torch.inference_mode():
         for index, batch in enumerate(ctx.calibration.batches(ctx.batch_size)):
+            backward = reverse and (ctx.backward_batches is None or index < ctx.backward_batches)
             probe.start_batch()
             if energy:
                 energy.start_batch()
@@ -128,13 +133,14 @@ def run_batches(ctx: StepContext, stage, step: Step, folders: StepFolders, outpu
             if backward:
                 out, kwargs = _backward(ctx, stage, hidden, kwargs, batch, folders.grad, index, probe)
             else:
-                out, kwargs = _forward(ctx, stage, hidden, kwargs, batch, probe)
+                with torch.no_grad() if reverse else nullcontext():
+                    out, kwargs = _forward(ctx, stage, hidden, kwargs, batch, probe)
             if grads:
                 grads.commit_batch()
             if energy:
                 energy.commit_batch()
             probe.commit_batch()
-            if outputs is not None:
+            if outputs is not None and backward == reverse:  # a forward-only batch of a backward step has no gradient
                 write_batch(outputs, index, out, kwargs)
 
 

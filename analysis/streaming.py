@@ -54,7 +54,15 @@ from tqdm.auto import tqdm
 
 from quantplan.common.sizes import parse_size
 
-from .analyze import PARTIAL_DIR, _reason, _table_meta, context_modules, fill_context
+from .analyze import (
+    PARTIAL_DIR,
+    _reason,
+    _table_meta,
+    context_modules,
+    fill_context,
+    fisher_batches,
+    fisher_windows,
+)
 from .calibration import CalibrationSet
 from .distributed import Shard
 from .fisher import GradientProbe
@@ -92,7 +100,8 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
                       dtype: torch.dtype = torch.bfloat16, model_id: str | None = None,
                       model_fingerprint: str | None = None, batch_size: int = 4, out_dir: str | Path | None = None,
                       resume: bool = False, progress: bool = True, fisher: bool = False,
-                      device: str | torch.device = "cpu", context: bool = False) -> SensitivityTable:
+                      device: str | torch.device = "cpu", context: bool = False,
+                      fisher_samples: int | None = None) -> SensitivityTable:
     """Measure the model saved in ``path`` block by block; returns the table ``analyze()`` would.
 
     Each block runs on ``device`` (``"cuda"``: one block's weights, statistics and one batch on
@@ -101,7 +110,8 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     ``max_memory`` (``"2GB"``, ``"1500MiB"``, bytes) is checked against the largest stage's
     estimated need before anything runs. With ``out_dir`` every finished step is checkpointed
     in ``out_dir/partial`` and ``resume=True`` continues from the last one. ``fisher`` adds
-    the reverse pass that fills ``output_fisher_error`` as ``analyze(fisher=True)`` does; ``context`` the
+    the reverse pass that fills ``output_fisher_error`` as ``analyze(fisher=True)`` does, backpropagating the first
+    batches that hold ``fisher_samples`` windows as analyze() does (None: every batch); ``context`` the
     quantized-context gradient pass that fills ``restore_gain`` and ``context_output_rel_error`` as
     ``analyze(context=True)`` does (:mod:`analysis.stream_gains`).
     """
@@ -128,8 +138,9 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
                                    "only: run --text-only without --max-memory, or calibrate with --images")
     weights.check_readable([n for stage in stages for n in stage.resident])  # before the first batch runs
     vocab = model.config.get_text_config().vocab_size
+    backward_batches = fisher_batches(calibration, batch_size, fisher_samples) if fisher else 0
     ctx = StepContext(model, calibration, batch_size, lm_head,
-                      chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), vocab), device)
+                      chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), vocab), device, backward_batches)
     if max_memory is not None:
         _check_fits(model, stages, candidates, parse_size(max_memory), calibration, batch_size, fisher, device.type)
     options = StreamOptions(dtype=dtype, batch_size=batch_size, device=str(device), max_memory=max_memory,
@@ -142,8 +153,11 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     fingerprint = model_fingerprint or resolve_source(str(path)).fingerprint
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
                 "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size,
-                "candidates": candidates, "dtype": str(dtype), "streaming": True, "fisher": fisher}
+                "candidates": candidates, "dtype": str(dtype), "streaming": True, "fisher": fisher,
+                "fisher_batches": backward_batches}
     meta = _table_meta(model, model_id, fingerprint, calibration, formats, infos, fisher)  # before ties break
+    if fisher:
+        meta["fisher_samples"] = fisher_windows(calibration, batch_size, backward_batches)
     scratch = None if out_dir else tempfile.TemporaryDirectory(prefix="quantplan-stream-")
     store = StreamCheckpoint(Path(out_dir) / PARTIAL_DIR if out_dir else Path(scratch.name) / PARTIAL_DIR, run_meta)
     steps = plan_steps(len(stages), fisher)

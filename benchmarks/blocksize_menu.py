@@ -81,6 +81,8 @@ def main(argv=None) -> None:
                         help="analyze the source weights as they are (quantplan run --no-equalize); by default the "
                              "analysis scales channels first, as quantplan run does, and the recovery is also given "
                              "against plain all-NF4 of the source weights")
+    parser.add_argument("--fisher-samples", type=int, default=None,
+                        help="calibration windows the Fisher pass runs backward on (quantplan run --fisher-samples)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocksize_menu.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -89,7 +91,8 @@ def main(argv=None) -> None:
     source = resolve_source(args.model)
     model, tokenizer = load_model(source, dtype=DTYPES[args.dtype]), load_processor(source)
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
-    common = {"progress": False, "fisher": True, "model_fingerprint": source.fingerprint}
+    common = {"progress": False, "fisher": True, "model_fingerprint": source.fingerprint,
+              "fisher_samples": args.fisher_samples}
     costs = {}
     heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
     reference = heldout_reference(model, heldout.input_ids)  # the same logits after the scales (bit-identical)

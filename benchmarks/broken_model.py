@@ -79,6 +79,8 @@ def main(argv=None) -> None:
                         help="analyze the weights as they are (quantplan run --no-equalize); by default the analysis "
                              "scales channels first, as quantplan run does, and recovery is counted from plain all-NF4 "
                              "of the source weights")
+    parser.add_argument("--fisher-samples", type=int, default=None,
+                        help="calibration windows the Fisher pass runs backward on (quantplan run --fisher-samples)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "broken_model.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -90,7 +92,7 @@ def main(argv=None) -> None:
     heldout = load_calibration(tokenizer, "heldout", args.heldout, args.seq_len)
     reference = heldout_reference(model, heldout.input_ids)  # the same logits after the scales (bit-identical)
     source_nf4 = float(measure_variants(reference, QuantCache(model, NF4), {"v": all_4bit_names(model)})["v"].kld.mean())
-    table, analysis = _table(model, calibration, source, args.table, args.equalize)
+    table, analysis = _table(model, calibration, source, args.table, args.equalize, args.fisher_samples)
     measure = _measurer(reference, QuantCache(model, NF4), table)
     equalized = bool(equalization_of(table.meta))
     if equalized:  # recovery from what a user gets without quantplan: plain NF4 of the source weights
@@ -163,7 +165,7 @@ def _model_spec(model: str) -> tuple[str, str | None]:
     return Path(model).name, model
 
 
-def _table(model, calibration, source, folder, equalize: bool = True):
+def _table(model, calibration, source, folder, equalize: bool = True, fisher_samples: int | None = None):
     """The Fisher table over nf4 and nf4-bs32 (reused from ``folder`` when saved there, ``model`` then scaled as it
     says) and its analysis cost."""
     if folder and (Path(folder) / "sensitivity.json").is_file():
@@ -171,7 +173,8 @@ def _table(model, calibration, source, folder, equalize: bool = True):
         apply_equalization(model, equalization_of(table.meta))
         return table, None
     return _timed(lambda: analyze(model, calibration, [NF4, NF4_BS32], progress=False, fisher=True,
-                                  model_fingerprint=source.fingerprint, out_dir=folder, equalize=equalize))
+                                  model_fingerprint=source.fingerprint, out_dir=folder, equalize=equalize,
+                                  fisher_samples=fisher_samples))
 
 
 def _measurer(reference, cache, table):

@@ -6,7 +6,9 @@ times, over the very same calibration batches:
 * ``forward``: a plain forward pass (``torch.inference_mode()``, the forward keyword arguments
   analyze() itself passes: ``use_cache=False, logits_to_keep=1``), no hooks;
 * ``analyze(...)`` with one format (nf4) and with the default blocksize menu (nf4, nf4-bs32), each with
-  output-error scores only and with Fisher scores (the default: one backward pass per batch), split into
+  output-error scores only and with Fisher scores (the default: a backward pass on the first batches, as many as
+  ``quantplan run`` backpropagates by default, ``AnalyzeConfig.fisher_windows``; one more run backpropagates
+  every batch, as sessions 9-17's default did), split into
   the calibration pass (``_run_calibration``: forward [+ backward] + streaming Gram-matrix hooks) and the
   per-module measurement phase (``measure_module``: bitsandbytes round trip + error from the Gram
   matrix), both timed by wrapping the library's functions at run time (the library is not modified).
@@ -48,6 +50,7 @@ from quantplan.analysis import (  # noqa: E402
     parse_formats,
     resolve_source,
 )
+from quantplan.analysis.config import AnalyzeConfig  # noqa: E402
 from quantplan.analysis.equalize import apply_equalization, equalization_of  # noqa: E402
 from quantplan.analysis.formats import FourBit, Int8  # noqa: E402
 from quantplan.analysis.gram import UpperGram, product_dtype  # noqa: E402
@@ -62,11 +65,14 @@ RESULTS = Path(__file__).resolve().parent / "results" / "probe_cost.json"
 TARGET_OUTPUT = 2.0  # output-error analysis / plain forward
 TARGET_FISHER = 4.0  # Fisher analysis (the default) / plain forward
 TARGET_PER_EXTRA_FORMAT = 0.10
-#: label -> (formats, Fisher scores, channel equalization): one format and the blocksize menu, each without and with
-#: Fisher, and `quantplan run`'s default analysis (the Fisher menu after its equalization stage, analysis.equalize)
-RUNS = {"output nf4": ("nf4", False, False), "output menu": ("nf4,nf4-bs32", False, False),
-        "fisher nf4": ("nf4", True, False), "fisher menu": ("nf4,nf4-bs32", True, False),
-        "default (menu + equalize)": ("nf4,nf4-bs32", True, True)}
+#: label -> (formats, Fisher scores, channel equalization, backward on every window): one format and the blocksize
+#: menu, each without and with Fisher (backpropagating the windows `quantplan run` does by default,
+#: AnalyzeConfig.fisher_windows), `quantplan run`'s default analysis (the Fisher menu after its equalization stage,
+#: analysis.equalize), and the one-format Fisher analysis backpropagating every window (sessions 9-17's default)
+RUNS = {"output nf4": ("nf4", False, False, False), "output menu": ("nf4,nf4-bs32", False, False, False),
+        "fisher nf4": ("nf4", True, False, False), "fisher menu": ("nf4,nf4-bs32", True, False, False),
+        "default (menu + equalize)": ("nf4,nf4-bs32", True, True, False),
+        "fisher nf4, every window": ("nf4", True, False, True)}
 
 
 def forward_options(model) -> dict:
@@ -135,16 +141,16 @@ def instrumented():
 
 
 def analyze_once(model, calibration, formats, batch_size: int, fingerprint: str, fisher: bool,
-                 equalize: bool = False) -> dict:
+                 equalize: bool = False, fisher_samples: int | None = None) -> dict:
     """One timed analyze() (with ``equalize``, the model's scales are undone afterwards: every run measures the same
-    weights)."""
+    weights; ``fisher_samples``: the windows backpropagated, None every one)."""
     load_before = os.getloadavg()[0]
     device = next(model.parameters()).device
     with instrumented() as (times, calls):
         synchronize(device)
         start, cpu = time.perf_counter(), time.process_time()
         table = analyze(model, calibration, formats, model_fingerprint=fingerprint, batch_size=batch_size,
-                        progress=False, fisher=fisher, equalize=equalize)
+                        progress=False, fisher=fisher, equalize=equalize, fisher_samples=fisher_samples)
         synchronize(device)
         total, cpu = time.perf_counter() - start, time.process_time() - cpu
     apply_equalization(model, equalization_of(table.meta), inverse=True)
@@ -188,6 +194,7 @@ def main(argv=None) -> int:
     tokenizer = load_processor(source)
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
     options = forward_options(model)
+    fisher_windows = AnalyzeConfig(samples=args.samples, seq_len=args.seq_len).fisher_windows
     print(f"model {source.model_id} ({next(model.parameters()).dtype}), {calibration.tokens} tokens "
           f"({args.samples} x {args.seq_len}), batch {args.batch_size}, {threads} threads, forward kwargs {options}",
           flush=True)
@@ -212,9 +219,10 @@ def main(argv=None) -> int:
             print(f"stopping after {repeat} repeats: --max-seconds {args.max_seconds:.0f} reached", flush=True)
             break
         forward_runs.append(plain_forward(model, calibration, args.batch_size, options))
-        for label, (spec, fisher, equalize) in RUNS.items():
+        for label, (spec, fisher, equalize, every) in RUNS.items():
             analyze_runs[label].append(analyze_once(model, calibration, parse_formats(spec), args.batch_size,
-                                                    source.fingerprint, fisher, equalize))
+                                                    source.fingerprint, fisher, equalize,
+                                                    None if every else fisher_windows))
         print(f"repeat {repeat + 1}/{args.repeats}: forward {forward_runs[-1]['total']:.2f}s, "
               + ", ".join(f"{label} {analyze_runs[label][-1]['total']:.2f}s" for label in RUNS)
               + f" (load average {os.getloadavg()[0]:.1f})", flush=True)
@@ -229,7 +237,7 @@ def main(argv=None) -> int:
         "model": {"id": source.model_id, "fingerprint": source.fingerprint,
                   "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                   "params": sum(p.numel() for p in model.parameters())},
-        "calibration": {**calibration.meta, "batch_size": args.batch_size},
+        "calibration": {**calibration.meta, "batch_size": args.batch_size, "fisher_windows": fisher_windows},
         "device": args.device,
         "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
         "forward_kwargs": options,
@@ -249,11 +257,12 @@ def main(argv=None) -> int:
 
 
 
-def _result(run: tuple[str, bool, bool], runs: list[dict], forward: float, forward_cpu: float) -> dict:
+def _result(run: tuple[str, bool, bool, bool], runs: list[dict], forward: float, forward_cpu: float) -> dict:
     """One analysis configuration's best timings and its ratios to the plain forward."""
-    spec, fisher, equalize = run
+    spec, fisher, equalize, every = run
     b = best(runs)
-    return {"formats": spec.split(","), "fisher": fisher, "equalize": equalize, "best": b, "runs": runs,
+    return {"formats": spec.split(","), "fisher": fisher, "equalize": equalize, "every_window": every,
+            "best": b, "runs": runs,
             "best_calibration_s": min(r["calibration"] for r in runs),
             "best_measure_s": min(r["measure"] for r in runs),
             "ratio_total": b["total"] / forward,
@@ -273,6 +282,7 @@ def _summary(results: dict, forward: float, forward_cpu: float) -> dict:
             "ratio_default": results["default (menu + equalize)"]["ratio_total"],
             "ratio_default_cpu": results["default (menu + equalize)"]["ratio_cpu"],
             "ratio_menu_without_equalize": results["fisher menu"]["ratio_total"],
+            "ratio_fisher_every_window": results["fisher nf4, every window"]["ratio_total"],
             "equalize_extra": (results["default (menu + equalize)"]["best"]["total"]
                                - results["fisher menu"]["best"]["total"]) / results["fisher menu"]["best"]["total"],
             "hook_overhead_ratio": out["ratio_calibration_pass"],  # output-only calibration pass / forward
@@ -302,6 +312,7 @@ def _print(results: dict, summary: dict, forward: float, forward_cpu: float) -> 
           f"{'met' if summary['meets_output'] else 'MISSED'})")
     print(f"Fisher analysis / forward:       {summary['ratio_fisher']:.2f}x (target <= {t['fisher']:.1f}x: "
           f"{'met' if summary['meets_fisher'] else 'MISSED'})")
+    print(f"Fisher backpropagating every window / forward: {summary['ratio_fisher_every_window']:.2f}x")
     print(f"the default (Fisher, menu, equalized) / forward: {summary['ratio_default']:.2f}x "
           f"(the equalization stage: {summary['equalize_extra']:+.1%} over the menu analysis without it)")
     print(f"second menu entry: output +{100 * summary['menu_extra_output']:.1f} %, Fisher "

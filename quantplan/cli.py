@@ -131,7 +131,7 @@ def analyze_config_from_args(args):
                          formats=args.formats, blocksize=args.blocksize, double_quant=not args.no_double_quant,
                          device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                          resume=args.resume, progress=not args.quiet, fisher=not args.no_fisher,
-                         images=args.images, prompt=args.prompt, text_only=args.text_only,
+                         fisher_samples=args.fisher_samples, images=args.images, prompt=args.prompt, text_only=args.text_only,
                          max_memory=args.max_memory, context=args.context,
                          equalize=getattr(args, "equalize", None))
 
@@ -251,6 +251,10 @@ def _analyze_args(p):
     measure.add_argument("--no-fisher", action="store_true",
                          help="skip the backward pass of the next-token loss (Fisher-weighted scores, ~2x the forward "
                               "cost): faster, but plans fall back to the weaker output-error objective")
+    measure.add_argument("--fisher-samples", type=int, default=None, metavar="N",
+                         help="the Fisher pass backpropagates the first N calibration windows (rounded up to whole "
+                              "batches; the others run forward only, for the input statistics). Default: a quarter of "
+                              "--samples, at least 8; N >= --samples backpropagates every window")
     scales = measure.add_mutually_exclusive_group()
     scales.add_argument("--no-equalize", dest="equalize", action="store_false", default=None,
                         help="keep the source's weights as they are (default with the blocksize menu: power-of-two "

@@ -51,8 +51,10 @@ def test_probe_cost(tmp_path, tiny_model):
                            "--seq-len", "16", "--repeats", "1", "--threads", "1")
     assert {"summary", "analyze", "forward_runs", "model", "machine"} <= set(result)
     assert {"ratio_output", "ratio_fisher", "ratio_default", "menu_extra_fisher", "hook_overhead_ratio",
-            "equalize_extra"} <= set(result["summary"])
-    for label in ("output nf4", "output menu", "fisher nf4", "fisher menu", "default (menu + equalize)"):
+            "equalize_extra", "ratio_fisher_every_window"} <= set(result["summary"])
+    assert result["calibration"]["fisher_windows"] == 2  # a quarter of 2 windows, at least 8: both
+    for label in ("output nf4", "output menu", "fisher nf4", "fisher menu", "default (menu + equalize)",
+                  "fisher nf4, every window"):
         best = result["analyze"][label]["best"]
         # every wrapped part of analyze() was found and called
         assert best["calibration"] > 0 and best["measure"] > 0 and best["modules_measured"] > 0, label
