@@ -86,7 +86,7 @@ class Shard:
         if dist.get_backend() == "nccl":  # statistics resumed onto the CPU, no batch run since: NCCL takes GPU tensors
             _to_gpu(probe, grads)
         everyone = [None] * self.world
-        dist.all_gather_object(everyone, (owners, dict(probe.owner), sorted(grads.sums) if grads else []))
+        dist.all_gather_object(everyone, (owners, dict(probe.owner)))
         if any(other != everyone[0] for other in everyone):
             raise RuntimeError("the analysis processes saw different modules: every process must load the same "
                                "model and calibration set")
@@ -102,7 +102,7 @@ class Shard:
         for owner in owners:
             probe.stats[owner].sample = samples[0][owner]
         if grads:
-            _reduce_gradients(grads)
+            _reduce_gradients(grads, probe.stats[owners[0]].gram.data.device if owners else torch.device("cpu"))
         if energy:
             _reduce_energies(energy, probe.stats[owners[0]].gram.data.device if owners else torch.device("cpu"))
 
@@ -138,7 +138,16 @@ def _to_gpu(probe, grads) -> None:
         grads.sums = {name: s.to(device) for name, s in grads.sums.items()}
 
 
-def _reduce_gradients(grads) -> None:
+def _reduce_gradients(grads, device) -> None:
+    """Sum the squared gradients and their token counts. A process that ran no backward batch (the Fisher pass
+    backpropagates the first batches only, ``analyze(fisher_samples=...)``, and they are dealt out in turn) adds
+    zeros for each module the others hold."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {n: s.numel() for n, s in grads.sums.items()})
+    widths = {name: width for held in everyone for name, width in held.items()}
+    for name, width in widths.items():
+        if name not in grads.sums:
+            grads.sums[name] = torch.zeros(width, dtype=torch.float32, device=device)
     for name in sorted(grads.sums):
         dist.all_reduce(grads.sums[name], op=dist.ReduceOp.SUM)
         count = torch.tensor([grads.tokens.get(name, 0)], dtype=torch.int64, device=grads.sums[name].device)
