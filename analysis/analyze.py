@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from quantplan.common.batches import batch_to, model_device
+from quantplan.common.batches import batch_to, model_device, without_labels
 from quantplan.common.heap import release_if_grown
 from quantplan.common.profile import stage
 
@@ -30,7 +30,9 @@ from .distributed import Shard
 from .endtoend import restore_gains
 from .equalize import Equalization, apply_equalization, mean_abs_exponent, measure_equalization
 from .fisher import GradientProbe, fisher_weights, loss_backward
+from .fisher_windows import RESUME_HINT, fisher_batches, fisher_windows, saved_backward_batches
 from .formats import NF4, format_to_dict
+from .head_chunks import base_hidden
 from .interrupts import DeferredInterrupt, InterruptNow
 from .kept_hidden import KeptHidden
 from .measure import measure_module
@@ -72,7 +74,7 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     ``fisher`` adds a backward pass of the next-token loss per batch and fills
     ``output_fisher_error`` (see :mod:`analysis.fisher`); ``fisher_samples`` limits that backward pass to the first
     batches holding that many calibration windows (rounded up to whole batches; None: every batch), which still run
-    forward for the Gram matrices (:func:`fisher_batches`). Under torchrun / accelerate launch
+    forward for the Gram matrices (:mod:`analysis.fisher_windows`). Under torchrun / accelerate launch
     the batches are shared by the processes and rank 0 writes the table (:mod:`analysis.distributed`).
     ``context`` adds a forward and backward pass of the all-4-bit model (first 4-bit format)
     against the 16-bit logits and fills ``restore_gain`` and ``context_output_rel_error`` for
@@ -113,12 +115,12 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
         sample_rows = min(probe.sample_rows, batch_size * calibration.meta.get("seq_len", probe.sample_rows))
         _announce_partial_size([i for i in infos if i.name in set(candidates)], sample_rows, fisher, partial)
     if resume:
-        _resume(probe, grads, partial, run_meta, energy)
+        _resume(probe, grads, partial, run_meta, energy, calibration.num_batches(batch_size))
     if saved is not None:
         apply_equalization(model, saved)
     with stage("calibration pass"):
         _run_calibration(model, shard.calibration(calibration), probe, grads, batch_size, partial, run_meta,
-                         checkpoint_seconds, progress, full_logits=lm_head in candidates, energy=energy,
+                         checkpoint_seconds, progress, lm_head if lm_head in candidates else None, energy=energy,
                          backward_batches=backward_batches,
                          hidden=hidden.attached(model, calibration, batch_size) if hidden else None)
         shard.reduce(probe, grads, energy)
@@ -196,7 +198,7 @@ def _is_tied(model) -> bool:
 
 
 def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_meta, checkpoint_seconds, progress,
-                     full_logits, energy=None, hidden=None, backward_batches: int = 0):
+                     measured_head: str | None, energy=None, hidden=None, backward_batches: int = 0):
     """The one pass over the calibration batches, flushing partial statistics as it goes.
 
     Each batch adds straight into the statistics, so a state is saved only between batches: a Ctrl-C or
@@ -204,10 +206,11 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
     (:mod:`analysis.interrupts`); an error midway (or a second Ctrl-C) keeps the last flush, which
     ``--resume`` continues from. ``hidden``: an attached :class:`~analysis.kept_hidden.KeptHidden` context, told
     where each batch starts and ends. With ``grads``, the batches numbered below ``backward_batches`` run forward and
-    backward; the others forward only, without an autograd graph.
+    backward; the others forward only, without an autograd graph (:func:`_forward_step`). ``measured_head``: lm_head's
+    name where it is measured.
     """
-    extra = _forward_options(model, full_logits)
     device = model_device(model)
+    forward = _forward_step(model, probe, measured_head, device)
     backward = _fisher_backward(model, probe, device) if grads else None
     total = calibration.num_batches(batch_size)
     last_flush = time.monotonic()
@@ -237,7 +240,7 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
                     grads.commit_batch()
                 else:
                     with forward_only():
-                        model(**batch_to(batch, device), **extra)
+                        forward(batch)
                 if energy:
                     energy.commit_batch()
                 if kept:
@@ -259,6 +262,17 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
         if partial and saved:
             print(f"quantplan: {note} ({type(err).__name__})")
         raise
+
+
+def _forward_step(model, probe, measured_head: str | None, device):
+    """How a batch runs forward only, its ``labels`` dropped (no loss is made). Where lm_head is measured and plain
+    (:func:`~analysis.stream_head.plain_head`), the base model's last hidden state goes to the probe as lm_head's input
+    and no logits are made: no batch × vocabulary tensor, as in the Fisher pass's head chunks. Otherwise the model's
+    forward, its head on the last position only unless lm_head is measured."""
+    if measured_head is not None and plain_head(model):
+        return lambda batch: probe.observe(measured_head, base_hidden(model, without_labels(batch)))
+    extra = _forward_options(model, full_logits=measured_head is not None)
+    return lambda batch: model(**batch_to(without_labels(batch), device), **extra)
 
 
 def _stop_note(probe, saved: int, total: int, partial: Path | None, err: BaseException) -> str:
@@ -287,28 +301,6 @@ def _announce_partial_size(infos, sample_rows: int, fisher: bool, partial: Path)
               "they are removed when the analysis finishes")
 
 
-def fisher_batches(calibration, batch_size: int, fisher_samples: int | None) -> int:
-    """How many leading batches the Fisher pass runs backward: those holding the first ``fisher_samples`` calibration
-    windows, rounded up to whole batches (None: all of them).
-
-    f_o, the mean squared gradient per output channel, is one number per channel and settles on fewer tokens than the
-    Gram matrices (a matrix per input), while the backward is two thirds of the pass: benchmarks/README.md measures
-    what fewer backward windows cost the plans.
-    """
-    total = calibration.num_batches(batch_size)
-    if fisher_samples is None:
-        return total
-    if fisher_samples < 1:
-        raise ValueError(f"--fisher-samples {fisher_samples}: give at least 1 calibration window (or leave it out "
-                         "for a backward pass on every window)")
-    return min(total, -(-fisher_samples // batch_size))
-
-
-def fisher_windows(calibration, batch_size: int, backward_batches: int) -> int:
-    """The calibration windows in the first ``backward_batches`` batches (the last batch may be short)."""
-    return min(calibration.meta.get("samples", backward_batches * batch_size), backward_batches * batch_size)
-
-
 def _numbered_batches(calibration, batch_size):
     """(batch index in the whole set, batch): a process's share keeps the global index (Fisher seeds)."""
     if hasattr(calibration, "numbered_batches"):
@@ -321,7 +313,9 @@ def _extra_state(grads, energy) -> dict:
     return {**(grads.state() if grads else {}), **(energy.state() if energy else {})}
 
 
-def _resume(probe, grads, partial, run_meta, energy=None) -> None:
+def _resume(probe, grads, partial, run_meta, energy=None, total_batches: int = 0) -> None:
+    """Load the partial statistics in ``partial`` into the probes, once its state is checked against ``run_meta``
+    (``total_batches``: the calibration set's, for a state saved before the backward batches were recorded)."""
     if partial is None or not (partial / "state.json").is_file():
         raise FileNotFoundError(
             f"--resume found no partial results in {partial}: run without --resume to start afresh"
@@ -331,14 +325,15 @@ def _resume(probe, grads, partial, run_meta, energy=None) -> None:
         grads.load_state(tensors)
     if energy:
         energy.load_state(tensors)
+    state = {**state, "fisher_batches": saved_backward_batches(state, total_batches)}
+    hints = {"equalization": " (--no-equalize where they were made without channel scales)",
+             "fisher_batches": RESUME_HINT}
     for key in ("model_fingerprint", "calibration", "formats", "batch_size", "candidates", "fisher", "fisher_batches",
                 "equalization"):
         if state.get(key) != run_meta[key]:
             raise TableMismatch(
                 f"the partial results in {partial} were made with another {key.replace('_', ' ')}: "
-                f"run with the same arguments as before"
-                + (" (--no-equalize where they were made without channel scales)" if key == "equalization" else "")
-                + ", or without --resume to start afresh"
+                f"run with the same arguments as before{hints.get(key, '')}, or without --resume to start afresh"
             )
     print(f"quantplan: resuming after {probe.batches_done} calibration batches")
 
@@ -378,7 +373,7 @@ def _equalized(model, calibration, batch_size: int, candidates: list[str], lm_he
         return Equalization(note="no 4-bit format is measured")
     with stage("equalize"):
         _, batch = next(iter(_numbered_batches(calibration, batch_size)))
-        batch = {k: v for k, v in batch.items() if k != "labels"}  # PaliGemma's processor adds them: no loss is made
+        batch = without_labels(batch)
         extra, device = _forward_options(model, full_logits=False), model_device(model)
         full = _forward_options(model, full_logits=True)  # the check compares every position the head reads
         with torch.inference_mode(False), torch.no_grad():

@@ -49,6 +49,10 @@ class CalibrationSet:
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self.input_ids) // batch_size)
 
+    def batch_windows(self, batch_size: int) -> list[int]:
+        """The windows in each batch :meth:`batches` makes (the last one may be short)."""
+        return [len(self.input_ids[start:start + batch_size]) for start in range(0, len(self.input_ids), batch_size)]
+
     def batches(self, batch_size: int):
         """Model keyword arguments for consecutive [batch, seq_len] slices, always in the same order."""
         for start in range(0, len(self.input_ids), batch_size):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .fisher_windows import check_fisher_samples
 from .formats import parse_formats
 
 #: the candidate formats when none are given: the per-module NF4 blocksize menu (``--formats nf4`` for
@@ -35,7 +36,7 @@ class AnalyzeConfig:
     batch_size: int = 4
     resume: bool = False
     progress: bool = True
-    fisher: bool = True  # Fisher-weighted scores: one backward pass per batch
+    fisher: bool = True  # Fisher-weighted scores: a backward pass on the first batches (`fisher_windows`)
     fisher_samples: int | None = None  # windows the Fisher pass backpropagates (the first); None: `fisher_windows`
     images: str | None = None  # vision-language models: folder, file, or "default" (shipped photos)
     prompt: str | None = None
@@ -48,6 +49,10 @@ class AnalyzeConfig:
         from .models import resolve_dtype
 
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))  # "auto" -> bf16 / fp32
+        check_fisher_samples(self.fisher_samples)
+        if self.fisher_samples is not None and not self.fisher:
+            raise ValueError("--fisher-samples counts the windows of the Fisher pass, which --no-fisher skips: drop "
+                             "one of the two")
 
     def format_values(self) -> list:
         """The candidate formats as values (:mod:`analysis.formats`). Unset, the blocksize menu

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from quantplan.common.files import atomic_write_text, staged_file
 
+from .fisher_windows import RESUME_HINT, saved_backward_batches
 from .stream_weights import StreamingUnsupported
 from .table import TableMismatch
 
@@ -40,9 +41,10 @@ from .table import TableMismatch
 class StreamCheckpoint:
     """Reads and writes one streaming run's checkpoint folder."""
 
-    def __init__(self, folder: Path, run_meta: dict):
+    def __init__(self, folder: Path, run_meta: dict, total_batches: int = 0):
         self.folder = Path(folder)
         self.run_meta = run_meta
+        self.total_batches = total_batches  # the calibration set's: for a state saved before its backward batches
 
     def start(self, resume: bool) -> tuple[int, dict[int, list[dict]]]:
         """(steps done, rows of finished steps): a fresh folder, or the saved state with ``resume``."""
@@ -56,11 +58,13 @@ class StreamCheckpoint:
             raise FileNotFoundError(
                 f"--resume found no partial results in {self.folder}: run without --resume to start afresh")
         state = json.loads(state_file.read_text())
+        state["fisher_batches"] = saved_backward_batches(state, self.total_batches)
         for key, value in self.run_meta.items():
             if state.get(key) != value:
+                hint = RESUME_HINT if key == "fisher_batches" else ""
                 raise TableMismatch(
                     f"the partial results in {self.folder} were made with another {key.replace('_', ' ')}: "
-                    f"run with the same arguments as before, or without --resume to start afresh")
+                    f"run with the same arguments as before{hint}, or without --resume to start afresh")
         done = int(state["steps_done"])
         rows = {s: json.loads((self.folder / f"rows-{s:04d}.json").read_text()) for s in range(done)}
         print(f"quantplan: resuming the streaming analysis after {done} steps")

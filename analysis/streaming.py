@@ -54,18 +54,11 @@ from tqdm.auto import tqdm
 
 from quantplan.common.sizes import parse_size
 
-from .analyze import (
-    PARTIAL_DIR,
-    _reason,
-    _table_meta,
-    context_modules,
-    fill_context,
-    fisher_batches,
-    fisher_windows,
-)
+from .analyze import PARTIAL_DIR, _reason, _table_meta, context_modules, fill_context
 from .calibration import CalibrationSet
 from .distributed import Shard
 from .fisher import GradientProbe
+from .fisher_windows import fisher_batches, fisher_windows
 from .formats import NF4, format_to_dict
 from .models import resolve_source
 from .modules import (
@@ -159,7 +152,8 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     if fisher:
         meta["fisher_samples"] = fisher_windows(calibration, batch_size, backward_batches)
     scratch = None if out_dir else tempfile.TemporaryDirectory(prefix="quantplan-stream-")
-    store = StreamCheckpoint(Path(out_dir) / PARTIAL_DIR if out_dir else Path(scratch.name) / PARTIAL_DIR, run_meta)
+    store = StreamCheckpoint(Path(out_dir) / PARTIAL_DIR if out_dir else Path(scratch.name) / PARTIAL_DIR, run_meta,
+                             calibration.num_batches(batch_size))
     steps = plan_steps(len(stages), fisher)
     done, rows = store.start(resume)
     for number in tqdm(range(done, len(steps)), desc="streamed blocks", disable=not progress):

@@ -59,6 +59,10 @@ class ImageCalibrationSet:
     def num_batches(self, batch_size: int) -> int:
         return len(self._groups(batch_size))
 
+    def batch_windows(self, batch_size: int) -> list[int]:
+        """The image + prompt pairs in each batch :meth:`batches` makes (split where the processed shapes differ)."""
+        return [len(group) for group in self._groups(batch_size)]
+
     def batches(self, batch_size: int):
         """Model keyword arguments, one dict per group of same-shaped pairs, always in the same order."""
         for group in self._groups(batch_size):

@@ -11,10 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from quantplan.analysis import analyze, load_model, resolve_source
-from quantplan.analysis.analyze import fisher_batches, fisher_windows
 from quantplan.analysis.config import AnalyzeConfig, calibration_of
 from quantplan.analysis.distributed import bind_local_gpu, init_from_environment, is_main_process
 from quantplan.analysis.equalize import equalization_of
+from quantplan.analysis.fisher_windows import fisher_batches, fisher_windows
 from quantplan.analysis.kept_hidden import KeptHidden
 from quantplan.analysis.models import ModelSource, dtype_from_name
 from quantplan.analysis.summary import summarize
@@ -220,7 +220,8 @@ def _matching_table(out_dir: Path, source, calibration, formats, fisher_windows:
         saved_windows = table.meta.get("fisher_samples", table.meta["calibration"].get("samples"))
         if fisher_windows is not None and saved_windows != fisher_windows:
             raise TableMismatch(f"the saved table's Fisher scores backpropagated {saved_windows} calibration windows "
-                                f"and this run asks for {fisher_windows} (--fisher-samples)")
+                                f"and this run asks for {fisher_windows}: pass --fisher-samples {saved_windows} to "
+                                "reuse it")
         if context and not table.meta.get("context"):
             raise TableMismatch("the saved table has no quantized-context scores")
         if equalize != (table.meta.get("equalization") is not None):

@@ -7,7 +7,7 @@ import pytest
 from tiny import random_calibration, save_tiny
 
 from quantplan.analysis import NF4, analyze, load_model, resolve_source
-from quantplan.analysis.analyze import fisher_batches
+from quantplan.analysis.fisher_windows import fisher_batches
 from quantplan.analysis.streaming import analyze_streaming
 
 
@@ -90,5 +90,105 @@ def test_run_reuses_a_table_only_with_the_same_fisher_windows(tmp_path, capsys):
     assert again.meta["created"] == first.meta["created"]
     every = analyze_model(source, tmp_path / "out", AnalyzeConfig(samples=8, seq_len=16, progress=False,
                                                                   formats="nf4"), reuse=True)
-    assert "backpropagated 4 calibration windows and this run asks for 8" in capsys.readouterr().out
+    assert ("backpropagated 4 calibration windows and this run asks for 8: pass --fisher-samples 4 to reuse it"
+            in capsys.readouterr().out)
     assert every.meta["fisher_samples"] == 8
+
+
+class _Labelled:
+    """Calibration batches that carry ``labels`` beside the ids, as PaliGemma's processor makes them."""
+
+    def __init__(self, calibration):
+        self.inner, self.meta = calibration, calibration.meta
+
+    def num_batches(self, batch_size):
+        return self.inner.num_batches(batch_size)
+
+    def batches(self, batch_size):
+        for batch in self.inner.batches(batch_size):
+            yield {**batch, "labels": batch["input_ids"].clone()}
+
+
+@pytest.mark.parametrize("fisher", [False, True])
+def test_forward_only_batches_pass_no_labels(fisher):
+    """A forward that keeps one position's logits must not make a loss over every label (PaliGemma crashed there)."""
+    from tiny import tiny_llama
+
+    model, seen = tiny_llama(tie=True), []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    analyze(model, _Labelled(random_calibration(samples=8)), [NF4], progress=False, batch_size=4, fisher=fisher,
+            fisher_samples=4 if fisher else None)
+    assert seen and not any("labels" in keys for keys in seen)  # batch 1 ran forward only, both ways
+
+
+@pytest.mark.parametrize("fisher", [False, True])
+def test_a_measured_head_makes_no_logits_in_forward_only_batches(fisher):
+    """An untied lm_head is measured from its input: a forward-only batch shows the probe the base model's last
+    hidden state and makes no batch × vocabulary logits (the Fisher batches make them in token chunks)."""
+    from tiny import tiny_llama
+
+    model, rows = tiny_llama(tie=False), []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(out.shape[:-1].numel()))
+    table = analyze(model, random_calibration(samples=8), [NF4], progress=False, batch_size=4, fisher=fisher,
+                    fisher_samples=4 if fisher else None).df.set_index("name")
+    # batch 1 runs forward only and makes none; the Fisher batch 0 makes its logits in the head's token chunks, one
+    # chunk for this tiny head (the old forward made batch 1's whole, 128 rows, in both modes)
+    assert rows == ([4 * 32] if fisher else [])
+    assert table.loc["lm_head", "tokens"] == 8 * 32 and table.loc["lm_head", "output_rel_error"] > 0
+
+
+def test_image_batches_split_by_shape_count_their_pairs(tmp_path):
+    """The shipped photos' prompts differ in length, so an image set's batches hold one pair each: the Fisher
+    windows are counted from the batches as they are made, not from --batch-size."""
+    from vlm_models import save_tiny_vlm
+
+    from quantplan.analysis import load_processor
+    from quantplan.analysis.fisher_windows import batch_windows, fisher_windows
+    from quantplan.analysis.vision import load_image_calibration
+
+    folder = save_tiny_vlm("llava", tmp_path / "llava")
+    calibration = load_image_calibration(load_processor(resolve_source(str(folder))), "default", samples=6)
+    assert batch_windows(calibration, 4) == [1] * 6
+    assert fisher_batches(calibration, 4, 3) == 3 and fisher_windows(calibration, 4, 3) == 3
+    assert batch_windows(random_calibration(samples=10), 4) == [4, 4, 2]
+
+
+def test_a_partial_state_saved_before_the_option_resumes_only_with_every_window(tmp_path, monkeypatch):
+    """A state without ``fisher_batches`` ran every batch backward: --resume continues it with --fisher-samples at
+    least --samples, and names that fix otherwise."""
+    import json
+
+    from quantplan.analysis import TableMismatch
+    from quantplan.analysis.analyze import PARTIAL_DIR
+
+    folder = save_tiny(tmp_path / "model", layers=2)
+    calibration = random_calibration(samples=8)
+    out = tmp_path / "out"
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    import importlib
+    analyze_module = importlib.import_module("quantplan.analysis.analyze")
+    original = analyze_module.measure_module
+    monkeypatch.setattr(analyze_module, "measure_module", stop)  # the pass is saved, then the measurement stops
+    with pytest.raises(KeyboardInterrupt):
+        _table(folder, calibration, None, out_dir=out, checkpoint_seconds=0)
+    monkeypatch.setattr(analyze_module, "measure_module", original)
+    state_file = out / PARTIAL_DIR / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["fisher_batches"]  # as saved before this option
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(TableMismatch, match="--fisher-samples N with N at least --samples"):
+        _table(folder, calibration, 4, out_dir=out, resume=True)
+    resumed = _table(folder, calibration, 8, out_dir=out, resume=True)
+    pd.testing.assert_frame_equal(resumed.df, _table(folder, calibration, None).df)
+
+
+def test_cli_refuses_fisher_samples_it_cannot_use(tiny_dir, tmp_path, capsys):
+    from quantplan.cli import main
+
+    assert main(["analyze", str(tiny_dir), "--out", str(tmp_path / "t"), "--no-fisher", "--fisher-samples", "4"]) == 2
+    assert "--no-fisher skips: drop one of the two" in capsys.readouterr().err
+    assert main(["analyze", str(tiny_dir), "--out", str(tmp_path / "t"), "--fisher-samples", "0"]) == 2
+    assert "give at least 1 calibration window" in capsys.readouterr().err
