@@ -10,7 +10,6 @@ interrupted, so ``resume=True`` continues where it stopped.
 from __future__ import annotations
 
 import inspect
-import json
 import time
 from contextlib import nullcontext
 from datetime import UTC, datetime
@@ -30,7 +29,7 @@ from .distributed import Shard
 from .endtoend import restore_gains
 from .equalize import Equalization, apply_equalization, mean_abs_exponent, measure_equalization
 from .fisher import GradientProbe, fisher_weights, loss_backward
-from .fisher_windows import RESUME_HINT, fisher_batches, fisher_windows, saved_backward_batches
+from .fisher_windows import BackwardShare, backward_share
 from .formats import NF4, format_to_dict
 from .head_chunks import base_hidden
 from .interrupts import DeferredInterrupt, InterruptNow
@@ -49,14 +48,14 @@ from .modules import (
 )
 from .output_energy import OutputEnergy
 from .packed import PackedWeights
-from .probe import InputProbe, partial_state_bytes
+from .partial_state import announce_partial_size, extra_state, resume_state, saved_equalization, stop_note
+from .probe import InputProbe
 from .reference import KLReference
 from .simulate import QuantCache
 from .stream_head import chunked_loss_backward, plain_head
-from .table import SensitivityTable, TableMismatch
+from .table import SensitivityTable
 
 PARTIAL_DIR = "partial"
-LARGE_PARTIAL_BYTES = 10**9  # partial statistics at least this big are announced before the pass
 CONTEXT_COLUMNS = ("restore_gain", "context_output_rel_error")
 
 
@@ -71,10 +70,10 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     ``calibration`` is a :class:`~analysis.calibration.CalibrationSet` (or anything with
     ``batches(batch_size)``, ``num_batches(batch_size)`` and ``meta``). With ``out_dir`` the
     table is saved there; ``resume`` continues from ``out_dir/partial`` after an interruption.
-    ``fisher`` adds a backward pass of the next-token loss per batch and fills
-    ``output_fisher_error`` (see :mod:`analysis.fisher`); ``fisher_samples`` limits that backward pass to the first
-    batches holding that many calibration windows (rounded up to whole batches; None: every batch), which still run
-    forward for the Gram matrices (:mod:`analysis.fisher_windows`). Under torchrun / accelerate launch
+    ``fisher`` adds a backward pass of the next-token loss on the first batches, those holding ``fisher_samples``
+    calibration windows (None: a quarter of them, at least 8; the set's size or more: every batch), and fills
+    ``output_fisher_error`` (see :mod:`analysis.fisher`); the other batches run forward only, for the input statistics
+    (:mod:`analysis.fisher_windows`). Under torchrun / accelerate launch
     the batches are shared by the processes and rank 0 writes the table (:mod:`analysis.distributed`).
     ``context`` adds a forward and backward pass of the all-4-bit model (first 4-bit format)
     against the 16-bit logits and fills ``restore_gain`` and ``context_output_rel_error`` for
@@ -98,13 +97,13 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     shard = Shard.current()
     partial = shard.partial_folder(out_dir)
     # a resumed pass continues on the scales its statistics were summed with (applied once its state is checked)
-    saved = _saved_equalization(partial) if equalize and resume else None
+    saved = saved_equalization(partial) if equalize and resume else None
     equalization = saved if saved is not None or not equalize else _equalized(
         model, calibration, batch_size, candidates, lm_head, [f for f in formats if f.bits == 4], shard)
-    backward_batches = fisher_batches(calibration, batch_size, fisher_samples) if fisher else 0
+    share = backward_share(calibration, batch_size, fisher_samples) if fisher else BackwardShare(0, 0)
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
                 "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size, "candidates": candidates,
-                "fisher": fisher, "fisher_batches": backward_batches,
+                "fisher": fisher, "fisher_batches": share.batches,
                 "equalization": equalization.fingerprint() if equalization else None,
                 **({"equalization_scales": equalization.to_dict()} if equalization else {})}
 
@@ -113,15 +112,15 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
     energy = OutputEnergy(model, [n for n in candidates if n != lm_head])  # as streamed: no head logits there
     if partial:
         sample_rows = min(probe.sample_rows, batch_size * calibration.meta.get("seq_len", probe.sample_rows))
-        _announce_partial_size([i for i in infos if i.name in set(candidates)], sample_rows, fisher, partial)
+        announce_partial_size([i for i in infos if i.name in set(candidates)], sample_rows, fisher, partial)
     if resume:
-        _resume(probe, grads, partial, run_meta, energy, calibration.num_batches(batch_size))
+        resume_state(probe, grads, partial, run_meta, energy, calibration.num_batches(batch_size))
     if saved is not None:
         apply_equalization(model, saved)
     with stage("calibration pass"):
         _run_calibration(model, shard.calibration(calibration), probe, grads, batch_size, partial, run_meta,
                          checkpoint_seconds, progress, lm_head if lm_head in candidates else None, energy=energy,
-                         backward_batches=backward_batches,
+                         backward_batches=share.batches,
                          hidden=hidden.attached(model, calibration, batch_size) if hidden else None)
         shard.reduce(probe, grads, energy)
 
@@ -140,12 +139,12 @@ def analyze(model, calibration, formats=(NF4,), *, model_id: str | None = None,
         row.update({c: float("nan") for c in CONTEXT_COLUMNS})
     meta = _table_meta(model, model_id, fingerprint, calibration, formats, infos, fisher)
     if fisher:
-        meta["fisher_samples"] = fisher_windows(calibration, batch_size, backward_batches)
+        meta["fisher_samples"] = share.windows
     if equalization is not None:  # asked for (the streamed analysis never is): the scales, or why there are none
         meta["equalization"] = equalization.to_dict()
     if context:
         if partial:  # the calibration pass is done: a resume after a failure below skips it
-            probe.save(partial, run_meta, _extra_state(grads, energy))
+            probe.save(partial, run_meta, extra_state(grads, energy))
         with stage("quantized-context pass"):
             meta["context"] = _quantized_context(model, calibration, formats, rows, lm_head, batch_size, progress,
                                                  packed)
@@ -248,15 +247,15 @@ def _run_calibration(model, calibration, probe, grads, batch_size, partial, run_
                 probe.commit_batch()
                 bar.update(1)
                 if partial and time.monotonic() - last_flush > checkpoint_seconds:
-                    probe.save(partial, run_meta, _extra_state(grads, energy))
+                    probe.save(partial, run_meta, extra_state(grads, energy))
                     saved, last_flush = probe.batches_done, time.monotonic()
             stop.check()
             bar.close()
     except BaseException as err:
         if partial and not probe.in_batch and not isinstance(err, InterruptNow) and probe.batches_done > saved:
-            probe.save(partial, run_meta, _extra_state(grads, energy))
+            probe.save(partial, run_meta, extra_state(grads, energy))
             saved = probe.batches_done
-        note = _stop_note(probe, saved, total, partial, err)
+        note = stop_note(probe, saved, total, partial, err)
         if isinstance(err, KeyboardInterrupt):  # the caller prints it once (quantplan.cli)
             raise KeyboardInterrupt(note) from err
         if partial and saved:
@@ -275,67 +274,11 @@ def _forward_step(model, probe, measured_head: str | None, device):
     return lambda batch: model(**batch_to(without_labels(batch), device), **extra)
 
 
-def _stop_note(probe, saved: int, total: int, partial: Path | None, err: BaseException) -> str:
-    """What a stopped calibration pass left on disk and how to go on."""
-    done = probe.batches_done
-    where = f"during batch {done + 1}/{total}" if probe.in_batch else f"after {done}/{total} batches"
-    if partial and saved and saved == done and not probe.in_batch:
-        return (f"calibration pass stopped {where}; partial statistics saved in {partial}: re-run the same "
-                "command with --resume to continue")
-    why = "its statistics are already mixed into the totals" if probe.in_batch else "stopped at once"
-    if partial and saved:
-        return (f"calibration pass stopped {where} ({why}), so nothing new was saved: re-run the same command "
-                f"with --resume to continue after batch {saved}, the last state saved in {partial}")
-    why = ("no batch had finished" if done == 0 else "no output folder to save to" if not partial
-           else f"{why}; no state had been saved yet")
-    return f"calibration pass stopped {where}; nothing was saved ({why}): re-run the same command to start again"
-
-
-def _announce_partial_size(infos, sample_rows: int, fisher: bool, partial: Path) -> None:
-    """Say up front how much disk the flushed partial statistics take, when that is a lot."""
-    size = partial_state_bytes(infos, sample_rows, fisher)
-    if size >= LARGE_PARTIAL_BYTES:
-        shown = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-        print(f"quantplan: the calibration pass flushes up to {shown} of partial statistics "
-              f"(Gram matrices) to {partial} (twice that for a moment while a flush replaces the last one); "
-              "they are removed when the analysis finishes")
-
-
 def _numbered_batches(calibration, batch_size):
     """(batch index in the whole set, batch): a process's share keeps the global index (Fisher seeds)."""
     if hasattr(calibration, "numbered_batches"):
         return calibration.numbered_batches(batch_size)
     return enumerate(calibration.batches(batch_size))
-
-
-def _extra_state(grads, energy) -> dict:
-    """The tensors saved with the probe's partial state: squared gradients and output energies."""
-    return {**(grads.state() if grads else {}), **(energy.state() if energy else {})}
-
-
-def _resume(probe, grads, partial, run_meta, energy=None, total_batches: int = 0) -> None:
-    """Load the partial statistics in ``partial`` into the probes, once its state is checked against ``run_meta``
-    (``total_batches``: the calibration set's, for a state saved before the backward batches were recorded)."""
-    if partial is None or not (partial / "state.json").is_file():
-        raise FileNotFoundError(
-            f"--resume found no partial results in {partial}: run without --resume to start afresh"
-        )
-    state, tensors = probe.load(partial)
-    if grads:
-        grads.load_state(tensors)
-    if energy:
-        energy.load_state(tensors)
-    state = {**state, "fisher_batches": saved_backward_batches(state, total_batches)}
-    hints = {"equalization": " (--no-equalize where they were made without channel scales)",
-             "fisher_batches": RESUME_HINT}
-    for key in ("model_fingerprint", "calibration", "formats", "batch_size", "candidates", "fisher", "fisher_batches",
-                "equalization"):
-        if state.get(key) != run_meta[key]:
-            raise TableMismatch(
-                f"the partial results in {partial} were made with another {key.replace('_', ' ')}: "
-                f"run with the same arguments as before{hints.get(key, '')}, or without --resume to start afresh"
-            )
-    print(f"quantplan: resuming after {probe.batches_done} calibration batches")
 
 
 def _fisher_backward(model, probe, device):
@@ -352,15 +295,6 @@ def _fisher_backward(model, probe, device):
         chunked_loss_backward(model, batch, device, probe, seed, sequences)
 
     return backward
-
-
-def _saved_equalization(partial: Path | None) -> Equalization | None:
-    """The channel scales an interrupted analysis saved with its partial statistics (None: none saved)."""
-    state = partial / "state.json" if partial else None
-    if state is None or not state.is_file():
-        return None
-    saved = json.loads(state.read_text()).get("equalization_scales")
-    return Equalization.from_dict(saved) if saved else None
 
 
 def _equalized(model, calibration, batch_size: int, candidates: list[str], lm_head: str | None,

@@ -15,9 +15,6 @@ from .formats import parse_formats
 #: the candidate formats when none are given: the per-module NF4 blocksize menu (``--formats nf4`` for
 #: skip-list-only plans, which a pasteable BitsAndBytesConfig expresses)
 DEFAULT_FORMATS = "nf4,nf4-bs32"
-#: unset, the Fisher pass backpropagates this share of the calibration windows, and at least FISHER_MIN_WINDOWS of them
-FISHER_SHARE = 4
-FISHER_MIN_WINDOWS = 8
 
 
 @dataclass(frozen=True)
@@ -36,8 +33,8 @@ class AnalyzeConfig:
     batch_size: int = 4
     resume: bool = False
     progress: bool = True
-    fisher: bool = True  # Fisher-weighted scores: a backward pass on the first batches (`fisher_windows`)
-    fisher_samples: int | None = None  # windows the Fisher pass backpropagates (the first); None: `fisher_windows`
+    fisher: bool = True  # Fisher-weighted scores: a backward pass on the first batches (analysis.fisher_windows)
+    fisher_samples: int | None = None  # windows the Fisher pass backpropagates (the first); None: a quarter, at least 8
     images: str | None = None  # vision-language models: folder, file, or "default" (shipped photos)
     prompt: str | None = None
     text_only: bool = False
@@ -66,17 +63,6 @@ class AnalyzeConfig:
             return parse_formats(self.formats, self.blocksize, self.double_quant)
         menu = self.blocksize == 64 and self.double_quant and not self.context
         return parse_formats(DEFAULT_FORMATS if menu else "nf4", self.blocksize, self.double_quant)
-
-    @property
-    def fisher_windows(self) -> int:
-        """The calibration windows the Fisher pass backpropagates (the first ones, rounded up to whole batches by
-        analyze()): ``--fisher-samples``, else a quarter of ``--samples`` and at least 8. The mean squared gradient
-        per output channel settles on fewer tokens than the Gram matrices, and the backward is two thirds of the
-        pass: on SmolLM2's 48 held-out windows plans from 8, 16 and 32 Fisher windows recover the same share of the
-        all-NF4 gap (benchmarks/README.md, "Fisher on fewer windows")."""
-        if self.fisher_samples is not None:
-            return self.fisher_samples
-        return min(self.samples, max(FISHER_MIN_WINDOWS, self.samples // FISHER_SHARE))
 
     def check_equalize(self) -> None:
         """Refuse an explicit ``--equalize`` that a streamed analysis cannot honour (``max_memory`` resolved)."""

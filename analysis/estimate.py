@@ -117,7 +117,7 @@ def estimate_peak(model: nn.Module, formats, *, dtype_bytes: int, batch_size: in
     # a forward-only batch makes logits only where lm_head is measured and its logits are not plain lm_head(hidden)
     # (analysis.analyze._forward_step); the Fisher pass's batches make them whole, or in token chunks where plain
     whole = measured_head and not plain_head(model)
-    logits = tokens * vocab * (BYTES_PER_LOGIT if fisher else 2 if whole else 0)
+    logits = tokens * vocab * (BYTES_PER_LOGIT if fisher else dtype_bytes if whole else 0)
     if fisher and plain_head(model):  # the Fisher pass makes its logits in token chunks (analysis.stream_head)
         hidden = getattr(text, "hidden_size", 0)
         logits = head_work_bytes(max(vocab * hidden * dtype_bytes, MIN_CHUNK_BYTES), vocab, sequences * seq_len,

@@ -11,6 +11,40 @@ image set splits a batch where the processed shapes differ, so its batches may h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+#: unless told, the Fisher pass backpropagates this share of the calibration windows, and at least
+#: FISHER_MIN_WINDOWS of them (every window of a smaller set)
+FISHER_SHARE = 4
+FISHER_MIN_WINDOWS = 8
+
+
+@dataclass(frozen=True)
+class BackwardShare:
+    """The leading calibration batches the Fisher pass backpropagates, and the windows they hold."""
+
+    batches: int
+    windows: int
+
+
+def default_windows(samples: int) -> int:
+    """The windows backpropagated unless ``--fisher-samples`` says: a quarter of ``samples``, at least 8."""
+    return min(samples, max(FISHER_MIN_WINDOWS, samples // FISHER_SHARE))
+
+
+def backward_share(calibration, batch_size: int, fisher_samples: int | None) -> BackwardShare:
+    """The leading batches holding the first ``fisher_samples`` windows (the last of them may hold more; None:
+    :func:`default_windows` of the set's windows; the set's size or more: every batch)."""
+    sizes = batch_windows(calibration, batch_size)
+    wanted = default_windows(sum(sizes)) if fisher_samples is None else fisher_samples
+    check_fisher_samples(wanted)
+    covered = 0
+    for count, size in enumerate(sizes, start=1):
+        covered += size
+        if covered >= wanted:
+            return BackwardShare(count, covered)
+    return BackwardShare(len(sizes), covered)
+
 
 def batch_windows(calibration, batch_size: int) -> list[int]:
     """The calibration windows (text windows, image + prompt pairs) in each batch, in order."""
@@ -24,31 +58,11 @@ def batch_windows(calibration, batch_size: int) -> list[int]:
     return sizes
 
 
-def fisher_batches(calibration, batch_size: int, fisher_samples: int | None) -> int:
-    """How many leading batches hold the first ``fisher_samples`` windows (the last of them may hold more; None: all
-    the batches)."""
-    sizes = batch_windows(calibration, batch_size)
-    if fisher_samples is None:
-        return len(sizes)
-    check_fisher_samples(fisher_samples)
-    covered = 0
-    for count, size in enumerate(sizes, start=1):
-        covered += size
-        if covered >= fisher_samples:
-            return count
-    return len(sizes)
-
-
-def fisher_windows(calibration, batch_size: int, backward_batches: int) -> int:
-    """The windows the first ``backward_batches`` batches hold (a table's ``fisher_samples``)."""
-    return sum(batch_windows(calibration, batch_size)[:backward_batches])
-
-
 def check_fisher_samples(fisher_samples: int | None) -> None:
     """Refuse a window count below one, naming the fix."""
     if fisher_samples is not None and fisher_samples < 1:
         raise ValueError(f"--fisher-samples {fisher_samples}: give at least 1 calibration window (or leave it out: "
-                         "a quarter of --samples, at least 8)")
+                         f"a quarter of --samples, at least {FISHER_MIN_WINDOWS})")
 
 
 #: what a resume refused for another number of Fisher windows adds to its message

@@ -1,7 +1,7 @@
 """The 16-bit last hidden states the analysis' calibration pass computes, kept for the run's verification.
 
 A ``quantplan run`` runs the 16-bit base model over the calibration batches twice: the analysis'
-calibration pass (its forward, and with Fisher scores its backward) over all of them, then the
+calibration pass (its forward, and with Fisher scores the first batches' backward) over all of them, then the
 never-worse verification (:mod:`planner.verify`) over the first ones as its 16-bit reference. Where
 the logits are plain ``lm_head(last hidden state)`` (:func:`analysis.stream_head.plain_head`) the
 verification's comparison reads only that state (:mod:`analysis.head_chunks`), so

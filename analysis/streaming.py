@@ -58,7 +58,7 @@ from .analyze import PARTIAL_DIR, _reason, _table_meta, context_modules, fill_co
 from .calibration import CalibrationSet
 from .distributed import Shard
 from .fisher import GradientProbe
-from .fisher_windows import fisher_batches, fisher_windows
+from .fisher_windows import BackwardShare, backward_share
 from .formats import NF4, format_to_dict
 from .models import resolve_source
 from .modules import (
@@ -104,7 +104,7 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     estimated need before anything runs. With ``out_dir`` every finished step is checkpointed
     in ``out_dir/partial`` and ``resume=True`` continues from the last one. ``fisher`` adds
     the reverse pass that fills ``output_fisher_error`` as ``analyze(fisher=True)`` does, backpropagating the first
-    batches that hold ``fisher_samples`` windows as analyze() does (None: every batch); ``context`` the
+    batches that hold ``fisher_samples`` windows as analyze() does (None: a quarter, at least 8); ``context`` the
     quantized-context gradient pass that fills ``restore_gain`` and ``context_output_rel_error`` as
     ``analyze(context=True)`` does (:mod:`analysis.stream_gains`).
     """
@@ -131,9 +131,9 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
                                    "only: run --text-only without --max-memory, or calibrate with --images")
     weights.check_readable([n for stage in stages for n in stage.resident])  # before the first batch runs
     vocab = model.config.get_text_config().vocab_size
-    backward_batches = fisher_batches(calibration, batch_size, fisher_samples) if fisher else 0
+    share = backward_share(calibration, batch_size, fisher_samples) if fisher else BackwardShare(0, 0)
     ctx = StepContext(model, calibration, batch_size, lm_head,
-                      chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), vocab), device, backward_batches)
+                      chunk_tokens(stage_bytes(model, [lm_head + ".weight"]), vocab), device, share.batches)
     if max_memory is not None:
         _check_fits(model, stages, candidates, parse_size(max_memory), calibration, batch_size, fisher, device.type)
     options = StreamOptions(dtype=dtype, batch_size=batch_size, device=str(device), max_memory=max_memory,
@@ -147,10 +147,10 @@ def analyze_streaming(path, calibration, formats=(NF4,), *, max_memory: str | in
     run_meta = {"model_fingerprint": fingerprint, "calibration": calibration.meta,
                 "formats": [format_to_dict(f) for f in formats], "batch_size": batch_size,
                 "candidates": candidates, "dtype": str(dtype), "streaming": True, "fisher": fisher,
-                "fisher_batches": backward_batches}
+                "fisher_batches": share.batches}
     meta = _table_meta(model, model_id, fingerprint, calibration, formats, infos, fisher)  # before ties break
     if fisher:
-        meta["fisher_samples"] = fisher_windows(calibration, batch_size, backward_batches)
+        meta["fisher_samples"] = share.windows
     scratch = None if out_dir else tempfile.TemporaryDirectory(prefix="quantplan-stream-")
     store = StreamCheckpoint(Path(out_dir) / PARTIAL_DIR if out_dir else Path(scratch.name) / PARTIAL_DIR, run_meta,
                              calibration.num_batches(batch_size))

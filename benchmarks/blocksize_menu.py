@@ -82,7 +82,8 @@ def main(argv=None) -> None:
                              "analysis scales channels first, as quantplan run does, and the recovery is also given "
                              "against plain all-NF4 of the source weights")
     parser.add_argument("--fisher-samples", type=int, default=None,
-                        help="calibration windows the Fisher pass runs backward on (quantplan run --fisher-samples)")
+                        help="calibration windows the Fisher pass runs backward on (default: quantplan run's, a "
+                             "quarter of --samples and at least 8; --samples or more: every window)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocksize_menu.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -153,6 +154,7 @@ def main(argv=None) -> None:
         costs["nf4"] = _timed(lambda: analyze(model, calibration, [NF4], **common))[1]
         print("analysis CPU s: " + ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in costs.items()), flush=True)
     summary = {"model": source.model_id, "dtype": args.dtype, "calibration_tokens": calibration.tokens,
+               "fisher_samples": table.meta.get("fisher_samples", table.meta["calibration"]["samples"]),
                "heldout_tokens": heldout.tokens, "all_nf4_kld": all_nf4, "source_all_nf4_kld": source_nf4,
                "equalization": bool(equalization_of(table.meta)), "analysis": costs, "rows": rows, "verification": verified,
                "machine": _machine()}

@@ -80,7 +80,8 @@ def main(argv=None) -> None:
                              "scales channels first, as quantplan run does, and recovery is counted from plain all-NF4 "
                              "of the source weights")
     parser.add_argument("--fisher-samples", type=int, default=None,
-                        help="calibration windows the Fisher pass runs backward on (quantplan run --fisher-samples)")
+                        help="calibration windows the Fisher pass runs backward on (default: quantplan run's, a "
+                             "quarter of --samples and at least 8; --samples or more: every window)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "broken_model.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -138,6 +139,7 @@ def main(argv=None) -> None:
     for keep in baseline_keep_sets(table, before):
         add(keep.label.split(" @ ")[0] + (f" (seed {keep.seed})" if keep.seed is not None else ""), keep)
     summary = {"model": name, "model_id": source.model_id, "calibration_tokens": calibration.tokens,
+               "fisher_samples": table.meta.get("fisher_samples", table.meta["calibration"]["samples"]),
                "heldout_tokens": heldout.tokens, "end_to_end_tokens": shared["reference"].tokens, "budget": BUDGET,
                "all_nf4_kld": measure.all_nf4, "source_all_nf4_kld": source_nf4, "equalized": equalized,
                "analysis": analysis, "auto_refine": asdict(auto.auto), "checks": checks, "rows": rows,

@@ -7,7 +7,7 @@ times, over the very same calibration batches:
   analyze() itself passes: ``use_cache=False, logits_to_keep=1``), no hooks;
 * ``analyze(...)`` with one format (nf4) and with the default blocksize menu (nf4, nf4-bs32), each with
   output-error scores only and with Fisher scores (the default: a backward pass on the first batches, as many as
-  ``quantplan run`` backpropagates by default, ``AnalyzeConfig.fisher_windows``; one more run backpropagates
+  ``quantplan run`` backpropagates by default, ``analysis.fisher_windows.default_windows``; one more run backpropagates
   every batch, as sessions 9-17's default did), split into
   the calibration pass (``_run_calibration``: forward [+ backward] + streaming Gram-matrix hooks) and the
   per-module measurement phase (``measure_module``: bitsandbytes round trip + error from the Gram
@@ -50,8 +50,8 @@ from quantplan.analysis import (  # noqa: E402
     parse_formats,
     resolve_source,
 )
-from quantplan.analysis.config import AnalyzeConfig  # noqa: E402
 from quantplan.analysis.equalize import apply_equalization, equalization_of  # noqa: E402
+from quantplan.analysis.fisher_windows import default_windows  # noqa: E402
 from quantplan.analysis.formats import FourBit, Int8  # noqa: E402
 from quantplan.analysis.gram import UpperGram, product_dtype  # noqa: E402
 from quantplan.analysis.models import dtype_from_name, resolve_dtype  # noqa: E402
@@ -67,7 +67,7 @@ TARGET_FISHER = 4.0  # Fisher analysis (the default) / plain forward
 TARGET_PER_EXTRA_FORMAT = 0.10
 #: label -> (formats, Fisher scores, channel equalization, backward on every window): one format and the blocksize
 #: menu, each without and with Fisher (backpropagating the windows `quantplan run` does by default,
-#: AnalyzeConfig.fisher_windows), `quantplan run`'s default analysis (the Fisher menu after its equalization stage,
+#: analysis.fisher_windows.default_windows), `quantplan run`'s default analysis (the Fisher menu after its equalization stage,
 #: analysis.equalize), and the one-format Fisher analysis backpropagating every window (sessions 9-17's default)
 RUNS = {"output nf4": ("nf4", False, False, False), "output menu": ("nf4,nf4-bs32", False, False, False),
         "fisher nf4": ("nf4", True, False, False), "fisher menu": ("nf4,nf4-bs32", True, False, False),
@@ -143,7 +143,7 @@ def instrumented():
 def analyze_once(model, calibration, formats, batch_size: int, fingerprint: str, fisher: bool,
                  equalize: bool = False, fisher_samples: int | None = None) -> dict:
     """One timed analyze() (with ``equalize``, the model's scales are undone afterwards: every run measures the same
-    weights; ``fisher_samples``: the windows backpropagated, None every one)."""
+    weights; ``fisher_samples``: the windows backpropagated, None analyze()'s default)."""
     load_before = os.getloadavg()[0]
     device = next(model.parameters()).device
     with instrumented() as (times, calls):
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     tokenizer = load_processor(source)
     calibration = load_calibration(tokenizer, None, args.samples, args.seq_len)
     options = forward_options(model)
-    fisher_windows = AnalyzeConfig(samples=args.samples, seq_len=args.seq_len).fisher_windows
+    fisher_windows = default_windows(args.samples)  # what quantplan run backpropagates
     print(f"model {source.model_id} ({next(model.parameters()).dtype}), {calibration.tokens} tokens "
           f"({args.samples} x {args.seq_len}), batch {args.batch_size}, {threads} threads, forward kwargs {options}",
           flush=True)
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         for label, (spec, fisher, equalize, every) in RUNS.items():
             analyze_runs[label].append(analyze_once(model, calibration, parse_formats(spec), args.batch_size,
                                                     source.fingerprint, fisher, equalize,
-                                                    None if every else fisher_windows))
+                                                    args.samples if every else None))
         print(f"repeat {repeat + 1}/{args.repeats}: forward {forward_runs[-1]['total']:.2f}s, "
               + ", ".join(f"{label} {analyze_runs[label][-1]['total']:.2f}s" for label in RUNS)
               + f" (load average {os.getloadavg()[0]:.1f})", flush=True)

@@ -249,8 +249,9 @@ def _analyze_args(p):
     measure.add_argument("--blocksize", type=int, default=64, help="4-bit blocksize (transformers exports 64)")
     measure.add_argument("--no-double-quant", action="store_true", help="measure 4-bit without double quantization")
     measure.add_argument("--no-fisher", action="store_true",
-                         help="skip the backward pass of the next-token loss (Fisher-weighted scores, ~2x the forward "
-                              "cost): faster, but plans fall back to the weaker output-error objective")
+                         help="skip the backward pass of the next-token loss (Fisher-weighted scores, ~0.7x the "
+                              "forward's cost by default): faster, but plans fall back to the weaker output-error "
+                              "objective")
     measure.add_argument("--fisher-samples", type=int, default=None, metavar="N",
                          help="the Fisher pass backpropagates the first N calibration windows (rounded up to whole "
                               "batches; the others run forward only, for the input statistics). Default: a quarter of "

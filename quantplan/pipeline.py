@@ -14,7 +14,7 @@ from quantplan.analysis import analyze, load_model, resolve_source
 from quantplan.analysis.config import AnalyzeConfig, calibration_of
 from quantplan.analysis.distributed import bind_local_gpu, init_from_environment, is_main_process
 from quantplan.analysis.equalize import equalization_of
-from quantplan.analysis.fisher_windows import fisher_batches, fisher_windows
+from quantplan.analysis.fisher_windows import backward_share
 from quantplan.analysis.kept_hidden import KeptHidden
 from quantplan.analysis.models import ModelSource, dtype_from_name
 from quantplan.analysis.summary import summarize
@@ -168,8 +168,8 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
     calibration = calibration_of(source, config)
     out_dir = Path(out_dir)
     fisher = config.fisher
-    backward_windows = expected_fisher_windows(calibration, config) if fisher else None
-    if reuse and (table := _matching_table(out_dir, source, calibration, formats, backward_windows, config.context,
+    windows = backward_share(calibration, config.batch_size, config.fisher_samples).windows if fisher else None
+    if reuse and (table := _matching_table(out_dir, source, calibration, formats, windows, config.context,
                                            config.equalizes)):
         if shared is not None:
             shared.equalization = equalization_of(table.meta)  # the verification's model is scaled as measured
@@ -191,7 +191,7 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
         table = analyze(model, calibration, formats, model_id=source.model_id, model_fingerprint=source.fingerprint,
                         batch_size=config.batch_size, out_dir=out_dir, resume=config.resume,
                         progress=config.progress, fisher=fisher, context=config.context, packed=packed,
-                        hidden=hidden, equalize=config.equalizes, fisher_samples=config.fisher_windows)
+                        hidden=hidden, equalize=config.equalizes, fisher_samples=config.fisher_samples)
         if shared is not None:
             shared.equalization = equalization_of(table.meta)  # applied in place already; again on a reload
         del model
@@ -200,27 +200,21 @@ def analyze_model(source: ModelSource, out_dir: str | Path, config: AnalyzeConfi
     return table
 
 
-def expected_fisher_windows(calibration, config: AnalyzeConfig) -> int:
-    """The calibration windows a Fisher analysis under ``config`` backpropagates (a saved table's ``fisher_samples``)."""
-    backward = fisher_batches(calibration, config.batch_size, config.fisher_windows)
-    return fisher_windows(calibration, config.batch_size, backward)
-
-
-def _matching_table(out_dir: Path, source, calibration, formats, fisher_windows: int | None, context: bool,
+def _matching_table(out_dir: Path, source, calibration, formats, backward_windows: int | None, context: bool,
                     equalize: bool):
     """The table saved in ``out_dir`` if it was made for this model, calibration and formats (and, where
-    ``fisher_windows`` is given, Fisher scores over that many windows); else None."""
+    ``backward_windows`` is given, Fisher scores backpropagating that many windows); else None."""
     if not ((out_dir / TABLE_FILE).is_file() and (out_dir / META_FILE).is_file()):
         return None
     table = SensitivityTable.load(out_dir)
     try:
         table.check_matches(source.fingerprint, calibration.fingerprint, [f.name for f in formats])
-        if fisher_windows is not None and not table.meta.get("fisher"):
+        if backward_windows is not None and not table.meta.get("fisher"):
             raise TableMismatch("the saved table has no Fisher scores")
         saved_windows = table.meta.get("fisher_samples", table.meta["calibration"].get("samples"))
-        if fisher_windows is not None and saved_windows != fisher_windows:
+        if backward_windows is not None and saved_windows != backward_windows:
             raise TableMismatch(f"the saved table's Fisher scores backpropagated {saved_windows} calibration windows "
-                                f"and this run asks for {fisher_windows}: pass --fisher-samples {saved_windows} to "
+                                f"and this run asks for {backward_windows}: pass --fisher-samples {saved_windows} to "
                                 "reuse it")
         if context and not table.meta.get("context"):
             raise TableMismatch("the saved table has no quantized-context scores")
@@ -242,7 +236,7 @@ def _analyze_streaming(source, calibration, formats, out_dir, config: AnalyzeCon
                              dtype=dtype_from_name(config.dtype), model_id=source.model_id,
                              model_fingerprint=source.fingerprint, batch_size=config.batch_size, out_dir=out_dir,
                              resume=config.resume, progress=config.progress, fisher=config.fisher,
-                             device=config.device, context=config.context, fisher_samples=config.fisher_windows)
+                             device=config.device, context=config.context, fisher_samples=config.fisher_samples)
 
 
 def plan_and_save(table: SensitivityTable, budget, out_dir: str | Path, config: PlanConfig | None = None,

@@ -135,7 +135,7 @@ def test_interrupted_run_saves_partial_results_and_resumes(tmp_path):
 
 def test_partial_statistics_size_is_estimated_up_front(tmp_path, monkeypatch, capsys):
     model, calibration = tiny_llama(), random_calibration(samples=12)
-    monkeypatch.setattr(importlib.import_module("quantplan.analysis.analyze"), "LARGE_PARTIAL_BYTES", 0)
+    monkeypatch.setattr(importlib.import_module("quantplan.analysis.partial_state"), "LARGE_PARTIAL_BYTES", 0)
     handle = model.model.layers[1].register_forward_hook(Interrupt(at=2))
     with pytest.raises(KeyboardInterrupt):
         analyze(model, calibration, [NF4], progress=False, batch_size=2, out_dir=tmp_path)

@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from tiny import random_calibration, save_tiny_english, tiny_llama
+from tiny import LabelledCalibration, random_calibration, save_tiny_english, tiny_llama
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from quantplan.analysis import NF4, equalize, load_calibration, load_model, load_processor, resolve_source
@@ -294,25 +294,10 @@ def test_a_streamed_analysis_says_it_measures_the_source_weights(english, tmp_pa
     assert "not streamed yet" in capsys.readouterr().out and not equalize.equalization_of(table.meta)
 
 
-class _LabelledCalibration:
-    """Calibration batches that carry ``labels`` beside the ids, as PaliGemma's processor makes them."""
-
-    def __init__(self, calibration):
-        self.inner = calibration
-        self.meta = calibration.meta
-
-    def num_batches(self, batch_size):
-        return self.inner.num_batches(batch_size)
-
-    def batches(self, batch_size):
-        for batch in self.inner.batches(batch_size):
-            yield {**batch, "labels": batch["input_ids"].clone()}
-
-
 def test_batches_with_labels_are_equalized_without_a_loss():
     """The equalization's forwards keep one position's logits: a loss over every label would not match them."""
     from quantplan.analysis import analyze
 
-    table = analyze(_outlier_llama(), _LabelledCalibration(random_calibration(8, 32)), MENU, progress=False,
+    table = analyze(_outlier_llama(), LabelledCalibration(random_calibration(8, 32)), MENU, progress=False,
                     batch_size=4, equalize=True)
     assert table.meta["equalization"]["groups"]

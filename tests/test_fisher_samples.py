@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from tiny import random_calibration, save_tiny
+from tiny import LabelledCalibration, random_calibration, save_tiny
 
 from quantplan.analysis import NF4, analyze, load_model, resolve_source
-from quantplan.analysis.fisher_windows import fisher_batches
+from quantplan.analysis.fisher_windows import backward_share, default_windows
 from quantplan.analysis.streaming import analyze_streaming
 
 
 def test_batches_round_up_and_stop_at_the_set():
     calibration = random_calibration(samples=10)  # 3 batches of 4 (the last one short)
-    assert [fisher_batches(calibration, 4, n) for n in (1, 4, 5, 8, 9, 10, 64, None)] == [1, 1, 2, 2, 3, 3, 3, 3]
+    shares = [backward_share(calibration, 4, n) for n in (1, 4, 5, 8, 9, 10, 64, None)]
+    assert [s.batches for s in shares] == [1, 1, 2, 2, 3, 3, 3, 2]  # None: 8 of 10 windows
+    assert [s.windows for s in shares] == [4, 4, 8, 8, 10, 10, 10, 8]
     with pytest.raises(ValueError, match="at least 1 calibration window"):
-        fisher_batches(calibration, 4, 0)
+        backward_share(calibration, 4, 0)
 
 
 def _table(folder, calibration, fisher_samples, **kwargs):
@@ -27,7 +29,7 @@ def _table(folder, calibration, fisher_samples, **kwargs):
 def test_fewer_fisher_windows_change_only_the_fisher_scores(tmp_path):
     folder = save_tiny(tmp_path / "model", layers=2)
     calibration = random_calibration(samples=10)
-    every = _table(folder, calibration, None)
+    every = _table(folder, calibration, 10)
     first = _table(folder, calibration, 4)
     assert every.meta["fisher_samples"] == 10 and first.meta["fisher_samples"] == 4
     fisher_columns = ["output_fisher_error"]
@@ -35,6 +37,7 @@ def test_fewer_fisher_windows_change_only_the_fisher_scores(tmp_path):
     pd.testing.assert_frame_equal(first.df.drop(columns=fisher_columns), same)  # the Gram matrices see every window
     assert not first.df["output_fisher_error"].equals(every.df["output_fisher_error"])
     pd.testing.assert_frame_equal(_table(folder, calibration, 12).df, every.df)  # past the set: every window
+    assert _table(folder, calibration, None).meta["fisher_samples"] == 8  # the default: a quarter, at least 8
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -64,16 +67,13 @@ def test_streamed_vlm_equals_in_memory_with_fewer_fisher_windows(arch, tmp_path)
                                  fisher_samples=2)
     pd.testing.assert_frame_equal(streamed.df, expected.df, rtol=1e-4)
     every = analyze(load_model(source), calibration, [NF4], model_fingerprint=source.fingerprint, progress=False,
-                    batch_size=2, fisher=True)
+                    batch_size=2, fisher=True, fisher_samples=4)
     assert not every.df["output_fisher_error"].equals(expected.df["output_fisher_error"])
     assert expected.meta["fisher_samples"] == 2 and every.meta["fisher_samples"] == 4
 
 
 def test_the_default_backpropagates_a_quarter_of_the_windows_and_at_least_eight():
-    from quantplan.analysis.config import AnalyzeConfig
-
-    assert [AnalyzeConfig(samples=n).fisher_windows for n in (4, 8, 16, 32, 128)] == [4, 8, 8, 8, 32]
-    assert AnalyzeConfig(samples=32, fisher_samples=32).fisher_windows == 32
+    assert [default_windows(n) for n in (4, 8, 16, 32, 128)] == [4, 8, 8, 8, 32]
 
 
 def test_run_reuses_a_table_only_with_the_same_fisher_windows(tmp_path, capsys):
@@ -83,7 +83,7 @@ def test_run_reuses_a_table_only_with_the_same_fisher_windows(tmp_path, capsys):
     folder = save_tiny(tmp_path / "model", layers=2)
     source = resolve_source(str(folder))
     config = AnalyzeConfig(samples=8, seq_len=16, fisher_samples=4, progress=False, formats="nf4")
-    first = analyze_model(source, tmp_path / "out", config)
+    first = analyze_model(source, tmp_path / "out", config)  # 8 windows: the default backpropagates all
     assert first.meta["fisher_samples"] == 4
     again = analyze_model(source, tmp_path / "out", config, reuse=True)
     assert "reusing the matching sensitivity table" in capsys.readouterr().out
@@ -95,20 +95,6 @@ def test_run_reuses_a_table_only_with_the_same_fisher_windows(tmp_path, capsys):
     assert every.meta["fisher_samples"] == 8
 
 
-class _Labelled:
-    """Calibration batches that carry ``labels`` beside the ids, as PaliGemma's processor makes them."""
-
-    def __init__(self, calibration):
-        self.inner, self.meta = calibration, calibration.meta
-
-    def num_batches(self, batch_size):
-        return self.inner.num_batches(batch_size)
-
-    def batches(self, batch_size):
-        for batch in self.inner.batches(batch_size):
-            yield {**batch, "labels": batch["input_ids"].clone()}
-
-
 @pytest.mark.parametrize("fisher", [False, True])
 def test_forward_only_batches_pass_no_labels(fisher):
     """A forward that keeps one position's logits must not make a loss over every label (PaliGemma crashed there)."""
@@ -116,7 +102,7 @@ def test_forward_only_batches_pass_no_labels(fisher):
 
     model, seen = tiny_llama(tie=True), []
     model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
-    analyze(model, _Labelled(random_calibration(samples=8)), [NF4], progress=False, batch_size=4, fisher=fisher,
+    analyze(model, LabelledCalibration(random_calibration(samples=8)), [NF4], progress=False, batch_size=4, fisher=fisher,
             fisher_samples=4 if fisher else None)
     assert seen and not any("labels" in keys for keys in seen)  # batch 1 ran forward only, both ways
 
@@ -143,13 +129,13 @@ def test_image_batches_split_by_shape_count_their_pairs(tmp_path):
     from vlm_models import save_tiny_vlm
 
     from quantplan.analysis import load_processor
-    from quantplan.analysis.fisher_windows import batch_windows, fisher_windows
+    from quantplan.analysis.fisher_windows import BackwardShare, batch_windows
     from quantplan.analysis.vision import load_image_calibration
 
     folder = save_tiny_vlm("llava", tmp_path / "llava")
     calibration = load_image_calibration(load_processor(resolve_source(str(folder))), "default", samples=6)
     assert batch_windows(calibration, 4) == [1] * 6
-    assert fisher_batches(calibration, 4, 3) == 3 and fisher_windows(calibration, 4, 3) == 3
+    assert backward_share(calibration, 4, 3) == BackwardShare(batches=3, windows=3)
     assert batch_windows(random_calibration(samples=10), 4) == [4, 4, 2]
 
 
@@ -182,7 +168,7 @@ def test_a_partial_state_saved_before_the_option_resumes_only_with_every_window(
     with pytest.raises(TableMismatch, match="--fisher-samples N with N at least --samples"):
         _table(folder, calibration, 4, out_dir=out, resume=True)
     resumed = _table(folder, calibration, 8, out_dir=out, resume=True)
-    pd.testing.assert_frame_equal(resumed.df, _table(folder, calibration, None).df)
+    pd.testing.assert_frame_equal(resumed.df, _table(folder, calibration, 8).df)
 
 
 def test_cli_refuses_fisher_samples_it_cannot_use(tiny_dir, tmp_path, capsys):

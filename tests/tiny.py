@@ -121,3 +121,17 @@ def whole_forwards(model, reference, cache, names):
             finally:
                 cache.set_quantized(())
             yield batch, logits16, logits
+
+
+class LabelledCalibration:
+    """Calibration batches that carry ``labels`` beside the ids, as PaliGemma's processor makes them."""
+
+    def __init__(self, calibration):
+        self.inner, self.meta = calibration, calibration.meta
+
+    def num_batches(self, batch_size):
+        return self.inner.num_batches(batch_size)
+
+    def batches(self, batch_size):
+        for batch in self.inner.batches(batch_size):
+            yield {**batch, "labels": batch["input_ids"].clone()}
