@@ -143,8 +143,9 @@ def _reduce_gradients(grads, device) -> None:
     backpropagates the first batches only, ``analyze(fisher_samples=...)``, and they are dealt out in turn) adds
     zeros for each module the others hold."""
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, {n: s.numel() for n, s in grads.sums.items()})
-    widths = {name: width for held in everyone for name, width in held.items()}
+    dist.all_gather_object(everyone, ({n: s.numel() for n, s in grads.sums.items()}, sorted(grads.ran)))
+    widths = {name: width for held, _ in everyone for name, width in held.items()}
+    grads.ran = {name for _, ran in everyone for name in ran}
     for name, width in widths.items():
         if name not in grads.sums:
             grads.sums[name] = torch.zeros(width, dtype=torch.float32, device=device)

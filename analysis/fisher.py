@@ -30,9 +30,11 @@ class GradientProbe:
     names: list[str]
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    ran: set[str] = field(default_factory=set)  # modules that ran in a backward batch, reached by a gradient or not
 
     def __post_init__(self):
         self._pending: dict[str, tuple[torch.Tensor, int]] = {}
+        self._running: set[str] = set()
 
     @contextmanager
     def attached(self):
@@ -52,12 +54,14 @@ class GradientProbe:
 
         def hook(module, args, output):
             if torch.is_tensor(output) and output.requires_grad:
+                self._running.add(name)
                 output.register_hook(on_gradient)
 
         return hook
 
     def start_batch(self) -> None:
         self._pending.clear()
+        self._running.clear()
 
     def commit_batch(self) -> None:
         """The backward pass finished: fold the batch into the totals."""
@@ -65,7 +69,9 @@ class GradientProbe:
             # a resumed sum was read onto the CPU (:meth:`load_state`): it joins the gradients' device here
             self.sums[name] = self.sums[name].to(squared.device) + squared if name in self.sums else squared
             self.tokens[name] = self.tokens.get(name, 0) + count
+        self.ran |= self._running
         self._pending.clear()
+        self._running.clear()
 
     def mean_squared_gradient(self, name: str) -> torch.Tensor | None:
         """f_o = mean over tokens of g_{t,o}² (None if the module never got a gradient)."""
@@ -78,6 +84,7 @@ class GradientProbe:
         """Tensors to save with the partial results (sums, and token counts as 1-element tensors)."""
         out = {f"{n}::gradsq": s.cpu().contiguous() for n, s in self.sums.items()}
         out.update({f"{n}::gradtokens": torch.tensor([t]) for n, t in self.tokens.items()})
+        out.update({f"{n}::gradran": torch.tensor([1]) for n in self.ran})
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -88,6 +95,8 @@ class GradientProbe:
                 self.sums[name] = value
             elif kind == "gradtokens":
                 self.tokens[name] = int(value[0])
+            elif kind == "gradran":
+                self.ran.add(name)
 
 
 def loss_backward(model, batch: dict, device, labels: str = "sampled", seed: int = 0) -> None:
@@ -203,11 +212,11 @@ def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 def fisher_weights(grads: GradientProbe | None, name: str, out_features: int, stats, device=None):
     """f_o of module ``name`` (:meth:`GradientProbe.mean_squared_gradient`; None without a Fisher pass or where the
-    module never ran); zeros where it ran on calibration tokens (``stats``) and no gradient reached it: its output
-    feeds nothing the loss reads (LLaVA's last vision layer under ``vision_feature_layer`` -2), so its error costs
-    nothing, where a NaN made the objective rank it by weight error and spend bytes on it."""
+    module never ran in a batch the pass backpropagated: unknown, not 0); zeros where it ran in one and no gradient
+    reached it: its output feeds nothing the loss reads (LLaVA's last vision layer under ``vision_feature_layer`` -2),
+    so its error costs nothing, where a NaN made the objective rank it by weight error and spend bytes on it."""
     if grads is None:
         return None
-    if name not in grads.sums and stats is not None and stats.tokens > 0:  # the gradient hook never fired
-        return torch.zeros(out_features, dtype=torch.float32, device=device)
+    if name not in grads.sums and name in grads.ran and stats is not None and stats.tokens > 0:
+        return torch.zeros(out_features, dtype=torch.float32, device=device)  # the gradient hook never fired
     return grads.mean_squared_gradient(name)  # None also where every gradient row was non-finite: unknown, not 0

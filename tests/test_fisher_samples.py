@@ -178,3 +178,22 @@ def test_cli_refuses_fisher_samples_it_cannot_use(tiny_dir, tmp_path, capsys):
     assert "--no-fisher skips: drop one of the two" in capsys.readouterr().err
     assert main(["analyze", str(tiny_dir), "--out", str(tmp_path / "t"), "--fisher-samples", "0"]) == 2
     assert "give at least 1 calibration window" in capsys.readouterr().err
+
+
+def test_a_module_no_backward_batch_ran_has_no_fisher_weight_rather_than_zero():
+    """Zeros say "its output feeds nothing the loss reads", which a module shows only by running in a backward batch
+    without a gradient reaching it; one that ran only in forward-only batches is unknown (None), also after a resume."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from quantplan.analysis.fisher import GradientProbe, fisher_weights
+
+    grads = GradientProbe(torch.nn.Identity(), ["unreached", "later"])
+    grads.ran.add("unreached")
+    stats = SimpleNamespace(tokens=64)
+    assert torch.equal(fisher_weights(grads, "unreached", 3, stats), torch.zeros(3))
+    assert fisher_weights(grads, "later", 3, stats) is None
+    resumed = GradientProbe(torch.nn.Identity(), ["unreached", "later"])
+    resumed.load_state(grads.state())
+    assert resumed.ran == {"unreached"}
