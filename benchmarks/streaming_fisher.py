@@ -86,6 +86,7 @@ def child(kind: str, out: str, model: str, samples: str, seq_len: str, batch_siz
     return {"model_id": source.model_id, "wall_s": wall, "cpu_s": cpu,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "rss_after_imports_bytes": rss_after_imports, "rows": len(table.df),
+            "fisher_samples": table.meta.get("fisher_samples"),  # the windows backpropagated (analyze()'s default)
             "calibration_tokens": int(calibration.input_ids.numel()), "loadavg_1min_after": os.getloadavg()[0]}
 
 
