@@ -28,7 +28,8 @@ class BackwardShare:
 
 
 def default_windows(samples: int) -> int:
-    """The windows backpropagated unless ``--fisher-samples`` says: a quarter of ``samples``, at least 8."""
+    """The windows backpropagated unless ``--fisher-samples`` says: a quarter of the set's ``samples`` windows (text
+    windows, or image + prompt pairs, which may be fewer than ``--samples``), at least 8."""
     return min(samples, max(FISHER_MIN_WINDOWS, samples // FISHER_SHARE))
 
 
@@ -62,7 +63,7 @@ def check_fisher_samples(fisher_samples: int | None) -> None:
     """Refuse a window count below one, naming the fix."""
     if fisher_samples is not None and fisher_samples < 1:
         raise ValueError(f"--fisher-samples {fisher_samples}: give at least 1 calibration window (or leave it out: "
-                         f"a quarter of --samples, at least {FISHER_MIN_WINDOWS})")
+                         f"a quarter of the calibration windows, at least {FISHER_MIN_WINDOWS})")
 
 
 #: what a resume refused for another number of Fisher windows adds to its message

@@ -60,6 +60,8 @@ def resume_state(probe, grads, partial, run_meta, energy=None, total_batches: in
     state, tensors = probe.load(partial)
     if grads:
         grads.load_state(tensors)
+        if state.get("fisher") and not any(key.endswith("::gradran") for key in tensors):
+            grads.ran |= ran_before_recorded(probe, grads.names)
     if energy:
         energy.load_state(tensors)
     state = {**state, "fisher_batches": saved_backward_batches(state, total_batches)}
@@ -82,3 +84,9 @@ def saved_equalization(partial: Path | None) -> Equalization | None:
         return None
     saved = json.loads(state.read_text()).get("equalization_scales")
     return Equalization.from_dict(saved) if saved else None
+
+
+def ran_before_recorded(probe, names) -> set[str]:
+    """The modules a Fisher state saved before ``GradientProbe.ran`` was recorded ran in a backpropagated batch: every
+    batch ran backward then, so each one with input statistics."""
+    return {n for n in names if n in probe.owner and probe.stats[probe.owner[n]].tokens > 0}

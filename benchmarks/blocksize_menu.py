@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 warnings.filterwarnings("ignore")
 
-from plan_quality import _machine, _timed  # noqa: E402
+from plan_quality import _machine, _timed, reused_table  # noqa: E402
 
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
 from quantplan.analysis.equalize import apply_equalization, equalization_of  # noqa: E402
@@ -51,7 +51,6 @@ from quantplan.analysis.formats import NF4_BS32  # noqa: E402
 from quantplan.analysis.models import DTYPES  # noqa: E402
 from quantplan.analysis.reference import KLReference  # noqa: E402
 from quantplan.analysis.simulate import QuantCache  # noqa: E402
-from quantplan.analysis.table import SensitivityTable  # noqa: E402
 from quantplan.endtoend import EndToEnd  # noqa: E402
 from quantplan.planner import plan  # noqa: E402
 from quantplan.planner.baselines import all_4bit, plan_keep_set  # noqa: E402
@@ -83,7 +82,7 @@ def main(argv=None) -> None:
                              "against plain all-NF4 of the source weights")
     parser.add_argument("--fisher-samples", type=int, default=None,
                         help="calibration windows the Fisher pass runs backward on (default: quantplan run's, a "
-                             "quarter of --samples and at least 8; --samples or more: every window)")
+                             "quarter of the windows and at least 8; --samples or more: every window)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocksize_menu.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -100,7 +99,7 @@ def main(argv=None) -> None:
     source_nf4 = float(measure_variants(reference, QuantCache(model, NF4), {"v": all_4bit_names(model)})["v"].kld.mean())
     print(f"all-NF4 of the source weights: KLD {source_nf4:.4f}", flush=True)
     if args.table and (Path(args.table) / "sensitivity.json").is_file():
-        table = SensitivityTable.load(args.table)
+        table = reused_table(args.table, calibration, fisher_samples=args.fisher_samples)
         apply_equalization(model, equalization_of(table.meta))  # the weights the table measured
     else:
         table, cost = _timed(lambda: analyze(model, calibration, [NF4, NF4_BS32], out_dir=args.table,

@@ -41,7 +41,7 @@ warnings.filterwarnings("ignore")
 
 from blocksize_menu import all_4bit_names  # noqa: E402
 from broken_standin import build, default_folder  # noqa: E402
-from plan_quality import _machine, _timed, random_mean  # noqa: E402
+from plan_quality import _machine, _timed, random_mean, reused_table  # noqa: E402
 
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
 from quantplan.analysis.equalize import apply_equalization, equalization_of  # noqa: E402
@@ -49,7 +49,6 @@ from quantplan.analysis.formats import NF4_BS32  # noqa: E402
 from quantplan.analysis.models import dtype_from_name  # noqa: E402
 from quantplan.analysis.reference import KLReference  # noqa: E402
 from quantplan.analysis.simulate import QuantCache  # noqa: E402
-from quantplan.analysis.table import SensitivityTable  # noqa: E402
 from quantplan.endtoend import EndToEnd  # noqa: E402
 from quantplan.planner.auto_refine import AutoRefine, recovery_share  # noqa: E402
 from quantplan.planner.baselines import all_4bit, baseline_keep_sets, plan_keep_set  # noqa: E402
@@ -81,7 +80,7 @@ def main(argv=None) -> None:
                              "of the source weights")
     parser.add_argument("--fisher-samples", type=int, default=None,
                         help="calibration windows the Fisher pass runs backward on (default: quantplan run's, a "
-                             "quarter of --samples and at least 8; --samples or more: every window)")
+                             "quarter of the windows and at least 8; --samples or more: every window)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "broken_model.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -171,7 +170,7 @@ def _table(model, calibration, source, folder, equalize: bool = True, fisher_sam
     """The Fisher table over nf4 and nf4-bs32 (reused from ``folder`` when saved there, ``model`` then scaled as it
     says) and its analysis cost."""
     if folder and (Path(folder) / "sensitivity.json").is_file():
-        table = SensitivityTable.load(folder)
+        table = reused_table(folder, calibration, fisher_samples=fisher_samples)
         apply_equalization(model, equalization_of(table.meta))
         return table, None
     return _timed(lambda: analyze(model, calibration, [NF4, NF4_BS32], progress=False, fisher=True,

@@ -82,7 +82,7 @@ def main(argv=None) -> None:
         if args.no_cost and mode != "fisher+context":
             continue
         if args.table and mode == "fisher+context" and (Path(args.table) / "sensitivity.json").is_file():
-            tables[mode] = SensitivityTable.load(args.table)
+            tables[mode] = reused_table(args.table, calibration)
             continue
         if args.table and mode == "fisher+context":
             flags = {**flags, "out_dir": args.table}
@@ -197,6 +197,20 @@ def random_mean(randoms: list[dict], all_nf4: float) -> tuple[int, float, float]
     """(kept, mean KLD, recovery) of the random-keep rows (one per seed), as the tables print them."""
     mean = float(np.mean([r["kld"] for r in randoms]))
     return randoms[0]["kept"], mean, (all_nf4 - mean) / all_nf4
+
+
+def reused_table(folder, calibration, batch_size: int = 4, fisher_samples: int | None = None) -> SensitivityTable:
+    """The table saved in ``folder``, refused where its Fisher pass backpropagated other windows than this run's
+    analysis would (a table cached before the default changed would measure something else)."""
+    from quantplan.analysis.fisher_windows import backward_share
+
+    table = SensitivityTable.load(folder)
+    saved = table.meta.get("fisher_samples", table.meta["calibration"].get("samples"))
+    wanted = backward_share(calibration, batch_size, fisher_samples).windows
+    if table.meta.get("fisher") and saved != wanted:
+        raise SystemExit(f"{folder}: its table backpropagated {saved} calibration windows and this run {wanted}: pass "
+                         f"--fisher-samples {saved}, or another --table folder")
+    return table
 
 
 def _timed(fn):

@@ -254,8 +254,8 @@ def _analyze_args(p):
                               "objective")
     measure.add_argument("--fisher-samples", type=int, default=None, metavar="N",
                          help="the Fisher pass backpropagates the first N calibration windows (rounded up to whole "
-                              "batches; the others run forward only, for the input statistics). Default: a quarter of "
-                              "--samples, at least 8; N >= --samples backpropagates every window")
+                              "batches; the others run forward only, for the input statistics). Default: a quarter of the "
+                              "calibration windows, at least 8; N >= --samples backpropagates every window")
     scales = measure.add_mutually_exclusive_group()
     scales.add_argument("--no-equalize", dest="equalize", action="store_false", default=None,
                         help="keep the source's weights as they are (default with the blocksize menu: power-of-two "

@@ -197,3 +197,37 @@ def test_a_module_no_backward_batch_ran_has_no_fisher_weight_rather_than_zero():
     resumed = GradientProbe(torch.nn.Identity(), ["unreached", "later"])
     resumed.load_state(grads.state())
     assert resumed.ran == {"unreached"}
+
+
+def test_a_state_saved_before_the_ran_record_resumes_with_every_measured_module_ran(tmp_path, monkeypatch):
+    """Such a state backpropagated every batch: each module with input statistics ran in a backward batch, so one no
+    gradient reached keeps its zero Fisher weight after --resume (LLaVA's unreached vision layer)."""
+    import importlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from quantplan.analysis.analyze import PARTIAL_DIR
+    from quantplan.analysis.fisher import GradientProbe
+    from quantplan.analysis.partial_state import resume_state
+    from quantplan.analysis.probe import InputProbe
+
+    folder = save_tiny(tmp_path / "model", layers=2)
+    calibration, out = random_calibration(samples=8), tmp_path / "out"
+    analyze_module = importlib.import_module("quantplan.analysis.analyze")
+    monkeypatch.setattr(analyze_module, "measure_module", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        _table(folder, calibration, 8, out_dir=out, checkpoint_seconds=0)
+    partial = out / PARTIAL_DIR
+    state = json.loads((partial / "state.json").read_text())
+    tensor_file = partial / state.get("tensors", "state.safetensors")
+    tensors = load_file(str(tensor_file))
+    assert any(k.endswith("::gradran") for k in tensors)
+    save_file({k: v for k, v in tensors.items() if not k.endswith("::gradran")}, str(tensor_file))
+    model = load_model(resolve_source(str(folder)))
+    names = sorted(state["candidates"])
+    probe, grads = InputProbe(model, names), GradientProbe(model, names)
+    run_meta = {k: state.get(k) for k in ("model_fingerprint", "calibration", "formats", "batch_size", "candidates",
+                                          "fisher", "fisher_batches", "equalization")}
+    resume_state(probe, grads, partial, run_meta, total_batches=2)
+    assert grads.ran == set(names)
