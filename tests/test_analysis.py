@@ -297,18 +297,21 @@ def test_fused_moe_experts_are_named_and_warned_about_before_the_pass():
 
 
 def test_fisher_weights_are_zero_only_where_no_gradient_hook_fired():
-    """0 for a module that ran and never got a gradient (its output reaches no loss); unknown (None, ranked by
-    weight error) where gradients came but every row was non-finite, or where the module never ran."""
+    """0 for a module that ran in a backpropagated batch and never got a gradient (its output reaches no loss);
+    unknown (None, ranked by weight error) where gradients came but every row was non-finite, or where the module never
+    ran in a backpropagated batch."""
     from types import SimpleNamespace
 
     from quantplan.analysis.fisher import GradientProbe, fisher_weights
 
-    grads = GradientProbe(None, ["reached", "nonfinite", "unreached"])
+    grads = GradientProbe(None, ["reached", "nonfinite", "unreached", "forward only"])
     grads.sums.update(reached=torch.full((4,), 2.0), nonfinite=torch.zeros(4))
     grads.tokens.update(reached=2, nonfinite=0)
+    grads.ran.update({"reached", "nonfinite", "unreached"})  # ran in a backpropagated batch
     ran, idle = SimpleNamespace(tokens=8), SimpleNamespace(tokens=0)
     assert fisher_weights(grads, "reached", 4, ran).tolist() == [1.0] * 4
     assert fisher_weights(grads, "unreached", 4, ran).tolist() == [0.0] * 4
+    assert fisher_weights(grads, "forward only", 4, ran) is None  # ran only in batches the pass did not backpropagate
     assert fisher_weights(grads, "nonfinite", 4, ran) is None
     assert fisher_weights(grads, "unreached", 4, idle) is None and fisher_weights(grads, "unreached", 4, None) is None
     assert fisher_weights(None, "reached", 4, ran) is None
