@@ -20,7 +20,11 @@ def summarize(table: SensitivityTable, top: int = 10) -> str:
     for _, r in quantizable.nlargest(top, "output_rel_error").iterrows():
         lines.append(f"  {r['output_rel_error']:9.4g}  weight {r['weight_rel_error']:.3f}  {r['name']}")
     if "output_fisher_error" in quantizable and quantizable["output_fisher_error"].notna().any():
-        lines.append(f"top {top} by Fisher-weighted error (next-token loss units; what the default plan minimises):")
+        windows, total = table.meta.get("fisher_samples"), table.meta["calibration"].get("samples")
+        source = (f"gradients of the first {windows} of {total} calibration windows" if windows and windows != total
+                  else "gradients of every calibration window")
+        lines.append(f"top {top} by Fisher-weighted error (next-token loss units, {source}, --fisher-samples; what "
+                     "the default plan minimises):")
         for _, r in quantizable.nlargest(top, "output_fisher_error").iterrows():
             lines.append(f"  {r['output_fisher_error']:9.4g}  {r['name']}")
     spikes = find_spikes(rows)

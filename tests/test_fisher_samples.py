@@ -38,6 +38,8 @@ def test_fewer_fisher_windows_change_only_the_fisher_scores(tmp_path):
     assert not first.df["output_fisher_error"].equals(every.df["output_fisher_error"])
     pd.testing.assert_frame_equal(_table(folder, calibration, 12).df, every.df)  # past the set: every window
     assert _table(folder, calibration, None).meta["fisher_samples"] == 8  # the default: a quarter, at least 8
+    from quantplan.analysis.summary import summarize
+    assert "gradients of the first 4 of 10 calibration windows" in summarize(first)
 
 
 @pytest.mark.parametrize("tie", [False, True])
