@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 warnings.filterwarnings("ignore")
 
-from plan_quality import _machine, _timed, reused_table  # noqa: E402
+from plan_quality import _machine, _timed, add_analysis_arguments, reused_table  # noqa: E402
 
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
 from quantplan.analysis.equalize import apply_equalization, equalization_of  # noqa: E402
@@ -76,13 +76,7 @@ def main(argv=None) -> None:
                                         "with --no-cost the run then times nothing)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype the model runs in")
-    parser.add_argument("--no-equalize", dest="equalize", action="store_false",
-                        help="analyze the source weights as they are (quantplan run --no-equalize); by default the "
-                             "analysis scales channels first, as quantplan run does, and the recovery is also given "
-                             "against plain all-NF4 of the source weights")
-    parser.add_argument("--fisher-samples", type=int, default=None,
-                        help="calibration windows the Fisher pass runs backward on (default: quantplan run's, a "
-                             "quarter of the windows and at least 8; --samples or more: every window)")
+    add_analysis_arguments(parser)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocksize_menu.json"))
     args = parser.parse_args(argv)
     if args.threads:

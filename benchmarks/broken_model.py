@@ -41,7 +41,7 @@ warnings.filterwarnings("ignore")
 
 from blocksize_menu import all_4bit_names  # noqa: E402
 from broken_standin import build, default_folder  # noqa: E402
-from plan_quality import _machine, _timed, random_mean, reused_table  # noqa: E402
+from plan_quality import _machine, _timed, add_analysis_arguments, random_mean, reused_table  # noqa: E402
 
 from quantplan.analysis import NF4, analyze, load_calibration, load_model, load_processor, resolve_source  # noqa: E402
 from quantplan.analysis.equalize import apply_equalization, equalization_of  # noqa: E402
@@ -74,13 +74,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="fp32",
                         help="dtype the model runs in (fp32: CPU bf16 matmuls are ~50x slower single-threaded)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
-    parser.add_argument("--no-equalize", dest="equalize", action="store_false",
-                        help="analyze the weights as they are (quantplan run --no-equalize); by default the analysis "
-                             "scales channels first, as quantplan run does, and recovery is counted from plain all-NF4 "
-                             "of the source weights")
-    parser.add_argument("--fisher-samples", type=int, default=None,
-                        help="calibration windows the Fisher pass runs backward on (default: quantplan run's, a "
-                             "quarter of the windows and at least 8; --samples or more: every window)")
+    add_analysis_arguments(parser)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "broken_model.json"))
     args = parser.parse_args(argv)
     if args.threads:

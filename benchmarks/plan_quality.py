@@ -199,6 +199,17 @@ def random_mean(randoms: list[dict], all_nf4: float) -> tuple[int, float, float]
     return randoms[0]["kept"], mean, (all_nf4 - mean) / all_nf4
 
 
+def add_analysis_arguments(parser) -> None:
+    """The analysis options the plan benchmarks share: --no-equalize and --fisher-samples, as quantplan run has them."""
+    parser.add_argument("--no-equalize", dest="equalize", action="store_false",
+                        help="analyze the source weights as they are (quantplan run --no-equalize); by default the "
+                             "analysis scales channels first, as quantplan run does, and recovery is also counted "
+                             "from plain all-NF4 of the source weights")
+    parser.add_argument("--fisher-samples", type=int, default=None,
+                        help="calibration windows the Fisher pass runs backward on (default: quantplan run's, a "
+                             "quarter of the windows and at least 8; --samples or more: every window)")
+
+
 def reused_table(folder, calibration, batch_size: int = 4, fisher_samples: int | None = None) -> SensitivityTable:
     """The table saved in ``folder``, refused where its Fisher pass backpropagated other windows than this run's
     analysis would (a table cached before the default changed would measure something else)."""
