@@ -197,6 +197,14 @@ class Logits16:
             self._made[key] = self.log_probs(vocab, device).argmax(-1)
         return self._made[key]
 
+    def rows(self, part: slice) -> Logits16:
+        """The logits of rows ``part`` as their own :class:`Logits16`, made once: every variant compared with these
+        rows reads the same float32 statistics (:meth:`analysis.head_chunks.HeadChunk.pieces`)."""
+        key = ("rows", part.start, part.stop)
+        if key not in self._made:
+            self._made[key] = Logits16(self.logits[part])
+        return self._made[key]
+
 
 def as_logits16(logits16: torch.Tensor | Logits16) -> Logits16:
     """``logits16`` as :class:`Logits16` (a bare tensor wrapped for one comparison)."""

@@ -231,13 +231,13 @@ class _LiveLogits(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {a.data_ptr() for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        inputs = {a.untyped_storage().data_ptr() for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
         for tensor in (t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)):
             self.alive += 1
             self.most_alive = max(self.most_alive, self.alive)
             weakref.finalize(tensor, self._dropped)
         if (isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-1] == self.vocab
-                and tuple(out.shape) != self.weight_shape and out.data_ptr() not in inputs):
+                and tuple(out.shape) != self.weight_shape and out.untyped_storage().data_ptr() not in inputs):
             size = out.numel() * out.element_size()
             self.made += 1
             self.live += size
@@ -285,9 +285,12 @@ def test_the_scoreboard_holds_a_few_chunks_of_logits_at_a_time(monkeypatch):
     scored, two = _scoreboard_pass(model, 4, seq_len)  # two batches
     copy = chunk * LARGE_VOCAB * 4
     assert two.peak <= 6 * copy, (two.peak / copy, two.shapes)
-    # per chunk of tokens: the 16-bit logits, log-probabilities, probabilities and its own row's KL difference, then
-    # per variant its logits, log-probabilities and KL difference
-    assert two.made <= 4 * seq_len // chunk * (4 + 3 * 3), two.made
+    # per chunk of tokens: the 16-bit logits and each variant's; per piece of it (head_chunks.piece_rows) the 16-bit
+    # log-probabilities, probabilities and its own row's KL difference, then per variant its log-probabilities and
+    # KL difference
+    pieces = chunk // head_chunks.piece_rows(LARGE_VOCAB)
+    assert pieces == 2
+    assert two.made <= 4 * seq_len // chunk * (4 + pieces * (3 + 3 * 2)), two.made
     # twice the chunks, about as many tensors alive at once (3 results x 4 variants x 8 chunks = 96 more if each
     # chunk's were kept)
     assert two.most_alive - one.most_alive < 48, (one.most_alive, two.most_alive)
