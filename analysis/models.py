@@ -180,13 +180,15 @@ def load_processor(source: ModelSource):
     Without torchvision, a vision-language processor whose video half transformers cannot build
     is rebuilt for images only from the folder's parts (:mod:`.processors`), and a line says so.
     """
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
 
     from .vision import is_vision_language
 
     try:
         processor = AutoProcessor.from_pretrained(source.path)
         if hasattr(processor, "image_processor"):
+            return processor
+        if isinstance(processor, PreTrainedTokenizerBase):  # a text model's: AutoTokenizer's own (not loaded twice)
             return processor
     except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as err:
         # a text model falls back to its tokenizer; a VLM without its processor cannot calibrate
