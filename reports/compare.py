@@ -18,8 +18,10 @@ The loop, in the order it runs:
 
 ``report=ReportDepth.QUICK`` (``--report quick``, ``run``'s default) leaves out what costs most
 beyond the scoreboard: the single-module checks of step 2, the random baseline's seeds after the
-first, the generations, and step 3's real load of all-4-bit (its row is step 2's simulation, which
-tests/test_reports.py checks against the real load); the report says so.
+first, the generations, and step 3's real loads of all-INT8 (a reference at twice the 4-bit bytes, not
+a plan's competitor) and of all-4-bit (its row is step 2's simulation, which tests/test_reports.py
+checks against the real load); the report says so. Step 3 then loads only the plans a
+``BitsAndBytesConfig`` expresses (a blocksize-menu plan is simulated: its exported checkpoint loads it).
 
 With ``max_memory`` (``quantplan run --max-memory``) the 16-bit model is never loaded whole: the
 simulated variants of step 2 run block by block from disk (:mod:`reports.compare_capped`), the
@@ -88,6 +90,8 @@ QUICK_SKIPS = {
     "simulation check": "simulated (bitsandbytes round trip), as is the all-4-bit row recovery is counted from: "
                         "--report quick skips its real bitsandbytes load, the check that the simulation matches it "
                         "(--report full measures both)",
+    "int8": "skipped by --report quick (a real bitsandbytes 8-bit load of the whole model and its forward pass, a "
+            "reference at about twice the 4-bit bytes): run with --report full to measure it",
 }
 
 
@@ -213,7 +217,8 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         say(f"  {keep.label}: mean KLD {source_row['mean_kld']:.6f}")
 
     # 3. real bitsandbytes loads, one at a time, each against the 16-bit logits made again per batch (step 2's hidden states)
-    quantized = [(all_int8(table), _int8_config())]
+    # all-INT8 and the simulation check are real loads of a whole model beside the 16-bit one: --report full only
+    quantized = [(all_int8(table), _int8_config())] if options.report is ReportDepth.FULL else []
     if options.report is ReportDepth.FULL and not uniform.mixed_formats:  # the simulation check: a real load too
         quantized.append((uniform, _uniform_config(uniform, fmt, dtype)))
     quantized += [(keep, bnb_config(p, dtype)) for keep, p in zip(dynamic, plans, strict=True)

@@ -238,7 +238,8 @@ def test_real_bitsandbytes_rows_never_read_unscaled_source_files(english, tmp_pa
     source = resolve_source(str(english))
     table = analyze_model(source, tmp_path / "job", AnalyzeConfig(samples=8, seq_len=64, dtype="fp32", progress=False))
     monkeypatch.setattr(compare_module, "load_quantized_from", lambda *a, **k: None)
-    options = CompareConfig(samples=2, seq_len=32, dtype="fp32", report=ReportDepth.QUICK, progress=False)
+    options = CompareConfig(samples=2, seq_len=32, dtype="fp32", report=ReportDepth.FULL, progress=False, top_k=1,
+                            random_k=1, seeds=(0,), max_new_tokens=2)  # full: the real loads (all-INT8's) run
     board = compare_module.compare(source, [plan(table, "+10%")], table=table, options=options).scoreboard
     int8 = board[board["variant"].str.contains("INT8")].iloc[0]
     assert int8["note"].startswith("not measured") and "channel-scaled" in int8["note"]

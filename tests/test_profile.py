@@ -91,12 +91,15 @@ def test_a_tiny_run_writes_its_stage_profile_and_a_quick_report(tmp_path, capsys
     assert "predicted vs measured" not in names
     # quick: all-4-bit is step 2's simulation, its real bitsandbytes load (the simulation check) left to --report full
     labels = list(board["variant"])  # as a full report orders them (all-NF4: of the source weights first, if scaled)
-    assert labels[:2] == ["16-bit", "all-INT8 (bnb 8-bit)"] and labels[2].startswith("all-NF4")
-    scaled = labels[2] == "all-NF4, source weights"  # the plans hold channel-scaled weights: their all-NF4 is next
+    assert labels[0] == "16-bit" and labels[1].startswith("all-NF4")
+    scaled = labels[1] == "all-NF4, source weights"  # the plans hold channel-scaled weights: their all-NF4 is next
     nf4 = board.set_index("variant").loc["all-NF4, equalized" if scaled else "all-NF4"]
     assert nf4["measured_with"].startswith("simulated") and "--report full" in nf4["note"] and nf4["mean_kld"] > 0
-    assert not any(n.startswith("bitsandbytes all-NF4") for n in names) and "bitsandbytes all-INT8 (bnb 8-bit)" in names
+    assert not any(n.startswith("bitsandbytes all-NF4") for n in names)
     assert "Simulation check" not in report and "the simulation check" in report
+    # quick: no real all-INT8 load either (a reference at twice the bytes): --report full measures it
+    assert not any("INT8" in n for n in names) and not any("INT8" in v for v in labels)
+    assert "real bitsandbytes loads of all-INT8 and of all-4-bit" in report
 
 
 def test_a_parent_stage_keeps_the_gpu_peak_of_its_children_and_of_before_them(monkeypatch):
