@@ -68,58 +68,64 @@ class HeadChunk:
         """:func:`analysis.reference.compare_tokens` at these positions: KL and same top per position, the NLL of
         the actual next token at each position that has one in its window (all but each window's last); computed
         piece by piece (:meth:`pieces`)."""
-        parts = [piece._compared() for piece in self.pieces()]
-        return TokenComparison(*(torch.cat([getattr(part, field) for part in parts])
-                                 for field in ("kld", "same_top", "nll")))
+        seq, ids = self.shape[1], self.batch["input_ids"].reshape(-1)
+        positions = torch.arange(self.rows.start, self.rows.start + self.logits.shape[0])
+        # every position's next token (a window's last reads any token: its NLL is dropped below), gathered from the
+        # log-probabilities in place: no copy of the rows × vocabulary, as indexing them first would make
+        targets = ids[(positions + 1).clamp(max=ids.numel() - 1)].to(self.logits.device)
+        parts = [_compared(part16, logits, targets[part]) for part, part16, logits in self.pieces()]
+        kl, same_top, nll = (torch.cat(column) for column in zip(*parts, strict=True))
+        return TokenComparison(kl, same_top, nll[(positions % seq != seq - 1).to(nll.device)])
 
     def kl_sum(self) -> torch.Tensor:
         """Σ over the chunk's unmasked positions of KL(P_16 ‖ Q), in float32; computed piece by piece
-        (:meth:`pieces`)."""
-        return torch.stack([piece._kl_summed() for piece in self.pieces()]).sum()
+        (:meth:`pieces`), but in one piece where the logits need gradients (each slice of them would add a
+        gradient the size of the whole chunk)."""
+        mask = self.mask()
+        if self.logits.requires_grad:
+            return _kl_summed(as_logits16(self.logits16), self.logits, mask)
+        return torch.stack([_kl_summed(part16, logits, mask[part]) for part, part16, logits in self.pieces()]).sum()
 
-    def pieces(self) -> Iterator[HeadChunk]:
-        """The chunk as pieces of :func:`piece_rows` positions each, the 16-bit statistics of each piece made once for
-        every variant (:meth:`~analysis.reference.Logits16.rows`).
+    def pieces(self) -> Iterator[tuple[slice, Logits16, torch.Tensor]]:
+        """(rows of the chunk, their 16-bit logits, the variant's) for pieces of :func:`piece_rows` rows on a CPU (one
+        piece elsewhere); each piece's 16-bit statistics are made once for every variant
+        (:meth:`~analysis.reference.Logits16.rows`).
 
         Why: the comparison makes several float32 rows × vocabulary temporaries (log-softmaxes, their difference,
-        probabilities). For a whole chunk (SmolLM2: 170 rows × 49k words, 33 MB each) each is above glibc's largest
-        heap threshold, so every one is a fresh memory mapping whose pages fault in, and none stays in cache: one
-        variant's comparison took 3.5x what it takes in pieces of ~2 MB (the same numbers: every statistic is per row).
+        probabilities). For a whole chunk (SmolLM2: 170 rows × 49k words, 32 MiB each) glibc gives each one's memory
+        back to the system when it is freed (a mapping of its own, or a trim of the heap's top), so every temporary's
+        pages fault in afresh, and none stays in cache: the 16-bit statistics and four variants' comparisons of a chunk
+        took 3.1x what they take in pieces (the same numbers: every statistic is per row; a KL sum adds per piece).
+        A GPU's caching allocator keeps its memory: one piece there, without a launch and copy per piece.
         """
-        reference, step = as_logits16(self.logits16), piece_rows(self.logits.shape[-1])
-        for start in range(0, self.logits.shape[0], step):
-            part = slice(start, min(start + step, self.logits.shape[0]))
-            rows = slice(self.rows.start + part.start, self.rows.start + part.stop)
-            part16 = reference.rows(part)  # the 16-bit row's own logits stay the reference's, compared as such
-            yield HeadChunk(self.label, self.index, self.batch, rows, self.shape, part16,
-                            part16.logits if self.logits is reference.logits else self.logits[part])
-
-    def _compared(self) -> TokenComparison:
-        """:meth:`compare` of this chunk in one piece."""
-        reference = as_logits16(self.logits16)
-        logp, logq = log_probs(reference, self.logits)
-        seq = self.shape[1]
-        ids = self.batch["input_ids"].reshape(-1)
-        positions = torch.arange(self.rows.start, self.rows.start + logq.shape[0])
-        following = positions % seq != seq - 1
-        # gathered at every position (a window's last reads any token), then the ones with a next token kept:
-        # no copy of the chunk's rows × vocabulary, as indexing logq by ``following`` first would make
-        targets = ids[(positions + 1).clamp(max=ids.numel() - 1)].to(logq.device)
-        nll = -logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[following.to(logq.device)]
-        kl = token_kl(logp, logq, reference.probs(logq.shape[-1], logq.device))
-        return TokenComparison(kl, reference.top(logq.shape[-1], logq.device) == logq.argmax(-1), nll)
-
-    def _kl_summed(self) -> torch.Tensor:
-        """:meth:`kl_sum` of this chunk in one piece."""
-        reference = as_logits16(self.logits16)
-        logp, logq = log_probs(reference, self.logits)
-        per_token = token_kl(logp, logq, reference.probs(logq.shape[-1], logq.device))
-        return (per_token * self.mask().to(per_token)).sum()
+        reference, rows = as_logits16(self.logits16), self.logits.shape[0]
+        step = piece_rows(reference.logits.shape[-1]) if self.logits.device.type == "cpu" else max(rows, 1)
+        for start in range(0, max(rows, 1), step):
+            part = slice(start, min(start + step, rows))
+            part16 = reference.rows(part) if step < rows else reference
+            yield part, part16, part16.logits if self.logits is reference.logits else self.logits[part]
 
 
-#: float32 bytes of one piece's rows × vocabulary (:meth:`HeadChunk.pieces`): far below glibc's 32 MiB heap threshold
-#: and about a core's share of the last-level cache; 1-4 MB measured alike on SmolLM2's vocabulary, 12 MB 7 % slower
-PIECE_BYTES = 2 << 20
+def _compared(reference: Logits16, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per row of one piece: KL(P_16 ‖ Q), whether the top tokens agree, and −log Q of ``targets``."""
+    logp, logq = log_probs(reference, logits)
+    kl = token_kl(logp, logq, reference.probs(logq.shape[-1], logq.device))
+    same_top = reference.top(logq.shape[-1], logq.device) == logq.argmax(-1)
+    return kl, same_top, -logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _kl_summed(reference: Logits16, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ over one piece's rows where ``mask`` is set of KL(P_16 ‖ Q), in float32."""
+    logp, logq = log_probs(reference, logits)
+    per_token = token_kl(logp, logq, reference.probs(logq.shape[-1], logq.device))
+    return (per_token * mask.to(per_token)).sum()
+
+
+#: float32 bytes of one piece's rows × vocabulary (:meth:`HeadChunk.pieces`): the temporaries stay in glibc's heap,
+#: below even the 1 MiB mapping threshold a streamed run sets (:func:`analysis.stream_weights.release_freed_blocks`),
+#: and in a core's share of the cache. On SmolLM2's vocabulary (one thread) 0.75-4 MiB measured alike, 0.5 MiB 10 %
+#: slower; under the 1 MiB threshold 0.75 MiB was 10 % faster than 2 MiB. A 256k vocabulary's one row is 1 MiB.
+PIECE_BYTES = 768 << 10
 
 
 def piece_rows(vocab: int) -> int:

@@ -174,7 +174,7 @@ class Logits16:
 
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
-        self._made: dict[tuple, torch.Tensor] = {}
+        self._made: dict[tuple, torch.Tensor | Logits16] = {}  # statistics, and the pieces of :meth:`rows`
 
     def log_probs(self, vocab: int, device) -> torch.Tensor:
         """float32 log-softmax over the first ``vocab`` entries, on ``device``."""

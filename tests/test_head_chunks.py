@@ -72,9 +72,15 @@ def _assert_equal_to_whole_forwards(model, reference, variants):
     return measured, seen
 
 
+@pytest.mark.parametrize("piece", [None, 3], ids=["one-piece", "pieces-of-3"])
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_chunked_comparisons_equal_whole_forwards(tie, monkeypatch):
+def test_chunked_comparisons_equal_whole_forwards(tie, piece, monkeypatch):
+    """Also compared in pieces of 3 rows (HeadChunk.pieces): a chunk of 7 in pieces 3 + 3 + 1, windows of 24 ending
+    inside a piece and at a piece's end (the NLL's next tokens and the padding mask at their borders)."""
     monkeypatch.setattr(head_chunks, "chunk_size", lambda model: CHUNK)
+    if piece:
+        monkeypatch.setattr(head_chunks, "PIECE_BYTES", piece * 4 * 256)
+        assert head_chunks.piece_rows(256) == piece
     model = tiny_llama(layers=LAYERS, tie=tie).float()
     reference = KLReference(model, PaddedCalibration(seed=5), batch_size=4)
     measured, seen = _assert_equal_to_whole_forwards(model, reference, _variants(model))
@@ -289,7 +295,7 @@ def test_the_scoreboard_holds_a_few_chunks_of_logits_at_a_time(monkeypatch):
     # log-probabilities, probabilities and its own row's KL difference, then per variant its log-probabilities and
     # KL difference
     pieces = chunk // head_chunks.piece_rows(LARGE_VOCAB)
-    assert pieces == 2
+    assert pieces > 1
     assert two.made <= 4 * seq_len // chunk * (4 + pieces * (3 + 3 * 2)), two.made
     # twice the chunks, about as many tensors alive at once (3 results x 4 variants x 8 chunks = 96 more if each
     # chunk's were kept)
@@ -310,3 +316,24 @@ def test_a_quantized_head_is_restored_once_per_format_and_batch(monkeypatch):
     InMemoryKLs(reference, cache)(variants)
     heads = [fmt for name, fmt in calls if name == "lm_head"]
     assert len(heads) == 2 * reference.count  # NF4 (three variants) and NF4_BS32 (one), each once a batch
+
+
+def test_a_kl_sum_with_gradients_is_taken_in_one_piece(monkeypatch):
+    """HeadChunk.kl_sum of logits that need gradients (the refinement's head_kl_gradient) is not taken in pieces: each
+    slice's backward would add a gradient the size of the whole chunk. The value equals the pieces' sum without
+    gradients, the gradient that of reference.kl_sum."""
+    monkeypatch.setattr(head_chunks, "PIECE_BYTES", 2 * 4 * 256)  # pieces of 2 rows
+    torch.manual_seed(0)
+    logits16, logits = torch.randn(7, 256), torch.randn(7, 256)
+    batch = {"input_ids": torch.randint(0, 256, (1, 7)), "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0, 0]])}
+    chunk = head_chunks.HeadChunk("x", 0, batch, slice(0, 7), (1, 7), logits16, logits)
+    pieced = chunk.kl_sum()
+    assert len(list(chunk.pieces())) == 4
+    monkeypatch.setattr(head_chunks.HeadChunk, "pieces", lambda self: pytest.fail("pieces with gradients"))
+    leaf = logits.clone().requires_grad_()
+    whole = head_chunks.HeadChunk("x", 0, batch, slice(0, 7), (1, 7), logits16, leaf).kl_sum()
+    whole.backward()
+    expected_leaf = logits.clone().requires_grad_()
+    kl_sum(logits16, expected_leaf, batch).backward()
+    assert float(whole) == pytest.approx(float(pieced), rel=1e-6)
+    assert torch.allclose(leaf.grad, expected_leaf.grad)
