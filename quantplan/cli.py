@@ -11,7 +11,6 @@ import sys
 import warnings
 from pathlib import Path
 
-from quantplan.common.collector import freeze_imported, thaw
 from quantplan.common.noise import quiet_progress, silence_library_noise
 from quantplan.reports.compare import ReportDepth
 
@@ -39,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         except USER_ERRORS as err:
             print(f"quantplan: error: {err}", file=sys.stderr)
             return 2
-        finally:
-            thaw()  # a handler may have frozen the imported libraries' objects (freeze_imported)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -56,7 +53,6 @@ def _analyze(args) -> int:
 
     if args.dry_run:
         return _dry_run(args)
-    freeze_imported()
     analyze_model(resolve_source(args.model), args.out, analyze_config_from_args(args))
     print(f"quantplan: wrote {Path(args.out) / 'sensitivity.parquet'} and sensitivity.json")
     return 0
@@ -80,7 +76,6 @@ def _export(args) -> int:
     from quantplan.planner.plan_types import Plan
 
     plan = Plan.load(args.plan)
-    freeze_imported()
     result = export(resolve_source(args.model), plan, args.out, overwrite=args.overwrite,
                     compute_dtype=dtype_from_name(args.compute_dtype), device=args.device)
     print(export_summary(Path(args.out), plan, result))
@@ -93,7 +88,6 @@ def _run(args) -> int:
 
     if args.dry_run:
         return _dry_run(args)
-    freeze_imported()
     compare = None if args.no_compare else compare_config_from_args(args)
     end_to_end = EndToEnd(refine=args.refine, verify=not args.no_verify, **_end_to_end_batches(args.end_to_end_batches))
     run(args.model, args.budget, args.out, analyze_config_from_args(args), plan_config=plan_config_from_args(args),

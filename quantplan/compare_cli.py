@@ -85,10 +85,8 @@ def compare_config_from_args(args) -> CompareConfig:
 
 def run_compare(args) -> int:
     """Handler of ``quantplan compare``."""
-    from quantplan.common.collector import freeze_imported
     from quantplan.reports.run import compare_and_report
 
-    freeze_imported()
     first = Path(args.plan[0])
     folder = first if first.is_dir() else first.parent
     compare_and_report(args.model, args.table or folder, args.plan, args.out,

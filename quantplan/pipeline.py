@@ -19,6 +19,7 @@ from quantplan.analysis.kept_hidden import KeptHidden
 from quantplan.analysis.models import ModelSource, dtype_from_name
 from quantplan.analysis.summary import summarize
 from quantplan.analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
+from quantplan.common.collector import imports_frozen
 from quantplan.common.profile import PROFILE_FILE, recording, stage
 from quantplan.common.sizes import parse_size
 from quantplan.planner.budget import BudgetError, format_bytes, parse_budget
@@ -59,7 +60,7 @@ def run(model_spec: str | None = None, budget: str = "+10%", out_dir: str | Path
     check_budget_fits(source, budget, analyze_config, plan_config)
     check_streamed_run_fits(source, analyze_config, verify=end_to_end.verify, compare=compare,
                             gradients=bool(end_to_end.refine))
-    with recording() as profile:
+    with imports_frozen(), recording() as profile:  # after bind_local_gpu: it must precede bitsandbytes' import
         result = _run_stages(source, budget, out_dir, analyze_config, plan_config, compare, end_to_end, overwrite)
     if "plan" in result:  # rank 0: the one that plans, exports and reports
         print("quantplan: stage profile (wall seconds, peak resident memory):")

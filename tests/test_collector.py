@@ -1,37 +1,49 @@
-"""The CLI keeps the collector off the imported libraries' objects while a command runs, and only then."""
+"""`quantplan run` keeps the collector off the imported libraries' objects while its stages run, and only then."""
 
 import gc
 
-from quantplan.common.collector import freeze_imported, thaw
+import pytest
+from tiny import save_tiny_english
+
+from quantplan.common.collector import imports_frozen
 
 
-def test_freeze_then_thaw_leaves_the_collector_as_it_was():
-    """freeze_imported freezes what is alive (a later collection walks only newer objects); thaw gives them back."""
+def test_the_block_freezes_what_is_alive_and_gives_it_back():
+    """Within imports_frozen a collection walks only newer objects; after it, nothing stays frozen, also after an
+    error in the block."""
     assert gc.get_freeze_count() == 0
-    try:
-        freeze_imported()
+    with pytest.raises(KeyError), imports_frozen():
         assert gc.get_freeze_count() > 100_000  # torch, transformers and bitsandbytes' objects at least
         assert len(gc.get_objects()) < gc.get_freeze_count()
-    finally:
-        thaw()
+        raise KeyError("a stage failed")
     assert gc.get_freeze_count() == 0
 
 
 def test_a_freeze_made_by_the_caller_is_left_alone():
-    """A caller that froze objects itself keeps its freeze: freeze_imported adds none, thaw undoes none."""
+    """A caller that froze objects itself keeps its freeze: the block adds none and undoes none."""
     gc.freeze()
     try:
         count = gc.get_freeze_count()
-        freeze_imported()
-        thaw()
+        with imports_frozen():
+            assert gc.get_freeze_count() == count
         assert gc.get_freeze_count() == count
     finally:
         gc.unfreeze()
 
 
-def test_a_command_run_in_process_thaws_when_it_returns(tmp_path):
-    """quantplan's main (what tests and notebooks call) returns with nothing frozen, also after an error."""
-    from quantplan.cli import main
+def test_run_freezes_for_its_stages_only(tmp_path, monkeypatch):
+    """pipeline.run's stages run frozen (what makes its collections between stages cheap); it returns thawed, also
+    when a stage fails."""
+    import quantplan.pipeline as pipeline
 
-    assert main(["analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    frozen = []
+
+    def stages(*args, **kwargs):
+        frozen.append(gc.get_freeze_count())
+        raise RuntimeError("stopped after the check")
+
+    monkeypatch.setattr(pipeline, "_run_stages", stages)
+    with pytest.raises(RuntimeError, match="stopped"):
+        pipeline.run(str(save_tiny_english(tmp_path / "model", layers=1)), "+20%", tmp_path / "job")
+    assert frozen and frozen[0] > 100_000
     assert gc.get_freeze_count() == 0

@@ -7,34 +7,33 @@ there are about 0.5 million of them (modules, classes, functions, their dicts), 
 garbage: 0.32 s a collection on SmolLM2's default run, six of them, 2 s of a 72 s run. ``gc.freeze()`` moves the
 objects alive at that moment to a permanent generation the collector skips (CPython's documented remedy for
 exactly this); a collection afterwards walks only what was made later (the model, the run's own objects):
-about 0.01 s. Freeze only where nothing large and short-lived is alive (before any model loads): frozen objects
-are still freed by reference counting, but a frozen cycle would never be.
+about 0.01 s. :func:`imports_frozen` freezes for the length of a block and gives the objects back after it, so
+a caller's own garbage (a notebook's, a test's) is collected as before once the block ends.
 """
 
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-_froze: list[bool] = [False]  # whether freeze_imported froze (and thaw should unfreeze)
 
-
-def freeze_imported() -> None:
-    """Import the libraries a job uses, collect once, and freeze every object alive now (see the module docstring).
-
-    Call at a command's start, before any model or data is made. Leaves a freeze someone else made as it is."""
-    import bitsandbytes  # noqa: F401  (imported here so that its objects and transformers' are frozen too)
+@contextmanager
+def imports_frozen() -> Iterator[None]:
+    """Within the block, the collector skips every object alive when it starts, after importing the libraries a
+    job uses (see the module docstring). Enter it before any model or data is made, and after anything that must
+    precede bitsandbytes' import (its import queries every CUDA device: :func:`quantplan.analysis.distributed.bind_local_gpu`
+    first). A freeze the caller made already is left as it is, and not undone."""
+    import bitsandbytes  # noqa: F401  (its objects and transformers' are frozen too)
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    if gc.get_freeze_count() == 0:
-        gc.collect()
-        gc.freeze()
-        _froze[0] = True
-
-
-def thaw() -> None:
-    """Give the frozen objects back to the collector: a command run in-process (tests, a notebook calling
-    ``main``) must not leave the caller's objects outside garbage collection after it returns."""
-    if _froze[0]:
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
         gc.unfreeze()
-        _froze[0] = False
