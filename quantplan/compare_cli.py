@@ -67,8 +67,8 @@ def add_compare_args(p, default_depth: ReportDepth = ReportDepth.FULL):
     group.add_argument("--no-baselines", action="store_true", help="skip the heuristic baselines")
     group.add_argument("--report", choices=[d.value for d in ReportDepth], default=default_depth.value,
                        help="quick: scoreboard, recovery and baselines (one random seed), without the single-module "
-                            "predicted-vs-measured checks, the generations and the real bitsandbytes load of "
-                            "all-4-bit (its row simulated); full: everything "
+                            "predicted-vs-measured checks, the generations, the real bitsandbytes load of all-INT8 "
+                            "(no row) and that of all-4-bit (its row simulated); full: everything "
                             f"(default: {default_depth.value})")
     return group
 

@@ -90,8 +90,8 @@ QUICK_SKIPS = {
     "simulation check": "simulated (bitsandbytes round trip), as is the all-4-bit row recovery is counted from: "
                         "--report quick skips its real bitsandbytes load, the check that the simulation matches it "
                         "(--report full measures both)",
-    "int8": "skipped by --report quick (a real bitsandbytes 8-bit load of the whole model and its forward pass, a "
-            "reference at about twice the 4-bit bytes): run with --report full to measure it",
+    "int8": "a real bitsandbytes 8-bit load of the whole model beside the 16-bit one and its forward pass, for a "
+            "reference at about twice the 4-bit bytes",
 }
 
 
@@ -219,6 +219,8 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
     # 3. real bitsandbytes loads, one at a time, each against the 16-bit logits made again per batch (step 2's hidden states)
     # all-INT8 and the simulation check are real loads of a whole model beside the 16-bit one: --report full only
     quantized = [(all_int8(table), _int8_config())] if options.report is ReportDepth.FULL else []
+    if not quantized:
+        say(f"  all-INT8: not measured by --report quick ({QUICK_SKIPS['int8']}): --report full measures it")
     if options.report is ReportDepth.FULL and not uniform.mixed_formats:  # the simulation check: a real load too
         quantized.append((uniform, _uniform_config(uniform, fmt, dtype)))
     quantized += [(keep, bnb_config(p, dtype)) for keep, p in zip(dynamic, plans, strict=True)

@@ -14,7 +14,7 @@ from tiny import save_tiny_english
 
 from quantplan import AnalyzeConfig, run
 from quantplan.common.profile import PROFILE_FILE, recording, stage
-from quantplan.reports.compare import CompareConfig, ReportDepth
+from quantplan.reports.compare import QUICK_SKIPS, CompareConfig, ReportDepth
 
 
 def test_stages_nest_in_start_order_with_their_own_peaks():
@@ -99,7 +99,7 @@ def test_a_tiny_run_writes_its_stage_profile_and_a_quick_report(tmp_path, capsys
     assert "Simulation check" not in report and "the simulation check" in report
     # quick: no real all-INT8 load either (a reference at twice the bytes): --report full measures it
     assert not any("INT8" in n for n in names) and not any("INT8" in v for v in labels)
-    assert "real bitsandbytes loads of all-INT8 and of all-4-bit" in report
+    assert f"all-INT8 ({QUICK_SKIPS['int8']})" in report and "are left out (`--report full` measures them)" in report
 
 
 def test_a_parent_stage_keeps_the_gpu_peak_of_its_children_and_of_before_them(monkeypatch):
