@@ -18,8 +18,8 @@ The loop, in the order it runs:
 
 ``report=ReportDepth.QUICK`` (``--report quick``, ``run``'s default) leaves out what costs most
 beyond the scoreboard: the single-module checks of step 2, the random baseline's seeds after the
-first, the generations, and step 3's real loads of all-INT8 (a reference at twice the 4-bit bytes, not
-a plan's competitor) and of all-4-bit (its row is step 2's simulation, which tests/test_reports.py
+first, the generations, and step 3's real loads of all-INT8 (a reference at 8 bits a weight, not a
+competitor of the plans at their bytes) and of all-4-bit (its row is step 2's simulation, which tests/test_reports.py
 checks against the real load); the report says so. Step 3 then loads only the plans a
 ``BitsAndBytesConfig`` expresses (a blocksize-menu plan is simulated: its exported checkpoint loads it).
 
@@ -90,8 +90,9 @@ QUICK_SKIPS = {
     "simulation check": "simulated (bitsandbytes round trip), as is the all-4-bit row recovery is counted from: "
                         "--report quick skips its real bitsandbytes load, the check that the simulation matches it "
                         "(--report full measures both)",
-    "int8": "a real bitsandbytes 8-bit load of the whole model beside the 16-bit one and its forward pass, for a "
-            "reference at about twice the 4-bit bytes",
+    "int8": "a real bitsandbytes 8-bit load of the whole model beside the 16-bit one, and a forward pass of it, for "
+            "a reference at 8 bits a weight (on SmolLM2 about 1.5x all-4-bit's bytes), not a competitor of the plans "
+            "at their bytes",
 }
 
 

@@ -88,10 +88,10 @@ def report_blocks(table: SensitivityTable, plans: list[Plan], comparison: Compar
                      "simulation's mean KLD, also for all-4-bit and the plans, so that the verdicts below compare "
                      "plans and heuristics like for like. Heuristic baselines spend the same bytes as their "
                      "dynamic plan (greedy fill, never more). Full numbers: `scoreboard.csv`."),
-               *([("p", f"Quick report: {QUICK_SKIPS['seeds']}; the predicted-vs-measured checks, the "
-                        "generations" + ("" if meta.get("skipped") else f", all-INT8 ({QUICK_SKIPS['int8']}), and the real "
-                                         "bitsandbytes load of all-4-bit (the simulation check)") + " are left out "
-                        "(`--report full` measures them).")]
+               *([("p", f"Quick report: {QUICK_SKIPS['seeds']}; the predicted-vs-measured checks"
+                        + (" and the generations" if meta.get("skipped") else f", the generations, all-INT8 "
+                           f"({QUICK_SKIPS['int8']}), and the real bitsandbytes load of all-4-bit (the simulation check)")
+                        + " are left out (`--report full` measures them).")]
                  if meta.get("report") == ReportDepth.QUICK.value else []),
                *([("p", "Channel scales: the checkpoint holds equalized weights (power-of-two scales between each "
                         "norm and its Linears, and between up_proj and down_proj, that leave the 16-bit outputs "

@@ -1,6 +1,6 @@
 """The fidelity scoreboard: one row per variant, saved as ``scoreboard.csv``, shown in llama.cpp's style.
 
-Rows: 16-bit, all-INT8 (bitsandbytes 8-bit; a full report's), all-4-bit, then for each dynamic plan the plan
+Rows: 16-bit, all-INT8 (bitsandbytes 8-bit: ``--report full``, in memory), all-4-bit, then for each dynamic plan the plan
 and the heuristic baselines at its bytes (random: the mean of its seeds). The Markdown
 table follows llama.cpp's ``llama-perplexity`` scoreboards (value ± standard error).
 """
@@ -15,7 +15,7 @@ from quantplan.planner.budget import format_bytes
 from .tables import markdown_table
 
 COLUMNS = {
-    "variant": "row name: 16-bit, all-INT8 (--report full), all-NF4, dynamic <budget>, <heuristic> @ <budget>",
+    "variant": "row name: 16-bit, all-INT8 (--report full, in memory), all-NF4, dynamic <budget>, <heuristic> @ <budget>",
     "kind": "reference | uniform | dynamic | heuristic",
     "plan": "budget spec of the dynamic plan the row belongs to (empty for the references)",
     "measured_with": "bitsandbytes (a real quantized load) | bitsandbytes (exported checkpoint, block by block) | "

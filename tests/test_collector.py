@@ -47,3 +47,16 @@ def test_run_freezes_for_its_stages_only(tmp_path, monkeypatch):
         pipeline.run(str(save_tiny_english(tmp_path / "model", layers=1)), "+20%", tmp_path / "job")
     assert frozen and frozen[0] > 100_000
     assert gc.get_freeze_count() == 0
+
+
+def test_run_binds_its_gpu_before_the_freeze_imports_bitsandbytes(tmp_path, monkeypatch):
+    """bind_local_gpu must run before bitsandbytes is imported (its import queries every CUDA device): before the
+    freeze."""
+    import quantplan.pipeline as pipeline
+
+    order = []
+    monkeypatch.setattr(pipeline, "bind_local_gpu", lambda device: order.append(("bind", gc.get_freeze_count())))
+    monkeypatch.setattr(pipeline, "_run_stages", lambda *a, **k: order.append(("stages", gc.get_freeze_count())) or {})
+    pipeline.run(str(save_tiny_english(tmp_path / "model", layers=1)), "+20%", tmp_path / "job")
+    assert [step for step, _ in order] == ["bind", "stages"]
+    assert order[0][1] == 0 and order[1][1] > 0

@@ -294,7 +294,7 @@ def test_the_scoreboard_holds_a_few_chunks_of_logits_at_a_time(monkeypatch):
     # per chunk of tokens: the 16-bit logits and each variant's; per piece of it (head_chunks.piece_rows) the 16-bit
     # log-probabilities, probabilities and its own row's KL difference, then per variant its log-probabilities and
     # KL difference
-    pieces = chunk // head_chunks.piece_rows(LARGE_VOCAB)
+    pieces = -(-chunk // head_chunks.piece_rows(LARGE_VOCAB))
     assert pieces > 1
     assert two.made <= 4 * seq_len // chunk * (4 + pieces * (3 + 3 * 2)), two.made
     # twice the chunks, about as many tensors alive at once (3 results x 4 variants x 8 chunks = 96 more if each
@@ -335,5 +335,15 @@ def test_a_kl_sum_with_gradients_is_taken_in_one_piece(monkeypatch):
     whole.backward()
     expected_leaf = logits.clone().requires_grad_()
     kl_sum(logits16, expected_leaf, batch).backward()
-    assert float(whole) == pytest.approx(float(pieced), rel=1e-6)
+    assert whole.item() == pytest.approx(pieced.item(), rel=1e-6)
     assert torch.allclose(leaf.grad, expected_leaf.grad)
+
+
+def test_an_empty_chunk_compares_to_nothing():
+    """A chunk of no rows (a slice past a batch's end) gives empty results and a zero KL sum, in pieces or not."""
+    logits16, logits = torch.randn(0, 256), torch.randn(0, 256)
+    chunk = head_chunks.HeadChunk("x", 0, {"input_ids": torch.randint(0, 256, (1, 8))}, slice(8, 8), (1, 8), logits16,
+                                  logits)
+    compared = chunk.compare()
+    assert compared.kld.numel() == compared.same_top.numel() == compared.nll.numel() == 0
+    assert chunk.kl_sum().item() == 0.0

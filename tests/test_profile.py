@@ -97,7 +97,7 @@ def test_a_tiny_run_writes_its_stage_profile_and_a_quick_report(tmp_path, capsys
     assert nf4["measured_with"].startswith("simulated") and "--report full" in nf4["note"] and nf4["mean_kld"] > 0
     assert not any(n.startswith("bitsandbytes all-NF4") for n in names)
     assert "Simulation check" not in report and "the simulation check" in report
-    # quick: no real all-INT8 load either (a reference at twice the bytes): --report full measures it
+    # quick: no real all-INT8 load either (a reference at 8 bits a weight): --report full measures it
     assert not any("INT8" in n for n in names) and not any("INT8" in v for v in labels)
     assert f"all-INT8 ({QUICK_SKIPS['int8']})" in report and "are left out (`--report full` measures them)" in report
 

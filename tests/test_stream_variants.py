@@ -47,7 +47,11 @@ def test_streamed_klds_equal_in_memory_klds(tmp_path, tie, max_batches):
     assert got.kld["all"] > got.kld["layer 0"] > 0
 
 
-def test_streamed_fidelity_equals_in_memory_fidelity(tmp_path):
+@pytest.mark.parametrize("pieces", [False, True], ids=["one-piece", "pieces-of-3"])
+def test_streamed_fidelity_equals_in_memory_fidelity(tmp_path, pieces, monkeypatch):
+    """Also with the streamed comparison in pieces of 3 rows (analysis.head_chunks.HeadChunk.pieces) against the
+    in-memory one in one piece: the pieces' borders inside the streamed chunks change no number."""
+    from quantplan.analysis import head_chunks
     from quantplan.reports.fidelity import heldout_reference, measure_variants, measure_variants_streamed
 
     folder = save_tiny(tmp_path / "model", layers=3)
@@ -55,6 +59,9 @@ def test_streamed_fidelity_equals_in_memory_fidelity(tmp_path):
     ids = random_calibration(samples=5, seed=3).input_ids
     variants = _variants(model)
     expected = measure_variants(heldout_reference(model, ids, 2), QuantCache(model, NF4), variants)
+    if pieces:
+        monkeypatch.setattr(head_chunks, "PIECE_BYTES", 3 * 4 * model.config.vocab_size)
+        assert head_chunks.piece_rows(model.config.vocab_size) == 3
     got = measure_variants_streamed(folder, ids, variants, NF4, StreamOptions(batch_size=2))
     for label in variants:
         np.testing.assert_allclose(got[label].kld, expected[label].kld, rtol=1e-4, atol=1e-7, err_msg=label)

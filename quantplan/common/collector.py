@@ -5,8 +5,8 @@ must go before the next model loads), and CPython collects the oldest generation
 up. Each full collection walks every tracked object, and after importing torch, transformers and bitsandbytes
 there are about 0.5 million of them (modules, classes, functions, their dicts), none of which ever becomes
 garbage: 0.32 s a collection on SmolLM2's default run, six of them, 2 s of a 72 s run. ``gc.freeze()`` moves the
-objects alive at that moment to a permanent generation the collector skips (CPython's documented remedy for
-exactly this); a collection afterwards walks only what was made later (the model, the run's own objects):
+objects alive at that moment to a permanent generation the collector skips (made for long-lived heaps like
+this one, its documented use being before a fork); a collection afterwards walks only what was made later (the model, the run's own objects):
 about 0.01 s. :func:`imports_frozen` freezes for the length of a block and gives the objects back after it, so
 a caller's own garbage (a notebook's, a test's) is collected as before once the block ends.
 """
