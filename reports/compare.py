@@ -218,12 +218,13 @@ def compare(model: str | ModelSource | None, plans, out_dir: str | Path | None =
         say(f"  {keep.label}: mean KLD {source_row['mean_kld']:.6f}")
 
     # 3. real bitsandbytes loads, one at a time, each against the 16-bit logits made again per batch (step 2's hidden states)
-    # all-INT8 and the simulation check are real loads of a whole model beside the 16-bit one: --report full only
-    quantized = [(all_int8(table), _int8_config())] if options.report is ReportDepth.FULL else []
-    if not quantized:
+    quantized = []  # all-INT8 and the simulation check: real loads of a whole model beside the 16-bit one
+    if options.report is ReportDepth.FULL:
+        quantized.append((all_int8(table), _int8_config()))
+        if not uniform.mixed_formats:  # the simulation check: all-4-bit's real load beside its simulated row
+            quantized.append((uniform, _uniform_config(uniform, fmt, dtype)))
+    else:
         say(f"  all-INT8: not measured by --report quick ({QUICK_SKIPS['int8']}): --report full measures it")
-    if options.report is ReportDepth.FULL and not uniform.mixed_formats:  # the simulation check: a real load too
-        quantized.append((uniform, _uniform_config(uniform, fmt, dtype)))
     quantized += [(keep, bnb_config(p, dtype)) for keep, p in zip(dynamic, plans, strict=True)
                   if not keep.mixed_formats]
     for keep, config in quantized:
