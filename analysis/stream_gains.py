@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from quantplan.common.sizes import parse_size
+from quantplan.common.sizes import cap_above, format_bytes, parse_size
 
 from .endtoend import GainSums, RestoreGains, weights_require_grad
 from .formats import FourBit
@@ -286,10 +286,9 @@ def check_gradient_fits(model, stages, quantized: set, cap: int, calibration, op
 
 def gradient_refusal(cap: int, need: int, label: str) -> str:
     """The sentence refusing a cap too small for the streamed gradient pass, with the fix."""
-    gb = 1e9
-    return (f"--max-memory {cap / gb:.2f} GB is too small for the streamed quantized-context gradient pass "
+    return (f"--max-memory {format_bytes(cap)} is too small for the streamed quantized-context gradient pass "
             f"(--context, --refine, the automatic refinement): its largest block ({label}) needs about "
-            f"{need / gb:.2f} GB: pass --max-memory {need / gb + 0.01:.2f}GB or more, or a smaller --batch-size")
+            f"{format_bytes(need)}: pass --max-memory {cap_above(need)} or more, or a smaller --batch-size")
 
 
 def gradient_pass_need(path, formats, *, dtype: torch.dtype = torch.bfloat16, batch_size: int = 4,

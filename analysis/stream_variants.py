@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from quantplan.common.sizes import parse_size
+from quantplan.common.sizes import cap_above, format_bytes, parse_size
 
 from .calibration import CalibrationSet
 from .formats import FourBit
@@ -320,10 +320,9 @@ def _check_fits(model, stages, wanted: dict, cap: int, calibration, options: Str
     worst, label = _largest_need(model, stages, quantized, len(wanted) + exported, tokens, options.batch_size,
                                  device_type, formats=max(len(menu), 1), exported_head=exported_head)
     if worst > cap:
-        gb = 1e9
         raise StreamingUnsupported(
-            f"--max-memory {cap / gb:.2f} GB is too small for the streamed end-to-end check: its largest block "
-            f"({label}) needs about {worst / gb:.2f} GB: pass --max-memory {worst / gb + 0.01:.2f}GB or more, or a "
+            f"--max-memory {format_bytes(cap)} is too small for the streamed end-to-end check: its largest block "
+            f"({label}) needs about {format_bytes(worst)}: pass --max-memory {cap_above(worst)} or more, or a "
             f"smaller --batch-size")
 
 

@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from quantplan.common.sizes import parse_size
+from quantplan.common.sizes import cap_above, format_bytes, parse_size
 
 from .analyze import PARTIAL_DIR, _reason, _table_meta, context_modules, fill_context
 from .calibration import CalibrationSet
@@ -272,10 +272,9 @@ def _check_fits(model, stages, candidates, cap: int, calibration, batch_size, fi
     shape = BatchShape.of(calibration, batch_size, getattr(model.config, "vision_config", None))
     need, stage = _largest_need(model, stages, candidates, shape, fisher, device_type)
     if need["total"] > cap:
-        gb = 1e9
         raise StreamingUnsupported(
-            f"--max-memory {cap / gb:.2f} GB is too small: streaming holds one block at a time, and the largest "
-            f"({stage.label}) needs about {need['total'] / gb:.2f} GB (weights {need['weights'] / gb:.2f} GB, input "
-            f"statistics {need['statistics'] / gb:.2f} GB, work space {need['work'] / gb:.2f} GB): pass "
-            f"--max-memory {need['total'] / gb + 0.01:.2f}GB or more, or a smaller --batch-size (the cap leaves out "
-            f"about {need['runtime'] / gb:.2f} GB of runtime buffers and ~0.5 GB of Python and libraries)")
+            f"--max-memory {format_bytes(cap)} is too small: streaming holds one block at a time, and the largest "
+            f"({stage.label}) needs about {format_bytes(need['total'])} (weights {format_bytes(need['weights'])}, "
+            f"input statistics {format_bytes(need['statistics'])}, work space {format_bytes(need['work'])}): pass "
+            f"--max-memory {cap_above(need['total'])} or more, or a smaller --batch-size (the cap leaves out about "
+            f"{format_bytes(need['runtime'])} of runtime buffers and ~0.5 GB of Python and libraries)")

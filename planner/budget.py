@@ -53,11 +53,3 @@ def parse_budget(spec: str | int | float) -> Budget:
         f"all-4-bit (+10%), or a fraction of the 16-bit size (0.45x)"
     )
 
-
-def format_bytes(n: float) -> str:
-    """Human-readable bytes (MB/GB, decimal) for messages and reports."""
-    if n >= 10**9:
-        return f"{n / 10**9:.3f} GB"
-    if n >= 10**6:
-        return f"{n / 10**6:.2f} MB"
-    return f"{n / 10**3:.1f} kB"

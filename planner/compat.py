@@ -15,8 +15,8 @@ import warnings
 from dataclasses import replace
 
 from quantplan.analysis.checkpoint_names import to_checkpoint_name
+from quantplan.common.sizes import format_bytes
 
-from .budget import format_bytes
 from .groups import fused_groups
 from .plan_types import KEEP, FusedAlternative, LoaderCompat, Plan, SkipListAlternative
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from quantplan.analysis.table import SensitivityTable
+from quantplan.common.sizes import format_bytes
 
-from .budget import BudgetError, format_bytes
+from .budget import BudgetError
 from .kv_cache import attention_of, device_budget
 from .plan import plan
 from .plan_types import Plan, PlanBudget

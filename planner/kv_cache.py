@@ -24,7 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from .budget import BudgetError, format_bytes, parse_budget
+from quantplan.common.sizes import format_bytes
+
+from .budget import BudgetError, parse_budget
 from .plan_types import DeviceBudget
 
 KV_DTYPE_BYTES = 2  # bf16/fp16 cache

@@ -6,7 +6,8 @@ import math
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .budget import format_bytes
+from quantplan.common.sizes import format_bytes
+
 from .compat import cost_note, cost_rows, format_rows, name_rows, skip_list_sentence, vllm_sentence
 from .plan_types import KEEP
 

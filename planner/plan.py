@@ -15,8 +15,9 @@ from dataclasses import dataclass, replace
 import pandas as pd
 
 from quantplan.analysis.table import SensitivityTable
+from quantplan.common.sizes import format_bytes
 
-from .budget import BudgetError, format_bytes, parse_budget
+from .budget import BudgetError, parse_budget
 from .groups import fused_groups
 from .memory_model import ByteModel
 from .objective import OBJECTIVES, scores

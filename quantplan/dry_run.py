@@ -21,7 +21,7 @@ from quantplan.analysis.estimate import (
     meta_model,
 )
 from quantplan.analysis.models import ModelSource
-from quantplan.common.sizes import parse_size
+from quantplan.common.sizes import cap_above, format_bytes, parse_size
 
 GB = 1e9
 AUTO = "auto"
@@ -184,8 +184,8 @@ def check_streamed_run_fits(source: ModelSource, config: AnalyzeConfig, *, verif
                                     batch_size=batch_size, seq_len=seq_len, device=config.device,
                                     exported_dtype=exported)
         if need > cap:
-            raise ValueError(f"--max-memory {cap / GB:.2f} GB is too small for the run's {what}: its largest block "
-                             f"({label}) needs about {need / GB:.2f} GB: pass --max-memory {need / GB + 0.01:.2f}GB "
+            raise ValueError(f"--max-memory {format_bytes(cap)} is too small for the run's {what}: its largest block "
+                             f"({label}) needs about {format_bytes(need)}: pass --max-memory {cap_above(need)} "
                              "or more, or a smaller batch size (or --no-verify / --no-compare to skip that step)")
 
 
@@ -213,13 +213,13 @@ def _action(max_memory: str | None, peak: int, available: int | None, stream_nee
         if stream_need is None:
             return f"stop: --max-memory cannot stream this model ({note})"
         if stream_need > cap:
-            return (f"stop before loading: --max-memory {cap / GB:.2f} GB is below the largest block's need "
-                    f"({note}, {stream_need / GB:.2f} GB)")
-        return (f"analyze streamed, one block at a time under --max-memory {cap / GB:.2f} GB (largest block: "
-                f"{note}, {stream_need / GB:.2f} GB)")
+            return (f"stop before loading: --max-memory {format_bytes(cap)} is below the largest block's need "
+                    f"({note}, {format_bytes(stream_need)}): pass --max-memory {cap_above(stream_need)} or more")
+        return (f"analyze streamed, one block at a time under --max-memory {format_bytes(cap)} (largest block: "
+                f"{note}, {format_bytes(stream_need)})")
     action = f"analyze in memory (peak ≈ {peak / GB:.2f} GB)"
     if available is not None and peak > available:
-        fix = (f"pass --max-memory {stream_need / GB + 0.01:.2f}GB or more to stream it" if stream_need is not None
+        fix = (f"pass --max-memory {cap_above(stream_need)} or more to stream it" if stream_need is not None
                else "use a machine with more memory")
         action += f", more than the {available / GB:.2f} GB available: {fix}"
     return action

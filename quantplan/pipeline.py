@@ -21,8 +21,8 @@ from quantplan.analysis.summary import summarize
 from quantplan.analysis.table import META_FILE, TABLE_FILE, SensitivityTable, TableMismatch
 from quantplan.common.collector import imports_frozen
 from quantplan.common.profile import PROFILE_FILE, recording, stage
-from quantplan.common.sizes import parse_size
-from quantplan.planner.budget import BudgetError, format_bytes, parse_budget
+from quantplan.common.sizes import format_bytes, parse_size
+from quantplan.planner.budget import BudgetError, parse_budget
 from quantplan.planner.compat import loader_compat, vllm_sentence
 from quantplan.planner.config import PlanConfig
 from quantplan.planner.export import check_out_dir, export

@@ -19,7 +19,7 @@ import pandas as pd
 from quantplan.analysis.spikes import SPIKE_Z
 from quantplan.analysis.table import SensitivityTable
 from quantplan.common.files import atomic_write_text
-from quantplan.planner.budget import format_bytes
+from quantplan.common.sizes import format_bytes
 from quantplan.planner.compat import (
     cost_note,
     cost_rows,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from quantplan.planner.budget import format_bytes
+from quantplan.common.sizes import format_bytes
 
 from .tables import markdown_table
 

@@ -7,8 +7,8 @@ import torch
 
 from quantplan.common.batches import batch_to, model_device
 from quantplan.common.files import atomic_write_bytes, atomic_write_text, staged_file, staged_folder
-from quantplan.common.sizes import parse_size, read_size
-from quantplan.planner.budget import BudgetError, format_bytes, parse_budget
+from quantplan.common.sizes import cap_above, format_bytes, parse_size, read_size
+from quantplan.planner.budget import BudgetError, parse_budget
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -24,6 +24,16 @@ def test_sizes_round_trip_through_format_bytes():
     for n in (12_345, 4_200_000, 1_800_000_000, 5 * 10**12):
         text = format_bytes(n)
         assert parse_size(text) == pytest.approx(n, rel=5e-3), text
+
+
+def test_a_suggested_cap_reads_back_above_the_need():
+    """cap_above names a --max-memory a user can type that covers the need, in GB from 1 GB up, else whole MB (a need
+    of a few MB is not written 0.01GB)."""
+    for need in (1, 999_999, 3_420_000, 113_450_000, 999_999_999, 10**9, 1_234_567_890, 7 * 10**11):
+        text = cap_above(need)
+        assert need < parse_size(text) <= need + 2 * 10**7, text
+        assert text.endswith("GB" if need >= 10**9 else "MB") and " " not in text
+    assert cap_above(3_420_000) == "4MB" and cap_above(1_234_567_890) == "1.24GB"
 
 
 def test_sizes_errors_keep_their_wording():

@@ -77,8 +77,10 @@ def test_a_name_in_no_block_is_refused(tmp_path):
 
 
 def test_cap_too_small_for_the_check_is_refused_with_the_fix(tmp_path):
+    """The refusal writes the cap as given (not "0.00 GB") and names a cap that fits."""
     folder = save_tiny(tmp_path / "model")
-    with pytest.raises(StreamingUnsupported, match=r"end-to-end check.*--max-memory .*GB or more"):
+    with pytest.raises(StreamingUnsupported, match=r"--max-memory 10\.0 kB is too small for the streamed end-to-end "
+                                                   r"check.*--max-memory \d+(\.\d\d)?[GM]B or more"):
         streamed_klds(folder, random_calibration(), {"v": []}, NF4, StreamOptions(max_memory="10kB"))
 
 

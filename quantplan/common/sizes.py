@@ -1,4 +1,5 @@
-"""Byte sizes as users write them (``1.8GB``, ``1500MiB``, ``123456``): one reading for budgets and memory caps.
+"""Byte sizes as users write them (``1.8GB``, ``1500MiB``, ``123456``): one reading for budgets and memory caps,
+and one writing for messages and reports.
 
 GB/MB/kB are decimal (1e9/1e6/1e3), GiB/MiB/KiB binary (2**30/2**20/2**10), as storage vendors
 and ``ls -h`` respectively use them; a bare number is bytes.
@@ -6,6 +7,7 @@ and ``ls -h`` respectively use them; a bare number is bytes.
 
 from __future__ import annotations
 
+import math
 import re
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
@@ -32,3 +34,20 @@ def parse_size(spec: str | int | float) -> int:
     if size is None:
         raise ValueError(f"cannot read memory size {spec!r}: write e.g. 2GB, 1500MiB or a byte count")
     return int(size)
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable bytes (MB/GB, decimal) for messages and reports."""
+    if n >= 10**9:
+        return f"{n / 10**9:.3f} GB"
+    if n >= 10**6:
+        return f"{n / 10**6:.2f} MB"
+    return f"{n / 10**3:.1f} kB"
+
+
+def cap_above(need: float) -> str:
+    """A ``--max-memory`` value just above ``need`` bytes, as a user types it (``1.27GB``, ``115MB``): what a refusal
+    of a cap too small names as the fix."""
+    if need >= 10**9:
+        return f"{math.floor(need / 10**7) / 100 + 0.01:.2f}GB"
+    return f"{math.floor(need / 10**6) + 1}MB"
